@@ -1,0 +1,40 @@
+"""timm-anysize: pretrained timm vision transformers at any image size, patch size and channel count.
+
+Importing the package registers the shipped variant configs (and those in ``$TIMM_ANYSIZE_CONFIGS``) as timm
+models, so ``timm.create_model(name, pretrained=True)`` builds them with adapted weights.
+
+Example:
+    >>> import timm, timm_anysize
+    >>> "vit_tiny_patch4_64" in timm.list_models("vit_tiny_patch4*")
+    True
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .errors import AdaptationError, AnysizeError, RegistrationError, SpecError, WeightsError
+from .registry import get_variant, list_variants, register_specs, register_variant, register_yaml
+from .report import AdaptationReport, adaptation_report
+from .spec import VariantSpec
+
+__all__ = [
+    "__version__",
+    "register_yaml",
+    "register_variant",
+    "register_specs",
+    "list_variants",
+    "get_variant",
+    "adaptation_report",
+    "AdaptationReport",
+    "VariantSpec",
+    "AnysizeError",
+    "SpecError",
+    "WeightsError",
+    "AdaptationError",
+    "RegistrationError",
+]
+
+from .registry import register_shipped_configs as _register_shipped_configs
+
+_register_shipped_configs()

@@ -1,0 +1,213 @@
+"""Mapping a source state dict onto a target model of another geometry, one tensor at a time, with a report.
+
+Every target key is produced by exactly one rule (copy, resample, adapt, or a declared fresh init) and every source
+key is either used or declared unused; anything else is an :class:`AdaptationError` that lists the keys.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed, resample_patch_embed
+from timm.models import adapt_input_conv
+
+from .errors import AdaptationError
+from .plan import VariantPlan
+from .report import AdaptationReport, KeyAdaptation
+from .spec import ChannelOptions, PatchEmbedOptions, PosEmbedOptions, Size2
+
+__all__ = ["adapt_state_dict", "resample_pos_embed", "resize_patch_kernel", "adapt_kernel_channels"]
+
+_logger = logging.getLogger(__name__)
+StateDict = dict[str, torch.Tensor]
+
+
+def resample_pos_embed(
+    pos_embed: torch.Tensor, old_grid: Size2, new_grid: Size2, num_prefix_tokens: int, options: PosEmbedOptions
+) -> torch.Tensor:
+    """Resample an absolute position embedding ``[1, prefix + H*W, C]`` between any two grids.
+
+    Prefix tokens (class, distillation, registers) are kept aside; the grid is interpolated in float32.
+
+    Example:
+        >>> pe = torch.randn(1, 1 + 4 * 6, 8)
+        >>> resample_pos_embed(pe, (4, 6), (8, 3), 1, PosEmbedOptions()).shape
+        torch.Size([1, 25, 8])
+    """
+    return resample_abs_pos_embed(
+        pos_embed,
+        new_size=list(new_grid),
+        old_size=list(old_grid),
+        num_prefix_tokens=num_prefix_tokens,
+        interpolation=options.interpolation,
+        antialias=options.use_antialias,
+    )
+
+
+def resize_patch_kernel(weight: torch.Tensor, new_size: Size2, options: PatchEmbedOptions) -> torch.Tensor:
+    """Resize a patch-embedding kernel ``[O, I, kh, kw]`` to ``new_size``.
+
+    With ``method='pi'`` (default) this is FlexiViT's pseudo-inverse resize (`timm.layers.resample_patch_embed`):
+    a patch resized by the same interpolation gives the same token. ``'interpolate'`` resizes the kernel like an
+    image, which changes the token scale; it exists to show why PI-resize matters.
+
+    Example:
+        >>> resize_patch_kernel(torch.randn(8, 3, 16, 16), (4, 4), PatchEmbedOptions()).shape
+        torch.Size([8, 3, 4, 4])
+    """
+    if options.method == "pi":
+        return resample_patch_embed(
+            weight, list(new_size), interpolation=options.interpolation, antialias=options.antialias
+        )
+    out = F.interpolate(
+        weight.float(), size=tuple(new_size), mode=options.interpolation, antialias=options.antialias,
+        align_corners=False,
+    )
+    return out.to(weight.dtype)
+
+
+def adapt_kernel_channels(weight: torch.Tensor, in_chans: int, options: ChannelOptions) -> torch.Tensor:
+    """Adapt the input-channel dimension of a kernel ``[O, I, kh, kw]`` to ``in_chans``.
+
+    ``'timm'`` follows `timm.models.adapt_input_conv` (1 channel: sum over RGB, so a gray image gives the same
+    tokens as the RGB model on that image repeated; more channels: repeat and scale by ``I / in_chans``).
+    ``'map'`` takes target channel ``i`` from source channel ``map[i]`` (``None``: zeros).
+
+    Example:
+        >>> adapt_kernel_channels(torch.randn(8, 3, 4, 4), 1, ChannelOptions()).shape
+        torch.Size([8, 1, 4, 4])
+    """
+    if options.method == "map":
+        cols = [weight[:, c] if c is not None else torch.zeros_like(weight[:, 0]) for c in options.map or ()]
+        return torch.stack(cols, dim=1)
+    return adapt_input_conv(in_chans, weight, base_chans=weight.shape[1])
+
+
+def _matches(key: str, patterns: tuple[str, ...]) -> Optional[str]:
+    return next((p for p in patterns if fnmatch.fnmatchcase(key, p)), None)
+
+
+def _fmt(size: Size2) -> str:
+    return f"{size[0]}x{size[1]}"
+
+
+def adapt_state_dict(
+    source_sd: StateDict, target_sd: StateDict, plan: VariantPlan, source_desc: str
+) -> tuple[StateDict, AdaptationReport]:
+    """Produce a state dict for the target model from the source checkpoint, accounting for every key.
+
+    Args:
+        source_sd: The checkpoint, normalised to timm's layout at the source geometry.
+        target_sd: The freshly built target model's state dict (its tensors are kept for declared fresh inits).
+        plan: The resolved variant plan (geometries and options).
+        source_desc: Where the weights came from, for the report.
+
+    Returns:
+        The state dict to load with ``strict=True`` and the report.
+
+    Raises:
+        AdaptationError: A target key has no source, a source key is left unused without being declared, or a
+            shape cannot be mapped; all offending keys are listed.
+    """
+    spec, s, t = plan.spec, plan.source, plan.target
+    report = AdaptationReport(spec.name, source_desc, s.describe(), t.describe())
+    out: StateDict = {}
+    used: set[str] = set()
+    missing, mismatched = [], []
+    new_head = s.num_classes != t.num_classes
+
+    def record(key: str, action: str, detail: str, src: Optional[torch.Tensor], value: torch.Tensor) -> None:
+        out[key] = value
+        report.entries[key] = KeyAdaptation(
+            key, action, detail, tuple(src.shape) if src is not None else None, tuple(target_sd[key].shape)  # type: ignore[arg-type]
+        )
+        if action != "copied":
+            _logger.info("%s: %s %s: %s", spec.name, key, action, detail)
+
+    for key, tgt in target_sd.items():
+        src = source_sd.get(key)
+        declared = _matches(key, spec.adapt.init_keys)
+        if declared:
+            record(key, "initialized", f"declared in adapt.init_keys ({declared!r})", None, tgt)
+            if src is not None:
+                used.add(key)
+                report.dropped[key] = f"replaced by a fresh init (adapt.init_keys {declared!r})"
+            continue
+        if new_head and key in plan.classifier_keys:
+            record(key, "initialized", f"new head: num_classes {s.num_classes} -> {t.num_classes}", None, tgt)
+            if src is not None:
+                used.add(key)
+                report.dropped[key] = f"old head ({s.num_classes} classes)"
+            continue
+        if src is None:
+            missing.append(key)
+            continue
+        used.add(key)
+        if key == plan.family.pos_embed_key and src.ndim == 3:
+            expected = s.grid_size[0] * s.grid_size[1] + plan.pos_embed_prefix
+            if src.shape[1] != expected:
+                raise AdaptationError(
+                    f"{spec.name}: checkpoint {key} has {src.shape[1]} tokens but the source geometry "
+                    f"({s.describe()}) implies {expected}; declare the geometry the weights were trained at "
+                    f"under pretrained: (img_size, patch_size) in the YAML"
+                )
+            if s.grid_size != t.grid_size:
+                pe = spec.adapt.pos_embed
+                value = resample_pos_embed(src, s.grid_size, t.grid_size, plan.pos_embed_prefix, pe)
+                detail = (
+                    f"grid {_fmt(s.grid_size)} -> {_fmt(t.grid_size)} ({pe.interpolation}, "
+                    f"antialias={pe.use_antialias}, {plan.pos_embed_prefix} prefix tokens kept)"
+                )
+                record(key, "resampled", detail, src, value)
+                continue
+        if key == plan.patch_key and src.ndim == 4:
+            value, steps = src, []
+            if src.shape[1] != t.in_chans:
+                value = adapt_kernel_channels(value, t.in_chans, spec.adapt.channels)
+                ch = spec.adapt.channels
+                steps.append(f"channels {src.shape[1]} -> {t.in_chans} ({'adapt_input_conv' if ch.method == 'timm' else 'map ' + str(list(ch.map or ()))})")
+            if tuple(src.shape[-2:]) != tuple(tgt.shape[-2:]):
+                pm = spec.adapt.patch_embed
+                value = resize_patch_kernel(value, tuple(tgt.shape[-2:]), pm)  # type: ignore[arg-type]
+                how = "PI-resize" if pm.method == "pi" else "interpolate"
+                steps.append(f"kernel {_fmt(tuple(src.shape[-2:]))} -> {_fmt(tuple(tgt.shape[-2:]))} ({how}, {pm.interpolation})")
+            if steps:
+                action = "adapted" if src.shape[1] != t.in_chans else "resampled"
+                record(key, action, "; ".join(steps), src, value)
+                continue
+        if src.shape != tgt.shape:
+            mismatched.append(f"{key}: checkpoint {tuple(src.shape)} vs model {tuple(tgt.shape)}")
+            continue
+        record(key, "copied", "", src, src)
+
+    unused = []
+    for key in source_sd:
+        if key in used:
+            continue
+        declared = _matches(key, spec.adapt.drop_keys)
+        if declared:
+            report.dropped[key] = f"declared in adapt.drop_keys ({declared!r})"
+        elif key in plan.classifier_keys and t.num_classes == 0:
+            report.dropped[key] = "the model has no head (num_classes=0)"
+        else:
+            unused.append(key)
+
+    if missing or unused or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"model keys missing from the checkpoint ({len(missing)}): {', '.join(missing[:12])}")
+        if unused:
+            parts.append(f"checkpoint keys the model does not use ({len(unused)}): {', '.join(unused[:12])}")
+        if mismatched:
+            parts.append(f"shapes that cannot be adapted ({len(mismatched)}): {'; '.join(mismatched[:12])}")
+        raise AdaptationError(
+            f"{spec.name}: the weights from {source_desc} do not fit {spec.arch} ({t.describe()}):\n  "
+            + "\n  ".join(parts)
+            + "\nIs the checkpoint of another architecture or model_args? Keys that are unused or re-initialised on "
+            "purpose can be declared in adapt.drop_keys / adapt.init_keys."
+        )
+    return out, report

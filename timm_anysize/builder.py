@@ -1,0 +1,202 @@
+"""Building a variant: the model at its geometry, its pretrained cfg, and its adapted weights.
+
+This is what a registered entrypoint runs when ``timm.create_model(variant_name, ...)`` is called.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import timm
+import torch
+import torch.nn as nn
+from timm.models import resolve_pretrained_cfg
+
+from .adapt import adapt_state_dict
+from .errors import WeightsError
+from .plan import VariantPlan, make_plan
+from .spec import VariantSpec
+from .weights import (
+    detect_format,
+    download_hub_weights,
+    download_url_weights,
+    read_npz_state_dict,
+    read_state_dict,
+)
+
+__all__ = ["build_variant", "variant_pretrained_cfg", "stats_for_channels", "default_tag"]
+
+_logger = logging.getLogger(__name__)
+_WEIGHT_FIELDS = ("url", "file", "state_dict", "hf_hub_id", "hf_hub_filename", "source")
+# Fields of the base cfg that describe the base geometry; a variant states its own or none.
+_BASE_GEOMETRY_FIELDS = ("test_input_size", "min_input_size", "pool_size", "test_pool_size", "test_crop_pct")
+
+
+def default_tag(spec: VariantSpec) -> str:
+    """The pretrained tag a variant registers: ``pretrained.tag``, else the base's tag, else ``anysize``."""
+    return spec.pretrained.tag or spec.base_tag or "anysize"
+
+
+def stats_for_channels(values: Sequence[float], in_chans: int) -> tuple[float, ...]:
+    """Per-channel mean/std for ``in_chans`` channels from RGB (or any-length) stats.
+
+    One channel gets the average (the gray value of an image whose channels were equal); more channels repeat the
+    stats cyclically, as ``adapt_input_conv`` repeats the kernel's channels.
+
+    Example:
+        >>> stats_for_channels((0.2, 0.4, 0.6), 1)
+        (0.4,)
+        >>> stats_for_channels((0.5,), 3)
+        (0.5, 0.5, 0.5)
+    """
+    values = tuple(float(v) for v in values)
+    if len(values) == in_chans:
+        return values
+    if in_chans == 1:
+        return (round(sum(values) / len(values), 6),)
+    return tuple(values[i % len(values)] for i in range(in_chans))
+
+
+def _weight_location(plan: VariantPlan) -> dict[str, Any]:
+    """Weight-source fields of the variant's registered cfg: the spec's own, else the base tag's."""
+    src = plan.spec.pretrained
+    if src.file is not None:
+        return {"file": str(src.file)}
+    if src.hf_hub_id is not None:
+        return {"hf_hub_id": src.hf_hub_id, "hf_hub_filename": src.filename}
+    if src.url is not None:
+        return {"url": src.url}
+    return {k: plan.base_cfg.get(k) for k in ("url", "file", "hf_hub_id", "hf_hub_filename")}
+
+
+def variant_pretrained_cfg(plan: VariantPlan, weights: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """The pretrained cfg of a variant: the base's, rewritten for the target geometry and the variant's weights.
+
+    It describes the *variant* (input size ``(in_chans, H, W)``, mean/std with ``in_chans`` entries, classes) so
+    `timm.data.resolve_data_config` gives the right transforms. ``custom_load`` is always False: the weight
+    format is read from the file, not inherited from the base tag.
+
+    Args:
+        plan: The resolved plan.
+        weights: Weight-location fields to use instead of the spec's (e.g. a resolved ``file`` overlay).
+    """
+    spec, t, base = plan.spec, plan.target, plan.base_cfg
+    data = spec.data
+    same_classes = t.num_classes == base.get("num_classes", t.num_classes)
+    cfg = {k: v for k, v in base.items() if k not in _WEIGHT_FIELDS + _BASE_GEOMETRY_FIELDS}
+    cfg.update(
+        architecture=spec.name,
+        tag=default_tag(spec),
+        custom_load=False,
+        input_size=(t.in_chans, *t.img_size),
+        fixed_input_size=True,
+        mean=stats_for_channels(data.mean or base.get("mean", (0.485, 0.456, 0.406)), t.in_chans),
+        std=stats_for_channels(data.std or base.get("std", (0.229, 0.224, 0.225)), t.in_chans),
+        num_classes=t.num_classes,
+        label_names=spec.card.label_names or (base.get("label_names") if same_classes else None),
+        label_descriptions=base.get("label_descriptions") if same_classes and not spec.card.label_names else None,
+        license=spec.card.license or base.get("license"),
+        description=spec.card.description or f"{spec.base} adapted by timm-anysize to {t.describe()}",
+    )
+    for key in ("crop_pct", "crop_mode", "interpolation"):
+        if getattr(data, key) is not None:
+            cfg[key] = getattr(data, key)
+    cfg.update(weights if weights is not None else _weight_location(plan))
+    return {k: v for k, v in cfg.items() if v is not None or k in ("first_conv", "classifier")}
+
+
+def _meta_source_model(plan: VariantPlan) -> nn.Module:
+    kwargs = {k: v for k, v in plan.source_kwargs.items() if k not in ("device", "dtype")}
+    with torch.device("meta"):
+        return timm.create_model(plan.spec.base, pretrained=False, **kwargs)
+
+
+def _read_file(plan: VariantPlan, path: Union[str, Path]) -> dict[str, torch.Tensor]:
+    if detect_format(path) == "npz":
+        def build() -> nn.Module:
+            return timm.create_model(plan.spec.base, pretrained=False, **plan.source_kwargs)
+
+        return read_npz_state_dict(path, build)
+    state_dict = read_state_dict(path)
+    if plan.family.checkpoint_filter is None:
+        return state_dict
+    try:
+        # timm's filter renames foreign layouts; at the source geometry it never resamples.
+        return plan.family.checkpoint_filter(state_dict, _meta_source_model(plan))
+    except Exception as e:  # filters index keys and shapes freely; anything they raise means a foreign layout
+        raise WeightsError(f"{path}: timm's {plan.family.name} checkpoint filter cannot read it ({e!r})") from e
+
+
+def load_source_state_dict(
+    plan: VariantPlan, cfg: dict[str, Any], cache_dir: Optional[Union[str, Path]] = None
+) -> tuple[dict[str, torch.Tensor], str]:
+    """Fetch and read the source weights named by a resolved cfg: state_dict > file > Hub > url.
+
+    Returns:
+        The state dict in timm's layout at the source geometry, and a description of where it came from.
+    """
+    if cfg.get("state_dict"):
+        return dict(cfg["state_dict"]), "state_dict (in memory)"
+    if cfg.get("file"):
+        return _read_file(plan, cfg["file"]), f"file {cfg['file']}"
+    if cfg.get("hf_hub_id"):
+        revision = plan.spec.pretrained.revision if cfg["hf_hub_id"] == plan.spec.pretrained.hf_hub_id else None
+        path = download_hub_weights(
+            cfg["hf_hub_id"], cfg.get("hf_hub_filename"), revision, str(cache_dir) if cache_dir else None
+        )
+        return _read_file(plan, path), f"hf-hub {cfg['hf_hub_id']}" + (f"@{revision}" if revision else "")
+    if cfg.get("url"):
+        url = cfg["url"][0] if isinstance(cfg["url"], (tuple, list)) else cfg["url"]
+        return _read_file(plan, download_url_weights(url)), f"url {url}"
+    raise WeightsError(
+        f"{plan.spec.origin or '<dict>'}: {plan.spec.name}.pretrained: no weight source (base {plan.spec.base} has "
+        f"none); set pretrained.file or pretrained.hf_hub_id, or create the model with pretrained=False"
+    )
+
+
+def build_variant(
+    spec: VariantSpec,
+    pretrained: bool = False,
+    pretrained_cfg: Optional[Union[str, dict[str, Any], Any]] = None,
+    pretrained_cfg_overlay: Optional[dict[str, Any]] = None,
+    cache_dir: Optional[Union[str, Path]] = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """Build a variant model, adapting its pretrained weights when ``pretrained`` is True.
+
+    This is the body of every registered entrypoint; call ``timm.create_model(name, ...)`` rather than this.
+
+    Args:
+        spec: The variant.
+        pretrained: Load and adapt the weights named by the variant's pretrained cfg.
+        pretrained_cfg: A tag, cfg dict or PretrainedCfg, as ``timm.create_model`` passes it.
+        pretrained_cfg_overlay: Cfg fields to override (``file=...`` to load another checkpoint of the same
+            source geometry).
+        cache_dir: Cache folder for Hub and URL downloads.
+        **kwargs: Model kwargs; they override the spec (``img_size``, ``num_classes``, ``in_chans``, ...).
+
+    Returns:
+        The model; ``model.pretrained_cfg`` describes the variant, and ``timm_anysize.adaptation_report(model)``
+        says how each tensor was obtained.
+    """
+    plan = make_plan(spec, kwargs)
+    cfg_obj = resolve_pretrained_cfg(spec.name, pretrained_cfg, pretrained_cfg_overlay)
+    # Read the fields directly: PretrainedCfg.to_dict() would deep-copy an in-memory state_dict.
+    resolved = {f.name: getattr(cfg_obj, f.name) for f in dataclasses.fields(cfg_obj)}
+    model = timm.create_model(spec.base, pretrained=False, **plan.target_kwargs)
+    if pretrained:
+        source_sd, source_desc = load_source_state_dict(plan, resolved, cache_dir)
+        state_dict, report = adapt_state_dict(source_sd, model.state_dict(), plan, source_desc)
+        model.load_state_dict(state_dict, strict=True)
+        model._anysize_report = report
+        _logger.info("%s: loaded from %s (%d copied, %d not copied)", spec.name, source_desc,
+                     len(report.by_action("copied")), len(report.non_copied()))
+    weights = {k: resolved.get(k) for k in ("url", "file", "hf_hub_id", "hf_hub_filename")}
+    cfg = variant_pretrained_cfg(plan, weights)
+    cfg["tag"] = resolved.get("tag") or cfg["tag"]
+    model.pretrained_cfg = cfg
+    model.default_cfg = cfg
+    return model

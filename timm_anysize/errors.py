@@ -1,0 +1,29 @@
+"""Error types. All subclass built-in exceptions so callers can catch them naturally."""
+
+from __future__ import annotations
+
+__all__ = ["AnysizeError", "SpecError", "WeightsError", "AdaptationError", "RegistrationError"]
+
+
+class AnysizeError(ValueError):
+    """Base class of every error timm-anysize raises on bad input."""
+
+
+class SpecError(AnysizeError):
+    """A variant spec (YAML or dict) is invalid.
+
+    The message names the file, the variant and the key path, e.g.
+    ``configs/x.yaml: vit_tiny_patch4_64.patch_size: must divide img_size 64, got 5``.
+    """
+
+
+class RegistrationError(AnysizeError):
+    """A variant cannot be registered under its name (collision with timm or another spec)."""
+
+
+class WeightsError(AnysizeError):
+    """A weight file or Hub repo cannot be read, or holds something other than what the spec expects."""
+
+
+class AdaptationError(AnysizeError):
+    """Source weights cannot be mapped onto the target model with every tensor accounted for."""

@@ -1,0 +1,234 @@
+"""Resolving a spec against timm: the base architecture, the source geometry of the weights and the target geometry
+of the model, all read off models built on the ``meta`` device (no memory, no weights read).
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import timm
+import torch
+import torch.nn as nn
+from timm.models import get_pretrained_cfg
+
+from .errors import SpecError
+from .families import FAMILIES, Family, family_of
+from .spec import Size2, VariantSpec
+
+__all__ = ["Geometry", "VariantPlan", "make_plan", "geometry_of"]
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What the weights or the model are shaped for."""
+
+    img_size: Size2
+    patch_size: Size2
+    grid_size: Size2
+    in_chans: int
+    num_classes: int
+    num_prefix_tokens: int
+
+    def describe(self) -> str:
+        """One line, e.g. ``64x64 px, patch 4x4, grid 16x16 (+1 prefix), 1 ch, 10 classes``."""
+        (h, w), (ph, pw), (gh, gw) = self.img_size, self.patch_size, self.grid_size
+        return (
+            f"{h}x{w} px, patch {ph}x{pw}, grid {gh}x{gw} (+{self.num_prefix_tokens} prefix), "
+            f"{self.in_chans} ch, {self.num_classes} classes"
+        )
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens the transformer sees: patches plus prefix tokens."""
+        return self.grid_size[0] * self.grid_size[1] + self.num_prefix_tokens
+
+
+@dataclass(frozen=True)
+class VariantPlan:
+    """A spec resolved against timm: everything needed to build the model and adapt the weights."""
+
+    spec: VariantSpec
+    family: Family
+    base_cfg: dict[str, Any]
+    source: Geometry
+    target: Geometry
+    source_kwargs: dict[str, Any] = field(repr=False)
+    target_kwargs: dict[str, Any] = field(repr=False)
+    pos_embed_prefix: int = 1
+
+    @property
+    def patch_key(self) -> str:
+        """State-dict key of the patch-embedding kernel."""
+        return f"{self.base_cfg.get('first_conv') or 'patch_embed.proj'}.weight"
+
+    @property
+    def classifier_keys(self) -> tuple[str, ...]:
+        """State-dict keys of the classifier head(s), from the base's pretrained cfg."""
+        names = self.base_cfg.get("classifier") or "head"
+        names = (names,) if isinstance(names, str) else tuple(names)
+        return tuple(f"{n}.{p}" for n in names for p in ("weight", "bias"))
+
+    def steps(self) -> list[tuple[str, str]]:
+        """The non-copy steps adaptation will take, as (key, description), before any weights are read."""
+        s, t, spec = self.source, self.target, self.spec
+        out = []
+        if s.grid_size != t.grid_size:
+            pe = spec.adapt.pos_embed
+            out.append((
+                self.family.pos_embed_key,
+                f"resample grid {s.grid_size[0]}x{s.grid_size[1]} -> {t.grid_size[0]}x{t.grid_size[1]} "
+                f"({pe.interpolation}, antialias={pe.use_antialias}, {self.pos_embed_prefix} prefix kept)",
+            ))
+        if s.patch_size != t.patch_size:
+            pm = spec.adapt.patch_embed
+            out.append((
+                self.patch_key,
+                f"resize kernel {s.patch_size[0]}x{s.patch_size[1]} -> {t.patch_size[0]}x{t.patch_size[1]} "
+                f"({'FlexiViT PI-resize' if pm.method == 'pi' else 'plain interpolation'}, {pm.interpolation})",
+            ))
+        if s.in_chans != t.in_chans:
+            ch = spec.adapt.channels
+            how = "timm adapt_input_conv" if ch.method == "timm" else f"channel map {list(ch.map or ())}"
+            out.append((self.patch_key, f"adapt input channels {s.in_chans} -> {t.in_chans} ({how})"))
+        if s.num_classes != t.num_classes:
+            for key in self.classifier_keys:
+                out.append((key, f"new head: num_classes {s.num_classes} -> {t.num_classes}"))
+        for pattern in spec.adapt.init_keys:
+            out.append((pattern, "left at fresh initialisation (adapt.init_keys)"))
+        for pattern in spec.adapt.drop_keys:
+            out.append((pattern, "source keys dropped (adapt.drop_keys)"))
+        return out
+
+
+def geometry_of(model: nn.Module, family: Family) -> Geometry:
+    """Read the geometry off a built model (works on the meta device).
+
+    Example:
+        >>> import timm
+        >>> from timm_anysize.families import family_of
+        >>> m = timm.create_model("test_vit", img_size=(32, 48))
+        >>> geometry_of(m, family_of(m)).grid_size
+        (2, 3)
+    """
+    pe = model.patch_embed
+    return Geometry(
+        img_size=tuple(pe.img_size),  # type: ignore[arg-type]
+        patch_size=family.patch_size(model),
+        grid_size=family.grid_size(model),
+        in_chans=int(pe.proj.in_channels),
+        num_classes=int(getattr(model, "num_classes", 0)),
+        num_prefix_tokens=int(getattr(model, "num_prefix_tokens", 0)),
+    )
+
+
+def _where(spec: VariantSpec) -> str:
+    return f"{spec.origin or '<dict>'}: {spec.name}"
+
+
+def resolve_base_cfg(spec: VariantSpec) -> dict[str, Any]:
+    """The pretrained cfg of the spec's base (``arch[.tag]``), checking the arch and tag exist in timm."""
+    if not timm.is_model(spec.arch):
+        close = difflib.get_close_matches(spec.arch, timm.list_models(), n=3, cutoff=0.6)
+        hint = f"; close matches: {', '.join(close)}" if close else ""
+        raise SpecError(f"{_where(spec)}.base: unknown timm model {spec.arch!r}{hint} (see timm.list_models())")
+    cfg = get_pretrained_cfg(spec.base)
+    if cfg is None and spec.base_tag:
+        tags = timm.list_pretrained(f"{spec.arch}.*")
+        raise SpecError(
+            f"{_where(spec)}.base: timm has no pretrained tag {spec.base_tag!r} for {spec.arch}; "
+            f"available: {', '.join(tags) or 'none'}"
+        )
+    return cfg.to_dict() if cfg is not None else {}
+
+
+# Placement kwargs would pull a meta build onto a real device.
+_PLACEMENT_KWARGS = ("device", "dtype")
+
+
+def _build_meta(spec: VariantSpec, kwargs: dict[str, Any], what: str) -> nn.Module:
+    kwargs = {k: v for k, v in kwargs.items() if k not in _PLACEMENT_KWARGS}
+    try:
+        with torch.device("meta"):
+            return timm.create_model(spec.base, pretrained=False, **kwargs)
+    except (TypeError, ValueError, AssertionError, RuntimeError) as e:
+        raise SpecError(
+            f"{_where(spec)}: timm cannot build {spec.arch} with the {what} arguments {kwargs}: {e}; "
+            f"check img_size/patch_size/in_chans and model_args"
+        ) from e
+
+
+def _geometry_kwargs(img_size: Any, patch_size: Any, in_chans: Any, num_classes: Any) -> dict[str, Any]:
+    given = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes)
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def make_plan(spec: VariantSpec, overrides: Optional[dict[str, Any]] = None) -> VariantPlan:
+    """Resolve a spec: base cfg, family, source and target geometry. Reads no weights, allocates no tensors.
+
+    Args:
+        spec: The variant spec.
+        overrides: ``timm.create_model`` kwargs that override the spec for this model (``img_size``,
+            ``num_classes``, ``in_chans``, ...).
+
+    Returns:
+        The plan.
+
+    Raises:
+        SpecError: The base does not exist, its family is not supported, or the geometry is impossible.
+
+    Example:
+        >>> from timm_anysize.spec import parse_variant
+        >>> plan = make_plan(parse_variant("v", {"base": "test_vit", "img_size": 64, "patch_size": 4}))
+        >>> plan.source.grid_size, plan.target.grid_size
+        ((10, 10), (16, 16))
+    """
+    overrides = dict(overrides or {})
+    base_cfg = resolve_base_cfg(spec)
+    src = spec.pretrained
+    source_kwargs = {**spec.model_args, **_geometry_kwargs(src.img_size, src.patch_size, src.in_chans, src.num_classes)}
+    target_kwargs = {
+        **spec.model_args,
+        **_geometry_kwargs(spec.img_size, spec.patch_size, spec.in_chans, spec.num_classes),
+        **overrides,
+    }
+    source_model = _build_meta(spec, source_kwargs, "source (pretrained)")
+    family = family_of(source_model)
+    if family is None:
+        names = ", ".join(f.name for f in FAMILIES)
+        raise SpecError(
+            f"{_where(spec)}.base: {spec.arch} is a {type(source_model).__name__}, a family timm-anysize does not "
+            f"adapt yet (supported: {names})"
+        )
+    target_model = _build_meta(spec, target_kwargs, "target")
+    source, target = geometry_of(source_model, family), geometry_of(target_model, family)
+    for geo, what, key in ((source, "source", "pretrained.img_size"), (target, "target", "img_size")):
+        for i, p in zip(geo.img_size, geo.patch_size):
+            if i % p:
+                raise SpecError(
+                    f"{_where(spec)}.{key}: the {what} patch size {list(geo.patch_size)} must divide the "
+                    f"{what} img_size {list(geo.img_size)}; pick a multiple of the patch"
+                )
+    if spec.adapt.channels.method == "map":
+        cmap = spec.adapt.channels.map or ()
+        if len(cmap) != target.in_chans:
+            raise SpecError(
+                f"{_where(spec)}.adapt.channels.map: has {len(cmap)} entries, the target has {target.in_chans} channels"
+            )
+        bad = [c for c in cmap if c is not None and not 0 <= c < source.in_chans]
+        if bad:
+            raise SpecError(
+                f"{_where(spec)}.adapt.channels.map: source channel {bad[0]} does not exist; the weights have "
+                f"{source.in_chans} channels (0..{source.in_chans - 1}), or null for zeros"
+            )
+    return VariantPlan(
+        spec=spec,
+        family=family,
+        base_cfg=base_cfg,
+        source=source,
+        target=target,
+        source_kwargs=source_kwargs,
+        target_kwargs=target_kwargs,
+        pos_embed_prefix=family.pos_embed_prefix_tokens(source_model),
+    )

@@ -1,0 +1,181 @@
+"""Registering variant specs as real timm models (entrypoint + pretrained cfg), through timm's public
+``register_model`` and ``generate_default_cfgs``.
+
+Registration is all-or-nothing per call, idempotent for an identical spec, and thread-safe.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Union
+
+import timm
+import torch.nn as nn
+from timm.models import generate_default_cfgs, register_model
+
+from . import variants as _variants_module
+from .builder import build_variant, default_tag, variant_pretrained_cfg
+from .errors import RegistrationError
+from .plan import VariantPlan, make_plan
+from .spec import VariantSpec, parse_variant
+from .yaml_config import load_yaml_specs
+
+__all__ = [
+    "register_yaml",
+    "register_variant",
+    "register_specs",
+    "list_variants",
+    "get_variant",
+    "register_shipped_configs",
+    "CONFIGS_ENV",
+]
+
+CONFIGS_ENV = "TIMM_ANYSIZE_CONFIGS"
+_lock = threading.RLock()
+_specs: dict[str, VariantSpec] = {}
+
+
+def _entrypoint(spec: VariantSpec) -> Callable[..., nn.Module]:
+    def entrypoint(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+        return build_variant(spec, pretrained=pretrained, **kwargs)
+
+    entrypoint.__name__ = entrypoint.__qualname__ = spec.name
+    entrypoint.__module__ = _variants_module.__name__
+    entrypoint.__doc__ = f"{spec.name}: {spec.base} at a new geometry (timm-anysize variant from {spec.origin})."
+    return entrypoint
+
+
+def _check_name(spec: VariantSpec, batch: dict[str, VariantSpec]) -> bool:
+    """True if the spec needs registering; False if the identical spec already is. Raises on a conflict."""
+    where = f"{spec.origin or '<dict>'}: {spec.name}"
+    other = _specs.get(spec.name) or batch.get(spec.name)
+    if other is not None:
+        if other.same_as(spec):
+            return False
+        raise RegistrationError(
+            f"{where}: the name is already registered with a different spec (from {other.origin or '<dict>'}); "
+            f"rename one of them"
+        )
+    if timm.is_model(spec.name):
+        raise RegistrationError(f"{where}: the name collides with timm's built-in model {spec.name!r}; rename it")
+    return True
+
+
+def register_specs(specs: Iterable[VariantSpec]) -> list[str]:
+    """Register validated specs as timm models. Either all are registered or none is.
+
+    Args:
+        specs: Variant specs, e.g. from ``timm_anysize.yaml_config.load_yaml_specs``.
+
+    Returns:
+        The names, in order (including any that were already registered with the identical spec).
+
+    Raises:
+        RegistrationError: A name collides with a timm model or with a different spec.
+        SpecError: A spec cannot be resolved against timm (unknown base, impossible geometry).
+    """
+    specs = list(specs)
+    with _lock:
+        batch: dict[str, VariantSpec] = {}
+        plans: list[VariantPlan] = []
+        for spec in specs:
+            if _check_name(spec, batch):
+                batch[spec.name] = spec
+                plans.append(make_plan(spec))  # validates against timm before anything is registered
+        for plan in plans:
+            spec = plan.spec
+            tagged = f"{spec.name}.{default_tag(spec)}"
+            _variants_module.default_cfgs.update(generate_default_cfgs({tagged: variant_pretrained_cfg(plan)}))
+            fn = _entrypoint(spec)
+            setattr(_variants_module, spec.name, fn)
+            register_model(fn)
+            _specs[spec.name] = spec
+    return [s.name for s in specs]
+
+
+def register_yaml(path: Union[str, os.PathLike]) -> list[str]:
+    """Register every variant of a YAML file as a timm model.
+
+    Args:
+        path: A YAML file with a ``variants:`` mapping. Relative weight paths resolve against its folder.
+
+    Returns:
+        The registered names.
+
+    Raises:
+        SpecError: The file or a variant is invalid (message names the file, the variant and the key).
+        RegistrationError: A name collides; nothing from the file is registered then.
+
+    Example:
+        >>> import tempfile, pathlib, timm
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "v.yaml"
+        >>> _ = p.write_text("variants:\\n  doc_vit_48:\\n    base: test_vit\\n    img_size: 48\\n")
+        >>> register_yaml(p)
+        ['doc_vit_48']
+        >>> timm.create_model("doc_vit_48").pretrained_cfg["input_size"]
+        (3, 48, 48)
+    """
+    return register_specs(load_yaml_specs(path))
+
+
+def register_variant(name: str, **spec: Any) -> str:
+    """Register one variant from keyword arguments (the same keys as in YAML).
+
+    Example:
+        >>> register_variant("doc_vit_64_gray", base="test_vit", img_size=64, patch_size=8, in_chans=1)
+        'doc_vit_64_gray'
+    """
+    return register_specs([parse_variant(name, spec)])[0]
+
+
+def list_variants() -> list[str]:
+    """Names of the registered variants, sorted.
+
+    Example:
+        >>> "vit_tiny_patch4_64" in list_variants()
+        True
+    """
+    with _lock:
+        return sorted(_specs)
+
+
+def get_variant(name: str) -> VariantSpec:
+    """The spec a variant was registered with (immutable).
+
+    Raises:
+        KeyError: ``name`` is not a registered variant; the message lists close names.
+
+    Example:
+        >>> get_variant("vit_tiny_patch4_64").patch_size
+        (4, 4)
+    """
+    with _lock:
+        try:
+            return _specs[timm.models.get_arch_name(name)]
+        except KeyError:
+            import difflib
+
+            close = difflib.get_close_matches(name, list(_specs), n=3)
+            raise KeyError(f"{name!r} is not a timm-anysize variant" + (f"; close: {', '.join(close)}" if close else "")) from None
+
+
+def _shipped_config_files() -> list[Path]:
+    root = resources.files("timm_anysize.configs")
+    return sorted(Path(str(p)) for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def register_shipped_configs(env: Optional[str] = None) -> list[str]:
+    """Register the configs shipped in the package, then the files listed in ``$TIMM_ANYSIZE_CONFIGS``.
+
+    Called on ``import timm_anysize``; safe to call again (identical specs are skipped).
+    """
+    names: list[str] = []
+    for path in _shipped_config_files():
+        names += register_yaml(path)
+    env = os.environ.get(CONFIGS_ENV, "") if env is None else env
+    for path in filter(None, env.split(os.pathsep)):
+        names += register_yaml(path)
+    return names

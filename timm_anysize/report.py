@@ -1,0 +1,96 @@
+"""The adaptation report: how each tensor of the target model was obtained."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import torch.nn as nn
+
+__all__ = ["KeyAdaptation", "AdaptationReport", "adaptation_report"]
+
+Action = Literal["copied", "resampled", "adapted", "initialized"]
+
+
+@dataclass(frozen=True)
+class KeyAdaptation:
+    """How one target tensor was obtained.
+
+    Attributes:
+        key: Target state-dict key.
+        action: ``copied`` (bit-identical to the source), ``resampled`` (spatially: position grid, patch kernel),
+            ``adapted`` (input channels, possibly also resampled), or ``initialized`` (fresh init, on purpose).
+        detail: What was done, e.g. ``grid 14x14 -> 16x16 (bicubic, antialias)``; the reason for an init.
+        source_shape: Shape in the checkpoint (None when initialised).
+        target_shape: Shape in the model.
+    """
+
+    key: str
+    action: Action
+    detail: str
+    source_shape: Optional[tuple[int, ...]]
+    target_shape: tuple[int, ...]
+
+
+@dataclass
+class AdaptationReport:
+    """Every target key with how it was obtained, plus the source keys deliberately left unused."""
+
+    variant: str
+    source: str
+    source_geometry: str
+    target_geometry: str
+    entries: dict[str, KeyAdaptation] = field(default_factory=dict)
+    dropped: dict[str, str] = field(default_factory=dict)
+
+    def by_action(self, action: Action) -> list[str]:
+        """Keys obtained by ``action``, in state-dict order."""
+        return [k for k, e in self.entries.items() if e.action == action]
+
+    def non_copied(self) -> list[KeyAdaptation]:
+        """Entries that are not plain copies: what a reader of a model card wants to know."""
+        return [e for e in self.entries.values() if e.action != "copied"]
+
+    def summary(self) -> str:
+        """A few lines: the geometries, counts per action and each non-copied key."""
+        counts = {a: len(self.by_action(a)) for a in ("copied", "resampled", "adapted", "initialized")}
+        lines = [
+            f"{self.variant}: from {self.source}",
+            f"  source: {self.source_geometry}",
+            f"  target: {self.target_geometry}",
+            "  " + ", ".join(f"{n} {a}" for a, n in counts.items()) + f", {len(self.dropped)} source keys dropped",
+        ]
+        lines += [f"  {e.key}: {e.action}: {e.detail}" for e in self.non_copied()]
+        lines += [f"  {k}: dropped: {why}" for k, why in self.dropped.items()]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict (for exports and model cards)."""
+        return {
+            "variant": self.variant,
+            "source": self.source,
+            "source_geometry": self.source_geometry,
+            "target_geometry": self.target_geometry,
+            "entries": {
+                k: {
+                    "action": e.action,
+                    "detail": e.detail,
+                    "source_shape": list(e.source_shape) if e.source_shape is not None else None,
+                    "target_shape": list(e.target_shape),
+                }
+                for k, e in self.entries.items()
+            },
+            "dropped": dict(self.dropped),
+        }
+
+
+def adaptation_report(model: nn.Module) -> Optional[AdaptationReport]:
+    """The report of how a variant's pretrained weights were obtained, or None if it was not loaded pretrained.
+
+    Example:
+        >>> import timm, timm_anysize
+        >>> m = timm.create_model("vit_tiny_patch4_64")  # not pretrained: nothing to report
+        >>> timm_anysize.adaptation_report(m) is None
+        True
+    """
+    return getattr(model, "_anysize_report", None)
