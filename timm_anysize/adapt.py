@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import re
 from typing import Optional
 
 import torch
@@ -20,7 +21,7 @@ from .plan import VariantPlan
 from .report import AdaptationReport, KeyAdaptation
 from .spec import ChannelOptions, PatchEmbedOptions, PosEmbedOptions, Size2
 
-__all__ = ["adapt_state_dict", "resample_pos_embed", "resize_patch_kernel", "adapt_kernel_channels"]
+__all__ = ["adapt_state_dict", "summarize_keys", "resample_pos_embed", "resize_patch_kernel", "adapt_kernel_channels"]
 
 _logger = logging.getLogger(__name__)
 StateDict = dict[str, torch.Tensor]
@@ -91,6 +92,32 @@ def _matches(key: str, patterns: tuple[str, ...]) -> Optional[str]:
     return next((p for p in patterns if fnmatch.fnmatchcase(key, p)), None)
 
 
+def summarize_keys(keys: list[str], limit: int = 24) -> str:
+    """Keys for an error message, with numbered blocks folded: ``blocks.{2..5}.norm1.weight``.
+
+    Example:
+        >>> summarize_keys(["cls_token", "blocks.2.mlp.fc1.weight", "blocks.3.mlp.fc1.weight"])
+        'cls_token, blocks.{2..3}.mlp.fc1.weight'
+    """
+    groups: dict[str, list[int]] = {}
+    for key in keys:
+        m = re.search(r"\.(\d+)\.", key)
+        pattern = key[: m.start()] + ".{}." + key[m.end():] if m else key
+        groups.setdefault(pattern, []).append(int(m.group(1)) if m else -1)
+    parts = []
+    for pattern, idx in groups.items():
+        if idx == [-1]:
+            parts.append(pattern)
+        elif len(idx) == 1:
+            parts.append(pattern.replace("{}", str(idx[0])))
+        else:
+            contiguous = idx == list(range(idx[0], idx[0] + len(idx)))
+            inner = f"{idx[0]}..{idx[-1]}" if contiguous else ",".join(map(str, idx))
+            parts.append(pattern.replace("{}", "{" + inner + "}"))
+    more = f", ... and {len(parts) - limit} more" if len(parts) > limit else ""
+    return ", ".join(parts[:limit]) + more
+
+
 def _fmt(size: Size2) -> str:
     return f"{size[0]}x{size[1]}"
 
@@ -150,11 +177,12 @@ def adapt_state_dict(
         if key == plan.family.pos_embed_key and src.ndim == 3:
             expected = s.grid_size[0] * s.grid_size[1] + plan.pos_embed_prefix
             if src.shape[1] != expected:
-                raise AdaptationError(
-                    f"{spec.name}: checkpoint {key} has {src.shape[1]} tokens but the source geometry "
-                    f"({s.describe()}) implies {expected}; declare the geometry the weights were trained at "
-                    f"under pretrained: (img_size, patch_size) in the YAML"
+                mismatched.append(
+                    f"{key}: checkpoint has {src.shape[1]} tokens, the source geometry ({s.describe()}) implies "
+                    f"{expected}; declare the geometry the weights were trained at under pretrained: "
+                    f"(img_size, patch_size)"
                 )
+                continue
             if s.grid_size != t.grid_size:
                 pe = spec.adapt.pos_embed
                 value = resample_pos_embed(src, s.grid_size, t.grid_size, plan.pos_embed_prefix, pe)
@@ -199,9 +227,9 @@ def adapt_state_dict(
     if missing or unused or mismatched:
         parts = []
         if missing:
-            parts.append(f"model keys missing from the checkpoint ({len(missing)}): {', '.join(missing[:12])}")
+            parts.append(f"model keys missing from the checkpoint ({len(missing)}): {summarize_keys(missing)}")
         if unused:
-            parts.append(f"checkpoint keys the model does not use ({len(unused)}): {', '.join(unused[:12])}")
+            parts.append(f"checkpoint keys the model does not use ({len(unused)}): {summarize_keys(unused)}")
         if mismatched:
             parts.append(f"shapes that cannot be adapted ({len(mismatched)}): {'; '.join(mismatched[:12])}")
         raise AdaptationError(

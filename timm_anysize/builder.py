@@ -123,9 +123,14 @@ def _read_file(plan: VariantPlan, path: Union[str, Path]) -> dict[str, torch.Ten
     state_dict = read_state_dict(path)
     if plan.family.checkpoint_filter is None:
         return state_dict
+    source_model = _meta_source_model(plan)
+    if set(state_dict) <= set(source_model.state_dict()):
+        return state_dict  # already timm's layout: nothing for the filter to rename
+    # timm's filter renames foreign layouts, but it also resamples (guessing square grids) when a shape differs
+    # from the model's; hold the geometry tensors aside so only adapt_state_dict changes them, from known sizes.
+    held = {k: state_dict.pop(k) for k in (plan.family.pos_embed_key, plan.patch_key) if k in state_dict}
     try:
-        # timm's filter renames foreign layouts; at the source geometry it never resamples.
-        return plan.family.checkpoint_filter(state_dict, _meta_source_model(plan))
+        return {**plan.family.checkpoint_filter(state_dict, source_model), **held}
     except Exception as e:  # filters index keys and shapes freely; anything they raise means a foreign layout
         raise WeightsError(f"{path}: timm's {plan.family.name} checkpoint filter cannot read it ({e!r})") from e
 

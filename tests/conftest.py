@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny timm checkpoints written to tmp folders (no downloads, ever)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import safetensors.torch
+import timm
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the suite never reaches the network
+
+_counter = itertools.count()
+
+
+def unique_name(prefix: str = "t") -> str:
+    """A variant name no other test registers."""
+    return f"{prefix}_{os.getpid()}_{next(_counter)}"
+
+
+def save_checkpoint(model: torch.nn.Module, path: Path) -> Path:
+    """Save ``model``'s weights in the format named by ``path``'s suffix."""
+    if path.suffix == ".safetensors":
+        safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    elif path.suffix == ".npz":
+        from jax_npz import save_vit_as_jax_npz
+
+        save_vit_as_jax_npz(model, str(path))
+    else:
+        torch.save(model.state_dict(), path)
+    return path
+
+
+@pytest.fixture
+def make_checkpoint(tmp_path: Path) -> Callable[..., tuple[Path, torch.nn.Module]]:
+    """Build a seeded base model and save it: ``make_checkpoint('test_vit', '.safetensors', **kwargs)``."""
+
+    def make(base: str = "test_vit", suffix: str = ".safetensors", seed: int = 0, **kwargs: Any):
+        torch.manual_seed(seed)
+        model = timm.create_model(base, **kwargs).eval()
+        with torch.no_grad():  # non-trivial values everywhere (timm inits some tensors to zeros/ones)
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+        path = save_checkpoint(model, tmp_path / f"{base}_{seed}_{next(_counter)}{suffix}")
+        return path, model
+
+    return make

@@ -1,0 +1,128 @@
+"""The ``timm-anysize`` command line: list, show and check variants, and run the demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Callable, Optional, Sequence
+
+__all__ = ["main"]
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    import timm_anysize
+    from timm_anysize.plan import make_plan
+
+    rows = []
+    for name in timm_anysize.list_variants():
+        spec = timm_anysize.get_variant(name)
+        plan = make_plan(spec)
+        src = spec.pretrained
+        where = (
+            f"file {src.file}" if src.file else f"hf-hub {src.hf_hub_id}" if src.hf_hub_id
+            else f"url {src.url}" if src.url else f"base tag ({spec.base})"
+        )
+        t = plan.target
+        rows.append((name, spec.base, f"{t.img_size[0]}x{t.img_size[1]}/p{t.patch_size[0]}x{t.patch_size[1]}/"
+                                      f"{t.in_chans}ch/{t.num_classes}cls", where))
+    widths = [max(len(r[i]) for r in rows + [("name", "base", "geometry", "weights")]) for i in range(3)]
+    print(f"{'name':<{widths[0]}}  {'base':<{widths[1]}}  {'geometry':<{widths[2]}}  weights")
+    for r in rows:
+        print(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}")
+    return 0
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    import yaml
+
+    import timm_anysize
+    from timm_anysize.plan import make_plan
+
+    spec = timm_anysize.get_variant(args.name)
+    plan = make_plan(spec)
+    data = json.loads(spec.model_dump_json(exclude_defaults=False))
+    data.pop("name", None)
+    print(f"# {spec.name}  (from {spec.origin})")
+    print(yaml.safe_dump({spec.name: data}, sort_keys=False).rstrip())
+    print("\n# adaptation plan (no weights read)")
+    print(f"source: {plan.source.describe()}")
+    print(f"target: {plan.target.describe()}")
+    steps = plan.steps()
+    for key, what in steps:
+        print(f"  {key}: {what}")
+    if not steps:
+        print("  every tensor copied (same geometry)")
+    print("  every other tensor: copied")
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from timm_anysize.errors import AnysizeError
+    from timm_anysize.plan import make_plan
+    from timm_anysize.yaml_config import load_yaml_specs
+
+    failed = 0
+    for path in args.files:
+        try:
+            specs = load_yaml_specs(path)
+            for spec in specs:
+                make_plan(spec)
+        except AnysizeError as e:
+            failed += 1
+            print(str(e), file=sys.stderr)
+            continue
+        print(f"{path}: ok ({len(specs)} variants: {', '.join(s.name for s in specs)})")
+    return 1 if failed else 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from timm_anysize.demo import run_demo
+
+    run_demo(out_dir=args.out, epochs=args.epochs, quick=args.quick, progress=not args.quiet)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``timm-anysize``."""
+    parser = argparse.ArgumentParser(prog="timm-anysize", description=__doc__)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or INFO logs")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="registered variants with base, geometry and weight source")
+    p = sub.add_parser("show", help="a variant's full spec and its adaptation plan (no weights read)")
+    p.add_argument("name")
+    p = sub.add_parser("check", help="validate YAML files; non-zero exit with the errors")
+    p.add_argument("files", nargs="+")
+    p = sub.add_parser("demo", help="adapt a digits ViT to many geometries and print the fidelity table")
+    p.add_argument("--out", default="anysize-demo", help="output folder for results.json and the plot")
+    p.add_argument("--epochs", type=int, default=2, help="fine-tune and scratch epochs per variant")
+    p.add_argument("--quick", action="store_true", help="fewer variants and data (a smoke run)")
+    return parser
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "list": _cmd_list,
+    "show": _cmd_show,
+    "check": _cmd_check,
+    "demo": _cmd_demo,
+}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the CLI; errors are one line on stderr and exit code 1 (tracebacks with ``--debug``)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    try:
+        return _COMMANDS[args.command](args)
+    except (ValueError, KeyError, OSError) as e:  # our errors subclass ValueError
+        if args.debug:
+            raise
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"timm-anysize {args.command}: error: {msg}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
