@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-import itertools
 import os
+
+# Before anything imports huggingface_hub (it reads the variable once): the suite never reaches the network.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import itertools  # noqa: E402
 from pathlib import Path
 from typing import Any, Callable
 
@@ -11,8 +15,6 @@ import pytest
 import safetensors.torch
 import timm
 import torch
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the suite never reaches the network
 
 _counter = itertools.count()
 

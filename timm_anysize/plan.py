@@ -133,7 +133,10 @@ def resolve_base_cfg(spec: VariantSpec) -> dict[str, Any]:
         close = difflib.get_close_matches(spec.arch, timm.list_models(), n=3, cutoff=0.6)
         hint = f"; close matches: {', '.join(close)}" if close else ""
         raise SpecError(f"{_where(spec)}.base: unknown timm model {spec.arch!r}{hint} (see timm.list_models())")
-    cfg = get_pretrained_cfg(spec.base)
+    try:
+        cfg = get_pretrained_cfg(spec.base)
+    except RuntimeError:  # timm raises for an unknown tag
+        cfg = None
     if cfg is None and spec.base_tag:
         tags = timm.list_pretrained(f"{spec.arch}.*")
         raise SpecError(

@@ -331,6 +331,6 @@ def parse_variant(name: str, data: Any, origin: Optional[str] = None) -> Variant
         raise SpecError(format_spec_error(e, name, origin)) from None
     file = spec.pretrained.file
     if file is not None and origin and not file.is_absolute():
-        file = Path(origin).resolve().parent / file
+        file = (Path(origin).resolve().parent / file).resolve()
         spec = spec.model_copy(update={"pretrained": spec.pretrained.model_copy(update={"file": file})})
     return spec
