@@ -61,19 +61,29 @@ def _cmd_show(args: argparse.Namespace) -> int:
 def _cmd_check(args: argparse.Namespace) -> int:
     from timm_anysize.errors import AnysizeError
     from timm_anysize.plan import make_plan
+    from timm_anysize.registry import check_name
     from timm_anysize.yaml_config import load_yaml_specs
 
     failed = 0
     for path in args.files:
         try:
             specs = load_yaml_specs(path)
-            for spec in specs:
-                make_plan(spec)
         except AnysizeError as e:
             failed += 1
             print(str(e), file=sys.stderr)
             continue
-        print(f"{path}: ok ({len(specs)} variants: {', '.join(s.name for s in specs)})")
+        errors = []
+        for spec in specs:
+            try:
+                check_name(spec, {})
+                make_plan(spec)
+            except AnysizeError as e:
+                errors.append(str(e))
+        if errors:
+            failed += 1
+            print("\n".join(errors), file=sys.stderr)
+        else:
+            print(f"{path}: ok ({len(specs)} variants: {', '.join(s.name for s in specs)})")
     return 1 if failed else 0
 
 

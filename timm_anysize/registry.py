@@ -48,7 +48,7 @@ def _entrypoint(spec: VariantSpec) -> Callable[..., nn.Module]:
     return entrypoint
 
 
-def _check_name(spec: VariantSpec, batch: dict[str, VariantSpec]) -> bool:
+def check_name(spec: VariantSpec, batch: dict[str, VariantSpec]) -> bool:
     """True if the spec needs registering; False if the identical spec already is. Raises on a conflict."""
     where = f"{spec.origin or '<dict>'}: {spec.name}"
     other = _specs.get(spec.name) or batch.get(spec.name)
@@ -82,7 +82,7 @@ def register_specs(specs: Iterable[VariantSpec]) -> list[str]:
         batch: dict[str, VariantSpec] = {}
         plans: list[VariantPlan] = []
         for spec in specs:
-            if _check_name(spec, batch):
+            if check_name(spec, batch):
                 batch[spec.name] = spec
                 plans.append(make_plan(spec))  # validates against timm before anything is registered
         for plan in plans:

@@ -1,0 +1,95 @@
+"""A registered variant is a first-class timm model; shipped configs are valid and load."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import timm
+import torch
+from conftest import unique_name
+
+import timm_anysize
+from timm_anysize.plan import make_plan
+from timm_anysize.registry import _shipped_config_files
+
+SEED = "vit_tiny_patch4_64"
+
+
+def test_seed_variant_is_a_timm_model():
+    assert SEED in timm.list_models()
+    assert SEED in timm.list_models("vit_tiny_patch4*")
+    assert "vit_tiny_patch4_64.augreg_in21k_ft_in1k" in timm.list_pretrained("vit_tiny_patch4*")
+    assert timm.is_model_pretrained(SEED)
+    assert SEED in timm.list_models(module="variants")
+    cfg = timm.models.get_pretrained_cfg(SEED)
+    assert cfg.input_size == (1, 64, 64) and cfg.mean == (0.5,) and cfg.num_classes == 10
+    assert cfg.hf_hub_id == "timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k" and cfg.custom_load is False
+    m = timm.create_model(SEED)
+    assert m.patch_embed.grid_size == (16, 16) and m.patch_embed.proj.in_channels == 1
+    assert timm.data.resolve_data_config(model=m) == {
+        "input_size": (1, 64, 64), "interpolation": "bicubic", "mean": (0.5,), "std": (0.5,),
+        "crop_pct": 0.9, "crop_mode": "center",
+    }
+
+
+def test_tagged_name_creates_the_variant():
+    m = timm.create_model(f"{SEED}.augreg_in21k_ft_in1k")
+    assert m.pretrained_cfg["tag"] == "augreg_in21k_ft_in1k" and m.pretrained_cfg["architecture"] == SEED
+
+
+@pytest.mark.parametrize("name", sorted(n for n in timm_anysize.list_variants() if not n.startswith("t_")))
+def test_shipped_variants_build_at_their_geometry(name):
+    """Like timm's test_models: every shipped variant builds on meta and reports its own geometry."""
+    spec = timm_anysize.get_variant(name)
+    plan = make_plan(spec)
+    with torch.device("meta"):
+        m = timm.create_model(name)
+    c, h, w = m.pretrained_cfg["input_size"]
+    assert (h, w) == plan.target.img_size and c == plan.target.in_chans
+    assert len(m.pretrained_cfg["mean"]) == c == len(m.pretrained_cfg["std"])
+    assert m.pretrained_cfg["first_conv"] and m.pretrained_cfg["classifier"]
+    assert timm.is_model_pretrained(name)
+
+
+def test_shipped_configs_are_installed_with_the_package():
+    files = [p.name for p in _shipped_config_files()]
+    assert "vit.yaml" in files
+
+
+def test_kwargs_override_the_spec():
+    m = timm.create_model(SEED, num_classes=3, img_size=32, in_chans=2)
+    assert m.pretrained_cfg["input_size"] == (2, 32, 32) and m.num_classes == 3
+    assert m(torch.randn(1, 2, 32, 32)).shape == (1, 3)
+
+
+def test_register_variant_data_overrides():
+    name = timm_anysize.register_variant(
+        unique_name(), base="test_vit", in_chans=2, img_size=32, patch_size=8,
+        data={"mean": [0.1, 0.2], "std": [0.3], "crop_pct": 1.0, "interpolation": "bilinear"},
+        card={"label_names": ["a", "b"], "license": "mit"}, num_classes=2,
+    )
+    cfg = timm.models.get_pretrained_cfg(name)
+    assert cfg.mean == (0.1, 0.2) and cfg.std == (0.3, 0.3) and cfg.crop_pct == 1.0
+    assert cfg.interpolation == "bilinear" and cfg.label_names == ("a", "b") and cfg.license == "mit"
+
+
+def test_env_var_configs_register_on_import(tmp_path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("variants:\n  env_vit_a:\n    base: test_vit\n    img_size: 32\n")
+    b.write_text("variants:\n  env_vit_b:\n    base: test_vit\n    img_size: 48\n")
+    code = textwrap.dedent("""
+        import timm, timm_anysize
+        print(timm.create_model('env_vit_a').pretrained_cfg['input_size'], timm.is_model('env_vit_b'))
+    """)
+    env = {**os.environ, "TIMM_ANYSIZE_CONFIGS": f"{a}{os.pathsep}{b}"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "(3, 32, 32) True"
+
+
+def test_get_variant_unknown_name():
+    with pytest.raises(KeyError, match="not a timm-anysize variant; close: vit_tiny_patch4_64"):
+        timm_anysize.get_variant("vit_tiny_patch4_46")
