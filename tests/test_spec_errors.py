@@ -149,9 +149,10 @@ def test_yaml_anchors_and_merge_keys_work(tmp_path):
           {b}:
             <<: *common
             in_chans: 1
+            img_size: 32
     """)
     specs = load_yaml_specs(path)
-    assert [s.img_size for s in specs] == [(64, 64), (64, 64)] and specs[1].in_chans == 1
+    assert [s.img_size for s in specs] == [(64, 64), (32, 32)] and specs[1].in_chans == 1
 
 
 def test_unsupported_family_is_rejected_before_weights(tmp_path):

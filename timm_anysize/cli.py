@@ -94,6 +94,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_digits_base(args: argparse.Namespace) -> int:
+    from timm_anysize.digits import train_digits_base
+
+    acc, losses = train_digits_base(args.out, epochs=args.epochs, seed=args.seed, progress=not args.quiet)
+    print(f"held-out accuracy {acc:.2f}% after {args.epochs} epochs (final loss {losses[-1]:.4f}); saved {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``timm-anysize``."""
     parser = argparse.ArgumentParser(prog="timm-anysize", description=__doc__)
@@ -109,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="anysize-demo", help="output folder for results.json and the plot")
     p.add_argument("--epochs", type=int, default=2, help="fine-tune and scratch epochs per variant")
     p.add_argument("--quick", action="store_true", help="fewer variants and data (a smoke run)")
+    p = sub.add_parser("train-digits-base", help="reproduce the shipped digits base weights (deterministic)")
+    p.add_argument("--out", default="configs/weights/vit_digits_patch4_32.safetensors")
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
     return parser
 
 
@@ -117,6 +129,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "show": _cmd_show,
     "check": _cmd_check,
     "demo": _cmd_demo,
+    "train-digits-base": _cmd_train_digits_base,
 }
 
 

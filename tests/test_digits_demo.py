@@ -1,0 +1,80 @@
+"""The shipped digits base is verified, its training script is deterministic, and the demo's orderings hold."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import safetensors.torch
+import timm
+import torch
+
+import timm_anysize
+from timm_anysize.digits import BASE_VARIANT, evaluate, load_digits_split, render, train_digits_base
+
+
+@pytest.fixture(scope="module")
+def split():
+    return load_digits_split()
+
+
+def test_split_is_fixed_and_stratified(split):
+    assert len(split.train_y) == 1437 and len(split.test_y) == 360
+    assert torch.bincount(split.test_y).min() >= 35  # every digit in the held-out set
+    assert torch.equal(load_digits_split().test_y, split.test_y)
+
+
+def test_shipped_base_reaches_93_percent_on_held_out(split):
+    model = timm.create_model(BASE_VARIANT, pretrained=True)
+    report = timm_anysize.adaptation_report(model)
+    assert report.non_copied() == []  # loaded at its own geometry: every tensor copied
+    assert evaluate(model, render(split.test_x, (32, 32), model), split.test_y) >= 93.0
+
+
+def test_shipped_weights_are_small():
+    path = timm_anysize.get_variant(BASE_VARIANT).pretrained.file
+    assert path.is_file() and path.stat().st_size < 2 * 1024 * 1024
+
+
+def test_one_channel_to_three_gives_identical_predictions(split):
+    gray = timm.create_model(BASE_VARIANT, pretrained=True)
+    rgb = timm.create_model("vit_digits_patch4_32_rgb", pretrained=True)
+    x_gray, x_rgb = render(split.test_x, (32, 32), gray), render(split.test_x, (32, 32), rgb)
+    assert x_rgb.shape[1] == 3
+    with torch.no_grad():
+        torch.testing.assert_close(rgb(x_rgb), gray(x_gray), rtol=1e-5, atol=1e-5)
+        assert torch.equal(rgb(x_rgb).argmax(-1), gray(x_gray).argmax(-1))
+
+
+def test_training_script_smoke_and_determinism(tmp_path):
+    acc1, losses1 = train_digits_base(tmp_path / "a.safetensors", epochs=1, progress=False)
+    acc2, losses2 = train_digits_base(tmp_path / "b.safetensors", epochs=1, progress=False)
+    assert losses1 == losses2 and acc1 == acc2
+    a = safetensors.torch.load_file(str(tmp_path / "a.safetensors"))
+    b = safetensors.torch.load_file(str(tmp_path / "b.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_demo_quick(tmp_path, capsys):
+    from timm_anysize.cli import main
+
+    assert main(["--quiet", "demo", "--quick", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "zero-shot" in out and "fine-tuned" in out and "scratch" in out and "img/s" in out
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert (tmp_path / "accuracy_vs_geometry.png").stat().st_size > 10_000
+    assert results["base_bit_identical_to_plain_timm"] is True
+    rows = {r["label"]: r for r in results["rows"]}
+    for r in results["rows"]:
+        assert set(r) >= {"variant", "img_size", "patch_size", "in_chans", "tokens", "zero_shot", "finetuned",
+                          "scratch", "images_per_s", "non_copied"}
+        assert r["images_per_s"] > 0
+    base, pi = rows["base, same geometry"], rows["patch 4->8, PI-resize"]
+    naive = rows["patch 4->8, plain kernel interpolation"]
+    assert pi["zero_shot"] > naive["zero_shot"] + 20  # PI-resize beats plain kernel interpolation
+    assert abs(pi["zero_shot"] - base["zero_shot"]) <= 1.5
+    assert rows["channels 1->3"]["zero_shot"] == base["zero_shot"]
+    for r in results["rows"]:
+        if not r["naive"]:
+            assert r["finetuned"] > r["scratch"]  # adapted + fine-tune beats scratch with the same budget
+    assert "kernel 4x4 -> 8x8 (PI-resize" in pi["non_copied"]["patch_embed.proj.weight"]
