@@ -12,7 +12,12 @@ from timm.layers import resample_abs_pos_embed, resample_patch_embed
 
 import timm_anysize
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
 
 
 def variant(base: str, ckpt, **spec) -> str:

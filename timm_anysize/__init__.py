@@ -13,6 +13,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from .dynamic import clear_dynamic_cache, dynamic_cache_info, enable_dynamic, is_dynamic
 from .errors import AdaptationError, AnysizeError, RegistrationError, SpecError, WeightsError
 from .registry import get_variant, list_variants, register_specs, register_variant, register_yaml
 from .report import AdaptationReport, adaptation_report
@@ -26,6 +27,10 @@ __all__ = [
     "list_variants",
     "get_variant",
     "adaptation_report",
+    "enable_dynamic",
+    "is_dynamic",
+    "dynamic_cache_info",
+    "clear_dynamic_cache",
     "AdaptationReport",
     "VariantSpec",
     "AnysizeError",

@@ -16,6 +16,7 @@ import torch.nn as nn
 from timm.models import resolve_pretrained_cfg
 
 from .adapt import adapt_state_dict
+from .dynamic import enable_dynamic
 from .errors import WeightsError
 from .plan import VariantPlan, make_plan
 from .spec import VariantSpec
@@ -187,11 +188,13 @@ def build_variant(
         The model; ``model.pretrained_cfg`` describes the variant, and ``timm_anysize.adaptation_report(model)``
         says how each tensor was obtained.
     """
+    features_only = kwargs.pop("features_only", False)
+    feature_cfg = {k: kwargs.pop(k) for k in ("out_indices", "feature_cls") if k in kwargs}
     plan = make_plan(spec, kwargs)
     cfg_obj = resolve_pretrained_cfg(spec.name, pretrained_cfg, pretrained_cfg_overlay)
     # Read the fields directly: PretrainedCfg.to_dict() would deep-copy an in-memory state_dict.
     resolved = {f.name: getattr(cfg_obj, f.name) for f in dataclasses.fields(cfg_obj)}
-    model = timm.create_model(spec.base, pretrained=False, **plan.target_kwargs)
+    model = timm.create_model(spec.base, pretrained=False, **plan.target_kwargs, **_dynamic_kwargs(spec))
     if pretrained:
         source_sd, source_desc = load_source_state_dict(plan, resolved, cache_dir)
         state_dict, report = adapt_state_dict(source_sd, model.state_dict(), plan, source_desc)
@@ -202,6 +205,45 @@ def build_variant(
     weights = {k: resolved.get(k) for k in ("url", "file", "hf_hub_id", "hf_hub_filename")}
     cfg = variant_pretrained_cfg(plan, weights)
     cfg["tag"] = resolved.get("tag") or cfg["tag"]
+    if spec.dynamic:
+        _make_dynamic(spec, model)
+        cfg["fixed_input_size"] = False
     model.pretrained_cfg = cfg
     model.default_cfg = cfg
+    if features_only:
+        model = _as_feature_model(spec, plan, model, feature_cfg, cfg)
     return model
+
+
+def _dynamic_kwargs(spec: VariantSpec) -> dict[str, bool]:
+    # Said explicitly either way: some timm archs default to dynamic, and RoPE (EVA) is built for it.
+    return dict(dynamic_img_size=spec.dynamic, dynamic_img_pad=spec.dynamic and spec.pad)
+
+
+def _make_dynamic(spec: VariantSpec, model: nn.Module) -> None:
+    pe = spec.adapt.pos_embed
+    enable_dynamic(model, pad=spec.pad, interpolation=pe.interpolation, antialias=pe.use_antialias)
+
+
+def _as_feature_model(
+    spec: VariantSpec, plan: VariantPlan, model: nn.Module, feature_cfg: dict[str, Any], cfg: dict[str, Any]
+) -> nn.Module:
+    """timm's feature wrapper (``features_only=True``) holding the adapted weights; built through create_model."""
+    wrapper = timm.create_model(
+        spec.base, pretrained=False, features_only=True, **feature_cfg, **plan.target_kwargs, **_dynamic_kwargs(spec)
+    )
+    inner, full = wrapper.model, model.state_dict()
+    kept = inner.state_dict()
+    inner.load_state_dict({k: full[k] for k in kept}, strict=True)
+    report = getattr(model, "_anysize_report", None)
+    if report is not None:
+        for key in full.keys() - kept.keys():
+            report.dropped[key] = "pruned by features_only"
+        inner._anysize_report = wrapper._anysize_report = report
+    if spec.dynamic:
+        _make_dynamic(spec, inner)
+    inner.pretrained_cfg = inner.default_cfg = cfg
+    # As timm's pretrained_cfg_for_features: a feature model has no classifier.
+    features_cfg = {k: v for k, v in cfg.items() if k not in ("num_classes", "classifier", "global_pool")}
+    wrapper.pretrained_cfg = wrapper.default_cfg = features_cfg
+    return wrapper

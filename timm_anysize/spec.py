@@ -211,6 +211,10 @@ class VariantSpec(_Spec):
         default=None, ge=0, description="Classes of the head; a new head is initialised when it differs."
     )
     model_args: dict[str, Any] = Field(default_factory=dict, description="Other timm.create_model kwargs.")
+    dynamic: StrictBool = Field(default=True, description="Accept any input H x W at run time (cached resampling).")
+    pad: StrictBool = Field(
+        default=True, description="Pad inputs that are not a multiple of the patch; false: such inputs are an error."
+    )
     pretrained: WeightSource = WeightSource()
     adapt: AdaptOptions = AdaptOptions()
     data: DataOptions = DataOptions()
@@ -228,6 +232,9 @@ class VariantSpec(_Spec):
         reserved = sorted(set(v) & {"img_size", "patch_size", "in_chans", "num_classes", "pretrained"})
         if reserved:
             raise ValueError(f"set {', '.join(reserved)} at the variant's top level, not in model_args")
+        runtime = sorted(set(v) & {"dynamic_img_size", "dynamic_img_pad", "features_only"})
+        if runtime:
+            raise ValueError(f"{', '.join(runtime)} is set by timm-anysize; use `dynamic` / `pad` at the top level")
         return v
 
     @model_validator(mode="after")

@@ -1,0 +1,303 @@
+"""Run-time dynamic input size: any H x W in one model instance, with the resampled position embedding cached.
+
+timm's ``dynamic_img_size=True`` re-interpolates the position embedding on every forward. Here the resampled
+embedding is computed once per grid and reused while the weights are unchanged; the cache is invalidated by any
+change of the weights (``load_state_dict``, an optimizer step, ``.to()``), because its stamp is the position
+embedding's storage, version counter, dtype and device. When a gradient can flow to the position embedding
+(training), or while compiling, tracing or exporting, the resampling runs inline and stays differentiable and
+traceable.
+
+The only timm behaviour replaced is where ``_pos_embed`` gets the embedding from; the token layout it builds is
+timm's own (pinned by a test against timm's dynamic path).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn as nn
+from timm.layers import Format, resample_abs_pos_embed
+from timm.layers.helpers import is_exporting
+from timm.models import deit, eva, vision_transformer
+
+__all__ = [
+    "enable_dynamic",
+    "is_dynamic",
+    "clear_dynamic_cache",
+    "dynamic_cache_info",
+    "PosEmbedCache",
+    "DynamicOptions",
+    "DEFAULT_CACHE_SIZE",
+]
+
+DEFAULT_CACHE_SIZE = 16
+
+
+class PosEmbedCache:
+    """A bounded, thread-safe LRU cache of resampled position embeddings, stamped by the weights they came from.
+
+    Copies and pickles of a model get a fresh, empty cache (a lock cannot be copied, and entries are derived).
+
+    Example:
+        >>> cache = PosEmbedCache(maxsize=2)
+        >>> cache.get_or_compute(("a",), stamp=1, compute=lambda: torch.zeros(1)).shape
+        torch.Size([1])
+        >>> cache.info()["misses"], cache.get_or_compute(("a",), 1, lambda: torch.ones(1)).sum().item()
+        (1, 0.0)
+    """
+
+    def __init__(self, maxsize: int = DEFAULT_CACHE_SIZE):
+        if maxsize < 1:
+            raise ValueError(f"cache size must be >= 1, got {maxsize}")
+        self.maxsize = maxsize
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._stamp: Any = None
+        self.hits = self.misses = self.invalidations = 0
+
+    def get_or_compute(self, key: tuple, stamp: Any, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The entry for ``key``, computing it on a miss; all entries are dropped when ``stamp`` changes."""
+        with self._lock:
+            if stamp != self._stamp:
+                if self._entries:
+                    self.invalidations += 1
+                self._entries.clear()
+                self._stamp = stamp
+            value = self._entries.get(key)
+            if value is not None:
+                self._entries.move_to_end(key)
+                self.hits += 1
+                return value
+            self.misses += 1
+            value = compute()
+            self._entries[key] = value
+            while len(self._entries) > self.maxsize:
+                self._entries.popitem(last=False)
+            return value
+
+    def clear(self) -> None:
+        """Drop every entry."""
+        with self._lock:
+            self._entries.clear()
+            self._stamp = None
+
+    def info(self) -> dict[str, int]:
+        """Counters and size, e.g. ``{'hits': 3, 'misses': 1, 'invalidations': 0, 'size': 1, 'maxsize': 16}``."""
+        with self._lock:
+            return dict(hits=self.hits, misses=self.misses, invalidations=self.invalidations,
+                        size=len(self._entries), maxsize=self.maxsize)
+
+    def __deepcopy__(self, memo: dict) -> "PosEmbedCache":
+        return PosEmbedCache(self.maxsize)
+
+    def __getstate__(self) -> dict:
+        return {"maxsize": self.maxsize}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["maxsize"])  # type: ignore[misc]
+
+
+@dataclass(frozen=True)
+class DynamicOptions:
+    """How a dynamic model resamples its position embedding at run time, and whether it pads."""
+
+    interpolation: str = "bicubic"
+    antialias: bool = True
+    pad: bool = True
+
+
+def _weights_stamp(t: torch.Tensor) -> tuple:
+    # The version counter moves on every in-place write (optimizer steps, load_state_dict's copy_);
+    # storage, dtype and device change with .to() and parameter replacement.
+    return (t.data_ptr(), t._version, t.dtype, t.device)
+
+
+def _must_run_inline(pos_embed: torch.Tensor) -> bool:
+    if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling() or is_exporting():
+        return True
+    return torch.is_grad_enabled() and pos_embed.requires_grad
+
+
+def dynamic_pos_embed(model: nn.Module, grid: tuple[int, int]) -> torch.Tensor:
+    """The model's position embedding for a patch grid: its own at the native grid, else resampled (cached)."""
+    pos_embed = model.pos_embed
+    native = tuple(model.patch_embed.grid_size)
+    opts: DynamicOptions = model._anysize_dynamic
+    if not is_exporting() and not torch.compiler.is_compiling() and tuple(grid) == native:
+        return pos_embed
+    prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
+
+    def compute() -> torch.Tensor:
+        return resample_abs_pos_embed(
+            pos_embed, new_size=grid, old_size=native, num_prefix_tokens=prefix,
+            interpolation=opts.interpolation, antialias=opts.antialias,
+        )
+
+    if _must_run_inline(pos_embed):
+        return compute()
+    key = (int(grid[0]), int(grid[1]), pos_embed.dtype, pos_embed.device, torch.is_inference_mode_enabled())
+    return model._anysize_pos_cache.get_or_compute(key, _weights_stamp(pos_embed), lambda: compute().detach())
+
+
+def _add_pos_embed(x: torch.Tensor, pos_embed: torch.Tensor, prefix: list[torch.Tensor], no_embed_class: bool):
+    """timm's token layout: add then concat prefix tokens (no_embed_class), or concat then add."""
+    if no_embed_class:
+        x = x + pos_embed
+        return torch.cat(prefix + [x], dim=1) if prefix else x
+    if prefix:
+        x = torch.cat(prefix + [x], dim=1)
+    return x + pos_embed
+
+
+class DynamicVisionTransformer(vision_transformer.VisionTransformer):
+    """timm's VisionTransformer with a cached dynamic position embedding (set by :func:`enable_dynamic`)."""
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pos_embed is None or not self.dynamic_img_size:
+            return super()._pos_embed(x)
+        B, H, W, C = x.shape
+        prefix = [t.expand(B, -1, -1) for t in (self.cls_token, self.reg_token) if t is not None]
+        x = _add_pos_embed(x.view(B, -1, C), dynamic_pos_embed(self, (H, W)), prefix, self.no_embed_class)
+        return self.pos_drop(x)
+
+
+class DynamicVisionTransformerDistilled(deit.VisionTransformerDistilled):
+    """timm's distilled DeiT with a cached dynamic position embedding."""
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.dynamic_img_size:
+            return super()._pos_embed(x)
+        B, H, W, C = x.shape
+        prefix = [self.cls_token.expand(B, -1, -1), self.dist_token.expand(B, -1, -1)]
+        x = _add_pos_embed(x.view(B, -1, C), dynamic_pos_embed(self, (H, W)), prefix, self.no_embed_class)
+        return self.pos_drop(x)
+
+
+class DynamicEva(eva.Eva):
+    """timm's EVA with a cached dynamic absolute position embedding (RoPE is generated for the grid by timm)."""
+
+    def _pos_embed(self, x: torch.Tensor):
+        if self.pos_embed is None or not self.dynamic_img_size or self.patch_drop is not None:
+            return super()._pos_embed(x)
+        B, H, W, C = x.shape
+        rot_pos_embed = self.rope.get_embed(shape=(H, W)) if self.rope is not None else None
+        prefix = [t.expand(B, -1, -1) for t in (self.cls_token, self.reg_token) if t is not None]
+        x = _add_pos_embed(x.view(B, -1, C), dynamic_pos_embed(self, (H, W)), prefix, self.no_embed_class)
+        return self.pos_drop(x), rot_pos_embed
+
+
+_DYNAMIC_CLASSES: dict[type, type] = {
+    vision_transformer.VisionTransformer: DynamicVisionTransformer,
+    deit.VisionTransformerDistilled: DynamicVisionTransformerDistilled,
+    eva.Eva: DynamicEva,
+}
+
+
+class InputNotDivisibleError(ValueError):
+    """An input size is not a multiple of the patch and padding is off."""
+
+
+def _check_divisible(module: nn.Module, args: tuple) -> None:
+    h, w = args[0].shape[-2:]
+    ph, pw = module.patch_size
+    if not (torch.compiler.is_compiling() or is_exporting()) and (h % ph or w % pw):
+        raise InputNotDivisibleError(
+            f"input {h}x{w} is not a multiple of the patch {ph}x{pw} and padding is off; resize or crop to a "
+            f"multiple of the patch, or turn padding on (pad: true in the variant's YAML, enable_dynamic(pad=True))"
+        )
+
+
+def is_dynamic(model: nn.Module) -> bool:
+    """True if ``model`` runs at any input size through :func:`enable_dynamic`."""
+    return type(model) in _DYNAMIC_CLASSES.values() and bool(getattr(model, "dynamic_img_size", False))
+
+
+def enable_dynamic(
+    model: nn.Module,
+    pad: bool = True,
+    interpolation: str = "bicubic",
+    antialias: bool = True,
+    cache_size: int = DEFAULT_CACHE_SIZE,
+) -> nn.Module:
+    """Make a timm model accept any input H x W, in place, with a cached resampled position embedding.
+
+    Works on any supported timm model (ViT incl. registers / ``no_embed_class``, distilled DeiT, EVA), whether or
+    not it was built by timm-anysize. At the model's own size the outputs are bit-identical to before; at other
+    sizes they equal a model built for that size with ``set_input_size``.
+
+    Args:
+        model: The model; changed in place (its class becomes a subclass with the cached path).
+        pad: Pad inputs that are not a multiple of the patch (bottom/right, as timm's ``dynamic_img_pad``); when
+            False such inputs raise a ``ValueError`` that says how to fix it.
+        interpolation: Resampling mode of the position embedding (``set_input_size`` uses bicubic).
+        antialias: Anti-alias when the grid shrinks.
+        cache_size: Grids kept in the LRU cache.
+
+    Returns:
+        The same model.
+
+    Raises:
+        TypeError: The model's class is not supported.
+
+    Example:
+        >>> import timm, torch
+        >>> m = enable_dynamic(timm.create_model("test_vit").eval())
+        >>> m(torch.randn(1, 3, 96, 130)).shape
+        torch.Size([1, 1000])
+    """
+    cls = type(model)
+    dynamic_cls = _DYNAMIC_CLASSES.get(cls) or (cls if cls in _DYNAMIC_CLASSES.values() else None)
+    if dynamic_cls is None:
+        names = ", ".join(c.__name__ for c in _DYNAMIC_CLASSES)
+        raise TypeError(f"enable_dynamic: {cls.__name__} is not supported (supported: {names})")
+    rope = getattr(model, "rope", None)
+    if rope is not None and getattr(rope, "feat_shape", None) is not None:
+        raise TypeError(
+            f"enable_dynamic: this {cls.__name__} was built with RoPE for a fixed {tuple(rope.feat_shape)} grid; "
+            f"create it with timm.create_model(..., dynamic_img_size=True), then call enable_dynamic"
+        )
+    pe = model.patch_embed
+    model.__class__ = dynamic_cls
+    model.dynamic_img_size = True
+    pe.strict_img_size = False
+    pe.flatten = False
+    pe.output_fmt = Format.NHWC
+    pe.dynamic_img_pad = pad
+    for handle in getattr(model, "_anysize_pad_hooks", ()):
+        handle.remove()
+    model._anysize_pad_hooks = [] if pad else [pe.register_forward_pre_hook(_check_divisible)]
+    model._anysize_dynamic = DynamicOptions(interpolation, antialias, pad)
+    model._anysize_pos_cache = PosEmbedCache(cache_size)
+    return model
+
+
+def _cache(model: nn.Module) -> Optional[PosEmbedCache]:
+    return getattr(model, "_anysize_pos_cache", None)
+
+
+def clear_dynamic_cache(model: nn.Module) -> None:
+    """Drop the cached position embeddings (needed only after writing weights through ``.data``)."""
+    cache = _cache(model)
+    if cache is not None:
+        cache.clear()
+
+
+def dynamic_cache_info(model: nn.Module) -> dict[str, int]:
+    """Hits, misses, invalidations and size of the model's position-embedding cache.
+
+    Example:
+        >>> import timm, torch
+        >>> m = enable_dynamic(timm.create_model("test_vit").eval())
+        >>> with torch.no_grad():
+        ...     _ = m(torch.randn(1, 3, 64, 64)); _ = m(torch.randn(1, 3, 64, 64))
+        >>> dynamic_cache_info(m)["hits"]
+        1
+    """
+    cache = _cache(model)
+    if cache is None:
+        raise ValueError(f"{type(model).__name__} is not dynamic; call enable_dynamic(model) first")
+    return cache.info()
