@@ -18,7 +18,7 @@ from timm.models import resolve_pretrained_cfg
 from .adapt import adapt_state_dict
 from .dynamic import enable_dynamic
 from .errors import WeightsError
-from .plan import VariantPlan, make_plan
+from .plan import VariantPlan, build_meta, make_plan
 from .spec import VariantSpec
 from .weights import (
     detect_format,
@@ -109,12 +109,6 @@ def variant_pretrained_cfg(plan: VariantPlan, weights: Optional[dict[str, Any]] 
     return {k: v for k, v in cfg.items() if v is not None or k in ("first_conv", "classifier")}
 
 
-def _meta_source_model(plan: VariantPlan) -> nn.Module:
-    kwargs = {k: v for k, v in plan.source_kwargs.items() if k not in ("device", "dtype")}
-    with torch.device("meta"):
-        return timm.create_model(plan.spec.base, pretrained=False, **kwargs)
-
-
 def _read_file(plan: VariantPlan, path: Union[str, Path]) -> dict[str, torch.Tensor]:
     if detect_format(path) == "npz":
         def build() -> nn.Module:
@@ -124,9 +118,9 @@ def _read_file(plan: VariantPlan, path: Union[str, Path]) -> dict[str, torch.Ten
     state_dict = read_state_dict(path)
     if plan.family.checkpoint_filter is None:
         return state_dict
-    source_model = _meta_source_model(plan)
-    if set(state_dict) <= set(source_model.state_dict()):
+    if set(state_dict) <= plan.source_keys:
         return state_dict  # already timm's layout: nothing for the filter to rename
+    source_model = build_meta(plan.spec, plan.source_kwargs, "source (pretrained)")
     # timm's filter renames foreign layouts, but it also resamples (guessing square grids) when a shape differs
     # from the model's; hold the geometry tensors aside so only adapt_state_dict changes them, from known sizes.
     held = {k: state_dict.pop(k) for k in (plan.family.pos_embed_key, plan.patch_key) if k in state_dict}

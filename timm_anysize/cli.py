@@ -102,6 +102,14 @@ def _cmd_train_digits_base(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from timm_anysize.bench import run_bench
+
+    run_bench(tiny=args.tiny, reps=args.reps, load=not args.no_load, out=args.out,
+              batches=args.batch, archs=args.model or None)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``timm-anysize``."""
     parser = argparse.ArgumentParser(prog="timm-anysize", description=__doc__)
@@ -121,6 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="configs/weights/vit_digits_patch4_32.safetensors")
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("bench", help="dynamic-forward and loading benchmarks, as ratios against timm")
+    p.add_argument("--tiny", action="store_true", help="a smoke run on test_vit")
+    p.add_argument("--reps", type=int, default=7, help="interleaved repetitions per cell")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--model", nargs="+", help="timm architectures (default ViT-Ti and ViT-S)")
+    p.add_argument("--no-load", action="store_true", help="skip the loading benchmark")
+    p.add_argument("--out", help="write the measurements as JSON")
     return parser
 
 
@@ -130,6 +145,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "check": _cmd_check,
     "demo": _cmd_demo,
     "train-digits-base": _cmd_train_digits_base,
+    "bench": _cmd_bench,
 }
 
 

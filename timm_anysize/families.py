@@ -67,8 +67,8 @@ FAMILIES: tuple[Family, ...] = (
 
 
 def family_of(model: nn.Module) -> Optional[Family]:
-    """The family row for a model instance, or None if its class is not supported."""
+    """The family row for a model instance (or a dynamic subclass of one), or None if not supported."""
     for fam in FAMILIES:
-        if type(model) in fam.classes:
+        if any(type(model) is c or type(model).__bases__ == (c,) for c in fam.classes):
             return fam
     return None

@@ -17,7 +17,7 @@ from .errors import SpecError
 from .families import FAMILIES, Family, family_of
 from .spec import Size2, VariantSpec
 
-__all__ = ["Geometry", "VariantPlan", "make_plan", "geometry_of"]
+__all__ = ["Geometry", "VariantPlan", "make_plan", "geometry_of", "build_meta"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,7 @@ class VariantPlan:
     source_kwargs: dict[str, Any] = field(repr=False)
     target_kwargs: dict[str, Any] = field(repr=False)
     pos_embed_prefix: int = 1
+    source_keys: frozenset[str] = field(default=frozenset(), repr=False)
 
     @property
     def patch_key(self) -> str:
@@ -150,11 +151,16 @@ def resolve_base_cfg(spec: VariantSpec) -> dict[str, Any]:
 _PLACEMENT_KWARGS = ("device", "dtype")
 
 
-def _build_meta(spec: VariantSpec, kwargs: dict[str, Any], what: str) -> nn.Module:
+def build_meta(spec: VariantSpec, kwargs: dict[str, Any], what: str) -> nn.Module:
+    """Build the spec's base with ``kwargs`` on the meta device: shapes only, no memory."""
     kwargs = {k: v for k, v in kwargs.items() if k not in _PLACEMENT_KWARGS}
     try:
         with torch.device("meta"):
-            return timm.create_model(spec.base, pretrained=False, **kwargs)
+            try:
+                # Weight init on meta tensors runs slow decompositions; ViT-family constructors can skip it.
+                return timm.create_model(spec.base, pretrained=False, weight_init="skip", **kwargs)
+            except TypeError:
+                return timm.create_model(spec.base, pretrained=False, **kwargs)
     except (TypeError, ValueError, AssertionError, RuntimeError) as e:
         raise SpecError(
             f"{_where(spec)}: timm cannot build {spec.arch} with the {what} arguments {kwargs}: {e}; "
@@ -165,6 +171,9 @@ def _build_meta(spec: VariantSpec, kwargs: dict[str, Any], what: str) -> nn.Modu
 def _geometry_kwargs(img_size: Any, patch_size: Any, in_chans: Any, num_classes: Any) -> dict[str, Any]:
     given = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes)
     return {k: v for k, v in given.items() if v is not None}
+
+
+_default_plans: dict[str, VariantPlan] = {}
 
 
 def make_plan(spec: VariantSpec, overrides: Optional[dict[str, Any]] = None) -> VariantPlan:
@@ -187,7 +196,17 @@ def make_plan(spec: VariantSpec, overrides: Optional[dict[str, Any]] = None) -> 
         >>> plan.source.grid_size, plan.target.grid_size
         ((10, 10), (16, 16))
     """
-    overrides = dict(overrides or {})
+    if not overrides:
+        # The plan of a spec without overrides never changes; each create_model of a variant reuses it.
+        key = spec.model_dump_json()
+        plan = _default_plans.get(key)
+        if plan is None:
+            plan = _default_plans[key] = _make_plan(spec, {})
+        return plan
+    return _make_plan(spec, dict(overrides))
+
+
+def _make_plan(spec: VariantSpec, overrides: dict[str, Any]) -> VariantPlan:
     base_cfg = resolve_base_cfg(spec)
     src = spec.pretrained
     source_kwargs = {**spec.model_args, **_geometry_kwargs(src.img_size, src.patch_size, src.in_chans, src.num_classes)}
@@ -196,7 +215,7 @@ def make_plan(spec: VariantSpec, overrides: Optional[dict[str, Any]] = None) -> 
         **_geometry_kwargs(spec.img_size, spec.patch_size, spec.in_chans, spec.num_classes),
         **overrides,
     }
-    source_model = _build_meta(spec, source_kwargs, "source (pretrained)")
+    source_model = build_meta(spec, source_kwargs, "source (pretrained)")
     family = family_of(source_model)
     if family is None:
         names = ", ".join(f.name for f in FAMILIES)
@@ -204,7 +223,7 @@ def make_plan(spec: VariantSpec, overrides: Optional[dict[str, Any]] = None) -> 
             f"{_where(spec)}.base: {spec.arch} is a {type(source_model).__name__}, a family timm-anysize does not "
             f"adapt yet (supported: {names})"
         )
-    target_model = _build_meta(spec, target_kwargs, "target")
+    target_model = build_meta(spec, target_kwargs, "target")
     source, target = geometry_of(source_model, family), geometry_of(target_model, family)
     for geo, what, key in ((source, "source", "pretrained.img_size"), (target, "target", "img_size")):
         for i, p in zip(geo.img_size, geo.patch_size):
@@ -234,4 +253,5 @@ def make_plan(spec: VariantSpec, overrides: Optional[dict[str, Any]] = None) -> 
         source_kwargs=source_kwargs,
         target_kwargs=target_kwargs,
         pos_embed_prefix=family.pos_embed_prefix_tokens(source_model),
+        source_keys=frozenset(source_model.state_dict()),
     )

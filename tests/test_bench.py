@@ -1,0 +1,23 @@
+"""The benchmark keeps working (tiny mode); its numbers live in BENCHMARKS.md, never in assertions on time."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_tiny_runs_and_reports_ratios(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_dynamic.py"), "--tiny", "--out", str(out)],
+                          capture_output=True, text=True, check=True)
+    assert "vs fixed" in proc.stdout and "vs timm dyn" in proc.stdout and "loading" in proc.stdout
+    data = json.loads(out.read_text())
+    assert len(data["forward"]) == 3
+    for row in data["forward"]:
+        assert set(row["ratios"]) >= {"fixed", "timm_dynamic"} and all(v > 0 for v in row["ratios"].values())
+    (load,) = data["load"]
+    assert load["ours_s"] > 0 and load["timm_s"] > 0 and load["ours_peak_mb"] >= 0
