@@ -202,6 +202,7 @@ def build_variant(
     if spec.dynamic:
         _make_dynamic(spec, model)
         cfg["fixed_input_size"] = False
+    model._anysize_plan = plan  # what export needs: base arch, model args, geometries
     model.pretrained_cfg = cfg
     model.default_cfg = cfg
     if features_only:

@@ -110,6 +110,30 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from timm_anysize.hub import export
+
+    out = export(args.name, args.out_dir, file=args.file, overwrite=args.overwrite)
+    print(f"exported {args.name} to {out}: " + ", ".join(sorted(p.name for p in out.iterdir())))
+    print(f"load it with plain timm: timm.create_model('local-dir:{out}', pretrained=True)")
+    return 0
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    from timm_anysize.hub import push_to_hub
+
+    result = push_to_hub(args.name, args.repo_id, private=args.private, file=args.file, dry_run=args.dry_run)
+    if args.dry_run:
+        print(f"dry run: would create {'private ' if args.private else ''}repo {args.repo_id} and upload:")
+        for name in result["files"]:
+            print(f"  {name}")
+        print("\n--- README.md ---")
+        print(result["card"])
+    else:
+        print(f"pushed {args.name} to {args.repo_id}: {result['commit_url']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``timm-anysize``."""
     parser = argparse.ArgumentParser(prog="timm-anysize", description=__doc__)
@@ -136,6 +160,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", nargs="+", help="timm architectures (default ViT-Ti and ViT-S)")
     p.add_argument("--no-load", action="store_true", help="skip the loading benchmark")
     p.add_argument("--out", help="write the measurements as JSON")
+    p = sub.add_parser("export", help="write a Hub-style folder (config.json, model.safetensors, README.md)")
+    p.add_argument("name")
+    p.add_argument("out_dir")
+    p.add_argument("--file", help="load these weights instead of the variant's own source")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty folder")
+    p = sub.add_parser("push", help="export and upload to a Hugging Face Hub repo")
+    p.add_argument("name")
+    p.add_argument("repo_id")
+    p.add_argument("--file", help="load these weights instead of the variant's own source")
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--dry-run", action="store_true", help="show the files and the card; no network")
     return parser
 
 
@@ -146,6 +181,8 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "demo": _cmd_demo,
     "train-digits-base": _cmd_train_digits_base,
     "bench": _cmd_bench,
+    "export": _cmd_export,
+    "push": _cmd_push,
 }
 
 

@@ -1,0 +1,198 @@
+"""Exports that plain timm reloads bit-identically, model cards, atomic writes, and push/pull through the real
+huggingface_hub client against a Hub stand-in on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from conftest import unique_name
+from hub_standin import HubStandIn
+
+import timm_anysize
+from timm_anysize.atomic import FolderExistsError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def variant(make_checkpoint):
+    """A ViT variant with changed img size, patch, channels and a new head, loaded from a tiny checkpoint."""
+    path, _ = make_checkpoint("test_vit")
+    name = timm_anysize.register_variant(
+        unique_name("hub"), base="test_vit", img_size=64, patch_size=8, in_chans=1, num_classes=5,
+        pretrained={"file": str(path)}, card={"label_names": ["a", "b", "c", "d", "e"], "datasets": ["digits"]},
+    )
+    return name, path
+
+
+def run_python(code: str, env: dict | None = None) -> str:
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, cwd="/")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_export_reloads_bit_identically_in_plain_timm(variant, tmp_path):
+    name, _ = variant
+    model = timm.create_model(name, pretrained=True).eval()
+    out = timm_anysize.export(model, tmp_path / "export")
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "anysize_report.json", "config.json", "model.safetensors"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["architecture"] == "test_vit"
+    assert config["model_args"]["img_size"] == [64, 64] and config["model_args"]["patch_size"] == [8, 8]
+    assert config["model_args"]["in_chans"] == 1 and config["num_classes"] == 5
+    assert config["pretrained_cfg"]["input_size"] == [1, 64, 64] and config["pretrained_cfg"]["mean"] == [0.5]
+    assert config["label_names"] == ["a", "b", "c", "d", "e"]
+    inputs = {"own": torch.randn(2, 1, 64, 64), "other": torch.randn(2, 1, 48, 88)}
+    with torch.no_grad():
+        expected = {k: model(x) for k, x in inputs.items()}
+    torch.save({"inputs": inputs, "expected": expected}, tmp_path / "io.pt")
+    out_text = run_python(f"""
+        import sys, torch, timm
+        m = timm.create_model("local-dir:{out}", pretrained=True).eval()
+        io = torch.load("{tmp_path / 'io.pt'}", weights_only=True)
+        with torch.no_grad():
+            for k, x in io["inputs"].items():
+                assert torch.equal(m(x), io["expected"][k]), k
+        cfg = timm.data.resolve_data_config(model=m)
+        assert tuple(cfg["input_size"]) == (1, 64, 64) and tuple(cfg["mean"]) == (0.5,), cfg
+        assert "timm_anysize" not in sys.modules
+        print("ok")
+    """)
+    assert out_text.strip() == "ok"
+
+
+def test_model_card_round_trip(variant, tmp_path):
+    from huggingface_hub import ModelCard
+
+    name, _ = variant
+    metrics = [timm_anysize.Metric("top-1 accuracy", 91.5, dataset="digits", split="test")]
+    out = timm_anysize.export(name, tmp_path / "export", metrics=metrics, repo_id="someone/variant")
+    card = ModelCard.load(out / "README.md")
+    data = card.data
+    assert data.library_name == "timm" and data.license == "apache-2.0"
+    assert {"timm", "image-classification", "timm-anysize"} <= set(data.tags)
+    assert data.datasets == ["digits"] and data.pipeline_tag == "image-classification"
+    assert data.base_model is None  # the source was a local file: no Hub id to point at
+    (result,) = data.eval_results
+    assert (result.metric_name, result.metric_value, result.dataset_split) == ("top-1 accuracy", 91.5, "test")
+    text = card.text
+    assert "## How this variant was made" in text and 'timm.create_model("hf-hub:someone/variant"' in text
+    assert "`pos_embed` | resampled: grid 10x10 -> 8x8" in text
+    assert "`patch_embed.proj.weight` | adapted: channels 3 -> 1" in text and "`head.weight` | initialized" in text
+    assert "Source geometry: 160x160 px, patch 16x16" in text
+
+
+def test_card_names_the_base_hub_repo():
+    card = timm_anysize.build_model_card(timm.create_model("vit_tiny_patch4_64"))
+    assert card.data.base_model == "timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+    assert card.data.base_model_relation == "finetune"
+
+
+def test_export_refuses_to_overwrite_and_is_atomic(variant, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    name, _ = variant
+    exports = tmp_path / "exports"
+    out = timm_anysize.export(name, exports / "export")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(FolderExistsError, match="exists and is not empty; pass overwrite=True"):
+        timm_anysize.export(name, out)
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full (injected)")
+
+    monkeypatch.setattr(huggingface_hub.ModelCard, "save", fail)  # the last write of an export
+    with pytest.raises(OSError, match="injected"):
+        timm_anysize.export(name, out, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the old export is intact
+    with pytest.raises(OSError, match="injected"):
+        timm_anysize.export(name, exports / "fresh")
+    assert sorted(p.name for p in exports.iterdir()) == ["export"]  # no half-written folder or temp left
+
+
+def test_export_rejects_models_not_built_by_timm_anysize(tmp_path):
+    with pytest.raises(timm_anysize.ExportError, match="was not built by timm-anysize"):
+        timm_anysize.export(timm.create_model("test_vit"), tmp_path / "x")
+
+
+def test_push_dry_run_needs_no_network(variant):
+    name, path = variant
+    proc = subprocess.run(
+        [sys.executable, "-m", "timm_anysize.cli", "--quiet", "push", name, "me/repo", "--dry-run", "--file", str(path)],
+        capture_output=True, text=True, env={**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0",
+                                             "TIMM_ANYSIZE_CONFIGS": _variant_yaml(name)},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "dry run: would create repo me/repo" in proc.stdout
+    assert "  model.safetensors" in proc.stdout and "library_name: timm" in proc.stdout
+
+
+def _variant_yaml(name: str) -> str:
+    """A YAML file with the registered variant, so subprocesses can register it too."""
+    spec = timm_anysize.get_variant(name)
+    path = Path(os.environ.get("PYTEST_TMP", "/tmp")) / f"{name}.yaml"
+    data = json.loads(spec.model_dump_json())
+    data.pop("name")
+    path.write_text(json.dumps({"variants": {name: data}}))  # JSON is YAML
+    return str(path)
+
+
+def test_push_and_pull_through_the_real_client(variant, tmp_path):
+    name, _ = variant
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1",
+           "TIMM_ANYSIZE_CONFIGS": _variant_yaml(name), "HF_TOKEN": "test-token"}
+    with HubStandIn() as hub:
+        env["HF_ENDPOINT"] = hub.url
+        out = run_python(f"""
+            import timm_anysize
+            r = timm_anysize.push_to_hub("{name}", "org/anysize-test", private=True)
+            print(r["commit_url"])
+        """, env)
+        assert out.strip().startswith(f"{hub.url}/org/anysize-test/commit/")
+        repo = hub.state.repos["org/anysize-test"]
+        assert repo["private"] is True
+        assert sorted(repo["files"]) == ["README.md", "anysize_report.json", "config.json", "model.safetensors"]
+        assert "timm-anysize" in repo["commits"][0]["user_agent"]
+        assert json.loads(repo["files"]["config.json"])["architecture"] == "test_vit"
+        assert hub.state.validated_cards[0]["library_name"] == "timm"  # the card passed the Hub's YAML check
+
+        # Pull: plain timm from the Hub, and a new variant whose weights are the pushed repo.
+        pull = f"""
+            import timm, torch, timm_anysize
+            plain = timm.create_model("hf-hub:org/anysize-test", pretrained=True).eval()
+            name = timm_anysize.register_variant(
+                "pulled_96", base="test_vit", img_size=96, patch_size=8, in_chans=1, num_classes=5,
+                pretrained={{"hf_hub_id": "org/anysize-test", "img_size": 64, "patch_size": 8, "in_chans": 1,
+                             "num_classes": 5}})
+            m = timm.create_model(name, pretrained=True).eval()
+            report = timm_anysize.adaptation_report(m)
+            assert report.source == "hf-hub org/anysize-test", report.source
+            assert [e.key for e in report.non_copied()] == ["pos_embed"]
+            x = torch.randn(1, 1, 96, 96)
+            with torch.no_grad():  # plain timm resamples 8x8 -> 12x12 per call; the variant did it at load
+                print(torch.equal(plain(x), m(x)))
+        """
+        assert run_python(pull, env).strip() == "True"
+        assert not hub.state.unknown, hub.state.unknown
+
+    # The stand-in is gone: offline, everything comes from the cache huggingface_hub filled.
+    assert run_python(pull, {**env, "HF_HUB_OFFLINE": "1"}).strip() == "True"
+    missing = run_python("""
+        import timm, timm_anysize
+        name = timm_anysize.register_variant("pulled_missing", base="test_vit",
+                                             pretrained={"hf_hub_id": "org/never-pushed"})
+        try:
+            timm.create_model(name, pretrained=True)
+        except timm_anysize.WeightsError as e:
+            print(e)
+    """, {**env, "HF_HUB_OFFLINE": "1"})
+    assert "hf_hub_id 'org/never-pushed'" in missing and "not in the cache" in missing

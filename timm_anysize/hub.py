@@ -1,0 +1,258 @@
+"""Portable exports (a Hub-style folder plain timm loads) and pushing them to the Hugging Face Hub.
+
+An export is ``config.json`` (written by timm's own ``save_for_hf``: the *base* architecture plus ``model_args``
+with the new geometry), ``model.safetensors`` and a ``README.md`` model card rendered by huggingface_hub from a
+Jinja template, so ``timm.create_model('local-dir:DIR')`` or ``'hf-hub:REPO'`` loads it without timm-anysize.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import timm
+import torch.nn as nn
+
+from .atomic import atomic_folder
+from .errors import AnysizeError
+
+__all__ = ["export", "push_to_hub", "build_model_card", "Metric", "ExportError"]
+
+LIBRARY_NAME = "timm-anysize"
+TEMPLATE = Path(__file__).parent / "templates" / "modelcard.md"
+
+
+class ExportError(AnysizeError):
+    """A model cannot be exported (not a timm-anysize variant, or bad metadata)."""
+
+
+@dataclass(frozen=True)
+class Metric:
+    """An evaluation result for the model card (model-index), e.g. ``Metric("top-1 accuracy", 97.2, "digits")``."""
+
+    name: str
+    value: float
+    dataset: str = "custom"
+    dataset_name: Optional[str] = None
+    split: Optional[str] = None
+    metric_type: str = "accuracy"
+
+
+def _resolve_model(model_or_name: Union[str, nn.Module], file: Optional[str]) -> nn.Module:
+    if isinstance(model_or_name, str):
+        from .registry import get_variant
+
+        get_variant(model_or_name)  # a clear KeyError for names that are not variants
+        overlay = dict(file=str(file)) if file else None
+        return timm.create_model(model_or_name, pretrained=True, pretrained_cfg_overlay=overlay)
+    if file:
+        raise ExportError("file= only applies when exporting by name; load the model with those weights yourself")
+    if getattr(model_or_name, "_anysize_plan", None) is None:
+        raise ExportError(
+            f"{type(model_or_name).__name__} was not built by timm-anysize; create it with "
+            f"timm.create_model(<variant name>) or export by name"
+        )
+    return model_or_name
+
+
+def _metrics(metrics: Optional[Sequence[Union[Metric, dict]]]) -> list[Metric]:
+    out = []
+    for m in metrics or ():
+        m = m if isinstance(m, Metric) else Metric(**m)
+        if not isinstance(m.value, (int, float)) or not math.isfinite(m.value):
+            raise ExportError(f"metric {m.name!r}: value must be a finite number, got {m.value!r}")
+        out.append(m)
+    return out
+
+
+def _base_hub_id(model: nn.Module) -> Optional[str]:
+    """The Hub id of the weights the variant was adapted from, when the source is a Hub repo."""
+    plan = model._anysize_plan
+    src = plan.spec.pretrained
+    if src.hf_hub_id:
+        return src.hf_hub_id
+    if not src.has_location and plan.base_cfg.get("hf_hub_id"):
+        return plan.base_cfg["hf_hub_id"]
+    return None
+
+
+def build_model_card(
+    model: nn.Module, repo_id: Optional[str] = None, metrics: Optional[Sequence[Union[Metric, dict]]] = None
+):
+    """The model card (a ``huggingface_hub.ModelCard``) of a variant model.
+
+    Args:
+        model: A model built by ``timm.create_model(<variant>)``.
+        repo_id: The Hub repo it will live in (for the title and the usage snippet).
+        metrics: Evaluation results, written as model-index eval results.
+
+    Example:
+        >>> import timm
+        >>> card = build_model_card(timm.create_model("vit_digits_patch4_24"))
+        >>> card.data.library_name, "timm-anysize" in card.data.tags
+        ('timm', True)
+    """
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    from . import __version__
+
+    plan, cfg = model._anysize_plan, model.pretrained_cfg
+    spec = plan.spec
+    report = getattr(model, "_anysize_report", None)
+    base_id = _base_hub_id(model)
+    metrics = _metrics(metrics)
+    eval_results = [
+        EvalResult(task_type="image-classification", dataset_type=m.dataset, dataset_name=m.dataset_name or m.dataset,
+                   dataset_split=m.split, metric_type=m.metric_type, metric_name=m.name, metric_value=m.value)
+        for m in metrics
+    ] or None
+    card_data = ModelCardData(
+        library_name="timm",
+        license=cfg.get("license"),
+        tags=["timm", "image-classification", LIBRARY_NAME, *spec.card.tags],
+        pipeline_tag="image-classification",
+        datasets=list(spec.card.datasets) or None,
+        base_model=base_id,
+        base_model_relation="finetune" if base_id else None,
+        model_name=repo_id or spec.name,
+        eval_results=eval_results,
+    )
+    if report is not None:
+        changes = [(e.key, f"{e.action}: {e.detail}") for e in report.non_copied()]
+        source, source_geo, target_geo = report.source, report.source_geometry, report.target_geometry
+        num_copied, num_total, dropped = len(report.by_action("copied")), len(report.entries), list(report.dropped.items())
+    else:
+        changes = [(k, f"planned (weights not loaded): {what}") for k, what in plan.steps()]
+        source, source_geo, target_geo = f"{spec.base} (not loaded)", plan.source.describe(), plan.target.describe()
+        num_total = len(model.state_dict())
+        num_copied, dropped = num_total - len(changes), []
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(TEMPLATE),
+        model_id=repo_id or spec.name,
+        description=cfg.get("description") or spec.card.description or "",
+        base_model_name=spec.base,
+        load_name=f"hf-hub:{repo_id}" if repo_id else "local-dir:/path/to/this/folder",
+        architecture=spec.arch,
+        model_args=_model_args(model),
+        input_size=cfg["input_size"],
+        dynamic=spec.dynamic,
+        mean=list(cfg["mean"]),
+        std=list(cfg["std"]),
+        num_classes=cfg.get("num_classes"),
+        source=source,
+        source_geometry=source_geo,
+        target_geometry=target_geo,
+        changes=changes,
+        dropped=dropped,
+        num_copied=num_copied,
+        num_total=num_total,
+        metrics=metrics,
+        version=__version__,
+    )
+
+
+def _model_args(model: nn.Module) -> dict[str, Any]:
+    plan = model._anysize_plan
+    args = {k: v for k, v in plan.target_kwargs.items() if k not in ("device", "dtype")}
+    args.update(dynamic_img_size=plan.spec.dynamic, dynamic_img_pad=plan.spec.dynamic and plan.spec.pad)
+    for key in ("img_size", "patch_size"):
+        if isinstance(args.get(key), tuple):
+            args[key] = list(args[key])
+    return args
+
+
+def _write_export(model: nn.Module, folder: Path, repo_id: Optional[str], metrics: Any) -> None:
+    from timm.models import save_for_hf
+
+    spec = model._anysize_plan.spec
+    model_config: dict[str, Any] = {"pretrained_cfg": {"architecture": spec.arch}}
+    label_names = model.pretrained_cfg.get("label_names")
+    if label_names:
+        model_config["label_names"] = list(label_names)
+    save_for_hf(model, str(folder), model_config=model_config, model_args=_model_args(model), safe_serialization=True)
+    report = getattr(model, "_anysize_report", None)
+    if report is not None:  # the full per-tensor account, for tools; the card has the summary
+        (folder / "anysize_report.json").write_text(json.dumps(report.to_dict(), indent=2))
+    build_model_card(model, repo_id, metrics).save(str(folder / "README.md"))
+
+
+def export(
+    model_or_name: Union[str, nn.Module],
+    out_dir: Union[str, os.PathLike],
+    file: Optional[Union[str, os.PathLike]] = None,
+    overwrite: bool = False,
+    metrics: Optional[Sequence[Union[Metric, dict]]] = None,
+    repo_id: Optional[str] = None,
+) -> Path:
+    """Export a variant to a Hub-style folder that plain timm loads with ``timm.create_model('local-dir:...')``.
+
+    The folder is written atomically: on any failure nothing is left behind, and an existing export is only
+    replaced (after the new one is complete) when ``overwrite`` is True.
+
+    Args:
+        model_or_name: A variant name (loaded with ``pretrained=True``) or a model built from one.
+        out_dir: The folder to write.
+        file: With a name: load these weights instead of the variant's own source.
+        overwrite: Replace an existing non-empty folder.
+        metrics: Evaluation results for the model card.
+        repo_id: The Hub repo the export is meant for (used in the card).
+
+    Returns:
+        The folder.
+
+    Example:
+        >>> import tempfile, timm
+        >>> out = export("vit_digits_patch4_24", tempfile.mkdtemp() + "/digits24")
+        >>> sorted(p.name for p in out.iterdir())
+        ['README.md', 'anysize_report.json', 'config.json', 'model.safetensors']
+        >>> timm.create_model(f"local-dir:{out}", pretrained=True).pretrained_cfg["input_size"]
+        (1, 24, 24)
+    """
+    model = _resolve_model(model_or_name, str(file) if file else None)
+    metrics = _metrics(metrics)  # validated before anything is written
+    with atomic_folder(out_dir, overwrite=overwrite) as tmp:
+        _write_export(model, tmp, repo_id, metrics)
+    return Path(out_dir).absolute()
+
+
+def push_to_hub(
+    model_or_name: Union[str, nn.Module],
+    repo_id: str,
+    private: bool = False,
+    token: Optional[str] = None,
+    file: Optional[Union[str, os.PathLike]] = None,
+    metrics: Optional[Sequence[Union[Metric, dict]]] = None,
+    commit_message: Optional[str] = None,
+    dry_run: bool = False,
+) -> dict[str, Any]:
+    """Export a variant and upload it to a Hub repo through ``huggingface_hub.HfApi`` (create_repo + upload_folder).
+
+    Requests are tagged with timm-anysize's name and version. With ``dry_run`` nothing touches the network.
+
+    Returns:
+        ``{"repo_id", "files", "card", "commit_url"}`` (``commit_url`` is None for a dry run).
+    """
+    from huggingface_hub import HfApi
+
+    from . import __version__
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = export(model_or_name, Path(tmp) / "export", file=file, metrics=metrics, repo_id=repo_id)
+        files = sorted(p.name for p in folder.iterdir())
+        card = (folder / "README.md").read_text()
+        commit_url = None
+        if not dry_run:
+            api = HfApi(token=token, library_name=LIBRARY_NAME, library_version=__version__)
+            api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            info = api.upload_folder(
+                repo_id=repo_id, folder_path=str(folder), repo_type="model",
+                commit_message=commit_message or f"Upload {repo_id} (timm-anysize {__version__})",
+            )
+            commit_url = getattr(info, "commit_url", None) or str(info)
+    return {"repo_id": repo_id, "files": files, "card": card, "commit_url": commit_url}
