@@ -134,6 +134,35 @@ def _cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from timm_anysize import register_yaml
+    from timm_anysize.launcher import run_script
+
+    for path in args.config or ():
+        register_yaml(path)  # our errors: one line, like every command
+    try:
+        run_script(args.script, args.args)
+    except SystemExit as e:  # the script's own exit status is ours
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException as e:  # the script's own errors keep their traceback, as under `python script.py`
+        raise _ScriptFailed() from e
+    return 0
+
+
+class _ScriptFailed(Exception):
+    """Raised around an exception of a script run by `timm-anysize run`, so main() re-raises it untouched."""
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    from timm_anysize.schema import yaml_json_schema, yaml_reference_markdown
+
+    if args.markdown:
+        print(yaml_reference_markdown(), end="")
+    else:
+        print(json.dumps(yaml_json_schema(), indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``timm-anysize``."""
     parser = argparse.ArgumentParser(prog="timm-anysize", description=__doc__)
@@ -171,6 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--file", help="load these weights instead of the variant's own source")
     p.add_argument("--private", action="store_true")
     p.add_argument("--dry-run", action="store_true", help="show the files and the card; no network")
+    p = sub.add_parser("run", help="register variants, then run SCRIPT.py as __main__ with its own arguments")
+    p.add_argument("--config", action="append", metavar="FILE.yaml", help="extra variant files (repeatable)")
+    p.add_argument("script")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p = sub.add_parser("schema", help="print the JSON Schema of variant YAML files")
+    p.add_argument("--markdown", action="store_true", help="the YAML reference as Markdown instead")
     return parser
 
 
@@ -183,6 +218,8 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "bench": _cmd_bench,
     "export": _cmd_export,
     "push": _cmd_push,
+    "run": _cmd_run,
+    "schema": _cmd_schema,
 }
 
 
@@ -190,8 +227,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the CLI; errors are one line on stderr and exit code 1 (tracebacks with ``--debug``)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    if args.quiet:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()  # Hub downloads; our own bars take `progress=not args.quiet`
     try:
         return _COMMANDS[args.command](args)
+    except _ScriptFailed as e:
+        raise e.__cause__ from None
     except (ValueError, KeyError, OSError) as e:  # our errors subclass ValueError
         if args.debug:
             raise

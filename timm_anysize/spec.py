@@ -57,7 +57,9 @@ class _Spec(BaseModel):
 class PosEmbedOptions(_Spec):
     """How an absolute position embedding is resampled to a new grid (prefix tokens are always kept aside)."""
 
-    interpolation: Literal["bicubic", "bilinear", "nearest", "area"] = "bicubic"
+    interpolation: Literal["bicubic", "bilinear", "nearest", "area"] = Field(
+        default="bicubic", description="Interpolation of the grid (at load time and for run-time sizes)."
+    )
     antialias: Optional[StrictBool] = Field(
         default=None, description="Anti-alias when downsampling; default true for bicubic/bilinear, false otherwise."
     )
@@ -83,8 +85,10 @@ class PatchEmbedOptions(_Spec):
         description="'pi': FlexiViT pseudo-inverse resize (keeps patch tokens of resized patches); "
         "'interpolate': plain interpolation of the kernel (the naive method, for comparison).",
     )
-    interpolation: Literal["bicubic", "bilinear"] = "bicubic"
-    antialias: StrictBool = True
+    interpolation: Literal["bicubic", "bilinear"] = Field(
+        default="bicubic", description="Interpolation the resize inverts (FlexiViT used bilinear)."
+    )
+    antialias: StrictBool = Field(default=True, description="Anti-aliasing of that interpolation.")
 
 
 class ChannelOptions(_Spec):
@@ -95,7 +99,9 @@ class ChannelOptions(_Spec):
         description="'timm': timm.models.adapt_input_conv (1 channel sums RGB; more channels repeat and rescale); "
         "'map': take each target channel from the source channel named in `map` (null: zeros).",
     )
-    map: Optional[Tuple[Optional[StrictInt], ...]] = None
+    map: Optional[Tuple[Optional[StrictInt], ...]] = Field(
+        default=None, description="Source channel per target channel, null for zeros, e.g. [2, 1, 0] for BGR."
+    )
 
     @model_validator(mode="after")
     def _check_map(self) -> "ChannelOptions":
@@ -130,14 +136,20 @@ class WeightSource(_Spec):
 
     tag: Optional[StrictStr] = Field(default=None, description="Pretrained tag the variant is registered with.")
     file: Optional[Path] = Field(default=None, description="Local .pth/.bin/.safetensors/.npz, relative to the YAML.")
-    hf_hub_id: Optional[StrictStr] = None
-    filename: Optional[StrictStr] = Field(default=None, description="File in the Hub repo (default: timm's lookup).")
-    revision: Optional[StrictStr] = None
-    url: Optional[StrictStr] = None
-    img_size: Optional[_SizeIn] = None
-    patch_size: Optional[_SizeIn] = None
-    in_chans: Optional[StrictInt] = Field(default=None, ge=1, le=MAX_CHANS)
-    num_classes: Optional[StrictInt] = Field(default=None, ge=0)
+    hf_hub_id: Optional[StrictStr] = Field(default=None, description="Hugging Face Hub repo of the weights.")
+    filename: Optional[StrictStr] = Field(
+        default=None, description="File in the Hub repo (default: model.safetensors, then pytorch_model.bin)."
+    )
+    revision: Optional[StrictStr] = Field(default=None, description="Hub revision (branch, tag or commit).")
+    url: Optional[StrictStr] = Field(default=None, description="Weights URL (cached in torch's hub folder).")
+    img_size: Optional[_SizeIn] = Field(default=None, description="Size the weights were trained at (default: base's).")
+    patch_size: Optional[_SizeIn] = Field(default=None, description="Patch size of the weights (default: base's).")
+    in_chans: Optional[StrictInt] = Field(
+        default=None, ge=1, le=MAX_CHANS, description="Input channels of the weights (default: base's)."
+    )
+    num_classes: Optional[StrictInt] = Field(
+        default=None, ge=0, description="Classes of the weights' head (default: base's)."
+    )
 
     @field_validator("img_size", "patch_size")
     @classmethod
@@ -168,11 +180,15 @@ class WeightSource(_Spec):
 class DataOptions(_Spec):
     """Overrides of the data config (`timm.data.resolve_data_config`) of the variant."""
 
-    mean: Optional[Tuple[_Number, ...]] = None
-    std: Optional[Tuple[_Number, ...]] = None
-    crop_pct: Optional[_Number] = Field(default=None, gt=0, le=1)
-    crop_mode: Optional[Literal["center", "squash", "border"]] = None
-    interpolation: Optional[Literal["bicubic", "bilinear", "nearest", "random", "lanczos"]] = None
+    mean: Optional[Tuple[_Number, ...]] = Field(
+        default=None, description="Per-channel mean, 1 or in_chans entries (default: base's, adapted to in_chans)."
+    )
+    std: Optional[Tuple[_Number, ...]] = Field(default=None, description="Per-channel std, as mean.")
+    crop_pct: Optional[_Number] = Field(default=None, gt=0, le=1, description="Center-crop fraction at eval.")
+    crop_mode: Optional[Literal["center", "squash", "border"]] = Field(default=None, description="timm crop mode.")
+    interpolation: Optional[Literal["bicubic", "bilinear", "nearest", "random", "lanczos"]] = Field(
+        default=None, description="Image resize interpolation of the data pipeline."
+    )
 
     @field_validator("std")
     @classmethod
@@ -185,11 +201,11 @@ class DataOptions(_Spec):
 class CardOptions(_Spec):
     """Model-card metadata for exports."""
 
-    description: Optional[StrictStr] = None
-    license: Optional[StrictStr] = None
-    label_names: Optional[Tuple[StrictStr, ...]] = None
-    datasets: Tuple[StrictStr, ...] = ()
-    tags: Tuple[StrictStr, ...] = ()
+    description: Optional[StrictStr] = Field(default=None, description="One paragraph about the variant.")
+    license: Optional[StrictStr] = Field(default=None, description="License id (default: the base's).")
+    label_names: Optional[Tuple[StrictStr, ...]] = Field(default=None, description="Class names, one per class.")
+    datasets: Tuple[StrictStr, ...] = Field(default=(), description="Datasets the weights were trained on.")
+    tags: Tuple[StrictStr, ...] = Field(default=(), description="Extra Hub tags.")
 
 
 class VariantSpec(_Spec):
@@ -206,7 +222,7 @@ class VariantSpec(_Spec):
     base: StrictStr = Field(description="timm architecture with optional pretrained tag: 'arch[.tag]'.")
     img_size: Optional[_SizeIn] = Field(default=None, description="Input size: int or [H, W].")
     patch_size: Optional[_SizeIn] = Field(default=None, description="Patch size: int or [H, W].")
-    in_chans: Optional[StrictInt] = Field(default=None, ge=1, le=MAX_CHANS)
+    in_chans: Optional[StrictInt] = Field(default=None, ge=1, le=MAX_CHANS, description="Input channels.")
     num_classes: Optional[StrictInt] = Field(
         default=None, ge=0, description="Classes of the head; a new head is initialised when it differs."
     )

@@ -1,0 +1,8 @@
+"""``python -m timm_anysize ...`` (and ``torchrun -m timm_anysize run ...``): the same as ``timm-anysize``."""
+
+import sys
+
+from timm_anysize.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
