@@ -51,3 +51,7 @@ def make_checkpoint(tmp_path: Path) -> Callable[..., tuple[Path, torch.nn.Module
         return path, model
 
     return make
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--fuzz-long", action="store_true", help="run the config fuzzer with 3,000+ examples")

@@ -191,6 +191,7 @@ def build_variant(
     model = timm.create_model(spec.base, pretrained=False, **plan.target_kwargs, **_dynamic_kwargs(spec))
     if pretrained:
         source_sd, source_desc = load_source_state_dict(plan, resolved, cache_dir)
+        _refuse_non_finite(source_sd, source_desc)
         state_dict, report = adapt_state_dict(source_sd, model.state_dict(), plan, source_desc)
         model.load_state_dict(state_dict, strict=True)
         model._anysize_report = report
@@ -208,6 +209,18 @@ def build_variant(
     if features_only:
         model = _as_feature_model(spec, plan, model, feature_cfg, cfg)
     return model
+
+
+def _refuse_non_finite(state_dict: dict[str, torch.Tensor], source_desc: str) -> None:
+    """NaN or Inf weights only ever produce NaN outputs; refuse them instead of loading a broken model."""
+    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        from .adapt import summarize_keys
+
+        raise WeightsError(
+            f"{source_desc}: tensors with NaN or Inf values: {summarize_keys(bad)}; timm-anysize refuses "
+            f"non-finite weights (they give NaN outputs): fix or re-export the checkpoint"
+        )
 
 
 def _dynamic_kwargs(spec: VariantSpec) -> dict[str, bool]:

@@ -161,7 +161,7 @@ def build_meta(spec: VariantSpec, kwargs: dict[str, Any], what: str) -> nn.Modul
                 return timm.create_model(spec.base, pretrained=False, weight_init="skip", **kwargs)
             except TypeError:
                 return timm.create_model(spec.base, pretrained=False, **kwargs)
-    except (TypeError, ValueError, AssertionError, RuntimeError) as e:
+    except Exception as e:  # a constructor can raise anything on odd model_args; all of it is a bad spec
         raise SpecError(
             f"{_where(spec)}: timm cannot build {spec.arch} with the {what} arguments {kwargs}: {e}; "
             f"check img_size/patch_size/in_chans and model_args"
@@ -171,6 +171,32 @@ def build_meta(spec: VariantSpec, kwargs: dict[str, Any], what: str) -> nn.Modul
 def _geometry_kwargs(img_size: Any, patch_size: Any, in_chans: Any, num_classes: Any) -> dict[str, Any]:
     given = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes)
     return {k: v for k, v in given.items() if v is not None}
+
+
+MEMORY_BUDGET_ENV = "TIMM_ANYSIZE_MAX_BYTES"
+DEFAULT_MEMORY_BUDGET = 64 * 2**30
+
+
+def estimate_bytes(model: nn.Module, geometry: Geometry) -> tuple[int, int]:
+    """(parameter bytes, bytes of one attention map for one image) of a meta-device model, in float32."""
+    params = sum(t.numel() for t in model.state_dict().values()) * 4
+    return params, geometry.num_tokens**2 * 4
+
+
+def _check_memory(spec: VariantSpec, model: nn.Module, geometry: Geometry, key: str) -> None:
+    """Reject geometries whose weights plus one attention map exceed the budget, before anything is allocated."""
+    import os
+
+    budget = int(os.environ.get(MEMORY_BUDGET_ENV, DEFAULT_MEMORY_BUDGET))
+    params, attn = estimate_bytes(model, geometry)
+    if params + attn > budget:
+        gib = 2**30
+        raise SpecError(
+            f"{_where(spec)}.{key}: {geometry.describe()} needs an estimated {(params + attn) / gib:,.1f} GiB "
+            f"(weights {params / gib:,.1f} GiB + one attention map {attn / gib:,.1f} GiB), over the "
+            f"{budget / gib:,.0f} GiB budget; use a smaller img_size or a larger patch_size "
+            f"(or raise {MEMORY_BUDGET_ENV})"
+        )
 
 
 _default_plans: dict[str, VariantPlan] = {}
@@ -225,6 +251,8 @@ def _make_plan(spec: VariantSpec, overrides: dict[str, Any]) -> VariantPlan:
         )
     target_model = build_meta(spec, target_kwargs, "target")
     source, target = geometry_of(source_model, family), geometry_of(target_model, family)
+    for model, geo, key in ((source_model, source, "pretrained.img_size"), (target_model, target, "img_size")):
+        _check_memory(spec, model, geo, key)
     for geo, what, key in ((source, "source", "pretrained.img_size"), (target, "target", "img_size")):
         for i, p in zip(geo.img_size, geo.patch_size):
             if i % p:

@@ -30,9 +30,12 @@ __all__ = [
     "format_spec_error",
 ]
 
-# Sizes are capped well above any real ViT input; the cap keeps a typo from allocating terabytes.
-MAX_IMG_SIDE = 16384
+# Sanity caps for single values; what a geometry costs in memory is checked against a budget in plan.py.
+MAX_IMG_SIDE = 1_000_000
 MAX_CHANS = 1024
+# model_args are passed to timm constructors as they are; keep them small, plain data.
+MAX_MODEL_ARGS_ITEMS = 1000
+MAX_MODEL_ARGS_DEPTH = 8
 
 Size2 = Tuple[int, int]
 _SizeIn = Union[StrictInt, Tuple[StrictInt, StrictInt]]
@@ -48,6 +51,27 @@ def _to_size2(value: Any, upper: int) -> Optional[Size2]:
         if v < 1 or v > upper:
             raise ValueError(f"each side must be between 1 and {upper}, got {value!r}")
     return pair  # type: ignore[return-value]
+
+
+def _check_plain_data(value: Any) -> None:
+    """model_args must be small JSON-like data (YAML aliases can build enormous shared structures)."""
+    count = 0
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        count += 1
+        if count > MAX_MODEL_ARGS_ITEMS or depth > MAX_MODEL_ARGS_DEPTH:
+            raise ValueError(
+                f"model_args is too large (over {MAX_MODEL_ARGS_ITEMS} values or {MAX_MODEL_ARGS_DEPTH} levels deep)"
+            )
+        if isinstance(item, dict):
+            if not all(isinstance(k, str) for k in item):
+                raise ValueError("model_args keys must be strings")
+            stack += [(x, depth + 1) for x in item.values()]
+        elif isinstance(item, (list, tuple)):
+            stack += [(x, depth + 1) for x in item]
+        elif not (item is None or isinstance(item, (bool, int, float, str))):
+            raise ValueError(f"model_args values must be plain data (numbers, strings, lists), got {type(item).__name__}")
 
 
 class _Spec(BaseModel):
@@ -245,6 +269,7 @@ class VariantSpec(_Spec):
     @field_validator("model_args")
     @classmethod
     def _no_geometry_in_model_args(cls, v: dict[str, Any]) -> dict[str, Any]:
+        _check_plain_data(v)
         reserved = sorted(set(v) & {"img_size", "patch_size", "in_chans", "num_classes", "pretrained"})
         if reserved:
             raise ValueError(f"set {', '.join(reserved)} at the variant's top level, not in model_args")
