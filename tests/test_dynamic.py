@@ -83,6 +83,19 @@ def test_pinned_against_timms_own_dynamic_path(base, kwargs):
 
 
 @torch.no_grad()
+def test_patch_embed_without_the_zero_pad_copy_equals_timms():
+    from timm_anysize.dynamic import DynamicPatchEmbed
+
+    _, dyn = pair("test_vit", {})
+    assert type(dyn.patch_embed) is DynamicPatchEmbed
+    timm_pe = timm.create_model("test_vit", dynamic_img_size=True, dynamic_img_pad=True).patch_embed
+    timm_pe.load_state_dict(dyn.patch_embed.state_dict())
+    for hw in [(64, 96), (70, 90), (16, 16)]:
+        x = torch.randn(2, 3, *hw)
+        assert torch.equal(dyn.patch_embed(x), timm_pe(x))
+
+
+@torch.no_grad()
 def test_non_divisible_sizes_are_padded_like_timm():
     static, dyn = pair("test_vit", {})
     x = torch.randn(1, 3, 70, 101)

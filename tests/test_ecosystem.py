@@ -135,11 +135,17 @@ def test_torchrun_ddp_through_the_launcher(tmp_path):
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     (tmp_path / "ddp.py").write_text(DDP_SCRIPT)
     out = tmp_path / "result.json"
-    proc = subprocess.run(
-        [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "timm_anysize", "run", str(tmp_path / "ddp.py"),
-         "vit_digits_patch4_32", str(out)],
-        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=240,
-    )
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "timm_anysize", "run", str(tmp_path / "ddp.py"),
+           "vit_digits_patch4_32", str(out)]
+    # Its own process group, so a hang cannot leave worker processes behind.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        _, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        raise
+    proc.stderr = stderr
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["world"] == 2 and result["same"] is True
