@@ -177,6 +177,15 @@ def test_cache_invalidated_by_to_dtype():
     _stale_check(dyn, lambda m: m.to(torch.float64))
 
 
+def test_cache_invalidated_by_replacing_the_parameter():
+    _, dyn = pair("test_vit", {})
+
+    def replace(m):
+        m.pos_embed = torch.nn.Parameter(m.pos_embed.detach() * 2)
+
+    _stale_check(dyn, replace)
+
+
 def test_training_is_uncached_and_differentiable():
     _, dyn = pair("test_vit", {})
     dyn.train()

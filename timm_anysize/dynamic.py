@@ -14,6 +14,7 @@ timm's own (pinned by a test against timm's dynamic path).
 from __future__ import annotations
 
 import threading
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -43,11 +44,12 @@ class PosEmbedCache:
     Copies and pickles of a model get a fresh, empty cache (a lock cannot be copied, and entries are derived).
 
     Example:
-        >>> cache = PosEmbedCache(maxsize=2)
-        >>> cache.get_or_compute(("a",), stamp=1, compute=lambda: torch.zeros(1)).shape
-        torch.Size([1])
-        >>> cache.info()["misses"], cache.get_or_compute(("a",), 1, lambda: torch.ones(1)).sum().item()
-        (1, 0.0)
+        >>> cache, weights = PosEmbedCache(maxsize=2), torch.zeros(3)
+        >>> cache.get_or_compute(("a",), weights, compute=lambda: weights + 1).tolist()
+        [1.0, 1.0, 1.0]
+        >>> _ = weights.add_(1)  # an in-place write moves the version counter: the entry is stale
+        >>> cache.get_or_compute(("a",), weights, lambda: weights + 1).tolist(), cache.info()["invalidations"]
+        ([2.0, 2.0, 2.0], 1)
     """
 
     def __init__(self, maxsize: int = DEFAULT_CACHE_SIZE):
@@ -57,16 +59,23 @@ class PosEmbedCache:
         self._lock = threading.Lock()
         self._entries: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self._stamp: Any = None
+        self._source: Optional[weakref.ref] = None
         self.hits = self.misses = self.invalidations = 0
 
-    def get_or_compute(self, key: tuple, stamp: Any, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """The entry for ``key``, computing it on a miss; all entries are dropped when ``stamp`` changes."""
+    def get_or_compute(self, key: tuple, source: torch.Tensor, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The entry for ``key``, computing it on a miss; all entries are dropped when ``source`` changed.
+
+        ``source`` (the weights entries derive from) changed when it is another tensor object, or its storage,
+        version counter (moved by every in-place write: optimizer steps, ``load_state_dict``), dtype or device
+        differ.
+        """
+        stamp = (source.data_ptr(), source._version, source.dtype, source.device)
         with self._lock:
-            if stamp != self._stamp:
+            if stamp != self._stamp or self._source is None or self._source() is not source:
                 if self._entries:
                     self.invalidations += 1
                 self._entries.clear()
-                self._stamp = stamp
+                self._stamp, self._source = stamp, weakref.ref(source)
             value = self._entries.get(key)
             if value is not None:
                 self._entries.move_to_end(key)
@@ -83,7 +92,7 @@ class PosEmbedCache:
         """Drop every entry."""
         with self._lock:
             self._entries.clear()
-            self._stamp = None
+            self._stamp = self._source = None
 
     def info(self) -> dict[str, int]:
         """Counters and size, e.g. ``{'hits': 3, 'misses': 1, 'invalidations': 0, 'size': 1, 'maxsize': 16}``."""
@@ -110,12 +119,6 @@ class DynamicOptions:
     pad: bool = True
 
 
-def _weights_stamp(t: torch.Tensor) -> tuple:
-    # The version counter moves on every in-place write (optimizer steps, load_state_dict's copy_);
-    # storage, dtype and device change with .to() and parameter replacement.
-    return (t.data_ptr(), t._version, t.dtype, t.device)
-
-
 def _must_run_inline(pos_embed: torch.Tensor) -> bool:
     if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling() or is_exporting():
         return True
@@ -140,7 +143,7 @@ def dynamic_pos_embed(model: nn.Module, grid: tuple[int, int]) -> torch.Tensor:
     if _must_run_inline(pos_embed):
         return compute()
     key = (int(grid[0]), int(grid[1]), pos_embed.dtype, pos_embed.device, torch.is_inference_mode_enabled())
-    return model._anysize_pos_cache.get_or_compute(key, _weights_stamp(pos_embed), lambda: compute().detach())
+    return model._anysize_pos_cache.get_or_compute(key, pos_embed, lambda: compute().detach())
 
 
 def _add_pos_embed(x: torch.Tensor, pos_embed: torch.Tensor, prefix: list[torch.Tensor], no_embed_class: bool):
