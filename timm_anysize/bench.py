@@ -138,24 +138,31 @@ def bench_overhead(arch: str, size: tuple[int, int], n: int = 500, reps: int = 7
 
 
 _LOAD_SCRIPT = r"""
-import json, resource, sys, time
+import json, os, sys, threading, time
 import timm, torch
 mode, name, path = sys.argv[1:4]
 if mode == "ours":
     import timm_anysize
     timm_anysize.register_yaml(sys.argv[4])
-def rss_mb():
+page = os.sysconf("SC_PAGE_SIZE")
+def rss():
     with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-before = rss_mb()
+        return int(f.read().split()[1]) * page
+peak, done = [rss()], threading.Event()
+def sample():  # the resident-set peak *during* the load (ru_maxrss would include import-time peaks)
+    while not done.is_set():
+        peak[0] = max(peak[0], rss())
+        time.sleep(0.001)
+before = rss()
+t = threading.Thread(target=sample); t.start()
 start = time.perf_counter()
 if mode == "ours":
     m = timm.create_model(name, pretrained=True)
 else:
     m = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=path))
 seconds = time.perf_counter() - start
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps({"seconds": seconds, "peak_mb": peak - before}))
+done.set(); t.join()
+print(json.dumps({"seconds": seconds, "peak_mb": (max(peak[0], rss()) - before) / 2**20}))
 """
 
 
@@ -269,7 +276,8 @@ def run_bench(
                          f"{r['ours_s'] / r['timm_s']:>7.2f} {r['ours_peak_mb']:>8.0f} {r['timm_peak_mb']:>8.0f} "
                          f"{r['ours_peak_mb'] / max(r['timm_peak_mb'], 1e-9):>6.2f}")
         print_fn("loading: ours adapts to the target geometry (pos-embed resampled, kernel PI-resized); timm loads "
-                 "the same file at the native geometry; peak MB is the rise in resident memory during the load")
+                 "the same file at the native geometry; peak MB is the rise in resident memory during the load "
+                 "(sampled every ms); 'weights' is the checkpoint size, the largest tensor is listed in the JSON")
     if out is not None:
         Path(out).write_text(json.dumps(results, indent=2))
     return results

@@ -93,7 +93,7 @@ def variant_pretrained_cfg(plan: VariantPlan, weights: Optional[dict[str, Any]] 
         tag=default_tag(spec),
         custom_load=False,
         input_size=(t.in_chans, *t.img_size),
-        fixed_input_size=True,
+        fixed_input_size=not plan.dynamic,
         mean=stats_for_channels(data.mean or base.get("mean", (0.485, 0.456, 0.406)), t.in_chans),
         std=stats_for_channels(data.std or base.get("std", (0.229, 0.224, 0.225)), t.in_chans),
         num_classes=t.num_classes,
@@ -188,7 +188,10 @@ def build_variant(
     cfg_obj = resolve_pretrained_cfg(spec.name, pretrained_cfg, pretrained_cfg_overlay)
     # Read the fields directly: PretrainedCfg.to_dict() would deep-copy an in-memory state_dict.
     resolved = {f.name: getattr(cfg_obj, f.name) for f in dataclasses.fields(cfg_obj)}
-    model = timm.create_model(spec.base, pretrained=False, **plan.target_kwargs, **_dynamic_kwargs(spec))
+    # When the load overwrites every tensor (no new head, no declared fresh init), timm's random init is wasted work
+    # (most of the load time); ViT-family constructors can skip it.
+    skip_init = pretrained and plan.source.num_classes == plan.target.num_classes and not spec.adapt.init_keys
+    model = _create(spec.base, {**plan.target_kwargs, **_dynamic_kwargs(plan)}, skip_init)
     if pretrained:
         source_sd, source_desc = load_source_state_dict(plan, resolved, cache_dir)
         _refuse_non_finite(source_sd, source_desc)
@@ -200,9 +203,8 @@ def build_variant(
     weights = {k: resolved.get(k) for k in ("url", "file", "hf_hub_id", "hf_hub_filename")}
     cfg = variant_pretrained_cfg(plan, weights)
     cfg["tag"] = resolved.get("tag") or cfg["tag"]
-    if spec.dynamic:
+    if plan.dynamic:
         _make_dynamic(spec, model)
-        cfg["fixed_input_size"] = False
     model._anysize_plan = plan  # what export needs: base arch, model args, geometries
     model.pretrained_cfg = cfg
     model.default_cfg = cfg
@@ -211,9 +213,23 @@ def build_variant(
     return model
 
 
+def _create(base: str, kwargs: dict[str, Any], skip_init: bool) -> nn.Module:
+    if skip_init:
+        try:
+            return timm.create_model(base, pretrained=False, weight_init="skip", **kwargs)
+        except TypeError:  # constructors outside the ViT family have no weight_init argument
+            pass
+    return timm.create_model(base, pretrained=False, **kwargs)
+
+
 def _refuse_non_finite(state_dict: dict[str, torch.Tensor], source_desc: str) -> None:
     """NaN or Inf weights only ever produce NaN outputs; refuse them instead of loading a broken model."""
-    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    def finite(v: torch.Tensor) -> bool:
+        # NaN and Inf propagate through a sum, so one reduction clears a tensor; only a non-finite sum (which an
+        # overflow could also cause) needs the exact element-wise check.
+        return bool(torch.isfinite(v.sum(dtype=torch.float32))) or bool(torch.isfinite(v).all())
+
+    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not finite(v)]
     if bad:
         from .adapt import summarize_keys
 
@@ -223,9 +239,11 @@ def _refuse_non_finite(state_dict: dict[str, torch.Tensor], source_desc: str) ->
         )
 
 
-def _dynamic_kwargs(spec: VariantSpec) -> dict[str, bool]:
+def _dynamic_kwargs(plan: VariantPlan) -> dict[str, bool]:
     # Said explicitly either way: some timm archs default to dynamic, and RoPE (EVA) is built for it.
-    return dict(dynamic_img_size=spec.dynamic, dynamic_img_pad=spec.dynamic and spec.pad)
+    if not plan.family.supports_dynamic:
+        return {}  # the family's constructor has no such arguments
+    return dict(dynamic_img_size=plan.dynamic, dynamic_img_pad=plan.dynamic and plan.spec.pad)
 
 
 def _make_dynamic(spec: VariantSpec, model: nn.Module) -> None:
@@ -238,7 +256,7 @@ def _as_feature_model(
 ) -> nn.Module:
     """timm's feature wrapper (``features_only=True``) holding the adapted weights; built through create_model."""
     wrapper = timm.create_model(
-        spec.base, pretrained=False, features_only=True, **feature_cfg, **plan.target_kwargs, **_dynamic_kwargs(spec)
+        spec.base, pretrained=False, features_only=True, **feature_cfg, **plan.target_kwargs, **_dynamic_kwargs(plan)
     )
     inner, full = wrapper.model, model.state_dict()
     kept = inner.state_dict()
@@ -248,7 +266,7 @@ def _as_feature_model(
         for key in full.keys() - kept.keys():
             report.dropped[key] = "pruned by features_only"
         inner._anysize_report = wrapper._anysize_report = report
-    if spec.dynamic:
+    if plan.dynamic:
         _make_dynamic(spec, inner)
     inner.pretrained_cfg = inner.default_cfg = cfg
     # As timm's pretrained_cfg_for_features: a feature model has no classifier.
