@@ -196,3 +196,20 @@ def test_push_and_pull_through_the_real_client(variant, tmp_path):
             print(e)
     """, {**env, "HF_HUB_OFFLINE": "1"})
     assert "hf_hub_id 'org/never-pushed'" in missing and "not in the cache" in missing
+
+
+def test_export_cli_puts_the_demos_numbers_in_the_card(tmp_path):
+    from huggingface_hub import ModelCard
+
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"rows": [
+        {"variant": "vit_digits_patch8_64", "naive": False, "zero_shot": 97.2, "finetuned": 97.5, "scratch": 13.3},
+        {"variant": "vit_digits_patch8_64", "naive": True, "zero_shot": 33.6, "finetuned": None, "scratch": None},
+    ]}))
+    proc = subprocess.run([sys.executable, "-m", "timm_anysize", "--quiet", "export", "vit_digits_patch8_64",
+                           str(tmp_path / "out"), "--demo-results", str(results)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    got = {r.metric_name: r.metric_value for r in card.data.eval_results}
+    assert got == {"zero-shot top-1 accuracy": 97.2, "fine-tuned top-1 accuracy": 97.5,
+                   "from-scratch top-1 accuracy (same budget)": 13.3}

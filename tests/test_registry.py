@@ -28,6 +28,7 @@ def test_seed_variant_is_a_timm_model():
     cfg = timm.models.get_pretrained_cfg(SEED)
     assert cfg.input_size == (1, 64, 64) and cfg.mean == (0.5,) and cfg.num_classes == 10
     assert cfg.hf_hub_id == "timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k" and cfg.custom_load is False
+    assert cfg.fixed_input_size is False  # dynamic by default
     m = timm.create_model(SEED)
     assert m.patch_embed.grid_size == (16, 16) and m.patch_embed.proj.in_channels == 1
     assert timm.data.resolve_data_config(model=m) == {

@@ -14,7 +14,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .dynamic import clear_dynamic_cache, dynamic_cache_info, enable_dynamic, is_dynamic
-from .hub import ExportError, Metric, build_model_card, export, push_to_hub
+from .hub import ExportError, Metric, build_model_card, export, metrics_from_demo, push_to_hub
 from .errors import AdaptationError, AnysizeError, RegistrationError, SpecError, WeightsError
 from .registry import get_variant, list_variants, register_specs, register_variant, register_yaml
 from .report import AdaptationReport, adaptation_report
@@ -36,6 +36,7 @@ __all__ = [
     "push_to_hub",
     "build_model_card",
     "Metric",
+    "metrics_from_demo",
     "ExportError",
     "AdaptationReport",
     "VariantSpec",

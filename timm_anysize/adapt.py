@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from timm.layers import resample_abs_pos_embed, resample_patch_embed
+from timm.layers import resample_abs_pos_embed, resample_patch_embed, resize_rel_pos_bias_table
 from timm.models import adapt_input_conv
 
 from .errors import AdaptationError
@@ -122,6 +122,20 @@ def _fmt(size: Size2) -> str:
     return f"{size[0]}x{size[1]}"
 
 
+PROGRESS_MIN_BYTES = 256 * 2**20
+
+
+def _progress(target_sd: StateDict, source_sd: StateDict, name: str):
+    """Iterate the target keys, with a progress bar for large checkpoints (silenced by ``--quiet`` /
+    ``huggingface_hub.utils.disable_progress_bars()`` / ``HF_HUB_DISABLE_PROGRESS_BARS=1``)."""
+    size = sum(t.numel() * t.element_size() for t in source_sd.values())
+    if size < PROGRESS_MIN_BYTES:
+        return target_sd.items()
+    from huggingface_hub.utils import tqdm
+
+    return tqdm(target_sd.items(), total=len(target_sd), desc=f"adapting {name}", unit="tensor", leave=False)
+
+
 def adapt_state_dict(
     source_sd: StateDict, target_sd: StateDict, plan: VariantPlan, source_desc: str
 ) -> tuple[StateDict, AdaptationReport]:
@@ -155,7 +169,7 @@ def adapt_state_dict(
         if action != "copied":
             _logger.info("%s: %s %s: %s", spec.name, key, action, detail)
 
-    for key, tgt in target_sd.items():
+    for key, tgt in _progress(target_sd, source_sd, spec.name):
         src = source_sd.get(key)
         declared = _matches(key, spec.adapt.init_keys)
         if declared:
@@ -207,6 +221,13 @@ def adapt_state_dict(
                 action = "adapted" if src.shape[1] != t.in_chans else "resampled"
                 record(key, action, "; ".join(steps), src, value)
                 continue
+        if _matches(key, plan.family.rel_pos_tables) and (s.grid_size != t.grid_size or src.shape != tgt.shape):
+            # The table's window is the patch grid; both windows are known, so nothing is inferred from its size.
+            value = resize_rel_pos_bias_table(
+                src, new_window_size=t.grid_size, new_bias_shape=tuple(tgt.shape), old_window_size=s.grid_size
+            )
+            record(key, "resampled", f"relative-position window {_fmt(s.grid_size)} -> {_fmt(t.grid_size)}", src, value)
+            continue
         if src.shape != tgt.shape:
             mismatched.append(f"{key}: checkpoint {tuple(src.shape)} vs model {tuple(tgt.shape)}")
             continue

@@ -111,9 +111,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from timm_anysize.hub import export
+    from timm_anysize.hub import export, metrics_from_demo
 
-    out = export(args.name, args.out_dir, file=args.file, overwrite=args.overwrite)
+    metrics = metrics_from_demo(args.demo_results, args.name)
+    out = export(args.name, args.out_dir, file=args.file, overwrite=args.overwrite, metrics=metrics)
+    if metrics:
+        print(f"model card includes {len(metrics)} fidelity results from {args.demo_results}")
     print(f"exported {args.name} to {out}: " + ", ".join(sorted(p.name for p in out.iterdir())))
     print(f"load it with plain timm: timm.create_model('local-dir:{out}', pretrained=True)")
     return 0
@@ -163,6 +166,13 @@ def _cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_families(args: argparse.Namespace) -> int:
+    from timm_anysize.families import families_markdown
+
+    print(families_markdown(), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``timm-anysize``."""
     parser = argparse.ArgumentParser(prog="timm-anysize", description=__doc__)
@@ -194,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir")
     p.add_argument("--file", help="load these weights instead of the variant's own source")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty folder")
+    p.add_argument("--demo-results", default="anysize-demo/results.json",
+                   help="the demo's results.json; its numbers for this variant go into the model card (if present)")
     p = sub.add_parser("push", help="export and upload to a Hugging Face Hub repo")
     p.add_argument("name")
     p.add_argument("repo_id")
@@ -204,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", action="append", metavar="FILE.yaml", help="extra variant files (repeatable)")
     p.add_argument("script")
     p.add_argument("args", nargs=argparse.REMAINDER)
+    sub.add_parser("families", help="the family coverage matrix (Markdown, as docs/families.md)")
     p = sub.add_parser("schema", help="print the JSON Schema of variant YAML files")
     p.add_argument("--markdown", action="store_true", help="the YAML reference as Markdown instead")
     return parser
@@ -220,6 +233,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "push": _cmd_push,
     "run": _cmd_run,
     "schema": _cmd_schema,
+    "families": _cmd_families,
 }
 
 

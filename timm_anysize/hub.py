@@ -21,7 +21,7 @@ import torch.nn as nn
 from .atomic import atomic_folder
 from .errors import AnysizeError
 
-__all__ = ["export", "push_to_hub", "build_model_card", "Metric", "ExportError"]
+__all__ = ["export", "push_to_hub", "build_model_card", "Metric", "ExportError", "metrics_from_demo"]
 
 LIBRARY_NAME = "timm-anysize"
 TEMPLATE = Path(__file__).parent / "templates" / "modelcard.md"
@@ -41,6 +41,31 @@ class Metric:
     dataset_name: Optional[str] = None
     split: Optional[str] = None
     metric_type: str = "accuracy"
+
+
+def metrics_from_demo(results: Union[str, os.PathLike], variant: str) -> list[Metric]:
+    """The fidelity numbers ``timm-anysize demo`` measured for ``variant`` (from its ``results.json``), as metrics.
+
+    Returns an empty list when the demo did not measure that variant.
+
+    Example:
+        >>> metrics_from_demo("/nonexistent/results.json", "vit_digits_patch8_64")
+        []
+    """
+    path = Path(results)
+    if not path.is_file():
+        return []
+    try:
+        rows = json.loads(path.read_text())["rows"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ExportError(f"{path}: not a timm-anysize demo results.json ({e})") from e
+    row = next((r for r in rows if r.get("variant") == variant and not r.get("naive")), None)
+    if row is None:
+        return []
+    named = (("zero-shot top-1 accuracy", "zero_shot"), ("fine-tuned top-1 accuracy", "finetuned"),
+             ("from-scratch top-1 accuracy (same budget)", "scratch"))
+    return [Metric(name, float(row[key]), dataset="sklearn-digits", dataset_name="scikit-learn digits",
+                   split="held-out") for name, key in named if row.get(key) is not None]
 
 
 def _resolve_model(model_or_name: Union[str, nn.Module], file: Optional[str]) -> nn.Module:
@@ -141,7 +166,7 @@ def build_model_card(
         architecture=spec.arch,
         model_args=_model_args(model),
         input_size=cfg["input_size"],
-        dynamic=spec.dynamic,
+        dynamic=plan.dynamic,
         mean=list(cfg["mean"]),
         std=list(cfg["std"]),
         num_classes=cfg.get("num_classes"),
@@ -160,7 +185,8 @@ def build_model_card(
 def _model_args(model: nn.Module) -> dict[str, Any]:
     plan = model._anysize_plan
     args = {k: v for k, v in plan.target_kwargs.items() if k not in ("device", "dtype")}
-    args.update(dynamic_img_size=plan.spec.dynamic, dynamic_img_pad=plan.spec.dynamic and plan.spec.pad)
+    if plan.family.supports_dynamic:
+        args.update(dynamic_img_size=plan.dynamic, dynamic_img_pad=plan.dynamic and plan.spec.pad)
     for key in ("img_size", "patch_size"):
         if isinstance(args.get(key), tuple):
             args[key] = list(args[key])

@@ -57,6 +57,7 @@ class VariantPlan:
     source_kwargs: dict[str, Any] = field(repr=False)
     target_kwargs: dict[str, Any] = field(repr=False)
     pos_embed_prefix: int = 1
+    dynamic: bool = True
     source_keys: frozenset[str] = field(default=frozenset(), repr=False)
 
     @property
@@ -89,6 +90,12 @@ class VariantPlan:
                 f"resize kernel {s.patch_size[0]}x{s.patch_size[1]} -> {t.patch_size[0]}x{t.patch_size[1]} "
                 f"({'FlexiViT PI-resize' if pm.method == 'pi' else 'plain interpolation'}, {pm.interpolation})",
             ))
+        if s.grid_size != t.grid_size and self.family.rel_pos_tables:
+            out.append((
+                " / ".join(self.family.rel_pos_tables),
+                f"resize relative-position tables, window {s.grid_size[0]}x{s.grid_size[1]} -> "
+                f"{t.grid_size[0]}x{t.grid_size[1]}",
+            ))
         if s.in_chans != t.in_chans:
             ch = spec.adapt.channels
             how = "timm adapt_input_conv" if ch.method == "timm" else f"channel map {list(ch.map or ())}"
@@ -120,7 +127,7 @@ def geometry_of(model: nn.Module, family: Family) -> Geometry:
         grid_size=family.grid_size(model),
         in_chans=int(pe.proj.in_channels),
         num_classes=int(getattr(model, "num_classes", 0)),
-        num_prefix_tokens=int(getattr(model, "num_prefix_tokens", 0)),
+        num_prefix_tokens=family.num_prefix_tokens(model),
     )
 
 
@@ -224,7 +231,7 @@ def make_plan(spec: VariantSpec, overrides: Optional[dict[str, Any]] = None) -> 
     """
     if not overrides:
         # The plan of a spec without overrides never changes; each create_model of a variant reuses it.
-        key = spec.model_dump_json()
+        key = f"{spec.origin}|{spec.model_dump_json()}"  # the origin is excluded from dumps but named in errors
         plan = _default_plans.get(key)
         if plan is None:
             plan = _default_plans[key] = _make_plan(spec, {})
@@ -260,6 +267,17 @@ def _make_plan(spec: VariantSpec, overrides: dict[str, Any]) -> VariantPlan:
                     f"{_where(spec)}.{key}: the {what} patch size {list(geo.patch_size)} must divide the "
                     f"{what} img_size {list(geo.img_size)}; pick a multiple of the patch"
                 )
+    from .families import UNSUPPORTED, classify_changes
+
+    for change in classify_changes(source, target):
+        reason = UNSUPPORTED.get((family.name, change))
+        if reason:
+            raise SpecError(f"{_where(spec)}: the {family.name} family cannot take {change}: {reason}")
+    if spec.dynamic and not family.supports_dynamic:
+        raise SpecError(
+            f"{_where(spec)}.dynamic: the {family.name} family cannot run at any input size: {family.dynamic_reason}; "
+            f"set dynamic: false (or leave it out: it defaults to what the family supports)"
+        )
     if spec.adapt.channels.method == "map":
         cmap = spec.adapt.channels.map or ()
         if len(cmap) != target.in_chans:
@@ -281,5 +299,6 @@ def _make_plan(spec: VariantSpec, overrides: dict[str, Any]) -> VariantPlan:
         source_kwargs=source_kwargs,
         target_kwargs=target_kwargs,
         pos_embed_prefix=family.pos_embed_prefix_tokens(source_model),
+        dynamic=family.supports_dynamic if spec.dynamic is None else spec.dynamic,
         source_keys=frozenset(source_model.state_dict()),
     )

@@ -251,7 +251,10 @@ class VariantSpec(_Spec):
         default=None, ge=0, description="Classes of the head; a new head is initialised when it differs."
     )
     model_args: dict[str, Any] = Field(default_factory=dict, description="Other timm.create_model kwargs.")
-    dynamic: StrictBool = Field(default=True, description="Accept any input H x W at run time (cached resampling).")
+    dynamic: Optional[StrictBool] = Field(
+        default=None,
+        description="Accept any input H x W at run time (cached resampling); default: on where the family supports it.",
+    )
     pad: StrictBool = Field(
         default=True, description="Pad inputs that are not a multiple of the patch; false: such inputs are an error."
     )
