@@ -207,6 +207,7 @@ def run_bench(
     sizes: Optional[Sequence[tuple[int, int]]] = None,
     reps: int = 7,
     load: bool = True,
+    forward: bool = True,
     out: Optional[Path] = None,
     print_fn: Callable[[str], None] = print,
 ) -> dict:
@@ -219,6 +220,7 @@ def run_bench(
         sizes: Input sizes (H, W); the default includes a non-square and a non-divisible size.
         reps: Interleaved repetitions per cell (the minimum is reported).
         load: Also benchmark loading.
+        forward: Benchmark whole forwards (the per-call cost table always runs).
         out: JSON output path.
         print_fn: Where the tables go.
 
@@ -237,7 +239,7 @@ def run_bench(
     head = f"{'model':<22} {'batch':>5} {'size':>9} {'ours ms':>9} {'vs fixed':>9} {'vs timm dyn':>11} {'vs HF':>7}"
     print_fn(head)
     print_fn("-" * len(head))
-    for arch in archs:
+    for arch in archs if forward else ():
         for batch in batches:
             for size in sizes:
                 r = bench_forward(arch, batch, size, reps, seconds=0.01 if tiny else 0.3, with_hf=not tiny)

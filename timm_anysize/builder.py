@@ -214,11 +214,24 @@ def build_variant(
 
 
 def _create(base: str, kwargs: dict[str, Any], skip_init: bool) -> nn.Module:
+    """Build the target model; with ``skip_init``, without spending time on an init the load will overwrite.
+
+    The model is built on the meta device and given uninitialised memory (``to_empty``); that is only safe when the
+    strict load that follows writes every tensor, i.e. when the model has no non-persistent buffers (those would
+    stay uninitialised), so otherwise it is built normally.
+    """
     if skip_init:
+        device = kwargs.get("device") or "cpu"
+        meta_kwargs = {k: v for k, v in kwargs.items() if k != "device"}
         try:
-            return timm.create_model(base, pretrained=False, weight_init="skip", **kwargs)
+            with torch.device("meta"):
+                model = timm.create_model(base, pretrained=False, weight_init="skip", **meta_kwargs)
         except TypeError:  # constructors outside the ViT family have no weight_init argument
-            pass
+            model = None
+        if model is not None:
+            persistent = set(model.state_dict())
+            if all(name in persistent for name, _ in model.named_buffers()):
+                return model.to_empty(device=device)
     return timm.create_model(base, pretrained=False, **kwargs)
 
 

@@ -105,7 +105,7 @@ def _cmd_train_digits_base(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from timm_anysize.bench import run_bench
 
-    run_bench(tiny=args.tiny, reps=args.reps, load=not args.no_load, out=args.out,
+    run_bench(tiny=args.tiny, reps=args.reps, load=not args.no_load, forward=not args.no_forward, out=args.out,
               batches=args.batch, archs=args.model or None)
     return 0
 
@@ -198,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, nargs="+", default=[1, 32])
     p.add_argument("--model", nargs="+", help="timm architectures (default ViT-Ti and ViT-S)")
     p.add_argument("--no-load", action="store_true", help="skip the loading benchmark")
+    p.add_argument("--no-forward", action="store_true", help="skip the whole-forward table")
     p.add_argument("--out", help="write the measurements as JSON")
     p = sub.add_parser("export", help="write a Hub-style folder (config.json, model.safetensors, README.md)")
     p.add_argument("name")
