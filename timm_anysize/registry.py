@@ -19,7 +19,7 @@ from timm.models import generate_default_cfgs, register_model
 from . import variants as _variants_module
 from .builder import build_variant, default_tag, variant_pretrained_cfg
 from .errors import RegistrationError
-from .plan import VariantPlan, make_plan
+from .plan import make_plan
 from .spec import VariantSpec, parse_variant
 from .yaml_config import load_yaml_specs
 
@@ -80,15 +80,14 @@ def register_specs(specs: Iterable[VariantSpec]) -> list[str]:
     specs = list(specs)
     with _lock:
         batch: dict[str, VariantSpec] = {}
-        plans: list[VariantPlan] = []
-        for spec in specs:
+        ready: list[tuple[VariantSpec, Any]] = []
+        for spec in specs:  # everything that can fail happens here, before anything is registered
             if check_name(spec, batch):
                 batch[spec.name] = spec
-                plans.append(make_plan(spec))  # validates against timm before anything is registered
-        for plan in plans:
-            spec = plan.spec
-            tagged = f"{spec.name}.{default_tag(spec)}"
-            _variants_module.default_cfgs.update(generate_default_cfgs({tagged: variant_pretrained_cfg(plan)}))
+                cfg = variant_pretrained_cfg(make_plan(spec))
+                ready.append((spec, generate_default_cfgs({f"{spec.name}.{default_tag(spec)}": cfg})))
+        for spec, default_cfgs in ready:
+            _variants_module.default_cfgs.update(default_cfgs)
             fn = _entrypoint(spec)
             setattr(_variants_module, spec.name, fn)
             register_model(fn)

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal, Optional, Tuple, Union
+from typing import Annotated, Any, Literal, Optional, Tuple, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, field_validator
-from pydantic import model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
+from pydantic import field_validator, model_validator
 
 from .errors import SpecError
 
@@ -51,6 +51,10 @@ def _to_size2(value: Any, upper: int) -> Optional[Size2]:
         if v < 1 or v > upper:
             raise ValueError(f"each side must be between 1 and {upper}, got {value!r}")
     return pair  # type: ignore[return-value]
+
+
+# An image or patch size: an int or [H, W], validated and normalised to an (H, W) tuple.
+SizeField = Annotated[_SizeIn, AfterValidator(lambda v: _to_size2(v, MAX_IMG_SIDE))]
 
 
 def _check_plain_data(value: Any) -> None:
@@ -166,19 +170,18 @@ class WeightSource(_Spec):
     )
     revision: Optional[StrictStr] = Field(default=None, description="Hub revision (branch, tag or commit).")
     url: Optional[StrictStr] = Field(default=None, description="Weights URL (cached in torch's hub folder).")
-    img_size: Optional[_SizeIn] = Field(default=None, description="Size the weights were trained at (default: base's).")
-    patch_size: Optional[_SizeIn] = Field(default=None, description="Patch size of the weights (default: base's).")
+    img_size: Optional[SizeField] = Field(
+        default=None, description="Size the weights were trained at (default: base's)."
+    )
+    patch_size: Optional[SizeField] = Field(
+        default=None, description="Patch size of the weights (default: base's)."
+    )
     in_chans: Optional[StrictInt] = Field(
         default=None, ge=1, le=MAX_CHANS, description="Input channels of the weights (default: base's)."
     )
     num_classes: Optional[StrictInt] = Field(
         default=None, ge=0, description="Classes of the weights' head (default: base's)."
     )
-
-    @field_validator("img_size", "patch_size")
-    @classmethod
-    def _size(cls, v: Any) -> Optional[Size2]:
-        return _to_size2(v, MAX_IMG_SIDE)
 
     @field_validator("tag")
     @classmethod
@@ -244,8 +247,8 @@ class VariantSpec(_Spec):
 
     name: StrictStr = Field(pattern=VARIANT_NAME_PATTERN)
     base: StrictStr = Field(description="timm architecture with optional pretrained tag: 'arch[.tag]'.")
-    img_size: Optional[_SizeIn] = Field(default=None, description="Input size: int or [H, W].")
-    patch_size: Optional[_SizeIn] = Field(default=None, description="Patch size: int or [H, W].")
+    img_size: Optional[SizeField] = Field(default=None, description="Input size: int or [H, W].")
+    patch_size: Optional[SizeField] = Field(default=None, description="Patch size: int or [H, W].")
     in_chans: Optional[StrictInt] = Field(default=None, ge=1, le=MAX_CHANS, description="Input channels.")
     num_classes: Optional[StrictInt] = Field(
         default=None, ge=0, description="Classes of the head; a new head is initialised when it differs."
@@ -263,11 +266,6 @@ class VariantSpec(_Spec):
     data: DataOptions = DataOptions()
     card: CardOptions = CardOptions()
     origin: Optional[str] = Field(default=None, exclude=True, description="File the spec was read from.")
-
-    @field_validator("img_size", "patch_size")
-    @classmethod
-    def _size(cls, v: Any) -> Optional[Size2]:
-        return _to_size2(v, MAX_IMG_SIDE)
 
     @field_validator("model_args")
     @classmethod
