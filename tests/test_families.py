@@ -21,6 +21,7 @@ SETUP = {
     "deit_distilled": (SMALL, 64),
     "eva": (SMALL, 56),
     "beit": (SMALL, 64),
+    "cait": (dict(SMALL, depth_token_only=1), 64),
 }
 
 

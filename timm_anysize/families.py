@@ -9,7 +9,7 @@ from functools import partial
 from typing import Callable, Optional
 
 import torch.nn as nn
-from timm.models import beit, deit, eva, vision_transformer
+from timm.models import beit, cait, deit, eva, vision_transformer
 
 from .spec import Size2
 
@@ -29,6 +29,8 @@ class Family:
         checkpoint_filter: timm's own filter that normalises foreign checkpoint layouts (applied with a model at the
             *source* geometry, so it renames and reshapes but never resamples).
         pos_embed_key: State-dict key of the absolute position embedding laid out on the patch grid.
+        pos_embed_prefix: Entries of the position embedding that belong to prefix tokens, when the model's
+            attributes do not say it (CaiT's class token joins after the patch stage: 0); None: derive it.
         rel_pos_tables: Glob patterns of relative-position bias tables whose window is the patch grid.
         supports_dynamic: Whether :func:`timm_anysize.enable_dynamic` can make the family run at any input size.
         dynamic_reason: Why not, when it cannot (shown in validation errors and docs/families.md).
@@ -38,6 +40,7 @@ class Family:
     classes: tuple[type, ...]
     checkpoint_filter: Optional[CheckpointFilter]
     pos_embed_key: str = "pos_embed"
+    pos_embed_prefix: Optional[int] = None
     rel_pos_tables: tuple[str, ...] = ()
     supports_dynamic: bool = True
     dynamic_reason: str = ""
@@ -58,6 +61,8 @@ class Family:
 
     def pos_embed_prefix_tokens(self, model: nn.Module) -> int:
         """How many leading entries of the position embedding belong to prefix tokens (kept aside on resample)."""
+        if self.pos_embed_prefix is not None:
+            return self.pos_embed_prefix
         if getattr(model, "no_embed_class", False):
             return 0
         return self.num_prefix_tokens(model)
@@ -87,6 +92,16 @@ FAMILIES: tuple[Family, ...] = (
         dynamic_reason="its relative-position bias tables are built for one window; per-size tables are not "
         "implemented yet",
         example="beit_base_patch16_224",
+    ),
+    Family(
+        name="cait",
+        classes=(cait.Cait,),
+        checkpoint_filter=cait.checkpoint_filter_fn,
+        pos_embed_prefix=0,
+        supports_dynamic=False,
+        dynamic_reason="timm's CaiT has no dynamic-size path (its patch embedding asserts the input size); not "
+        "implemented yet",
+        example="cait_xxs24_224",
     ),
 )
 
@@ -150,7 +165,7 @@ def families_markdown() -> str:
         lines.append(f"| {fam.name} | {classes} | `{fam.example}` | " + " | ".join(cells) + f" | {dyn} |")
     lines += ["", "Changes: " + "; ".join(f"`{k}`: {v}" for k, v in GEOMETRY_CHANGES.items()) + ".", ""]
     lines += [
-        "Not yet covered (rejected at validation as an unsupported family): Swin, SwinV2, SwinV2-CR, CaiT, PiT, Hiera,",
+        "Not yet covered (rejected at validation as an unsupported family): Swin, SwinV2, SwinV2-CR, PiT, Hiera,",
         "CrossViT, VOLO, LeViT, MViTv2, NaFlexViT, Twins, XCiT, ViTamin.",
     ]
     return "\n".join(lines) + "\n"
