@@ -118,8 +118,8 @@ def bench_overhead(arch: str, size: tuple[int, int], n: int = 500, reps: int = 7
     ``reps`` rounds of ``n`` calls: ours, a fixed-size timm model, timm's dynamic path. Whole forwards on a shared
     2-core machine vary by several percent run to run; this isolates what dynamic sizing itself costs."""
     torch.manual_seed(0)
-    fixed = timm.create_model(arch, img_size=_padded(size, timm.create_model(arch).patch_embed.patch_size[0])).eval()
     ours = enable_dynamic(timm.create_model(arch, dynamic_img_size=True, dynamic_img_pad=True).eval())
+    fixed = timm.create_model(arch, img_size=_padded(size, ours.patch_embed.patch_size[0])).eval()
     timm_dyn = timm.create_model(arch, dynamic_img_size=True, dynamic_img_pad=True).eval()
     x = torch.randn(1, 3, *size)
     x_fixed = F.pad(x, (0, fixed.patch_embed.img_size[1] - size[1], 0, fixed.patch_embed.img_size[0] - size[0]))

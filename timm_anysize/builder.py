@@ -18,7 +18,7 @@ from timm.models import resolve_pretrained_cfg
 from .adapt import adapt_state_dict
 from .dynamic import enable_dynamic
 from .errors import WeightsError
-from .plan import VariantPlan, build_meta, make_plan
+from .plan import VariantPlan, build_meta, create_meta_without_init, make_plan
 from .spec import VariantSpec
 from .weights import (
     detect_format,
@@ -191,7 +191,7 @@ def build_variant(
     # When the load overwrites every tensor (no new head, no declared fresh init), timm's random init is wasted work
     # (most of the load time); ViT-family constructors can skip it.
     skip_init = pretrained and plan.source.num_classes == plan.target.num_classes and not spec.adapt.init_keys
-    model = _create(spec.base, {**plan.target_kwargs, **_dynamic_kwargs(plan)}, skip_init)
+    model = _create(spec.base, {**plan.target_kwargs, **plan.dynamic_kwargs}, skip_init)
     if pretrained:
         source_sd, source_desc = load_source_state_dict(plan, resolved, cache_dir)
         _refuse_non_finite(source_sd, source_desc)
@@ -203,7 +203,7 @@ def build_variant(
     weights = {k: resolved.get(k) for k in ("url", "file", "hf_hub_id", "hf_hub_filename")}
     cfg = variant_pretrained_cfg(plan, weights)
     cfg["tag"] = resolved.get("tag") or cfg["tag"]
-    if plan.dynamic:
+    if plan.dynamic and not features_only:  # a feature model makes its own inner model dynamic
         _make_dynamic(spec, model)
     model._anysize_plan = plan  # what export needs: base arch, model args, geometries
     model.pretrained_cfg = cfg
@@ -222,12 +222,7 @@ def _create(base: str, kwargs: dict[str, Any], skip_init: bool) -> nn.Module:
     """
     if skip_init:
         device = kwargs.get("device") or "cpu"
-        meta_kwargs = {k: v for k, v in kwargs.items() if k != "device"}
-        try:
-            with torch.device("meta"):
-                model = timm.create_model(base, pretrained=False, weight_init="skip", **meta_kwargs)
-        except TypeError:  # constructors outside the ViT family have no weight_init argument
-            model = None
+        model = create_meta_without_init(base, {k: v for k, v in kwargs.items() if k != "device"})
         if model is not None:
             persistent = set(model.state_dict())
             if all(name in persistent for name, _ in model.named_buffers()):
@@ -252,13 +247,6 @@ def _refuse_non_finite(state_dict: dict[str, torch.Tensor], source_desc: str) ->
         )
 
 
-def _dynamic_kwargs(plan: VariantPlan) -> dict[str, bool]:
-    # Said explicitly either way: some timm archs default to dynamic, and RoPE (EVA) is built for it.
-    if not plan.family.supports_dynamic:
-        return {}  # the family's constructor has no such arguments
-    return dict(dynamic_img_size=plan.dynamic, dynamic_img_pad=plan.dynamic and plan.spec.pad)
-
-
 def _make_dynamic(spec: VariantSpec, model: nn.Module) -> None:
     pe = spec.adapt.pos_embed
     enable_dynamic(model, pad=spec.pad, interpolation=pe.interpolation, antialias=pe.use_antialias)
@@ -269,7 +257,7 @@ def _as_feature_model(
 ) -> nn.Module:
     """timm's feature wrapper (``features_only=True``) holding the adapted weights; built through create_model."""
     wrapper = timm.create_model(
-        spec.base, pretrained=False, features_only=True, **feature_cfg, **plan.target_kwargs, **_dynamic_kwargs(plan)
+        spec.base, pretrained=False, features_only=True, **feature_cfg, **plan.target_kwargs, **plan.dynamic_kwargs
     )
     inner, full = wrapper.model, model.state_dict()
     kept = inner.state_dict()

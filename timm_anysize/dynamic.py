@@ -119,10 +119,13 @@ class DynamicOptions:
     pad: bool = True
 
 
+def _traced() -> bool:
+    """Scripting, tracing, compiling or exporting: run timm's plain path, no caches and no shape shortcuts."""
+    return torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling() or is_exporting()
+
+
 def _must_run_inline(pos_embed: torch.Tensor) -> bool:
-    if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling() or is_exporting():
-        return True
-    return torch.is_grad_enabled() and pos_embed.requires_grad
+    return _traced() or (torch.is_grad_enabled() and pos_embed.requires_grad)
 
 
 def dynamic_pos_embed(model: nn.Module, grid: tuple[int, int]) -> torch.Tensor:
@@ -205,7 +208,7 @@ class DynamicPatchEmbed(PatchEmbed):
         if (
             not self.dynamic_img_pad
             or not (self.flatten or self.output_fmt == Format.NHWC)
-            or torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling() or is_exporting()
+            or _traced()
             or x.shape[-2] % self.patch_size[0] or x.shape[-1] % self.patch_size[1]
         ):
             return super().forward(x)

@@ -185,8 +185,7 @@ def build_model_card(
 def _model_args(model: nn.Module) -> dict[str, Any]:
     plan = model._anysize_plan
     args = {k: v for k, v in plan.target_kwargs.items() if k not in ("device", "dtype")}
-    if plan.family.supports_dynamic:
-        args.update(dynamic_img_size=plan.dynamic, dynamic_img_pad=plan.dynamic and plan.spec.pad)
+    args.update(plan.dynamic_kwargs)
     for key in ("img_size", "patch_size"):
         if isinstance(args.get(key), tuple):
             args[key] = list(args[key])

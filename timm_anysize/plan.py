@@ -5,6 +5,7 @@ of the model, all read off models built on the ``meta`` device (no memory, no we
 from __future__ import annotations
 
 import difflib
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -14,10 +15,10 @@ import torch.nn as nn
 from timm.models import get_pretrained_cfg
 
 from .errors import SpecError
-from .families import FAMILIES, Family, family_of
+from .families import FAMILIES, UNSUPPORTED, Family, classify_changes, family_of
 from .spec import Size2, VariantSpec
 
-__all__ = ["Geometry", "VariantPlan", "make_plan", "geometry_of", "build_meta"]
+__all__ = ["Geometry", "VariantPlan", "make_plan", "geometry_of", "build_meta", "create_meta_without_init"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,14 @@ class VariantPlan:
     pos_embed_prefix: int = 1
     dynamic: bool = True
     source_keys: frozenset[str] = field(default=frozenset(), repr=False)
+
+    @property
+    def dynamic_kwargs(self) -> dict[str, bool]:
+        """timm constructor args for the resolved dynamic/pad choice (said explicitly either way: some timm archs
+        default to dynamic, and EVA builds its RoPE for it); none for families whose constructors lack them."""
+        if not self.family.supports_dynamic:
+            return {}
+        return dict(dynamic_img_size=self.dynamic, dynamic_img_pad=self.dynamic and self.spec.pad)
 
     @property
     def patch_key(self) -> str:
@@ -158,16 +167,26 @@ def resolve_base_cfg(spec: VariantSpec) -> dict[str, Any]:
 _PLACEMENT_KWARGS = ("device", "dtype")
 
 
+def create_meta_without_init(base: str, kwargs: dict[str, Any]) -> Optional[nn.Module]:
+    """``timm.create_model(base, **kwargs)`` on the meta device with timm's ``weight_init='skip'``, or None when the
+    constructor has no such argument (families outside the ViT family)."""
+    try:
+        with torch.device("meta"):
+            return timm.create_model(base, pretrained=False, weight_init="skip", **kwargs)
+    except TypeError:
+        return None
+
+
 def build_meta(spec: VariantSpec, kwargs: dict[str, Any], what: str) -> nn.Module:
     """Build the spec's base with ``kwargs`` on the meta device: shapes only, no memory."""
     kwargs = {k: v for k, v in kwargs.items() if k not in _PLACEMENT_KWARGS}
     try:
+        # Weight init on meta tensors runs slow decompositions; ViT-family constructors can skip it.
+        model = create_meta_without_init(spec.base, kwargs)
+        if model is not None:
+            return model
         with torch.device("meta"):
-            try:
-                # Weight init on meta tensors runs slow decompositions; ViT-family constructors can skip it.
-                return timm.create_model(spec.base, pretrained=False, weight_init="skip", **kwargs)
-            except TypeError:
-                return timm.create_model(spec.base, pretrained=False, **kwargs)
+            return timm.create_model(spec.base, pretrained=False, **kwargs)
     except Exception as e:  # a constructor can raise anything on odd model_args; all of it is a bad spec
         raise SpecError(
             f"{_where(spec)}: timm cannot build {spec.arch} with the {what} arguments {kwargs}: {e}; "
@@ -192,8 +211,6 @@ def estimate_bytes(model: nn.Module, geometry: Geometry) -> tuple[int, int]:
 
 def _check_memory(spec: VariantSpec, model: nn.Module, geometry: Geometry, key: str) -> None:
     """Reject geometries whose weights plus one attention map exceed the budget, before anything is allocated."""
-    import os
-
     budget = int(os.environ.get(MEMORY_BUDGET_ENV, DEFAULT_MEMORY_BUDGET))
     params, attn = estimate_bytes(model, geometry)
     if params + attn > budget:
@@ -267,8 +284,6 @@ def _make_plan(spec: VariantSpec, overrides: dict[str, Any]) -> VariantPlan:
                     f"{_where(spec)}.{key}: the {what} patch size {list(geo.patch_size)} must divide the "
                     f"{what} img_size {list(geo.img_size)}; pick a multiple of the patch"
                 )
-    from .families import UNSUPPORTED, classify_changes
-
     for change in classify_changes(source, target):
         reason = UNSUPPORTED.get((family.name, change))
         if reason:
