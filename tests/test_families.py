@@ -3,25 +3,52 @@ or declared unsupported (and then rejected at validation); docs/families.md is k
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import timm
 import torch
 from conftest import unique_name
+from safetensors.torch import load_file
 
 import timm_anysize
 from timm_anysize.families import FAMILIES, GEOMETRY_CHANGES, UNSUPPORTED, families_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(embed_dim=64, depth=2, num_heads=2)
-# Per family: model args that shrink the example, and the size its checkpoint is trained at.
+SWIN = dict(embed_dim=32, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
+
+
+@dataclass(frozen=True)
+class Setup:
+    """How the matrix shrinks a family's example: model args, the size its checkpoint is trained at, and the step
+    by which test sizes grow (a patch, or what the architecture's strides need)."""
+
+    args: dict = field(default_factory=dict)
+    size: int = 64
+    step: int = 16
+
+
 SETUP = {
-    "vit": ({}, 160),  # test_vit is already tiny
-    "deit_distilled": (SMALL, 64),
-    "eva": (SMALL, 56),
-    "beit": (SMALL, 64),
-    "cait": (dict(SMALL, depth_token_only=1), 64),
+    "vit": Setup(size=160, step=16),  # test_vit is already tiny
+    "vit_hybrid": Setup(dict(depth=1), 64, 16),
+    "deit_distilled": Setup(SMALL, 64, 16),
+    "eva": Setup(SMALL, 56, 14),
+    "beit": Setup(SMALL, 64, 16),
+    "cait": Setup(dict(SMALL, depth_token_only=1), 64, 16),
+    "swin": Setup(SWIN, 64, 8),
+    "swinv2": Setup(dict(SWIN, window_size=4), 64, 8),
+    "swinv2_cr": Setup(dict(SWIN, window_size=4), 64, 8),
+    "pit": Setup(dict(depth=(1, 1, 1)), 64, 16),
+    "volo": Setup({}, 64, 16),
+    "levit": Setup(dict(embed_dim=(32, 48, 64), depth=(1, 1, 1), num_heads=(1, 1, 1), key_dim=8), 64, 16),
+    "twins": Setup(dict(embed_dims=(32, 64, 128, 256), depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8)), 64, 32),
+    "xcit": Setup(dict(depth=2), 64, 16),
+    "hiera": Setup(dict(embed_dim=32, num_heads=1, stages=(1, 1, 1, 1)), 64, 32),
+    "crossvit": Setup(dict(embed_dim=[32, 64], depth=[[1, 1, 0]], num_heads=[1, 1]), 120, 120),
+    "naflexvit": Setup(SMALL, 64, 16),
 }
 
 
@@ -33,36 +60,45 @@ def test_docs_families_is_in_sync():
     assert (ROOT / "docs" / "families.md").read_text() == families_markdown()
 
 
-def change_spec(change: str, size: int, patch: int) -> dict:
+def change_spec(change: str, size: int, step: int, patch: Optional[int]) -> dict:
+    if change.startswith("patch") and patch is None:
+        return dict(patch_size=8)  # a family without a patch kernel: any patch_size is the unsupported change
     return {
-        "img_larger": dict(img_size=size + 2 * patch),
-        "img_non_square": dict(img_size=[size + 2 * patch, size - patch]),
-        "patch_smaller": dict(patch_size=patch // 2),
-        "patch_larger": dict(patch_size=2 * patch) if size % (2 * patch) == 0 else dict(img_size=2 * size, patch_size=2 * patch),
-        "in_chans_1": dict(in_chans=1),
-        "in_chans_4": dict(in_chans=4),
-    }[change]
+        "img_larger": lambda: dict(img_size=size + step),
+        "img_non_square": lambda: dict(img_size=[size + step, size]),
+        "patch_smaller": lambda: dict(img_size=size, patch_size=patch // 2),
+        "patch_larger": lambda: dict(img_size=size if size % (2 * step) == 0 else 2 * size, patch_size=2 * patch),
+        "in_chans_1": lambda: dict(in_chans=1),
+        "in_chans_4": lambda: dict(in_chans=4),
+    }[change]()
 
 
 @pytest.fixture
 def family_checkpoint(make_checkpoint):
     def make(family):
-        args, size = SETUP[family.name]
-        path, base = make_checkpoint(family.example, img_size=size, **args)
-        return path, base, args, size
+        setup = SETUP[family.name]
+        path, base = make_checkpoint(family.example, img_size=setup.size, **setup.args)
+        return path, base, setup
 
     return make
+
+
+def _num_outputs(model) -> int:
+    return model.num_classes or model.num_features
 
 
 @pytest.mark.parametrize("change", list(GEOMETRY_CHANGES))
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
 def test_matrix_cell(family, change, family_checkpoint):
-    path, base, args, size = family_checkpoint(family)
-    patch = base.patch_embed.patch_size[0]
-    spec = dict(base=family.example, model_args=args, pretrained={"file": str(path), "img_size": size},
-                **change_spec(change, size, patch))
+    path, base, setup = family_checkpoint(family)
+    size = setup.size
+    patch = family.patch_size(base)
+    spec = dict(base=family.example, model_args=setup.args, pretrained={"file": str(path), "img_size": size},
+                **change_spec(change, size, setup.step, patch and patch[0]))
     if (family.name, change) in UNSUPPORTED:
-        with pytest.raises(timm_anysize.SpecError, match=family.name):
+        # a family without a patch kernel: any patch_size is refused (as patch_larger when there is no size to compare)
+        expected = "patch_(smaller|larger)" if change.startswith("patch") else change
+        with pytest.raises(timm_anysize.SpecError, match=rf"the {family.name} family cannot take {expected}"):
             timm_anysize.register_variant(unique_name(), **spec)
         return
     name = timm_anysize.register_variant(unique_name(), **spec)
@@ -71,25 +107,32 @@ def test_matrix_cell(family, change, family_checkpoint):
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=True).eval()
     loaded, report = model.state_dict(), timm_anysize.adaptation_report(model)
+    checkpoint = load_file(path)
     assert set(report.entries) == set(loaded)  # every tensor accounted for
     for key, entry in report.entries.items():
-        if entry.action != "initialized":  # nothing silently left at its fresh init
+        if entry.action == "copied":  # copied exactly
+            assert torch.equal(loaded[key], checkpoint[key]), key
+        elif entry.action != "initialized":  # resampled / adapted: nothing silently left at its fresh init
             assert not torch.equal(loaded[key], fresh[key]), key
-    assert report.non_copied(), "a geometry change must change something"
+    plan = model._anysize_plan
+    touches_weights = change.startswith(("patch", "in_chans")) or any(r.changes for r in plan.resamples.values())
+    assert bool(report.non_copied()) == touches_weights
     c, h, w = model.pretrained_cfg["input_size"]
     sizes = [(h, w)]
     if timm_anysize.is_dynamic(model):
-        sizes += [(h + 2 * model.patch_embed.patch_size[0], w), (h, w + 3 * model.patch_embed.patch_size[1] + 1)]
+        step = max(setup.step, (plan.target.patch_size or (0,))[0])
+        sizes += [(h + step, w), (h, w + 2 * step + (1 if family.pads else 0))]
     with torch.no_grad():
         for hw in sizes:
             out = model(torch.randn(2, c, *hw))
-            assert out.shape == (2, model.num_classes or model.num_features) and torch.isfinite(out).all(), hw
+            assert out.shape == (2, _num_outputs(model)) and torch.isfinite(out).all(), hw
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
 def test_same_geometry_is_bit_identical(family, family_checkpoint):
-    path, base, args, size = family_checkpoint(family)
-    name = timm_anysize.register_variant(unique_name(), base=family.example, model_args=args, img_size=size,
+    path, base, setup = family_checkpoint(family)
+    size = setup.size
+    name = timm_anysize.register_variant(unique_name(), base=family.example, model_args=setup.args, img_size=size,
                                          pretrained={"file": str(path), "img_size": size})
     model = timm.create_model(name, pretrained=True).eval()
     assert timm_anysize.adaptation_report(model).non_copied() == []
@@ -100,7 +143,7 @@ def test_same_geometry_is_bit_identical(family, family_checkpoint):
 
 @pytest.mark.parametrize("family", [f for f in FAMILIES if not f.supports_dynamic], ids=lambda f: f.name)
 def test_families_without_dynamic_size_say_so_at_validation(family):
-    args, size = SETUP[family.name]
+    args, size = SETUP[family.name].args, SETUP[family.name].size
     with pytest.raises(timm_anysize.SpecError, match=rf"\.dynamic: the {family.name} family cannot run at any input size"):
         timm_anysize.register_variant(unique_name(), base=family.example, model_args=args, img_size=size, dynamic=True)
     name = timm_anysize.register_variant(unique_name(), base=family.example, model_args=args, img_size=size)

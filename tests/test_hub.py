@@ -47,7 +47,7 @@ def test_export_reloads_bit_identically_in_plain_timm(variant, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "anysize_report.json", "config.json", "model.safetensors"]
     config = json.loads((out / "config.json").read_text())
     assert config["architecture"] == "test_vit"
-    assert config["model_args"]["img_size"] == [64, 64] and config["model_args"]["patch_size"] == [8, 8]
+    assert config["model_args"]["img_size"] == [64, 64] and config["model_args"]["patch_size"] == 8
     assert config["model_args"]["in_chans"] == 1 and config["num_classes"] == 5
     assert config["pretrained_cfg"]["input_size"] == [1, 64, 64] and config["pretrained_cfg"]["mean"] == [0.5]
     assert config["label_names"] == ["a", "b", "c", "d", "e"]

@@ -13,15 +13,29 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from timm.layers import resample_abs_pos_embed, resample_patch_embed, resize_rel_pos_bias_table
+from timm.layers import (
+    resample_abs_pos_embed,
+    resample_abs_pos_embed_nhwc,
+    resample_patch_embed,
+    resize_rel_pos_bias_table,
+)
 from timm.models import adapt_input_conv
 
 from .errors import AdaptationError
-from .plan import VariantPlan
+from .plan import TensorResample, VariantPlan
 from .report import AdaptationReport, KeyAdaptation
 from .spec import ChannelOptions, PatchEmbedOptions, PosEmbedOptions, Size2
 
-__all__ = ["adapt_state_dict", "summarize_keys", "resample_pos_embed", "resize_patch_kernel", "adapt_kernel_channels"]
+__all__ = [
+    "adapt_state_dict",
+    "summarize_keys",
+    "resample_pos_embed",
+    "resample_grid",
+    "resize_bias_grid",
+    "resample_tensor",
+    "resize_patch_kernel",
+    "adapt_kernel_channels",
+]
 
 _logger = logging.getLogger(__name__)
 StateDict = dict[str, torch.Tensor]
@@ -122,6 +136,95 @@ def _fmt(size: Size2) -> str:
     return f"{size[0]}x{size[1]}"
 
 
+def resample_grid(grid: torch.Tensor, new_grid: Size2, options: PosEmbedOptions, channels_last: bool) -> torch.Tensor:
+    """Resample a position embedding laid out as an image, ``[1, C, H, W]`` (or ``[1, H, W, C]``), to ``new_grid``.
+
+    Example:
+        >>> resample_grid(torch.randn(1, 8, 4, 6), (8, 3), PosEmbedOptions(), channels_last=False).shape
+        torch.Size([1, 8, 8, 3])
+    """
+    nhwc = grid if channels_last else grid.permute(0, 2, 3, 1)
+    out = resample_abs_pos_embed_nhwc(
+        nhwc, new_size=list(new_grid), interpolation=options.interpolation, antialias=options.use_antialias
+    )
+    return out if channels_last else out.permute(0, 3, 1, 2).contiguous()
+
+
+def resize_bias_grid(biases: torch.Tensor, old_grid: Size2, new_grid: Size2, options: PosEmbedOptions) -> torch.Tensor:
+    """Resize attention biases indexed by ``|dy|, |dx|`` offsets (LeViT), ``[heads, H*W]``, between two grids.
+
+    Example:
+        >>> resize_bias_grid(torch.randn(4, 7 * 7), (7, 7), (8, 6), PosEmbedOptions()).shape
+        torch.Size([4, 48])
+    """
+    heads = biases.shape[0]
+    grid = biases.reshape(1, heads, *old_grid).float()
+    out = F.interpolate(grid, size=tuple(new_grid), mode=options.interpolation, align_corners=False)
+    return out.reshape(heads, -1).to(biases.dtype)
+
+
+def resample_tensor(
+    src: torch.Tensor, layout: TensorResample, target_shape: tuple[int, ...], options: PosEmbedOptions
+) -> tuple[torch.Tensor, str]:
+    """Resample one geometry-dependent tensor between its source and target layout; returns it and a description."""
+    a, b = _fmt(layout.source), _fmt(layout.target)
+    if layout.kind == "pos_tokens":
+        value = resample_pos_embed(src, layout.source, layout.target, layout.prefix, options)
+        how = f"{options.interpolation}, antialias={options.use_antialias}, {layout.prefix} prefix tokens kept"
+        return value, f"grid {a} -> {b} ({how})"
+    if layout.kind in ("pos_nchw", "pos_nhwc"):
+        value = resample_grid(src, layout.target, options, channels_last=layout.kind == "pos_nhwc")
+        return value, f"grid {a} -> {b} ({options.interpolation}, antialias={options.use_antialias})"
+    if layout.kind == "rel_table":
+        # Both windows are read off the models, so nothing is inferred from the table's size.
+        value = resize_rel_pos_bias_table(
+            src, new_window_size=layout.target, new_bias_shape=target_shape, old_window_size=layout.source
+        )
+        return value, f"relative-position window {a} -> {b}"
+    value = resize_bias_grid(src, layout.source, layout.target, options)
+    return value, f"attention-bias grid {a} -> {b} ({options.interpolation})"
+
+
+def _source_mismatch(key: str, src: torch.Tensor, expected: tuple, layout: TensorResample, geometry: str) -> str:
+    if layout.kind == "pos_tokens" and src.ndim == 3 and len(expected) == 3:
+        return (
+            f"{key}: checkpoint has {src.shape[1]} tokens, the source geometry ({geometry}) implies {expected[1]}; "
+            f"declare the geometry the weights were trained at under pretrained: (img_size, patch_size)"
+        )
+    return (
+        f"{key}: checkpoint {tuple(src.shape)}, the source geometry ({geometry}) implies {expected}; declare the "
+        f"geometry the weights were trained at under pretrained: (img_size, patch_size)"
+    )
+
+
+def _adapt_kernel(src: torch.Tensor, tgt: torch.Tensor, plan: VariantPlan) -> tuple[torch.Tensor, str]:
+    """The first kernel: input channels adapted, and (patch kernels) resized to the target patch.
+
+    A linear patch projection (NaFlexViT) over flattened ``(ph, pw, C)`` patches is viewed as the conv kernel it
+    is, adapted, and flattened back.
+    """
+    spec, s, t = plan.spec, plan.source, plan.target
+    value, steps = src, []
+    if src.ndim == 2:
+        (ph, pw), c = s.patch_size or (1, 1), s.in_chans
+        value = value.reshape(src.shape[0], ph, pw, c).permute(0, 3, 1, 2)
+    if value.shape[1] != t.in_chans:
+        ch = spec.adapt.channels
+        value = adapt_kernel_channels(value, t.in_chans, ch)
+        how = "adapt_input_conv" if ch.method == "timm" else f"map {list(ch.map or ())}"
+        steps.append(f"channels {s.in_chans} -> {t.in_chans} ({how})")
+    new_kernel = tuple(t.patch_size) if src.ndim == 2 else tuple(tgt.shape[-2:])
+    if tuple(value.shape[-2:]) != new_kernel and s.patch_size is not None:
+        pm = spec.adapt.patch_embed
+        old = _fmt(tuple(value.shape[-2:]))
+        value = resize_patch_kernel(value, new_kernel, pm)  # type: ignore[arg-type]
+        how = "PI-resize" if pm.method == "pi" else "interpolate"
+        steps.append(f"kernel {old} -> {_fmt(new_kernel)} ({how}, {pm.interpolation})")  # type: ignore[arg-type]
+    if src.ndim == 2:
+        value = value.permute(0, 2, 3, 1).reshape(tgt.shape)
+    return value, "; ".join(steps)
+
+
 PROGRESS_MIN_BYTES = 256 * 2**20
 
 
@@ -188,45 +291,19 @@ def adapt_state_dict(
             missing.append(key)
             continue
         used.add(key)
-        if key == plan.family.pos_embed_key and src.ndim == 3:
-            expected = s.grid_size[0] * s.grid_size[1] + plan.pos_embed_prefix
-            if src.shape[1] != expected:
-                mismatched.append(
-                    f"{key}: checkpoint has {src.shape[1]} tokens, the source geometry ({s.describe()}) implies "
-                    f"{expected}; declare the geometry the weights were trained at under pretrained: "
-                    f"(img_size, patch_size)"
-                )
+        layout = plan.resamples.get(key)
+        if layout is not None:
+            expected = plan.source_shapes.get(key)
+            if expected is not None and tuple(src.shape) != expected:
+                mismatched.append(_source_mismatch(key, src, expected, layout, s.describe()))
                 continue
-            if s.grid_size != t.grid_size:
-                pe = spec.adapt.pos_embed
-                value = resample_pos_embed(src, s.grid_size, t.grid_size, plan.pos_embed_prefix, pe)
-                detail = (
-                    f"grid {_fmt(s.grid_size)} -> {_fmt(t.grid_size)} ({pe.interpolation}, "
-                    f"antialias={pe.use_antialias}, {plan.pos_embed_prefix} prefix tokens kept)"
-                )
+            if layout.changes or src.shape != tgt.shape:
+                value, detail = resample_tensor(src, layout, tuple(tgt.shape), spec.adapt.pos_embed)
                 record(key, "resampled", detail, src, value)
                 continue
-        if key == plan.patch_key and src.ndim == 4:
-            value, steps = src, []
-            if src.shape[1] != t.in_chans:
-                value = adapt_kernel_channels(value, t.in_chans, spec.adapt.channels)
-                ch = spec.adapt.channels
-                steps.append(f"channels {src.shape[1]} -> {t.in_chans} ({'adapt_input_conv' if ch.method == 'timm' else 'map ' + str(list(ch.map or ()))})")
-            if tuple(src.shape[-2:]) != tuple(tgt.shape[-2:]):
-                pm = spec.adapt.patch_embed
-                value = resize_patch_kernel(value, tuple(tgt.shape[-2:]), pm)  # type: ignore[arg-type]
-                how = "PI-resize" if pm.method == "pi" else "interpolate"
-                steps.append(f"kernel {_fmt(tuple(src.shape[-2:]))} -> {_fmt(tuple(tgt.shape[-2:]))} ({how}, {pm.interpolation})")
-            if steps:
-                action = "adapted" if src.shape[1] != t.in_chans else "resampled"
-                record(key, action, "; ".join(steps), src, value)
-                continue
-        if _matches(key, plan.family.rel_pos_tables) and (s.grid_size != t.grid_size or src.shape != tgt.shape):
-            # The table's window is the patch grid; both windows are known, so nothing is inferred from its size.
-            value = resize_rel_pos_bias_table(
-                src, new_window_size=t.grid_size, new_bias_shape=tuple(tgt.shape), old_window_size=s.grid_size
-            )
-            record(key, "resampled", f"relative-position window {_fmt(s.grid_size)} -> {_fmt(t.grid_size)}", src, value)
+        if key in plan.patch_keys and (src.ndim == 4 or plan.family.linear_patch) and src.shape != tgt.shape:
+            value, detail = _adapt_kernel(src, tgt, plan)
+            record(key, "adapted" if s.in_chans != t.in_chans else "resampled", detail, src, value)
             continue
         if src.shape != tgt.shape:
             mismatched.append(f"{key}: checkpoint {tuple(src.shape)} vs model {tuple(tgt.shape)}")

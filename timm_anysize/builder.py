@@ -123,7 +123,7 @@ def _read_file(plan: VariantPlan, path: Union[str, Path]) -> dict[str, torch.Ten
     source_model = build_meta(plan.spec, plan.source_kwargs, "source (pretrained)")
     # timm's filter renames foreign layouts, but it also resamples (guessing square grids) when a shape differs
     # from the model's; hold the geometry tensors aside so only adapt_state_dict changes them, from known sizes.
-    held = {k: state_dict.pop(k) for k in (plan.family.pos_embed_key, plan.patch_key) if k in state_dict}
+    held = {k: state_dict.pop(k) for k in (*plan.resamples, *plan.patch_keys) if k in state_dict}
     try:
         return {**plan.family.checkpoint_filter(state_dict, source_model), **held}
     except Exception as e:  # filters index keys and shapes freely; anything they raise means a foreign layout
@@ -204,7 +204,7 @@ def build_variant(
     cfg = variant_pretrained_cfg(plan, weights)
     cfg["tag"] = resolved.get("tag") or cfg["tag"]
     if plan.dynamic and not features_only:  # a feature model makes its own inner model dynamic
-        _make_dynamic(spec, model)
+        _make_dynamic(plan, model)
     model._anysize_plan = plan  # what export needs: base arch, model args, geometries
     model.pretrained_cfg = cfg
     model.default_cfg = cfg
@@ -247,7 +247,11 @@ def _refuse_non_finite(state_dict: dict[str, torch.Tensor], source_desc: str) ->
         )
 
 
-def _make_dynamic(spec: VariantSpec, model: nn.Module) -> None:
+def _make_dynamic(plan: VariantPlan, model: nn.Module) -> None:
+    spec = plan.spec
+    if plan.family.dynamic == "native":  # timm's constructor arguments did it (plan.dynamic_kwargs)
+        model._anysize_native_dynamic = True
+        return
     pe = spec.adapt.pos_embed
     enable_dynamic(model, pad=spec.pad, interpolation=pe.interpolation, antialias=pe.use_antialias)
 
@@ -268,7 +272,7 @@ def _as_feature_model(
             report.dropped[key] = "pruned by features_only"
         inner._anysize_report = wrapper._anysize_report = report
     if plan.dynamic:
-        _make_dynamic(spec, inner)
+        _make_dynamic(plan, inner)
     inner.pretrained_cfg = inner.default_cfg = cfg
     # As timm's pretrained_cfg_for_features: a feature model has no classifier.
     features_cfg = {k: v for k, v in cfg.items() if k not in ("num_classes", "classifier", "global_pool")}

@@ -25,8 +25,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
             else f"url {src.url}" if src.url else f"base tag ({spec.base})"
         )
         t = plan.target
-        rows.append((name, spec.base, f"{t.img_size[0]}x{t.img_size[1]}/p{t.patch_size[0]}x{t.patch_size[1]}/"
-                                      f"{t.in_chans}ch/{t.num_classes}cls", where))
+        rows.append((name, spec.base, t.compact(), where))
     widths = [max(len(r[i]) for r in rows + [("name", "base", "geometry", "weights")]) for i in range(3)]
     print(f"{'name':<{widths[0]}}  {'base':<{widths[1]}}  {'geometry':<{widths[2]}}  weights")
     for r in rows:

@@ -240,6 +240,8 @@ def _check_divisible(module: nn.Module, args: tuple) -> None:
 
 def is_dynamic(model: nn.Module) -> bool:
     """True if ``model`` runs at any input size through :func:`enable_dynamic`."""
+    if getattr(model, "_anysize_native_dynamic", False):  # a family that runs at any size through timm's own path
+        return True
     return type(model) in _DYNAMIC_CLASSES.values() and bool(getattr(model, "dynamic_img_size", False))
 
 

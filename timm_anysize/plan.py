@@ -4,7 +4,9 @@ of the model, all read off models built on the ``meta`` device (no memory, no we
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import fnmatch
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -15,10 +17,10 @@ import torch.nn as nn
 from timm.models import get_pretrained_cfg
 
 from .errors import SpecError
-from .families import FAMILIES, UNSUPPORTED, Family, classify_changes, family_of
+from .families import FAMILIES, UNSUPPORTED, Family, classify_changes, family_of, tensor_layouts
 from .spec import Size2, VariantSpec
 
-__all__ = ["Geometry", "VariantPlan", "make_plan", "geometry_of", "build_meta", "create_meta_without_init"]
+__all__ = ["Geometry", "TensorResample", "VariantPlan", "tensor_resamples", "make_plan", "geometry_of", "build_meta", "create_meta_without_init"]
 
 
 @dataclass(frozen=True)
@@ -26,24 +28,50 @@ class Geometry:
     """What the weights or the model are shaped for."""
 
     img_size: Size2
-    patch_size: Size2
-    grid_size: Size2
+    patch_size: Optional[Size2]  # None: a conv stem with no patch size to change
+    grid_size: Optional[Size2]  # None: no single patch grid (e.g. LeViT's conv stem)
     in_chans: int
     num_classes: int
     num_prefix_tokens: int
 
     def describe(self) -> str:
         """One line, e.g. ``64x64 px, patch 4x4, grid 16x16 (+1 prefix), 1 ch, 10 classes``."""
-        (h, w), (ph, pw), (gh, gw) = self.img_size, self.patch_size, self.grid_size
-        return (
-            f"{h}x{w} px, patch {ph}x{pw}, grid {gh}x{gw} (+{self.num_prefix_tokens} prefix), "
-            f"{self.in_chans} ch, {self.num_classes} classes"
-        )
+        (h, w) = self.img_size
+        parts = [f"{h}x{w} px"]
+        if self.patch_size is not None:
+            parts.append(f"patch {self.patch_size[0]}x{self.patch_size[1]}")
+        if self.grid_size is not None:
+            parts.append(f"grid {self.grid_size[0]}x{self.grid_size[1]} (+{self.num_prefix_tokens} prefix)")
+        return ", ".join(parts + [f"{self.in_chans} ch", f"{self.num_classes} classes"])
+
+    def compact(self) -> str:
+        """``64x64/p4x4/1ch/10cls`` (the patch left out where the family has none)."""
+        patch = f"/p{self.patch_size[0]}x{self.patch_size[1]}" if self.patch_size else ""
+        return f"{self.img_size[0]}x{self.img_size[1]}{patch}/{self.in_chans}ch/{self.num_classes}cls"
 
     @property
     def num_tokens(self) -> int:
-        """Tokens the transformer sees: patches plus prefix tokens."""
-        return self.grid_size[0] * self.grid_size[1] + self.num_prefix_tokens
+        """Tokens at the first stage: patches (at stride 4 where the family has no patch grid) plus prefix tokens."""
+        gh, gw = self.grid_size or (self.img_size[0] // 4, self.img_size[1] // 4)
+        return gh * gw + self.num_prefix_tokens
+
+
+@dataclass(frozen=True)
+class TensorResample:
+    """How one geometry-dependent tensor maps between the source and the target layout.
+
+    ``source``/``target`` are the grids (position embeddings, attention-bias grids) or windows (relative-position
+    tables) read off the two models; ``prefix`` the leading entries kept aside (token position embeddings).
+    """
+
+    kind: str
+    source: Size2
+    target: Size2
+    prefix: int = 0
+
+    @property
+    def changes(self) -> bool:
+        return self.source != self.target
 
 
 @dataclass(frozen=True)
@@ -57,22 +85,29 @@ class VariantPlan:
     target: Geometry
     source_kwargs: dict[str, Any] = field(repr=False)
     target_kwargs: dict[str, Any] = field(repr=False)
-    pos_embed_prefix: int = 1
     dynamic: bool = True
     source_keys: frozenset[str] = field(default=frozenset(), repr=False)
+    source_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict, repr=False)
+    resamples: dict[str, TensorResample] = field(default_factory=dict, repr=False)
 
     @property
     def dynamic_kwargs(self) -> dict[str, bool]:
         """timm constructor args for the resolved dynamic/pad choice (said explicitly either way: some timm archs
         default to dynamic, and EVA builds its RoPE for it); none for families whose constructors lack them."""
-        if not self.family.supports_dynamic:
-            return {}
-        return dict(dynamic_img_size=self.dynamic, dynamic_img_pad=self.dynamic and self.spec.pad)
+        return self.family.dynamic_kwargs(self.dynamic, self.spec.pad)
+
+    @property
+    def patch_keys(self) -> tuple[str, ...]:
+        """State-dict keys of the first kernel(s) the input meets: the patch projection (one per branch for
+        CrossViT), or a conv stem's first convolution. Their input channels are adapted; patch kernels resized."""
+        names = self.base_cfg.get("first_conv") or "patch_embed.proj"
+        names = (names,) if isinstance(names, str) else tuple(names)
+        return tuple(f"{n}.weight" for n in names)
 
     @property
     def patch_key(self) -> str:
-        """State-dict key of the patch-embedding kernel."""
-        return f"{self.base_cfg.get('first_conv') or 'patch_embed.proj'}.weight"
+        """State-dict key of the (first) patch-embedding kernel."""
+        return self.patch_keys[0]
 
     @property
     def classifier_keys(self) -> tuple[str, ...]:
@@ -83,32 +118,31 @@ class VariantPlan:
 
     def steps(self) -> list[tuple[str, str]]:
         """The non-copy steps adaptation will take, as (key, description), before any weights are read."""
+        from .adapt import summarize_keys
+
         s, t, spec = self.source, self.target, self.spec
         out = []
-        if s.grid_size != t.grid_size:
-            pe = spec.adapt.pos_embed
-            out.append((
-                self.family.pos_embed_key,
-                f"resample grid {s.grid_size[0]}x{s.grid_size[1]} -> {t.grid_size[0]}x{t.grid_size[1]} "
-                f"({pe.interpolation}, antialias={pe.use_antialias}, {self.pos_embed_prefix} prefix kept)",
-            ))
-        if s.patch_size != t.patch_size:
+        by_change: dict[tuple[str, Size2, Size2], list[str]] = {}
+        for key, r in self.resamples.items():
+            if r.changes:
+                by_change.setdefault((r.kind, r.source, r.target), []).append(key)
+        pe = spec.adapt.pos_embed
+        for (kind, a, b), keys in by_change.items():
+            what = _KIND_STEP[kind].format(a=f"{a[0]}x{a[1]}", b=f"{b[0]}x{b[1]}")
+            if kind == "pos_tokens":
+                what += f" ({pe.interpolation}, antialias={pe.use_antialias}, {self.resamples[keys[0]].prefix} prefix kept)"
+            out.append((summarize_keys(keys), what))
+        if s.patch_size != t.patch_size and s.patch_size is not None and t.patch_size is not None:
             pm = spec.adapt.patch_embed
             out.append((
-                self.patch_key,
+                ", ".join(self.patch_keys),
                 f"resize kernel {s.patch_size[0]}x{s.patch_size[1]} -> {t.patch_size[0]}x{t.patch_size[1]} "
                 f"({'FlexiViT PI-resize' if pm.method == 'pi' else 'plain interpolation'}, {pm.interpolation})",
-            ))
-        if s.grid_size != t.grid_size and self.family.rel_pos_tables:
-            out.append((
-                " / ".join(self.family.rel_pos_tables),
-                f"resize relative-position tables, window {s.grid_size[0]}x{s.grid_size[1]} -> "
-                f"{t.grid_size[0]}x{t.grid_size[1]}",
             ))
         if s.in_chans != t.in_chans:
             ch = spec.adapt.channels
             how = "timm adapt_input_conv" if ch.method == "timm" else f"channel map {list(ch.map or ())}"
-            out.append((self.patch_key, f"adapt input channels {s.in_chans} -> {t.in_chans} ({how})"))
+            out.append((", ".join(self.patch_keys), f"adapt input channels {s.in_chans} -> {t.in_chans} ({how})"))
         if s.num_classes != t.num_classes:
             for key in self.classifier_keys:
                 out.append((key, f"new head: num_classes {s.num_classes} -> {t.num_classes}"))
@@ -119,7 +153,32 @@ class VariantPlan:
         return out
 
 
-def geometry_of(model: nn.Module, family: Family) -> Geometry:
+_KIND_STEP = {
+    "pos_tokens": "resample grid {a} -> {b}",
+    "pos_nchw": "resample grid {a} -> {b}",
+    "pos_nhwc": "resample grid {a} -> {b}",
+    "rel_table": "resize relative-position tables, window {a} -> {b}",
+    "bias_grid": "resize attention-bias grids {a} -> {b}",
+}
+
+
+def _img_size(model: nn.Module, family: Family, base_cfg: dict[str, Any], given: Any = None) -> Size2:
+    """The input size a model was built for: the one it was given, its patch embedding's, the model's own, else its
+    pretrained cfg's (several families keep no record of it)."""
+    pe = family.patch_embed(model)
+    candidates = (given, getattr(pe, "img_size", None), getattr(model, "img_size", None),
+                  base_cfg.get("input_size", (0,))[1:])
+    for size in candidates:
+        if isinstance(size, int):
+            return (size, size)
+        if size is not None and len(size) != 0:
+            return (int(size[0]), int(size[1]))
+    raise SpecError(f"cannot tell the input size of {type(model).__name__}; set img_size")
+
+
+def geometry_of(
+    model: nn.Module, family: Family, base_cfg: Optional[dict[str, Any]] = None, img_size: Any = None
+) -> Geometry:
     """Read the geometry off a built model (works on the meta device).
 
     Example:
@@ -129,12 +188,11 @@ def geometry_of(model: nn.Module, family: Family) -> Geometry:
         >>> geometry_of(m, family_of(m)).grid_size
         (2, 3)
     """
-    pe = model.patch_embed
     return Geometry(
-        img_size=tuple(pe.img_size),  # type: ignore[arg-type]
+        img_size=_img_size(model, family, base_cfg or {}, img_size),
         patch_size=family.patch_size(model),
         grid_size=family.grid_size(model),
-        in_chans=int(pe.proj.in_channels),
+        in_chans=int(model.in_chans),
         num_classes=int(getattr(model, "num_classes", 0)),
         num_prefix_tokens=family.num_prefix_tokens(model),
     )
@@ -169,11 +227,11 @@ _PLACEMENT_KWARGS = ("device", "dtype")
 
 def create_meta_without_init(base: str, kwargs: dict[str, Any]) -> Optional[nn.Module]:
     """``timm.create_model(base, **kwargs)`` on the meta device with timm's ``weight_init='skip'``, or None when the
-    constructor has no such argument (families outside the ViT family)."""
+    constructor has no such argument or rejects the value."""
     try:
         with torch.device("meta"):
             return timm.create_model(base, pretrained=False, weight_init="skip", **kwargs)
-    except TypeError:
+    except (TypeError, AssertionError):  # no such argument, or (NaFlexViT) one that asserts on 'skip'
         return None
 
 
@@ -195,6 +253,8 @@ def build_meta(spec: VariantSpec, kwargs: dict[str, Any], what: str) -> nn.Modul
 
 
 def _geometry_kwargs(img_size: Any, patch_size: Any, in_chans: Any, num_classes: Any) -> dict[str, Any]:
+    if isinstance(patch_size, tuple) and patch_size[0] == patch_size[1]:
+        patch_size = patch_size[0]  # some constructors (Twins) take an int only; every one takes an int
     given = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes)
     return {k: v for k, v in given.items() if v is not None}
 
@@ -256,6 +316,46 @@ def make_plan(spec: VariantSpec, overrides: Optional[dict[str, Any]] = None) -> 
     return _make_plan(spec, dict(overrides))
 
 
+def _requested_changes(spec: VariantSpec, source: Geometry, target_kwargs: dict[str, Any]) -> list[str]:
+    """The geometry changes a spec asks for, from its own fields (before the target model is built)."""
+    def size2(v: Any, default: Optional[Size2]) -> Optional[Size2]:
+        return default if v is None else ((v, v) if isinstance(v, int) else tuple(v))  # type: ignore[return-value]
+
+    requested = dataclasses.replace(
+        source,
+        img_size=size2(target_kwargs.get("img_size"), source.img_size),
+        patch_size=size2(target_kwargs.get("patch_size"), source.patch_size),
+        in_chans=target_kwargs.get("in_chans", source.in_chans),
+    )
+    return classify_changes(source, requested)
+
+
+def tensor_resamples(family: Family, source_model: nn.Module, target_model: nn.Module) -> dict[str, TensorResample]:
+    """The layout of every geometry-dependent tensor in both models: grids and windows read off the modules."""
+    out = {}
+    target_sd = target_model.state_dict()
+    source_sd = source_model.state_dict()
+    token_patterns = [p for p, kind in family.tensors if kind == "pos_tokens"]
+    for key, kind in tensor_layouts(family, target_sd).items():
+        if key not in source_sd:
+            continue
+        owner = key.rsplit(".", 1)[0] if "." in key else ""
+        if kind == "pos_tokens":
+            index = next(i for i, p in enumerate(token_patterns) if fnmatch.fnmatchcase(key, p))
+            src, tgt = family.token_grid(source_model, index), family.token_grid(target_model, index)
+            out[key] = TensorResample(kind, src, tgt, family.pos_embed_prefix_tokens(source_model))
+            continue
+        if kind in ("pos_nchw", "pos_nhwc"):
+            dims = slice(2, 4) if kind == "pos_nchw" else slice(1, 3)
+            src, tgt = tuple(source_sd[key].shape[dims]), tuple(target_sd[key].shape[dims])
+        else:
+            attr = "window_size" if kind == "rel_table" else "resolution"
+            src = tuple(getattr(source_model.get_submodule(owner), attr))
+            tgt = tuple(getattr(target_model.get_submodule(owner), attr))
+        out[key] = TensorResample(kind, src, tgt)  # type: ignore[arg-type]
+    return out
+
+
 def _make_plan(spec: VariantSpec, overrides: dict[str, Any]) -> VariantPlan:
     base_cfg = resolve_base_cfg(spec)
     src = spec.pretrained
@@ -273,18 +373,8 @@ def _make_plan(spec: VariantSpec, overrides: dict[str, Any]) -> VariantPlan:
             f"{_where(spec)}.base: {spec.arch} is a {type(source_model).__name__}, a family timm-anysize does not "
             f"adapt yet (supported: {names})"
         )
-    target_model = build_meta(spec, target_kwargs, "target")
-    source, target = geometry_of(source_model, family), geometry_of(target_model, family)
-    for model, geo, key in ((source_model, source, "pretrained.img_size"), (target_model, target, "img_size")):
-        _check_memory(spec, model, geo, key)
-    for geo, what, key in ((source, "source", "pretrained.img_size"), (target, "target", "img_size")):
-        for i, p in zip(geo.img_size, geo.patch_size):
-            if i % p:
-                raise SpecError(
-                    f"{_where(spec)}.{key}: the {what} patch size {list(geo.patch_size)} must divide the "
-                    f"{what} img_size {list(geo.img_size)}; pick a multiple of the patch"
-                )
-    for change in classify_changes(source, target):
+    source = geometry_of(source_model, family, base_cfg, source_kwargs.get("img_size"))
+    for change in _requested_changes(spec, source, target_kwargs):
         reason = UNSUPPORTED.get((family.name, change))
         if reason:
             raise SpecError(f"{_where(spec)}: the {family.name} family cannot take {change}: {reason}")
@@ -293,6 +383,17 @@ def _make_plan(spec: VariantSpec, overrides: dict[str, Any]) -> VariantPlan:
             f"{_where(spec)}.dynamic: the {family.name} family cannot run at any input size: {family.dynamic_reason}; "
             f"set dynamic: false (or leave it out: it defaults to what the family supports)"
         )
+    target_model = build_meta(spec, target_kwargs, "target")
+    target = geometry_of(target_model, family, base_cfg, target_kwargs.get("img_size"))
+    for model, geo, key in ((source_model, source, "pretrained.img_size"), (target_model, target, "img_size")):
+        _check_memory(spec, model, geo, key)
+    for geo, what, key in ((source, "source", "pretrained.img_size"), (target, "target", "img_size")):
+        for i, p in zip(geo.img_size, geo.patch_size or (1, 1)):
+            if i % p:
+                raise SpecError(
+                    f"{_where(spec)}.{key}: the {what} patch size {list(geo.patch_size)} must divide the "  # type: ignore[arg-type]
+                    f"{what} img_size {list(geo.img_size)}; pick a multiple of the patch"
+                )
     if spec.adapt.channels.method == "map":
         cmap = spec.adapt.channels.map or ()
         if len(cmap) != target.in_chans:
@@ -313,7 +414,8 @@ def _make_plan(spec: VariantSpec, overrides: dict[str, Any]) -> VariantPlan:
         target=target,
         source_kwargs=source_kwargs,
         target_kwargs=target_kwargs,
-        pos_embed_prefix=family.pos_embed_prefix_tokens(source_model),
         dynamic=family.supports_dynamic if spec.dynamic is None else spec.dynamic,
         source_keys=frozenset(source_model.state_dict()),
+        source_shapes={k: tuple(v.shape) for k, v in source_model.state_dict().items()},
+        resamples=tensor_resamples(family, source_model, target_model),
     )
