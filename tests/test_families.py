@@ -148,3 +148,17 @@ def test_families_without_dynamic_size_say_so_at_validation(family):
         timm_anysize.register_variant(unique_name(), base=family.example, model_args=args, img_size=size, dynamic=True)
     name = timm_anysize.register_variant(unique_name(), base=family.example, model_args=args, img_size=size)
     assert timm.create_model(name).pretrained_cfg["fixed_input_size"] is True  # defaults to what it supports
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
+def test_one_channel_variant_on_gray_equals_base_on_gray_rgb(family, family_checkpoint):
+    """adapt_input_conv sums the RGB kernel: a gray image gives the tokens the base gives that image as RGB, through
+    whatever first layer the family has (patch conv, conv stem, NaFlexViT's linear projection)."""
+    path, base, setup = family_checkpoint(family)
+    name = timm_anysize.register_variant(unique_name(), base=family.example, model_args=setup.args,
+                                         img_size=setup.size, in_chans=1,
+                                         pretrained={"file": str(path), "img_size": setup.size})
+    model = timm.create_model(name, pretrained=True).eval()
+    gray = torch.rand(2, 1, setup.size, setup.size)
+    with torch.no_grad():
+        torch.testing.assert_close(model(gray), base.eval()(gray.expand(-1, 3, -1, -1)), atol=2e-5, rtol=1e-4)
