@@ -38,7 +38,7 @@ SETUP = {
     "eva": Setup(SMALL, 56, 14),
     "beit": Setup(SMALL, 64, 16),
     "cait": Setup(dict(SMALL, depth_token_only=1), 64, 16),
-    "swin": Setup(SWIN, 64, 8),
+    "swin": Setup(dict(SWIN, window_size=4), 64, 8),  # windows divide every stage: timm pads nowhere
     "swinv2": Setup(dict(SWIN, window_size=4), 64, 8),
     "swinv2_cr": Setup(dict(SWIN, window_size=4), 64, 8),
     "pit": Setup(dict(depth=(1, 1, 1)), 64, 16),
@@ -162,3 +162,23 @@ def test_one_channel_variant_on_gray_equals_base_on_gray_rgb(family, family_chec
     gray = torch.rand(2, 1, setup.size, setup.size)
     with torch.no_grad():
         torch.testing.assert_close(model(gray), base.eval()(gray.expand(-1, 3, -1, -1)), atol=2e-5, rtol=1e-4)
+
+
+def test_swin_window_change_resizes_every_bias_table_between_the_windows_of_its_block(make_checkpoint):
+    """The weights' window is declared under pretrained.model_args; each block's table is resized between the
+    windows its block has in the two models (a late stage's window is clamped to its smaller feature map)."""
+    args = dict(embed_dim=32, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
+    path, base = make_checkpoint("swin_tiny_patch4_window7_224", img_size=64, window_size=4, **args)
+    name = timm_anysize.register_variant(
+        unique_name(), base="swin_tiny_patch4_window7_224", img_size=128, model_args=dict(args, window_size=8),
+        pretrained={"file": str(path), "img_size": 64, "model_args": {"window_size": 4}},
+    )
+    model = timm.create_model(name, pretrained=True).eval()
+    details = {k: e.detail for k, e in timm_anysize.adaptation_report(model).entries.items() if e.action == "resampled"}
+    # source windows 4, 4, 4, 2 (grid 16: the last stage is 2x2); target 8, 8, 8, 4 (grid 32)
+    assert details == {
+        f"layers.{i}.blocks.0.attn.relative_position_bias_table": f"relative-position window {a}x{a} -> {b}x{b}"
+        for i, (a, b) in enumerate([(4, 8), (4, 8), (4, 8), (2, 4)])
+    }
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randn(1, 3, 128, 128))).all()

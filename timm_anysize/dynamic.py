@@ -25,6 +25,8 @@ from timm.layers import Format, PatchEmbed, resample_abs_pos_embed
 from timm.layers.helpers import is_exporting
 from timm.models import deit, eva, vision_transformer
 
+from .swin_windows import SWIN_MODELS, enable_swin_dynamic
+
 __all__ = [
     "enable_dynamic",
     "is_dynamic",
@@ -242,7 +244,9 @@ def is_dynamic(model: nn.Module) -> bool:
     """True if ``model`` runs at any input size through :func:`enable_dynamic`."""
     if getattr(model, "_anysize_native_dynamic", False):  # a family that runs at any size through timm's own path
         return True
-    return type(model) in _DYNAMIC_CLASSES.values() and bool(getattr(model, "dynamic_img_size", False))
+    dynamic_type = type(model) in _DYNAMIC_CLASSES.values() or isinstance(model, SWIN_MODELS)
+    has_options = getattr(model, "_anysize_dynamic", None) is not None
+    return dynamic_type and has_options and bool(getattr(model, "dynamic_img_size", False))
 
 
 def enable_dynamic(
@@ -254,9 +258,11 @@ def enable_dynamic(
 ) -> nn.Module:
     """Make a timm model accept any input H x W, in place, with a cached resampled position embedding.
 
-    Works on any supported timm model (ViT incl. registers / ``no_embed_class``, distilled DeiT, EVA), whether or
-    not it was built by timm-anysize. At the model's own size the outputs are bit-identical to before; at other
-    sizes they equal a model built for that size with ``set_input_size``.
+    Works on any supported timm model (ViT incl. registers / ``no_embed_class``, distilled DeiT, EVA; Swin, SwinV2,
+    SwinV2-CR), whether or not it was built by timm-anysize. At the model's own size the outputs are bit-identical
+    to before; at other sizes a ViT-family model equals one built for that size with ``set_input_size``, and a Swin
+    model pads its feature maps to whole windows and masks the padding out of attention (see
+    :mod:`timm_anysize.swin_windows`).
 
     Args:
         model: The model; changed in place (its class becomes a subclass with the cached path).
@@ -279,9 +285,18 @@ def enable_dynamic(
         torch.Size([1, 1000])
     """
     cls = type(model)
+    for handle in getattr(model, "_anysize_pad_hooks", ()):
+        handle.remove()
+    model._anysize_pad_hooks = []
+    if cls in SWIN_MODELS:
+        enable_swin_dynamic(model, pad)
+        if not pad:
+            model._anysize_pad_hooks.append(model.patch_embed.register_forward_pre_hook(_check_divisible))
+        model._anysize_dynamic = DynamicOptions(interpolation, antialias, pad)
+        return model
     dynamic_cls = _DYNAMIC_CLASSES.get(cls) or (cls if cls in _DYNAMIC_CLASSES.values() else None)
     if dynamic_cls is None:
-        names = ", ".join(c.__name__ for c in _DYNAMIC_CLASSES)
+        names = ", ".join(c.__name__ for c in (*_DYNAMIC_CLASSES, *SWIN_MODELS))
         raise TypeError(f"enable_dynamic: {cls.__name__} is not supported (supported: {names})")
     rope = getattr(model, "rope", None)
     if rope is not None and getattr(rope, "feat_shape", None) is not None:
@@ -298,9 +313,8 @@ def enable_dynamic(
     pe.dynamic_img_pad = pad
     if type(pe) is PatchEmbed:
         pe.__class__ = DynamicPatchEmbed
-    for handle in getattr(model, "_anysize_pad_hooks", ()):
-        handle.remove()
-    model._anysize_pad_hooks = [] if pad else [pe.register_forward_pre_hook(_check_divisible)]
+    if not pad:
+        model._anysize_pad_hooks.append(pe.register_forward_pre_hook(_check_divisible))
     model._anysize_dynamic = DynamicOptions(interpolation, antialias, pad)
     model._anysize_pos_cache = PosEmbedCache(cache_size)
     return model

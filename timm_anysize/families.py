@@ -74,8 +74,8 @@ class Family:
         patch_embeds: Attribute path(s) of the patch embedding(s) whose ``grid_size`` lays out the token position
             embedding(s), in the order of the ``pos_tokens`` patterns.
         linear_patch: The patch projection is an ``nn.Linear`` over flattened ``(ph, pw, C)`` patches (NaFlexViT).
-        dynamic: How the family runs at any input size: ``cached`` (timm-anysize's cached path,
-            :func:`timm_anysize.enable_dynamic`), ``native`` (timm's own constructor arguments ``dynamic_args``, or
+        dynamic: How the family runs at any input size: ``cached`` (timm-anysize's path,
+            :func:`timm_anysize.enable_dynamic`: position embeddings or Swin window masks cached per size), ``native`` (timm's own constructor arguments ``dynamic_args``, or
             none needed), or ``""`` (cannot; ``dynamic_reason`` says why).
         dynamic_args: timm constructor arguments that switch on the family's own dynamic size (``native``).
         pads: At run time, inputs that are not a multiple of the patch are padded (``pad: true``); False: timm's own
@@ -165,7 +165,6 @@ def _is_hybrid(model: nn.Module) -> bool:
 
 _REL_TABLE = (("*relative_position_bias_table", "rel_table"),)
 _SWIN_DYNAMIC = ("dynamic_img_size",)
-_SWIN_NO_PAD = "timm's Swin has no padding option; inputs must be a multiple of the patch"
 
 FAMILIES: tuple[Family, ...] = (
     Family(
@@ -218,8 +217,7 @@ FAMILIES: tuple[Family, ...] = (
         name="swin",
         classes=(swin_transformer.SwinTransformer,),
         tensors=_REL_TABLE,
-        dynamic="native",
-        pads=False,
+        dynamic="cached",
         dynamic_args=_SWIN_DYNAMIC,
         example="swin_tiny_patch4_window7_224",
     ),
@@ -227,8 +225,7 @@ FAMILIES: tuple[Family, ...] = (
         name="swinv2",
         classes=(swin_transformer_v2.SwinTransformerV2,),
         tensors=(),  # continuous position bias (an MLP over log coordinates): no table to resize
-        dynamic="native",
-        pads=False,
+        dynamic="cached",
         dynamic_args=_SWIN_DYNAMIC,
         example="swinv2_tiny_window8_256",
     ),
@@ -236,8 +233,7 @@ FAMILIES: tuple[Family, ...] = (
         name="swinv2_cr",
         classes=(swin_transformer_v2_cr.SwinTransformerV2Cr,),
         tensors=(),
-        dynamic="native",
-        pads=False,
+        dynamic="cached",
         dynamic_args=_SWIN_DYNAMIC,
         example="swinv2_cr_tiny_224",
     ),

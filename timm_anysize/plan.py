@@ -359,7 +359,11 @@ def tensor_resamples(family: Family, source_model: nn.Module, target_model: nn.M
 def _make_plan(spec: VariantSpec, overrides: dict[str, Any]) -> VariantPlan:
     base_cfg = resolve_base_cfg(spec)
     src = spec.pretrained
-    source_kwargs = {**spec.model_args, **_geometry_kwargs(src.img_size, src.patch_size, src.in_chans, src.num_classes)}
+    source_kwargs = {
+        **spec.model_args,
+        **src.model_args,
+        **_geometry_kwargs(src.img_size, src.patch_size, src.in_chans, src.num_classes),
+    }
     target_kwargs = {
         **spec.model_args,
         **_geometry_kwargs(spec.img_size, spec.patch_size, spec.in_chans, spec.num_classes),

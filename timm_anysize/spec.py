@@ -182,6 +182,22 @@ class WeightSource(_Spec):
     num_classes: Optional[StrictInt] = Field(
         default=None, ge=0, description="Classes of the weights' head (default: base's)."
     )
+    model_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="timm.create_model kwargs the weights were built with where they differ from the variant's "
+        "model_args (e.g. a Swin window_size: the variant's own window gets resized bias tables).",
+    )
+
+    @field_validator("model_args")
+    @classmethod
+    def _source_model_args(cls, v: dict[str, Any]) -> dict[str, Any]:
+        _check_plain_data(v)
+        reserved = sorted(set(v) & {"img_size", "patch_size", "in_chans", "num_classes", "dynamic_img_size",
+                                    "dynamic_img_pad", "features_only", "pretrained"})
+        if reserved:
+            raise ValueError(f"set {', '.join(reserved)} directly under pretrained (or at the top level), not in "
+                             f"pretrained.model_args")
+        return v
 
     @field_validator("tag")
     @classmethod
