@@ -13,18 +13,17 @@ timm's own (pinned by a test against timm's dynamic path).
 
 from __future__ import annotations
 
-import threading
-import weakref
-from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
 from timm.layers import Format, PatchEmbed, resample_abs_pos_embed
 from timm.layers.helpers import is_exporting
-from timm.models import deit, eva, vision_transformer
+from timm.models import beit, deit, eva, vision_transformer
 
+from .cache import DEFAULT_CACHE_SIZE, PosEmbedCache, must_run_inline, traced
+from .dynamic_beit import DynamicBeit, enable_beit_dynamic
 from .swin_windows import SWIN_MODELS, enable_swin_dynamic
 
 __all__ = [
@@ -37,81 +36,6 @@ __all__ = [
     "DEFAULT_CACHE_SIZE",
 ]
 
-DEFAULT_CACHE_SIZE = 16
-
-
-class PosEmbedCache:
-    """A bounded, thread-safe LRU cache of resampled position embeddings, stamped by the weights they came from.
-
-    Copies and pickles of a model get a fresh, empty cache (a lock cannot be copied, and entries are derived).
-
-    Example:
-        >>> cache, weights = PosEmbedCache(maxsize=2), torch.zeros(3)
-        >>> cache.get_or_compute(("a",), weights, compute=lambda: weights + 1).tolist()
-        [1.0, 1.0, 1.0]
-        >>> _ = weights.add_(1)  # an in-place write moves the version counter: the entry is stale
-        >>> cache.get_or_compute(("a",), weights, lambda: weights + 1).tolist(), cache.info()["invalidations"]
-        ([2.0, 2.0, 2.0], 1)
-    """
-
-    def __init__(self, maxsize: int = DEFAULT_CACHE_SIZE):
-        if maxsize < 1:
-            raise ValueError(f"cache size must be >= 1, got {maxsize}")
-        self.maxsize = maxsize
-        self._lock = threading.Lock()
-        self._entries: OrderedDict[tuple, torch.Tensor] = OrderedDict()
-        self._stamp: Any = None
-        self._source: Optional[weakref.ref] = None
-        self.hits = self.misses = self.invalidations = 0
-
-    def get_or_compute(self, key: tuple, source: torch.Tensor, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """The entry for ``key``, computing it on a miss; all entries are dropped when ``source`` changed.
-
-        ``source`` (the weights entries derive from) changed when it is another tensor object, or its storage,
-        version counter (moved by every in-place write: optimizer steps, ``load_state_dict``), dtype or device
-        differ.
-        """
-        stamp = (source.data_ptr(), source._version, source.dtype, source.device)
-        with self._lock:
-            if stamp != self._stamp or self._source is None or self._source() is not source:
-                if self._entries:
-                    self.invalidations += 1
-                self._entries.clear()
-                self._stamp, self._source = stamp, weakref.ref(source)
-            value = self._entries.get(key)
-            if value is not None:
-                self._entries.move_to_end(key)
-                self.hits += 1
-                return value
-            self.misses += 1
-            value = compute()
-            self._entries[key] = value
-            while len(self._entries) > self.maxsize:
-                self._entries.popitem(last=False)
-            return value
-
-    def clear(self) -> None:
-        """Drop every entry."""
-        with self._lock:
-            self._entries.clear()
-            self._stamp = self._source = None
-
-    def info(self) -> dict[str, int]:
-        """Counters and size, e.g. ``{'hits': 3, 'misses': 1, 'invalidations': 0, 'size': 1, 'maxsize': 16}``."""
-        with self._lock:
-            return dict(hits=self.hits, misses=self.misses, invalidations=self.invalidations,
-                        size=len(self._entries), maxsize=self.maxsize)
-
-    def __deepcopy__(self, memo: dict) -> "PosEmbedCache":
-        return PosEmbedCache(self.maxsize)
-
-    def __getstate__(self) -> dict:
-        return {"maxsize": self.maxsize}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__(state["maxsize"])  # type: ignore[misc]
-
-
 @dataclass(frozen=True)
 class DynamicOptions:
     """How a dynamic model resamples its position embedding at run time, and whether it pads."""
@@ -119,15 +43,6 @@ class DynamicOptions:
     interpolation: str = "bicubic"
     antialias: bool = True
     pad: bool = True
-
-
-def _traced() -> bool:
-    """Scripting, tracing, compiling or exporting: run timm's plain path, no caches and no shape shortcuts."""
-    return torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling() or is_exporting()
-
-
-def _must_run_inline(pos_embed: torch.Tensor) -> bool:
-    return _traced() or (torch.is_grad_enabled() and pos_embed.requires_grad)
 
 
 def dynamic_pos_embed(model: nn.Module, grid: tuple[int, int]) -> torch.Tensor:
@@ -145,7 +60,7 @@ def dynamic_pos_embed(model: nn.Module, grid: tuple[int, int]) -> torch.Tensor:
             interpolation=opts.interpolation, antialias=opts.antialias,
         )
 
-    if _must_run_inline(pos_embed):
+    if must_run_inline(pos_embed):
         return compute()
     key = (int(grid[0]), int(grid[1]), pos_embed.dtype, pos_embed.device, torch.is_inference_mode_enabled())
     return model._anysize_pos_cache.get_or_compute(key, pos_embed, lambda: compute().detach())
@@ -210,7 +125,7 @@ class DynamicPatchEmbed(PatchEmbed):
         if (
             not self.dynamic_img_pad
             or not (self.flatten or self.output_fmt == Format.NHWC)
-            or _traced()
+            or traced()
             or x.shape[-2] % self.patch_size[0] or x.shape[-1] % self.patch_size[1]
         ):
             return super().forward(x)
@@ -223,6 +138,7 @@ _DYNAMIC_CLASSES: dict[type, type] = {
     vision_transformer.VisionTransformer: DynamicVisionTransformer,
     deit.VisionTransformerDistilled: DynamicVisionTransformerDistilled,
     eva.Eva: DynamicEva,
+    beit.Beit: DynamicBeit,
 }
 
 
@@ -258,9 +174,10 @@ def enable_dynamic(
 ) -> nn.Module:
     """Make a timm model accept any input H x W, in place, with a cached resampled position embedding.
 
-    Works on any supported timm model (ViT incl. registers / ``no_embed_class``, distilled DeiT, EVA; Swin, SwinV2,
-    SwinV2-CR), whether or not it was built by timm-anysize. At the model's own size the outputs are bit-identical
-    to before; at other sizes a ViT-family model equals one built for that size with ``set_input_size``, and a Swin
+    Works on any supported timm model (ViT incl. registers / ``no_embed_class``, distilled DeiT, EVA, BEiT; Swin,
+    SwinV2, SwinV2-CR), whether or not it was built by timm-anysize. At the model's own size the outputs are
+    bit-identical to before; at other sizes a ViT-family model equals one moved to that size with
+    ``set_input_size`` (BEiT: with its bias tables resized per grid, cached; :mod:`timm_anysize.dynamic_beit`), and a Swin
     model pads its feature maps to whole windows and masks the padding out of attention (see
     :mod:`timm_anysize.swin_windows`).
 
@@ -306,6 +223,8 @@ def enable_dynamic(
         )
     pe = model.patch_embed
     model.__class__ = dynamic_cls
+    if dynamic_cls is DynamicBeit:
+        enable_beit_dynamic(model, cache_size)
     model.dynamic_img_size = True
     pe.strict_img_size = False
     pe.flatten = False

@@ -198,9 +198,7 @@ FAMILIES: tuple[Family, ...] = (
         classes=(beit.Beit,),
         checkpoint_filter=beit.checkpoint_filter_fn,
         tensors=_REL_TABLE,
-        dynamic="",
-        dynamic_reason="its relative-position bias tables are built for one window; per-size tables are not "
-        "implemented yet",
+        dynamic_args=(),  # timm's BEiT has no dynamic-size arguments; enable_dynamic adds the path
         example="beit_base_patch16_224",
     ),
     Family(

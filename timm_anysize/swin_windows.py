@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from timm.layers import PatchEmbed
 from timm.models import swin_transformer, swin_transformer_v2, swin_transformer_v2_cr
 
+from .cache import traced
 from .spec import Size2
 
 __all__ = ["shifted_window_mask", "window_attention", "enable_swin_dynamic", "SWIN_BLOCKS"]
@@ -93,8 +94,6 @@ def _reverse(windows: torch.Tensor, window: Size2, H: int, W: int) -> torch.Tens
 
 def window_attention(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A Swin block's (shifted) window attention on ``[B, H, W, C]`` of any H, W: pad, roll, attend, undo."""
-    from .dynamic import _traced
-
     B, H, W, C = x.shape
     window, shift = tuple(block.window_size), tuple(block.shift_size)
     pad_h, pad_w = (-H) % window[0], (-W) % window[1]
@@ -104,7 +103,7 @@ def window_attention(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if any(shift):
         x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
     windows = _partition(x, window).view(-1, window[0] * window[1], C)
-    make_mask = shifted_window_mask if _traced() else _cached_mask
+    make_mask = shifted_window_mask if traced() else _cached_mask
     mask = make_mask((H, W), (Hp, Wp), window, shift, x.device, x.dtype)
     out = block.attn(windows, mask=mask).view(-1, window[0], window[1], C)
     x = _reverse(out, window, Hp, Wp)

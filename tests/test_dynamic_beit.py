@@ -1,0 +1,77 @@
+"""BEiT at any input size: per-grid bias tables equal timm's set_input_size, bit for bit, cached per grid."""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+import pytest
+import timm
+import torch
+
+import timm_anysize
+
+SMALL = dict(embed_dim=64, depth=2, num_heads=2, img_size=64)
+
+
+@pytest.mark.parametrize("args", [
+    {},
+    dict(use_abs_pos_emb=True),
+    dict(use_shared_rel_pos_bias=True, use_rel_pos_bias=False),
+], ids=["rel_pos", "abs_pos", "shared_rel_pos"])
+def test_any_size_equals_set_input_size(args):
+    torch.manual_seed(0)
+    base = timm.create_model("beit_base_patch16_224", **SMALL, **args).eval()
+    with torch.no_grad():
+        for p in base.parameters():
+            p.add_(torch.randn_like(p) * 0.02)  # non-zero tables
+    model = timm_anysize.enable_dynamic(copy.deepcopy(base))
+    with torch.no_grad():
+        x = torch.randn(2, 3, 64, 64)
+        assert torch.equal(model(x), base(x))  # own size: timm's own path
+        for hw in [(96, 64), (48, 112)]:
+            moved = copy.deepcopy(base)
+            moved.set_input_size(img_size=hw)
+            x = torch.randn(2, 3, *hw)
+            assert torch.equal(model(x), moved(x)), hw
+
+
+def test_tables_are_cached_per_grid_and_follow_the_weights():
+    model = timm_anysize.enable_dynamic(timm.create_model("beit_base_patch16_224", **SMALL).eval())
+    attn = model.blocks[0].attn
+    with torch.no_grad():
+        a = model(torch.randn(1, 3, 96, 80))
+        model(torch.randn(1, 3, 96, 80))
+        assert attn._anysize_bias_cache.info()["hits"] == 1
+        attn.relative_position_bias_table.add_(1.0)  # an in-place write: the cached table is stale
+        b = model(torch.randn(1, 3, 96, 80))
+    assert attn._anysize_bias_cache.info()["invalidations"] == 1 and not torch.equal(a, b)
+
+
+def test_gradients_reach_the_table_at_other_sizes():
+    model = timm_anysize.enable_dynamic(timm.create_model("beit_base_patch16_224", **SMALL))
+    model(torch.randn(1, 3, 80, 96)).sum().backward()
+    assert model.blocks[0].attn.relative_position_bias_table.grad.abs().sum() > 0
+
+
+def test_threads_at_different_sizes_do_not_mix_grids():
+    model = timm_anysize.enable_dynamic(timm.create_model("beit_base_patch16_224", **SMALL).eval())
+    sizes = [(64, 64), (96, 48), (48, 80), (80, 80)] * 4
+    inputs = [torch.randn(1, 3, *hw, generator=torch.Generator().manual_seed(i)) for i, hw in enumerate(sizes)]
+    with torch.no_grad():
+        expected = [model(x) for x in inputs]
+    results, errors = [None] * len(inputs), []
+
+    def run(i):
+        try:
+            with torch.no_grad():
+                results[i] = model(inputs[i])
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and all(torch.equal(r, e) for r, e in zip(results, expected))

@@ -1,0 +1,98 @@
+"""Caching what is derived from weights (resampled position embeddings, resized bias tables) for the dynamic paths,
+and when not to: while tracing, compiling or exporting, or when a gradient must flow to the weights.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections import OrderedDict
+from typing import Any, Callable, Optional
+
+import torch
+from timm.layers.helpers import is_exporting
+
+__all__ = ["PosEmbedCache", "DEFAULT_CACHE_SIZE", "traced", "must_run_inline"]
+
+DEFAULT_CACHE_SIZE = 16
+
+
+class PosEmbedCache:
+    """A bounded, thread-safe LRU cache of resampled position embeddings, stamped by the weights they came from.
+
+    Copies and pickles of a model get a fresh, empty cache (a lock cannot be copied, and entries are derived).
+
+    Example:
+        >>> cache, weights = PosEmbedCache(maxsize=2), torch.zeros(3)
+        >>> cache.get_or_compute(("a",), weights, compute=lambda: weights + 1).tolist()
+        [1.0, 1.0, 1.0]
+        >>> _ = weights.add_(1)  # an in-place write moves the version counter: the entry is stale
+        >>> cache.get_or_compute(("a",), weights, lambda: weights + 1).tolist(), cache.info()["invalidations"]
+        ([2.0, 2.0, 2.0], 1)
+    """
+
+    def __init__(self, maxsize: int = DEFAULT_CACHE_SIZE):
+        if maxsize < 1:
+            raise ValueError(f"cache size must be >= 1, got {maxsize}")
+        self.maxsize = maxsize
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._stamp: Any = None
+        self._source: Optional[weakref.ref] = None
+        self.hits = self.misses = self.invalidations = 0
+
+    def get_or_compute(self, key: tuple, source: torch.Tensor, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The entry for ``key``, computing it on a miss; all entries are dropped when ``source`` changed.
+
+        ``source`` (the weights entries derive from) changed when it is another tensor object, or its storage,
+        version counter (moved by every in-place write: optimizer steps, ``load_state_dict``), dtype or device
+        differ.
+        """
+        stamp = (source.data_ptr(), source._version, source.dtype, source.device)
+        with self._lock:
+            if stamp != self._stamp or self._source is None or self._source() is not source:
+                if self._entries:
+                    self.invalidations += 1
+                self._entries.clear()
+                self._stamp, self._source = stamp, weakref.ref(source)
+            value = self._entries.get(key)
+            if value is not None:
+                self._entries.move_to_end(key)
+                self.hits += 1
+                return value
+            self.misses += 1
+            value = compute()
+            self._entries[key] = value
+            while len(self._entries) > self.maxsize:
+                self._entries.popitem(last=False)
+            return value
+
+    def clear(self) -> None:
+        """Drop every entry."""
+        with self._lock:
+            self._entries.clear()
+            self._stamp = self._source = None
+
+    def info(self) -> dict[str, int]:
+        """Counters and size, e.g. ``{'hits': 3, 'misses': 1, 'invalidations': 0, 'size': 1, 'maxsize': 16}``."""
+        with self._lock:
+            return dict(hits=self.hits, misses=self.misses, invalidations=self.invalidations,
+                        size=len(self._entries), maxsize=self.maxsize)
+
+    def __deepcopy__(self, memo: dict) -> "PosEmbedCache":
+        return PosEmbedCache(self.maxsize)
+
+    def __getstate__(self) -> dict:
+        return {"maxsize": self.maxsize}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["maxsize"])  # type: ignore[misc]
+
+
+def traced() -> bool:
+    """Scripting, tracing, compiling or exporting: run timm's plain path, no caches and no shape shortcuts."""
+    return torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling() or is_exporting()
+
+
+def must_run_inline(pos_embed: torch.Tensor) -> bool:
+    return traced() or (torch.is_grad_enabled() and pos_embed.requires_grad)
