@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 from timm.layers import Format, PatchEmbed, resample_abs_pos_embed
 from timm.layers.helpers import is_exporting
-from timm.models import beit, deit, eva, vision_transformer
+from timm.models import beit, cait, deit, eva, vision_transformer
 
 from .cache import DEFAULT_CACHE_SIZE, PosEmbedCache, must_run_inline, traced
 from .dynamic_beit import DynamicBeit, enable_beit_dynamic
@@ -45,14 +45,18 @@ class DynamicOptions:
     pad: bool = True
 
 
-def dynamic_pos_embed(model: nn.Module, grid: tuple[int, int]) -> torch.Tensor:
-    """The model's position embedding for a patch grid: its own at the native grid, else resampled (cached)."""
+def dynamic_pos_embed(model: nn.Module, grid: tuple[int, int], prefix: Optional[int] = None) -> torch.Tensor:
+    """The model's position embedding for a patch grid: its own at the native grid, else resampled (cached).
+
+    ``prefix``: leading entries that belong to prefix tokens (default: the model's, none with ``no_embed_class``).
+    """
     pos_embed = model.pos_embed
     native = tuple(model.patch_embed.grid_size)
     opts: DynamicOptions = model._anysize_dynamic
     if not is_exporting() and not torch.compiler.is_compiling() and tuple(grid) == native:
         return pos_embed
-    prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
+    if prefix is None:
+        prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
 
     def compute() -> torch.Tensor:
         return resample_abs_pos_embed(
@@ -113,6 +117,21 @@ class DynamicEva(eva.Eva):
         return self.pos_drop(x), rot_pos_embed
 
 
+class DynamicCait(cait.Cait):
+    """timm's CaiT with a cached dynamic position embedding (patch tokens only: the class token joins later)."""
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.dynamic_img_size:
+            return super().forward_features(x)
+        x = self.patch_embed(x)
+        B, H, W, C = x.shape
+        x = self.pos_drop(x.reshape(B, H * W, C) + dynamic_pos_embed(self, (H, W), prefix=0))
+        x = self.blocks(x)
+        if self.blocks_token_only is not None:
+            x = self.forward_cls(x)
+        return self.norm(x)
+
+
 class DynamicPatchEmbed(PatchEmbed):
     """timm's PatchEmbed that skips ``F.pad`` when there is nothing to pad.
 
@@ -139,6 +158,7 @@ _DYNAMIC_CLASSES: dict[type, type] = {
     deit.VisionTransformerDistilled: DynamicVisionTransformerDistilled,
     eva.Eva: DynamicEva,
     beit.Beit: DynamicBeit,
+    cait.Cait: DynamicCait,
 }
 
 
@@ -174,7 +194,7 @@ def enable_dynamic(
 ) -> nn.Module:
     """Make a timm model accept any input H x W, in place, with a cached resampled position embedding.
 
-    Works on any supported timm model (ViT incl. registers / ``no_embed_class``, distilled DeiT, EVA, BEiT; Swin,
+    Works on any supported timm model (ViT incl. registers / ``no_embed_class``, distilled DeiT, EVA, BEiT, CaiT; Swin,
     SwinV2, SwinV2-CR), whether or not it was built by timm-anysize. At the model's own size the outputs are
     bit-identical to before; at other sizes a ViT-family model equals one moved to that size with
     ``set_input_size`` (BEiT: with its bias tables resized per grid, cached; :mod:`timm_anysize.dynamic_beit`), and a Swin

@@ -206,9 +206,7 @@ FAMILIES: tuple[Family, ...] = (
         classes=(cait.Cait,),
         checkpoint_filter=cait.checkpoint_filter_fn,
         pos_embed_prefix=0,
-        dynamic="",
-        dynamic_reason="timm's CaiT has no dynamic-size path (its patch embedding asserts the input size); not "
-        "implemented yet",
+        dynamic_args=(),  # timm's CaiT has no dynamic-size path; enable_dynamic adds it
         example="cait_xxs24_224",
     ),
     Family(

@@ -1,4 +1,5 @@
-"""BEiT at any input size: per-grid bias tables equal timm's set_input_size, bit for bit, cached per grid."""
+"""BEiT and CaiT at any input size: BEiT bias tables per grid equal timm's set_input_size bit for bit, cached per grid;
+CaiT's position embedding resampled with no prefix."""
 
 from __future__ import annotations
 
@@ -75,3 +76,24 @@ def test_threads_at_different_sizes_do_not_mix_grids():
     for t in threads:
         t.join()
     assert not errors and all(torch.equal(r, e) for r, e in zip(results, expected))
+
+
+def test_cait_at_any_size_equals_a_cait_built_for_that_size():
+    """CaiT's position embedding covers patch tokens only (the class token joins later): resampled with no prefix."""
+    from timm.layers import resample_abs_pos_embed
+
+    args = dict(embed_dim=64, depth=2, num_heads=2, depth_token_only=1)
+    torch.manual_seed(0)
+    base = timm.create_model("cait_xxs24_224", img_size=64, **args).eval()
+    model = timm_anysize.enable_dynamic(copy.deepcopy(base))
+    with torch.no_grad():
+        x = torch.randn(2, 3, 64, 64)
+        assert torch.equal(model(x), base(x))
+        for hw in [(96, 64), (48, 112)]:
+            built = timm.create_model("cait_xxs24_224", img_size=hw, **args).eval()
+            sd = dict(base.state_dict())
+            sd["pos_embed"] = resample_abs_pos_embed(sd["pos_embed"], new_size=[hw[0] // 16, hw[1] // 16],
+                                                     old_size=[4, 4], num_prefix_tokens=0)
+            built.load_state_dict(sd)
+            x = torch.randn(2, 3, *hw)
+            assert torch.equal(model(x), built(x)), hw
