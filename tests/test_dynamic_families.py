@@ -97,3 +97,61 @@ def test_cait_at_any_size_equals_a_cait_built_for_that_size():
             built.load_state_dict(sd)
             x = torch.randn(2, 3, *hw)
             assert torch.equal(model(x), built(x)), hw
+
+
+def _resampled_image(pe, grid, channels_last):
+    from timm.layers import resample_abs_pos_embed_nhwc
+
+    nhwc = pe if channels_last else pe.permute(0, 2, 3, 1)
+    out = resample_abs_pos_embed_nhwc(nhwc, list(grid), interpolation="bicubic", antialias=True)
+    return out if channels_last else out.permute(0, 3, 1, 2)
+
+
+def _perturbed(arch, **kwargs):
+    torch.manual_seed(0)
+    model = timm.create_model(arch, **kwargs).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+@pytest.mark.parametrize("arch, args, size, other, key, channels_last", [
+    ("pit_ti_224", dict(depth=(1, 1, 1)), 64, (96, 80), "pos_embed", False),
+    ("volo_d1_224", {}, 64, (96, 48), "pos_embed", True),
+], ids=["pit", "volo"])
+def test_conv_stem_families_at_any_size_equal_the_model_built_for_it(arch, args, size, other, key, channels_last):
+    """PiT / VOLO: position embeddings laid out as images, resampled to the grid the stem gives the input."""
+    base = _perturbed(arch, img_size=size, **args)
+    model = timm_anysize.enable_dynamic(copy.deepcopy(base))
+    built = timm.create_model(arch, img_size=other, **args).eval()
+    sd = dict(base.state_dict())
+    grid = built.state_dict()[key].shape[1:3] if channels_last else built.state_dict()[key].shape[2:4]
+    sd[key] = _resampled_image(sd[key], grid, channels_last)
+    built.load_state_dict(sd)
+    with torch.no_grad():
+        x = torch.randn(2, 3, size, size)
+        assert torch.equal(model(x), base(x))
+        x = torch.randn(2, 3, *other)
+        assert torch.equal(model(x), built(x))
+
+
+def test_crossvit_branches_follow_the_input_size():
+    """Each branch keeps its ratio to the input (240 -> 240 / 224 at 240 px) and gets its embedding resampled."""
+    from timm.layers import resample_abs_pos_embed
+
+    args = dict(embed_dim=[32, 64], depth=[[1, 1, 0]], num_heads=[1, 1])
+    base = _perturbed("crossvit_tiny_240", img_size=240, **args)
+    model = timm_anysize.enable_dynamic(copy.deepcopy(base))
+    built = timm.create_model("crossvit_tiny_240", img_size=360, **args).eval()  # branches 360 / 336 px
+    sd = dict(base.state_dict())
+    for i, (old, new) in enumerate([((20, 20), (30, 30)), ((14, 14), (21, 21))]):
+        sd[f"pos_embed_{i}"] = resample_abs_pos_embed(sd[f"pos_embed_{i}"], new_size=list(new), old_size=list(old),
+                                                      num_prefix_tokens=1)
+    built.load_state_dict(sd)
+    with torch.no_grad():
+        x = torch.randn(2, 3, 240, 240)
+        assert torch.equal(model(x), base(x))
+        x = torch.randn(2, 3, 360, 360)
+        assert torch.equal(model(x), built(x))
+        assert torch.isfinite(model(torch.randn(1, 3, 200, 280))).all()

@@ -7,12 +7,23 @@ from __future__ import annotations
 import threading
 import weakref
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
+import torch.nn as nn
+from timm.layers import resample_abs_pos_embed, resample_abs_pos_embed_nhwc
 from timm.layers.helpers import is_exporting
 
-__all__ = ["PosEmbedCache", "DEFAULT_CACHE_SIZE", "traced", "must_run_inline"]
+__all__ = [
+    "PosEmbedCache",
+    "DEFAULT_CACHE_SIZE",
+    "DynamicOptions",
+    "traced",
+    "must_run_inline",
+    "dynamic_pos_embed",
+    "dynamic_image_pos_embed",
+]
 
 DEFAULT_CACHE_SIZE = 16
 
@@ -96,3 +107,77 @@ def traced() -> bool:
 
 def must_run_inline(pos_embed: torch.Tensor) -> bool:
     return traced() or (torch.is_grad_enabled() and pos_embed.requires_grad)
+
+
+@dataclass(frozen=True)
+class DynamicOptions:
+    """How a dynamic model resamples its position embedding at run time, and whether it pads."""
+
+    interpolation: str = "bicubic"
+    antialias: bool = True
+    pad: bool = True
+
+
+def _cache_for(model: nn.Module, name: str) -> "PosEmbedCache":
+    """The cache of one embedding (each has its own stamp): ``pos_embed``'s, or another named one's."""
+    if name == "pos_embed":
+        return model._anysize_pos_cache
+    return model._anysize_caches.setdefault(name, PosEmbedCache(model._anysize_pos_cache.maxsize))
+
+
+def dynamic_pos_embed(
+    model: nn.Module,
+    grid: tuple[int, int],
+    prefix: Optional[int] = None,
+    name: str = "pos_embed",
+    native: Optional[tuple[int, int]] = None,
+) -> torch.Tensor:
+    """A token position embedding ``[1, prefix + H*W, C]`` for a patch grid: the model's own at the native grid,
+    else resampled (cached).
+
+    Args:
+        model: A model set up by ``enable_dynamic``.
+        grid: The patch grid of this forward.
+        prefix: Leading entries that belong to prefix tokens (default: the model's, none with ``no_embed_class``).
+        name: The embedding's attribute (CrossViT has one per branch).
+        native: The grid the embedding is laid out on (default: the patch embedding's).
+    """
+    pos_embed = getattr(model, name)
+    native = tuple(native or model.patch_embed.grid_size)
+    opts: DynamicOptions = model._anysize_dynamic
+    if not is_exporting() and not torch.compiler.is_compiling() and tuple(grid) == native:
+        return pos_embed
+    if prefix is None:
+        prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
+
+    def compute() -> torch.Tensor:
+        return resample_abs_pos_embed(
+            pos_embed, new_size=grid, old_size=native, num_prefix_tokens=prefix,
+            interpolation=opts.interpolation, antialias=opts.antialias,
+        )
+
+    if must_run_inline(pos_embed):
+        return compute()
+    key = (int(grid[0]), int(grid[1]), pos_embed.dtype, pos_embed.device, torch.is_inference_mode_enabled())
+    return _cache_for(model, name).get_or_compute(key, pos_embed, lambda: compute().detach())
+
+
+def dynamic_image_pos_embed(model: nn.Module, grid: tuple[int, int], channels_last: bool) -> torch.Tensor:
+    """A position embedding laid out as an image, ``[1, C, H, W]`` (PiT) or ``[1, H, W, C]`` (VOLO), for a grid:
+    the model's own at its native grid, else resampled (cached)."""
+    pos_embed = model.pos_embed
+    native = tuple(pos_embed.shape[1:3] if channels_last else pos_embed.shape[2:4])
+    grid = (int(grid[0]), int(grid[1]))
+    if not traced() and grid == native:
+        return pos_embed
+    opts: DynamicOptions = model._anysize_dynamic
+
+    def compute() -> torch.Tensor:
+        nhwc = pos_embed if channels_last else pos_embed.permute(0, 2, 3, 1)
+        out = resample_abs_pos_embed_nhwc(nhwc, list(grid), interpolation=opts.interpolation, antialias=opts.antialias)
+        return out if channels_last else out.permute(0, 3, 1, 2)
+
+    if must_run_inline(pos_embed):
+        return compute()
+    key = (grid, pos_embed.dtype, pos_embed.device, torch.is_inference_mode_enabled())
+    return model._anysize_pos_cache.get_or_compute(key, pos_embed, lambda: compute().detach())

@@ -13,17 +13,17 @@ timm's own (pinned by a test against timm's dynamic path).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn as nn
-from timm.layers import Format, PatchEmbed, resample_abs_pos_embed
+from timm.layers import Format, PatchEmbed
 from timm.layers.helpers import is_exporting
-from timm.models import beit, cait, deit, eva, vision_transformer
+from timm.models import beit, cait, crossvit, deit, eva, pit, vision_transformer, volo
 
-from .cache import DEFAULT_CACHE_SIZE, PosEmbedCache, must_run_inline, traced
+from .cache import DEFAULT_CACHE_SIZE, DynamicOptions, PosEmbedCache, dynamic_pos_embed, traced
 from .dynamic_beit import DynamicBeit, enable_beit_dynamic
+from .dynamic_conv_stems import DynamicCrossVit, DynamicPit, DynamicVolo
 from .swin_windows import SWIN_MODELS, enable_swin_dynamic
 
 __all__ = [
@@ -35,40 +35,6 @@ __all__ = [
     "DynamicOptions",
     "DEFAULT_CACHE_SIZE",
 ]
-
-@dataclass(frozen=True)
-class DynamicOptions:
-    """How a dynamic model resamples its position embedding at run time, and whether it pads."""
-
-    interpolation: str = "bicubic"
-    antialias: bool = True
-    pad: bool = True
-
-
-def dynamic_pos_embed(model: nn.Module, grid: tuple[int, int], prefix: Optional[int] = None) -> torch.Tensor:
-    """The model's position embedding for a patch grid: its own at the native grid, else resampled (cached).
-
-    ``prefix``: leading entries that belong to prefix tokens (default: the model's, none with ``no_embed_class``).
-    """
-    pos_embed = model.pos_embed
-    native = tuple(model.patch_embed.grid_size)
-    opts: DynamicOptions = model._anysize_dynamic
-    if not is_exporting() and not torch.compiler.is_compiling() and tuple(grid) == native:
-        return pos_embed
-    if prefix is None:
-        prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
-
-    def compute() -> torch.Tensor:
-        return resample_abs_pos_embed(
-            pos_embed, new_size=grid, old_size=native, num_prefix_tokens=prefix,
-            interpolation=opts.interpolation, antialias=opts.antialias,
-        )
-
-    if must_run_inline(pos_embed):
-        return compute()
-    key = (int(grid[0]), int(grid[1]), pos_embed.dtype, pos_embed.device, torch.is_inference_mode_enabled())
-    return model._anysize_pos_cache.get_or_compute(key, pos_embed, lambda: compute().detach())
-
 
 def _add_pos_embed(x: torch.Tensor, pos_embed: torch.Tensor, prefix: list[torch.Tensor], no_embed_class: bool):
     """timm's token layout: add then concat prefix tokens (no_embed_class), or concat then add."""
@@ -159,7 +125,12 @@ _DYNAMIC_CLASSES: dict[type, type] = {
     eva.Eva: DynamicEva,
     beit.Beit: DynamicBeit,
     cait.Cait: DynamicCait,
+    pit.PoolingVisionTransformer: DynamicPit,
+    volo.VOLO: DynamicVolo,
+    crossvit.CrossVit: DynamicCrossVit,
 }
+# Conv stems that take any input size: no patch-embedding set-up, no padding.
+_CONV_STEMS = (DynamicPit, DynamicVolo, DynamicCrossVit)
 
 
 class InputNotDivisibleError(ValueError):
@@ -194,7 +165,7 @@ def enable_dynamic(
 ) -> nn.Module:
     """Make a timm model accept any input H x W, in place, with a cached resampled position embedding.
 
-    Works on any supported timm model (ViT incl. registers / ``no_embed_class``, distilled DeiT, EVA, BEiT, CaiT; Swin,
+    Works on any supported timm model (ViT incl. registers / ``no_embed_class``, distilled DeiT, EVA, BEiT, CaiT, PiT, VOLO, CrossViT; Swin,
     SwinV2, SwinV2-CR), whether or not it was built by timm-anysize. At the model's own size the outputs are
     bit-identical to before; at other sizes a ViT-family model equals one moved to that size with
     ``set_input_size`` (BEiT: with its bias tables resized per grid, cached; :mod:`timm_anysize.dynamic_beit`), and a Swin
@@ -243,9 +214,14 @@ def enable_dynamic(
         )
     pe = model.patch_embed
     model.__class__ = dynamic_cls
+    model.dynamic_img_size = True
+    model._anysize_dynamic = DynamicOptions(interpolation, antialias, pad)
+    model._anysize_pos_cache = PosEmbedCache(cache_size)
+    model._anysize_caches = {}
+    if dynamic_cls in _CONV_STEMS:
+        return model
     if dynamic_cls is DynamicBeit:
         enable_beit_dynamic(model, cache_size)
-    model.dynamic_img_size = True
     pe.strict_img_size = False
     pe.flatten = False
     pe.output_fmt = Format.NHWC
@@ -254,8 +230,6 @@ def enable_dynamic(
         pe.__class__ = DynamicPatchEmbed
     if not pad:
         model._anysize_pad_hooks.append(pe.register_forward_pre_hook(_check_divisible))
-    model._anysize_dynamic = DynamicOptions(interpolation, antialias, pad)
-    model._anysize_pos_cache = PosEmbedCache(cache_size)
     return model
 
 
@@ -264,10 +238,12 @@ def _cache(model: nn.Module) -> Optional[PosEmbedCache]:
 
 
 def clear_dynamic_cache(model: nn.Module) -> None:
-    """Drop the cached position embeddings (needed only after writing weights through ``.data``)."""
-    cache = _cache(model)
-    if cache is not None:
-        cache.clear()
+    """Drop the cached position embeddings and bias tables (needed only after writing weights through ``.data``)."""
+    for module in model.modules():
+        for cache in (getattr(module, "_anysize_pos_cache", None), getattr(module, "_anysize_bias_cache", None),
+                      *getattr(module, "_anysize_caches", {}).values()):
+            if cache is not None:
+                cache.clear()
 
 
 def dynamic_cache_info(model: nn.Module) -> dict[str, int]:

@@ -19,7 +19,7 @@ import torch.nn as nn
 from timm.layers import resize_rel_pos_bias_table
 from timm.models import beit
 
-from .cache import PosEmbedCache, must_run_inline
+from .cache import PosEmbedCache, dynamic_pos_embed, must_run_inline
 from .spec import Size2
 
 __all__ = ["DynamicBeit", "enable_beit_dynamic"]
@@ -88,8 +88,6 @@ class DynamicBeit(beit.Beit):
         try:
             x = torch.cat((self.cls_token.expand(B, -1, -1), x.reshape(B, H * W, C)), dim=1)
             if self.pos_embed is not None:
-                from .dynamic import dynamic_pos_embed  # dynamic imports this module
-
                 x = x + dynamic_pos_embed(self, (H, W))
             x = self.pos_drop(x)
             rel_pos_bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None

@@ -241,8 +241,7 @@ FAMILIES: tuple[Family, ...] = (
             "patch_smaller": "PiT's patch kernel overlaps (stride = patch / 2); resizing it changes what a token sees",
             "patch_larger": "PiT's patch kernel overlaps (stride = patch / 2); resizing it changes what a token sees",
         },
-        dynamic="",
-        dynamic_reason="timm's PiT adds its position embedding at one grid; not implemented yet",
+        dynamic_args=(),  # conv stems take any size; enable_dynamic resamples the position embedding
         example="pit_ti_224",
     ),
     Family(
@@ -250,8 +249,7 @@ FAMILIES: tuple[Family, ...] = (
         classes=(volo.VOLO,),
         tensors=(("pos_embed", "pos_nhwc"),),
         unsupported={"patch_smaller": _NO_CONV_PATCH, "patch_larger": _NO_CONV_PATCH},
-        dynamic="",
-        dynamic_reason="timm's VOLO adds its position embedding at one grid; not implemented yet",
+        dynamic_args=(),  # conv stems take any size; enable_dynamic resamples the position embedding
         example="volo_d1_224",
     ),
     Family(
@@ -305,8 +303,7 @@ FAMILIES: tuple[Family, ...] = (
             "patch_smaller": "CrossViT has one patch size per branch, which a single patch_size cannot express",
             "patch_larger": "CrossViT has one patch size per branch, which a single patch_size cannot express",
         },
-        dynamic="",
-        dynamic_reason="timm's CrossViT asserts the input size in its patch embeddings; not implemented yet",
+        dynamic_args=(),  # conv stems take any size; enable_dynamic resamples the position embedding
         example="crossvit_tiny_240",
     ),
     Family(
