@@ -155,3 +155,31 @@ def test_crossvit_branches_follow_the_input_size():
         x = torch.randn(2, 3, 360, 360)
         assert torch.equal(model(x), built(x))
         assert torch.isfinite(model(torch.randn(1, 3, 200, 280))).all()
+
+
+@pytest.mark.parametrize("args", [{}, dict(abs_win_pos_embed=True)], ids=["pos_embed", "abs_win_pos_embed"])
+def test_hiera_at_any_size_equals_the_model_built_for_it(args):
+    """The unroll is rebuilt for the input's grid; the position embedding resampled (token layout, no prefix)."""
+    from timm.layers import resample_abs_pos_embed
+
+    small = dict(embed_dim=32, num_heads=1, stages=(1, 1, 1, 1), **args)
+    base = _perturbed("hiera_tiny_224", img_size=64, **small)
+    model = timm_anysize.enable_dynamic(copy.deepcopy(base))
+    built = timm.create_model("hiera_tiny_224", img_size=(96, 128), **small).eval()
+    sd = dict(base.state_dict())
+    if not args:
+        sd["pos_embed"] = resample_abs_pos_embed(sd["pos_embed"], new_size=[24, 32], old_size=[16, 16],
+                                                 num_prefix_tokens=0)
+    built.load_state_dict(sd)
+    with torch.no_grad():
+        x = torch.randn(2, 3, 64, 64)
+        assert torch.equal(model(x), base(x))
+        x = torch.randn(2, 3, 96, 128)
+        assert torch.equal(model(x), built(x))
+        assert torch.isfinite(model(torch.randn(1, 3, 70, 100))).all()  # padded to 96 x 128
+
+
+def test_hiera_without_padding_names_the_mask_unit():
+    model = timm_anysize.enable_dynamic(timm.create_model("hiera_tiny_224", img_size=64).eval(), pad=False)
+    with pytest.raises(ValueError, match=r"not a multiple of Hiera's mask unit \(32x32 px\)"):
+        model(torch.randn(1, 3, 70, 96))

@@ -19,11 +19,12 @@ import torch
 import torch.nn as nn
 from timm.layers import Format, PatchEmbed
 from timm.layers.helpers import is_exporting
-from timm.models import beit, cait, crossvit, deit, eva, pit, vision_transformer, volo
+from timm.models import beit, cait, crossvit, deit, eva, hiera, pit, vision_transformer, volo
 
 from .cache import DEFAULT_CACHE_SIZE, DynamicOptions, PosEmbedCache, dynamic_pos_embed, traced
 from .dynamic_beit import DynamicBeit, enable_beit_dynamic
 from .dynamic_conv_stems import DynamicCrossVit, DynamicPit, DynamicVolo
+from .dynamic_hiera import DynamicHiera
 from .swin_windows import SWIN_MODELS, enable_swin_dynamic
 
 __all__ = [
@@ -128,9 +129,10 @@ _DYNAMIC_CLASSES: dict[type, type] = {
     pit.PoolingVisionTransformer: DynamicPit,
     volo.VOLO: DynamicVolo,
     crossvit.CrossVit: DynamicCrossVit,
+    hiera.Hiera: DynamicHiera,
 }
-# Conv stems that take any input size: no patch-embedding set-up, no padding.
-_CONV_STEMS = (DynamicPit, DynamicVolo, DynamicCrossVit)
+# Conv stems that take any input size: no patch-embedding set-up (Hiera pads to whole mask units itself).
+_CONV_STEMS = (DynamicPit, DynamicVolo, DynamicCrossVit, DynamicHiera)
 
 
 class InputNotDivisibleError(ValueError):
@@ -165,7 +167,7 @@ def enable_dynamic(
 ) -> nn.Module:
     """Make a timm model accept any input H x W, in place, with a cached resampled position embedding.
 
-    Works on any supported timm model (ViT incl. registers / ``no_embed_class``, distilled DeiT, EVA, BEiT, CaiT, PiT, VOLO, CrossViT; Swin,
+    Works on any supported timm model (ViT incl. registers / ``no_embed_class``, distilled DeiT, EVA, BEiT, CaiT, PiT, VOLO, CrossViT, Hiera; Swin,
     SwinV2, SwinV2-CR), whether or not it was built by timm-anysize. At the model's own size the outputs are
     bit-identical to before; at other sizes a ViT-family model equals one moved to that size with
     ``set_input_size`` (BEiT: with its bias tables resized per grid, cached; :mod:`timm_anysize.dynamic_beit`), and a Swin

@@ -289,8 +289,7 @@ FAMILIES: tuple[Family, ...] = (
             "patch_smaller": "Hiera's stem kernel (7x7, stride 4) overlaps; there is no patch kernel to resize",
             "patch_larger": "Hiera's stem kernel (7x7, stride 4) overlaps; there is no patch kernel to resize",
         },
-        dynamic="",
-        dynamic_reason="Hiera's mask-unit token order is fixed by the input size at construction",
+        dynamic_args=(),  # enable_dynamic rebuilds the token unroll per size
         example="hiera_tiny_224",
     ),
     Family(
