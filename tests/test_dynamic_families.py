@@ -183,3 +183,28 @@ def test_hiera_without_padding_names_the_mask_unit():
     model = timm_anysize.enable_dynamic(timm.create_model("hiera_tiny_224", img_size=64).eval(), pad=False)
     with pytest.raises(ValueError, match=r"not a multiple of Hiera's mask unit \(32x32 px\)"):
         model(torch.randn(1, 3, 70, 96))
+
+
+@pytest.mark.parametrize("arch", ["levit_128s", "levit_conv_128s"])
+def test_levit_at_any_size_equals_the_model_built_for_it(arch):
+    """Every stage at the resolution the input gives it; biases resized as a load at that size resizes them."""
+    from timm_anysize.adapt import resize_bias_grid
+    from timm_anysize.spec import PosEmbedOptions
+
+    small = dict(embed_dim=(32, 48, 64), depth=(1, 1, 1), num_heads=(1, 1, 1), key_dim=8)
+    base = _perturbed(arch, img_size=64, **small)
+    model = timm_anysize.enable_dynamic(copy.deepcopy(base))
+    built = timm.create_model(arch, img_size=(96, 80), **small).eval()
+    sd = dict(base.state_dict())
+    modules = dict(built.named_modules())
+    for key in sd:
+        if key.endswith("attention_biases"):
+            new = tuple(modules[key.rsplit(".", 1)[0]].resolution)
+            old = tuple(dict(base.named_modules())[key.rsplit(".", 1)[0]].resolution)
+            sd[key] = resize_bias_grid(sd[key], old, new, PosEmbedOptions())
+    built.load_state_dict(sd)
+    with torch.no_grad():
+        x = torch.randn(2, 3, 64, 64)
+        assert torch.equal(model(x), base(x))
+        x = torch.randn(2, 3, 96, 80)
+        assert torch.equal(model(x), built(x))

@@ -19,12 +19,13 @@ import torch
 import torch.nn as nn
 from timm.layers import Format, PatchEmbed
 from timm.layers.helpers import is_exporting
-from timm.models import beit, cait, crossvit, deit, eva, hiera, pit, vision_transformer, volo
+from timm.models import beit, cait, crossvit, deit, eva, hiera, levit, pit, vision_transformer, volo
 
 from .cache import DEFAULT_CACHE_SIZE, DynamicOptions, PosEmbedCache, dynamic_pos_embed, traced
 from .dynamic_beit import DynamicBeit, enable_beit_dynamic
 from .dynamic_conv_stems import DynamicCrossVit, DynamicPit, DynamicVolo
 from .dynamic_hiera import DynamicHiera
+from .dynamic_levit import DynamicLevit, DynamicLevitDistilled, enable_levit_dynamic
 from .swin_windows import SWIN_MODELS, enable_swin_dynamic
 
 __all__ = [
@@ -130,9 +131,11 @@ _DYNAMIC_CLASSES: dict[type, type] = {
     volo.VOLO: DynamicVolo,
     crossvit.CrossVit: DynamicCrossVit,
     hiera.Hiera: DynamicHiera,
+    levit.Levit: DynamicLevit,
+    levit.LevitDistilled: DynamicLevitDistilled,
 }
 # Conv stems that take any input size: no patch-embedding set-up (Hiera pads to whole mask units itself).
-_CONV_STEMS = (DynamicPit, DynamicVolo, DynamicCrossVit, DynamicHiera)
+_CONV_STEMS = (DynamicPit, DynamicVolo, DynamicCrossVit, DynamicHiera, DynamicLevit, DynamicLevitDistilled)
 
 
 class InputNotDivisibleError(ValueError):
@@ -167,7 +170,7 @@ def enable_dynamic(
 ) -> nn.Module:
     """Make a timm model accept any input H x W, in place, with a cached resampled position embedding.
 
-    Works on any supported timm model (ViT incl. registers / ``no_embed_class``, distilled DeiT, EVA, BEiT, CaiT, PiT, VOLO, CrossViT, Hiera; Swin,
+    Works on any supported timm model (ViT incl. registers / ``no_embed_class``, distilled DeiT, EVA, BEiT, CaiT, PiT, VOLO, CrossViT, Hiera, LeViT; Swin,
     SwinV2, SwinV2-CR), whether or not it was built by timm-anysize. At the model's own size the outputs are
     bit-identical to before; at other sizes a ViT-family model equals one moved to that size with
     ``set_input_size`` (BEiT: with its bias tables resized per grid, cached; :mod:`timm_anysize.dynamic_beit`), and a Swin
@@ -214,16 +217,18 @@ def enable_dynamic(
             f"enable_dynamic: this {cls.__name__} was built with RoPE for a fixed {tuple(rope.feat_shape)} grid; "
             f"create it with timm.create_model(..., dynamic_img_size=True), then call enable_dynamic"
         )
-    pe = model.patch_embed
     model.__class__ = dynamic_cls
     model.dynamic_img_size = True
     model._anysize_dynamic = DynamicOptions(interpolation, antialias, pad)
     model._anysize_pos_cache = PosEmbedCache(cache_size)
     model._anysize_caches = {}
+    if dynamic_cls in (DynamicLevit, DynamicLevitDistilled):
+        enable_levit_dynamic(model, cache_size)
     if dynamic_cls in _CONV_STEMS:
         return model
     if dynamic_cls is DynamicBeit:
         enable_beit_dynamic(model, cache_size)
+    pe = model.patch_embed
     pe.strict_img_size = False
     pe.flatten = False
     pe.output_fmt = Format.NHWC

@@ -258,8 +258,7 @@ FAMILIES: tuple[Family, ...] = (
         tensors=(("*attention_biases", "bias_grid"),),
         patch_embeds=(),
         unsupported={"patch_smaller": _NO_CONV_PATCH, "patch_larger": _NO_CONV_PATCH},
-        dynamic="",
-        dynamic_reason="LeViT's attention biases and its reshape of tokens are built for one resolution per stage",
+        dynamic_args=(),  # enable_dynamic gives each stage the resolution of the input
         example="levit_128s",
     ),
     Family(
