@@ -208,3 +208,23 @@ def test_levit_at_any_size_equals_the_model_built_for_it(arch):
         assert torch.equal(model(x), base(x))
         x = torch.randn(2, 3, 96, 80)
         assert torch.equal(model(x), built(x))
+
+
+def test_mvitv2_at_any_size_equals_the_model_built_for_it():
+    """Each axis's tables resized to the length the size needs (linear), as a load at that size resizes them."""
+    from timm_anysize.dynamic_mvit import resize_rel_axis
+
+    base = _perturbed("mvitv2_tiny", img_size=64)
+    model = timm_anysize.enable_dynamic(copy.deepcopy(base))
+    built = timm.create_model("mvitv2_tiny", img_size=96).eval()
+    target = built.state_dict()
+    sd = {k: resize_rel_axis(v, target[k].shape[0]) if "rel_pos_" in k else v for k, v in base.state_dict().items()}
+    built.load_state_dict(sd)
+    with torch.no_grad():
+        x = torch.randn(2, 3, 64, 64)
+        assert torch.equal(model(x), base(x))
+        x = torch.randn(2, 3, 96, 96)
+        assert torch.equal(model(x), built(x))
+        # non-square, and sizes the strides do not divide: every table index stays in range
+        for hw in [(96, 64), (64, 97), (33, 47)]:
+            assert torch.isfinite(model(torch.randn(1, 3, *hw))).all(), hw

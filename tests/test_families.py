@@ -47,6 +47,7 @@ SETUP = {
     "twins": Setup(dict(embed_dims=(32, 64, 128, 256), depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8)), 64, 32),
     "xcit": Setup(dict(depth=2), 64, 16),
     "hiera": Setup(dict(embed_dim=32, num_heads=1, stages=(1, 1, 1, 1)), 64, 32),
+    "mvitv2": Setup({}, 64, 32),
     "crossvit": Setup(dict(embed_dim=[32, 64], depth=[[1, 1, 0]], num_heads=[1, 1]), 120, 120),
     "naflexvit": Setup(SMALL, 64, 16),
 }

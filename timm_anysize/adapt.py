@@ -21,6 +21,7 @@ from timm.layers import (
 )
 from timm.models import adapt_input_conv
 
+from .dynamic_mvit import resize_rel_axis
 from .errors import AdaptationError
 from .plan import TensorResample, VariantPlan
 from .report import AdaptationReport, KeyAdaptation
@@ -132,8 +133,8 @@ def summarize_keys(keys: list[str], limit: int = 24) -> str:
     return ", ".join(parts[:limit]) + more
 
 
-def _fmt(size: Size2) -> str:
-    return f"{size[0]}x{size[1]}"
+def _fmt(size: tuple[int, ...]) -> str:
+    return "x".join(str(s) for s in size)
 
 
 def resample_grid(grid: torch.Tensor, new_grid: Size2, options: PosEmbedOptions, channels_last: bool) -> torch.Tensor:
@@ -181,7 +182,9 @@ def resample_tensor(
             src, new_window_size=layout.target, new_bias_shape=target_shape, old_window_size=layout.source
         )
         return value, f"relative-position window {a} -> {b}"
-    value = resize_bias_grid(src, layout.source, layout.target, options)
+    if layout.kind == "rel_axis":
+        return resize_rel_axis(src, layout.target[0]), f"relative-position axis {a} -> {b} entries (linear)"
+    value = resize_bias_grid(src, layout.source, layout.target, options)  # type: ignore[arg-type]
     return value, f"attention-bias grid {a} -> {b} ({options.interpolation})"
 
 

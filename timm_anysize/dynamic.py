@@ -19,13 +19,14 @@ import torch
 import torch.nn as nn
 from timm.layers import Format, PatchEmbed
 from timm.layers.helpers import is_exporting
-from timm.models import beit, cait, crossvit, deit, eva, hiera, levit, pit, vision_transformer, volo
+from timm.models import beit, cait, crossvit, deit, eva, hiera, levit, mvitv2, pit, vision_transformer, volo
 
 from .cache import DEFAULT_CACHE_SIZE, DynamicOptions, PosEmbedCache, dynamic_pos_embed, traced
 from .dynamic_beit import DynamicBeit, enable_beit_dynamic
 from .dynamic_conv_stems import DynamicCrossVit, DynamicPit, DynamicVolo
 from .dynamic_hiera import DynamicHiera
 from .dynamic_levit import DynamicLevit, DynamicLevitDistilled, enable_levit_dynamic
+from .dynamic_mvit import enable_mvit_dynamic
 from .swin_windows import SWIN_MODELS, enable_swin_dynamic
 
 __all__ = [
@@ -133,9 +134,12 @@ _DYNAMIC_CLASSES: dict[type, type] = {
     hiera.Hiera: DynamicHiera,
     levit.Levit: DynamicLevit,
     levit.LevitDistilled: DynamicLevitDistilled,
+    mvitv2.MultiScaleVit: mvitv2.MultiScaleVit,  # the model class stays; its attentions change
 }
 # Conv stems that take any input size: no patch-embedding set-up (Hiera pads to whole mask units itself).
-_CONV_STEMS = (DynamicPit, DynamicVolo, DynamicCrossVit, DynamicHiera, DynamicLevit, DynamicLevitDistilled)
+_CONV_STEMS = (
+    DynamicPit, DynamicVolo, DynamicCrossVit, DynamicHiera, DynamicLevit, DynamicLevitDistilled, mvitv2.MultiScaleVit
+)
 
 
 class InputNotDivisibleError(ValueError):
@@ -170,7 +174,7 @@ def enable_dynamic(
 ) -> nn.Module:
     """Make a timm model accept any input H x W, in place, with a cached resampled position embedding.
 
-    Works on any supported timm model (ViT incl. registers / ``no_embed_class``, distilled DeiT, EVA, BEiT, CaiT, PiT, VOLO, CrossViT, Hiera, LeViT; Swin,
+    Works on any supported timm model (ViT incl. registers / ``no_embed_class``, distilled DeiT, EVA, BEiT, CaiT, PiT, VOLO, CrossViT, Hiera, LeViT, MViTv2; Swin,
     SwinV2, SwinV2-CR), whether or not it was built by timm-anysize. At the model's own size the outputs are
     bit-identical to before; at other sizes a ViT-family model equals one moved to that size with
     ``set_input_size`` (BEiT: with its bias tables resized per grid, cached; :mod:`timm_anysize.dynamic_beit`), and a Swin
@@ -224,6 +228,8 @@ def enable_dynamic(
     model._anysize_caches = {}
     if dynamic_cls in (DynamicLevit, DynamicLevitDistilled):
         enable_levit_dynamic(model, cache_size)
+    if dynamic_cls is mvitv2.MultiScaleVit:
+        enable_mvit_dynamic(model, cache_size)
     if dynamic_cls in _CONV_STEMS:
         return model
     if dynamic_cls is DynamicBeit:

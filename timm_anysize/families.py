@@ -22,6 +22,7 @@ from timm.models import (
     eva,
     hiera,
     levit,
+    mvitv2,
     naflexvit,
     pit,
     swin_transformer,
@@ -54,7 +55,8 @@ CheckpointFilter = Callable[[dict, nn.Module], dict]
 #   pos_nhwc    absolute position embedding [1, H, W, C]
 #   rel_table   relative-position bias table [(2Wh-1)(2Ww-1) (+3), heads]; window: the owning module's window_size
 #   bias_grid   attention biases over |dy|, |dx| offsets [heads, H*W]; grid: the owning module's resolution
-TENSOR_KINDS = ("pos_tokens", "pos_nchw", "pos_nhwc", "rel_table", "bias_grid")
+#   rel_axis    one axis's relative-position table [2n - 1, C] (MViTv2); length: the tensor's own in each model
+TENSOR_KINDS = ("pos_tokens", "pos_nchw", "pos_nhwc", "rel_table", "bias_grid", "rel_axis")
 
 _NO_CONV_PATCH = "the stem is a stack of strided convolutions with no single patch kernel to resize"
 
@@ -292,6 +294,19 @@ FAMILIES: tuple[Family, ...] = (
         example="hiera_tiny_224",
     ),
     Family(
+        name="mvitv2",
+        classes=(mvitv2.MultiScaleVit,),
+        tensors=(("*.rel_pos_h", "rel_axis"), ("*.rel_pos_w", "rel_axis")),
+        unsupported={
+            "img_non_square": "timm's MViTv2 constructor builds square relative-position tables only; register the "
+            "variant square and run it at any H x W (dynamic: true, the default), which resizes each axis's tables",
+            "patch_smaller": "MViTv2's stem kernel (7x7, stride 4) overlaps; there is no patch kernel to resize",
+            "patch_larger": "MViTv2's stem kernel (7x7, stride 4) overlaps; there is no patch kernel to resize",
+        },
+        dynamic_args=(),  # enable_dynamic resizes the tables per feature size
+        example="mvitv2_tiny",
+    ),
+    Family(
         name="crossvit",
         classes=(crossvit.CrossVit,),
         tensors=(("pos_embed_0", "pos_tokens"), ("pos_embed_1", "pos_tokens")),
@@ -392,5 +407,4 @@ def families_markdown() -> str:
         classes = ", ".join(c.__name__ for c in fam.classes)
         lines.append(f"| {fam.name} | {classes} | `{fam.example}` | " + " | ".join(cells) + f" | {dyn} |")
     lines += ["", "Changes: " + "; ".join(f"`{k}`: {v}" for k, v in GEOMETRY_CHANGES.items()) + ".", ""]
-    lines += ["Not yet covered (rejected at validation as an unsupported family): MViTv2."]
     return "\n".join(lines) + "\n"

@@ -65,8 +65,8 @@ class TensorResample:
     """
 
     kind: str
-    source: Size2
-    target: Size2
+    source: tuple[int, ...]
+    target: tuple[int, ...]
     prefix: int = 0
 
     @property
@@ -128,7 +128,7 @@ class VariantPlan:
                 by_change.setdefault((r.kind, r.source, r.target), []).append(key)
         pe = spec.adapt.pos_embed
         for (kind, a, b), keys in by_change.items():
-            what = _KIND_STEP[kind].format(a=f"{a[0]}x{a[1]}", b=f"{b[0]}x{b[1]}")
+            what = _KIND_STEP[kind].format(a="x".join(map(str, a)), b="x".join(map(str, b)))
             if kind == "pos_tokens":
                 what += f" ({pe.interpolation}, antialias={pe.use_antialias}, {self.resamples[keys[0]].prefix} prefix kept)"
             out.append((summarize_keys(keys), what))
@@ -159,6 +159,7 @@ _KIND_STEP = {
     "pos_nhwc": "resample grid {a} -> {b}",
     "rel_table": "resize relative-position tables, window {a} -> {b}",
     "bias_grid": "resize attention-bias grids {a} -> {b}",
+    "rel_axis": "resize relative-position axes {a} -> {b} entries (linear)",
 }
 
 
@@ -345,8 +346,8 @@ def tensor_resamples(family: Family, source_model: nn.Module, target_model: nn.M
             src, tgt = family.token_grid(source_model, index), family.token_grid(target_model, index)
             out[key] = TensorResample(kind, src, tgt, family.pos_embed_prefix_tokens(source_model))
             continue
-        if kind in ("pos_nchw", "pos_nhwc"):
-            dims = slice(2, 4) if kind == "pos_nchw" else slice(1, 3)
+        if kind in ("pos_nchw", "pos_nhwc", "rel_axis"):
+            dims = {"pos_nchw": slice(2, 4), "pos_nhwc": slice(1, 3), "rel_axis": slice(0, 1)}[kind]
             src, tgt = tuple(source_sd[key].shape[dims]), tuple(target_sd[key].shape[dims])
         else:
             attr = "window_size" if kind == "rel_table" else "resolution"
