@@ -142,13 +142,14 @@ def test_same_geometry_is_bit_identical(family, family_checkpoint):
         assert torch.equal(model(x), base(x))
 
 
-@pytest.mark.parametrize("family", [f for f in FAMILIES if not f.supports_dynamic], ids=lambda f: f.name)
-def test_families_without_dynamic_size_say_so_at_validation(family):
-    args, size = SETUP[family.name].args, SETUP[family.name].size
-    with pytest.raises(timm_anysize.SpecError, match=rf"\.dynamic: the {family.name} family cannot run at any input size"):
-        timm_anysize.register_variant(unique_name(), base=family.example, model_args=args, img_size=size, dynamic=True)
-    name = timm_anysize.register_variant(unique_name(), base=family.example, model_args=args, img_size=size)
-    assert timm.create_model(name).pretrained_cfg["fixed_input_size"] is True  # defaults to what it supports
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
+def test_every_family_runs_at_any_size_by_default(family):
+    """``dynamic`` defaults to what the family supports, which is every family today; a family that cannot is
+    rejected at validation (plan.py) with the family's reason."""
+    setup = SETUP[family.name]
+    name = timm_anysize.register_variant(unique_name(), base=family.example, model_args=setup.args, img_size=setup.size)
+    model = timm.create_model(name)
+    assert timm_anysize.is_dynamic(model) and model.pretrained_cfg["fixed_input_size"] is False
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
@@ -183,3 +184,36 @@ def test_swin_window_change_resizes_every_bias_table_between_the_windows_of_its_
     }
     with torch.no_grad():
         assert torch.isfinite(model(torch.randn(1, 3, 128, 128))).all()
+
+
+def test_naflexvit_linear_projection_keeps_patch_tokens_under_pi_resize(make_checkpoint):
+    """NaFlexViT's nn.Linear over (ph, pw, C) patches is PI-resized as the conv kernel it is: a patch upsampled
+    16 -> 32 px gives the base's token."""
+    import torch.nn.functional as F
+
+    path, base = make_checkpoint("naflexvit_base_patch16_gap", img_size=64, **SMALL)
+    name = timm_anysize.register_variant(unique_name(), base="naflexvit_base_patch16_gap", model_args=SMALL,
+                                         img_size=128, patch_size=32, pretrained={"file": str(path), "img_size": 64})
+    model = timm.create_model(name, pretrained=True)
+    patches = torch.randn(6, 3, 16, 16)
+    up = F.interpolate(patches, size=(32, 32), mode="bicubic", align_corners=False, antialias=True)
+
+    def tokens(m, p):
+        return m.embeds.proj(p.permute(0, 2, 3, 1).reshape(p.shape[0], -1))  # NaFlex's (ph, pw, C) order
+
+    with torch.no_grad():
+        base_tok, new_tok = tokens(base, patches), tokens(model, up)
+    assert (new_tok - base_tok).norm() / base_tok.norm() < 1e-4
+
+
+def test_vit_with_use_naflex_adapts_its_channels_instead_of_leaving_them_at_init(make_checkpoint):
+    """timm leaves embeds.proj.weight at random init (with a warning) when in_chans changes on use_naflex=True."""
+    args = dict(SMALL, use_naflex=True)
+    path, base = make_checkpoint("vit_tiny_patch16_224", img_size=64, **args)
+    name = timm_anysize.register_variant(unique_name(), base="vit_tiny_patch16_224", model_args=args, img_size=64,
+                                         in_chans=1, pretrained={"file": str(path), "img_size": 64})
+    model = timm.create_model(name, pretrained=True).eval()
+    assert timm_anysize.adaptation_report(model).entries["embeds.proj.weight"].action == "adapted"
+    gray = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(gray), base.eval()(gray.expand(-1, 3, -1, -1)), atol=2e-5, rtol=1e-4)

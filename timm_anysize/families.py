@@ -76,6 +76,8 @@ class Family:
         patch_embeds: Attribute path(s) of the patch embedding(s) whose ``grid_size`` lays out the token position
             embedding(s), in the order of the ``pos_tokens`` patterns.
         linear_patch: The patch projection is an ``nn.Linear`` over flattened ``(ph, pw, C)`` patches (NaFlexViT).
+        first_conv: The first layer the input meets, where the base's pretrained cfg may name another (a ViT base
+            built with ``use_naflex=True`` is a NaFlexViT); None: the cfg's ``first_conv``.
         dynamic: How the family runs at any input size: ``cached`` (timm-anysize's path,
             :func:`timm_anysize.enable_dynamic`: position embeddings or Swin window masks cached per size), ``native`` (timm's own constructor arguments ``dynamic_args``, or
             none needed), or ``""`` (cannot; ``dynamic_reason`` says why).
@@ -94,6 +96,7 @@ class Family:
     pos_embed_prefix: Optional[int] = None
     patch_embeds: tuple[str, ...] = ("patch_embed",)
     linear_patch: bool = False
+    first_conv: Optional[str] = None
     dynamic: str = "cached"
     dynamic_args: tuple[str, ...] = ("dynamic_img_size", "dynamic_img_pad")
     dynamic_reason: str = ""
@@ -325,6 +328,7 @@ FAMILIES: tuple[Family, ...] = (
         tensors=(("embeds.pos_embed", "pos_nhwc"),),
         patch_embeds=("embeds",),
         linear_patch=True,
+        first_conv="embeds.proj",
         dynamic="native",
         pads=False,
         dynamic_args=(),

@@ -100,7 +100,7 @@ class VariantPlan:
     def patch_keys(self) -> tuple[str, ...]:
         """State-dict keys of the first kernel(s) the input meets: the patch projection (one per branch for
         CrossViT), or a conv stem's first convolution. Their input channels are adapted; patch kernels resized."""
-        names = self.base_cfg.get("first_conv") or "patch_embed.proj"
+        names = self.family.first_conv or self.base_cfg.get("first_conv") or "patch_embed.proj"
         names = (names,) if isinstance(names, str) else tuple(names)
         return tuple(f"{n}.weight" for n in names)
 
