@@ -217,3 +217,20 @@ def test_vit_with_use_naflex_adapts_its_channels_instead_of_leaving_them_at_init
     gray = torch.rand(2, 1, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(model(gray), base.eval()(gray.expand(-1, 3, -1, -1)), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
+def test_export_loads_in_plain_timm_with_the_same_outputs(family, family_checkpoint, tmp_path):
+    """The exported folder names the base architecture and the variant's model_args: timm's own loader builds it
+    and gives the same outputs at the variant's size (twice the checkpoint's: every Swin stage a whole number of
+    windows, where timm's masks are right)."""
+    path, _, setup = family_checkpoint(family)
+    name = timm_anysize.register_variant(unique_name(), base=family.example, model_args=setup.args,
+                                         img_size=2 * setup.size, pretrained={"file": str(path), "img_size": setup.size})
+    model = timm.create_model(name, pretrained=True).eval()
+    out = timm_anysize.export(model, tmp_path / "export")
+    plain = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    assert type(plain).__module__.startswith("timm.")
+    x = torch.randn(2, 3, 2 * setup.size, 2 * setup.size)
+    with torch.no_grad():
+        assert torch.equal(plain(x), model(x))
