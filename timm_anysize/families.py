@@ -281,7 +281,6 @@ FAMILIES: tuple[Family, ...] = (
         tensors=(),  # Fourier position encoding, computed for the grid at run time
         unsupported={"patch_smaller": _NO_CONV_PATCH, "patch_larger": _NO_CONV_PATCH},
         dynamic="native",
-        pads=False,
         dynamic_args=(),
         example="xcit_nano_12_p16_224",
     ),

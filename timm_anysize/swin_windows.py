@@ -82,13 +82,13 @@ def shifted_window_mask(
 def _partition(x: torch.Tensor, window: Size2) -> torch.Tensor:
     """``[B, H, W, C]`` -> ``[B * num_windows, wh, ww, C]`` in timm's window order."""
     B, H, W, C = x.shape
-    x = x.view(B, H // window[0], window[0], W // window[1], window[1], C)
+    x = x.reshape(B, H // window[0], window[0], W // window[1], window[1], C)
     return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window[0], window[1], C)
 
 
 def _reverse(windows: torch.Tensor, window: Size2, H: int, W: int) -> torch.Tensor:
     C = windows.shape[-1]
-    x = windows.view(-1, H // window[0], W // window[1], window[0], window[1], C)
+    x = windows.reshape(-1, H // window[0], W // window[1], window[0], window[1], C)
     return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, H, W, C)
 
 
@@ -102,10 +102,10 @@ def window_attention(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     Hp, Wp = H + pad_h, W + pad_w
     if any(shift):
         x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
-    windows = _partition(x, window).view(-1, window[0] * window[1], C)
+    windows = _partition(x, window).reshape(-1, window[0] * window[1], C)
     make_mask = shifted_window_mask if traced() else _cached_mask
     mask = make_mask((H, W), (Hp, Wp), window, shift, x.device, x.dtype)
-    out = block.attn(windows, mask=mask).view(-1, window[0], window[1], C)
+    out = block.attn(windows, mask=mask).reshape(-1, window[0], window[1], C)
     x = _reverse(out, window, Hp, Wp)
     if any(shift):
         x = torch.roll(x, shifts=shift, dims=(1, 2))
