@@ -234,3 +234,15 @@ def test_export_loads_in_plain_timm_with_the_same_outputs(family, family_checkpo
     x = torch.randn(2, 3, 2 * setup.size, 2 * setup.size)
     with torch.no_grad():
         assert torch.equal(plain(x), model(x))
+
+
+def test_a_window_the_weights_were_not_built_with_is_named_with_the_fix(make_checkpoint):
+    args = dict(embed_dim=32, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
+    path, _ = make_checkpoint("swin_tiny_patch4_window7_224", img_size=64, window_size=4, **args)
+    name = timm_anysize.register_variant(unique_name(), base="swin_tiny_patch4_window7_224", img_size=128,
+                                         model_args=dict(args, window_size=8),
+                                         pretrained={"file": str(path), "img_size": 64})
+    with pytest.raises(timm_anysize.AdaptationError,
+                       match=r"layers\.0\.blocks\.0\.attn\.relative_position_bias_table: checkpoint \(49, 1\), the "
+                             r"source geometry .* implies \(225, 1\); .*model_args such as a Swin window_size"):
+        timm.create_model(name, pretrained=True)

@@ -195,8 +195,8 @@ def _source_mismatch(key: str, src: torch.Tensor, expected: tuple, layout: Tenso
             f"declare the geometry the weights were trained at under pretrained: (img_size, patch_size)"
         )
     return (
-        f"{key}: checkpoint {tuple(src.shape)}, the source geometry ({geometry}) implies {expected}; declare the "
-        f"geometry the weights were trained at under pretrained: (img_size, patch_size)"
+        f"{key}: checkpoint {tuple(src.shape)}, the source geometry ({geometry}) implies {expected}; declare what the "
+        f"weights were built with under pretrained: (img_size, patch_size, or model_args such as a Swin window_size)"
     )
 
 
