@@ -246,3 +246,24 @@ def test_a_window_the_weights_were_not_built_with_is_named_with_the_fix(make_che
                        match=r"layers\.0\.blocks\.0\.attn\.relative_position_bias_table: checkpoint \(49, 1\), the "
                              r"source geometry .* implies \(225, 1\); .*model_args such as a Swin window_size"):
         timm.create_model(name, pretrained=True)
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
+def test_features_only_carries_the_adapted_weights(family, family_checkpoint):
+    """timm's feature wrapper (whatever its kind and naming) gets every adapted tensor; feature models of families
+    whose feature path is dynamic run at another size, the others are marked fixed-size."""
+    path, _, setup = family_checkpoint(family)
+    spec = dict(base=family.example, model_args=setup.args, img_size=setup.size + setup.step, in_chans=1,
+                pretrained={"file": str(path), "img_size": setup.size})
+    name = timm_anysize.register_variant(unique_name(), **spec)
+    full = timm.create_model(name, pretrained=True).state_dict()
+    feats = timm.create_model(name, pretrained=True, features_only=True, out_indices=(0,)).eval()
+    wrapper_sd = feats.state_dict()
+    matched = [k for k, v in wrapper_sd.items() if any(torch.equal(v, full[f]) for f in full if full[f].shape == v.shape)]
+    assert matched == list(wrapper_sd)
+    size = setup.size + setup.step
+    sizes = [(size, size)] + ([] if feats.pretrained_cfg["fixed_input_size"] else [(size + setup.step, size)])
+    assert feats.pretrained_cfg["fixed_input_size"] is not family.dynamic_features
+    with torch.no_grad():
+        for hw in sizes:
+            assert all(torch.isfinite(f).all() for f in feats(torch.randn(1, 1, *hw))), hw

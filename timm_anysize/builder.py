@@ -256,25 +256,55 @@ def _make_dynamic(plan: VariantPlan, model: nn.Module) -> None:
     enable_dynamic(model, pad=spec.pad, interpolation=pe.interpolation, antialias=pe.use_antialias)
 
 
+def _feature_key_map(wrapper_keys: list[str], full_keys: list[str]) -> dict[str, str]:
+    """Wrapper key -> model key for timm's feature wrappers: ``model.`` (FeatureGetterNet) / ``body.``
+    (FeatureHookNet) prefixes, and FeatureListNet's flattened module names (``layers_0.blocks...`` for
+    ``layers.0.blocks...``)."""
+    flattened: dict[str, str] = {}
+    for key in full_keys:
+        parts = key.split(".")
+        for i in range(1, len(parts)):
+            flattened.setdefault("_".join(parts[:i]) + "." + ".".join(parts[i:]), key)
+    out = {}
+    for wk in wrapper_keys:
+        key = wk.split(".", 1)[1] if wk.startswith(("model.", "body.")) else wk
+        out[wk] = key if key in full_keys else flattened.get(key, "")
+    return out
+
+
 def _as_feature_model(
     spec: VariantSpec, plan: VariantPlan, model: nn.Module, feature_cfg: dict[str, Any], cfg: dict[str, Any]
 ) -> nn.Module:
-    """timm's feature wrapper (``features_only=True``) holding the adapted weights; built through create_model."""
-    wrapper = timm.create_model(
-        spec.base, pretrained=False, features_only=True, **feature_cfg, **plan.target_kwargs, **plan.dynamic_kwargs
-    )
-    inner, full = wrapper.model, model.state_dict()
-    kept = inner.state_dict()
-    inner.load_state_dict({k: full[k] for k in kept}, strict=True)
+    """timm's feature wrapper (``features_only=True``) holding the adapted weights; built through create_model.
+
+    Every tensor of the wrapper is taken from the adapted model under the wrapper's naming; what the wrapper prunes
+    is recorded as dropped. Families whose feature path runs through timm-anysize's dynamic code stay dynamic;
+    the others take the variant's own size.
+    """
+    dynamic = plan.dynamic and plan.family.dynamic_features
+    kwargs = plan.family.dynamic_kwargs(dynamic, spec.pad) if dynamic else {}
+    wrapper = timm.create_model(spec.base, pretrained=False, features_only=True, **feature_cfg, **plan.target_kwargs,
+                                **kwargs)
+    full, kept = model.state_dict(), wrapper.state_dict()
+    names = _feature_key_map(list(kept), list(full))
+    unmapped = [k for k, v in names.items() if not v or full[v].shape != kept[k].shape]
+    if unmapped:
+        raise WeightsError(f"{spec.name}: features_only: cannot match the feature wrapper's {unmapped[:4]} to the "
+                           f"model's tensors; create the full model and use forward_intermediates instead")
+    wrapper.load_state_dict({k: full[v] for k, v in names.items()}, strict=True)
     report = getattr(model, "_anysize_report", None)
     if report is not None:
-        for key in full.keys() - kept.keys():
+        for key in full.keys() - set(names.values()):
             report.dropped[key] = "pruned by features_only"
-        inner._anysize_report = wrapper._anysize_report = report
-    if plan.dynamic:
-        _make_dynamic(plan, inner)
-    inner.pretrained_cfg = inner.default_cfg = cfg
+        wrapper._anysize_report = report
+    inner = getattr(wrapper, "model", None)
+    if dynamic:
+        _make_dynamic(plan, inner if inner is not None else wrapper)
+    if inner is not None:
+        inner.pretrained_cfg = inner.default_cfg = cfg
+        inner._anysize_report = report
     # As timm's pretrained_cfg_for_features: a feature model has no classifier.
     features_cfg = {k: v for k, v in cfg.items() if k not in ("num_classes", "classifier", "global_pool")}
+    features_cfg["fixed_input_size"] = not dynamic
     wrapper.pretrained_cfg = wrapper.default_cfg = features_cfg
     return wrapper

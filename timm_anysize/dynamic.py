@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from timm.layers import Format, PatchEmbed
 from timm.layers.helpers import is_exporting
-from timm.models import beit, cait, crossvit, deit, eva, hiera, levit, mvitv2, pit, vision_transformer, volo
+from timm.models import FeatureListNet, beit, cait, crossvit, deit, eva, hiera, levit, mvitv2, pit, vision_transformer, volo
 
 from .cache import DEFAULT_CACHE_SIZE, DynamicOptions, PosEmbedCache, dynamic_pos_embed, traced
 from .dynamic_beit import DynamicBeit, enable_beit_dynamic
@@ -27,7 +27,7 @@ from .dynamic_conv_stems import DynamicCrossVit, DynamicPit, DynamicVolo
 from .dynamic_hiera import DynamicHiera
 from .dynamic_levit import DynamicLevit, DynamicLevitDistilled, enable_levit_dynamic
 from .dynamic_mvit import enable_mvit_dynamic
-from .swin_windows import SWIN_MODELS, enable_swin_dynamic
+from .swin_windows import SWIN_BLOCKS, SWIN_MODELS, enable_swin_dynamic
 
 __all__ = [
     "enable_dynamic",
@@ -205,7 +205,7 @@ def enable_dynamic(
     for handle in getattr(model, "_anysize_pad_hooks", ()):
         handle.remove()
     model._anysize_pad_hooks = []
-    if cls in SWIN_MODELS:
+    if cls in SWIN_MODELS or (cls is FeatureListNet and any(type(m) in SWIN_BLOCKS for m in model.modules())):
         enable_swin_dynamic(model, pad)
         if not pad:
             model._anysize_pad_hooks.append(model.patch_embed.register_forward_pre_hook(_check_divisible))

@@ -153,7 +153,7 @@ def enable_swin_dynamic(model: nn.Module, pad: bool) -> None:
             module.__class__ = dynamic_cls
             module.dynamic_mask = True
             module.attn_mask = None  # the fixed-size mask is never used again
-    model.dynamic_img_size = True
+    model.dynamic_img_size = True  # (on a feature wrapper of a Swin model, its flattened modules)
     pe = model.patch_embed
     pe.strict_img_size = False
     if isinstance(pe, PatchEmbed):
