@@ -19,7 +19,20 @@ import torch
 import torch.nn as nn
 from timm.layers import Format, PatchEmbed
 from timm.layers.helpers import is_exporting
-from timm.models import FeatureListNet, beit, cait, crossvit, deit, eva, hiera, levit, mvitv2, pit, vision_transformer, volo
+from timm.models import (
+    FeatureListNet,
+    beit,
+    cait,
+    crossvit,
+    deit,
+    eva,
+    hiera,
+    levit,
+    mvitv2,
+    pit,
+    vision_transformer,
+    volo,
+)
 
 from .cache import DEFAULT_CACHE_SIZE, DynamicOptions, PosEmbedCache, dynamic_pos_embed, traced
 from .dynamic_beit import DynamicBeit, enable_beit_dynamic
@@ -172,14 +185,16 @@ def enable_dynamic(
     antialias: bool = True,
     cache_size: int = DEFAULT_CACHE_SIZE,
 ) -> nn.Module:
-    """Make a timm model accept any input H x W, in place, with a cached resampled position embedding.
+    """Make a timm model accept any input H x W, in place, with what each size needs computed once and cached.
 
-    Works on any supported timm model (ViT incl. registers / ``no_embed_class``, distilled DeiT, EVA, BEiT, CaiT, PiT, VOLO, CrossViT, Hiera, LeViT, MViTv2; Swin,
-    SwinV2, SwinV2-CR), whether or not it was built by timm-anysize. At the model's own size the outputs are
-    bit-identical to before; at other sizes a ViT-family model equals one moved to that size with
-    ``set_input_size`` (BEiT: with its bias tables resized per grid, cached; :mod:`timm_anysize.dynamic_beit`), and a Swin
-    model pads its feature maps to whole windows and masks the padding out of attention (see
-    :mod:`timm_anysize.swin_windows`).
+    Works on any supported timm model, whether or not it was built by timm-anysize: ViT (incl. registers and
+    ``no_embed_class``), distilled DeiT, EVA, CaiT, PiT, VOLO, CrossViT and Hiera (position embedding resampled per
+    grid), BEiT (bias tables per grid, :mod:`timm_anysize.dynamic_beit`), LeViT (biases per stage resolution,
+    :mod:`timm_anysize.dynamic_levit`), MViTv2 (relative-position axes per feature size,
+    :mod:`timm_anysize.dynamic_mvit`), and Swin, SwinV2, SwinV2-CR (exact masks over padded windows,
+    :mod:`timm_anysize.swin_windows`; also a Swin ``features_only`` wrapper). At the model's own size the outputs are
+    bit-identical to before; at other sizes they equal a model built for that size with the same resampling
+    (Swin: where no padding is needed).
 
     Args:
         model: The model; changed in place (its class becomes a subclass with the cached path).

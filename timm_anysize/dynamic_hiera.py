@@ -36,7 +36,8 @@ class DynamicHiera(hiera.Hiera):
         native = [t * s for t, s in zip(self.tokens_spatial_shape, self.patch_stride)]
         if list(x.shape[-2:]) == native:
             return super().forward_features(x, mask=mask, return_intermediates=return_intermediates)
-        if mask is not None or return_intermediates or self.pos_embed is None or (self.training and self.patch_drop_rate):
+        patch_drop = self.training and self.patch_drop_rate > 0
+        if mask is not None or return_intermediates or self.pos_embed is None or patch_drop:
             raise ValueError(
                 f"Hiera at {x.shape[-2]}x{x.shape[-1]} (built for {native[0]}x{native[1]}): masks, intermediates, "
                 f"patch dropout and separate space/time position embeddings run at the built size only"

@@ -59,6 +59,12 @@ CheckpointFilter = Callable[[dict, nn.Module], dict]
 TENSOR_KINDS = ("pos_tokens", "pos_nchw", "pos_nhwc", "rel_table", "bias_grid", "rel_axis")
 
 _NO_CONV_PATCH = "the stem is a stack of strided convolutions with no single patch kernel to resize"
+_OVERLAPPING_STEM = "{name}'s stem kernel (7x7, stride 4) overlaps; there is no patch kernel to resize"
+
+
+def _no_patch_change(reason: str) -> dict[str, str]:
+    """The unsupported cells of a family whose patch size cannot change, both directions with one reason."""
+    return {"patch_smaller": reason, "patch_larger": reason}
 
 
 @dataclass(frozen=True)
@@ -79,8 +85,9 @@ class Family:
         first_conv: The first layer the input meets, where the base's pretrained cfg may name another (a ViT base
             built with ``use_naflex=True`` is a NaFlexViT); None: the cfg's ``first_conv``.
         dynamic: How the family runs at any input size: ``cached`` (timm-anysize's path,
-            :func:`timm_anysize.enable_dynamic`: position embeddings or Swin window masks cached per size), ``native`` (timm's own constructor arguments ``dynamic_args``, or
-            none needed), or ``""`` (cannot; ``dynamic_reason`` says why).
+            :func:`timm_anysize.enable_dynamic`: what each size needs is computed once and cached), ``native``
+            (timm's own constructor arguments ``dynamic_args``, or none needed), or ``""`` (cannot;
+            ``dynamic_reason`` says why).
         dynamic_args: timm constructor arguments that switch on the family's own dynamic size (``native``).
         dynamic_features: A ``features_only`` model of the family runs at any size too (its feature path goes
             through the dynamic code); False: feature models take the variant's own size.
@@ -135,7 +142,9 @@ class Family:
         size = getattr(self.patch_embed(model), "patch_size", None)
         if size is None:
             return None
-        return (int(size), int(size)) if isinstance(size, int) else tuple(int(s) for s in size)  # type: ignore[return-value]
+        if isinstance(size, int):
+            return (size, size)
+        return (int(size[0]), int(size[1]))
 
     def num_prefix_tokens(self, model: nn.Module) -> int:
         """Tokens before the patch tokens (class, distillation, registers)."""
@@ -189,10 +198,9 @@ FAMILIES: tuple[Family, ...] = (
         dynamic_features=True,
         classes=(vision_transformer.VisionTransformer,),
         checkpoint_filter=vision_transformer.checkpoint_filter_fn,
-        unsupported={
-            "patch_smaller": "the patch is the stride of a CNN stem (ViTamin, ResNet hybrids), not a kernel to resize",
-            "patch_larger": "the patch is the stride of a CNN stem (ViTamin, ResNet hybrids), not a kernel to resize",
-        },
+        unsupported=_no_patch_change(
+            "the patch is the stride of a CNN stem (ViTamin, ResNet hybrids), not a kernel to resize"
+        ),
         example="vitamin_small_224",
         matches=_is_hybrid,
     ),
@@ -257,10 +265,9 @@ FAMILIES: tuple[Family, ...] = (
         name="pit",
         classes=(pit.PoolingVisionTransformer,),
         tensors=(("pos_embed", "pos_nchw"),),
-        unsupported={
-            "patch_smaller": "PiT's patch kernel overlaps (stride = patch / 2); resizing it changes what a token sees",
-            "patch_larger": "PiT's patch kernel overlaps (stride = patch / 2); resizing it changes what a token sees",
-        },
+        unsupported=_no_patch_change(
+            "PiT's patch kernel overlaps (stride = patch / 2); resizing it changes what a token sees"
+        ),
         dynamic_args=(),  # conv stems take any size; enable_dynamic resamples the position embedding
         example="pit_ti_224",
     ),
@@ -268,7 +275,7 @@ FAMILIES: tuple[Family, ...] = (
         name="volo",
         classes=(volo.VOLO,),
         tensors=(("pos_embed", "pos_nhwc"),),
-        unsupported={"patch_smaller": _NO_CONV_PATCH, "patch_larger": _NO_CONV_PATCH},
+        unsupported=_no_patch_change(_NO_CONV_PATCH),
         dynamic_args=(),  # conv stems take any size; enable_dynamic resamples the position embedding
         example="volo_d1_224",
     ),
@@ -277,7 +284,7 @@ FAMILIES: tuple[Family, ...] = (
         classes=(levit.Levit, levit.LevitDistilled),
         tensors=(("*attention_biases", "bias_grid"),),
         patch_embeds=(),
-        unsupported={"patch_smaller": _NO_CONV_PATCH, "patch_larger": _NO_CONV_PATCH},
+        unsupported=_no_patch_change(_NO_CONV_PATCH),
         dynamic_args=(),  # enable_dynamic gives each stage the resolution of the input
         example="levit_128s",
     ),
@@ -296,7 +303,7 @@ FAMILIES: tuple[Family, ...] = (
         dynamic_features=True,
         classes=(xcit.Xcit,),
         tensors=(),  # Fourier position encoding, computed for the grid at run time
-        unsupported={"patch_smaller": _NO_CONV_PATCH, "patch_larger": _NO_CONV_PATCH},
+        unsupported=_no_patch_change(_NO_CONV_PATCH),
         dynamic="native",
         dynamic_args=(),
         example="xcit_nano_12_p16_224",
@@ -305,10 +312,7 @@ FAMILIES: tuple[Family, ...] = (
         name="hiera",
         classes=(hiera.Hiera,),
         pos_embed_prefix=0,
-        unsupported={
-            "patch_smaller": "Hiera's stem kernel (7x7, stride 4) overlaps; there is no patch kernel to resize",
-            "patch_larger": "Hiera's stem kernel (7x7, stride 4) overlaps; there is no patch kernel to resize",
-        },
+        unsupported=_no_patch_change(_OVERLAPPING_STEM.format(name="Hiera")),
         dynamic_args=(),  # enable_dynamic rebuilds the token unroll per size
         example="hiera_tiny_224",
     ),
@@ -320,8 +324,7 @@ FAMILIES: tuple[Family, ...] = (
         unsupported={
             "img_non_square": "timm's MViTv2 constructor builds square relative-position tables only; register the "
             "variant square and run it at any H x W (dynamic: true, the default), which resizes each axis's tables",
-            "patch_smaller": "MViTv2's stem kernel (7x7, stride 4) overlaps; there is no patch kernel to resize",
-            "patch_larger": "MViTv2's stem kernel (7x7, stride 4) overlaps; there is no patch kernel to resize",
+            **_no_patch_change(_OVERLAPPING_STEM.format(name="MViTv2")),
         },
         dynamic_args=(),  # enable_dynamic resizes the tables per feature size
         example="mvitv2_tiny",
@@ -332,11 +335,10 @@ FAMILIES: tuple[Family, ...] = (
         tensors=(("pos_embed_0", "pos_tokens"), ("pos_embed_1", "pos_tokens")),
         pos_embed_prefix=1,  # each branch has its own class token (cls_token_0/1)
         patch_embeds=("patch_embed.0", "patch_embed.1"),
-        unsupported={
-            "patch_smaller": "CrossViT has one patch size per branch, which a single patch_size cannot express",
-            "patch_larger": "CrossViT has one patch size per branch, which a single patch_size cannot express",
-        },
-        dynamic_args=(),  # conv stems take any size; enable_dynamic resamples the position embedding
+        unsupported=_no_patch_change(
+            "CrossViT has one patch size per branch, which a single patch_size cannot express"
+        ),
+        dynamic_args=(),  # enable_dynamic sizes each branch from the input
         example="crossvit_tiny_240",
     ),
     Family(
@@ -414,9 +416,9 @@ def families_markdown() -> str:
         "<!-- generated by `timm-anysize families`; do not edit by hand -->",
         "",
         "Each cell is tested by `tests/test_families.py` on the family's example model (shrunk to a few layers of",
-        "width 32-64): every tensor is accounted for, copied tensors equal the checkpoint's and no other tensor is left",
-        "at its fresh init; outputs are finite and of the right shape at the variant's size and, as every family runs",
-        "at any size, at two other sizes (one non-square). Per family, the same geometry is bit-identical to the base,",
+        "width 32-64): every tensor is accounted for, copied tensors equal the checkpoint's and no other tensor is",
+        "left at its fresh init; outputs are finite and of the right shape at the variant's size and, as every",
+        "family runs at any size, at two other sizes (one non-square). Per family, the same geometry is bit-identical to the base,",
         "a 1-channel variant on a gray image equals the base on that image as RGB, and the export reloads in plain",
         "timm with the same outputs. A cell marked with a reason is rejected when the spec is validated, before any",
         "weights are read. `features_only` models carry the same adapted weights; they run at any size where the",

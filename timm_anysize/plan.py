@@ -20,7 +20,16 @@ from .errors import SpecError
 from .families import FAMILIES, UNSUPPORTED, Family, classify_changes, family_of, tensor_layouts
 from .spec import Size2, VariantSpec
 
-__all__ = ["Geometry", "TensorResample", "VariantPlan", "tensor_resamples", "make_plan", "geometry_of", "build_meta", "create_meta_without_init"]
+__all__ = [
+    "Geometry",
+    "TensorResample",
+    "VariantPlan",
+    "tensor_resamples",
+    "make_plan",
+    "geometry_of",
+    "build_meta",
+    "create_meta_without_init",
+]
 
 
 @dataclass(frozen=True)
@@ -130,7 +139,8 @@ class VariantPlan:
         for (kind, a, b), keys in by_change.items():
             what = _KIND_STEP[kind].format(a="x".join(map(str, a)), b="x".join(map(str, b)))
             if kind == "pos_tokens":
-                what += f" ({pe.interpolation}, antialias={pe.use_antialias}, {self.resamples[keys[0]].prefix} prefix kept)"
+                prefix = self.resamples[keys[0]].prefix
+                what += f" ({pe.interpolation}, antialias={pe.use_antialias}, {prefix} prefix kept)"
             out.append((summarize_keys(keys), what))
         if s.patch_size != t.patch_size and s.patch_size is not None and t.patch_size is not None:
             pm = spec.adapt.patch_embed
@@ -393,10 +403,11 @@ def _make_plan(spec: VariantSpec, overrides: dict[str, Any]) -> VariantPlan:
     for model, geo, key in ((source_model, source, "pretrained.img_size"), (target_model, target, "img_size")):
         _check_memory(spec, model, geo, key)
     for geo, what, key in ((source, "source", "pretrained.img_size"), (target, "target", "img_size")):
-        for i, p in zip(geo.img_size, geo.patch_size or (1, 1)):
+        patch = geo.patch_size or (1, 1)
+        for i, p in zip(geo.img_size, patch):
             if i % p:
                 raise SpecError(
-                    f"{_where(spec)}.{key}: the {what} patch size {list(geo.patch_size)} must divide the "  # type: ignore[arg-type]
+                    f"{_where(spec)}.{key}: the {what} patch size {list(patch)} must divide the "
                     f"{what} img_size {list(geo.img_size)}; pick a multiple of the patch"
                 )
     if spec.adapt.channels.method == "map":
