@@ -267,3 +267,22 @@ def test_features_only_carries_the_adapted_weights(family, family_checkpoint):
     with torch.no_grad():
         for hw in sizes:
             assert all(torch.isfinite(f).all() for f in feats(torch.randn(1, 1, *hw))), hw
+
+
+def test_mvitv2_non_square_variant_gets_per_axis_tables(make_checkpoint, tmp_path):
+    """timm builds MViTv2 square only; a non-square variant is built square with each width table refitted, loads
+    every table resized to its own axis, runs at its size through timm's own forward, and refuses a plain export."""
+    path, _ = make_checkpoint("mvitv2_tiny", img_size=64)
+    name = timm_anysize.register_variant(unique_name(), base="mvitv2_tiny", img_size=[128, 64], dynamic=False,
+                                         pretrained={"file": str(path), "img_size": 64})
+    model = timm.create_model(name, pretrained=True).eval()
+    sd, report = model.state_dict(), timm_anysize.adaptation_report(model)
+    # stage 0: the 32 x 16 feature map with keys pooled by 4 -> 2 * 32 - 1 rows, 2 * 16 - 1 columns
+    assert sd["stages.0.blocks.0.attn.rel_pos_h"].shape[0] == 63 and sd["stages.0.blocks.0.attn.rel_pos_w"].shape[0] == 31
+    assert report.entries["stages.0.blocks.0.attn.rel_pos_h"].detail == "relative-position axis 31 -> 63 entries (linear)"
+    assert report.entries["stages.0.blocks.0.attn.rel_pos_w"].action == "copied"
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randn(2, 3, 128, 64))).all()
+    with pytest.raises(timm_anysize.ExportError, match="square sizes only"):
+        timm_anysize.export(model, tmp_path / "export")
+    assert not (tmp_path / "export").exists()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from functools import partial
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -20,6 +21,7 @@ from .dynamic import enable_dynamic
 from .errors import WeightsError
 from .plan import VariantPlan, build_meta, create_meta_without_init, make_plan
 from .spec import VariantSpec
+from .square_build import create_square_only
 from .weights import (
     detect_format,
     download_hub_weights,
@@ -191,7 +193,7 @@ def build_variant(
     # When the load overwrites every tensor (no new head, no declared fresh init), timm's random init is wasted work
     # (most of the load time); ViT-family constructors can skip it.
     skip_init = pretrained and plan.source.num_classes == plan.target.num_classes and not spec.adapt.init_keys
-    model = _create(spec.base, {**plan.target_kwargs, **plan.dynamic_kwargs}, skip_init)
+    model = _create(spec.base, {**plan.target_kwargs, **plan.dynamic_kwargs}, skip_init, plan.square_only)
     if pretrained:
         source_sd, source_desc = load_source_state_dict(plan, resolved, cache_dir)
         _refuse_non_finite(source_sd, source_desc)
@@ -213,13 +215,15 @@ def build_variant(
     return model
 
 
-def _create(base: str, kwargs: dict[str, Any], skip_init: bool) -> nn.Module:
+def _create(base: str, kwargs: dict[str, Any], skip_init: bool, square_only: bool = False) -> nn.Module:
     """Build the target model; with ``skip_init``, without spending time on an init the load will overwrite.
 
     The model is built on the meta device and given uninitialised memory (``to_empty``); that is only safe when the
     strict load that follows writes every tensor, i.e. when the model has no non-persistent buffers (those would
-    stay uninitialised), so otherwise it is built normally.
+    stay uninitialised), so otherwise it is built normally. ``square_only``: see ``plan.build_meta``.
     """
+    if square_only:
+        return create_square_only(partial(timm.create_model, base, pretrained=False), kwargs)
     if skip_init:
         device = kwargs.get("device") or "cpu"
         model = create_meta_without_init(base, {k: v for k, v in kwargs.items() if k != "device"})
@@ -283,8 +287,9 @@ def _as_feature_model(
     """
     dynamic = plan.dynamic and plan.family.dynamic_features
     kwargs = plan.family.dynamic_kwargs(dynamic, spec.pad) if dynamic else {}
-    wrapper = timm.create_model(spec.base, pretrained=False, features_only=True, **feature_cfg, **plan.target_kwargs,
-                                **kwargs)
+    create = partial(timm.create_model, spec.base, pretrained=False, features_only=True, **feature_cfg)
+    all_kwargs = {**plan.target_kwargs, **kwargs}
+    wrapper = create_square_only(create, all_kwargs) if plan.square_only else create(**all_kwargs)
     full, kept = model.state_dict(), wrapper.state_dict()
     names = _feature_key_map(list(kept), list(full))
     unmapped = [k for k, v in names.items() if not v or full[v].shape != kept[k].shape]

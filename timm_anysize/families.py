@@ -91,6 +91,8 @@ class Family:
         dynamic_args: timm constructor arguments that switch on the family's own dynamic size (``native``).
         dynamic_features: A ``features_only`` model of the family runs at any size too (its feature path goes
             through the dynamic code); False: feature models take the variant's own size.
+        square_only: timm's constructor takes square sizes only; a non-square variant is built square with its
+            width tables refitted (:mod:`timm_anysize.square_build`), and cannot be exported for plain timm.
         pads: At run time, inputs that are not a multiple of the patch are padded (``pad: true``); False: timm's own
             path of the family needs multiples of its patch.
         unsupported: Geometry change -> why the architecture cannot take it; such specs are rejected at validation.
@@ -110,6 +112,7 @@ class Family:
     dynamic_args: tuple[str, ...] = ("dynamic_img_size", "dynamic_img_pad")
     dynamic_reason: str = ""
     dynamic_features: bool = False
+    square_only: bool = False
     pads: bool = True
     unsupported: dict[str, str] = field(default_factory=dict)
     example: str = ""
@@ -321,11 +324,8 @@ FAMILIES: tuple[Family, ...] = (
         dynamic_features=True,
         classes=(mvitv2.MultiScaleVit,),
         tensors=(("*.rel_pos_h", "rel_axis"), ("*.rel_pos_w", "rel_axis")),
-        unsupported={
-            "img_non_square": "timm's MViTv2 constructor builds square relative-position tables only; register the "
-            "variant square and run it at any H x W (dynamic: true, the default), which resizes each axis's tables",
-            **_no_patch_change(_OVERLAPPING_STEM.format(name="MViTv2")),
-        },
+        unsupported=_no_patch_change(_OVERLAPPING_STEM.format(name="MViTv2")),
+        square_only=True,  # timm asserts a square size; non-square variants get per-axis tables
         dynamic_args=(),  # enable_dynamic resizes the tables per feature size
         example="mvitv2_tiny",
     ),

@@ -74,7 +74,9 @@ def _resolve_model(model_or_name: Union[str, nn.Module], file: Optional[str]) ->
 
         get_variant(model_or_name)  # a clear KeyError for names that are not variants
         overlay = dict(file=str(file)) if file else None
-        return timm.create_model(model_or_name, pretrained=True, pretrained_cfg_overlay=overlay)
+        model = timm.create_model(model_or_name, pretrained=True, pretrained_cfg_overlay=overlay)
+        _check_plain_timm_can_build(model._anysize_plan)
+        return model
     if file:
         raise ExportError("file= only applies when exporting by name; load the model with those weights yourself")
     if getattr(model_or_name, "_anysize_plan", None) is None:
@@ -82,7 +84,19 @@ def _resolve_model(model_or_name: Union[str, nn.Module], file: Optional[str]) ->
             f"{type(model_or_name).__name__} was not built by timm-anysize; create it with "
             f"timm.create_model(<variant name>) or export by name"
         )
+    _check_plain_timm_can_build(model_or_name._anysize_plan)
     return model_or_name
+
+
+def _check_plain_timm_can_build(plan: Any) -> None:
+    """An export is for plain timm; refuse geometries its constructor cannot build, before anything is written."""
+    (h, w) = plan.target.img_size
+    if plan.square_only and h != w:
+        raise ExportError(
+            f"{plan.spec.name}: plain timm builds {plan.spec.arch} at square sizes only, so an export of this "
+            f"{h}x{w} variant could not be loaded without timm-anysize; export a square variant (it runs at any "
+            f"H x W with timm-anysize's dynamic path) or share the YAML and weights instead"
+        )
 
 
 def _metrics(metrics: Optional[Sequence[Union[Metric, dict]]]) -> list[Metric]:

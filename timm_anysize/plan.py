@@ -19,6 +19,7 @@ from timm.models import get_pretrained_cfg
 from .errors import SpecError
 from .families import FAMILIES, UNSUPPORTED, Family, classify_changes, family_of, tensor_layouts
 from .spec import Size2, VariantSpec
+from .square_build import create_square_only
 
 __all__ = [
     "Geometry",
@@ -104,6 +105,12 @@ class VariantPlan:
         """timm constructor args for the resolved dynamic/pad choice (said explicitly either way: some timm archs
         default to dynamic, and EVA builds its RoPE for it); none for families whose constructors lack them."""
         return self.family.dynamic_kwargs(self.dynamic, self.spec.pad)
+
+    @property
+    def square_only(self) -> bool:
+        """The base's timm constructor takes square sizes only (MViTv2): a non-square target is built square and
+        its width tables refitted (:mod:`timm_anysize.square_build`)."""
+        return self.family.square_only
 
     @property
     def patch_keys(self) -> tuple[str, ...]:
@@ -246,16 +253,24 @@ def create_meta_without_init(base: str, kwargs: dict[str, Any]) -> Optional[nn.M
         return None
 
 
-def build_meta(spec: VariantSpec, kwargs: dict[str, Any], what: str) -> nn.Module:
-    """Build the spec's base with ``kwargs`` on the meta device: shapes only, no memory."""
+def build_meta(spec: VariantSpec, kwargs: dict[str, Any], what: str, square_only: bool = False) -> nn.Module:
+    """Build the spec's base with ``kwargs`` on the meta device: shapes only, no memory.
+
+    ``square_only``: the architecture's constructor takes square sizes only (MViTv2); a non-square size is built
+    through :func:`timm_anysize.square_build.create_square_only`.
+    """
     kwargs = {k: v for k, v in kwargs.items() if k not in _PLACEMENT_KWARGS}
-    try:
+
+    def create(**kw: Any) -> nn.Module:
         # Weight init on meta tensors runs slow decompositions; ViT-family constructors can skip it.
-        model = create_meta_without_init(spec.base, kwargs)
+        model = create_meta_without_init(spec.base, kw)
         if model is not None:
             return model
         with torch.device("meta"):
-            return timm.create_model(spec.base, pretrained=False, **kwargs)
+            return timm.create_model(spec.base, pretrained=False, **kw)
+
+    try:
+        return create_square_only(create, kwargs) if square_only else create(**kwargs)
     except Exception as e:  # a constructor can raise anything on odd model_args; all of it is a bad spec
         raise SpecError(
             f"{_where(spec)}: timm cannot build {spec.arch} with the {what} arguments {kwargs}: {e}; "
@@ -398,7 +413,7 @@ def _make_plan(spec: VariantSpec, overrides: dict[str, Any]) -> VariantPlan:
             f"{_where(spec)}.dynamic: the {family.name} family cannot run at any input size: {family.dynamic_reason}; "
             f"set dynamic: false (or leave it out: it defaults to what the family supports)"
         )
-    target_model = build_meta(spec, target_kwargs, "target")
+    target_model = build_meta(spec, target_kwargs, "target", square_only=family.square_only)
     target = geometry_of(target_model, family, base_cfg, target_kwargs.get("img_size"))
     for model, geo, key in ((source_model, source, "pretrained.img_size"), (target_model, target, "img_size")):
         _check_memory(spec, model, geo, key)
