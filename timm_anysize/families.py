@@ -93,8 +93,6 @@ class Family:
             through the dynamic code); False: feature models take the variant's own size.
         square_only: timm's constructor takes square sizes only; a non-square variant is built square with its
             width tables refitted (:mod:`timm_anysize.square_build`), and cannot be exported for plain timm.
-        pads: At run time, inputs that are not a multiple of the patch are padded (``pad: true``); False: timm's own
-            path of the family needs multiples of its patch.
         unsupported: Geometry change -> why the architecture cannot take it; such specs are rejected at validation.
         example: A timm model of the family, used by the coverage matrix and docs/families.md.
         matches: Extra test on the instance (e.g. a ViT whose stem is a hybrid CNN).
@@ -113,7 +111,6 @@ class Family:
     dynamic_reason: str = ""
     dynamic_features: bool = False
     square_only: bool = False
-    pads: bool = True
     unsupported: dict[str, str] = field(default_factory=dict)
     example: str = ""
     matches: Optional[Callable[[nn.Module], bool]] = None
@@ -350,8 +347,7 @@ FAMILIES: tuple[Family, ...] = (
         linear_patch=True,
         first_conv="embeds.proj",
         dynamic="native",
-        pads=False,
-        dynamic_args=(),
+        dynamic_args=("dynamic_img_pad",),  # NaFlexViT runs at any size; padding is its own option
         example="naflexvit_base_patch16_gap",
     ),
 )
@@ -429,8 +425,7 @@ def families_markdown() -> str:
     ]
     for fam in FAMILIES:
         cells = [UNSUPPORTED.get((fam.name, c), "yes") for c in changes]
-        native = "yes (timm's own)" if fam.pads else "yes (timm's own; inputs a multiple of the patch)"
-        dyn = {"cached": "yes (cached)", "native": native}.get(fam.dynamic, f"no: {fam.dynamic_reason}")
+        dyn = {"cached": "yes (cached)", "native": "yes (timm's own)"}.get(fam.dynamic, f"no: {fam.dynamic_reason}")
         classes = ", ".join(c.__name__ for c in fam.classes)
         feats = "any size" if fam.dynamic_features else "the variant's size"
         lines.append(f"| {fam.name} | {classes} | `{fam.example}` | " + " | ".join(cells) + f" | {dyn} | {feats} |")
