@@ -21,3 +21,13 @@ def test_bench_tiny_runs_and_reports_ratios(tmp_path):
         assert set(row["ratios"]) >= {"fixed", "timm_dynamic"} and all(v > 0 for v in row["ratios"].values())
     (load,) = data["load"]
     assert load["ours_s"] > 0 and load["timm_s"] > 0 and load["ours_peak_mb"] >= 0
+
+
+def test_family_bench_tiny_runs_and_reports_ratios(tmp_path):
+    out = tmp_path / "families.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_families.py"), "--tiny", "--out", str(out)],
+                          capture_output=True, text=True, check=True)
+    assert "vs fixed" in proc.stdout
+    data = json.loads(out.read_text())
+    assert set(data) == {"swin", "beit"}
+    assert all(row["ratio"] > 0 and len(row["size"]) == 2 for rows in data.values() for row in rows)
