@@ -231,6 +231,14 @@ def test_export_loads_in_plain_timm_with_the_same_outputs(family, family_checkpo
     out = timm_anysize.export(model, tmp_path / "export")
     plain = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
     assert type(plain).__module__.startswith("timm.")
+    # any size in plain timm only where timm has the dynamic path itself (timm writes fixed_input_size from the
+    # model it builds); the card says which
+    if not family.timm_dynamic:
+        assert plain.pretrained_cfg["fixed_input_size"] is True
+    elif "dynamic_img_size" in family.dynamic_args:
+        assert plain.pretrained_cfg["fixed_input_size"] is False
+    card = (out / "README.md").read_text()
+    assert ("enable_dynamic(model)` runs it at any size" in card) is not family.timm_dynamic
     x = torch.randn(2, 3, 2 * setup.size, 2 * setup.size)
     with torch.no_grad():
         assert torch.equal(plain(x), model(x))
@@ -286,3 +294,13 @@ def test_mvitv2_non_square_variant_gets_per_axis_tables(make_checkpoint, tmp_pat
     with pytest.raises(timm_anysize.ExportError, match="square sizes only"):
         timm_anysize.export(model, tmp_path / "export")
     assert not (tmp_path / "export").exists()
+
+
+def test_swin_export_whose_own_size_pads_says_plain_timm_differs(make_checkpoint, tmp_path):
+    args = dict(embed_dim=32, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1), window_size=4)
+    path, _ = make_checkpoint("swin_tiny_patch4_window7_224", img_size=64, **args)
+    for size, pads in ((72, True), (128, False)):  # 72: an 18x18 first stage in 4x4 windows
+        name = timm_anysize.register_variant(unique_name(), base="swin_tiny_patch4_window7_224", model_args=args,
+                                             img_size=size, pretrained={"file": str(path), "img_size": 64})
+        out = timm_anysize.export(name, tmp_path / f"export{size}")
+        assert ("padded to whole windows" in (out / "README.md").read_text()) is pads

@@ -121,6 +121,11 @@ class Family:
         return bool(self.dynamic)
 
     @property
+    def timm_dynamic(self) -> bool:
+        """Whether plain timm builds the family to run at any size (what an export gives timm without the plugin)."""
+        return self.dynamic == "native" or "dynamic_img_size" in self.dynamic_args
+
+    @property
     def changes_patch(self) -> bool:
         """Whether the family's patch size can be changed (one patch kernel to resize)."""
         return "patch_smaller" not in self.unsupported

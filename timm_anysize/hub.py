@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from .atomic import atomic_folder
 from .errors import AnysizeError
+from .swin_windows import pads_at_own_size
 
 __all__ = ["export", "push_to_hub", "build_model_card", "Metric", "ExportError", "metrics_from_demo"]
 
@@ -180,7 +181,9 @@ def build_model_card(
         architecture=spec.arch,
         model_args=_model_args(model),
         input_size=cfg["input_size"],
-        dynamic=plan.dynamic,
+        dynamic=_plain_timm_dynamic(plan),
+        anysize_dynamic=plan.dynamic and not _plain_timm_dynamic(plan),
+        swin_padding=pads_at_own_size(model),
         mean=list(cfg["mean"]),
         std=list(cfg["std"]),
         num_classes=cfg.get("num_classes"),
@@ -194,6 +197,11 @@ def build_model_card(
         metrics=metrics,
         version=__version__,
     )
+
+
+def _plain_timm_dynamic(plan: Any) -> bool:
+    """Whether the exported model runs at any size in plain timm (timm's own dynamic path, not ours)."""
+    return plan.dynamic and plan.family.timm_dynamic
 
 
 def _model_args(model: nn.Module) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from timm.models import swin_transformer, swin_transformer_v2, swin_transformer_
 from .cache import traced
 from .spec import Size2
 
-__all__ = ["shifted_window_mask", "window_attention", "enable_swin_dynamic", "SWIN_BLOCKS"]
+__all__ = ["shifted_window_mask", "window_attention", "enable_swin_dynamic", "pads_at_own_size", "SWIN_BLOCKS"]
 
 MASK_VALUE = -100.0  # timm's value for masked pairs
 
@@ -166,3 +166,14 @@ def _pad_to_patch(module: nn.Module, args: tuple) -> tuple:
     x = args[0]
     pad_h, pad_w = (-x.shape[-2]) % module.patch_size[0], (-x.shape[-1]) % module.patch_size[1]
     return (F.pad(x, (0, pad_w, 0, pad_h)), *args[1:]) if pad_h or pad_w else args
+
+
+def pads_at_own_size(model: nn.Module) -> bool:
+    """Whether any block of a Swin-family model pads its feature map at the size the model was built for (there,
+    timm's masks and these differ)."""
+    for module in model.modules():
+        if type(module) in SWIN_BLOCKS or type(module) in SWIN_BLOCKS.values():
+            size = getattr(module, "input_resolution", None) or getattr(module, "feat_size", None)
+            if size is not None and any(s % w for s, w in zip(size, module.window_size)):
+                return True
+    return False
