@@ -34,7 +34,7 @@ from timm.models import (
     volo,
 )
 
-from .cache import DEFAULT_CACHE_SIZE, DynamicOptions, PosEmbedCache, dynamic_pos_embed, traced
+from .cache import DEFAULT_CACHE_SIZE, DynamicOptions, IntermediatesAtOwnSize, PosEmbedCache, dynamic_pos_embed, traced
 from .dynamic_beit import DynamicBeit, enable_beit_dynamic
 from .dynamic_conv_stems import DynamicCrossVit, DynamicPit, DynamicVolo
 from .dynamic_hiera import DynamicHiera
@@ -99,15 +99,15 @@ class DynamicEva(eva.Eva):
         return self.pos_drop(x), rot_pos_embed
 
 
-class DynamicCait(cait.Cait):
+class DynamicCait(IntermediatesAtOwnSize, cait.Cait):
     """timm's CaiT with a cached dynamic position embedding (patch tokens only: the class token joins later)."""
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         if not self.dynamic_img_size:
             return super().forward_features(x)
-        x = self.patch_embed(x)
-        B, H, W, C = x.shape
-        x = self.pos_drop(x.reshape(B, H * W, C) + dynamic_pos_embed(self, (H, W), prefix=0))
+        grid = tuple(self.patch_embed.dynamic_feat_size(x.shape[-2:]))
+        x = self.patch_embed(x)  # tokens, as timm lays them out (forward_intermediates reads them too)
+        x = self.pos_drop(x + dynamic_pos_embed(self, grid, prefix=0))
         x = self.blocks(x)
         if self.blocks_token_only is not None:
             x = self.forward_cls(x)
@@ -251,8 +251,9 @@ def enable_dynamic(
         enable_beit_dynamic(model, cache_size)
     pe = model.patch_embed
     pe.strict_img_size = False
-    pe.flatten = False
-    pe.output_fmt = Format.NHWC
+    if dynamic_cls not in (DynamicBeit, DynamicCait):  # those keep timm's token layout; their paths read the grid
+        pe.flatten = False
+        pe.output_fmt = Format.NHWC
     pe.dynamic_img_pad = pad
     if type(pe) is PatchEmbed:
         pe.__class__ = DynamicPatchEmbed

@@ -82,18 +82,34 @@ class DynamicBeit(beit.Beit):
     """
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(x)  # NHWC: the grid is read off the tokens
-        B, H, W, C = x.shape
-        token = _GRID.set((H, W))
+        grid = tuple(self.patch_embed.dynamic_feat_size(x.shape[-2:]))
+        token = _GRID.set(grid)
         try:
-            x = torch.cat((self.cls_token.expand(B, -1, -1), x.reshape(B, H * W, C)), dim=1)
+            x = self.patch_embed(x)  # tokens, as timm lays them out
+            x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
             if self.pos_embed is not None:
-                x = x + dynamic_pos_embed(self, (H, W))
+                x = x + dynamic_pos_embed(self, grid)
             x = self.pos_drop(x)
             rel_pos_bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
             for blk in self.blocks:
                 x = blk(x, shared_rel_pos_bias=rel_pos_bias)
             return self.norm(x)
+        finally:
+            _GRID.reset(token)
+
+    def forward_intermediates(self, x: torch.Tensor, *args, **kwargs):
+        """timm's ``forward_intermediates`` with the bias tables of the input's grid (any size without an absolute
+        position embedding; with one, at the model's own size)."""
+        grid = tuple(self.patch_embed.dynamic_feat_size(x.shape[-2:]))
+        if self.pos_embed is not None and grid != tuple(self.patch_embed.grid_size):
+            raise ValueError(
+                f"DynamicBeit.forward_intermediates: this BEiT has an absolute position embedding, which timm's "
+                f"intermediates path adds at the built grid {tuple(self.patch_embed.grid_size)} only; got grid {grid} "
+                f"(forward and forward_features run at any size)"
+            )
+        token = _GRID.set(grid)
+        try:
+            return super().forward_intermediates(x, *args, **kwargs)
         finally:
             _GRID.reset(token)
 

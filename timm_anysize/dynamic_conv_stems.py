@@ -13,12 +13,12 @@ from __future__ import annotations
 import torch
 from timm.models import crossvit, pit, volo
 
-from .cache import dynamic_image_pos_embed, dynamic_pos_embed
+from .cache import IntermediatesAtOwnSize, dynamic_image_pos_embed, dynamic_pos_embed
 
 __all__ = ["DynamicPit", "DynamicVolo", "DynamicCrossVit"]
 
 
-class DynamicPit(pit.PoolingVisionTransformer):
+class DynamicPit(IntermediatesAtOwnSize, pit.PoolingVisionTransformer):
     """timm's PiT with its ``[1, C, H, W]`` position embedding resampled to the stem's output grid."""
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -29,7 +29,7 @@ class DynamicPit(pit.PoolingVisionTransformer):
         return self.norm(cls_tokens)
 
 
-class DynamicVolo(volo.VOLO):
+class DynamicVolo(IntermediatesAtOwnSize, volo.VOLO):
     """timm's VOLO with its ``[1, H, W, C]`` position embedding resampled to the grid after the outlookers."""
 
     def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:

@@ -14,12 +14,12 @@ import torch
 import torch.nn.functional as F
 from timm.models import hiera
 
-from .cache import dynamic_pos_embed
+from .cache import IntermediatesAtOwnSize, dynamic_pos_embed
 
 __all__ = ["DynamicHiera"]
 
 
-class DynamicHiera(hiera.Hiera):
+class DynamicHiera(IntermediatesAtOwnSize, hiera.Hiera):
     """timm's Hiera at any input size (set by :func:`timm_anysize.enable_dynamic`).
 
     Other sizes take the classification path only: no masks (MAE-style), no intermediates, no separate

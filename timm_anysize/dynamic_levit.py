@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from timm.layers import ndgrid
 from timm.models import levit
 
-from .cache import PosEmbedCache, must_run_inline
+from .cache import IntermediatesAtOwnSize, PosEmbedCache, must_run_inline
 from .spec import Size2
 
 __all__ = ["DynamicLevit", "DynamicLevitDistilled", "enable_levit_dynamic"]
@@ -98,11 +98,11 @@ class _DynamicLevitFeatures:
             _LEVELS.reset(token)
 
 
-class DynamicLevit(_DynamicLevitFeatures, levit.Levit):
+class DynamicLevit(IntermediatesAtOwnSize, _DynamicLevitFeatures, levit.Levit):
     """timm's LeViT at any input size (set by :func:`timm_anysize.enable_dynamic`)."""
 
 
-class DynamicLevitDistilled(_DynamicLevitFeatures, levit.LevitDistilled):
+class DynamicLevitDistilled(IntermediatesAtOwnSize, _DynamicLevitFeatures, levit.LevitDistilled):
     """timm's distilled LeViT at any input size."""
 
 

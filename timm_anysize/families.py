@@ -225,6 +225,7 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         name="beit",
+        dynamic_features=True,
         classes=(beit.Beit,),
         checkpoint_filter=beit.checkpoint_filter_fn,
         tensors=_REL_TABLE,
