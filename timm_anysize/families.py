@@ -334,6 +334,7 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         name="crossvit",
+        dynamic_features=True,
         classes=(crossvit.CrossVit,),
         tensors=(("pos_embed_0", "pos_tokens"), ("pos_embed_1", "pos_tokens")),
         pos_embed_prefix=1,  # each branch has its own class token (cls_token_0/1)
