@@ -23,7 +23,6 @@ __all__ = [
     "must_run_inline",
     "dynamic_pos_embed",
     "dynamic_image_pos_embed",
-    "IntermediatesAtOwnSize",
 ]
 
 DEFAULT_CACHE_SIZE = 16
@@ -183,20 +182,3 @@ def dynamic_image_pos_embed(model: nn.Module, grid: tuple[int, int], channels_la
     key = (grid, pos_embed.dtype, pos_embed.device, torch.is_inference_mode_enabled())
     return model._anysize_pos_cache.get_or_compute(key, pos_embed, lambda: compute().detach())
 
-
-class IntermediatesAtOwnSize:
-    """For dynamic classes whose ``forward_intermediates`` is timm's fixed-size path: a clear error at other sizes.
-
-    ``forward`` and ``forward_features`` of these classes run at any size; timm's ``forward_intermediates`` adds
-    the embeddings of the size the model was built for, so at another size it fails on a shape, which is re-raised
-    saying so.
-    """
-
-    def forward_intermediates(self, x: torch.Tensor, *args: Any, **kwargs: Any):
-        try:
-            return super().forward_intermediates(x, *args, **kwargs)  # type: ignore[misc]
-        except RuntimeError as e:
-            raise ValueError(
-                f"{type(self).__name__}.forward_intermediates follows timm's path, which runs at the size the model "
-                f"was built for; got {x.shape[-2]}x{x.shape[-1]} (forward and forward_features run at any size)"
-            ) from e

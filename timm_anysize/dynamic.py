@@ -34,7 +34,8 @@ from timm.models import (
     volo,
 )
 
-from .cache import DEFAULT_CACHE_SIZE, DynamicOptions, IntermediatesAtOwnSize, PosEmbedCache, dynamic_pos_embed, traced
+from .cache import DEFAULT_CACHE_SIZE, DynamicOptions, PosEmbedCache, dynamic_pos_embed, traced
+from .intermediates import IntermediatesAtOwnSize
 from .dynamic_beit import DynamicBeit, enable_beit_dynamic
 from .dynamic_conv_stems import DynamicCrossVit, DynamicPit, DynamicVolo
 from .dynamic_hiera import DynamicHiera

@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 from timm.models import crossvit, pit, volo
 
-from .cache import IntermediatesAtOwnSize, dynamic_image_pos_embed, dynamic_pos_embed
+from .cache import dynamic_image_pos_embed, dynamic_pos_embed
+from .intermediates import IntermediatesAtOwnSize
 
 __all__ = ["DynamicPit", "DynamicVolo", "DynamicCrossVit"]
 

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from timm.models import hiera
 
-from .cache import IntermediatesAtOwnSize, dynamic_pos_embed
+from .cache import dynamic_pos_embed
+from .intermediates import IntermediatesAtOwnSize
 
 __all__ = ["DynamicHiera"]
 

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from timm.layers import ndgrid
 from timm.models import levit
 
-from .cache import IntermediatesAtOwnSize, PosEmbedCache, must_run_inline
+from .cache import PosEmbedCache, must_run_inline
+from .intermediates import IntermediatesAtOwnSize
 from .spec import Size2
 
 __all__ = ["DynamicLevit", "DynamicLevitDistilled", "enable_levit_dynamic"]
