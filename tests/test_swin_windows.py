@@ -24,19 +24,28 @@ def allowed_by_definition(size, window, shift):
     return (key[:, None, :] == key[None, :, :]).all(-1)
 
 
-def allowed_by_mask(mask, size, padded, window, shift):
-    """Map a [windows, area, area] mask over the padded, rolled map back to real positions in original coordinates."""
+def allowed_by_mask(mask, size, padded, window, shift, roll_first=False):
+    """Map a [windows, area, area] mask back to real positions in original coordinates.
+
+    The mask covers the padded map rolled by -shift: padded then rolled (ours, the original Swin's), or with
+    ``roll_first`` rolled over the real size and then padded (timm 1.0.31).
+    """
     (h, w), (hp, wp), (wh, ww), (sh, sw) = size, padded, window, shift
+
+    def original(r, c):  # the real position a cell of the rolled map holds, or None for padding
+        if roll_first:
+            return ((r + sh) % h, (c + sw) % w) if r < h and c < w else None
+        i, j = (r + sh) % hp, (c + sw) % wp
+        return (i, j) if i < h and j < w else None
+
     allowed = torch.zeros(h * w, h * w, dtype=torch.bool)
     n = 0
     for bi in range(hp // wh):
         for bj in range(wp // ww):
-            cells = [(bi * wh + a, bj * ww + b) for a in range(wh) for b in range(ww)]
-            orig = [((r + sh) % hp, (c + sw) % wp) for r, c in cells]  # rolled by -shift: undo it
-            for (p, (i, j)), (q, (k, m)) in itertools.product(enumerate(orig), repeat=2):
-                if i < h and j < w and k < h and m < w:
-                    ok = mask is None or mask[n, p, q] == 0
-                    allowed[i * w + j, k * w + m] = ok
+            cells = [original(bi * wh + a, bj * ww + b) for a in range(wh) for b in range(ww)]
+            for (p, o1), (q, o2) in itertools.product(enumerate(cells), repeat=2):
+                if o1 is not None and o2 is not None:
+                    allowed[o1[0] * w + o1[1], o2[0] * w + o2[1]] = mask is None or mask[n, p, q] == 0
             n += 1
     return allowed
 
@@ -57,24 +66,8 @@ def test_timm_mask_lets_opposite_edges_attend_where_padding_is_short_of_the_shif
     H = W = 12  # padded to 14: 2 rows of padding, shift 3
     rolled = torch.roll(torch.zeros(1, H, W, 1), (-3, -3), (1, 2))
     timm_mask = block.get_attn_mask(torch.nn.functional.pad(rolled, (0, 0, 0, 2, 0, 2)))
-    timm_allowed = allowed_by_mask_timm(timm_mask, (H, W), (14, 14), (7, 7), (3, 3))
+    timm_allowed = allowed_by_mask(timm_mask, (H, W), (14, 14), (7, 7), (3, 3), roll_first=True)
     assert not torch.equal(timm_allowed, allowed_by_definition((H, W), (7, 7), (3, 3)))
-
-
-def allowed_by_mask_timm(mask, size, padded, window, shift):
-    """timm's frame: rolled first (over the real size), then padded."""
-    (h, w), (hp, wp), (wh, ww), (sh, sw) = size, padded, window, shift
-    allowed = torch.zeros(h * w, h * w, dtype=torch.bool)
-    n = 0
-    for bi in range(hp // wh):
-        for bj in range(wp // ww):
-            cells = [(bi * wh + a, bj * ww + b) for a in range(wh) for b in range(ww)]
-            orig = [((r + sh) % h, (c + sw) % w) if r < h and c < w else None for r, c in cells]
-            for (p, o1), (q, o2) in itertools.product(enumerate(orig), repeat=2):
-                if o1 is not None and o2 is not None:
-                    allowed[o1[0] * w + o1[1], o2[0] * w + o2[1]] = mask[n, p, q] == 0
-            n += 1
-    return allowed
 
 
 @pytest.mark.parametrize("arch", ["swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256", "swinv2_cr_tiny_224"])
