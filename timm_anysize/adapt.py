@@ -13,26 +13,19 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from timm.layers import (
-    resample_abs_pos_embed,
-    resample_abs_pos_embed_nhwc,
-    resample_patch_embed,
-    resize_rel_pos_bias_table,
-)
+from timm.layers import resample_abs_pos_embed, resample_patch_embed, resize_rel_pos_bias_table
 from timm.models import adapt_input_conv
 
-from .dynamic_mvit import resize_rel_axis
 from .errors import AdaptationError
 from .plan import TensorResample, VariantPlan
 from .report import AdaptationReport, KeyAdaptation
+from .resample import resample_grid, resize_bias_grid, resize_rel_axis
 from .spec import ChannelOptions, PatchEmbedOptions, PosEmbedOptions, Size2
 
 __all__ = [
     "adapt_state_dict",
     "summarize_keys",
     "resample_pos_embed",
-    "resample_grid",
-    "resize_bias_grid",
     "resample_tensor",
     "resize_patch_kernel",
     "adapt_kernel_channels",
@@ -137,33 +130,6 @@ def _fmt(size: tuple[int, ...]) -> str:
     return "x".join(str(s) for s in size)
 
 
-def resample_grid(grid: torch.Tensor, new_grid: Size2, options: PosEmbedOptions, channels_last: bool) -> torch.Tensor:
-    """Resample a position embedding laid out as an image, ``[1, C, H, W]`` (or ``[1, H, W, C]``), to ``new_grid``.
-
-    Example:
-        >>> resample_grid(torch.randn(1, 8, 4, 6), (8, 3), PosEmbedOptions(), channels_last=False).shape
-        torch.Size([1, 8, 8, 3])
-    """
-    nhwc = grid if channels_last else grid.permute(0, 2, 3, 1)
-    out = resample_abs_pos_embed_nhwc(
-        nhwc, new_size=list(new_grid), interpolation=options.interpolation, antialias=options.use_antialias
-    )
-    return out if channels_last else out.permute(0, 3, 1, 2).contiguous()
-
-
-def resize_bias_grid(biases: torch.Tensor, old_grid: Size2, new_grid: Size2, options: PosEmbedOptions) -> torch.Tensor:
-    """Resize attention biases indexed by ``|dy|, |dx|`` offsets (LeViT), ``[heads, H*W]``, between two grids.
-
-    Example:
-        >>> resize_bias_grid(torch.randn(4, 7 * 7), (7, 7), (8, 6), PosEmbedOptions()).shape
-        torch.Size([4, 48])
-    """
-    heads = biases.shape[0]
-    grid = biases.reshape(1, heads, *old_grid).float()
-    out = F.interpolate(grid, size=tuple(new_grid), mode=options.interpolation, align_corners=False)
-    return out.reshape(heads, -1).to(biases.dtype)
-
-
 def resample_tensor(
     src: torch.Tensor, layout: TensorResample, target_shape: tuple[int, ...], options: PosEmbedOptions
 ) -> tuple[torch.Tensor, str]:
@@ -174,7 +140,8 @@ def resample_tensor(
         how = f"{options.interpolation}, antialias={options.use_antialias}, {layout.prefix} prefix tokens kept"
         return value, f"grid {a} -> {b} ({how})"
     if layout.kind in ("pos_nchw", "pos_nhwc"):
-        value = resample_grid(src, layout.target, options, channels_last=layout.kind == "pos_nhwc")
+        value = resample_grid(src, layout.target, options.interpolation, options.use_antialias,
+                              channels_last=layout.kind == "pos_nhwc")
         return value, f"grid {a} -> {b} ({options.interpolation}, antialias={options.use_antialias})"
     if layout.kind == "rel_table":
         # Both windows are read off the models, so nothing is inferred from the table's size.
@@ -184,7 +151,7 @@ def resample_tensor(
         return value, f"relative-position window {a} -> {b}"
     if layout.kind == "rel_axis":
         return resize_rel_axis(src, layout.target[0]), f"relative-position axis {a} -> {b} entries (linear)"
-    value = resize_bias_grid(src, layout.source, layout.target, options)  # type: ignore[arg-type]
+    value = resize_bias_grid(src, layout.source, layout.target, options.interpolation)  # type: ignore[arg-type]
     return value, f"attention-bias grid {a} -> {b} ({options.interpolation})"
 
 

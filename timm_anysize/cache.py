@@ -12,8 +12,10 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
-from timm.layers import resample_abs_pos_embed, resample_abs_pos_embed_nhwc
+from timm.layers import resample_abs_pos_embed
 from timm.layers.helpers import is_exporting
+
+from .resample import resample_grid
 
 __all__ = [
     "PosEmbedCache",
@@ -173,9 +175,7 @@ def dynamic_image_pos_embed(model: nn.Module, grid: tuple[int, int], channels_la
     opts: DynamicOptions = model._anysize_dynamic
 
     def compute() -> torch.Tensor:
-        nhwc = pos_embed if channels_last else pos_embed.permute(0, 2, 3, 1)
-        out = resample_abs_pos_embed_nhwc(nhwc, list(grid), interpolation=opts.interpolation, antialias=opts.antialias)
-        return out if channels_last else out.permute(0, 3, 1, 2)
+        return resample_grid(pos_embed, grid, opts.interpolation, opts.antialias, channels_last)
 
     if must_run_inline(pos_embed):
         return compute()

@@ -14,12 +14,12 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.layers import ndgrid
 from timm.models import levit
 
 from .cache import PosEmbedCache, must_run_inline
 from .intermediates import IntermediatesAtOwnSize
+from .resample import resize_bias_grid
 from .spec import Size2
 
 __all__ = ["DynamicLevit", "DynamicLevitDistilled", "enable_levit_dynamic"]
@@ -50,10 +50,8 @@ def _biases(module: nn.Module, device: torch.device, stride: int) -> Optional[to
     biases = module.attention_biases
 
     def compute() -> torch.Tensor:
-        heads = biases.shape[0]
-        grid = biases.reshape(1, heads, *module.resolution)
-        resized = F.interpolate(grid.float(), size=res, mode=module._anysize_dynamic.interpolation, align_corners=False)
-        return resized.reshape(heads, -1).to(biases.dtype)[:, _bias_index(res, stride, device)]
+        resized = resize_bias_grid(biases, tuple(module.resolution), res, module._anysize_dynamic.interpolation)
+        return resized[:, _bias_index(res, stride, device)]
 
     if must_run_inline(biases):
         return compute()

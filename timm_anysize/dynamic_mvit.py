@@ -15,28 +15,15 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.models import mvitv2
 
 from .cache import PosEmbedCache, must_run_inline
+from .resample import resize_rel_axis
 from .spec import Size2
 
-__all__ = ["resize_rel_axis", "enable_mvit_dynamic"]
+__all__ = ["table_lengths", "enable_mvit_dynamic"]
 
 _FEAT: contextvars.ContextVar[Optional[Size2]] = contextvars.ContextVar("anysize_mvit_feat", default=None)
-
-
-def resize_rel_axis(table: torch.Tensor, length: int) -> torch.Tensor:
-    """Resize a one-axis relative-position table ``[2n - 1, C]`` to ``length`` entries (linear, as MViTv2 does).
-
-    Example:
-        >>> resize_rel_axis(torch.randn(13, 8), 27).shape
-        torch.Size([27, 8])
-    """
-    if table.shape[0] == length:
-        return table
-    out = F.interpolate(table.float().t()[None], size=length, mode="linear", align_corners=False)
-    return out[0].t().to(table.dtype).contiguous()
 
 
 def _pooled(pool: Optional[nn.Module], size: int, axis: int) -> int:
