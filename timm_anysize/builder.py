@@ -120,7 +120,7 @@ def _read_file(plan: VariantPlan, path: Union[str, Path]) -> dict[str, torch.Ten
     state_dict = read_state_dict(path)
     if plan.family.checkpoint_filter is None:
         return state_dict
-    if set(state_dict) <= plan.source_keys:
+    if state_dict.keys() <= plan.source_shapes.keys():
         return state_dict  # already timm's layout: nothing for the filter to rename
     source_model = build_meta(plan.spec, plan.source_kwargs, "source (pretrained)")
     # timm's filter renames foreign layouts, but it also resamples (guessing square grids) when a shape differs

@@ -96,8 +96,7 @@ class VariantPlan:
     source_kwargs: dict[str, Any] = field(repr=False)
     target_kwargs: dict[str, Any] = field(repr=False)
     dynamic: bool = True
-    source_keys: frozenset[str] = field(default=frozenset(), repr=False)
-    source_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict, repr=False)
+    source_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict, repr=False)  # timm's layout, by key
     resamples: dict[str, TensorResample] = field(default_factory=dict, repr=False)
 
     @property
@@ -446,7 +445,6 @@ def _make_plan(spec: VariantSpec, overrides: dict[str, Any]) -> VariantPlan:
         source_kwargs=source_kwargs,
         target_kwargs=target_kwargs,
         dynamic=family.supports_dynamic if spec.dynamic is None else spec.dynamic,
-        source_keys=frozenset(source_model.state_dict()),
         source_shapes={k: tuple(v.shape) for k, v in source_model.state_dict().items()},
         resamples=tensor_resamples(family, source_model, target_model),
     )
