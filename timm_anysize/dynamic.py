@@ -13,7 +13,7 @@ timm's own (pinned by a test against timm's dynamic path).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -150,10 +150,19 @@ _DYNAMIC_CLASSES: dict[type, type] = {
     levit.LevitDistilled: DynamicLevitDistilled,
     mvitv2.MultiScaleVit: mvitv2.MultiScaleVit,  # the model class stays; its attentions change
 }
-# Conv stems that take any input size: no patch-embedding set-up (Hiera pads to whole mask units itself).
+# Module classes swapped inside the model, per dynamic class (the bias tables / resolutions of its attention).
+_MODULE_SETUP: dict[type, Callable[[nn.Module, int], None]] = {
+    DynamicBeit: enable_beit_dynamic,
+    DynamicLevit: enable_levit_dynamic,
+    DynamicLevitDistilled: enable_levit_dynamic,
+    mvitv2.MultiScaleVit: enable_mvit_dynamic,
+}
+# Stems that take any input size: no patch-embedding set-up (Hiera pads to whole mask units itself).
 _CONV_STEMS = (
     DynamicPit, DynamicVolo, DynamicCrossVit, DynamicHiera, DynamicLevit, DynamicLevitDistilled, mvitv2.MultiScaleVit
 )
+# Patch embeddings kept in timm's token layout (their paths read the grid off the input size).
+_TOKEN_LAYOUT = (DynamicBeit, DynamicCait)
 
 
 class InputNotDivisibleError(ValueError):
@@ -242,17 +251,13 @@ def enable_dynamic(
     model._anysize_dynamic = DynamicOptions(interpolation, antialias, pad)
     model._anysize_pos_cache = PosEmbedCache(cache_size)
     model._anysize_caches = {}
-    if dynamic_cls in (DynamicLevit, DynamicLevitDistilled):
-        enable_levit_dynamic(model, cache_size)
-    if dynamic_cls is mvitv2.MultiScaleVit:
-        enable_mvit_dynamic(model, cache_size)
+    if dynamic_cls in _MODULE_SETUP:
+        _MODULE_SETUP[dynamic_cls](model, cache_size)
     if dynamic_cls in _CONV_STEMS:
         return model
-    if dynamic_cls is DynamicBeit:
-        enable_beit_dynamic(model, cache_size)
     pe = model.patch_embed
     pe.strict_img_size = False
-    if dynamic_cls not in (DynamicBeit, DynamicCait):  # those keep timm's token layout; their paths read the grid
+    if dynamic_cls not in _TOKEN_LAYOUT:
         pe.flatten = False
         pe.output_fmt = Format.NHWC
     pe.dynamic_img_pad = pad
