@@ -21,11 +21,7 @@ SMALL = dict(embed_dim=64, depth=2, num_heads=2, img_size=64)
     dict(use_shared_rel_pos_bias=True, use_rel_pos_bias=False),
 ], ids=["rel_pos", "abs_pos", "shared_rel_pos"])
 def test_any_size_equals_set_input_size(args):
-    torch.manual_seed(0)
-    base = timm.create_model("beit_base_patch16_224", **SMALL, **args).eval()
-    with torch.no_grad():
-        for p in base.parameters():
-            p.add_(torch.randn_like(p) * 0.02)  # non-zero tables
+    base = _perturbed("beit_base_patch16_224", **SMALL, **args)  # non-zero tables
     model = timm_anysize.enable_dynamic(copy.deepcopy(base))
     with torch.no_grad():
         x = torch.randn(2, 3, 64, 64)
@@ -107,6 +103,14 @@ def _resampled_image(pe, grid, channels_last):
     return out if channels_last else out.permute(0, 3, 1, 2)
 
 
+def assert_matches_base_and_built(model, base, built, own, other):
+    """At its own size the dynamic model is the timm base; at another size, the timm model built for that size."""
+    with torch.no_grad():
+        for reference, hw in ((base, own), (built, other)):
+            x = torch.randn(2, 3, *hw)
+            assert torch.equal(model(x), reference(x)), hw
+
+
 def _perturbed(arch, **kwargs):
     torch.manual_seed(0)
     model = timm.create_model(arch, **kwargs).eval()
@@ -129,11 +133,7 @@ def test_conv_stem_families_at_any_size_equal_the_model_built_for_it(arch, args,
     grid = built.state_dict()[key].shape[1:3] if channels_last else built.state_dict()[key].shape[2:4]
     sd[key] = _resampled_image(sd[key], grid, channels_last)
     built.load_state_dict(sd)
-    with torch.no_grad():
-        x = torch.randn(2, 3, size, size)
-        assert torch.equal(model(x), base(x))
-        x = torch.randn(2, 3, *other)
-        assert torch.equal(model(x), built(x))
+    assert_matches_base_and_built(model, base, built, (size, size), other)
 
 
 def test_crossvit_branches_follow_the_input_size():
@@ -149,11 +149,8 @@ def test_crossvit_branches_follow_the_input_size():
         sd[f"pos_embed_{i}"] = resample_abs_pos_embed(sd[f"pos_embed_{i}"], new_size=list(new), old_size=list(old),
                                                       num_prefix_tokens=1)
     built.load_state_dict(sd)
+    assert_matches_base_and_built(model, base, built, (240, 240), (360, 360))
     with torch.no_grad():
-        x = torch.randn(2, 3, 240, 240)
-        assert torch.equal(model(x), base(x))
-        x = torch.randn(2, 3, 360, 360)
-        assert torch.equal(model(x), built(x))
         assert torch.isfinite(model(torch.randn(1, 3, 200, 280))).all()
 
 
@@ -171,11 +168,8 @@ def test_hiera_at_any_size_equals_the_model_built_for_it(args):
         sd["pos_embed"] = resample_abs_pos_embed(sd["pos_embed"], new_size=[24, 32], old_size=[16, 16],
                                                  num_prefix_tokens=0)
     built.load_state_dict(sd)
+    assert_matches_base_and_built(model, base, built, (64, 64), (96, 128))
     with torch.no_grad():
-        x = torch.randn(2, 3, 64, 64)
-        assert torch.equal(model(x), base(x))
-        x = torch.randn(2, 3, 96, 128)
-        assert torch.equal(model(x), built(x))
         assert torch.isfinite(model(torch.randn(1, 3, 70, 100))).all()  # padded to 96 x 128
 
 
@@ -202,11 +196,7 @@ def test_levit_at_any_size_equals_the_model_built_for_it(arch):
             old = tuple(dict(base.named_modules())[key.rsplit(".", 1)[0]].resolution)
             sd[key] = resize_bias_grid(sd[key], old, new, "bicubic")
     built.load_state_dict(sd)
-    with torch.no_grad():
-        x = torch.randn(2, 3, 64, 64)
-        assert torch.equal(model(x), base(x))
-        x = torch.randn(2, 3, 96, 80)
-        assert torch.equal(model(x), built(x))
+    assert_matches_base_and_built(model, base, built, (64, 64), (96, 80))
 
 
 def test_mvitv2_at_any_size_equals_the_model_built_for_it():
@@ -219,11 +209,8 @@ def test_mvitv2_at_any_size_equals_the_model_built_for_it():
     target = built.state_dict()
     sd = {k: resize_rel_axis(v, target[k].shape[0]) if "rel_pos_" in k else v for k, v in base.state_dict().items()}
     built.load_state_dict(sd)
+    assert_matches_base_and_built(model, base, built, (64, 64), (96, 96))
     with torch.no_grad():
-        x = torch.randn(2, 3, 64, 64)
-        assert torch.equal(model(x), base(x))
-        x = torch.randn(2, 3, 96, 96)
-        assert torch.equal(model(x), built(x))
         # non-square, and sizes the strides do not divide: every table index stays in range
         for hw in [(96, 64), (64, 97), (33, 47)]:
             assert torch.isfinite(model(torch.randn(1, 3, *hw))).all(), hw
