@@ -1,0 +1,3 @@
+"""dino checkpoints (layouts added below)."""
+
+LAYOUTS: tuple = ()

@@ -1,0 +1,3 @@
+"""mmpretrain checkpoints (layouts added below)."""
+
+LAYOUTS: tuple = ()

@@ -1,0 +1,3 @@
+"""transformers checkpoints (layouts added below)."""
+
+LAYOUTS: tuple = ()
