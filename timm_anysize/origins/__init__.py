@@ -213,6 +213,42 @@ def _pair(v: Any) -> Optional[tuple[int, int]]:
     return (int(v), int(v)) if isinstance(v, (int, float)) else (int(v[0]), int(v[1]))
 
 
+# transformers' activation names -> the timm activation computing the same function
+_ACTS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh"}
+
+
+def _act_name(module: torch.nn.Module) -> str:
+    approx = getattr(module, "approximate", "none")
+    return "gelu_tanh" if approx == "tanh" or "Tanh" in type(module).__name__ else "gelu"
+
+
+def _check_numerics(conv: Conversion, plan: Any, name: str) -> None:
+    """LayerNorm eps and activation of the origin against the timm model the variant builds."""
+    from ..plan import build_meta
+
+    model = build_meta(plan.spec, plan.source_kwargs, "source (pretrained)")
+    act = conv.numerics.get("hidden_act")
+    if act is not None:
+        want = _ACTS.get(act)
+        used = {_act_name(m) for m in model.modules() if "GELU" in type(m).__name__.upper()}
+        if want is None:
+            raise WeightsError(f"{name}: {conv.layout} weights use the activation {act!r}, which timm-anysize does "
+                               f"not map to a timm activation; use another checkpoint or convert it yourself")
+        if used and used != {want}:
+            raise WeightsError(f"{name}: {conv.layout} weights use {act!r} ({want}), the timm model computes "
+                               f"{'/'.join(sorted(used))}; add `act_layer: {want}` to model_args (and "
+                               f"pretrained.model_args)")
+    eps = conv.numerics.get("layer_norm_eps")
+    if eps is not None:
+        ours = sorted({m.eps for m in model.modules() if isinstance(m, torch.nn.LayerNorm)})
+        if ours and ours != [eps]:
+            conv.notes.append(
+                f"LayerNorm eps {eps:g} in the origin, {'/'.join(f'{e:g}' for e in ours)} in timm's model (timm's "
+                f"ViT constructors take no eps argument): outputs differ by about that much relative to the "
+                f"activations' variance"
+            )
+
+
 def check_against_plan(conv: Conversion, plan: Any, config: Optional[dict], where: str) -> None:
     """Refuse a converted checkpoint the variant cannot reproduce: another family, numerics the variant's
     ``model_args`` do not carry, a ``config.json`` geometry other than the variant's source geometry, or a
@@ -233,6 +269,8 @@ def check_against_plan(conv: Conversion, plan: Any, config: Optional[dict], wher
                     f"{name}: {layout.name} weights compute with {key}={want!r} (timm's {spec.arch} default differs"
                     f"); add `{key}: {want!r}` to {what} so the variant computes what the origin did"
                 )
+    if conv.numerics:
+        _check_numerics(conv, plan, name)
     if config:
         s = plan.source
         for field, ours in (("image_size", s.img_size), ("patch_size", s.patch_size)):

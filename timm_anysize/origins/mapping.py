@@ -84,6 +84,8 @@ class Conversion:
         wrappers: Containers and prefixes stripped before mapping (``teacher``, ``module.``, ...).
         model_args: timm constructor arguments the origin's numerics need (``act_layer``, ``qkv_bias``, ...); the
             variant must build its model with them.
+        numerics: What the origin computes with, checked against the timm model: ``layer_norm_eps``,
+            ``hidden_act`` (transformers' name).
         head_unusable: Why the origin's classifier cannot be carried over (the variant then needs a new head).
     """
 
@@ -97,6 +99,7 @@ class Conversion:
     wrappers: list[str] = field(default_factory=list)
     model_args: dict[str, Any] = field(default_factory=dict)
     head_unusable: str = ""
+    numerics: dict[str, Any] = field(default_factory=dict)
 
     def put(self, key: str, value: torch.Tensor, how: str) -> None:
         if key in self.state_dict:
@@ -202,3 +205,14 @@ class Layout:
         if self.finish is not None and not conv.unexpected and not conv.missing:
             self.finish(conv, config or {})
         return conv
+
+
+def fold_class_position(conv: Conversion) -> None:
+    """DINOv2 with registers: the class token's position entry joins the class token, so the position embedding
+    covers the patches only (timm's ``no_embed_class`` models, as timm's own DINOv2 filter does). Exact at every
+    size: the origins interpolate the patch grid only."""
+    pos, cls = conv.state_dict["pos_embed"], conv.state_dict["cls_token"]
+    conv.state_dict["cls_token"] = cls + pos[:, :1]
+    conv.state_dict["pos_embed"] = pos[:, 1:].clone()
+    conv.origin["cls_token"] += " + its position entry (registers: no_embed_class)"
+    conv.origin["pos_embed"] += " without the class entry (registers: no_embed_class)"
