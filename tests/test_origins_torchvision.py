@@ -157,3 +157,53 @@ def test_swin(tmp_path, v2):
                                     pretrained=True).eval()
             y = torch.randn(1, 3, *shape)
             assert rel(big(y), src(y)) <= 1e-5
+
+
+def test_cli_convert_writes_a_plain_timm_checkpoint(vit_file, tmp_path, capsys):
+    import json
+
+    import safetensors.torch
+
+    from timm_anysize.cli import main
+
+    src, path = vit_file
+    out = tmp_path / "vit_timm.safetensors"
+    assert main(["convert", str(path), "--base", "vit_base_patch16_224", "--img-size", "32", "--patch-size", "8",
+                 "--model-args", json.dumps(VIT_ARGS), "--to", str(out)]) == 0
+    assert "layout: torchvision.vit" in capsys.readouterr().out
+    plain = timm.create_model("vit_base_patch16_224", img_size=32, patch_size=8, num_classes=10, **VIT_ARGS).eval()
+    plain.load_state_dict(safetensors.torch.load_file(str(out)), strict=True)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert rel(plain(x), src(x)) <= 1e-5
+    assert json.loads(out.with_suffix(".report.json").read_text())["origin"]["layout"] == "torchvision.vit"
+
+
+def test_show_prints_the_layout_and_mapping(vit_file, capsys):
+    from timm_anysize.cli import main
+
+    _, path = vit_file
+    name = variant(path, 48, patch_size=8)
+    assert main(["show", name]) == 0
+    out = capsys.readouterr().out
+    assert "# checkpoint layout: torchvision.vit" in out
+    assert "cls_token <- torchvision 'class_token'" in out
+
+
+def test_unknown_layout_lists_the_closest(tmp_path):
+    sd = tv_vit().state_dict()
+    sd["encoder.extra_thing"] = torch.ones(1)
+    path = tmp_path / "odd.pth"
+    torch.save(sd, path)
+    for layout in ("auto", "torchvision"):  # nothing guessed, detected or named
+        with pytest.raises(WeightsError, match=r"no known layout fits.*tried: torchvision.vit, .*closest: "
+                                               r"torchvision.vit \(unexpected: encoder.extra_thing\)"):
+            timm.create_model(variant(path, 32, patch_size=8, pretrained={"layout": layout}), pretrained=True)
+    # keys no layout's signature recognises: timm's own layout, whose error names the layouts tried too
+    del sd["class_token"], sd["encoder.extra_thing"]
+    torch.save(sd, path)
+    from timm_anysize.errors import AdaptationError
+
+    with pytest.raises(AdaptationError, match=r"checkpoint layouts tried: timm, torchvision.vit.*closest other than "
+                                              r"timm: torchvision.vit"):
+        timm.create_model(variant(path, 32, patch_size=8), pretrained=True)
