@@ -207,3 +207,19 @@ def test_unknown_layout_lists_the_closest(tmp_path):
     with pytest.raises(AdaptationError, match=r"checkpoint layouts tried: timm, torchvision.vit.*closest other than "
                                               r"timm: torchvision.vit"):
         timm.create_model(variant(path, 32, patch_size=8), pretrained=True)
+
+
+def test_export_is_plain_timm_and_card_names_the_layout(vit_file, tmp_path):
+    import subprocess
+    import sys
+
+    _, path = vit_file
+    m = timm.create_model(variant(path, 48, patch_size=8, dynamic=False, adapt={"pos_embed": {"compat": "torchvision"}}),
+                          pretrained=True).eval()
+    out = timm_anysize.export(m, tmp_path / "exp")
+    assert "torchvision.vit layout" in (out / "README.md").read_text()
+    code = ("import timm, torch, safetensors.torch as st; "
+            f"m = timm.create_model('local-dir:{out}', pretrained=True).eval(); "
+            f"sd = st.load_file('{out}/model.safetensors'); "
+            "assert all(torch.equal(v, m.state_dict()[k]) for k, v in sd.items()); print('ok')")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "ok\n"

@@ -309,7 +309,8 @@ def adapt_state_dict(
         else:
             unused.append(key)
 
-    if conversion is not None:
+    if conversion is not None:  # the source line names the origin, so model cards of exports do too
+        report.source = f"{source_desc} ({conversion.layout} layout, mapped to timm's names)"
         report.origin = {"layout": conversion.layout, "wrappers": list(conversion.wrappers),
                          "notes": list(conversion.notes)}
         for key, why in conversion.dropped.items():
