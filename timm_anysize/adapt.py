@@ -17,6 +17,7 @@ from timm.layers import resample_abs_pos_embed, resample_patch_embed, resize_rel
 from timm.models import adapt_input_conv
 
 from .errors import AdaptationError
+from .origins.compat import compat_resample_pos_embed
 from .plan import TensorResample, VariantPlan
 from .report import AdaptationReport, KeyAdaptation
 from .resample import resample_grid, resize_bias_grid, resize_rel_axis
@@ -47,6 +48,8 @@ def resample_pos_embed(
         >>> resample_pos_embed(pe, (4, 6), (8, 3), 1, PosEmbedOptions()).shape
         torch.Size([1, 25, 8])
     """
+    if options.compat != "timm":  # another library's exact resampling (timm_anysize.origins.compat)
+        return compat_resample_pos_embed(pos_embed, new_grid, old_grid, num_prefix_tokens, options.compat)
     return resample_abs_pos_embed(
         pos_embed,
         new_size=list(new_grid),
@@ -138,6 +141,8 @@ def resample_tensor(
     if layout.kind == "pos_tokens":
         value = resample_pos_embed(src, layout.source, layout.target, layout.prefix, options)
         how = f"{options.interpolation}, antialias={options.use_antialias}, {layout.prefix} prefix tokens kept"
+        if options.compat != "timm":
+            how = f"compat {options.compat}, {layout.prefix} prefix tokens kept"
         return value, f"grid {a} -> {b} ({how})"
     if layout.kind in ("pos_nchw", "pos_nhwc"):
         value = resample_grid(src, layout.target, options.interpolation, options.use_antialias,
@@ -195,6 +200,15 @@ def _adapt_kernel(src: torch.Tensor, tgt: torch.Tensor, plan: VariantPlan) -> tu
     return value, "; ".join(steps)
 
 
+def _layout_hint(source_sd: StateDict, conversion, missing: list, unused: list) -> str:
+    """When the keys do not fit at all, say which other libraries' layouts were tried and the closest."""
+    if conversion is not None or not (missing or unused):
+        return ""
+    from .origins import layout_hint
+
+    return "\n" + layout_hint(source_sd)
+
+
 PROGRESS_MIN_BYTES = 256 * 2**20
 
 
@@ -229,12 +243,15 @@ def adapt_state_dict(
     """
     spec, s, t = plan.spec, plan.source, plan.target
     report = AdaptationReport(spec.name, source_desc, s.describe(), t.describe())
+    conversion = getattr(source_sd, "conversion", None)  # another library's layout (weights.SourceStateDict)
     out: StateDict = {}
     used: set[str] = set()
     missing, mismatched = [], []
     new_head = s.num_classes != t.num_classes
 
     def record(key: str, action: str, detail: str, src: Optional[torch.Tensor], value: torch.Tensor) -> None:
+        if conversion is not None and key in conversion.origin and src is not None:
+            detail = "; ".join(filter(None, (f"from {conversion.origin[key]}", detail)))
         out[key] = value
         report.entries[key] = KeyAdaptation(
             key, action, detail, tuple(src.shape) if src is not None else None, tuple(target_sd[key].shape)  # type: ignore[arg-type]
@@ -292,6 +309,12 @@ def adapt_state_dict(
         else:
             unused.append(key)
 
+    if conversion is not None:  # the source line names the origin, so model cards of exports do too
+        report.source = f"{source_desc} ({conversion.layout} layout, mapped to timm's names)"
+        report.origin = {"layout": conversion.layout, "wrappers": list(conversion.wrappers),
+                         "notes": list(conversion.notes)}
+        for key, why in conversion.dropped.items():
+            report.dropped[key] = f"{conversion.layout}: {why}"
     if missing or unused or mismatched:
         parts = []
         if missing:
@@ -305,5 +328,6 @@ def adapt_state_dict(
             + "\n  ".join(parts)
             + "\nIs the checkpoint of another architecture or model_args? Keys that are unused or re-initialised on "
             "purpose can be declared in adapt.drop_keys / adapt.init_keys."
+            + _layout_hint(source_sd, conversion, missing, unused)
         )
     return out, report

@@ -27,7 +27,7 @@ from .weights import (
     download_hub_weights,
     download_url_weights,
     read_npz_state_dict,
-    read_state_dict,
+    read_source_state_dict,
 )
 
 __all__ = ["build_variant", "variant_pretrained_cfg", "stats_for_channels", "default_tag"]
@@ -117,10 +117,10 @@ def _read_file(plan: VariantPlan, path: Union[str, Path]) -> dict[str, torch.Ten
             return timm.create_model(plan.spec.base, pretrained=False, **plan.source_kwargs)
 
         return read_npz_state_dict(path, build)
-    state_dict = read_state_dict(path)
+    state_dict = read_source_state_dict(path, plan)  # other libraries' layouts come back in timm's names
     if plan.family.checkpoint_filter is None:
         return state_dict
-    if state_dict.keys() <= plan.source_shapes.keys():
+    if state_dict.keys() <= plan.source_shapes.keys() or getattr(state_dict, "conversion", None):
         return state_dict  # already timm's layout: nothing for the filter to rename
     source_model = build_meta(plan.spec, plan.source_kwargs, "source (pretrained)")
     # timm's filter renames foreign layouts, but it also resamples (guessing square grids) when a shape differs
@@ -258,6 +258,8 @@ def _make_dynamic(plan: VariantPlan, model: nn.Module) -> None:
         return
     pe = spec.adapt.pos_embed
     enable_dynamic(model, pad=spec.pad, interpolation=pe.interpolation, antialias=pe.use_antialias)
+    if pe.compat != "timm":  # run-time sizes resample as the origin library does (timm_anysize.origins.compat)
+        model._anysize_dynamic = dataclasses.replace(model._anysize_dynamic, compat=pe.compat)
 
 
 def _feature_key_map(wrapper_keys: list[str], full_keys: list[str]) -> dict[str, str]:

@@ -15,6 +15,7 @@ import torch.nn as nn
 from timm.layers import resample_abs_pos_embed
 from timm.layers.helpers import is_exporting
 
+from .origins.compat import compat_resample_pos_embed
 from .resample import resample_grid
 
 __all__ = [
@@ -118,6 +119,7 @@ class DynamicOptions:
     interpolation: str = "bicubic"
     antialias: bool = True
     pad: bool = True
+    compat: str = "timm"  # another library's exact resampling: timm_anysize.origins.compat
 
 
 def _cache_for(model: nn.Module, name: str) -> "PosEmbedCache":
@@ -153,6 +155,8 @@ def dynamic_pos_embed(
         prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
 
     def compute() -> torch.Tensor:
+        if opts.compat != "timm":
+            return compat_resample_pos_embed(pos_embed, grid, native, prefix, opts.compat)
         return resample_abs_pos_embed(
             pos_embed, new_size=grid, old_size=native, num_prefix_tokens=prefix,
             interpolation=opts.interpolation, antialias=opts.antialias,

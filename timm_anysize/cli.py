@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 __all__ = ["main"]
@@ -54,6 +55,61 @@ def _cmd_show(args: argparse.Namespace) -> int:
     if not steps:
         print("  every tensor copied (same geometry)")
     print("  every other tensor: copied")
+    _print_layout(spec)
+    return 0
+
+
+def _print_layout(spec) -> None:
+    """The checkpoint layout and its key mapping, when the variant names a local file (nothing is built)."""
+    from timm_anysize.origins import detect_layout, unwrap_checkpoint
+    from timm_anysize.weights import detect_format, read_checkpoint
+
+    file = spec.pretrained.file
+    if file is None or not file.exists() or detect_format(file) == "npz":
+        return
+    state_dict, wrappers = unwrap_checkpoint(read_checkpoint(file), spec.pretrained.select, str(file))
+    conv = detect_layout(state_dict, spec.pretrained.layout, str(file))
+    print(f"\n# checkpoint layout: {conv.layout if conv else 'timm'}" + (f" (unwrapped: {'; '.join(wrappers)})"
+                                                                       if wrappers else ""))
+    if conv is not None:
+        for key, how in conv.key_mapping():
+            print(f"  {key} <- {how}")
+        for key, why in conv.dropped.items():
+            print(f"  dropped {key}: {why}")
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    import safetensors.torch
+    import timm
+
+    import timm_anysize
+    from timm_anysize.origins import detect_layout, unwrap_checkpoint
+    from timm_anysize.weights import _transformers_config, read_checkpoint
+
+    file = Path(args.file).resolve()
+    state_dict, _ = unwrap_checkpoint(read_checkpoint(file), args.select, str(file))
+    conv = detect_layout(state_dict, args.layout, str(file))
+    sd = conv.state_dict if conv is not None else state_dict
+    head = sd.get("head.weight", sd.get("head.fc.weight"))
+    config = _transformers_config(file) or {}
+    source: dict = {"file": str(file), "layout": args.layout, "select": args.select,
+                    "num_classes": int(head.shape[0]) if head is not None else 0}
+    for key, value in (("img_size", args.img_size or config.get("image_size")),
+                       ("patch_size", args.patch_size or config.get("patch_size"))):
+        if value:
+            source[key] = value
+    geometry = {k: source[k] for k in ("img_size", "patch_size", "num_classes") if k in source}
+    name = f"convert_{abs(hash(str(file))) % 10**8}"
+    timm_anysize.register_variant(name, base=args.base, pretrained=source, dynamic=False,
+                                  model_args=json.loads(args.model_args or "{}"), **geometry)
+    model = timm.create_model(name, pretrained=True)
+    report = timm_anysize.adaptation_report(model)
+    out = Path(args.to or file.with_name(file.stem + "_timm.safetensors"))
+    safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out))
+    out.with_suffix(".report.json").write_text(json.dumps(report.to_dict(), indent=2))
+    print(report.summary())
+    print(f"wrote {out} and {out.with_suffix('.report.json')} (plain timm: timm.create_model({args.base!r}, "
+          f"pretrained_cfg_overlay=dict(file={str(out)!r}), ...geometry above)")
     return 0
 
 
@@ -216,6 +272,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", action="append", metavar="FILE.yaml", help="extra variant files (repeatable)")
     p.add_argument("script")
     p.add_argument("args", nargs=argparse.REMAINDER)
+    p = sub.add_parser("convert", help="map another library's checkpoint (torchvision, transformers, MMPretrain, "
+                                       "DINO) to timm's names and write it as safetensors, with the report")
+    p.add_argument("file", help="the checkpoint, or a transformers save_pretrained folder")
+    p.add_argument("--base", required=True, help="timm architecture the weights map onto, e.g. vit_base_patch16_224")
+    p.add_argument("--to", help="output .safetensors (default: FILE_timm.safetensors)")
+    p.add_argument("--layout", default="auto", help="pretrained.layout (default: detected from the keys)")
+    p.add_argument("--select", default="teacher", help="teacher or student (DINO checkpoints)")
+    p.add_argument("--img-size", type=int, help="size the weights were trained at (default: config.json / base)")
+    p.add_argument("--patch-size", type=int, help="patch size of the weights (default: config.json / base)")
+    p.add_argument("--model-args", help="JSON timm model_args of the architecture, e.g. '{\"depth\": 2}'")
     sub.add_parser("families", help="the family coverage matrix (Markdown, as docs/families.md)")
     p = sub.add_parser("schema", help="print the JSON Schema of variant YAML files")
     p.add_argument("--markdown", action="store_true", help="the YAML reference as Markdown instead")
@@ -234,6 +300,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": _cmd_run,
     "schema": _cmd_schema,
     "families": _cmd_families,
+    "convert": _cmd_convert,
 }
 
 

@@ -42,6 +42,8 @@ class AdaptationReport:
     target_geometry: str
     entries: dict[str, KeyAdaptation] = field(default_factory=dict)
     dropped: dict[str, str] = field(default_factory=dict)
+    # Another library's checkpoint: {"layout": "torchvision.vit", "wrappers": [...], "notes": [...]}; None for timm's.
+    origin: Optional[dict] = None
 
     def by_action(self, action: Action) -> list[str]:
         """Keys obtained by ``action``, in state-dict order."""
@@ -60,6 +62,10 @@ class AdaptationReport:
             f"  target: {self.target_geometry}",
             "  " + ", ".join(f"{n} {a}" for a, n in counts.items()) + f", {len(self.dropped)} source keys dropped",
         ]
+        if self.origin:
+            lines.append(f"  layout: {self.origin['layout']} (mapped to timm's names)")
+            lines += [f"  unwrapped: {w}" for w in self.origin.get("wrappers", ())]
+            lines += [f"  note: {n}" for n in self.origin.get("notes", ())]
         lines += [f"  {e.key}: {e.action}: {e.detail}" for e in self.non_copied()]
         lines += [f"  {k}: dropped: {why}" for k, why in self.dropped.items()]
         return "\n".join(lines)
@@ -81,6 +87,7 @@ class AdaptationReport:
                 for k, e in self.entries.items()
             },
             "dropped": dict(self.dropped),
+            **({"origin": self.origin} if self.origin else {}),
         }
 
 

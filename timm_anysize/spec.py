@@ -16,6 +16,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, S
 from pydantic import field_validator, model_validator
 
 from .errors import SpecError
+from .origins import ORIGINS, SELECT
+from .origins.compat import COMPAT_PRESETS
 
 __all__ = [
     "VariantSpec",
@@ -41,6 +43,9 @@ Size2 = Tuple[int, int]
 _SizeIn = Union[StrictInt, Tuple[StrictInt, StrictInt]]
 _Number = Union[StrictInt, float]
 VARIANT_NAME_PATTERN = r"^[a-z][a-z0-9_]*$"
+# Checkpoint layouts (timm_anysize.origins) and position-embedding compat presets (timm_anysize.origins.compat).
+LayoutName = Literal[ORIGINS]  # type: ignore[valid-type]
+CompatName = Literal[tuple(COMPAT_PRESETS)]  # type: ignore[valid-type]
 
 
 def _to_size2(value: Any, upper: int) -> Optional[Size2]:
@@ -91,15 +96,26 @@ class PosEmbedOptions(_Spec):
     antialias: Optional[StrictBool] = Field(
         default=None, description="Anti-alias when downsampling; default true for bicubic/bilinear, false otherwise."
     )
+    compat: CompatName = Field(
+        default="timm",
+        description="Resample token position embeddings exactly as this library does (at load time and for "
+        "run-time sizes): timm, torchvision (align_corners), transformers, mmpretrain (no antialias), dino "
+        "(scale_factor with +0.1 offset), big_vision (bilinear). Other than timm, it replaces interpolation/antialias.",
+    )
 
     @model_validator(mode="after")
     def _check_antialias(self) -> "PosEmbedOptions":
         if self.antialias and self.interpolation not in ("bicubic", "bilinear"):
             raise ValueError(f"antialias is only supported with bicubic or bilinear, not {self.interpolation!r}")
+        clash = sorted({"interpolation", "antialias"} & self.model_fields_set)
+        if self.compat != "timm" and clash:
+            raise ValueError(f"compat {self.compat!r} fixes the interpolation; remove {' and '.join(clash)}")
         return self
 
     @property
     def use_antialias(self) -> bool:
+        if self.compat != "timm":
+            return COMPAT_PRESETS[self.compat].antialias
         if self.antialias is None:
             return self.interpolation in ("bicubic", "bilinear")
         return self.antialias
@@ -181,6 +197,14 @@ class WeightSource(_Spec):
     )
     num_classes: Optional[StrictInt] = Field(
         default=None, ge=0, description="Classes of the weights' head (default: base's)."
+    )
+    layout: LayoutName = Field(
+        default="auto",
+        description="Checkpoint layout: auto (detected from the keys), timm, a library (torchvision, transformers, "
+        "mmpretrain, dino) or one of its layouts (e.g. torchvision.vit); other libraries' keys are mapped to timm's.",
+    )
+    select: Literal[SELECT] = Field(  # type: ignore[valid-type]
+        default="teacher", description="Which model of a teacher/student (DINO) checkpoint to load."
     )
     model_args: dict[str, Any] = Field(
         default_factory=dict,

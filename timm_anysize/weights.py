@@ -6,6 +6,8 @@ Pickles are only read with ``torch.load(weights_only=True)``; safetensors is pre
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
 import os
 import zipfile
@@ -17,7 +19,16 @@ import torch.nn as nn
 
 from .errors import WeightsError
 
-__all__ = ["detect_format", "read_state_dict", "read_npz_state_dict", "download_hub_weights", "download_url_weights"]
+__all__ = [
+    "detect_format",
+    "read_state_dict",
+    "read_checkpoint",
+    "read_source_state_dict",
+    "SourceStateDict",
+    "read_npz_state_dict",
+    "download_hub_weights",
+    "download_url_weights",
+]
 
 StateDict = dict[str, torch.Tensor]
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
@@ -32,6 +43,8 @@ def detect_format(path: Union[str, os.PathLike]) -> str:
         'safetensors'
     """
     p = Path(path)
+    if p.is_dir():  # a save_pretrained folder: its weight file is read by read_source_state_dict
+        return "torch" if _folder_weights(p).suffix != ".safetensors" else "safetensors"
     suffix = p.suffix.lower()
     if suffix == ".safetensors":
         return "safetensors"
@@ -72,6 +85,56 @@ def _unwrap(obj: Any, path: Path) -> StateDict:
     return obj
 
 
+def _folder_weights(folder: Path) -> Path:
+    """The weight file of a ``save_pretrained`` folder (``model.safetensors``, else ``pytorch_model.bin``)."""
+    for name in HUB_FILENAMES:
+        if (folder / name).is_file():
+            return folder / name
+    raise WeightsError(f"{folder}: a folder without {' or '.join(HUB_FILENAMES)}; point pretrained.file at the "
+                       f"weight file")
+
+
+def read_checkpoint(path: Union[str, os.PathLike]) -> Any:
+    """Read a weight file as saved, wrappers included (``{'state_dict': ..., 'meta': ...}``, DINO's
+    ``{'teacher': ..., 'student': ..., 'args': Namespace}``); a folder means its ``model.safetensors``.
+
+    Raises:
+        WeightsError: Missing, unreadable, corrupt, or pickled code; the message names the file.
+
+    Example:
+        >>> import tempfile, torch
+        >>> p = tempfile.mkdtemp() + "/w.pth"
+        >>> torch.save({"epoch": 1, "model": {"a": torch.zeros(2)}}, p)
+        >>> sorted(read_checkpoint(p))
+        ['epoch', 'model']
+    """
+    p = Path(path)
+    if p.is_dir():
+        p = _folder_weights(p)
+    if not p.is_file():
+        raise WeightsError(f"{p}: weight file not found (resolved to {p.resolve()}); check pretrained.file")
+    fmt = detect_format(p)
+    if fmt == "npz":
+        raise WeightsError(f"{p}: .npz weights need the model layout; use read_npz_state_dict")
+    if fmt == "safetensors":
+        import safetensors.torch
+
+        try:
+            return dict(safetensors.torch.load_file(str(p), device="cpu"))
+        except Exception as e:  # safetensors raises its own SafetensorError, OSError or RuntimeError
+            raise WeightsError(f"{p}: not a readable safetensors file ({e}); re-save it or check the download") from e
+    try:
+        # DINO's training checkpoints carry their argparse.Namespace; it holds plain values and runs no code.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for refused globals, RuntimeError/EOFError for truncated files
+        raise WeightsError(
+            f"{p}: cannot be read as a PyTorch state dict with weights_only=True ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); timm-anysize never unpickles code: re-save the "
+            f"weights with torch.save(model.state_dict()) or safetensors"
+        ) from e
+
+
 def read_state_dict(path: Union[str, os.PathLike]) -> StateDict:
     """Read a PyTorch (``.pth``/``.bin``) or safetensors file into a CPU state dict.
 
@@ -91,28 +154,68 @@ def read_state_dict(path: Union[str, os.PathLike]) -> StateDict:
         >>> list(read_state_dict(p))
         ['a']
     """
-    p = Path(path)
-    if not p.is_file():
-        raise WeightsError(f"{p}: weight file not found (resolved to {p.resolve()}); check pretrained.file")
-    fmt = detect_format(p)
-    if fmt == "npz":
-        raise WeightsError(f"{p}: .npz weights need the model layout; use read_npz_state_dict")
-    if fmt == "safetensors":
-        import safetensors.torch
+    return _unwrap(read_checkpoint(path), Path(path))
 
-        try:
-            return dict(safetensors.torch.load_file(str(p), device="cpu"))
-        except Exception as e:  # safetensors raises its own SafetensorError, OSError or RuntimeError
-            raise WeightsError(f"{p}: not a readable safetensors file ({e}); re-save it or check the download") from e
+
+class SourceStateDict(dict):
+    """A source state dict in timm's names that remembers how it was converted from another library's layout
+    (:class:`timm_anysize.origins.Conversion`, None for timm's own layout); the adaptation report reads it."""
+
+    conversion: Any = None
+
+
+def _transformers_config(path: Path) -> Optional[dict]:
+    """The ``config.json`` of a transformers folder (next to the weight file), if there is one."""
+    cfg = (path if path.is_dir() else path.parent) / "config.json"
+    if not cfg.is_file():
+        return None
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # UnpicklingError for refused globals, RuntimeError/EOFError for truncated files
-        raise WeightsError(
-            f"{p}: cannot be read as a PyTorch state dict with weights_only=True ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}); timm-anysize never unpickles code: re-save the "
-            f"weights with torch.save(model.state_dict()) or safetensors"
-        ) from e
-    return _unwrap(obj, p)
+        data = json.loads(cfg.read_text())
+    except (OSError, ValueError) as e:
+        raise WeightsError(f"{cfg}: not readable JSON ({e}); fix or remove it") from e
+    return data if isinstance(data, dict) and "model_type" in data else None
+
+
+def read_source_state_dict(path: Union[str, os.PathLike], plan: Any) -> StateDict:
+    """Read the weights of a variant: in timm's layout as they are, another library's converted to timm's names.
+
+    ``pretrained.layout`` (``auto``: detected from the keys) picks the layout and ``pretrained.select`` the model
+    of a teacher/student checkpoint; a transformers ``config.json`` beside the weights is checked against the
+    variant's source geometry and numerics.
+
+    Args:
+        path: Weight file, or a transformers ``save_pretrained`` folder.
+        plan: The variant's :class:`~timm_anysize.plan.VariantPlan`.
+
+    Returns:
+        A :class:`SourceStateDict`; its ``conversion`` says where each tensor came from.
+
+    Raises:
+        WeightsError: Unreadable file; ambiguous or unknown layout; a layout of another family; numerics the
+            variant's model_args do not match; a classifier that cannot be carried over into a kept head.
+    """
+    from .origins import check_against_plan, detect_layout, unwrap_checkpoint
+
+    p = Path(path)
+    src = plan.spec.pretrained
+    obj = read_checkpoint(p)
+    if src.layout == "timm":
+        return SourceStateDict(_unwrap(obj, p))
+    try:
+        state_dict, wrappers = unwrap_checkpoint(obj, src.select, where=str(p))
+    except WeightsError:
+        if src.layout != "auto":
+            raise
+        return SourceStateDict(_unwrap(obj, p))  # not a foreign checkpoint either: timm's reader says why
+    config = _transformers_config(p)
+    conversion = detect_layout(state_dict, src.layout, str(p), config)
+    if conversion is None:
+        return SourceStateDict(state_dict)
+    conversion.wrappers = wrappers
+    check_against_plan(conversion, plan, config, where=str(p))
+    out = SourceStateDict(conversion.state_dict)
+    out.conversion = conversion
+    return out
 
 
 def read_npz_state_dict(path: Union[str, os.PathLike], build_source_model: Callable[[], nn.Module]) -> StateDict:

@@ -1,0 +1,303 @@
+"""Checkpoints saved by other libraries, mapped onto timm's names: one module per origin, detected from the keys.
+
+Each origin module (:mod:`.torchvision`, :mod:`.transformers`, :mod:`.mmpretrain`, :mod:`.dino`) declares its
+:class:`~.mapping.Layout` s: a key mapping plus the few tensor transforms it needs. This module strips the training
+wrappers (``state_dict`` / ``model`` / ``teacher`` / ``student`` / ``module.``), finds the one layout the keys fit,
+and converts; the :class:`~.mapping.Conversion` says where each timm tensor came from and why each other source
+tensor was dropped, and ends up in the variant's adaptation report.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+
+from ..errors import WeightsError
+from . import dino, mmpretrain, torchvision, transformers
+from .compat import COMPAT_PRESETS, compat_preset, compat_resample_pos_embed
+from .mapping import Conversion, Layout
+
+__all__ = [
+    "LAYOUTS",
+    "ORIGINS",
+    "Conversion",
+    "Layout",
+    "detect_layout",
+    "get_layout",
+    "unwrap_checkpoint",
+    "convert_checkpoint",
+    "COMPAT_PRESETS",
+    "compat_preset",
+    "compat_resample_pos_embed",
+]
+
+LAYOUTS: dict[str, Layout] = {
+    layout.name: layout
+    for module in (torchvision, transformers, mmpretrain, dino)
+    for layout in module.LAYOUTS
+}
+# What pretrained.layout accepts: auto, timm, an origin (any of its layouts) or one layout by its full name.
+ORIGINS = ("auto", "timm", *dict.fromkeys(layout.origin for layout in LAYOUTS.values()), *LAYOUTS)
+SELECT = ("teacher", "student")
+
+
+def get_layout(name: str) -> Layout:
+    """The layout called ``name`` (``torchvision.vit``, ...).
+
+    Example:
+        >>> get_layout("torchvision.vit").families
+        ('vit',)
+    """
+    if name not in LAYOUTS:
+        raise WeightsError(f"unknown checkpoint layout {name!r}; known: {', '.join(LAYOUTS)}")
+    return LAYOUTS[name]
+
+
+def _strip(state_dict: dict[str, torch.Tensor], prefix: str) -> Optional[dict[str, torch.Tensor]]:
+    if state_dict and all(k.startswith(prefix) for k in state_dict):
+        return {k[len(prefix):]: v for k, v in state_dict.items()}
+    return None
+
+
+def unwrap_checkpoint(obj: Any, select: str = "teacher", where: str = "checkpoint") -> tuple[dict, list[str]]:
+    """The tensors inside a training checkpoint, and the wrappers that were removed to reach them.
+
+    Handles ``{'state_dict': ..., 'meta': ...}`` (MMPretrain), ``{'model': ...}`` (torchvision references, DeiT),
+    DINO's ``{'teacher': ..., 'student': ...}`` and DINOv2's ``teacher.`` / ``student.`` prefixes (``select``
+    picks one), and DDP's ``module.`` prefix.
+
+    Raises:
+        WeightsError: ``select`` names a model the checkpoint does not hold, or no tensors are found.
+
+    Example:
+        >>> import torch
+        >>> sd, how = unwrap_checkpoint({"teacher": {"backbone.w": torch.ones(1)}, "student": {}, "epoch": 3})
+        >>> list(sd), how
+        (['backbone.w'], ["'teacher' of a teacher/student checkpoint (select: teacher)"])
+    """
+    if select not in SELECT:
+        raise WeightsError(f"{where}: pretrained.select must be one of {', '.join(SELECT)}, got {select!r}")
+    wrappers: list[str] = []
+    for _ in range(4):
+        if not isinstance(obj, dict):
+            break
+        if "teacher" in obj or "student" in obj:
+            if not isinstance(obj.get(select), dict):
+                raise WeightsError(f"{where}: a teacher/student checkpoint without a {select!r} entry "
+                                   f"(has {', '.join(map(str, obj))}); set pretrained.select")
+            obj = obj[select]
+            wrappers.append(f"{select!r} of a teacher/student checkpoint (select: {select})")
+            continue
+        for key in ("state_dict", "model", "module"):
+            if isinstance(obj.get(key), dict):
+                others = [str(k) for k in obj if k != key]
+                obj = obj[key]
+                wrappers.append(f"{key!r} entry" + (f" (ignored: {', '.join(others[:6])})" if others else ""))
+                break
+        else:
+            break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"{where}: no state dict of tensors found (after unwrapping {wrappers or 'nothing'})")
+    sd = dict(obj)
+    for _ in range(2):
+        stripped = _strip(sd, "module.")
+        if stripped is not None:
+            sd = stripped
+            wrappers.append("'module.' prefix (DistributedDataParallel)")
+        roles = {k.split(".", 1)[0] for k in sd}
+        if roles <= set(SELECT) and len(roles) >= 1 and all("." in k for k in sd):
+            if select not in roles:
+                raise WeightsError(f"{where}: keys are prefixed {sorted(roles)}, none with {select!r}; "
+                                   f"set pretrained.select")
+            dropped = len([k for k in sd if not k.startswith(select + ".")])
+            sd = {k[len(select) + 1:]: v for k, v in sd.items() if k.startswith(select + ".")}
+            wrappers.append(f"'{select}.' prefix (select: {select}; {dropped} other tensors not read)")
+    return sd, wrappers
+
+
+def _candidates(origin: str) -> list[Layout]:
+    if origin == "auto":
+        return list(LAYOUTS.values())
+    if origin in LAYOUTS:
+        return [LAYOUTS[origin]]
+    found = [layout for layout in LAYOUTS.values() if layout.origin == origin]
+    if not found:
+        raise WeightsError(f"unknown pretrained.layout {origin!r}; choose one of {', '.join(ORIGINS)}")
+    return found
+
+
+def _describe(conv: Conversion) -> str:
+    from ..adapt import summarize_keys
+
+    parts = []
+    if conv.missing:
+        parts.append(f"missing: {summarize_keys(conv.missing, 8)}")
+    if conv.unexpected:
+        parts.append(f"unexpected: {summarize_keys(conv.unexpected, 8)}")
+    return "; ".join(parts) or "fits"
+
+
+def detect_layout(
+    state_dict: dict[str, torch.Tensor], origin: str = "auto", where: str = "checkpoint",
+    config: Optional[dict] = None,
+) -> Optional[Conversion]:
+    """Find the layout ``state_dict`` is in and convert it; None when ``origin`` is ``auto`` and no foreign layout
+    applies (the checkpoint is then read as timm's own layout, through timm's checkpoint filters).
+
+    Args:
+        state_dict: Unwrapped source tensors.
+        origin: ``auto``, an origin (``torchvision``) or one layout (``torchvision.vit``).
+        where: The file, for messages.
+        config: The transformers ``config.json`` next to the weights, if any (geometry, eps, activation).
+
+    Raises:
+        WeightsError: Several layouts fit (ambiguous), or an origin was named and none of its layouts fits; the
+            message lists the layouts tried and the closest one with its missing and unexpected keys.
+
+    Example:
+        >>> import torchvision, torch
+        >>> sd = torchvision.models.VisionTransformer(32, 8, 1, 2, 16, 32).state_dict()
+        >>> detect_layout(sd).layout
+        'torchvision.vit'
+    """
+    if origin == "timm":
+        return None
+    keys = list(state_dict)
+    tried = _candidates(origin)
+    convs = {layout.name: layout.convert(state_dict, config) for layout in tried if layout.applies(keys)}
+    fits = [c for c in convs.values() if not c.missing and not c.unexpected]
+    if len(fits) == 1:
+        return fits[0]
+    if len(fits) > 1:
+        raise WeightsError(f"{where}: the keys fit several layouts ({', '.join(c.layout for c in fits)}); name one "
+                           f"with pretrained.layout")
+    if origin == "auto" and not convs:
+        return None
+    # The closest: the layout that explains the most keys.
+    scored = convs or {layout.name: layout.convert(state_dict) for layout in tried}
+    best = min(scored.values(), key=lambda c: len(c.unexpected) + len(c.missing))
+    raise WeightsError(
+        f"{where}: no known layout fits the checkpoint's {len(keys)} keys (tried: {', '.join(l.name for l in tried)}"
+        f"); closest: {best.layout} ({_describe(best)}). Set pretrained.layout to the library it was saved by "
+        f"(one of {', '.join(ORIGINS)}), or convert it to timm's names"
+    )
+
+
+def convert_checkpoint(
+    obj: Any, origin: str = "auto", select: str = "teacher", config: Optional[dict] = None, where: str = "checkpoint"
+) -> tuple[dict[str, torch.Tensor], Optional[Conversion]]:
+    """Unwrap a loaded checkpoint and, unless it is in timm's own layout, convert it to timm's names.
+
+    Returns:
+        The state dict (timm's names when a layout was found) and the conversion (None for timm's layout).
+
+    Example:
+        >>> import torchvision
+        >>> m = torchvision.models.VisionTransformer(32, 8, 1, 2, 16, 32)
+        >>> sd, conv = convert_checkpoint({"model": m.state_dict(), "epoch": 3})
+        >>> conv.layout, conv.origin["cls_token"], conv.wrappers
+        ('torchvision.vit', "torchvision 'class_token'", ["'model' entry (ignored: epoch)"])
+    """
+    sd, wrappers = unwrap_checkpoint(obj, select, where)
+    conv = detect_layout(sd, origin, where, config)
+    if conv is None:
+        return sd, None
+    conv.wrappers = wrappers
+    return conv.state_dict, conv
+
+
+def _pair(v: Any) -> Optional[tuple[int, int]]:
+    if v is None:
+        return None
+    return (int(v), int(v)) if isinstance(v, (int, float)) else (int(v[0]), int(v[1]))
+
+
+# transformers' activation names -> the timm activation computing the same function
+_ACTS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh"}
+
+
+def _act_name(module: torch.nn.Module) -> str:
+    approx = getattr(module, "approximate", "none")
+    return "gelu_tanh" if approx == "tanh" or "Tanh" in type(module).__name__ else "gelu"
+
+
+def _check_numerics(conv: Conversion, plan: Any, name: str) -> None:
+    """LayerNorm eps and activation of the origin against the timm model the variant builds."""
+    from ..plan import build_meta
+
+    model = build_meta(plan.spec, plan.source_kwargs, "source (pretrained)")
+    act = conv.numerics.get("hidden_act")
+    if act is not None:
+        want = _ACTS.get(act)
+        used = {_act_name(m) for m in model.modules() if "GELU" in type(m).__name__.upper()}
+        if want is None:
+            raise WeightsError(f"{name}: {conv.layout} weights use the activation {act!r}, which timm-anysize does "
+                               f"not map to a timm activation; use another checkpoint or convert it yourself")
+        if used and used != {want}:
+            raise WeightsError(f"{name}: {conv.layout} weights use {act!r} ({want}), the timm model computes "
+                               f"{'/'.join(sorted(used))}; add `act_layer: {want}` to model_args (and "
+                               f"pretrained.model_args)")
+    eps = conv.numerics.get("layer_norm_eps")
+    if eps is not None:
+        ours = sorted({m.eps for m in model.modules() if isinstance(m, torch.nn.LayerNorm)})
+        if ours and ours != [eps]:
+            conv.notes.append(
+                f"LayerNorm eps {eps:g} in the origin, {'/'.join(f'{e:g}' for e in ours)} in timm's model (timm's "
+                f"ViT constructors take no eps argument): outputs differ by about that much relative to the "
+                f"activations' variance"
+            )
+
+
+def check_against_plan(conv: Conversion, plan: Any, config: Optional[dict], where: str) -> None:
+    """Refuse a converted checkpoint the variant cannot reproduce: another family, numerics the variant's
+    ``model_args`` do not carry, a ``config.json`` geometry other than the variant's source geometry, or a
+    classifier that cannot be kept.
+
+    Raises:
+        WeightsError: Naming the difference and the fix.
+    """
+    layout, spec = get_layout(conv.layout), plan.spec
+    name = f"{spec.origin or '<dict>'}: {spec.name}"
+    if plan.family.name not in layout.families:
+        raise WeightsError(f"{name}: {where} is a {layout.name} checkpoint (timm family {'/'.join(layout.families)})"
+                           f", but base {spec.arch} is of family {plan.family.name}; pick a base of that family")
+    for key, want in conv.model_args.items():
+        for what, kwargs in (("pretrained.model_args", plan.source_kwargs), ("model_args", plan.target_kwargs)):
+            if kwargs.get(key) != want:
+                raise WeightsError(
+                    f"{name}: {layout.name} weights compute with {key}={want!r} (timm's {spec.arch} default differs"
+                    f"); add `{key}: {want!r}` to {what} so the variant computes what the origin did"
+                )
+    if conv.numerics:
+        _check_numerics(conv, plan, name)
+    if config:
+        s = plan.source
+        for field, ours in (("image_size", s.img_size), ("patch_size", s.patch_size)):
+            theirs = _pair(config.get(field))
+            if theirs is not None and ours is not None and tuple(ours) != theirs:
+                raise WeightsError(
+                    f"{name}: config.json beside {where} says {field} {list(theirs)}, the variant's source geometry "
+                    f"is {list(ours)}; set pretrained.{'img_size' if field == 'image_size' else 'patch_size'}: "
+                    f"{list(theirs)}"
+                )
+        if config.get("num_channels") not in (None, s.in_chans):
+            raise WeightsError(f"{name}: config.json beside {where} says num_channels {config['num_channels']}, the "
+                               f"variant's source has {s.in_chans}; set pretrained.in_chans: {config['num_channels']}")
+    if conv.head_unusable and plan.target.num_classes and plan.source.num_classes == plan.target.num_classes:
+        raise WeightsError(f"{name}: {conv.head_unusable}; give the variant a new head (num_classes other than "
+                           f"{plan.source.num_classes}) or none (num_classes: 0)")
+
+
+def layout_hint(state_dict: dict[str, torch.Tensor]) -> str:
+    """One line for a "keys do not fit" error: the layouts tried and the closest, with what it lacks.
+
+    Example:
+        >>> import torch
+        >>> layout_hint({"conv_proj.weight": torch.ones(1)}).startswith("checkpoint layouts tried:")
+        True
+    """
+    convs = [layout.convert(state_dict) for layout in LAYOUTS.values()]
+    best = min(convs, key=lambda c: len(c.unexpected) + len(c.missing) + (0 if c.state_dict else 10**9))
+    return (f"checkpoint layouts tried: timm, {', '.join(LAYOUTS)}; closest other than timm: {best.layout} "
+            f"({_describe(best)}); name the library in pretrained.layout if it saved the weights")
