@@ -326,8 +326,8 @@ FAMILIES: tuple[Family, ...] = (
         classes=(hiera.Hiera,),
         pos_embed_prefix=0,
         unsupported=_no_patch_change(_OVERLAPPING_STEM.format(name="Hiera")),
-        export_note="torch.export of the mask-unit unroll over a padded, symbolic size did not finish in minutes "
-        "(symbolic shape solving); run it at one size, or with torch.compile",
+        export_note="torch.export and torch.compile(dynamic=True) of the mask-unit unroll over a padded, symbolic "
+        "size did not finish in minutes (symbolic shape solving); export or compile it at one size",
         dynamic_args=(),  # enable_dynamic rebuilds the token unroll per size
         example="hiera_tiny_224",
     ),
