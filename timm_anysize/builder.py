@@ -329,6 +329,8 @@ def _as_feature_model(
             report.dropped[key] = "pruned by features_only"
         wrapper._anysize_report = report
     inner = getattr(wrapper, "model", None)
+    if inner is None and isinstance(getattr(wrapper, "body", None), nn.Module):  # FeatureHookNet(no_rewrite): PiT
+        inner = wrapper.body
     if dynamic:
         _make_dynamic(plan, inner if inner is not None else wrapper)
     if inner is not None:
