@@ -168,3 +168,30 @@ class DynamicCrossVit(crossvit.CrossVit):
                 pos = dynamic_pos_embed(self, grid, prefix=1, name=f"pos_embed_{i}", native=tuple(native))
             xs.append(self.pos_drop(torch.cat((cls_tokens, x_), dim=1) + pos))
         return xs
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[List[torch.Tensor], List[torch.Tensor]]]:
+        """timm's ``forward_intermediates``, reshaped to each branch's grid for this input (timm's reshape uses the
+        built size's grid)."""
+        out = super().forward_intermediates(x, indices=indices, norm=norm, stop_early=stop_early, output_fmt="NLC",
+                                            intermediates_only=intermediates_only)
+        if output_fmt != "NCHW":
+            return out
+        tokens = out if intermediates_only else out[1]
+        take_indices, _ = feature_take_indices(self.num_branches * self.num_feature_blocks, indices)
+        reshaped = []
+        for b, patch_embed in enumerate(self.patch_embed):  # intermediates are branch-major, as timm orders them
+            ps, scaled = patch_embed.patch_size, self.img_size_scaled[b]
+            h, w = crossvit_branch_size(x, [self.img_size[0], self.img_size[1]], [scaled[0], scaled[1]],
+                                        [ps[0], ps[1]])
+            count = sum(1 for t in take_indices if t // self.num_feature_blocks == b)
+            for y in tokens[len(reshaped):len(reshaped) + count]:
+                reshaped.append(y.reshape(x.shape[0], h // ps[0], w // ps[1], -1).permute(0, 3, 1, 2).contiguous())
+        return reshaped if intermediates_only else (out[0], reshaped)
