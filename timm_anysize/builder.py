@@ -14,7 +14,7 @@ from typing import Any, Optional, Sequence, Union
 import timm
 import torch
 import torch.nn as nn
-from timm.models import resolve_pretrained_cfg
+from timm.models import FeatureGraphNet, resolve_pretrained_cfg
 
 from .adapt import adapt_state_dict
 from .dynamic import enable_dynamic
@@ -278,6 +278,26 @@ def _feature_key_map(wrapper_keys: list[str], full_keys: list[str]) -> dict[str,
     return out
 
 
+def _as_fx_feature_model(plan: VariantPlan, model: nn.Module, timm_wrapper: nn.Module, cfg: dict[str, Any]) -> nn.Module:
+    """``feature_cls='fx'``: timm's FX feature wrapper traced from the adapted model itself (made dynamic first, so
+    the graph records the dynamic path); ``timm_wrapper`` (the family's default feature wrapper) gives the
+    indices."""
+    if plan.dynamic:
+        _make_dynamic(plan, model)
+    wrapper = FeatureGraphNet(model, out_indices=tuple(timm_wrapper.feature_info.out_indices),
+                              output_fmt=getattr(model, "output_fmt", "NCHW"))
+    report = getattr(model, "_anysize_report", None)
+    if report is not None:
+        kept = {k.split(".", 1)[1] for k in wrapper.state_dict()}
+        for key in model.state_dict().keys() - kept:
+            report.dropped[key] = "pruned by features_only"
+        wrapper._anysize_report = report
+    features_cfg = {k: v for k, v in cfg.items() if k not in ("num_classes", "classifier", "global_pool")}
+    features_cfg["fixed_input_size"] = not plan.dynamic
+    wrapper.pretrained_cfg = wrapper.default_cfg = features_cfg
+    return wrapper
+
+
 def _as_feature_model(
     spec: VariantSpec, plan: VariantPlan, model: nn.Module, feature_cfg: dict[str, Any], cfg: dict[str, Any]
 ) -> nn.Module:
@@ -291,7 +311,13 @@ def _as_feature_model(
     kwargs = plan.family.dynamic_kwargs(dynamic, spec.pad) if dynamic else {}
     create = partial(timm.create_model, spec.base, pretrained=False, features_only=True, **feature_cfg)
     all_kwargs = {**plan.target_kwargs, **kwargs}
+    fx = feature_cfg.get("feature_cls") in ("fx", FeatureGraphNet)
+    if fx:  # timm would trace the model it builds; the graph must record the adapted, dynamic model instead
+        create = partial(timm.create_model, spec.base, pretrained=False, features_only=True,
+                         **{k: v for k, v in feature_cfg.items() if k != "feature_cls"})
     wrapper = create_square_only(create, all_kwargs) if plan.square_only else create(**all_kwargs)
+    if fx:
+        return _as_fx_feature_model(plan, model, wrapper, cfg)
     full, kept = model.state_dict(), wrapper.state_dict()
     names = _feature_key_map(list(kept), list(full))
     unmapped = [k for k, v in names.items() if not v or full[v].shape != kept[k].shape]
@@ -305,6 +331,8 @@ def _as_feature_model(
             report.dropped[key] = "pruned by features_only"
         wrapper._anysize_report = report
     inner = getattr(wrapper, "model", None)
+    if inner is None and isinstance(getattr(wrapper, "body", None), nn.Module):  # FeatureHookNet(no_rewrite): PiT
+        inner = wrapper.body
     if dynamic:
         _make_dynamic(plan, inner if inner is not None else wrapper)
     if inner is not None:

@@ -2,17 +2,16 @@
 and when not to: while tracing, compiling or exporting, or when a gradient must flow to the weights.
 """
 
-from __future__ import annotations
 
 import threading
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, List, Optional
 
 import torch
 import torch.nn as nn
-from timm.layers import resample_abs_pos_embed
+from timm.layers import register_notrace_function, resample_abs_pos_embed
 from timm.layers.helpers import is_exporting
 
 from .origins.compat import compat_resample_pos_embed
@@ -26,6 +25,10 @@ __all__ = [
     "must_run_inline",
     "dynamic_pos_embed",
     "dynamic_image_pos_embed",
+    "resample_pos_tokens",
+    "resample_image_pos",
+    "patch_grid",
+    "symbolic",
 ]
 
 DEFAULT_CACHE_SIZE = 16
@@ -103,6 +106,77 @@ class PosEmbedCache:
         self.__init__(state["maxsize"])  # type: ignore[misc]
 
 
+# Leaf functions of the dynamic paths: TorchScript compiles them, FX records them as one node (timm's notrace registry,
+# and torch.fx.wrap so that they are leaves whichever module's forward calls them, as timm's resample_abs_pos_embed).
+@torch.fx.wrap
+@register_notrace_function
+def resample_pos_tokens(
+    pos_embed: torch.Tensor, grid: List[int], native: List[int], prefix: int, interpolation: str, antialias: bool
+) -> torch.Tensor:
+    """A token position embedding ``[1, prefix + H*W, C]`` resampled from the ``native`` grid to ``grid`` (timm's
+    ``resample_abs_pos_embed``; the embedding itself at the native grid).
+
+    Example:
+        >>> resample_pos_tokens(torch.randn(1, 1 + 4 * 4, 8), [6, 2], [4, 4], 1, "bicubic", True).shape
+        torch.Size([1, 13, 8])
+    """
+    return resample_abs_pos_embed(
+        pos_embed, new_size=grid, old_size=native, num_prefix_tokens=prefix, interpolation=interpolation,
+        antialias=antialias,
+    )
+
+
+@torch.fx.wrap
+@register_notrace_function
+def resample_image_pos(
+    pos_embed: torch.Tensor, grid: List[int], interpolation: str, antialias: bool, channels_last: bool
+) -> torch.Tensor:
+    """A position embedding laid out as an image resampled to ``grid`` (:func:`timm_anysize.resample.resample_grid`).
+
+    Example:
+        >>> resample_image_pos(torch.randn(1, 8, 4, 4), [6, 2], "bicubic", True, False).shape
+        torch.Size([1, 8, 6, 2])
+    """
+    return resample_grid(pos_embed, grid, interpolation, antialias, channels_last)
+
+
+@torch.fx.wrap
+@register_notrace_function
+def patch_grid(x: torch.Tensor, patch_size: List[int], pad: bool) -> List[int]:
+    """The patch grid of an image ``[..., H, W]``: whole patches, or patches of the image padded bottom/right.
+
+    Example:
+        >>> patch_grid(torch.zeros(1, 3, 70, 64), [16, 16], True), patch_grid(torch.zeros(1, 3, 70, 64), [16, 16], False)
+        ([5, 4], [4, 4])
+    """
+    h, w = x.shape[-2], x.shape[-1]
+    if pad:
+        return [(h + patch_size[0] - 1) // patch_size[0], (w + patch_size[1] - 1) // patch_size[1]]
+    return [h // patch_size[0], w // patch_size[1]]
+
+
+@torch.fx.wrap
+@register_notrace_function
+def resample_pos_tokens_compat(
+    pos_embed: torch.Tensor, grid: List[int], native: List[int], prefix: int, compat: str
+) -> torch.Tensor:
+    """A token position embedding resampled as another library does (``adapt.pos_embed.compat``, see
+    :mod:`timm_anysize.origins.compat`); an FX leaf like :func:`resample_pos_tokens`."""
+    return compat_resample_pos_embed(pos_embed, grid, native, prefix, compat)
+
+
+def _resample_tokens(pos_embed: torch.Tensor, grid: Any, native: Any, prefix: int, opts: "DynamicOptions"):
+    grid, native = [grid[0], grid[1]], list(native)
+    if opts.compat != "timm":
+        return resample_pos_tokens_compat(pos_embed, grid, native, prefix, opts.compat)
+    return resample_pos_tokens(pos_embed, grid, native, prefix, opts.interpolation, opts.antialias)
+
+
+def symbolic(value: Any) -> bool:
+    """An FX symbolic trace is recording: sizes are Proxies, so only leaf functions may look at them."""
+    return isinstance(value, torch.fx.Proxy)
+
+
 def traced() -> bool:
     """Scripting, tracing, compiling or exporting: run timm's plain path, no caches and no shape shortcuts."""
     return torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling() or is_exporting()
@@ -149,18 +223,15 @@ def dynamic_pos_embed(
     pos_embed = getattr(model, name)
     native = tuple(native or model.patch_embed.grid_size)
     opts: DynamicOptions = model._anysize_dynamic
-    if not is_exporting() and not torch.compiler.is_compiling() and tuple(grid) == native:
-        return pos_embed
     if prefix is None:
         prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
+    if symbolic(grid) or symbolic(grid[0]):  # FX: one leaf node, resampled on every call of the graph
+        return _resample_tokens(pos_embed, grid, native, prefix, opts)
+    if not is_exporting() and not torch.compiler.is_compiling() and tuple(grid) == native:
+        return pos_embed
 
     def compute() -> torch.Tensor:
-        if opts.compat != "timm":
-            return compat_resample_pos_embed(pos_embed, grid, native, prefix, opts.compat)
-        return resample_abs_pos_embed(
-            pos_embed, new_size=grid, old_size=native, num_prefix_tokens=prefix,
-            interpolation=opts.interpolation, antialias=opts.antialias,
-        )
+        return _resample_tokens(pos_embed, grid, native, prefix, opts)
 
     if must_run_inline(pos_embed):
         return compute()
@@ -172,14 +243,16 @@ def dynamic_image_pos_embed(model: nn.Module, grid: tuple[int, int], channels_la
     """A position embedding laid out as an image, ``[1, C, H, W]`` (PiT) or ``[1, H, W, C]`` (VOLO), for a grid:
     the model's own at its native grid, else resampled (cached)."""
     pos_embed = model.pos_embed
+    opts: DynamicOptions = model._anysize_dynamic
+    if symbolic(grid) or symbolic(grid[0]) or traced():  # FX (one leaf node), compiling, exporting: no shape branch
+        return resample_image_pos(pos_embed, [grid[0], grid[1]], opts.interpolation, opts.antialias, channels_last)
     native = tuple(pos_embed.shape[1:3] if channels_last else pos_embed.shape[2:4])
     grid = (int(grid[0]), int(grid[1]))
-    if not traced() and grid == native:
+    if grid == native:
         return pos_embed
-    opts: DynamicOptions = model._anysize_dynamic
 
     def compute() -> torch.Tensor:
-        return resample_grid(pos_embed, grid, opts.interpolation, opts.antialias, channels_last)
+        return resample_image_pos(pos_embed, list(grid), opts.interpolation, opts.antialias, channels_last)
 
     if must_run_inline(pos_embed):
         return compute()

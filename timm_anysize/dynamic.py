@@ -11,13 +11,13 @@ The only timm behaviour replaced is where ``_pos_embed`` gets the embedding from
 timm's own (pinned by a test against timm's dynamic path).
 """
 
-from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.layers import Format, PatchEmbed
+import torch.nn.functional as F
+from timm.layers import Format, PatchEmbed, nchw_to
 from timm.layers.helpers import is_exporting
 from timm.models import (
     FeatureListNet,
@@ -34,11 +34,21 @@ from timm.models import (
     volo,
 )
 
-from .cache import DEFAULT_CACHE_SIZE, DynamicOptions, PosEmbedCache, dynamic_pos_embed, traced
-from .intermediates import IntermediatesAtOwnSize
+from timm.models._features import feature_take_indices  # timm exports it from no public module
+
+from .cache import (
+    DEFAULT_CACHE_SIZE,
+    DynamicOptions,
+    PosEmbedCache,
+    dynamic_pos_embed,
+    patch_grid,
+    resample_pos_tokens,
+    symbolic,
+    traced,
+)
 from .dynamic_beit import DynamicBeit, enable_beit_dynamic
 from .dynamic_conv_stems import DynamicCrossVit, DynamicPit, DynamicVolo
-from .dynamic_hiera import DynamicHiera
+from .dynamic_hiera import DynamicHiera, enable_hiera_dynamic
 from .dynamic_levit import DynamicLevit, DynamicLevitDistilled, enable_levit_dynamic
 from .dynamic_mvit import enable_mvit_dynamic
 from .swin_windows import SWIN_BLOCKS, SWIN_MODELS, enable_swin_dynamic
@@ -53,25 +63,41 @@ __all__ = [
     "DEFAULT_CACHE_SIZE",
 ]
 
-def _add_pos_embed(x: torch.Tensor, pos_embed: torch.Tensor, prefix: list[torch.Tensor], no_embed_class: bool):
+def _add_pos_embed(x: torch.Tensor, pos_embed: torch.Tensor, prefix: List[torch.Tensor], no_embed_class: bool):
     """timm's token layout: add then concat prefix tokens (no_embed_class), or concat then add."""
     if no_embed_class:
         x = x + pos_embed
-        return torch.cat(prefix + [x], dim=1) if prefix else x
-    if prefix:
+        return torch.cat(prefix + [x], dim=1) if len(prefix) > 0 else x
+    if len(prefix) > 0:
         x = torch.cat(prefix + [x], dim=1)
     return x + pos_embed
+
+
+# TorchScript compiles the branches under ``torch.jit.is_scripting()``: the same resampling (function and options)
+# as the eager path, without its cache. Eager code (the cache, ``super()``) sits behind ``not is_scripting()``.
 
 
 class DynamicVisionTransformer(vision_transformer.VisionTransformer):
     """timm's VisionTransformer with a cached dynamic position embedding (set by :func:`enable_dynamic`)."""
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
-        if self.pos_embed is None or not self.dynamic_img_size:
+        if not torch.jit.is_scripting() and (self.pos_embed is None or not self.dynamic_img_size):
             return super()._pos_embed(x)
         B, H, W, C = x.shape
-        prefix = [t.expand(B, -1, -1) for t in (self.cls_token, self.reg_token) if t is not None]
-        x = _add_pos_embed(x.view(B, -1, C), dynamic_pos_embed(self, (H, W)), prefix, self.no_embed_class)
+        prefix: List[torch.Tensor] = []
+        if self.cls_token is not None:
+            prefix.append(self.cls_token.expand(B, -1, -1))
+        if self.reg_token is not None:
+            prefix.append(self.reg_token.expand(B, -1, -1))
+        if torch.jit.is_scripting():
+            grid = self.patch_embed.grid_size
+            pos_embed = resample_pos_tokens(
+                self.pos_embed, [H, W], [grid[0], grid[1]], 0 if self.no_embed_class else self.num_prefix_tokens,
+                self._anysize_interpolation, self._anysize_antialias,
+            )
+        else:
+            pos_embed = dynamic_pos_embed(self, (H, W))
+        x = _add_pos_embed(x.view(B, -1, C), pos_embed, prefix, self.no_embed_class)
         return self.pos_drop(x)
 
 
@@ -79,61 +105,130 @@ class DynamicVisionTransformerDistilled(deit.VisionTransformerDistilled):
     """timm's distilled DeiT with a cached dynamic position embedding."""
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.dynamic_img_size:
+        if not torch.jit.is_scripting() and not self.dynamic_img_size:
             return super()._pos_embed(x)
         B, H, W, C = x.shape
         prefix = [self.cls_token.expand(B, -1, -1), self.dist_token.expand(B, -1, -1)]
-        x = _add_pos_embed(x.view(B, -1, C), dynamic_pos_embed(self, (H, W)), prefix, self.no_embed_class)
+        if torch.jit.is_scripting():
+            grid = self.patch_embed.grid_size
+            pos_embed = resample_pos_tokens(
+                self.pos_embed, [H, W], [grid[0], grid[1]], 0 if self.no_embed_class else self.num_prefix_tokens,
+                self._anysize_interpolation, self._anysize_antialias,
+            )
+        else:
+            pos_embed = dynamic_pos_embed(self, (H, W))
+        x = _add_pos_embed(x.view(B, -1, C), pos_embed, prefix, self.no_embed_class)
         return self.pos_drop(x)
 
 
 class DynamicEva(eva.Eva):
     """timm's EVA with a cached dynamic absolute position embedding (RoPE is generated for the grid by timm)."""
 
-    def _pos_embed(self, x: torch.Tensor):
-        if self.pos_embed is None or not self.dynamic_img_size or self.patch_drop is not None:
+    def _pos_embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if not torch.jit.is_scripting() and (
+            self.pos_embed is None or not self.dynamic_img_size or self.patch_drop is not None
+        ):
             return super()._pos_embed(x)
         B, H, W, C = x.shape
-        rot_pos_embed = self.rope.get_embed(shape=(H, W)) if self.rope is not None else None
-        prefix = [t.expand(B, -1, -1) for t in (self.cls_token, self.reg_token) if t is not None]
-        x = _add_pos_embed(x.view(B, -1, C), dynamic_pos_embed(self, (H, W)), prefix, self.no_embed_class)
+        rot_pos_embed = self.rope.get_embed(shape=[H, W]) if self.rope is not None else None
+        prefix: List[torch.Tensor] = []
+        if self.cls_token is not None:
+            prefix.append(self.cls_token.expand(B, -1, -1))
+        if self.reg_token is not None:
+            prefix.append(self.reg_token.expand(B, -1, -1))
+        if torch.jit.is_scripting():
+            grid = self.patch_embed.grid_size
+            pos_embed = resample_pos_tokens(
+                self.pos_embed, [H, W], [grid[0], grid[1]], 0 if self.no_embed_class else self.num_prefix_tokens,
+                self._anysize_interpolation, self._anysize_antialias,
+            )
+        else:
+            pos_embed = dynamic_pos_embed(self, (H, W))
+        x = _add_pos_embed(x.view(B, -1, C), pos_embed, prefix, self.no_embed_class)
         return self.pos_drop(x), rot_pos_embed
 
 
-class DynamicCait(IntermediatesAtOwnSize, cait.Cait):
+class DynamicCait(cait.Cait):
     """timm's CaiT with a cached dynamic position embedding (patch tokens only: the class token joins later)."""
 
+    def _anysize_pos(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch tokens plus the position embedding of the input's grid (``x``: the image)."""
+        ps = self.patch_embed.patch_size
+        grid = patch_grid(x, [ps[0], ps[1]], self.patch_embed.dynamic_img_pad)
+        x = self.patch_embed(x)  # tokens, as timm lays them out
+        if torch.jit.is_scripting():
+            native = self.patch_embed.grid_size
+            pos_embed = resample_pos_tokens(self.pos_embed, grid, [native[0], native[1]], 0,
+                                            self._anysize_interpolation, self._anysize_antialias)
+        else:
+            pos_embed = dynamic_pos_embed(self, grid, prefix=0)
+        return self.pos_drop(x + pos_embed)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.dynamic_img_size:
+        if not torch.jit.is_scripting() and not self.dynamic_img_size:
             return super().forward_features(x)
-        grid = tuple(self.patch_embed.dynamic_feat_size(x.shape[-2:]))
-        x = self.patch_embed(x)  # tokens, as timm lays them out (forward_intermediates reads them too)
-        x = self.pos_drop(x + dynamic_pos_embed(self, grid, prefix=0))
-        x = self.blocks(x)
+        x = self.blocks(self._anysize_pos(x))
         if self.blocks_token_only is not None:
             x = self.forward_cls(x)
         return self.norm(x)
 
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """timm's ``forward_intermediates`` with the position embedding of the input's grid (any size)."""
+        assert output_fmt in ("NCHW", "NLC"), "Output format must be one of NCHW or NLC."
+        intermediates = []
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        B, _, height, width = x.shape
+        ps = self.patch_embed.patch_size
+        H, W = patch_grid(x, [ps[0], ps[1]], self.patch_embed.dynamic_img_pad)
+        x = self._anysize_pos(x)
+        blocks = self.blocks if torch.jit.is_scripting() or not stop_early else self.blocks[:max_index + 1]
+        for i, blk in enumerate(blocks):
+            x = blk(x)
+            if i in take_indices:
+                intermediates.append(self.norm(x) if norm else x)
+        if output_fmt == "NCHW":
+            intermediates = [y.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+        if intermediates_only:
+            return intermediates
+        if self.blocks_token_only is not None:
+            x = self.forward_cls(x)
+        return self.norm(x), intermediates
+
 
 class DynamicPatchEmbed(PatchEmbed):
-    """timm's PatchEmbed that skips ``F.pad`` when there is nothing to pad.
+    """timm's PatchEmbed (padding on: ``dynamic_img_pad``) that skips ``F.pad`` when there is nothing to pad.
 
     timm pads unconditionally with ``dynamic_img_pad``, and a zero-size pad still copies the whole input
-    (about 0.5% of a ViT-Ti forward at batch 32). While compiling, tracing or exporting, timm's own path runs so the
-    graph stays free of shape branches.
+    (about 0.5% of a ViT-Ti forward at batch 32). While scripting, tracing, compiling or exporting, it pads as timm
+    does so the graph stays free of shape branches (TorchScript has no ``super()``: timm's steps are spelled out).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (
-            not self.dynamic_img_pad
-            or not (self.flatten or self.output_fmt == Format.NHWC)
-            or traced()
-            or x.shape[-2] % self.patch_size[0] or x.shape[-1] % self.patch_size[1]
-        ):
-            return super().forward(x)
+        if self.dynamic_img_pad and (torch.jit.is_scripting() or self._must_pad(x)):
+            pad_h = (self.patch_size[0] - x.shape[-2] % self.patch_size[0]) % self.patch_size[0]
+            pad_w = (self.patch_size[1] - x.shape[-1] % self.patch_size[1]) % self.patch_size[1]
+            x = F.pad(x, (0, pad_w, 0, pad_h))
         x = self.proj(x)
-        x = x.flatten(2).transpose(1, 2) if self.flatten else x.permute(0, 2, 3, 1)  # timm's NLC / NHWC layouts
+        if self.flatten:
+            x = x.flatten(2).transpose(1, 2)  # NCHW -> NLC
+        elif self.output_fmt != Format.NCHW:
+            x = nchw_to(x, self.output_fmt)
         return self.norm(x)
+
+    @torch.jit.unused
+    def _must_pad(self, x: torch.Tensor) -> bool:
+        """Eager: whether the input is not whole patches; traced: always (no shape branch)."""
+        if symbolic(x) or traced():
+            return True
+        return bool(x.shape[-2] % self.patch_size[0] or x.shape[-1] % self.patch_size[1])
 
 
 _DYNAMIC_CLASSES: dict[type, type] = {
@@ -153,6 +248,7 @@ _DYNAMIC_CLASSES: dict[type, type] = {
 # Module classes swapped inside the model, per dynamic class (the bias tables / resolutions of its attention).
 _MODULE_SETUP: dict[type, Callable[[nn.Module, int], None]] = {
     DynamicBeit: enable_beit_dynamic,
+    DynamicHiera: enable_hiera_dynamic,
     DynamicLevit: enable_levit_dynamic,
     DynamicLevitDistilled: enable_levit_dynamic,
     mvitv2.MultiScaleVit: enable_mvit_dynamic,
@@ -249,6 +345,7 @@ def enable_dynamic(
     model.__class__ = dynamic_cls
     model.dynamic_img_size = True
     model._anysize_dynamic = DynamicOptions(interpolation, antialias, pad)
+    model._anysize_interpolation, model._anysize_antialias = interpolation, antialias  # for TorchScript
     model._anysize_pos_cache = PosEmbedCache(cache_size)
     model._anysize_caches = {}
     if dynamic_cls in _MODULE_SETUP:

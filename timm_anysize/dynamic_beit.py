@@ -8,7 +8,6 @@ the current forward reaches the attention modules through a context variable, so
 sizes at once do not interfere.
 """
 
-from __future__ import annotations
 
 import contextvars
 from functools import lru_cache

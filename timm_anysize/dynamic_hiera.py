@@ -1,71 +1,215 @@
-"""Hiera at any input size: the token unrolling rebuilt for each size, the position embedding resampled (cached).
+"""Hiera at any input size: the token unrolling done for each size, the position embedding resampled (cached).
 
 timm's Hiera fixes its input size at construction: ``Unroll`` reorders tokens for one grid so that mask units
-(8x8 tokens) and the pooling strides are contiguous in memory. Everything after the unroll reads sizes off the
-token count, so an unroll built for the input's grid is all another size needs; inputs are padded (bottom/right)
-to whole mask units. At the model's own size the path is timm's own, bit for bit.
+(8x8 tokens) and the pooling strides are contiguous in memory, and ``Reroll`` undoes it for intermediates.
+Everything else reads sizes off the token count, so an unroll (and reroll) for the input's grid is all another size
+needs; inputs are padded (bottom/right) to whole mask units. The unroll/reroll here are timm's steps for 2-D
+images as functions of the grid (TorchScript compiles them; FX records each as one node). At the model's own size
+the eager path is timm's own, bit for bit.
 """
 
-from __future__ import annotations
-
-from typing import Optional
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+from timm.layers import register_notrace_function
 from timm.models import hiera
+from timm.models._features import feature_take_indices  # timm exports it from no public module
 
-from .cache import dynamic_pos_embed
-from .intermediates import IntermediatesAtOwnSize
+from .cache import dynamic_pos_embed, resample_pos_tokens, symbolic, traced
 
-__all__ = ["DynamicHiera"]
+__all__ = ["DynamicHiera", "enable_hiera_dynamic", "unroll_tokens", "reroll_tokens"]
 
 
-class DynamicHiera(IntermediatesAtOwnSize, hiera.Hiera):
+@torch.fx.wrap
+@register_notrace_function
+def unroll_tokens(x: torch.Tensor, size: List[int], schedule: List[List[int]]) -> torch.Tensor:
+    """timm's ``hiera.Unroll`` for a 2-D token grid ``size``: ``[B, H*W, C]`` reordered so that each pooling
+    stride of ``schedule`` is contiguous.
+
+    Example:
+        >>> x = torch.randn(2, 8 * 6, 4)
+        >>> torch.equal(unroll_tokens(x, [8, 6], [[2, 2]]), hiera.Unroll((8, 6), (1, 1), [(2, 2)])(x))
+        True
+    """
+    B, C = x.shape[0], x.shape[-1]
+    cur = [size[0], size[1]]
+    x = x.view(B, cur[0], cur[1], C)
+    for strides in schedule:
+        cur = [cur[0] // strides[0], cur[1] // strides[1]]
+        x = x.view(B, cur[0], strides[0], cur[1], strides[1], C).permute(0, 2, 4, 1, 3, 5).flatten(0, 2)
+        B = B * strides[0] * strides[1]
+    return x.reshape(-1, size[0] * size[1], C)
+
+
+@torch.fx.wrap
+@register_notrace_function
+def reroll_tokens(
+    x: torch.Tensor, size: List[int], schedule: List[List[int]], block_idx: int, stage_ends: List[int], q_pool: int
+) -> torch.Tensor:
+    """timm's ``hiera.Reroll`` (no mask) for a 2-D token grid ``size``: block ``block_idx``'s tokens as
+    ``[B, H, W, C]``."""
+    size = [size[0], size[1]]
+    for i in range(block_idx):  # the unrolls consumed by the stage ends with pooling before this block
+        if i in stage_ends[:q_pool] and len(schedule) > 0:
+            size = [size[0] // schedule[0][0], size[1] // schedule[0][1]]
+            schedule = schedule[1:]
+    B, N, C = x.shape
+    mu = [1, 1]
+    for strides in schedule:
+        x = x.view(B, strides[0], strides[1], N // (strides[0] * strides[1]), mu[0], mu[1], C)
+        x = x.permute(0, 3, 1, 4, 2, 5, 6)
+        mu = [mu[0] * strides[0], mu[1] * strides[1]]
+        x = x.reshape(B, -1, mu[0], mu[1], C)
+        N = x.shape[1]
+    # timm's undo_windowing in 2-D: [B, #MUy*#MUx, MUy, MUx, C] -> [B, #MUy*MUy, #MUx*MUx, C]
+    x = x.view(B, size[0] // mu[0], size[1] // mu[1], mu[0], mu[1], C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(B, size[0], size[1], C)
+
+
+class _Unroll(hiera.Unroll):
+    """timm's Unroll as :func:`unroll_tokens` (which TorchScript compiles; timm's own does not script)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return unroll_tokens(x, self.size, [[s[0], s[1]] for s in self.schedule])
+
+
+class _Reroll(hiera.Reroll):
+    """timm's Reroll as :func:`reroll_tokens` when there is no mask (timm's own, masked, does not script)."""
+
+    def forward(self, x: torch.Tensor, block_idx: int, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if not torch.jit.is_scripting() and mask is not None:
+            return super().forward(x, block_idx, mask=mask)
+        return reroll_tokens(x, self.size, self._anysize_schedule, block_idx, self._anysize_stage_ends,
+                             self._anysize_q_pool)
+
+
+def enable_hiera_dynamic(model: hiera.Hiera, cache_size: int) -> None:
+    """Swap in the unroll / reroll that TorchScript compiles, in place (same steps, same outputs)."""
+    model.unroll.__class__ = _Unroll
+    model.reroll.__class__ = _Reroll
+    model.reroll._anysize_schedule = [[s[0], s[1]] for s in model.unroll.schedule]
+    model.reroll._anysize_stage_ends = list(model.stage_ends)
+    model.reroll._anysize_q_pool = int(model.q_pool)
+
+
+class DynamicHiera(hiera.Hiera):
     """timm's Hiera at any input size (set by :func:`timm_anysize.enable_dynamic`).
 
-    Other sizes take the classification path only: no masks (MAE-style), no intermediates, no separate
-    space/time position embeddings (video); those raise a ``ValueError``.
+    Other sizes take the classification and intermediates paths: no masks (MAE-style), no separate space/time
+    position embeddings (video); those raise a ``ValueError``.
     """
 
-    def _unit(self) -> tuple[int, int]:
-        """Input pixels per mask unit: what every size must be a multiple of."""
-        return (self.patch_stride[0] * self.mask_unit_size[0], self.patch_stride[1] * self.mask_unit_size[1])
+    def _unit(self) -> List[int]:
+        """Input pixels per mask unit: what every size is padded to a multiple of."""
+        return [self.patch_stride[0] * self.mask_unit_size[0], self.patch_stride[1] * self.mask_unit_size[1]]
+
+    @torch.jit.unused
+    def _timm_path(self, x: torch.Tensor, mask: Optional[torch.Tensor], other: bool) -> bool:
+        """Eager at the built size: timm's own path. Elsewhere masks, patch dropout and video embeddings raise."""
+        if symbolic(x):  # FX records the unmasked path (timm's forward makes ``mask`` a placeholder, never a mask)
+            return False
+        native = [t * s for t, s in zip(self.tokens_spatial_shape, self.patch_stride)]
+        if not traced() and list(x.shape[-2:]) == native:
+            return True
+        patch_drop = self.training and self.patch_drop_rate > 0
+        if mask is not None or other or self.pos_embed is None or patch_drop:
+            raise ValueError(
+                f"Hiera at {x.shape[-2]}x{x.shape[-1]} (built for {native[0]}x{native[1]}): masks, patch dropout, "
+                f"return_intermediates of forward_features and separate space/time position embeddings run at the "
+                f"built size only"
+            )
+        return False
+
+    def _anysize_embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[int]]:
+        """Padded to whole mask units, embedded, position added, unrolled; and the token grid."""
+        unit = self._unit()
+        if not torch.jit.is_scripting():
+            self._check_pad(x, unit)
+        x = F.pad(x, (0, (-x.shape[-1]) % unit[1], 0, (-x.shape[-2]) % unit[0]))
+        grid = [x.shape[-2] // self.patch_stride[0], x.shape[-1] // self.patch_stride[1]]
+        x = self.patch_embed(x)
+        x = x + self._dynamic_pos_embed(grid)
+        return unroll_tokens(x, grid, self._schedule()), grid
+
+    def _schedule(self) -> List[List[int]]:
+        return [[s[0], s[1]] for s in self.unroll.schedule]
+
+    @torch.jit.unused
+    def _check_pad(self, x: torch.Tensor, unit: List[int]) -> None:
+        if symbolic(x) or traced() or self._anysize_dynamic.pad:
+            return
+        if x.shape[-2] % unit[0] or x.shape[-1] % unit[1]:
+            raise ValueError(
+                f"input {x.shape[-2]}x{x.shape[-1]} is not a multiple of Hiera's mask unit ({unit[0]}x{unit[1]} px) "
+                f"and padding is off; resize to a multiple, or turn padding on (pad: true, enable_dynamic(pad=True))"
+            )
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            if symbolic(mask):  # FX makes the argument a placeholder: record the unmasked path
+                mask = None
+        x = self.forward_features(x, mask=mask)
+        if mask is None:
+            x = self.forward_head(x)
+        return x
 
     def forward_features(
         self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, return_intermediates: bool = False
     ) -> torch.Tensor:
-        native = [t * s for t, s in zip(self.tokens_spatial_shape, self.patch_stride)]
-        if list(x.shape[-2:]) == native:
+        if not torch.jit.is_scripting() and self._timm_path(x, mask, return_intermediates):
             return super().forward_features(x, mask=mask, return_intermediates=return_intermediates)
-        patch_drop = self.training and self.patch_drop_rate > 0
-        if mask is not None or return_intermediates or self.pos_embed is None or patch_drop:
-            raise ValueError(
-                f"Hiera at {x.shape[-2]}x{x.shape[-1]} (built for {native[0]}x{native[1]}): masks, intermediates, "
-                f"patch dropout and separate space/time position embeddings run at the built size only"
-            )
-        uh, uw = self._unit()
-        pad_h, pad_w = (-x.shape[-2]) % uh, (-x.shape[-1]) % uw
-        if pad_h or pad_w:
-            if not self._anysize_dynamic.pad:
-                raise ValueError(
-                    f"input {x.shape[-2]}x{x.shape[-1]} is not a multiple of Hiera's mask unit ({uh}x{uw} px) and "
-                    f"padding is off; resize to a multiple, or turn padding on (pad: true, enable_dynamic(pad=True))"
-                )
-            x = F.pad(x, (0, pad_w, 0, pad_h))
-        size = (x.shape[-2], x.shape[-1])
-        grid = (size[0] // self.patch_stride[0], size[1] // self.patch_stride[1])
-        x = self.patch_embed(x)
-        x = x + self._dynamic_pos_embed(grid)
-        x = hiera.Unroll(size, self.patch_stride, self.unroll.schedule)(x)
+        x, _ = self._anysize_embed(x)
         for blk in self.blocks:
             x = blk(x)
         return x
 
-    def _dynamic_pos_embed(self, grid: tuple[int, int]) -> torch.Tensor:
-        if self.pos_embed_win is None:
-            return dynamic_pos_embed(self, grid, prefix=0, native=tuple(self.tokens_spatial_shape))
-        # absolute-window variant: timm's recipe at the grid's number of mask units
-        units = (grid[0] // self.mask_unit_size[0], grid[1] // self.mask_unit_size[1])
-        pos_embed_win = self.pos_embed_win.tile(units)
-        pos_embed = F.interpolate(self.pos_embed, size=pos_embed_win.shape[-2:], mode="bicubic", antialias=True)
-        return (pos_embed + pos_embed_win).flatten(2).transpose(1, 2)
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        mask: Optional[torch.Tensor] = None,
+        indices: Optional[Union[int, List[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = True,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        coarse: bool = True,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """timm's ``forward_intermediates`` with the unroll, reroll and position embedding of the input's grid."""
+        if not torch.jit.is_scripting() and self._timm_path(x, mask, False):
+            return super().forward_intermediates(
+                x, mask=mask, indices=indices, norm=norm, stop_early=stop_early, output_fmt=output_fmt,
+                intermediates_only=intermediates_only, coarse=coarse,
+            )
+        assert not norm, "normalization of features not supported"
+        assert output_fmt in ("NCHW", "NHWC"), "Output format must be one of NCHW, NHWC."
+        if coarse:
+            take_indices, max_index = feature_take_indices(len(self.stage_ends), indices)
+            take_indices = [self.stage_ends[i] for i in take_indices]
+            max_index = self.stage_ends[max_index]
+        else:
+            take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        x, grid = self._anysize_embed(x)
+        schedule = self._schedule()
+        intermediates = []
+        blocks = self.blocks if torch.jit.is_scripting() or not stop_early else self.blocks[:max_index + 1]
+        for i, blk in enumerate(blocks):
+            x = blk(x)
+            if i in take_indices:
+                x_int = reroll_tokens(x, grid, schedule, i, self.stage_ends, self.q_pool)
+                intermediates.append(x_int.permute(0, 3, 1, 2) if output_fmt == "NCHW" else x_int)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def _dynamic_pos_embed(self, grid: List[int]) -> torch.Tensor:
+        if self.pos_embed_win is not None:  # absolute-window variant: timm's recipe at the grid's number of units
+            units = [grid[0] // self.mask_unit_size[0], grid[1] // self.mask_unit_size[1]]
+            pos_embed_win = self.pos_embed_win.tile(units)
+            pos_embed = F.interpolate(self.pos_embed, size=pos_embed_win.shape[-2:], mode="bicubic", antialias=True)
+            return (pos_embed + pos_embed_win).flatten(2).transpose(1, 2)
+        if torch.jit.is_scripting():
+            native = self.tokens_spatial_shape
+            return resample_pos_tokens(self.pos_embed, grid, [native[0], native[1]], 0, self._anysize_interpolation,
+                                       self._anysize_antialias)
+        return dynamic_pos_embed(self, grid, prefix=0, native=tuple(self.tokens_spatial_shape))

@@ -94,6 +94,8 @@ class Family:
         square_only: timm's constructor takes square sizes only; a non-square variant is built square with its
             width tables refitted (:mod:`timm_anysize.square_build`), and cannot be exported for plain timm.
         unsupported: Geometry change -> why the architecture cannot take it; such specs are rejected at validation.
+        export_note: Why the family's dynamic model cannot go through ``torch.export`` / ONNX with dynamic H x W
+            ("": it can; tests/test_script_fx_tokens.py checks it at three sizes).
         example: A timm model of the family, used by the coverage matrix and docs/families.md.
         matches: Extra test on the instance (e.g. a ViT whose stem is a hybrid CNN).
     """
@@ -112,6 +114,7 @@ class Family:
     dynamic_features: bool = False
     square_only: bool = False
     unsupported: dict[str, str] = field(default_factory=dict)
+    export_note: str = ""
     example: str = ""
     matches: Optional[Callable[[nn.Module], bool]] = None
 
@@ -234,6 +237,7 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         name="cait",
+        dynamic_features=True,
         classes=(cait.Cait,),
         checkpoint_filter=cait.checkpoint_filter_fn,
         pos_embed_prefix=0,
@@ -269,6 +273,7 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         name="pit",
+        dynamic_features=True,
         classes=(pit.PoolingVisionTransformer,),
         tensors=(("pos_embed", "pos_nchw"),),
         unsupported=_no_patch_change(
@@ -279,6 +284,7 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         name="volo",
+        dynamic_features=True,
         classes=(volo.VOLO,),
         tensors=(("pos_embed", "pos_nhwc"),),
         unsupported=_no_patch_change(_NO_CONV_PATCH),
@@ -316,9 +322,12 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         name="hiera",
+        dynamic_features=True,
         classes=(hiera.Hiera,),
         pos_embed_prefix=0,
         unsupported=_no_patch_change(_OVERLAPPING_STEM.format(name="Hiera")),
+        export_note="torch.export and torch.compile(dynamic=True) of the mask-unit unroll over a padded, symbolic "
+        "size did not finish in minutes (symbolic shape solving); export or compile it at one size",
         dynamic_args=(),  # enable_dynamic rebuilds the token unroll per size
         example="hiera_tiny_224",
     ),
@@ -342,6 +351,8 @@ FAMILIES: tuple[Family, ...] = (
         unsupported=_no_patch_change(
             "CrossViT has one patch size per branch, which a single patch_size cannot express"
         ),
+        export_note="each branch's size is rounded from the input size (Python round of a ratio), a guard that "
+        "torch.export cannot keep symbolic; torch.compile recompiles per size instead",
         dynamic_args=(),  # enable_dynamic sizes each branch from the input
         example="crossvit_tiny_240",
     ),
@@ -427,14 +438,16 @@ def families_markdown() -> str:
         "weights are read. `features_only` models carry the same adapted weights; they run at any size where the",
         "family's feature path goes through the dynamic code.",
         "",
-        "| family | timm classes | example | " + " | ".join(changes) + " | any size at run time | features_only |",
-        "|---|---|---|" + "---|" * len(changes) + "---|---|",
+        "| family | timm classes | example | " + " | ".join(changes)
+        + " | any size at run time | features_only | export (dynamic H x W) |",
+        "|---|---|---|" + "---|" * len(changes) + "---|---|---|",
     ]
     for fam in FAMILIES:
         cells = [UNSUPPORTED.get((fam.name, c), "yes") for c in changes]
         dyn = {"cached": "yes (cached)", "native": "yes (timm's own)"}.get(fam.dynamic, f"no: {fam.dynamic_reason}")
         classes = ", ".join(c.__name__ for c in fam.classes)
         feats = "any size" if fam.dynamic_features else "the variant's size"
-        lines.append(f"| {fam.name} | {classes} | `{fam.example}` | " + " | ".join(cells) + f" | {dyn} | {feats} |")
+        export = f"no: {fam.export_note}" if fam.export_note else "yes"
+        lines.append(f"| {fam.name} | {classes} | `{fam.example}` | " + " | ".join(cells) + f" | {dyn} | {feats} | {export} |")
     lines += ["", "Changes: " + "; ".join(f"`{k}`: {v}" for k, v in GEOMETRY_CHANGES.items()) + ".", ""]
     return "\n".join(lines) + "\n"

@@ -5,7 +5,8 @@ paths (:mod:`timm_anysize.cache`, :mod:`timm_anysize.dynamic_levit`, :mod:`timm_
 adapted to a size and a dynamic model run at that size compute the same tensors, bit for bit.
 """
 
-from __future__ import annotations
+
+from typing import List
 
 import torch
 import torch.nn.functional as F
@@ -17,16 +18,18 @@ __all__ = ["resample_grid", "resize_bias_grid", "resize_rel_axis"]
 
 
 def resample_grid(
-    grid: torch.Tensor, new_grid: Size2, interpolation: str, antialias: bool, channels_last: bool
+    grid: torch.Tensor, new_grid: List[int], interpolation: str, antialias: bool, channels_last: bool
 ) -> torch.Tensor:
-    """Resample a position embedding laid out as an image, ``[1, C, H, W]`` (or ``[1, H, W, C]``), to ``new_grid``.
+    """Resample a position embedding laid out as an image, ``[1, C, H, W]`` (or ``[1, H, W, C]``), to ``new_grid``
+    (TorchScript compiles it: the dynamic paths call it when scripted).
 
     Example:
         >>> resample_grid(torch.randn(1, 8, 4, 6), (8, 3), "bicubic", True, channels_last=False).shape
         torch.Size([1, 8, 8, 3])
     """
     nhwc = grid if channels_last else grid.permute(0, 2, 3, 1)
-    out = resample_abs_pos_embed_nhwc(nhwc, new_size=list(new_grid), interpolation=interpolation, antialias=antialias)
+    out = resample_abs_pos_embed_nhwc(nhwc, new_size=[new_grid[0], new_grid[1]], interpolation=interpolation,
+                                      antialias=antialias)
     return out if channels_last else out.permute(0, 3, 1, 2).contiguous()
 
 
