@@ -11,7 +11,7 @@ import timm
 import torch
 
 import timm_anysize
-from timm_anysize.swin_windows import shifted_window_mask
+from timm_anysize.families.swin import shifted_window_mask
 
 SWIN = dict(embed_dim=32, depths=(2, 2), num_heads=(1, 2), window_size=4)
 

@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from .atomic import atomic_folder
 from .errors import AnysizeError
-from .swin_windows import pads_at_own_size
+from .families.swin import pads_at_own_size
 
 __all__ = ["export", "push_to_hub", "build_model_card", "Metric", "ExportError", "metrics_from_demo"]
 

@@ -2,7 +2,7 @@
 it sizes both relative-position axes from one side).
 
 The model is built at H x H and each attention's ``rel_pos_w`` is replaced by a table of the length the width
-needs (``2 * max(q, k) - 1`` along the width, as :mod:`timm_anysize.dynamic_mvit` computes it); nothing else in
+needs (``2 * max(q, k) - 1`` along the width, as :mod:`timm_anysize.families.mvitv2` computes it); nothing else in
 MViTv2 depends on the size it was built for, as its forward reads every size off the tokens. A model built this way
 has per-axis tables in its state dict, so loading resizes each axis to its own length.
 """
@@ -16,7 +16,7 @@ import torch.nn as nn
 from timm.layers import trunc_normal_tf_
 from timm.models import mvitv2
 
-from .dynamic_mvit import table_lengths
+from .families.mvitv2 import table_lengths
 from .spec import Size2
 
 __all__ = ["is_square_only", "square_kwargs", "fit_width_tables", "create_square_only"]

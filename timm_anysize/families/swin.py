@@ -18,12 +18,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import PatchEmbed
-from timm.models import swin_transformer, swin_transformer_v2, swin_transformer_v2_cr
+from timm.models import FeatureListNet, swin_transformer, swin_transformer_v2, swin_transformer_v2_cr
 
-from .cache import traced
-from .spec import Size2
+from ..cache import traced
+from ..spec import Size2
+from ..family import REL_TABLE, DynamicPath, Family
 
-__all__ = ["shifted_window_mask", "window_attention", "enable_swin_dynamic", "pads_at_own_size", "SWIN_BLOCKS"]
+__all__ = ["FAMILIES", "shifted_window_mask", "window_attention", "enable_swin_dynamic", "pads_at_own_size", "SWIN_BLOCKS"]
 
 MASK_VALUE = -100.0  # timm's value for masked pairs
 
@@ -177,3 +178,47 @@ def pads_at_own_size(model: nn.Module) -> bool:
             if size is not None and any(s % w for s, w in zip(size, module.window_size)):
                 return True
     return False
+
+
+def _claims(model: nn.Module) -> bool:
+    """A Swin-family model, or a ``features_only`` wrapper holding Swin blocks (flattened into it by timm)."""
+    if type(model) in SWIN_MODELS:
+        return True
+    return type(model) is FeatureListNet and any(type(m) in SWIN_BLOCKS for m in model.modules())
+
+
+_RUNTIME = DynamicPath(enable=enable_swin_dynamic, claims=_claims)
+_SWIN_DYNAMIC = ("dynamic_img_size",)
+
+FAMILIES = (
+    Family(
+        name="swin",
+        dynamic_features=True,
+        classes=(swin_transformer.SwinTransformer,),
+        tensors=REL_TABLE,
+        dynamic="cached",
+        dynamic_args=_SWIN_DYNAMIC,
+        runtime=_RUNTIME,
+        example="swin_tiny_patch4_window7_224",
+    ),
+    Family(
+        name="swinv2",
+        dynamic_features=True,
+        classes=(swin_transformer_v2.SwinTransformerV2,),
+        tensors=(),  # continuous position bias (an MLP over log coordinates): no table to resize
+        dynamic="cached",
+        dynamic_args=_SWIN_DYNAMIC,
+        runtime=_RUNTIME,
+        example="swinv2_tiny_window8_256",
+    ),
+    Family(
+        name="swinv2_cr",
+        dynamic_features=True,
+        classes=(swin_transformer_v2_cr.SwinTransformerV2Cr,),
+        tensors=(),
+        dynamic="cached",
+        dynamic_args=_SWIN_DYNAMIC,
+        runtime=_RUNTIME,
+        example="swinv2_cr_tiny_224",
+    ),
+)

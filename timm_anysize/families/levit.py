@@ -17,12 +17,13 @@ import torch.nn as nn
 from timm.layers import ndgrid
 from timm.models import levit
 
-from .cache import PosEmbedCache, must_run_inline
-from .intermediates import IntermediatesAtOwnSize
-from .resample import resize_bias_grid
-from .spec import Size2
+from ..cache import PosEmbedCache, must_run_inline
+from ..intermediates import IntermediatesAtOwnSize
+from ..resample import resize_bias_grid
+from ..spec import Size2
+from ..family import NO_CONV_PATCH, DynamicPath, Family, no_patch_change
 
-__all__ = ["DynamicLevit", "DynamicLevitDistilled", "enable_levit_dynamic"]
+__all__ = ["FAMILIES", "DynamicLevit", "DynamicLevitDistilled", "enable_levit_dynamic"]
 
 _LEVELS: contextvars.ContextVar[Optional[tuple[Size2, ...]]] = contextvars.ContextVar("anysize_levit", default=None)
 
@@ -125,3 +126,21 @@ def enable_levit_dynamic(model: nn.Module, cache_size: int) -> None:
                 module._anysize_dynamic = model._anysize_dynamic
                 if hasattr(module, "attention_biases"):
                     module._anysize_bias_cache = PosEmbedCache(cache_size)
+
+
+FAMILIES = (
+    Family(
+        name="levit",
+        classes=(levit.Levit, levit.LevitDistilled),
+        tensors=(("*attention_biases", "bias_grid"),),
+        patch_embeds=(),
+        unsupported=no_patch_change(NO_CONV_PATCH),
+        dynamic_args=(),  # enable_dynamic gives each stage the resolution of the input
+        runtime=DynamicPath(
+            classes={levit.Levit: DynamicLevit, levit.LevitDistilled: DynamicLevitDistilled},
+            setup=enable_levit_dynamic,
+            patch_layout="none",
+        ),
+        example="levit_128s",
+    ),
+)

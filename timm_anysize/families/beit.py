@@ -18,10 +18,11 @@ import torch.nn as nn
 from timm.layers import resize_rel_pos_bias_table
 from timm.models import beit
 
-from .cache import PosEmbedCache, dynamic_pos_embed, must_run_inline
-from .spec import Size2
+from ..cache import PosEmbedCache, dynamic_pos_embed, must_run_inline
+from ..spec import Size2
+from ..family import REL_TABLE, DynamicPath, Family
 
-__all__ = ["DynamicBeit", "enable_beit_dynamic"]
+__all__ = ["FAMILIES", "DynamicBeit", "enable_beit_dynamic"]
 
 _GRID: contextvars.ContextVar[Optional[Size2]] = contextvars.ContextVar("anysize_beit_grid", default=None)
 
@@ -123,3 +124,17 @@ def enable_beit_dynamic(model: beit.Beit, cache_size: int) -> None:
         elif type(module) is beit.RelativePositionBias:
             module.__class__ = DynamicRelativePositionBias
             module._anysize_bias_cache = PosEmbedCache(cache_size)
+
+
+FAMILIES = (
+    Family(
+        name="beit",
+        dynamic_features=True,
+        classes=(beit.Beit,),
+        checkpoint_filter=beit.checkpoint_filter_fn,
+        tensors=REL_TABLE,
+        dynamic_args=(),  # timm's BEiT has no dynamic-size arguments; enable_dynamic adds the path
+        runtime=DynamicPath(classes={beit.Beit: DynamicBeit}, setup=enable_beit_dynamic, patch_layout="tokens"),
+        example="beit_base_patch16_224",
+    ),
+)

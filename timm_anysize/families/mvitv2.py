@@ -17,11 +17,12 @@ import torch
 import torch.nn as nn
 from timm.models import mvitv2
 
-from .cache import PosEmbedCache, must_run_inline
-from .resample import resize_rel_axis
-from .spec import Size2
+from ..cache import PosEmbedCache, must_run_inline
+from ..resample import resize_rel_axis
+from ..spec import Size2
+from ..family import OVERLAPPING_STEM, DynamicPath, Family, no_patch_change
 
-__all__ = ["table_lengths", "enable_mvit_dynamic"]
+__all__ = ["FAMILIES", "table_lengths", "enable_mvit_dynamic"]
 
 _FEAT: contextvars.ContextVar[Optional[Size2]] = contextvars.ContextVar("anysize_mvit_feat", default=None)
 
@@ -100,3 +101,20 @@ def enable_mvit_dynamic(model: nn.Module, cache_size: int) -> None:
         if dynamic_cls is not None and getattr(module, "rel_pos_type", "") == "spatial":
             module.__class__ = dynamic_cls
             module._anysize_caches = {n: PosEmbedCache(cache_size) for n in ("rel_pos_h", "rel_pos_w")}
+
+
+FAMILIES = (
+    Family(
+        name="mvitv2",
+        dynamic_features=True,
+        classes=(mvitv2.MultiScaleVit,),
+        tensors=(("*.rel_pos_h", "rel_axis"), ("*.rel_pos_w", "rel_axis")),
+        unsupported=no_patch_change(OVERLAPPING_STEM.format(name="MViTv2")),
+        square_only=True,  # timm asserts a square size; non-square variants get per-axis tables
+        dynamic_args=(),  # enable_dynamic resizes the tables per feature size
+        runtime=DynamicPath(  # the model class stays; its attentions change
+            classes={mvitv2.MultiScaleVit: mvitv2.MultiScaleVit}, setup=enable_mvit_dynamic, patch_layout="none"
+        ),
+        example="mvitv2_tiny",
+    ),
+)

@@ -16,9 +16,10 @@ from timm.layers import register_notrace_function
 from timm.models import hiera
 from timm.models._features import feature_take_indices  # timm exports it from no public module
 
-from .cache import dynamic_pos_embed, resample_pos_tokens, symbolic, traced
+from ..cache import dynamic_pos_embed, resample_pos_tokens, symbolic, traced
+from ..family import OVERLAPPING_STEM, DynamicPath, Family, no_patch_change
 
-__all__ = ["DynamicHiera", "enable_hiera_dynamic", "unroll_tokens", "reroll_tokens"]
+__all__ = ["FAMILIES", "DynamicHiera", "enable_hiera_dynamic", "unroll_tokens", "reroll_tokens"]
 
 
 @torch.fx.wrap
@@ -213,3 +214,19 @@ class DynamicHiera(hiera.Hiera):
             return resample_pos_tokens(self.pos_embed, grid, [native[0], native[1]], 0, self._anysize_interpolation,
                                        self._anysize_antialias)
         return dynamic_pos_embed(self, grid, prefix=0, native=tuple(self.tokens_spatial_shape))
+
+
+FAMILIES = (
+    Family(
+        name="hiera",
+        dynamic_features=True,
+        classes=(hiera.Hiera,),
+        pos_embed_prefix=0,
+        unsupported=no_patch_change(OVERLAPPING_STEM.format(name="Hiera")),
+        export_note="torch.export and torch.compile(dynamic=True) of the mask-unit unroll over a padded, symbolic "
+        "size did not finish in minutes (symbolic shape solving); export or compile it at one size",
+        dynamic_args=(),  # enable_dynamic rebuilds the token unroll per size
+        runtime=DynamicPath(classes={hiera.Hiera: DynamicHiera}, setup=enable_hiera_dynamic, patch_layout="none"),
+        example="hiera_tiny_224",
+    ),
+)

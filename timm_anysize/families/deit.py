@@ -1,0 +1,44 @@
+"""Distilled DeiT (class + distillation tokens): the token position embedding resampled per grid and cached."""
+
+from typing import List
+
+import torch
+from timm.models import deit, vision_transformer
+
+from ..cache import dynamic_pos_embed, resample_pos_tokens
+from ..family import DynamicPath, Family
+from .vit import add_pos_embed
+
+__all__ = ["FAMILIES", "DynamicVisionTransformerDistilled"]
+
+
+class DynamicVisionTransformerDistilled(deit.VisionTransformerDistilled):
+    """timm's distilled DeiT with a cached dynamic position embedding."""
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting() and not self.dynamic_img_size:
+            return super()._pos_embed(x)
+        B, H, W, C = x.shape
+        prefix = [self.cls_token.expand(B, -1, -1), self.dist_token.expand(B, -1, -1)]
+        if torch.jit.is_scripting():
+            grid = self.patch_embed.grid_size
+            pos_embed = resample_pos_tokens(
+                self.pos_embed, [H, W], [grid[0], grid[1]], 0 if self.no_embed_class else self.num_prefix_tokens,
+                self._anysize_interpolation, self._anysize_antialias,
+            )
+        else:
+            pos_embed = dynamic_pos_embed(self, (H, W))
+        x = add_pos_embed(x.view(B, -1, C), pos_embed, prefix, self.no_embed_class)
+        return self.pos_drop(x)
+
+
+FAMILIES = (
+    Family(
+        name="deit_distilled",
+        dynamic_features=True,
+        classes=(deit.VisionTransformerDistilled,),
+        checkpoint_filter=vision_transformer.checkpoint_filter_fn,
+        runtime=DynamicPath(classes={deit.VisionTransformerDistilled: DynamicVisionTransformerDistilled}),
+        example="deit_tiny_distilled_patch16_224",
+    ),
+)

@@ -1,0 +1,52 @@
+"""EVA (EVA-02 and timm's other Eva-class models): the absolute position embedding resampled per grid and cached;
+RoPE is generated for the grid by timm."""
+
+from typing import List, Optional, Tuple
+
+import torch
+from timm.models import eva
+
+from ..cache import dynamic_pos_embed, resample_pos_tokens
+from ..family import DynamicPath, Family
+from .vit import add_pos_embed
+
+__all__ = ["FAMILIES", "DynamicEva"]
+
+
+class DynamicEva(eva.Eva):
+    """timm's EVA with a cached dynamic absolute position embedding (RoPE is generated for the grid by timm)."""
+
+    def _pos_embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if not torch.jit.is_scripting() and (
+            self.pos_embed is None or not self.dynamic_img_size or self.patch_drop is not None
+        ):
+            return super()._pos_embed(x)
+        B, H, W, C = x.shape
+        rot_pos_embed = self.rope.get_embed(shape=[H, W]) if self.rope is not None else None
+        prefix: List[torch.Tensor] = []
+        if self.cls_token is not None:
+            prefix.append(self.cls_token.expand(B, -1, -1))
+        if self.reg_token is not None:
+            prefix.append(self.reg_token.expand(B, -1, -1))
+        if torch.jit.is_scripting():
+            grid = self.patch_embed.grid_size
+            pos_embed = resample_pos_tokens(
+                self.pos_embed, [H, W], [grid[0], grid[1]], 0 if self.no_embed_class else self.num_prefix_tokens,
+                self._anysize_interpolation, self._anysize_antialias,
+            )
+        else:
+            pos_embed = dynamic_pos_embed(self, (H, W))
+        x = add_pos_embed(x.view(B, -1, C), pos_embed, prefix, self.no_embed_class)
+        return self.pos_drop(x), rot_pos_embed
+
+
+FAMILIES = (
+    Family(
+        name="eva",
+        dynamic_features=True,
+        classes=(eva.Eva,),
+        checkpoint_filter=eva.checkpoint_filter_fn,
+        runtime=DynamicPath(classes={eva.Eva: DynamicEva}),
+        example="eva02_tiny_patch14_224",
+    ),
+)

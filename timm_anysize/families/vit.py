@@ -1,0 +1,89 @@
+"""ViT (timm's VisionTransformer, incl. registers and ``no_embed_class``) and ViT hybrids (a CNN stem, e.g.
+ViTamin): the token position embedding resampled per patch grid and cached (:mod:`timm_anysize.cache`).
+
+timm's ``dynamic_img_size=True`` re-interpolates the position embedding on every forward; here it is computed once
+per grid and reused while the weights are unchanged. The only timm behaviour replaced is where ``_pos_embed`` gets
+the embedding from; the token layout is timm's own (pinned by a test against timm's dynamic path).
+"""
+
+from functools import partial
+from typing import List
+
+import torch
+import torch.nn as nn
+from timm.layers import HybridEmbed
+from timm.models import vision_transformer
+
+from ..cache import dynamic_pos_embed, resample_pos_tokens
+from ..family import DynamicPath, Family, no_patch_change
+
+__all__ = ["FAMILIES", "DynamicVisionTransformer", "add_pos_embed"]
+
+
+def add_pos_embed(x: torch.Tensor, pos_embed: torch.Tensor, prefix: List[torch.Tensor], no_embed_class: bool):
+    """timm's token layout: add then concat prefix tokens (no_embed_class), or concat then add."""
+    if no_embed_class:
+        x = x + pos_embed
+        return torch.cat(prefix + [x], dim=1) if len(prefix) > 0 else x
+    if len(prefix) > 0:
+        x = torch.cat(prefix + [x], dim=1)
+    return x + pos_embed
+
+
+# TorchScript compiles the branches under ``torch.jit.is_scripting()``: the same resampling (function and options)
+# as the eager path, without its cache. Eager code (the cache, ``super()``) sits behind ``not is_scripting()``.
+
+class DynamicVisionTransformer(vision_transformer.VisionTransformer):
+    """timm's VisionTransformer with a cached dynamic position embedding (set by :func:`enable_dynamic`)."""
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting() and (self.pos_embed is None or not self.dynamic_img_size):
+            return super()._pos_embed(x)
+        B, H, W, C = x.shape
+        prefix: List[torch.Tensor] = []
+        if self.cls_token is not None:
+            prefix.append(self.cls_token.expand(B, -1, -1))
+        if self.reg_token is not None:
+            prefix.append(self.reg_token.expand(B, -1, -1))
+        if torch.jit.is_scripting():
+            grid = self.patch_embed.grid_size
+            pos_embed = resample_pos_tokens(
+                self.pos_embed, [H, W], [grid[0], grid[1]], 0 if self.no_embed_class else self.num_prefix_tokens,
+                self._anysize_interpolation, self._anysize_antialias,
+            )
+        else:
+            pos_embed = dynamic_pos_embed(self, (H, W))
+        x = add_pos_embed(x.view(B, -1, C), pos_embed, prefix, self.no_embed_class)
+        return self.pos_drop(x)
+
+
+def _is_hybrid(model: nn.Module) -> bool:
+    return isinstance(getattr(model, "patch_embed", None), HybridEmbed)
+
+
+_RUNTIME = DynamicPath(classes={vision_transformer.VisionTransformer: DynamicVisionTransformer})
+
+FAMILIES = (
+    Family(
+        name="vit",
+        dynamic_features=True,
+        classes=(vision_transformer.VisionTransformer,),
+        # adapt_layer_scale maps original DeiT-3 'gamma_N' keys; no timm-format key contains 'gamma_'.
+        checkpoint_filter=partial(vision_transformer.checkpoint_filter_fn, adapt_layer_scale=True),
+        runtime=_RUNTIME,
+        example="test_vit",
+        matches=lambda m: not _is_hybrid(m),
+    ),
+    Family(
+        name="vit_hybrid",
+        dynamic_features=True,
+        classes=(vision_transformer.VisionTransformer,),
+        checkpoint_filter=vision_transformer.checkpoint_filter_fn,
+        unsupported=no_patch_change(
+            "the patch is the stride of a CNN stem (ViTamin, ResNet hybrids), not a kernel to resize"
+        ),
+        runtime=_RUNTIME,
+        example="vitamin_small_224",
+        matches=_is_hybrid,
+    ),
+)

@@ -1,0 +1,21 @@
+"""XCiT: Fourier position encoding computed for the grid at run time; timm's own path runs at any size."""
+
+from timm.models import xcit
+
+from ..family import NO_CONV_PATCH, Family, no_patch_change
+
+__all__ = ["FAMILIES"]
+
+
+FAMILIES = (
+    Family(
+        name="xcit",
+        dynamic_features=True,
+        classes=(xcit.Xcit,),
+        tensors=(),  # Fourier position encoding, computed for the grid at run time
+        unsupported=no_patch_change(NO_CONV_PATCH),
+        dynamic="native",
+        dynamic_args=(),
+        example="xcit_nano_12_p16_224",
+    ),
+)

@@ -1,0 +1,226 @@
+"""What a family of timm models is to timm-anysize: the :class:`Family` row (its geometry-dependent tensors, the
+changes it cannot take, how it runs at any size) and the geometry changes rows are described in.
+
+Each family's row lives with its run-time code in its own module of :mod:`timm_anysize.families`; this module is the
+shared vocabulary they use and never needs editing to add a family.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch.nn as nn
+
+from .spec import Size2
+
+__all__ = [
+    "Family",
+    "DynamicPath",
+    "TENSOR_KINDS",
+    "GEOMETRY_CHANGES",
+    "NO_CONV_PATCH",
+    "REL_TABLE",
+    "OVERLAPPING_STEM",
+    "no_patch_change",
+    "classify_changes",
+    "tensor_layouts",
+]
+
+CheckpointFilter = Callable[[dict, nn.Module], dict]
+
+# Kinds of geometry-dependent tensors (see adapt.py for how each is resampled):
+#   pos_tokens  absolute position embedding [1, prefix + H*W, C] on the family's patch grid
+#   pos_nchw    absolute position embedding [1, C, H, W]
+#   pos_nhwc    absolute position embedding [1, H, W, C]
+#   rel_table   relative-position bias table [(2Wh-1)(2Ww-1) (+3), heads]; window: the owning module's window_size
+#   bias_grid   attention biases over |dy|, |dx| offsets [heads, H*W]; grid: the owning module's resolution
+#   rel_axis    one axis's relative-position table [2n - 1, C] (MViTv2); length: the tensor's own in each model
+TENSOR_KINDS = ("pos_tokens", "pos_nchw", "pos_nhwc", "rel_table", "bias_grid", "rel_axis")
+
+# The pattern of a relative-position bias table (BEiT, Swin).
+REL_TABLE = (("*relative_position_bias_table", "rel_table"),)
+NO_CONV_PATCH = "the stem is a stack of strided convolutions with no single patch kernel to resize"
+OVERLAPPING_STEM = "{name}'s stem kernel (7x7, stride 4) overlaps; there is no patch kernel to resize"
+
+
+def no_patch_change(reason: str) -> dict[str, str]:
+    """The unsupported cells of a family whose patch size cannot change, both directions with one reason."""
+    return {"patch_smaller": reason, "patch_larger": reason}
+
+
+@dataclass(frozen=True)
+class DynamicPath:
+    """How :func:`timm_anysize.enable_dynamic` makes a timm model of a family run at any input size.
+
+    Attributes:
+        classes: timm model class -> the family's dynamic subclass (the same class where only inner modules change).
+        setup: Swaps the family's inner modules for dynamic ones (bias tables, resolutions); ``(model, cache_size)``.
+        patch_layout: What the patch embedding gives the dynamic path: ``"nhwc"`` (an NHWC grid: the grid is read off
+            its shape), ``"tokens"`` (timm's token layout, kept), or ``"none"`` (a stem that takes any size as its
+            convolutions do: nothing to set up).
+        enable: A family's own enabler, ``(model, pad)``, for models it ``claims`` (Swin: its blocks, also inside a
+            ``features_only`` wrapper); replaces the class swap.
+        claims: Which models ``enable`` takes.
+    """
+
+    classes: dict[type, type] = field(default_factory=dict)
+    setup: Optional[Callable[[nn.Module, int], None]] = None
+    patch_layout: str = "nhwc"
+    enable: Optional[Callable[[nn.Module, bool], None]] = None
+    claims: Optional[Callable[[nn.Module], bool]] = None
+
+
+@dataclass(frozen=True)
+class Family:
+    """Geometry-dependent parts of one family of timm models.
+
+    Attributes:
+        name: Short family name used in messages and reports.
+        classes: Model classes of the family (exact types, or dynamic subclasses of them).
+        checkpoint_filter: timm's own filter that normalises foreign checkpoint layouts (applied with a model at the
+            *source* geometry, so it renames and reshapes but never resamples).
+        tensors: ``(key pattern, kind)`` of the geometry-dependent tensors (kinds: ``TENSOR_KINDS``).
+        pos_embed_prefix: Entries of a token position embedding that belong to prefix tokens, when the model's
+            attributes do not say it (CaiT's class token joins after the patch stage: 0); None: derive it.
+        patch_embeds: Attribute path(s) of the patch embedding(s) whose ``grid_size`` lays out the token position
+            embedding(s), in the order of the ``pos_tokens`` patterns.
+        linear_patch: The patch projection is an ``nn.Linear`` over flattened ``(ph, pw, C)`` patches (NaFlexViT).
+        first_conv: The first layer the input meets, where the base's pretrained cfg may name another (a ViT base
+            built with ``use_naflex=True`` is a NaFlexViT); None: the cfg's ``first_conv``.
+        dynamic: How the family runs at any input size: ``cached`` (timm-anysize's path,
+            :func:`timm_anysize.enable_dynamic`: what each size needs is computed once and cached), ``native``
+            (timm's own constructor arguments ``dynamic_args``, or none needed), or ``""`` (cannot;
+            ``dynamic_reason`` says why).
+        dynamic_args: timm constructor arguments that switch on the family's own dynamic size (``native``).
+        dynamic_features: A ``features_only`` model of the family runs at any size too (its feature path goes
+            through the dynamic code); False: feature models take the variant's own size.
+        square_only: timm's constructor takes square sizes only; a non-square variant is built square with its
+            width tables refitted (:mod:`timm_anysize.square_build`), and cannot be exported for plain timm.
+        unsupported: Geometry change -> why the architecture cannot take it; such specs are rejected at validation.
+        export_note: Why the family's dynamic model cannot go through ``torch.export`` / ONNX with dynamic H x W
+            ("": it can; tests/test_script_fx_tokens.py checks it at three sizes).
+        runtime: How :func:`timm_anysize.enable_dynamic` sets the family up (``dynamic="cached"``).
+        example: A timm model of the family, used by the coverage matrix and docs/families.md.
+        matches: Extra test on the instance (e.g. a ViT whose stem is a hybrid CNN).
+    """
+
+    name: str
+    classes: tuple[type, ...]
+    checkpoint_filter: Optional[CheckpointFilter] = None
+    tensors: tuple[tuple[str, str], ...] = (("pos_embed", "pos_tokens"),)
+    pos_embed_prefix: Optional[int] = None
+    patch_embeds: tuple[str, ...] = ("patch_embed",)
+    linear_patch: bool = False
+    first_conv: Optional[str] = None
+    dynamic: str = "cached"
+    dynamic_args: tuple[str, ...] = ("dynamic_img_size", "dynamic_img_pad")
+    dynamic_reason: str = ""
+    dynamic_features: bool = False
+    square_only: bool = False
+    unsupported: dict[str, str] = field(default_factory=dict)
+    export_note: str = ""
+    runtime: Optional[DynamicPath] = None
+    example: str = ""
+    matches: Optional[Callable[[nn.Module], bool]] = None
+
+    @property
+    def supports_dynamic(self) -> bool:
+        """Whether a variant of the family can run at any input size."""
+        return bool(self.dynamic)
+
+    @property
+    def timm_dynamic(self) -> bool:
+        """Whether plain timm builds the family to run at any size (what an export gives timm without the plugin)."""
+        return self.dynamic == "native" or "dynamic_img_size" in self.dynamic_args
+
+    @property
+    def changes_patch(self) -> bool:
+        """Whether the family's patch size can be changed (one patch kernel to resize)."""
+        return "patch_smaller" not in self.unsupported
+
+    def patch_embed(self, model: nn.Module) -> Optional[nn.Module]:
+        """The (first) patch embedding module, or None."""
+        return model.get_submodule(self.patch_embeds[0]) if self.patch_embeds else None
+
+    def grid_size(self, model: nn.Module) -> Optional[Size2]:
+        """The patch grid (H, W) the model was built for, where the family has one."""
+        pe = self.patch_embed(model)
+        grid = getattr(pe, "grid_size", None)
+        return tuple(int(g) for g in grid) if grid is not None else None  # type: ignore[return-value]
+
+    def patch_size(self, model: nn.Module) -> Optional[Size2]:
+        """The patch size (H, W) of the model's patch embedding, where the family has one to change."""
+        if not self.changes_patch:
+            return None
+        size = getattr(self.patch_embed(model), "patch_size", None)
+        if size is None:
+            return None
+        if isinstance(size, int):
+            return (size, size)
+        return (int(size[0]), int(size[1]))
+
+    def num_prefix_tokens(self, model: nn.Module) -> int:
+        """Tokens before the patch tokens (class, distillation, registers)."""
+        default = 1 if getattr(model, "cls_token", None) is not None else 0
+        return int(getattr(model, "num_prefix_tokens", default))
+
+    def pos_embed_prefix_tokens(self, model: nn.Module) -> int:
+        """How many leading entries of a token position embedding belong to prefix tokens (kept aside on resample)."""
+        if self.pos_embed_prefix is not None:
+            return self.pos_embed_prefix
+        if getattr(model, "no_embed_class", False):
+            return 0
+        return self.num_prefix_tokens(model)
+
+    def token_grid(self, model: nn.Module, index: int) -> Size2:
+        """The patch grid of the ``index``-th token position embedding."""
+        pe = model.get_submodule(self.patch_embeds[min(index, len(self.patch_embeds) - 1)])
+        grid = getattr(pe, "grid_size", None)
+        if grid is None and hasattr(model, "tokens_spatial_shape"):  # Hiera: tokens on the stem's output grid
+            grid = model.tokens_spatial_shape
+        if grid is None:  # CrossViT's own PatchEmbed keeps only its sizes
+            grid = [i // p for i, p in zip(pe.img_size, pe.patch_size)]
+        return tuple(int(g) for g in grid)  # type: ignore[return-value]
+
+    def dynamic_kwargs(self, dynamic: bool, pad: bool) -> dict[str, bool]:
+        """timm constructor arguments for a dynamic/pad choice (said explicitly either way: some timm archs default
+        to dynamic, and EVA builds its RoPE for it)."""
+        values = {"dynamic_img_size": dynamic, "dynamic_img_pad": dynamic and pad}
+        return {k: values[k] for k in self.dynamic_args} if self.dynamic else {}
+
+
+def tensor_layouts(family: Family, keys) -> dict[str, str]:
+    """The geometry-dependent keys among ``keys`` and their kinds."""
+    out = {}
+    for key in keys:
+        for pattern, kind in family.tensors:
+            if fnmatch.fnmatchcase(key, pattern):
+                out[key] = kind
+                break
+    return out
+
+
+# The geometry changes the coverage matrix tests for every family (tests/test_families.py).
+GEOMETRY_CHANGES: dict[str, str] = {
+    "img_larger": "larger square image (position grid resampled)",
+    "img_non_square": "non-square image",
+    "patch_smaller": "smaller patch (kernel PI-resized, grid grows)",
+    "patch_larger": "larger patch (kernel PI-resized, grid shrinks)",
+    "in_chans_1": "1 input channel",
+    "in_chans_4": "4 input channels",
+}
+
+
+def classify_changes(source, target) -> list[str]:
+    """The GEOMETRY_CHANGES a source -> target geometry makes (``source``/``target`` are plan Geometries)."""
+    out = []
+    if target.img_size != source.img_size:
+        out.append("img_non_square" if target.img_size[0] != target.img_size[1] else "img_larger")
+    if target.patch_size is not None and target.patch_size != source.patch_size:
+        smaller = source.patch_size is not None and target.patch_size[0] < source.patch_size[0]
+        out.append("patch_smaller" if smaller else "patch_larger")
+    if target.in_chans != source.in_chans:
+        out.append("in_chans_1" if target.in_chans == 1 else "in_chans_4")
+    return out
