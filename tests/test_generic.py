@@ -154,3 +154,33 @@ def test_export_reloads_in_plain_timm(arch, cnn_checkpoint, tmp_path):
         print(type(m).__module__, same, cfg["input_size"], len(cfg["mean"]))
     """)
     assert text.split() == [f"timm.models.{arch.split('_')[1]}", "True", "(1,", "96,", "64)", "1"]
+
+
+@pytest.mark.parametrize("name, base", [("resnet18_gray", "resnet18"), ("convnext_atto_gray_160", "convnext_atto")])
+def test_shipped_cnn_variants(name, base, make_checkpoint, tmp_path):
+    """configs/cnn.yaml: Hub weights declared from the base tag; the data cfg and transforms give one channel at
+    the variant's size; loaded from a checkpoint of the base's shape (pretrained_cfg_overlay, no network), the
+    export reloads in plain timm with the same outputs."""
+    from timm.data import create_transform, resolve_data_config
+    from PIL import Image
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    assert cfg.hf_hub_id == f"timm/{timm_anysize.get_variant(name).base}" and cfg.input_size[0] == 1
+    path, _ = make_checkpoint(base)
+    model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path))).eval()
+    data = resolve_data_config({}, model=model)
+    assert data["input_size"] == cfg.input_size and len(data["mean"]) == len(data["std"]) == 1
+    x = create_transform(**data)(Image.new("L", (300, 200), 128)).unsqueeze(0)
+    assert x.shape == (1, *cfg.input_size)
+    out = timm_anysize.export(model, tmp_path / "export")
+    with torch.no_grad():
+        expected = model(x)
+    torch.save({"x": x, "expected": expected}, tmp_path / "io.pt")
+    text = run_python(f"""
+        import torch, timm
+        m = timm.create_model("local-dir:{out}", pretrained=True).eval()
+        io = torch.load("{tmp_path / 'io.pt'}", weights_only=True)
+        with torch.no_grad():
+            print(torch.equal(m(io["x"]), io["expected"]))
+    """)
+    assert text.split() == ["True"]
