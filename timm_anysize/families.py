@@ -22,6 +22,7 @@ from timm.models import (
     eva,
     hiera,
     levit,
+    mlp_mixer,
     mvitv2,
     naflexvit,
     pit,
@@ -192,6 +193,10 @@ def _is_hybrid(model: nn.Module) -> bool:
 
 _REL_TABLE = (("*relative_position_bias_table", "rel_table"),)
 _SWIN_DYNAMIC = ("dynamic_img_size",)
+_TOKEN_MIXING = (
+    "its token-mixing weights (MLP-Mixer/ResMLP mlp_tokens, gMLP's spatial gate) are sized by the token count "
+    "(img_size / patch_size squared); there is no principled resample of a learned token-by-token matrix"
+)
 
 FAMILIES: tuple[Family, ...] = (
     Family(
@@ -362,6 +367,18 @@ FAMILIES: tuple[Family, ...] = (
         dynamic_args=("dynamic_img_pad",),  # NaFlexViT runs at any size; padding is its own option
         example="naflexvit_base_patch16_gap",
     ),
+    Family(
+        name="mlp_mixer",
+        classes=(mlp_mixer.MlpMixer,),  # MLP-Mixer, ResMLP, gMLP
+        tensors=(),
+        patch_embeds=("stem",),
+        dynamic="",
+        dynamic_args=(),
+        dynamic_reason=f"{_TOKEN_MIXING.split(';')[0]}: one input size only",
+        unsupported={change: _TOKEN_MIXING for change in ("img_larger", "img_non_square", "patch_smaller",
+                                                           "patch_larger")},
+        example="gmlp_ti16_224",
+    ),
 )
 
 
@@ -460,13 +477,82 @@ def classify_changes(source, target) -> list[str]:
     return out
 
 
+def _survey_lines(survey: dict) -> list[str]:
+    """The survey of every timm module (timm_anysize/survey.json), with counts first."""
+    changes = list(GEOMETRY_CHANGES)
+    mods = survey["modules"]
+    short = {"yes": "yes", "declared": "declared", "refused": "refused", "error": "error"}
+
+    def label(cell: str) -> str:
+        return short.get(cell.split(":")[0], cell)
+
+    def loads(r: dict, which) -> bool:
+        return all(r["cells"][c] == "yes" for c in which)
+
+    non_patch = [c for c in changes if not c.startswith("patch")]
+    n_models = sum(r["models"] for r in mods.values())
+    counts = [
+        f"- **{len(mods)}** modules of timm {survey['timm_version']} ({n_models} models), one example each;",
+        f"- **{sum(r['family'] not in ('', 'generic') for r in mods.values())}** have a family row, "
+        f"**{sum(r['family'] == 'generic' for r in mods.values())}** go through the generic path;",
+        f"- **{sum(loads(r, non_patch) for r in mods.values())}** take every img_size and in_chans change, "
+        f"**{sum(loads(r, changes) for r in mods.values())}** every change incl. patch_size;",
+        f"- **{sum(loads(r, ['in_chans_1', 'in_chans_4']) for r in mods.values())}** take in_chans changes;",
+        f"- **{sum(r['any_size'] == 'yes' for r in mods.values())}** run at any input size;",
+        f"- **{sum(any(label(v) == 'refused' for v in r['cells'].values()) for r in mods.values())}** have "
+        f"geometry-bound tensors no row resamples yet (refused by name), "
+        f"**{sum(any(label(v) == 'error' for v in (*r['cells'].values(), r['any_size'])) for r in mods.values())}** "
+        f"an error (see the why column).",
+    ]
+    lines = [
+        "## Every timm module",
+        "",
+        "Computed by `timm_anysize.survey` (not written by hand): each module's example is resolved by `make_plan` for",
+        "every change (meta device, no weights) and its default variant runs on the meta device at two other sizes.",
+        "`yes`: loads (or runs); `declared`: the family's reason, given when the spec is validated; `refused`: a",
+        "tensor whose shape the geometry changes and that no row resamples, named when the spec is validated;",
+        "`error`: timm cannot build it or the forward fails. Families with a row are tested cell by cell below.",
+        "",
+        *counts,
+        "",
+        "| module | models | example | family | " + " | ".join(changes) + " | any size | why not |",
+        "|---|---|---|---|" + "---|" * len(changes) + "---|---|",
+    ]
+    for module, r in sorted(mods.items()):
+        cells = [*(r["cells"][c] for c in changes), r["any_size"]]
+        why = []
+        for cell in cells:
+            reason = cell.split(": ", 1)[1] if ": " in cell else ""
+            if reason and reason not in why:
+                why.append(reason)
+        text = "; ".join(why).replace("|", "\\|")
+        text = text if len(text) <= 240 else text[:237] + "..."
+        lines.append(f"| {module} | {r['models']} | `{r['example']}` | {r['family'] or '-'} | "
+                     + " | ".join(label(c) for c in cells) + f" | {text} |")
+    return lines + [""]
+
+
 def families_markdown() -> str:
-    """docs/families.md: the coverage matrix, rendered from this table (a test keeps the file in sync)."""
+    """docs/families.md: the survey of every timm module (timm_anysize/survey.json) and the tested coverage matrix
+    of the family rows (a test keeps the file in sync).
+
+    Example:
+        >>> families_markdown().startswith("# Family coverage")
+        True
+    """
+    from .survey import SURVEY_FILE, load_survey
+
     changes = list(GEOMETRY_CHANGES)
     lines = [
         "# Family coverage",
         "",
         "<!-- generated by `timm-anysize families`; do not edit by hand -->",
+        "",
+    ]
+    if SURVEY_FILE.exists():
+        lines += _survey_lines(load_survey())
+    lines += [
+        "## Family rows",
         "",
         "Each cell is tested by `tests/test_families.py` on the family's example model (shrunk to a few layers of",
         "width 32-64): every tensor is accounted for, copied tensors equal the checkpoint's and no other tensor is",

@@ -400,6 +400,10 @@ def _make_plan(spec: VariantSpec, overrides: dict[str, Any]) -> VariantPlan:
     # adapted, and any other tensor whose shape the geometry changes refused by name below.
     family = family_of(source_model) or generic_family(source_model, base_cfg)
     source = geometry_of(source_model, family, base_cfg, source_img)
+    if target_img is None and source_img is not None and "img_larger" in family.unsupported:
+        # A family bound to one input size takes the weights' size when the spec names none.
+        target_img = source_img
+        target_kwargs = {**target_kwargs, "img_size": source_img}
     for change in _requested_changes(spec, source, {**target_kwargs, "img_size": target_img}):
         reason = family.unsupported.get(change)
         if reason:
@@ -411,6 +415,10 @@ def _make_plan(spec: VariantSpec, overrides: dict[str, Any]) -> VariantPlan:
         )
     target_model, target_kwargs = _build_sized(spec, target_kwargs, "target", square_only=family.square_only)
     target = geometry_of(target_model, family, base_cfg, target_img)
+    for change in classify_changes(source, target):  # what the built model changes, spec defaults included
+        reason = family.unsupported.get(change)
+        if reason:
+            raise SpecError(f"{_where(spec)}: the {family.name} family cannot take {change}: {reason}")
     for model, geo, key in ((source_model, source, "pretrained.img_size"), (target_model, target, "img_size")):
         _check_memory(spec, model, geo, key)
     for geo, what, key in ((source, "source", "pretrained.img_size"), (target, "target", "img_size")):
