@@ -184,3 +184,21 @@ def test_shipped_cnn_variants(name, base, make_checkpoint, tmp_path):
             print(torch.equal(m(io["x"]), io["expected"]))
     """)
     assert text.split() == ["True"]
+
+
+def test_survey_file_covers_every_timm_module():
+    """timm_anysize/survey.json (rendered into docs/families.md) was computed with the installed timm for every
+    module it has; `timm-anysize families --refresh` recomputes it."""
+    from timm_anysize.survey import load_survey
+
+    survey = load_survey()
+    assert survey["timm_version"] == timm.__version__
+    assert sorted(survey["modules"]) == sorted(timm.list_modules())
+    assert all(r["models"] == len(timm.list_models(module=m)) for m, r in survey["modules"].items())
+
+
+@pytest.mark.parametrize("module", ["resnet", "convnext", "mlp_mixer", "convit", "vision_transformer", "levit"])
+def test_survey_sample_recomputes_to_the_stored_result(module):
+    from timm_anysize.survey import load_survey, survey_module
+
+    assert survey_module(module) == load_survey()["modules"][module]
