@@ -3,6 +3,7 @@ or declared unsupported (and then rejected at validation); docs/families.md is k
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -50,6 +51,7 @@ SETUP = {
     "mvitv2": Setup({}, 64, 32),
     "crossvit": Setup(dict(embed_dim=[32, 64], depth=[[1, 1, 0]], num_heads=[1, 1]), 120, 120),
     "naflexvit": Setup(SMALL, 64, 16),
+    "mlp_mixer": Setup({}, 64, 16),  # gMLP-Ti (timm's mixer entrypoints fix the depth); 16 tokens at 64 px
 }
 
 
@@ -144,12 +146,18 @@ def test_same_geometry_is_bit_identical(family, family_checkpoint):
 
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
 def test_every_family_runs_at_any_size_by_default(family):
-    """``dynamic`` defaults to what the family supports, which is every family today; a family that cannot is
-    rejected at validation (plan.py) with the family's reason."""
+    """``dynamic`` defaults to what the family supports (every family but the token-count-bound MLP-Mixers);
+    asking a family that cannot is rejected at validation (plan.py) with the family's reason."""
     setup = SETUP[family.name]
-    name = timm_anysize.register_variant(unique_name(), base=family.example, model_args=setup.args, img_size=setup.size)
-    model = timm.create_model(name)
-    assert timm_anysize.is_dynamic(model) and model.pretrained_cfg["fixed_input_size"] is False
+    spec = dict(base=family.example, model_args=setup.args, img_size=setup.size,
+                pretrained={"img_size": setup.size})
+    if not family.supports_dynamic:
+        with pytest.raises(timm_anysize.SpecError, match=rf"the {family.name} family cannot run at any input size: "
+                                                         + re.escape(family.dynamic_reason)):
+            timm_anysize.register_variant(unique_name(), **spec, dynamic=True)
+    model = timm.create_model(timm_anysize.register_variant(unique_name(), **spec))
+    assert timm_anysize.is_dynamic(model) is family.supports_dynamic
+    assert model.pretrained_cfg["fixed_input_size"] is not family.supports_dynamic
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
@@ -225,8 +233,9 @@ def test_export_loads_in_plain_timm_with_the_same_outputs(family, family_checkpo
     and gives the same outputs at the variant's size (twice the checkpoint's: every Swin stage a whole number of
     windows, where timm's masks are right)."""
     path, _, setup = family_checkpoint(family)
+    size = 2 * setup.size if family.supports_dynamic else setup.size  # (MLP-Mixers take their weights' size only)
     name = timm_anysize.register_variant(unique_name(), base=family.example, model_args=setup.args,
-                                         img_size=2 * setup.size, pretrained={"file": str(path), "img_size": setup.size})
+                                         img_size=size, pretrained={"file": str(path), "img_size": setup.size})
     model = timm.create_model(name, pretrained=True).eval()
     out = timm_anysize.export(model, tmp_path / "export")
     plain = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
@@ -238,8 +247,8 @@ def test_export_loads_in_plain_timm_with_the_same_outputs(family, family_checkpo
     elif "dynamic_img_size" in family.dynamic_args:
         assert plain.pretrained_cfg["fixed_input_size"] is False
     card = (out / "README.md").read_text()
-    assert ("enable_dynamic(model)` runs it at any size" in card) is not family.timm_dynamic
-    x = torch.randn(2, 3, 2 * setup.size, 2 * setup.size)
+    assert ("enable_dynamic(model)` runs it at any size" in card) is (family.supports_dynamic and not family.timm_dynamic)
+    x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         assert torch.equal(plain(x), model(x))
 
@@ -261,7 +270,8 @@ def test_features_only_carries_the_adapted_weights(family, family_checkpoint):
     """timm's feature wrapper (whatever its kind and naming) gets every adapted tensor; feature models of families
     whose feature path is dynamic run at another size, the others are marked fixed-size."""
     path, _, setup = family_checkpoint(family)
-    spec = dict(base=family.example, model_args=setup.args, img_size=setup.size + setup.step, in_chans=1,
+    size = setup.size + setup.step if family.supports_dynamic else setup.size  # (MLP-Mixers: one size)
+    spec = dict(base=family.example, model_args=setup.args, img_size=size, in_chans=1,
                 pretrained={"file": str(path), "img_size": setup.size})
     name = timm_anysize.register_variant(unique_name(), **spec)
     full = timm.create_model(name, pretrained=True).state_dict()
@@ -269,7 +279,6 @@ def test_features_only_carries_the_adapted_weights(family, family_checkpoint):
     wrapper_sd = feats.state_dict()
     matched = [k for k, v in wrapper_sd.items() if any(torch.equal(v, full[f]) for f in full if full[f].shape == v.shape)]
     assert matched == list(wrapper_sd)
-    size = setup.size + setup.step
     sizes = [(size, size)] + ([] if feats.pretrained_cfg["fixed_input_size"] else [(size + setup.step, size)])
     assert feats.pretrained_cfg["fixed_input_size"] is not family.dynamic_features
     with torch.no_grad():

@@ -155,9 +155,12 @@ def test_yaml_anchors_and_merge_keys_work(tmp_path):
     assert [s.img_size for s in specs] == [(64, 64), (32, 32)] and specs[1].in_chans == 1
 
 
-def test_unsupported_family_is_rejected_before_weights(tmp_path):
-    path = one_variant(tmp_path, unique_name(), base="resnet18", img_size="64")
-    with pytest.raises(timm_anysize.SpecError, match=r"\.base: resnet18 is a ResNet, a family timm-anysize does not adapt yet \(supported: vit, "):
+def test_geometry_bound_tensors_without_a_row_are_rejected_before_weights(tmp_path):
+    """An architecture without a family row is adapted generically; a tensor the geometry reshapes is named."""
+    path = one_variant(tmp_path, unique_name(), base="convit_tiny", img_size="256")
+    with pytest.raises(timm_anysize.AdaptationError,
+                       match=r"convit_tiny \(ConVit, no family row\) has tensors whose shape depends on the "
+                             r"geometry .*pos_embed: \(1, 196, 192\) -> \(1, 256, 192\)"):
         timm_anysize.register_yaml(path)
 
 

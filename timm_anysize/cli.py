@@ -224,6 +224,10 @@ def _cmd_schema(args: argparse.Namespace) -> int:
 def _cmd_families(args: argparse.Namespace) -> int:
     from timm_anysize.families import families_markdown
 
+    if args.refresh:  # recompute the survey of every timm module (minutes), then render
+        from timm_anysize.survey import run_survey
+
+        run_survey(log=lambda line: print(line, file=sys.stderr))
     print(families_markdown(), end="")
     return 0
 
@@ -282,7 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--img-size", type=int, help="size the weights were trained at (default: config.json / base)")
     p.add_argument("--patch-size", type=int, help="patch size of the weights (default: config.json / base)")
     p.add_argument("--model-args", help="JSON timm model_args of the architecture, e.g. '{\"depth\": 2}'")
-    sub.add_parser("families", help="the family coverage matrix (Markdown, as docs/families.md)")
+    p = sub.add_parser("families", help="the family coverage matrix (Markdown, as docs/families.md)")
+    p.add_argument("--refresh", action="store_true",
+                   help="first recompute the survey of every timm module (timm_anysize/survey.json; minutes)")
     p = sub.add_parser("schema", help="print the JSON Schema of variant YAML files")
     p.add_argument("--markdown", action="store_true", help="the YAML reference as Markdown instead")
     return parser

@@ -104,6 +104,9 @@ class Family:
         runtime: How :func:`timm_anysize.enable_dynamic` sets the family up (``dynamic="cached"``).
         example: A timm model of the family, used by the coverage matrix and docs/families.md.
         matches: Extra test on the instance (e.g. a ViT whose stem is a hybrid CNN).
+        generic: A family with no row of its own (:func:`timm_anysize.families.generic_family`): every tensor is
+            copied unchanged except the first layer(s) and the classifier, and any other tensor whose shape depends
+            on the geometry is refused by name when the plan is made.
     """
 
     name: str
@@ -124,6 +127,7 @@ class Family:
     runtime: Optional[DynamicPath] = None
     example: str = ""
     matches: Optional[Callable[[nn.Module], bool]] = None
+    generic: bool = False
 
     @property
     def supports_dynamic(self) -> bool:

@@ -16,8 +16,8 @@ import torch
 import torch.nn as nn
 from timm.models import get_pretrained_cfg
 
-from .errors import SpecError
-from .families import FAMILIES, UNSUPPORTED, Family, classify_changes, family_of, tensor_layouts
+from .errors import AdaptationError, SpecError
+from .families import Family, classify_changes, family_of, generic_family, tensor_layouts
 from .spec import Size2, VariantSpec
 from .square_build import create_square_only
 
@@ -209,7 +209,7 @@ def geometry_of(
         img_size=_img_size(model, family, base_cfg or {}, img_size),
         patch_size=family.patch_size(model),
         grid_size=family.grid_size(model),
-        in_chans=int(model.in_chans),
+        in_chans=int(getattr(model, "in_chans", 3)),
         num_classes=int(getattr(model, "num_classes", 0)),
         num_prefix_tokens=family.num_prefix_tokens(model),
     )
@@ -394,17 +394,18 @@ def _make_plan(spec: VariantSpec, overrides: dict[str, Any]) -> VariantPlan:
         **_geometry_kwargs(spec.img_size, spec.patch_size, spec.in_chans, spec.num_classes),
         **overrides,
     }
-    source_model = build_meta(spec, source_kwargs, "source (pretrained)")
-    family = family_of(source_model)
-    if family is None:
-        names = ", ".join(f.name for f in FAMILIES)
-        raise SpecError(
-            f"{_where(spec)}.base: {spec.arch} is a {type(source_model).__name__}, a family timm-anysize does not "
-            f"adapt yet (supported: {names})"
-        )
-    source = geometry_of(source_model, family, base_cfg, source_kwargs.get("img_size"))
-    for change in _requested_changes(spec, source, target_kwargs):
-        reason = UNSUPPORTED.get((family.name, change))
+    source_img, target_img = source_kwargs.get("img_size"), target_kwargs.get("img_size")
+    source_model, source_kwargs = _build_sized(spec, source_kwargs, "source (pretrained)")
+    # An architecture without a row is adapted generically: same-shape tensors copied, first layer and classifier
+    # adapted, and any other tensor whose shape the geometry changes refused by name below.
+    family = family_of(source_model) or generic_family(source_model, base_cfg)
+    source = geometry_of(source_model, family, base_cfg, source_img)
+    if target_img is None and source_img is not None and "img_larger" in family.unsupported:
+        # A family bound to one input size takes the weights' size when the spec names none.
+        target_img = source_img
+        target_kwargs = {**target_kwargs, "img_size": source_img}
+    for change in _requested_changes(spec, source, {**target_kwargs, "img_size": target_img}):
+        reason = family.unsupported.get(change)
         if reason:
             raise SpecError(f"{_where(spec)}: the {family.name} family cannot take {change}: {reason}")
     if spec.dynamic and not family.supports_dynamic:
@@ -412,8 +413,12 @@ def _make_plan(spec: VariantSpec, overrides: dict[str, Any]) -> VariantPlan:
             f"{_where(spec)}.dynamic: the {family.name} family cannot run at any input size: {family.dynamic_reason}; "
             f"set dynamic: false (or leave it out: it defaults to what the family supports)"
         )
-    target_model = build_meta(spec, target_kwargs, "target", square_only=family.square_only)
-    target = geometry_of(target_model, family, base_cfg, target_kwargs.get("img_size"))
+    target_model, target_kwargs = _build_sized(spec, target_kwargs, "target", square_only=family.square_only)
+    target = geometry_of(target_model, family, base_cfg, target_img)
+    for change in classify_changes(source, target):  # what the built model changes, spec defaults included
+        reason = family.unsupported.get(change)
+        if reason:
+            raise SpecError(f"{_where(spec)}: the {family.name} family cannot take {change}: {reason}")
     for model, geo, key in ((source_model, source, "pretrained.img_size"), (target_model, target, "img_size")):
         _check_memory(spec, model, geo, key)
     for geo, what, key in ((source, "source", "pretrained.img_size"), (target, "target", "img_size")):
@@ -436,7 +441,7 @@ def _make_plan(spec: VariantSpec, overrides: dict[str, Any]) -> VariantPlan:
                 f"{_where(spec)}.adapt.channels.map: source channel {bad[0]} does not exist; the weights have "
                 f"{source.in_chans} channels (0..{source.in_chans - 1}), or null for zeros"
             )
-    return VariantPlan(
+    plan = VariantPlan(
         spec=spec,
         family=family,
         base_cfg=base_cfg,
@@ -448,3 +453,52 @@ def _make_plan(spec: VariantSpec, overrides: dict[str, Any]) -> VariantPlan:
         source_shapes={k: tuple(v.shape) for k, v in source_model.state_dict().items()},
         resamples=tensor_resamples(family, source_model, target_model),
     )
+    if family.generic:
+        _refuse_geometry_bound(plan, {k: tuple(v.shape) for k, v in target_model.state_dict().items()})
+    return plan
+
+
+def _build_sized(
+    spec: VariantSpec, kwargs: dict[str, Any], what: str, square_only: bool = False
+) -> tuple[nn.Module, dict[str, Any]]:
+    """:func:`build_meta`, and the kwargs it was built with: constructors without an ``img_size`` argument (most
+    CNNs, which take any size) are built without it; the size stays the variant's (its data cfg, its report)."""
+    try:
+        return build_meta(spec, kwargs, what, square_only), kwargs
+    except SpecError as e:
+        cause = e.__cause__
+        if "img_size" not in kwargs or not isinstance(cause, TypeError) or "img_size" not in str(cause):
+            raise
+    kwargs = {k: v for k, v in kwargs.items() if k != "img_size"}
+    return build_meta(spec, kwargs, what, square_only), kwargs
+
+
+def _refuse_geometry_bound(plan: VariantPlan, target_shapes: dict[str, tuple[int, ...]]) -> None:
+    """An architecture without a family row: every tensor other than the first layer's kernel (input channels
+    only) and the classifier (a new ``num_classes``) must keep its shape, or the plan is refused naming them."""
+    from .adapt import summarize_keys
+
+    s, t, source_shapes = plan.source, plan.target, plan.source_shapes
+    heads = set(plan.classifier_keys) if s.num_classes != t.num_classes else set()
+    bad = []
+    for key in [*target_shapes, *(k for k in source_shapes if k not in target_shapes)]:
+        a, b = source_shapes.get(key), target_shapes.get(key)
+        if a == b or key in heads:
+            continue
+        if key in plan.patch_keys and a is not None and b is not None and len(a) == len(b) == 4:
+            if (a[0], *a[2:]) == (b[0], *b[2:]) and (a[1], b[1]) == (s.in_chans, t.in_chans):
+                continue  # input channels adapted (adapt_input_conv)
+        bad.append(key)
+    if bad:
+        shapes = "; ".join(f"{k}: {source_shapes.get(k)} -> {target_shapes.get(k)}" for k in bad[:3])
+        raise AdaptationError(
+            f"{_where(plan.spec)}: {plan.spec.arch} ({_type_name(plan)}, no family row) has tensors whose shape "
+            f"depends on the geometry ({s.compact()} -> {t.compact()}): {summarize_keys(bad)} ({shapes}). Without "
+            f"a row timm-anysize only adapts the first layer's input channels and the classifier: keep the geometry "
+            f"the weights have (pretrained.img_size / in_chans), or add a family row that says how to resample them"
+        )
+
+
+def _type_name(plan: VariantPlan) -> str:
+    """The model class a plan builds."""
+    return plan.family.classes[0].__name__ if plan.family.classes else plan.spec.arch
