@@ -116,7 +116,9 @@ class _FlexiPatchEmbedMixin:
         return max(p) if as_scalar else p
 
     def _anysize_pads(self) -> bool:
-        return bool(getattr(self, "dynamic_img_pad", False) or getattr(self, "_anysize_pad", False))
+        if hasattr(self, "dynamic_img_pad"):  # timm's PatchEmbed: enable_dynamic(pad=...) sets it
+            return bool(self.dynamic_img_pad)
+        return bool(getattr(self, "_anysize_pad", False))  # SwinV2-CR's: the model's pad option
 
     def kernel(self, p: Size2) -> torch.Tensor:
         """The stored kernel PI-resized to ``p`` (cached while no gradient can flow to it)."""
