@@ -4,7 +4,14 @@ training, torch.compile."""
 from __future__ import annotations
 
 import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
 import threading
+import uuid
+from pathlib import Path
 
 import pytest
 import timm
@@ -13,6 +20,7 @@ import torch
 import timm_anysize
 from timm.layers import resample_abs_pos_embed, resample_patch_embed
 from timm_anysize import flexi
+from timm_anysize.spec import parse_variant
 
 SMALL = dict(embed_dim=64, depth=2, num_heads=2)
 SWIN = dict(embed_dim=32, depths=(1, 1), num_heads=(1, 1), window_size=4)
@@ -221,3 +229,123 @@ def test_compile_recompiles_at_most_once_per_patch_size():
             counts.append(counters["stats"]["unique_graphs"])
     assert counts[2] == counts[-1]  # the second round at each size compiles nothing
     assert counts[2] <= 3
+
+
+# --- YAML, launcher, DDP -----------------------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+FLEXI_YAML = """
+variants:
+  {name}:
+    base: vit_tiny_patch16_224
+    img_size: 32
+    patch_size: 4
+    in_chans: 1
+    num_classes: 10
+    model_args: {{embed_dim: 64, depth: 4, num_heads: 4}}
+    flexi: {{patch_sizes: [2, 4, [8, 8]], weights: [1, 2, 1], seed: 7}}
+    pretrained:
+      file: {weights}
+      img_size: 32
+      patch_size: 4
+      in_chans: 1
+      num_classes: 10
+"""
+
+
+@pytest.fixture
+def flexi_yaml(tmp_path):
+    name = f"vit_digits_flexi_{uuid.uuid4().hex[:8]}"
+    path = tmp_path / "flexi.yaml"
+    path.write_text(FLEXI_YAML.format(name=name, weights=ROOT / "configs/weights/vit_digits_patch4_32.safetensors"))
+    return path, name
+
+
+def test_yaml_flexi_variant_trains_at_drawn_sizes_and_evaluates_at_its_own(flexi_yaml):
+    path, name = flexi_yaml
+    timm_anysize.register_yaml(path)
+    model = timm.create_model(name, pretrained=True)
+    plain = timm.create_model("vit_digits_patch4_32", pretrained=True).eval()
+    x = torch.rand(2, 1, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), plain(x))  # eval: the variant's own patch, as the model without flexi
+    model.train()
+    for _ in range(10):
+        model(x).sum().backward()
+    assert set(model._anysize_flexi_seen) == {(2, 2), (4, 4), (8, 8)}
+    assert model.patch_embed.proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"patch_sizes": []}, "flexi.patch_sizes"),
+    ({"patch_sizes": [2, 4], "weights": [1]}, "one weight per patch size"),
+    ({"patch_sizes": [2, 4], "weights": [0, 0]}, "all zero"),
+    ({"patch_sizes": [0]}, "flexi.patch_sizes"),
+    ({"patch_sizes": [2], "sizes": 1}, "unknown key"),
+])
+def test_yaml_flexi_errors_name_the_key(bad, message):
+    with pytest.raises(timm_anysize.SpecError, match=message):
+        parse_variant("v", {"base": "test_vit", "flexi": bad}, origin="f.yaml")
+    with pytest.raises(timm_anysize.SpecError, match="flexi needs"):
+        parse_variant("v", {"base": "test_vit", "dynamic": False, "flexi": {"patch_sizes": [8]}})
+    with pytest.raises(timm_anysize.SpecError, match="does not divide img_size"):
+        parse_variant("v", {"base": "test_vit", "img_size": 32, "pad": False, "flexi": {"patch_sizes": [6]}})
+
+
+def test_yaml_flexi_on_a_family_without_a_kernel_is_a_spec_error():
+    spec = parse_variant("v_flexi_levit", {"base": "levit_128s", "flexi": {"patch_sizes": [8]},
+                                           "model_args": dict(embed_dim=(32, 48, 64), depth=(1, 1, 1),
+                                                              num_heads=(1, 1, 1), key_dim=8)}, origin="f.yaml")
+    from timm_anysize.builder import build_variant
+
+    with pytest.raises(timm_anysize.SpecError, match="f.yaml: v_flexi_levit.flexi: .*levit family"):
+        build_variant(spec)
+
+
+DDP_SCRIPT = """
+import json, sys, timm, torch, torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+model = timm.create_model(sys.argv[1], pretrained=True).train()
+sizes = []
+model.blocks[0].register_forward_pre_hook(lambda m, a: sizes.append(a[0].shape[1]))
+ddp = DDP(model)
+opt = torch.optim.SGD(ddp.parameters(), lr=0.01)
+g = torch.Generator().manual_seed(100 + rank)
+x, y = torch.rand(4, 1, 32, 32, generator=g), torch.randint(0, 10, (4,), generator=g)
+for step in range(8):
+    loss = torch.nn.functional.cross_entropy(ddp(x), y)
+    opt.zero_grad(); loss.backward(); opt.step()
+flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+gathered = [torch.zeros_like(flat) for _ in range(world)]
+dist.all_gather(gathered, flat)
+all_sizes = [None] * world
+dist.all_gather_object(all_sizes, sizes)
+if rank == 0:
+    same = all(torch.equal(gathered[0], t) for t in gathered[1:])
+    json.dump({"same": same, "sizes": all_sizes, "world": world}, open(sys.argv[2], "w"))
+dist.destroy_process_group()
+"""
+
+
+def test_torchrun_ddp_flexi_through_the_launcher(flexi_yaml):
+    path, name = flexi_yaml
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    (path.parent / "ddp.py").write_text(DDP_SCRIPT)
+    out = path.parent / "result.json"
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "timm_anysize", "run", "--config", str(path),
+           str(path.parent / "ddp.py"), name, str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        _, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        raise
+    assert proc.returncode == 0, stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["world"] == 2 and result["same"] is True  # DDP in sync: same size on every rank each step
+    sizes = result["sizes"]
+    assert sizes[0] == sizes[1] and len(set(sizes[0])) > 1  # several patch sizes, the same per step on both ranks

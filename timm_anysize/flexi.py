@@ -38,7 +38,8 @@ from timm.models import naflexvit, swin_transformer_v2_cr
 
 from .cache import DEFAULT_CACHE_SIZE, PosEmbedCache, must_run_inline
 from .dynamic import enable_dynamic, is_dynamic
-from .families import family_of
+from .errors import SpecError
+from .families import FAMILIES, Family, family_of
 
 __all__ = [
     "patch_size",
@@ -176,12 +177,24 @@ def _flexi_class(cls: type) -> type:
     return _FLEXI_CLASSES[cls]
 
 
+def _family(model: nn.Module) -> Optional[Family]:
+    """The family row of a model, also after timm-anysize's dynamic classes replaced its class."""
+    fam = family_of(model)
+    if fam is None:
+        plan = getattr(model, "_anysize_plan", None)
+        fam = plan.family if plan is not None else None
+    if fam is None:
+        fam = next((f for f in FAMILIES if isinstance(model, f.classes) and (f.matches is None or f.matches(model))),
+                   None)
+    return fam
+
+
 def _patch_embed(model: nn.Module) -> nn.Module:
     """Make ``model`` flexi (once) and return its patch embedding; a clear error for families without a kernel."""
     pe = getattr(model, "patch_embed", None)
     if isinstance(pe, _FlexiPatchEmbedMixin):
         return pe
-    fam = family_of(model)
+    fam = _family(model)
     name = fam.name if fam is not None else type(model).__name__
     if fam is not None and fam.name == "naflexvit":
         raise TypeError(
@@ -246,7 +259,7 @@ def get_patch_size(model: nn.Module) -> Size2:
     pe = getattr(model, "patch_embed", None)
     if isinstance(pe, _FlexiPatchEmbedMixin):
         return pe.active_patch_size()
-    fam = family_of(model)
+    fam = _family(model)
     size = fam.patch_size(model) if fam is not None else None
     if size is None:
         raise TypeError(f"{type(model).__name__} has no patch size")
@@ -377,9 +390,12 @@ def apply_flexi(model: nn.Module, spec: Any) -> nn.Module:
     ``adapt.patch_embed`` interpolation (as at load time).
     """
     flexi = getattr(spec, "flexi", None)
-    if flexi is None or not hasattr(model, "patch_embed"):
+    if flexi is None:
         return model
-    pe = _patch_embed(model)
+    try:
+        pe = _patch_embed(model)
+    except TypeError as e:
+        raise SpecError(f"{spec.origin or '<dict>'}: {spec.name}.flexi: {e}; remove the flexi key") from None
     pe._anysize_resample = (spec.adapt.patch_embed.interpolation, spec.adapt.patch_embed.antialias)
     return enable_flexi(model, flexi.patch_sizes, flexi.weights, flexi.seed)
 
