@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 
 from .dynamic import clear_dynamic_cache, dynamic_cache_info, enable_dynamic, is_dynamic
 from .hub import ExportError, Metric, build_model_card, export, metrics_from_demo, push_to_hub
+from .flexi import enable_flexi, flexi_cache_info, get_patch_size, patch_size, set_patch_size
 from .errors import AdaptationError, AnysizeError, RegistrationError, SpecError, WeightsError
 from .registry import get_variant, list_variants, register_specs, register_variant, register_yaml
 from .report import AdaptationReport, adaptation_report
@@ -32,6 +33,11 @@ __all__ = [
     "is_dynamic",
     "dynamic_cache_info",
     "clear_dynamic_cache",
+    "patch_size",
+    "set_patch_size",
+    "get_patch_size",
+    "enable_flexi",
+    "flexi_cache_info",
     "export",
     "push_to_hub",
     "build_model_card",

@@ -19,6 +19,7 @@ from timm.models import FeatureGraphNet, resolve_pretrained_cfg
 from .adapt import adapt_state_dict
 from .dynamic import enable_dynamic
 from .errors import WeightsError
+from .flexi import apply_flexi
 from .plan import VariantPlan, build_meta, create_meta_without_init, make_plan
 from .spec import VariantSpec
 from .square_build import create_square_only
@@ -210,6 +211,7 @@ def build_variant(
     model._anysize_plan = plan  # what export needs: base arch, model args, geometries
     model.pretrained_cfg = cfg
     model.default_cfg = cfg
+    apply_flexi(model, spec)  # the YAML flexi key: a patch size drawn per training forward (timm_anysize.flexi)
     if features_only:
         model = _as_feature_model(spec, plan, model, feature_cfg, cfg)
     return model

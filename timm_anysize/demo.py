@@ -26,7 +26,7 @@ import timm_anysize
 from .digits import BASE_VARIANT, evaluate, images_per_second, load_digits_split, render, train
 from .weights import read_state_dict
 
-__all__ = ["DemoRow", "run_demo", "DEMO_ROWS", "QUICK_ROWS"]
+__all__ = ["DemoRow", "run_demo", "run_flexi_demo", "format_flexi_table", "DEMO_ROWS", "QUICK_ROWS", "FLEXI_PATCHES"]
 
 
 @dataclass(frozen=True)
@@ -93,6 +93,7 @@ def run_demo(
     progress: bool = True,
     seed: int = 0,
     print_fn: Callable[[str], None] = print,
+    flexi_section: bool = True,
 ) -> dict:
     """Run the demo, print the table, and write ``results.json`` and ``accuracy_vs_geometry.png`` to ``out_dir``.
 
@@ -103,6 +104,7 @@ def run_demo(
         progress: Show a progress bar.
         seed: Seed of fine-tuning and from-scratch runs.
         print_fn: Where the table goes.
+        flexi_section: Also run the run-time patch size section (:func:`run_flexi_demo`; ``results["flexi"]``).
 
     Returns:
         The results dict written to ``results.json``.
@@ -155,9 +157,12 @@ def run_demo(
         ))
         bar.update(1)
     bar.close()
-    elapsed = time.perf_counter() - start
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
 
+    flexi = run_flexi_demo(out, epochs, quick, seed, print_fn=None) if flexi_section else None
     identical = _bit_identical_to_plain_timm(base, render(split.test_x[:64], (32, 32), base))
+    elapsed = time.perf_counter() - start
     results = {
         "settings": {
             "epochs": epochs, "quick": quick, "seed": seed, "batch_size": batch_size, "lr": 5e-4,
@@ -169,11 +174,13 @@ def run_demo(
         "base_bit_identical_to_plain_timm": identical,
         "rows": [asdict(r) for r in rows],
     }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if flexi is not None:
+        results["flexi"] = flexi
     (out / "results.json").write_text(json.dumps(results, indent=2))
     _plot(rows, out / "accuracy_vs_geometry.png")
     print_fn(format_table(rows))
+    if flexi is not None:
+        print_fn(format_flexi_table(flexi))
     print_fn(f"base variant bit-identical to plain timm on the same weights: {identical}")
     print_fn(f"{elapsed:.0f} s; results in {out / 'results.json'} and {out / 'accuracy_vs_geometry.png'}")
     return results
@@ -220,6 +227,101 @@ def _plot(rows: list[DemoRow], path: Path) -> None:
     ax.set_ylim(0, 100)
     ax.set_title("timm-anysize: digits ViT adapted to new geometries (* naive alternative)")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --- run-time patch size (FlexiViT) ------------------------------------------------------------------------------
+
+FLEXI_PATCHES = (2, 4, 8)
+
+
+def run_flexi_demo(
+    out_dir: Union[str, Path] = "anysize-demo",
+    epochs: int = 2,
+    quick: bool = False,
+    seed: int = 0,
+    print_fn: Optional[Callable[[str], None]] = print,
+) -> dict:
+    """One model, any patch size (``timm_anysize.flexi``): the digits base fine-tuned with a patch size drawn per
+    batch (FlexiViT) against the same fine-tune at its single patch 4, both evaluated at every patch of
+    ``FLEXI_PATCHES`` on 32 px inputs (grids 16, 8, 4), with throughput; writes ``flexi.json`` and
+    ``flexi_accuracy_vs_throughput.png`` to ``out_dir``.
+
+    Args:
+        out_dir: Output folder (created).
+        epochs: Fine-tune epochs of each model (the same budget).
+        quick: A smoke run: 1 epoch at most, 480 training images.
+        seed: Seed of the fine-tunes and of the patch-size draws.
+        print_fn: Where the table goes (None: nowhere).
+
+    Returns:
+        ``{"settings": ..., "rows": [{"model", "patch", "accuracy", "images_per_s"}, ...]}``.
+    """
+    epochs = min(epochs, 1) if quick else epochs
+    split = load_digits_split()
+    train_x8, train_y = split.train_x, split.train_y
+    if quick:
+        train_x8, train_y = train_x8[:480], train_y[:480]
+    base = timm.create_model(BASE_VARIANT, pretrained=True).eval()
+    x_train, x_test = render(train_x8, (32, 32), base), render(split.test_x, (32, 32), base)
+    models = {"zero-shot": base}
+    if epochs > 0:
+        single = copy.deepcopy(base)
+        train(single, x_train, train_y, epochs, lr=5e-4, seed=seed)
+        flexi = timm_anysize.enable_flexi(copy.deepcopy(base), FLEXI_PATCHES, seed=seed)
+        train(flexi, x_train, train_y, epochs, lr=5e-4, seed=seed)
+        models.update({"single patch 4": single, "flexi 2/4/8": flexi})
+    rows = []
+    for name, model in models.items():
+        for p in FLEXI_PATCHES:
+            with timm_anysize.patch_size(model, p):
+                rows.append({"model": name, "patch": p, "accuracy": evaluate(model, x_test, split.test_y),
+                             "images_per_s": images_per_second(model, x_test, min_time=0.1 if quick else 0.3)})
+    results = {"settings": {"epochs": epochs, "quick": quick, "seed": seed, "train_images": len(train_y),
+                            "patch_sizes": list(FLEXI_PATCHES), "img_size": 32}, "rows": rows}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "flexi.json").write_text(json.dumps(results, indent=2))
+    _plot_flexi(rows, out / "flexi_accuracy_vs_throughput.png")
+    if print_fn is not None:
+        print_fn(format_flexi_table(results))
+    return results
+
+
+def format_flexi_table(results: dict) -> str:
+    """The flexi section as aligned text: accuracy (%) / images per second at each patch size, per model."""
+    patches = results["settings"]["patch_sizes"]
+    head = f"{'one model, patch at run time':<28}" + "".join(f"{'p' + str(p) + ' (grid ' + str(32 // p) + ')':>22}"
+                                                             for p in patches)
+    lines = [head, "-" * len(head)]
+    for name in dict.fromkeys(r["model"] for r in results["rows"]):
+        cells = {r["patch"]: r for r in results["rows"] if r["model"] == name}
+        lines.append(f"{name:<28}" + "".join(
+            f"{cells[p]['accuracy']:>11.1f}% {cells[p]['images_per_s']:>6.0f}/s  " for p in patches))
+    lines.append("held-out accuracy and images/s on 32 px digits; every row is one set of weights")
+    return "\n".join(lines)
+
+
+def _plot_flexi(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for name in dict.fromkeys(r["model"] for r in rows):
+        pts = sorted((r["images_per_s"], r["accuracy"], r["patch"]) for r in rows if r["model"] == name)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+        for ips, acc, p in pts:
+            ax.annotate(f"p{p}", (ips, acc), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("images / s (log)")
+    ax.set_ylabel("held-out accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title("One model, patch size chosen per call (digits ViT)")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -28,6 +28,7 @@ __all__ = [
     "ChannelOptions",
     "DataOptions",
     "CardOptions",
+    "FlexiOptions",
     "parse_variant",
     "format_spec_error",
 ]
@@ -275,6 +276,30 @@ class CardOptions(_Spec):
     tags: Tuple[StrictStr, ...] = Field(default=(), description="Extra Hub tags.")
 
 
+class FlexiOptions(_Spec):
+    """Run-time patch sizes in training (FlexiViT): each train-mode forward draws one (timm_anysize.flexi)."""
+
+    patch_sizes: Tuple[SizeField, ...] = Field(
+        min_length=1, description="Patch sizes drawn in train mode, one per forward (int or [H, W] each)."
+    )
+    weights: Optional[Tuple[Annotated[_Number, Field(ge=0)], ...]] = Field(
+        default=None, description="Relative probability of each patch size (default: uniform)."
+    )
+    seed: StrictInt = Field(
+        default=0, description="Seed of the draws; with the step count it fixes the size, the same on every DDP rank."
+    )
+
+    @model_validator(mode="after")
+    def _check_weights(self) -> "FlexiOptions":
+        if self.weights is not None:
+            if len(self.weights) != len(self.patch_sizes):
+                raise ValueError(f"weights has {len(self.weights)} entries but patch_sizes has "
+                                 f"{len(self.patch_sizes)}; give one weight per patch size")
+            if not sum(self.weights) > 0:
+                raise ValueError("weights are all zero; give at least one positive weight")
+        return self
+
+
 class VariantSpec(_Spec):
     """One variant: a timm base architecture at a new geometry, with its weight source and adaptation options.
 
@@ -300,6 +325,11 @@ class VariantSpec(_Spec):
     )
     pad: StrictBool = Field(
         default=True, description="Pad inputs that are not a multiple of the patch; false: such inputs are an error."
+    )
+    flexi: Optional[FlexiOptions] = Field(
+        default=None,
+        description="Train at a patch size drawn per forward (FlexiViT); eval runs at patch_size (or the one set "
+        "with timm_anysize.set_patch_size). Needs a family with a patch kernel and dynamic on.",
     )
     pretrained: WeightSource = WeightSource()
     adapt: AdaptOptions = AdaptOptions()
@@ -328,6 +358,16 @@ class VariantSpec(_Spec):
                         f"patch_size {list(self.patch_size)} must divide img_size {list(self.img_size)} "
                         f"({side} {i} is not a multiple of {p}); pick a multiple of the patch"
                     )
+        if self.flexi is not None:
+            if self.dynamic is False:
+                raise ValueError("flexi needs the model to run at any grid; remove `dynamic: false`")
+            if not self.pad and self.img_size:
+                for p in self.flexi.patch_sizes:
+                    if self.img_size[0] % p[0] or self.img_size[1] % p[1]:
+                        raise ValueError(
+                            f"flexi.patch_sizes: {list(p)} does not divide img_size {list(self.img_size)} and pad is "
+                            f"false; drop it, pick a divisor, or set pad: true"
+                        )
         ch = self.adapt.channels
         if ch.method == "map" and self.in_chans is not None and len(ch.map or ()) != self.in_chans:
             raise ValueError(f"adapt.channels.map has {len(ch.map or ())} entries but in_chans is {self.in_chans}")

@@ -1,0 +1,364 @@
+"""Run-time patch size (timm_anysize.flexi): parity with timm's set_input_size, the kernel cache, threads, flexi
+training, torch.compile."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import uuid
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import timm_anysize
+from timm.layers import resample_abs_pos_embed, resample_patch_embed
+from timm_anysize import flexi
+from timm_anysize.spec import parse_variant
+
+SMALL = dict(embed_dim=64, depth=2, num_heads=2)
+SWIN = dict(embed_dim=32, depths=(1, 1), num_heads=(1, 1), window_size=4)
+
+# family -> (timm arch, kwargs, built img size, built patch)
+MODELS = {
+    "vit": ("vit_tiny_patch16_224", dict(SMALL), 32, 8),
+    "vit_registers": ("vit_base_patch16_reg4_gap_256", dict(SMALL), 32, 8),
+    "vit_no_embed_class": ("vit_tiny_patch16_224", dict(SMALL, no_embed_class=True), 32, 8),
+    "flexivit": ("flexivit_small", dict(SMALL), 32, 8),
+    "deit_distilled": ("deit_tiny_distilled_patch16_224", dict(SMALL), 32, 8),
+    "eva": ("eva02_tiny_patch14_224", dict(SMALL, dynamic_img_size=True), 32, 8),
+    "beit": ("beit_base_patch16_224", dict(SMALL), 32, 8),
+    "cait": ("cait_xxs24_224", dict(SMALL, depth_token_only=1), 32, 8),
+    "swin": ("swin_tiny_patch4_window7_224", dict(SWIN), 32, 4),
+    "swinv2": ("swinv2_tiny_window8_256", dict(SWIN), 32, 4),
+    "swinv2_cr": ("swinv2_cr_tiny_224", dict(SWIN), 32, 4),
+}
+# (patch, input size): grids that are whole windows for Swin (window 4, one merge).
+CASES = [(4, (32, 32)), (8, (64, 32)), (2, (16, 16)), ((4, 2), (32, 16))]
+
+
+def _build(family: str) -> torch.nn.Module:
+    arch, kwargs, img, patch = MODELS[family]
+    torch.manual_seed(0)
+    return timm.create_model(arch, img_size=img, patch_size=patch, num_classes=5, **kwargs).eval()
+
+
+def _reference(model: torch.nn.Module, family: str, img: tuple, p) -> torch.nn.Module:
+    """A copy moved to patch ``p`` and input ``img`` by timm's own API (set_input_size; where a family has none,
+    timm's PatchEmbed.set_input_size and resample functions, as its set_input_size would)."""
+    ref = copy.deepcopy(model)
+    if family == "cait":  # timm's CaiT has no set_input_size: its PatchEmbed's and resample_abs_pos_embed
+        old = ref.patch_embed.grid_size
+        ref.patch_embed.set_input_size(img_size=img, patch_size=p)
+        ref.pos_embed = torch.nn.Parameter(
+            resample_abs_pos_embed(ref.pos_embed, new_size=ref.patch_embed.grid_size, old_size=old, num_prefix_tokens=0)
+        )
+    elif family == "swinv2_cr":  # its PatchEmbed cannot change patch: the kernel as timm's PatchEmbed resizes it
+        pe = ref.patch_embed
+        with torch.no_grad():
+            pe.proj.weight = torch.nn.Parameter(resample_patch_embed(pe.proj.weight, list(timm.layers.to_2tuple(p))))
+        pe.proj.stride = pe.patch_size = timm.layers.to_2tuple(p)
+        pe.img_size = None  # re-derive the grid at the new patch
+        ref.set_input_size(img_size=img, window_size=4)
+    elif family.startswith("swin"):  # keep the windows (timm would scale them with the grid)
+        ref.set_input_size(img_size=img, patch_size=p, window_size=4)
+    else:
+        ref.set_input_size(img_size=img, patch_size=p)
+    return ref
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("family", list(MODELS))
+def test_parity_with_set_input_size(family):
+    model = _build(family)
+    pristine = copy.deepcopy(model)
+    kernel = model.patch_embed.proj.weight.detach().clone()
+    for p, img in CASES:
+        x = torch.randn(2, 3, *img)
+        ref = _reference(pristine, family, img, p)
+        with torch.no_grad():
+            expected = ref(x)
+            with timm_anysize.patch_size(model, p):
+                got = model(x)
+        assert got.shape == expected.shape
+        assert _rel(got, expected) <= 1e-5, (family, p, img)
+    assert torch.equal(model.patch_embed.proj.weight, kernel)
+    # back at its own patch and size outside the block
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), pristine(x))
+
+
+def test_non_square_patch_and_sticky_set():
+    model = _build("vit")
+    pristine = copy.deepcopy(model)
+    x = torch.randn(1, 3, 32, 48)
+    timm_anysize.set_patch_size(model, (8, 4))
+    assert timm_anysize.get_patch_size(model) == (8, 4)
+    with torch.no_grad():
+        assert _rel(model(x), _reference(pristine, "vit", (32, 48), (8, 4))(x)) <= 1e-5
+        with timm_anysize.patch_size(model, 16):  # a block wins over the sticky size
+            assert _rel(model(x), _reference(pristine, "vit", (32, 48), 16)(x)) <= 1e-5
+        timm_anysize.set_patch_size(model, None)
+        assert torch.equal(model(torch.randn(1, 3, 32, 32) * 0 + x[..., :32]), pristine(x[..., :32]))
+
+
+def test_kernel_cache_hits_misses_invalidation_and_grad_bypass():
+    model = _build("vit")
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        for p in (4, 4, 16, 4):
+            with timm_anysize.patch_size(model, p):
+                model(x)
+    info = timm_anysize.flexi_cache_info(model)
+    assert (info["hits"], info["misses"], info["size"]) == (2, 2, 2)
+    with torch.no_grad():
+        model.patch_embed.proj.weight.mul_(1.5)  # any in-place write moves the stamp
+    with torch.no_grad(), timm_anysize.patch_size(model, 4):
+        got = model(x)
+    info = timm_anysize.flexi_cache_info(model)
+    assert info["invalidations"] == 1 and info["misses"] == 3
+    ref = _reference(copy.deepcopy(model), "vit", (32, 32), 4)
+    with torch.no_grad():
+        assert _rel(got, ref(x)) <= 1e-5  # the new weights, not the stale entry
+    # with gradients flowing the cache is bypassed, and the gradient reaches the one stored kernel
+    with timm_anysize.patch_size(model, 4):
+        model(x).sum().backward()
+    assert timm_anysize.flexi_cache_info(model)["misses"] == 3
+    assert model.patch_embed.proj.weight.grad is not None and model.patch_embed.proj.weight.grad.abs().sum() > 0
+
+
+def test_threads_at_different_patch_sizes():
+    model = _build("vit")
+    pristine = copy.deepcopy(model)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        expected = {p: _reference(pristine, "vit", (32, 32), p)(x) for p in (4, 8, 16)}
+    errors: list = []
+    barrier = threading.Barrier(3)
+
+    def run(p: int) -> None:
+        try:
+            with torch.no_grad(), timm_anysize.patch_size(model, p):
+                barrier.wait()
+                for _ in range(5):
+                    out = model(x)
+                    assert _rel(out, expected[p]) <= 1e-5, p
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(p,)) for p in (4, 8, 16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert timm_anysize.get_patch_size(model) == (8, 8)  # nothing leaked out of the blocks
+
+
+@pytest.mark.parametrize("arch", ["levit_128s", "pit_ti_224", "vitamin_small_224"])
+def test_families_without_a_patch_kernel_raise(arch):
+    kwargs = {"levit_128s": dict(embed_dim=(32, 48, 64), depth=(1, 1, 1), num_heads=(1, 1, 1), key_dim=8),
+              "pit_ti_224": dict(depth=(1, 1, 1)), "vitamin_small_224": dict(depth=1)}[arch]
+    model = timm.create_model(arch, **kwargs)
+    family = timm_anysize.families.family_of(model).name
+    with pytest.raises(TypeError, match=f"the {family} family has no single patch-embedding kernel"):
+        timm_anysize.set_patch_size(model, 8)
+
+
+def test_bad_patch_size_and_padding_off():
+    model = _build("vit")
+    with pytest.raises(ValueError, match="patch size must be a positive int"):
+        timm_anysize.set_patch_size(model, 0)
+    timm_anysize.enable_dynamic(model, pad=False)
+    with pytest.raises(ValueError, match="not a multiple of the patch 6x6 and padding is off"):
+        with timm_anysize.patch_size(model, 6):
+            model(torch.randn(1, 3, 32, 32))
+
+
+def test_flexi_training_sees_several_sizes_and_kernel_gets_gradients():
+    model = timm_anysize.enable_flexi(_build("vit"), [4, 8, 16], weights=[1, 1, 2], seed=3).train()
+    kernel = model.patch_embed.proj.weight
+    seen_grids = set()
+    hook = model.blocks[0].register_forward_pre_hook(lambda m, a: seen_grids.add(a[0].shape[1]))
+    for _ in range(12):
+        kernel.grad = None
+        model(torch.randn(2, 3, 32, 32)).sum().backward()
+        assert kernel.grad is not None and kernel.grad.abs().sum() > 0
+    hook.remove()
+    assert set(model._anysize_flexi_seen) == {(4, 4), (8, 8), (16, 16)}
+    assert seen_grids == {1 + 64, 1 + 16, 1 + 4}  # class token + grid at each patch size
+    assert kernel.shape[-2:] == (8, 8)  # one stored kernel, at its own size
+    # the same seed draws the same sizes (every DDP rank), eval runs at the set size
+    other = timm_anysize.enable_flexi(_build("vit"), [4, 8, 16], weights=[1, 1, 2], seed=3)
+    assert [other._anysize_flexi.draw(i) for i in range(12)] == [model._anysize_flexi.draw(i) for i in range(12)]
+    model.eval()
+    grids = []
+    hook = model.blocks[0].register_forward_pre_hook(lambda m, a: grids.append(a[0].shape[1]))
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 32))
+        timm_anysize.set_patch_size(model, 4)
+        model(torch.randn(1, 3, 32, 32))
+    assert grids == [17, 65]
+
+
+def test_compile_recompiles_at_most_once_per_patch_size():
+    torch._dynamo.reset()
+    model = _build("vit")
+    timm_anysize.set_patch_size(model, 8)
+    compiled = torch.compile(model, backend="eager", dynamic=False)
+    x = torch.randn(1, 3, 32, 32)
+    counts = []
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    with torch.no_grad():
+        for p in (8, 4, 16, 4, 8, 16):
+            with timm_anysize.patch_size(model, p):
+                y = compiled(x)
+                assert _rel(y, model(x)) <= 1e-5
+            counts.append(counters["stats"]["unique_graphs"])
+    assert counts[2] == counts[-1]  # the second round at each size compiles nothing
+    assert counts[2] <= 3
+
+
+# --- YAML, launcher, DDP -----------------------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+FLEXI_YAML = """
+variants:
+  {name}:
+    base: vit_tiny_patch16_224
+    img_size: 32
+    patch_size: 4
+    in_chans: 1
+    num_classes: 10
+    model_args: {{embed_dim: 64, depth: 4, num_heads: 4}}
+    flexi: {{patch_sizes: [2, 4, [8, 8]], weights: [1, 2, 1], seed: 7}}
+    pretrained:
+      file: {weights}
+      img_size: 32
+      patch_size: 4
+      in_chans: 1
+      num_classes: 10
+"""
+
+
+@pytest.fixture
+def flexi_yaml(tmp_path):
+    name = f"vit_digits_flexi_{uuid.uuid4().hex[:8]}"
+    path = tmp_path / "flexi.yaml"
+    path.write_text(FLEXI_YAML.format(name=name, weights=ROOT / "configs/weights/vit_digits_patch4_32.safetensors"))
+    return path, name
+
+
+def test_yaml_flexi_variant_trains_at_drawn_sizes_and_evaluates_at_its_own(flexi_yaml):
+    path, name = flexi_yaml
+    timm_anysize.register_yaml(path)
+    model = timm.create_model(name, pretrained=True)
+    plain = timm.create_model("vit_digits_patch4_32", pretrained=True).eval()
+    x = torch.rand(2, 1, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), plain(x))  # eval: the variant's own patch, as the model without flexi
+    model.train()
+    for _ in range(10):
+        model(x).sum().backward()
+    assert set(model._anysize_flexi_seen) == {(2, 2), (4, 4), (8, 8)}
+    assert model.patch_embed.proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"patch_sizes": []}, "flexi.patch_sizes"),
+    ({"patch_sizes": [2, 4], "weights": [1]}, "one weight per patch size"),
+    ({"patch_sizes": [2, 4], "weights": [0, 0]}, "all zero"),
+    ({"patch_sizes": [0]}, "flexi.patch_sizes"),
+    ({"patch_sizes": [2], "sizes": 1}, "unknown key"),
+])
+def test_yaml_flexi_errors_name_the_key(bad, message):
+    with pytest.raises(timm_anysize.SpecError, match=message):
+        parse_variant("v", {"base": "test_vit", "flexi": bad}, origin="f.yaml")
+    with pytest.raises(timm_anysize.SpecError, match="flexi needs"):
+        parse_variant("v", {"base": "test_vit", "dynamic": False, "flexi": {"patch_sizes": [8]}})
+    with pytest.raises(timm_anysize.SpecError, match="does not divide img_size"):
+        parse_variant("v", {"base": "test_vit", "img_size": 32, "pad": False, "flexi": {"patch_sizes": [6]}})
+
+
+def test_yaml_flexi_on_a_family_without_a_kernel_is_a_spec_error():
+    spec = parse_variant("v_flexi_levit", {"base": "levit_128s", "flexi": {"patch_sizes": [8]},
+                                           "model_args": dict(embed_dim=(32, 48, 64), depth=(1, 1, 1),
+                                                              num_heads=(1, 1, 1), key_dim=8)}, origin="f.yaml")
+    from timm_anysize.builder import build_variant
+
+    with pytest.raises(timm_anysize.SpecError, match="f.yaml: v_flexi_levit.flexi: .*levit family"):
+        build_variant(spec)
+
+
+DDP_SCRIPT = """
+import json, sys, timm, torch, torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+model = timm.create_model(sys.argv[1], pretrained=True).train()
+sizes = []
+model.blocks[0].register_forward_pre_hook(lambda m, a: sizes.append(a[0].shape[1]))
+ddp = DDP(model)
+opt = torch.optim.SGD(ddp.parameters(), lr=0.01)
+g = torch.Generator().manual_seed(100 + rank)
+x, y = torch.rand(4, 1, 32, 32, generator=g), torch.randint(0, 10, (4,), generator=g)
+for step in range(8):
+    loss = torch.nn.functional.cross_entropy(ddp(x), y)
+    opt.zero_grad(); loss.backward(); opt.step()
+flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+gathered = [torch.zeros_like(flat) for _ in range(world)]
+dist.all_gather(gathered, flat)
+all_sizes = [None] * world
+dist.all_gather_object(all_sizes, sizes)
+if rank == 0:
+    same = all(torch.equal(gathered[0], t) for t in gathered[1:])
+    json.dump({"same": same, "sizes": all_sizes, "world": world}, open(sys.argv[2], "w"))
+dist.destroy_process_group()
+"""
+
+
+def test_torchrun_ddp_flexi_through_the_launcher(flexi_yaml):
+    path, name = flexi_yaml
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    (path.parent / "ddp.py").write_text(DDP_SCRIPT)
+    out = path.parent / "result.json"
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "timm_anysize", "run", "--config", str(path),
+           str(path.parent / "ddp.py"), name, str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        _, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        raise
+    assert proc.returncode == 0, stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["world"] == 2 and result["same"] is True  # DDP in sync: same size on every rank each step
+    sizes = result["sizes"]
+    assert sizes[0] == sizes[1] and len(set(sizes[0])) > 1  # several patch sizes, the same per step on both ranks
+
+
+def test_flexi_demo_quick(tmp_path):
+    from timm_anysize.demo import FLEXI_PATCHES, run_flexi_demo
+
+    results = run_flexi_demo(tmp_path, quick=True, print_fn=None)
+    rows = results["rows"]
+    assert {(r["model"], r["patch"]) for r in rows} == {
+        (m, p) for m in ("zero-shot", "single patch 4", "flexi 2/4/8") for p in FLEXI_PATCHES}
+    acc = {(r["model"], r["patch"]): r["accuracy"] for r in rows}
+    assert acc[("zero-shot", 4)] >= 90  # the base at its own patch
+    assert all(0 <= r["accuracy"] <= 100 and r["images_per_s"] > 0 for r in rows)
+    assert (tmp_path / "flexi.json").is_file() and (tmp_path / "flexi_accuracy_vs_throughput.png").stat().st_size > 0
