@@ -18,7 +18,7 @@ from torchvision.models.feature_extraction import create_feature_extractor, get_
 import timm_anysize
 from timm_anysize.families import FAMILIES
 
-NAMES = ("vit", "vit_hybrid", "deit_distilled", "eva", "cait", "pit", "volo", "crossvit", "hiera")
+NAMES = ("vit", "vit_hybrid", "deit_distilled", "eva", "beit", "cait", "pit", "volo", "crossvit", "hiera")
 FAMS = [f for f in FAMILIES if f.name in NAMES]
 ids = [f.name for f in FAMS]
 
@@ -128,7 +128,7 @@ def test_fx_feature_model_equals_eager_modules(fam, ckpt_dir):
                 assert any(f.shape == o.shape and torch.equal(f, o) for o in seen[m]), (m, tuple(x.shape))
 
 
-@pytest.mark.parametrize("fam", [f for f in FAMS if f.name in ("cait", "pit", "volo", "hiera", "crossvit")],
+@pytest.mark.parametrize("fam", [f for f in FAMS if f.name in ("beit", "cait", "pit", "volo", "hiera", "crossvit")],
                          ids=lambda f: f.name)
 def test_forward_intermediates_at_another_size_equal_a_model_built_for_it(fam, ckpt_dir):
     """At a size other than the variant's, intermediates equal those of a timm model built at that size with the

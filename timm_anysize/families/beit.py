@@ -4,36 +4,146 @@ timm's BEiT builds one bias table per attention for one window (the patch grid) 
 ``set_input_size`` resizes the tables in place for one new size. Here each grid gets the tables
 ``set_input_size`` would give (same functions, same order of operations: the outputs are bit-identical to a copy
 of the model moved to that size), computed once per grid and reused while the weights are unchanged. The grid of
-the current forward reaches the attention modules through a context variable, so threads running different
-sizes at once do not interfere.
+the current forward is passed down explicitly (model -> block -> attention), so threads running different sizes
+at once do not interfere, gradient checkpointing recomputes at the right grid, and the path scripts and traces.
+
+Under TorchScript, FX, ``torch.compile`` and ``torch.export`` the bias of a grid comes from
+:func:`beit_rel_pos_bias`, a leaf function (timm's notrace registry and ``torch.fx.wrap``) with a scriptable port of
+timm's ``resize_rel_pos_bias_table`` / ``gen_relative_position_index`` that gives the same values bit for bit
+(pinned by a test); eager forwards keep timm's own functions and the cache.
 """
 
 
-import contextvars
-from functools import lru_cache
-from typing import Optional
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.layers import resize_rel_pos_bias_table
+import torch.nn.functional as F
+from timm.layers import register_notrace_function, resize_rel_pos_bias_table
+from timm.layers.helpers import is_exporting
 from timm.models import beit
 
-from ..cache import PosEmbedCache, dynamic_pos_embed, must_run_inline
-from ..spec import Size2
+from timm.models._features import feature_take_indices  # timm exports it from no public module
+from timm.models._manipulate import checkpoint  # timm's checkpoint wrapper (as its own BEiT forward)
+
+from ..cache import PosEmbedCache, dynamic_pos_embed, must_run_inline, patch_grid, resample_pos_tokens, symbolic
 from ..family import REL_TABLE, DynamicPath, Family
+from ..spec import Size2
 
-__all__ = ["FAMILIES", "DynamicBeit", "enable_beit_dynamic"]
-
-_GRID: contextvars.ContextVar[Optional[Size2]] = contextvars.ContextVar("anysize_beit_grid", default=None)
+__all__ = ["FAMILIES", "DynamicBeit", "enable_beit_dynamic", "beit_rel_pos_bias"]
 
 
-@lru_cache(maxsize=32)
-def _position_index(grid: Size2, device: torch.device) -> torch.Tensor:
-    return beit.gen_relative_position_index(grid, device=device)
+def _rel_pos_index(grid: List[int], device: torch.device) -> torch.Tensor:
+    """timm's ``beit.gen_relative_position_index`` (scriptable: no varargs grid helper)."""
+    num_relative_distance = (2 * grid[0] - 1) * (2 * grid[1] - 1) + 3
+    area = grid[0] * grid[1]
+    coords = torch.stack(torch.meshgrid(
+        [torch.arange(grid[0], device=device, dtype=torch.long), torch.arange(grid[1], device=device, dtype=torch.long)],
+        indexing="ij",
+    ))
+    coords_flatten = torch.flatten(coords, 1)
+    relative_coords = coords_flatten[:, :, None] - coords_flatten[:, None, :]
+    relative_coords = relative_coords.permute(1, 2, 0).contiguous()
+    relative_coords[:, :, 0] += grid[0] - 1
+    relative_coords[:, :, 1] += grid[1] - 1
+    relative_coords[:, :, 0] *= 2 * grid[1] - 1
+    index = torch.zeros([area + 1, area + 1], device=device, dtype=relative_coords.dtype)
+    index[1:, 1:] = relative_coords.sum(-1)
+    index[0, 0:] = num_relative_distance - 3
+    index[0:, 0] = num_relative_distance - 2
+    index[0, 0] = num_relative_distance - 1
+    return index
+
+
+def _offsets(src: int, dst: int) -> List[float]:
+    """The geometric source offsets of timm's ``resize_rel_pos_bias_table`` (same float arithmetic)."""
+    left, right = 1.01, 1.5
+    q = (left + right) / 2.0
+    while right - left > 1e-6:
+        q = (left + right) / 2.0
+        gp = 1.0 * (1.0 - q ** (src // 2)) / (1.0 - q)
+        if gp > dst // 2:
+            right = q
+        else:
+            left = q
+    dis: List[float] = []
+    cur = 1.0
+    for i in range(src // 2):
+        dis.append(cur)
+        cur += q ** (i + 1)
+    out: List[float] = []
+    for i in range(len(dis) - 1, -1, -1):
+        out.append(-dis[i])
+    out.append(0.0)
+    return out + dis
+
+
+def _interp2d(points: List[torch.Tensor], values: torch.Tensor, targets: List[torch.Tensor]) -> torch.Tensor:
+    """timm's ``RegularGridInterpolator`` for two axes (the same operations in the same order)."""
+    idxs: List[List[torch.Tensor]] = []
+    dists: List[List[torch.Tensor]] = []
+    overalls: List[torch.Tensor] = []
+    for p, x in zip(points, targets):
+        idx_right = torch.bucketize(x, p)
+        idx_right[idx_right >= p.shape[0]] = p.shape[0] - 1
+        idx_left = (idx_right - 1).clamp(0, p.shape[0] - 1)
+        dist_left = x - p[idx_left]
+        dist_right = p[idx_right] - x
+        dist_left[dist_left < 0] = 0.0
+        dist_right[dist_right < 0] = 0.0
+        both_zero = (dist_left == 0) & (dist_right == 0)
+        dist_left[both_zero] = 1.0
+        dist_right[both_zero] = 1.0
+        idxs.append([idx_left, idx_right])
+        dists.append([dist_left, dist_right])
+        overalls.append(dist_left + dist_right)
+    numerator = torch.zeros_like(targets[0])
+    for a in range(2):
+        for b in range(2):
+            weight = torch.prod(torch.stack([dists[0][1 - a], dists[1][1 - b]]), dim=0)
+            numerator = numerator + values[idxs[0][a], idxs[1][b]] * weight
+    return numerator / torch.prod(torch.stack(overalls), dim=0)
+
+
+def _resize_table(table: torch.Tensor, window: List[int], grid: List[int]) -> torch.Tensor:
+    """timm's ``resize_rel_pos_bias_table`` (flat table with 3 class-token entries, scipy off) from ``window`` to
+    ``grid``."""
+    src = [2 * window[0] - 1, 2 * window[1] - 1]
+    dst = [2 * grid[0] - 1, 2 * grid[1] - 1]
+    if src[0] == dst[0] and src[1] == dst[1]:
+        return table
+    orig_dtype = table.dtype
+    extra, body = table[-3:, :], table[:-3, :]
+    yx = [torch.tensor(_offsets(src[0], dst[0])), torch.tensor(_offsets(src[1], dst[1]))]
+    ty, tx = dst[0] // 2.0, dst[1] // 2.0
+    dyx = torch.meshgrid([torch.arange(-ty, ty + 0.1, 1.0), torch.arange(-tx, tx + 0.1, 1.0)], indexing="ij")
+    heads: List[torch.Tensor] = []
+    for i in range(table.shape[1]):
+        z = body[:, i].view(src[0], src[1]).float().cpu()
+        heads.append(_interp2d(yx, z, [dyx[0], dyx[1]]).contiguous().to(table.device).view(-1, 1))
+    return torch.cat((torch.cat(heads, dim=-1), extra), dim=0).to(orig_dtype)
+
+
+@torch.fx.wrap
+@register_notrace_function
+def beit_rel_pos_bias(table: torch.Tensor, window: List[int], grid: List[int]) -> torch.Tensor:
+    """A BEiT relative-position bias ``[heads, N+1, N+1]`` (``N = H*W``) for a patch grid: the table laid out for
+    ``window`` resized to ``grid`` and gathered, as timm's ``set_window_size`` then forward give it.
+
+    Scriptable, and a leaf of FX traces (the grid may be symbolic there).
+
+    Example:
+        >>> beit_rel_pos_bias(torch.randn(7 * 7 + 3, 2), [4, 4], [5, 3]).shape
+        torch.Size([2, 16, 16])
+    """
+    resized = _resize_table(table, window, grid)
+    area = grid[0] * grid[1]
+    index = _rel_pos_index(grid, table.device)
+    return resized[index.view(-1)].view(area + 1, area + 1, -1).permute(2, 0, 1).contiguous()
 
 
 def _bias_for_grid(module: nn.Module, grid: Size2) -> torch.Tensor:
-    """``[heads, N+1, N+1]``: the module's table resized to ``grid`` (as ``set_window_size``) and gathered."""
+    """``[heads, N+1, N+1]``: the module's table resized to ``grid`` with timm's functions, cached per grid."""
     table = module.relative_position_bias_table
     num_heads = table.shape[-1]
 
@@ -45,7 +155,7 @@ def _bias_for_grid(module: nn.Module, grid: Size2) -> torch.Tensor:
             old_window_size=tuple(module.window_size),
         )
         area = grid[0] * grid[1]
-        index = _position_index(grid, table.device)
+        index = beit.gen_relative_position_index(grid, device=table.device)
         return resized[index.view(-1)].view(area + 1, area + 1, -1).permute(2, 0, 1).contiguous()
 
     if must_run_inline(table):
@@ -54,73 +164,208 @@ def _bias_for_grid(module: nn.Module, grid: Size2) -> torch.Tensor:
     return module._anysize_bias_cache.get_or_compute(key, table, lambda: compute().detach())
 
 
-class DynamicBeitAttention(beit.Attention):
-    """timm's BEiT attention taking its bias for the grid of the current forward."""
+def _eager_bias(module: nn.Module, grid: Optional[List[int]]) -> Optional[torch.Tensor]:
+    """The bias ``[heads, N+1, N+1]`` for ``grid`` outside TorchScript, or None where timm's own (the module's
+    window) applies."""
+    window = [module.window_size[0], module.window_size[1]]
+    if grid is None:
+        return None
+    if symbolic(grid) or symbolic(grid[0]):  # FX: one leaf node, computed on every call of the graph
+        return beit_rel_pos_bias(module.relative_position_bias_table, window, [grid[0], grid[1]])
+    if is_exporting():  # no shape branch, no cache
+        return beit_rel_pos_bias(module.relative_position_bias_table, window, [grid[0], grid[1]])
+    if torch.compiler.is_compiling():  # the table resize is Python arithmetic on the grid: run it outside the graph
+        return _cached_bias_outside_graph(module, [int(grid[0]), int(grid[1])])
+    return _cached_bias(module, grid)
 
-    def _get_rel_pos_bias(self) -> torch.Tensor:
-        grid = _GRID.get()
-        if grid is None or grid == tuple(self.window_size):
-            return super()._get_rel_pos_bias()
-        return _bias_for_grid(self, grid).unsqueeze(0)
+
+def _cached_bias(module: nn.Module, grid: List[int]) -> Optional[torch.Tensor]:
+    grid = (int(grid[0]), int(grid[1]))
+    if grid == tuple(module.window_size):
+        return None
+    return _bias_for_grid(module, grid)
+
+
+@torch.compiler.disable
+def _cached_bias_outside_graph(module: nn.Module, grid: List[int]) -> torch.Tensor:
+    """``torch.compile``: the eager (cached) bias, the module's own at its window; a graph break."""
+    bias = _cached_bias(module, grid)
+    if bias is not None:
+        return bias
+    return beit_rel_pos_bias(module.relative_position_bias_table, list(module.window_size), grid)
+
+
+class DynamicBeitAttention(beit.Attention):
+    """timm's BEiT attention with the bias of the forward's patch grid (``grid``; None: the module's window)."""
+
+    def _bias_at(self, grid: Optional[List[int]]) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            window = self.window_size
+            if grid is None or (grid[0] == window[0] and grid[1] == window[1]):
+                return self._get_rel_pos_bias()
+            return beit_rel_pos_bias(self.relative_position_bias_table, [window[0], window[1]], grid).unsqueeze(0)
+        bias = self._eager_bias_at(grid)
+        return self._get_rel_pos_bias() if bias is None else bias.unsqueeze(0)
+
+    @torch.jit.unused
+    def _eager_bias_at(self, grid: Optional[List[int]]) -> Optional[torch.Tensor]:
+        return _eager_bias(self, grid)
+
+    def forward(
+        self, x: torch.Tensor, shared_rel_pos_bias: Optional[torch.Tensor] = None, grid: Optional[List[int]] = None
+    ) -> torch.Tensor:
+        """timm's ``Attention.forward`` (same operations) with the bias of ``grid``."""
+        B, N, C = x.shape
+        if self.q_bias is None:
+            qkv = self.qkv(x)
+        else:
+            qkv_bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
+            if self.qkv_bias_separate:
+                qkv = self.qkv(x)
+                qkv += qkv_bias
+            else:
+                qkv = F.linear(x, weight=self.qkv.weight, bias=qkv_bias)
+        qkv = qkv.reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        if self.fused_attn:
+            rel_pos_bias: Optional[torch.Tensor] = None
+            if self.relative_position_bias_table is not None:
+                rel_pos_bias = self._bias_at(grid)
+                if shared_rel_pos_bias is not None:
+                    rel_pos_bias = rel_pos_bias + shared_rel_pos_bias
+            elif shared_rel_pos_bias is not None:
+                rel_pos_bias = shared_rel_pos_bias
+            x = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=rel_pos_bias, dropout_p=self.attn_drop.p if self.training else 0.0,
+            )
+        else:
+            q = q * self.scale
+            attn = q @ k.transpose(-2, -1)
+            if self.relative_position_bias_table is not None:
+                attn = attn + self._bias_at(grid)
+            if shared_rel_pos_bias is not None:
+                attn = attn + shared_rel_pos_bias
+            attn = attn.softmax(dim=-1)
+            attn = self.attn_drop(attn)
+            x = attn @ v
+        x = x.transpose(1, 2).reshape(B, N, C)
+        x = self.proj(x)
+        x = self.proj_drop(x)
+        return x
+
+
+class DynamicBeitBlock(beit.Block):
+    """timm's BEiT block passing the forward's patch grid to its attention."""
+
+    def forward(
+        self, x: torch.Tensor, shared_rel_pos_bias: Optional[torch.Tensor] = None, grid: Optional[List[int]] = None
+    ) -> torch.Tensor:
+        if self.gamma_1 is None:
+            x = x + self.drop_path1(self.attn(self.norm1(x), shared_rel_pos_bias=shared_rel_pos_bias, grid=grid))
+            x = x + self.drop_path2(self.mlp(self.norm2(x)))
+        else:
+            x = x + self.drop_path1(
+                self.gamma_1 * self.attn(self.norm1(x), shared_rel_pos_bias=shared_rel_pos_bias, grid=grid))
+            x = x + self.drop_path2(self.gamma_2 * self.mlp(self.norm2(x)))
+        return x
 
 
 class DynamicRelativePositionBias(beit.RelativePositionBias):
-    """timm's shared BEiT bias for the grid of the current forward."""
+    """timm's shared BEiT bias for the forward's patch grid (None: its own window)."""
 
-    def forward(self) -> torch.Tensor:
-        grid = _GRID.get()
-        if grid is None or grid == tuple(self.window_size):
-            return super().forward()
-        return _bias_for_grid(self, grid)
+    def forward(self, grid: Optional[List[int]] = None) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            window = self.window_size
+            if grid is not None and (grid[0] != window[0] or grid[1] != window[1]):
+                return beit_rel_pos_bias(self.relative_position_bias_table, [window[0], window[1]], grid)
+        else:
+            bias = self._eager_bias_at(grid)
+            if bias is not None:
+                return bias
+        relative_position_bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(
+            self.window_area + 1, self.window_area + 1, -1)
+        return relative_position_bias.permute(2, 0, 1).contiguous()
+
+    @torch.jit.unused
+    def _eager_bias_at(self, grid: Optional[List[int]]) -> Optional[torch.Tensor]:
+        return _eager_bias(self, grid)
 
 
 class DynamicBeit(beit.Beit):
-    """timm's BEiT at any input size (set by :func:`timm_anysize.enable_dynamic`).
+    """timm's BEiT at any input size (set by :func:`timm_anysize.enable_dynamic`)."""
 
-    Gradient checkpointing is not used on this path: a recomputation in the backward pass would run outside the
-    forward's grid.
-    """
+    def _anysize_tokens(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[int]]:
+        """Tokens with the class token and the position embedding of the image's grid, and the grid."""
+        ps = self.patch_embed.patch_size
+        grid = patch_grid(x, [ps[0], ps[1]], self.patch_embed.dynamic_img_pad)
+        x = self.patch_embed(x)  # tokens, as timm lays them out
+        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        if self.pos_embed is not None:
+            if torch.jit.is_scripting():
+                native = self.patch_embed.grid_size
+                x = x + resample_pos_tokens(self.pos_embed, grid, [native[0], native[1]], self.num_prefix_tokens,
+                                            self._anysize_interpolation, self._anysize_antialias)
+            else:
+                x = x + dynamic_pos_embed(self, grid)
+        return self.pos_drop(x), grid
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        grid = tuple(self.patch_embed.dynamic_feat_size(x.shape[-2:]))
-        token = _GRID.set(grid)
-        try:
-            x = self.patch_embed(x)  # tokens, as timm lays them out
-            x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
-            if self.pos_embed is not None:
-                x = x + dynamic_pos_embed(self, grid)
-            x = self.pos_drop(x)
-            rel_pos_bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
-            for blk in self.blocks:
-                x = blk(x, shared_rel_pos_bias=rel_pos_bias)
-            return self.norm(x)
-        finally:
-            _GRID.reset(token)
+        x, grid = self._anysize_tokens(x)
+        rel_pos_bias = self.rel_pos_bias(grid) if self.rel_pos_bias is not None else None
+        for blk in self.blocks:
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(blk, x, shared_rel_pos_bias=rel_pos_bias, grid=grid)
+            else:
+                x = blk(x, shared_rel_pos_bias=rel_pos_bias, grid=grid)
+        return self.norm(x)
 
-    def forward_intermediates(self, x: torch.Tensor, *args, **kwargs):
-        """timm's ``forward_intermediates`` with the bias tables of the input's grid (any size without an absolute
-        position embedding; with one, at the model's own size)."""
-        grid = tuple(self.patch_embed.dynamic_feat_size(x.shape[-2:]))
-        if self.pos_embed is not None and grid != tuple(self.patch_embed.grid_size):
-            raise ValueError(
-                f"DynamicBeit.forward_intermediates: this BEiT has an absolute position embedding, which timm's "
-                f"intermediates path adds at the built grid {tuple(self.patch_embed.grid_size)} only; got grid {grid} "
-                f"(forward and forward_features run at any size)"
-            )
-        token = _GRID.set(grid)
-        try:
-            return super().forward_intermediates(x, *args, **kwargs)
-        finally:
-            _GRID.reset(token)
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """timm's ``forward_intermediates`` with the position embedding and bias tables of the input's grid (any
+        size)."""
+        assert output_fmt in ("NCHW", "NLC"), "Output format must be one of NCHW or NLC."
+        intermediates = []
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        B = x.shape[0]
+        x, grid = self._anysize_tokens(x)
+        rel_pos_bias = self.rel_pos_bias(grid) if self.rel_pos_bias is not None else None
+        blocks = self.blocks if torch.jit.is_scripting() or not stop_early else self.blocks[:max_index + 1]
+        for i, blk in enumerate(blocks):
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(blk, x, shared_rel_pos_bias=rel_pos_bias, grid=grid)
+            else:
+                x = blk(x, shared_rel_pos_bias=rel_pos_bias, grid=grid)
+            if i in take_indices:
+                intermediates.append(self.norm(x) if norm else x)
+        prefix_tokens = [y[:, 0:self.num_prefix_tokens] for y in intermediates]
+        intermediates = [y[:, self.num_prefix_tokens:] for y in intermediates]
+        if output_fmt == "NCHW":
+            intermediates = [y.reshape(B, grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+        if not torch.jit.is_scripting() and return_prefix_tokens:
+            intermediates = list(zip(intermediates, prefix_tokens))
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
 
 
 def enable_beit_dynamic(model: beit.Beit, cache_size: int) -> None:
     """Swap in the dynamic classes, in place (the patch embedding is set up by the caller)."""
     model.__class__ = DynamicBeit
     for module in model.modules():
-        if type(module) is beit.Attention and module.relative_position_bias_table is not None:
+        if type(module) is beit.Block:
+            module.__class__ = DynamicBeitBlock
+        elif type(module) is beit.Attention:
             module.__class__ = DynamicBeitAttention
-            module._anysize_bias_cache = PosEmbedCache(cache_size)
+            if module.relative_position_bias_table is not None:
+                module._anysize_bias_cache = PosEmbedCache(cache_size)
         elif type(module) is beit.RelativePositionBias:
             module.__class__ = DynamicRelativePositionBias
             module._anysize_bias_cache = PosEmbedCache(cache_size)
