@@ -77,6 +77,10 @@ def inputs(name: str, n: int = 2) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("fam", FAMS, ids=ids)
 def test_torchscript_equals_eager(fam, ckpt_dir):
+    if fam.name == "naflexvit":  # timm's own NaFlexViT does not script (its test suite excludes '*naflex*')
+        with pytest.raises(torch.jit.frontend.NotSupportedError, match="keyword-arg expansion"):
+            torch.jit.script(models(fam.name, ckpt_dir)[1])
+        return
     for model in models(fam.name, ckpt_dir):
         scripted = torch.jit.script(model)
         with torch.no_grad():
