@@ -105,3 +105,99 @@ def test_fx_trace_equals_eager(fam, ckpt_dir):
             for x in inputs(fam.name):
                 (out,) = traced(x).values()
                 assert torch.equal(out, model(x)), (type(model).__name__, tuple(x.shape))
+
+
+def _feature_indices(name: str) -> tuple:
+    return (0, 1) if name in ("levit", "xcit", "naflexvit") else (0, 1, 2)
+
+
+@pytest.mark.parametrize("fam", FAMS, ids=ids)
+def test_fx_feature_model_equals_eager_modules(fam, ckpt_dir):
+    """``features_only=True, feature_cls='fx'``: each feature is the eager dynamic model's module output."""
+    name = variant(fam.name, ckpt_dir)
+    feats = timm.create_model(name, pretrained=True, features_only=True, feature_cls="fx",
+                              out_indices=_feature_indices(fam.name)).eval()
+    assert feats.pretrained_cfg["fixed_input_size"] is False
+    model = timm.create_model(name, pretrained=True).eval()
+    modules = feats.feature_info.module_name()
+    with torch.no_grad():
+        for x in inputs(fam.name):
+            seen = {}
+            hooks = [model.get_submodule(m).register_forward_hook(
+                lambda mod, args, out, m=m: seen.__setitem__(m, out if isinstance(out, (list, tuple)) else [out]))
+                for m in modules]
+            model(x)
+            for h in hooks:
+                h.remove()
+            got = feats(x)
+            assert len(got) == len(modules)
+            for m, f in zip(modules, got):  # NHWC (Swin) or tokens (LeViT) come back as the module gave them
+                assert any(f.shape == o.shape and torch.equal(f, o) for o in seen[m]), (m, tuple(x.shape))
+
+
+@pytest.mark.parametrize("fam", FAMS, ids=ids)
+def test_forward_intermediates_at_another_size_equal_a_model_built_for_it(fam, ckpt_dir):
+    """At a size other than the variant's, intermediates (and features_only) equal those of a timm model built at
+    that size with the variant's weights resampled to it (a static variant of the variant's weights at that size).
+    Swin: at sizes whose windows need no padding (timm's masks over padded windows differ, by design)."""
+    own, other = sizes(fam.name)[:2]
+    if fam.name.startswith("swin"):
+        own, other = (80, 64), (96, 64)
+    dynamic = timm.create_model(variant(fam.name, ckpt_dir, img_size=own), pretrained=True).eval()
+    weights = f"{ckpt_dir}/{fam.name}_variant.pt"  # the variant's own weights, resampled once more to `other`
+    torch.save(dynamic.state_dict(), weights)
+    built_name = timm_anysize.register_variant(
+        unique_name(), base=fam.example, model_args=SETUP[fam.name].args, img_size=list(other), dynamic=False,
+        pretrained={"file": weights, "img_size": list(own)},
+    )
+    built = timm.create_model(built_name, pretrained=True).eval()
+    assert type(built).__module__.startswith("timm.")
+    x = torch.randn(2, 3, *other)
+    with torch.no_grad():
+        final, inter = dynamic.forward_intermediates(x)
+        final_built, inter_built = built.forward_intermediates(x)
+    assert torch.equal(final, final_built)
+    assert len(inter) == len(inter_built) > 0 and all(torch.equal(a, b) for a, b in zip(inter, inter_built))
+    feats = timm.create_model(variant(fam.name, ckpt_dir, img_size=own), pretrained=True, features_only=True).eval()
+    with torch.no_grad():
+        got = feats(x)
+    assert len(got) == len(inter) and all(torch.equal(a, b) for a, b in zip(got, inter))
+
+
+# torch.compile(dynamic=True), torch.export with dynamic H/W and ONNX: three sizes each.
+
+
+@pytest.mark.parametrize("fam", FAMS, ids=ids)
+def test_compile_dynamic_equals_eager(fam, ckpt_dir):
+    model = models(fam.name, ckpt_dir)[0]
+    torch._dynamo.reset()
+    compiled = torch.compile(model, dynamic=True, backend="eager")
+    with torch.no_grad():
+        for x in inputs(fam.name, 3):
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+    torch._dynamo.reset()
+
+
+def _exported(model: torch.nn.Module, name: str):
+    from torch.export import Dim, export
+
+    return export(model, (inputs(name, 2)[1],), dynamic_shapes={"x": {2: Dim.DYNAMIC, 3: Dim.DYNAMIC}})
+
+
+@pytest.mark.parametrize("fam", [f for f in FAMS if not f.export_note], ids=lambda f: f.name)
+def test_torch_export_and_onnx_dynamic_height_width(fam, ckpt_dir, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    from torch.export import Dim
+
+    model = models(fam.name, ckpt_dir)[0]
+    program = _exported(model, fam.name).module()
+    onnx = torch.onnx.export(model, (inputs(fam.name, 2)[1],), dynamo=True, verbose=False,
+                             dynamic_shapes={"x": {0: Dim.DYNAMIC, 2: Dim.DYNAMIC, 3: Dim.DYNAMIC}})
+    onnx.save(str(tmp_path / "m.onnx"))
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        for x in inputs(fam.name, 3):
+            expected = model(x)
+            torch.testing.assert_close(program(x), expected, rtol=1e-4, atol=1e-5)
+            out = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+            torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)

@@ -94,6 +94,8 @@ class Family:
         square_only: timm's constructor takes square sizes only; a non-square variant is built square with its
             width tables refitted (:mod:`timm_anysize.square_build`), and cannot be exported for plain timm.
         unsupported: Geometry change -> why the architecture cannot take it; such specs are rejected at validation.
+        export_note: Why the family's dynamic model cannot go through ``torch.export`` / ONNX with dynamic H x W
+            ("": it can; tests/test_script_fx_tokens.py checks it at three sizes).
         example: A timm model of the family, used by the coverage matrix and docs/families.md.
         matches: Extra test on the instance (e.g. a ViT whose stem is a hybrid CNN).
     """
@@ -112,6 +114,7 @@ class Family:
     dynamic_features: bool = False
     square_only: bool = False
     unsupported: dict[str, str] = field(default_factory=dict)
+    export_note: str = ""
     example: str = ""
     matches: Optional[Callable[[nn.Module], bool]] = None
 
