@@ -290,6 +290,7 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         name="levit",
+        dynamic_features=True,
         classes=(levit.Levit, levit.LevitDistilled),
         tensors=(("*attention_biases", "bias_grid"),),
         patch_embeds=(),
