@@ -1,81 +1,162 @@
 """LeViT at any input size: attention biases and token reshapes for the resolutions the input gives each stage.
 
 timm's LeViT builds every attention's bias index (and every subsampling reshape) for one resolution per stage. Here
-the resolutions of the current forward (from the stem's output, halved per stage as timm computes them) reach the
-modules through a context variable, so threads running different sizes at once do not interfere. Each attention's
-biases over ``|dy|, |dx|`` offsets are resized to the stage's resolution as a load at that size resizes them, and
-cached per resolution while the weights are unchanged. At the model's own size every path is timm's own.
+the model computes the resolution of each stage from the stem's output (halved per stage as timm computes it) and
+passes it down, as an argument, to the stage, its blocks and their attentions (so threads running different sizes
+at once do not interfere, and TorchScript and FX see plain arguments). Each attention's biases over ``|dy|, |dx|``
+offsets are resized to the stage's resolution as a load at that size resizes them, and cached per resolution while
+the weights are unchanged (eager mode). A module called without a resolution works at its own (conv LeViT: at its
+input's). At the model's own size every path is timm's own.
 """
 
-from __future__ import annotations
-
-import contextvars
-from typing import Optional
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.layers import ndgrid
+import torch.nn.functional as F
+from timm.layers import register_notrace_function
 from timm.models import levit
+from timm.models._features import feature_take_indices  # timm exports it from no public module
 
-from ..cache import PosEmbedCache, must_run_inline
-from ..intermediates import IntermediatesAtOwnSize
-from ..resample import resize_bias_grid
-from ..spec import Size2
 from ..family import NO_CONV_PATCH, DynamicPath, Family, no_patch_change
+from ..cache import PosEmbedCache, must_run_inline, traced
 
-__all__ = ["FAMILIES", "DynamicLevit", "DynamicLevitDistilled", "enable_levit_dynamic"]
-
-_LEVELS: contextvars.ContextVar[Optional[tuple[Size2, ...]]] = contextvars.ContextVar("anysize_levit", default=None)
-
-
-def _resolution(module: nn.Module) -> tuple[int, int]:
-    """The resolution ``module`` works at in the current forward (its own outside a dynamic forward)."""
-    levels = _LEVELS.get()
-    return tuple(module.resolution) if levels is None else levels[module._anysize_level]  # type: ignore[return-value]
+__all__ = ["FAMILIES", "DynamicLevit", "DynamicLevitDistilled", "enable_levit_dynamic", "levit_attention_biases"]
 
 
-def _bias_index(resolution: Size2, stride: int, device: torch.device) -> torch.Tensor:
+def _bias_index(resolution: List[int], stride: int, device: torch.device) -> torch.Tensor:
     """timm's index of |dy| * W + |dx| between query positions (every ``stride``-th) and key positions."""
-    k_pos = torch.stack(ndgrid(torch.arange(resolution[0], device=device), torch.arange(resolution[1], device=device)))
-    q_pos = torch.stack(ndgrid(torch.arange(0, resolution[0], stride, device=device),
-                               torch.arange(0, resolution[1], stride, device=device)))
+    k_pos = torch.stack(torch.meshgrid(torch.arange(resolution[0], device=device),
+                                       torch.arange(resolution[1], device=device), indexing="ij"))
+    q_pos = torch.stack(torch.meshgrid(torch.arange(0, resolution[0], stride, device=device),
+                                       torch.arange(0, resolution[1], stride, device=device), indexing="ij"))
     rel = (q_pos.flatten(1)[..., :, None] - k_pos.flatten(1)[..., None, :]).abs()
     return rel[0] * resolution[1] + rel[1]
 
 
-def _biases(module: nn.Module, device: torch.device, stride: int) -> Optional[torch.Tensor]:
-    """The biases for the current resolution, or None where timm's own (its resolution) apply."""
-    res = _resolution(module)
-    if res == tuple(module.resolution):
-        return None
-    biases = module.attention_biases
-
-    def compute() -> torch.Tensor:
-        resized = resize_bias_grid(biases, tuple(module.resolution), res, module._anysize_dynamic.interpolation)
-        return resized[:, _bias_index(res, stride, device)]
-
-    if must_run_inline(biases):
-        return compute()
-    key = (res, biases.dtype, device, torch.is_inference_mode_enabled())
-    return module._anysize_bias_cache.get_or_compute(key, biases, lambda: compute().detach())
+def _resize_biases(biases: torch.Tensor, old: List[int], new: List[int], interpolation: str) -> torch.Tensor:
+    """:func:`timm_anysize.resample.resize_bias_grid`, step for step, in a form TorchScript compiles."""
+    heads = biases.shape[0]
+    grid = biases.reshape(1, heads, old[0], old[1]).float()
+    out = F.interpolate(grid, size=[new[0], new[1]], mode=interpolation, align_corners=False)
+    return out.reshape(heads, -1).to(biases.dtype)
 
 
-class DynamicAttention(levit.Attention):
-    def get_attention_biases(self, device: torch.device) -> torch.Tensor:
-        out = _biases(self, device, 1)
-        return super().get_attention_biases(device) if out is None else out
+@torch.fx.wrap
+@register_notrace_function
+def levit_attention_biases(
+    biases: torch.Tensor, native: List[int], resolution: List[int], stride: int, interpolation: str,
+    always_resize: bool,
+) -> torch.Tensor:
+    """An attention's biases ``[heads, N_q, N_k]`` at ``resolution``: its ``[heads, H*W]`` table over offsets
+    (laid out on the ``native`` grid) resized to the resolution, then indexed as timm indexes it. At the native
+    resolution the table itself, unless ``always_resize`` (compiling, exporting: no branch on the size).
+
+    Example:
+        >>> levit_attention_biases(torch.randn(2, 4 * 4), [4, 4], [6, 3], 2, "bicubic", False).shape
+        torch.Size([2, 6, 18])
+    """
+    if always_resize or resolution[0] != native[0] or resolution[1] != native[1]:
+        biases = _resize_biases(biases, native, resolution, interpolation)
+    return biases[:, _bias_index(resolution, stride, biases.device)]
 
 
-class DynamicAttentionDownsample(levit.AttentionDownsample):
-    def get_attention_biases(self, device: torch.device) -> torch.Tensor:
-        out = _biases(self, device, self.stride)
-        return super().get_attention_biases(device) if out is None else out
+class _Biases:
+    """The biases of an attention at a resolution: timm's own at the module's, else resized (cached in eager mode)."""
+
+    def _anysize_biases(self, x: torch.Tensor, res: List[int], stride: int) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            if res[0] == self.resolution[0] and res[1] == self.resolution[1]:
+                return self.get_attention_biases(x.device)
+            return levit_attention_biases(self.attention_biases, [self.resolution[0], self.resolution[1]], res,
+                                          stride, self._anysize_interpolation, False)
+        return self._eager_biases(x, res, stride)
+
+    @torch.jit.unused
+    def _eager_biases(self, x: torch.Tensor, res: List[int], stride: int) -> torch.Tensor:
+        native = [self.resolution[0], self.resolution[1]]
+        if isinstance(res[0], torch.fx.Proxy) or traced():  # FX: one node; compiling, exporting: no size branch
+            return levit_attention_biases(self.attention_biases, native, res, stride, self._anysize_interpolation,
+                                          traced())
+        key_res = (int(res[0]), int(res[1]))
+        if key_res == tuple(native):
+            return self.get_attention_biases(x.device)
+        biases = self.attention_biases
+
+        def compute() -> torch.Tensor:
+            return levit_attention_biases(biases, native, list(key_res), stride, self._anysize_interpolation, False)
+
+        if must_run_inline(biases):
+            return compute()
+        key = (key_res, biases.dtype, x.device, torch.is_inference_mode_enabled())
+        return self._anysize_bias_cache.get_or_compute(key, biases, lambda: compute().detach())
+
+
+class DynamicAttention(_Biases, levit.Attention):
+    """timm's LeViT attention at the resolution it is given (its own when none)."""
+
+    __constants__ = ["use_conv"]
+
+    def forward(self, x: torch.Tensor, res: Optional[List[int]] = None) -> torch.Tensor:
+        if self.use_conv:
+            B, C, H, W = x.shape
+            biases = self._anysize_biases(x, [H, W], 1)
+            q, k, v = self.qkv(x).view(
+                B, self.num_heads, -1, H * W).split([self.key_dim, self.key_dim, self.val_dim], dim=2)
+            attn = (q.transpose(-2, -1) @ k) * self.scale + biases
+            attn = attn.softmax(dim=-1)
+            x = (v @ attn.transpose(-2, -1)).view(B, -1, H, W)
+        else:
+            B, N, C = x.shape
+            biases = self._anysize_biases(x, [self.resolution[0], self.resolution[1]] if res is None else res, 1)
+            q, k, v = self.qkv(x).view(
+                B, N, self.num_heads, -1).split([self.key_dim, self.key_dim, self.val_dim], dim=3)
+            q = q.permute(0, 2, 1, 3)
+            k = k.permute(0, 2, 3, 1)
+            v = v.permute(0, 2, 1, 3)
+            attn = q @ k * self.scale + biases
+            attn = attn.softmax(dim=-1)
+            x = (attn @ v).transpose(1, 2).reshape(B, N, self.val_attn_dim)
+        return self.proj(x)
+
+
+class DynamicAttentionDownsample(_Biases, levit.AttentionDownsample):
+    """timm's LeViT subsampling attention at the resolution it is given (its own when none)."""
+
+    __constants__ = ["use_conv"]
+
+    def forward(self, x: torch.Tensor, res: Optional[List[int]] = None) -> torch.Tensor:
+        if self.use_conv:
+            B, C, H, W = x.shape
+            HH, WW = (H - 1) // self.stride + 1, (W - 1) // self.stride + 1
+            biases = self._anysize_biases(x, [H, W], self.stride)
+            k, v = self.kv(x).view(B, self.num_heads, -1, H * W).split([self.key_dim, self.val_dim], dim=2)
+            q = self.q(x).view(B, self.num_heads, self.key_dim, -1)
+            attn = (q.transpose(-2, -1) @ k) * self.scale + biases
+            attn = attn.softmax(dim=-1)
+            x = (v @ attn.transpose(-2, -1)).reshape(B, self.val_attn_dim, HH, WW)
+        else:
+            B, N, C = x.shape
+            res = [self.resolution[0], self.resolution[1]] if res is None else res
+            biases = self._anysize_biases(x, res, self.stride)
+            k, v = self.kv(x).view(B, N, self.num_heads, -1).split([self.key_dim, self.val_dim], dim=3)
+            k = k.permute(0, 2, 3, 1)  # BHCN
+            v = v.permute(0, 2, 1, 3)  # BHNC
+            q = self.q.ln(self.q.down(x, res)).view(B, -1, self.num_heads, self.key_dim).permute(0, 2, 1, 3)
+            attn = q @ k * self.scale + biases
+            attn = attn.softmax(dim=-1)
+            x = (attn @ v).transpose(1, 2).reshape(B, -1, self.val_attn_dim)
+        return self.proj(x)
 
 
 class DynamicDownsample(levit.Downsample):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    """timm's token subsampling of a ``res`` grid (its own resolution when none)."""
+
+    def forward(self, x: torch.Tensor, res: Optional[List[int]] = None) -> torch.Tensor:
         B, N, C = x.shape
-        x = x.view(B, *_resolution(self), C)
+        if res is None:
+            res = [self.resolution[0], self.resolution[1]]
+        x = x.view(B, res[0], res[1], C)
         if self.pool is not None:
             x = self.pool(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         else:
@@ -83,26 +164,90 @@ class DynamicDownsample(levit.Downsample):
         return x.reshape(B, -1, C)
 
 
+class DynamicLevitDownsample(levit.LevitDownsample):
+    def forward(self, x: torch.Tensor, res: Optional[List[int]] = None) -> torch.Tensor:
+        x = self.attn_downsample(x, res)
+        return x + self.drop_path(self.mlp(x))
+
+
+class NoDownsample(nn.Identity):
+    """The first stage's ``nn.Identity`` downsample, taking (and ignoring) a resolution like the others."""
+
+    def forward(self, x: torch.Tensor, res: Optional[List[int]] = None) -> torch.Tensor:
+        return x
+
+
+class DynamicLevitBlock(levit.LevitBlock):
+    def forward(self, x: torch.Tensor, res: Optional[List[int]] = None) -> torch.Tensor:
+        x = x + self.drop_path1(self.attn(x, res))
+        return x + self.drop_path2(self.mlp(x))
+
+
+class DynamicLevitStage(levit.LevitStage):
+    """timm's stage given its input's resolution: the downsample at it, the blocks at the subsampled one."""
+
+    def forward(self, x: torch.Tensor, res: Optional[List[int]] = None) -> torch.Tensor:
+        if res is None:  # its own resolution (conv LeViT: its input's)
+            res = [x.shape[-2], x.shape[-1]] if self._anysize_conv else self._anysize_res
+        x = self.downsample(x, res)
+        s = self._anysize_stride
+        res = [(res[0] - 1) // s + 1, (res[1] - 1) // s + 1]
+        for block in self.blocks:
+            x = block(x, res)
+        return x
+
+
 class _DynamicLevitFeatures:
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def _anysize_stem(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[int]]:
         x = self.stem(x)
-        levels = [tuple(x.shape[-2:])]
-        for _ in self.stages[1:]:
-            levels.append(tuple((r - 1) // 2 + 1 for r in levels[-1]))  # timm's stage stride 2
+        res = [x.shape[-2], x.shape[-1]]
         if not self.use_conv:
             x = x.flatten(2).transpose(1, 2)
-        token = _LEVELS.set(tuple(levels))
-        try:
-            return self.stages(x)
-        finally:
-            _LEVELS.reset(token)
+        return x, res
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x, res = self._anysize_stem(x)
+        for stage in self.stages:
+            x = stage(x, res)
+            s = stage._anysize_stride
+            res = [(res[0] - 1) // s + 1, (res[1] - 1) // s + 1]
+        return x
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """timm's ``forward_intermediates`` with every stage at the resolution of the input (any size)."""
+        assert output_fmt in ("NCHW",), "Output shape must be NCHW."
+        intermediates = []
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        x, res = self._anysize_stem(x)
+        B = x.shape[0]
+        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
+        for feat_idx, stage in enumerate(stages):
+            x = stage(x, res)
+            s = stage._anysize_stride
+            res = [(res[0] - 1) // s + 1, (res[1] - 1) // s + 1]
+            if feat_idx in take_indices:
+                if self.use_conv:
+                    intermediates.append(x)
+                else:
+                    intermediates.append(x.reshape(B, res[0], res[1], -1).permute(0, 3, 1, 2))
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
 
 
-class DynamicLevit(IntermediatesAtOwnSize, _DynamicLevitFeatures, levit.Levit):
+class DynamicLevit(_DynamicLevitFeatures, levit.Levit):
     """timm's LeViT at any input size (set by :func:`timm_anysize.enable_dynamic`)."""
 
 
-class DynamicLevitDistilled(IntermediatesAtOwnSize, _DynamicLevitFeatures, levit.LevitDistilled):
+class DynamicLevitDistilled(_DynamicLevitFeatures, levit.LevitDistilled):
     """timm's distilled LeViT at any input size."""
 
 
@@ -110,27 +255,39 @@ _MODULES = {
     levit.Attention: DynamicAttention,
     levit.AttentionDownsample: DynamicAttentionDownsample,
     levit.Downsample: DynamicDownsample,
+    levit.LevitDownsample: DynamicLevitDownsample,
+    levit.LevitBlock: DynamicLevitBlock,
+    levit.LevitStage: DynamicLevitStage,
 }
 
 
 def enable_levit_dynamic(model: nn.Module, cache_size: int) -> None:
-    """Swap in the dynamic module classes and tag each module with the stage level whose resolution it uses."""
-    for i, stage in enumerate(model.stages):
-        for part, level in ((stage.downsample, i - 1), (stage.blocks, i)):
-            for module in part.modules():
-                dynamic_cls = _MODULES.get(type(module))
-                if dynamic_cls is None:
-                    continue
-                module.__class__ = dynamic_cls
-                module._anysize_level = level
-                module._anysize_dynamic = model._anysize_dynamic
-                if hasattr(module, "attention_biases"):
-                    module._anysize_bias_cache = PosEmbedCache(cache_size)
+    """Swap in the module classes that take a resolution, and give each stage its own (for calls without one)."""
+    interpolation = model._anysize_dynamic.interpolation
+    for module in model.modules():
+        dynamic_cls = _MODULES.get(type(module))
+        if dynamic_cls is None:
+            continue
+        module.__class__ = dynamic_cls
+        if hasattr(module, "attention_biases"):
+            module._anysize_interpolation = interpolation
+            module._anysize_bias_cache = PosEmbedCache(cache_size)
+    for stage in model.stages:
+        down = stage.downsample
+        if type(down) is nn.Identity:
+            down.__class__ = NoDownsample
+            first = stage.blocks[0].attn
+            stage._anysize_res, stage._anysize_stride = [first.resolution[0], first.resolution[1]], 1
+        else:
+            attn = down.attn_downsample
+            stage._anysize_res, stage._anysize_stride = [attn.resolution[0], attn.resolution[1]], attn.stride
+        stage._anysize_conv = bool(model.use_conv)
 
 
 FAMILIES = (
     Family(
         name="levit",
+        dynamic_features=True,
         classes=(levit.Levit, levit.LevitDistilled),
         tensors=(("*attention_biases", "bias_grid"),),
         patch_embeds=(),

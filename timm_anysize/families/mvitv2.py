@@ -3,89 +3,195 @@
 timm's MViTv2 builds its ``rel_pos_h`` / ``rel_pos_w`` tables for one square feature size (its constructor asserts
 a square input); its forward already reads every size off the tokens. A table has ``2 * max(q, k) - 1`` entries
 along its axis, so another size needs tables of another length: here each axis gets its own, resized linearly (as
-the original MViTv2 resizes them) from the trained table, once per size while the weights are unchanged. The
-feature size of the current forward reaches the tables through a context variable (thread-safe). At the model's
-own size every path is timm's own, bit for bit.
+the original MViTv2 resizes them) from the trained table, once per size while the weights are unchanged (eager
+mode). The attention's forward is timm's, with the tables for the ``feat_size`` it is given (an argument, so
+threads, TorchScript and FX all see it); the resizing is a notrace leaf. At the model's own size every path is
+timm's own, bit for bit.
 """
 
-from __future__ import annotations
-
-import contextvars
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import register_notrace_function
 from timm.models import mvitv2
+from timm.models.mvitv2 import cal_rel_pos_type, reshape_post_pool, reshape_pre_pool
 
-from ..cache import PosEmbedCache, must_run_inline
-from ..resample import resize_rel_axis
-from ..spec import Size2
 from ..family import OVERLAPPING_STEM, DynamicPath, Family, no_patch_change
+from ..cache import PosEmbedCache, must_run_inline, traced
 
-__all__ = ["FAMILIES", "table_lengths", "enable_mvit_dynamic"]
-
-_FEAT: contextvars.ContextVar[Optional[Size2]] = contextvars.ContextVar("anysize_mvit_feat", default=None)
+__all__ = ["FAMILIES", "table_lengths", "enable_mvit_dynamic", "mvit_rel_table"]
 
 
-def _pooled(pool: Optional[nn.Module], size: int, axis: int) -> int:
-    """The size a pooling conv / pool gives along ``axis``: what the attention's q or k has."""
+def _pool_geometry(pool: Optional[nn.Module]) -> List[int]:
+    """``[kh, kw, sh, sw, ph, pw]`` of a pooling conv / pool, ``[]`` for none."""
     if pool is None:
+        return []
+    out: List[int] = []
+    for name in ("kernel_size", "stride", "padding"):
+        value = getattr(pool, name)
+        out += [int(value), int(value)] if isinstance(value, int) else [int(value[0]), int(value[1])]
+    return out
+
+
+def _pooled(geometry: List[int], size: int, axis: int) -> int:
+    """The size a pooling (``_pool_geometry``) gives along ``axis``: what the attention's q or k has."""
+    if len(geometry) == 0:
         return size
-
-    def at(value) -> int:
-        return int(value) if isinstance(value, int) else int(value[axis])
-
-    return (size + 2 * at(pool.padding) - at(pool.kernel_size)) // at(pool.stride) + 1
+    return (size + 2 * geometry[4 + axis] - geometry[axis]) // geometry[2 + axis] + 1
 
 
-def table_lengths(module: nn.Module, feat_size: Size2) -> Size2:
+def _resize_axis(table: torch.Tensor, length: int, always: bool) -> torch.Tensor:
+    """:func:`timm_anysize.resample.resize_rel_axis`, step for step, in a form TorchScript compiles."""
+    if not always and table.shape[0] == length:
+        return table
+    out = F.interpolate(table.float().t()[None], size=length, mode="linear", align_corners=False)
+    return out[0].t().to(table.dtype).contiguous()
+
+
+@torch.fx.wrap
+@register_notrace_function
+def mvit_rel_table(
+    table: torch.Tensor, feat: int, pool_q: List[int], pool_k: List[int], axis: int, always_resize: bool
+) -> torch.Tensor:
+    """One axis's relative-position table for a feature size ``feat`` along ``axis``: ``2 * max(q, k) - 1`` entries
+    (q, k: the sizes the poolings give), resized linearly from the trained table (the table itself when it has
+    that many, unless ``always_resize``: compiling, exporting, no branch on the size).
+
+    Example:
+        >>> mvit_rel_table(torch.randn(15, 8), 12, [3, 3, 1, 1, 1, 1], [3, 3, 2, 2, 1, 1], 0, False).shape
+        torch.Size([23, 8])
+    """
+    length = 2 * max(_pooled(pool_q, feat, axis), _pooled(pool_k, feat, axis)) - 1
+    return _resize_axis(table, length, always_resize)
+
+
+def table_lengths(module: nn.Module, feat_size: Tuple[int, int]) -> Tuple[int, int]:
     """Entries each axis's table needs at ``feat_size``: ``2 * max(q, k) - 1`` along that axis, timm's rule with
     the sizes the pooling actually gives (equal to timm's ``size // stride`` where the stride divides the size);
     every index ``cal_rel_pos_type`` forms is then in range."""
-    return tuple(  # type: ignore[return-value]
-        2 * max(_pooled(module.pool_q, f, a), _pooled(module.pool_k, f, a)) - 1 for a, f in enumerate(feat_size)
-    )
+    q, k = _pool_geometry(module.pool_q), _pool_geometry(module.pool_k)
+    return tuple(2 * max(_pooled(q, f, a), _pooled(k, f, a)) - 1 for a, f in enumerate(feat_size))  # type: ignore
 
 
 class _DynamicRelPos:
-    """Tables for the feature size of the current forward; the parameters themselves stay as trained."""
+    """Tables for the feature size of the forward; the parameters themselves stay as trained."""
 
-    def forward(self, x: torch.Tensor, feat_size):
-        token = _FEAT.set((int(feat_size[0]), int(feat_size[1])))
-        try:
-            return super().forward(x, feat_size)
-        finally:
-            _FEAT.reset(token)
+    def _anysize_tables(self, feat_size: List[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+        if torch.jit.is_scripting():
+            return (mvit_rel_table(self.rel_pos_h, feat_size[0], self._anysize_pool_q, self._anysize_pool_k, 0, False),
+                    mvit_rel_table(self.rel_pos_w, feat_size[1], self._anysize_pool_q, self._anysize_pool_k, 1, False))
+        return self._eager_table("rel_pos_h", feat_size[0], 0), self._eager_table("rel_pos_w", feat_size[1], 1)
 
-    def _table(self, name: str, axis: int) -> torch.Tensor:
-        table = self._parameters[name]
-        feat = _FEAT.get()
-        if feat is None:
-            return table
-        length = table_lengths(self, feat)[axis]
+    @torch.jit.unused
+    def _eager_table(self, name: str, feat, axis: int) -> torch.Tensor:
+        table = getattr(self, name)
+        if isinstance(feat, torch.fx.Proxy) or traced():  # FX: one node; compiling, exporting: no size branch
+            return mvit_rel_table(table, feat, self._anysize_pool_q, self._anysize_pool_k, axis, traced())
+        length = table_lengths(self, (int(feat), int(feat)))[axis]
         if length == table.shape[0]:
             return table
         if must_run_inline(table):
-            return resize_rel_axis(table, length)
+            return _resize_axis(table, length, False)
         key = (length, table.dtype, table.device, torch.is_inference_mode_enabled())
-        cache = self._anysize_caches[name]
-        return cache.get_or_compute(key, table, lambda: resize_rel_axis(table, length).detach())
-
-    @property
-    def rel_pos_h(self) -> torch.Tensor:
-        return self._table("rel_pos_h", 0)
-
-    @property
-    def rel_pos_w(self) -> torch.Tensor:
-        return self._table("rel_pos_w", 1)
+        return self._anysize_caches[name].get_or_compute(key, table, lambda: _resize_axis(table, length, False).detach())
 
 
 class DynamicMultiScaleAttention(_DynamicRelPos, mvitv2.MultiScaleAttention):
-    pass
+    """timm's MultiScaleAttention with relative-position tables for the feature size it is given."""
+
+    def forward(self, x: torch.Tensor, feat_size: List[int]) -> Tuple[torch.Tensor, List[int]]:
+        B, N, _ = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(dim=0)
+        if self.pool_q is not None:
+            q, q_tok = reshape_pre_pool(q, feat_size, self.has_cls_token)
+            q = self.pool_q(q)
+            q, q_size = reshape_post_pool(q, self.num_heads, q_tok)
+        else:
+            q_size = feat_size
+        if self.norm_q is not None:
+            q = self.norm_q(q)
+        if self.pool_k is not None:
+            k, k_tok = reshape_pre_pool(k, feat_size, self.has_cls_token)
+            k = self.pool_k(k)
+            k, k_size = reshape_post_pool(k, self.num_heads, k_tok)
+        else:
+            k_size = feat_size
+        if self.norm_k is not None:
+            k = self.norm_k(k)
+        if self.pool_v is not None:
+            v, v_tok = reshape_pre_pool(v, feat_size, self.has_cls_token)
+            v = self.pool_v(v)
+            v, _ = reshape_post_pool(v, self.num_heads, v_tok)
+        if self.norm_v is not None:
+            v = self.norm_v(v)
+        attn = (q * self.scale) @ k.transpose(-2, -1)
+        if self.rel_pos_type == "spatial":
+            rel_pos_h, rel_pos_w = self._anysize_tables(feat_size)
+            attn = cal_rel_pos_type(attn, q, self.has_cls_token, q_size, k_size, rel_pos_h, rel_pos_w)
+        attn = attn.softmax(dim=-1)
+        x = attn @ v
+        if self.residual_pooling:
+            x = x + q
+        x = x.transpose(1, 2).reshape(B, -1, self.dim_out)
+        x = self.proj(x)
+        return x, q_size
 
 
 class DynamicMultiScaleAttentionPoolFirst(_DynamicRelPos, mvitv2.MultiScaleAttentionPoolFirst):
-    pass
+    """timm's MultiScaleAttentionPoolFirst with relative-position tables for the feature size it is given."""
+
+    def forward(self, x: torch.Tensor, feat_size: List[int]) -> Tuple[torch.Tensor, List[int]]:
+        B, N, _ = x.shape
+        fold_dim = 1 if self.unshared else self.num_heads
+        x = x.reshape(B, N, fold_dim, -1).permute(0, 2, 1, 3)
+        q = k = v = x
+        if self.pool_q is not None:
+            q, q_tok = reshape_pre_pool(q, feat_size, self.has_cls_token)
+            q = self.pool_q(q)
+            q, q_size = reshape_post_pool(q, self.num_heads, q_tok)
+        else:
+            q_size = feat_size
+        if self.norm_q is not None:
+            q = self.norm_q(q)
+        if self.pool_k is not None:
+            k, k_tok = reshape_pre_pool(k, feat_size, self.has_cls_token)
+            k = self.pool_k(k)
+            k, k_size = reshape_post_pool(k, self.num_heads, k_tok)
+        else:
+            k_size = feat_size
+        if self.norm_k is not None:
+            k = self.norm_k(k)
+        if self.pool_v is not None:
+            v, v_tok = reshape_pre_pool(v, feat_size, self.has_cls_token)
+            v = self.pool_v(v)
+            v, v_size = reshape_post_pool(v, self.num_heads, v_tok)
+        else:
+            v_size = feat_size
+        if self.norm_v is not None:
+            v = self.norm_v(v)
+        q_N = q_size[0] * q_size[1] + int(self.has_cls_token)
+        q = q.transpose(1, 2).reshape(B, q_N, -1)
+        q = self.q(q).reshape(B, q_N, self.num_heads, -1).transpose(1, 2)
+        k_N = k_size[0] * k_size[1] + int(self.has_cls_token)
+        k = k.transpose(1, 2).reshape(B, k_N, -1)
+        k = self.k(k).reshape(B, k_N, self.num_heads, -1)
+        v_N = v_size[0] * v_size[1] + int(self.has_cls_token)
+        v = v.transpose(1, 2).reshape(B, v_N, -1)
+        v = self.v(v).reshape(B, v_N, self.num_heads, -1).transpose(1, 2)
+        attn = (q * self.scale) @ k
+        if self.rel_pos_type == "spatial":
+            rel_pos_h, rel_pos_w = self._anysize_tables(feat_size)
+            attn = cal_rel_pos_type(attn, q, self.has_cls_token, q_size, k_size, rel_pos_h, rel_pos_w)
+        attn = attn.softmax(dim=-1)
+        x = attn @ v
+        if self.residual_pooling:
+            x = x + q
+        x = x.transpose(1, 2).reshape(B, -1, self.dim_out)
+        x = self.proj(x)
+        return x, q_size
 
 
 _MODULES = {
@@ -100,6 +206,8 @@ def enable_mvit_dynamic(model: nn.Module, cache_size: int) -> None:
         dynamic_cls = _MODULES.get(type(module))
         if dynamic_cls is not None and getattr(module, "rel_pos_type", "") == "spatial":
             module.__class__ = dynamic_cls
+            module._anysize_pool_q = _pool_geometry(module.pool_q)
+            module._anysize_pool_k = _pool_geometry(module.pool_k)
             module._anysize_caches = {n: PosEmbedCache(cache_size) for n in ("rel_pos_h", "rel_pos_w")}
 
 

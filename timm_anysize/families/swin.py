@@ -6,56 +6,67 @@ one edge share a region with tokens of the opposite edge and attend to them, and
 padding. Here the map is padded first and then rolled (as the original Swin does), and the mask labels every
 position by its region in the shifted frame *and* by whether it is padding, so real tokens attend exactly to the
 real tokens of their own window region. Where no padding is needed the mask and the outputs are timm's own,
-bit for bit. Masks depend only on sizes; they are cached per size.
+bit for bit. Masks depend only on sizes; they are cached per size in eager mode.
+
+The shape-dependent steps (pad + roll + partition, the mask, reverse + roll back + crop) are functions that
+TorchScript compiles and that FX records as one node each (timm's notrace registry and ``torch.fx.wrap``). While
+compiling or exporting they take no shape branch: the map is always padded (by zero where nothing is missing) and
+every block gets a mask tensor (all zeros where nothing is masked: adding it changes no score).
 """
 
-from __future__ import annotations
-
 from functools import lru_cache
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import PatchEmbed
+from timm.layers import PatchEmbed, register_notrace_function
 from timm.models import FeatureListNet, swin_transformer, swin_transformer_v2, swin_transformer_v2_cr
 
-from ..cache import traced
-from ..spec import Size2
 from ..family import REL_TABLE, DynamicPath, Family
+from ..cache import traced
 
-__all__ = ["FAMILIES", "shifted_window_mask", "window_attention", "enable_swin_dynamic", "pads_at_own_size", "SWIN_BLOCKS"]
+__all__ = [
+    "FAMILIES",
+    "shifted_window_mask",
+    "window_mask",
+    "window_partition_padded",
+    "window_merge",
+    "enable_swin_dynamic",
+    "pads_at_own_size",
+    "SWIN_BLOCKS",
+]
 
 MASK_VALUE = -100.0  # timm's value for masked pairs
 
 
-def _labels(size: Size2, padded: Size2, window: Size2, shift: Size2) -> torch.Tensor:
-    """Region label of every position of the padded, rolled map: same label <=> may attend to each other."""
-    (h, w), (hp, wp) = size, padded
-    rows = torch.zeros(hp, dtype=torch.long)
-    cols = torch.zeros(wp, dtype=torch.long)
-    # timm's three bands per axis in the rolled frame: before the last window, the last window's unwrapped part,
-    # and the wrapped-around part; a band index without a shift is 0 everywhere.
-    for axis, (n, ws, s) in ((rows, (hp, window[0], shift[0])), (cols, (wp, window[1], shift[1]))):
-        if s:
-            axis[n - ws:n - s] = 1
-            axis[n - s:] = 2
-    region = rows[:, None] * 3 + cols[None, :]
-    # Padding sits at rows >= h / cols >= w before the roll; roll its map as the features are rolled.
-    pad = torch.zeros(hp, wp, dtype=torch.bool)
-    pad[h:, :] = True
-    pad[:, w:] = True
-    pad = torch.roll(pad, shifts=(-shift[0], -shift[1]), dims=(0, 1))
-    return torch.where(pad, torch.full_like(region, 9), region)
+def _bands(idx: torch.Tensor, n: int, window: int, shift: int) -> torch.Tensor:
+    """timm's three bands along an axis of the rolled frame: before the last window (0), the last window's
+    unwrapped part (1), the wrapped-around part (2); all 0 without a shift."""
+    if shift == 0:
+        return torch.zeros_like(idx)
+    return (idx >= n - window).long() + (idx >= n - shift).long()
 
 
-@lru_cache(maxsize=64)
-def _cached_mask(size: Size2, padded: Size2, window: Size2, shift: Size2, device: torch.device, dtype: torch.dtype):
-    return shifted_window_mask(size, padded, window, shift, device, dtype)
+def _mask(
+    h: int, w: int, hp: int, wp: int, window: List[int], shift: List[int], device: Optional[torch.device],
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The additive mask ``[num_windows, area, area]`` from sizes alone (no shape branch)."""
+    rows = torch.arange(hp, device=device)
+    cols = torch.arange(wp, device=device)
+    region = _bands(rows, hp, window[0], shift[0])[:, None] * 3 + _bands(cols, wp, window[1], shift[1])[None, :]
+    # Padding sits at rows >= h / cols >= w before the roll; after rolling by -shift, position i holds i + shift.
+    pad = (((rows + shift[0]) % hp) >= h)[:, None] | (((cols + shift[1]) % wp) >= w)[None, :]
+    labels = torch.where(pad, torch.full_like(region, 9), region)
+    windows = labels.reshape(hp // window[0], window[0], wp // window[1], window[1]).permute(0, 2, 1, 3)
+    windows = windows.reshape(-1, window[0] * window[1])
+    differ = windows.unsqueeze(1) != windows.unsqueeze(2)
+    return torch.zeros(differ.shape, device=device, dtype=dtype).masked_fill(differ, -100.0)  # MASK_VALUE
 
 
 def shifted_window_mask(
-    size: Size2, padded: Size2, window: Size2, shift: Size2, device: Optional[torch.device] = None,
+    size: List[int], padded: List[int], window: List[int], shift: List[int], device: Optional[torch.device] = None,
     dtype: torch.dtype = torch.float32,
 ) -> Optional[torch.Tensor]:
     """The additive attention mask ``[num_windows, area, area]`` of one block, or None when nothing is masked.
@@ -72,69 +83,157 @@ def shifted_window_mask(
         >>> shifted_window_mask((6, 8), (8, 8), (4, 4), (2, 2)).shape
         torch.Size([4, 16, 16])
     """
-    if size == padded and not any(shift):
+    if size[0] == padded[0] and size[1] == padded[1] and shift[0] == 0 and shift[1] == 0:
         return None
-    labels = _labels(size, padded, window, shift).to(device)
-    windows = _partition(labels[None, :, :, None], window).reshape(-1, window[0] * window[1])
-    differ = windows.unsqueeze(1) != windows.unsqueeze(2)
-    return torch.zeros(differ.shape, device=device, dtype=dtype).masked_fill(differ, MASK_VALUE)
+    return _mask(size[0], size[1], padded[0], padded[1], [window[0], window[1]], [shift[0], shift[1]], device, dtype)
 
 
-def _partition(x: torch.Tensor, window: Size2) -> torch.Tensor:
-    """``[B, H, W, C]`` -> ``[B * num_windows, wh, ww, C]`` in timm's window order."""
+@lru_cache(maxsize=64)
+def _cached_mask(size: Tuple[int, int], padded: Tuple[int, int], window: Tuple[int, int], shift: Tuple[int, int],
+                 device: torch.device, dtype: torch.dtype) -> Optional[torch.Tensor]:
+    return shifted_window_mask(size, padded, window, shift, device, dtype)
+
+
+@torch.fx.wrap
+@register_notrace_function
+def window_mask(x: torch.Tensor, window: List[int], shift: List[int]) -> torch.Tensor:
+    """The mask of a block for its input ``x`` ``[B, H, W, C]``, always a tensor (zeros where nothing is masked):
+    what FX, ``torch.compile`` and ``torch.export`` record, with no branch on the size.
+
+    Example:
+        >>> window_mask(torch.zeros(1, 8, 8, 2), [4, 4], [0, 0]).abs().sum().item()
+        0.0
+    """
+    h, w = x.shape[1], x.shape[2]
+    hp = h + (window[0] - h % window[0]) % window[0]
+    wp = w + (window[1] - w % window[1]) % window[1]
+    return _mask(h, w, hp, wp, window, shift, x.device, x.dtype)
+
+
+@torch.fx.wrap
+@register_notrace_function
+def window_partition_padded(x: torch.Tensor, window: List[int], shift: List[int], always_pad: bool) -> torch.Tensor:
+    """``[B, H, W, C]`` padded (bottom/right) to whole windows, rolled by ``-shift``, cut into windows
+    ``[B * num_windows, area, C]`` in timm's window order.
+
+    Example:
+        >>> window_partition_padded(torch.zeros(2, 6, 8, 3), [4, 4], [2, 2], False).shape
+        torch.Size([8, 16, 3])
+    """
     B, H, W, C = x.shape
-    x = x.reshape(B, H // window[0], window[0], W // window[1], window[1], C)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window[0], window[1], C)
-
-
-def _reverse(windows: torch.Tensor, window: Size2, H: int, W: int) -> torch.Tensor:
-    C = windows.shape[-1]
-    x = windows.reshape(-1, H // window[0], W // window[1], window[0], window[1], C)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, H, W, C)
-
-
-def window_attention(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A Swin block's (shifted) window attention on ``[B, H, W, C]`` of any H, W: pad, roll, attend, undo."""
-    B, H, W, C = x.shape
-    window, shift = tuple(block.window_size), tuple(block.shift_size)
-    pad_h, pad_w = (-H) % window[0], (-W) % window[1]
-    if pad_h or pad_w:
+    pad_h = (window[0] - H % window[0]) % window[0]
+    pad_w = (window[1] - W % window[1]) % window[1]
+    if always_pad or pad_h > 0 or pad_w > 0:
         x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-    Hp, Wp = H + pad_h, W + pad_w
-    if any(shift):
+    if shift[0] != 0 or shift[1] != 0:
         x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
-    windows = _partition(x, window).reshape(-1, window[0] * window[1], C)
-    make_mask = shifted_window_mask if traced() else _cached_mask
-    mask = make_mask((H, W), (Hp, Wp), window, shift, x.device, x.dtype)
-    out = block.attn(windows, mask=mask).reshape(-1, window[0], window[1], C)
-    x = _reverse(out, window, Hp, Wp)
-    if any(shift):
-        x = torch.roll(x, shifts=shift, dims=(1, 2))
-    return x[:, :H, :W, :].contiguous() if (pad_h or pad_w) else x
+    Hp, Wp = H + pad_h, W + pad_w
+    x = x.reshape(B, Hp // window[0], window[0], Wp // window[1], window[1], C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window[0] * window[1], C)
 
 
-class DynamicSwinBlock(swin_transformer.SwinTransformerBlock):
+@torch.fx.wrap
+@register_notrace_function
+def window_merge(
+    windows: torch.Tensor, x: torch.Tensor, window: List[int], shift: List[int], always_crop: bool
+) -> torch.Tensor:
+    """Undo :func:`window_partition_padded` for attention outputs ``windows``: back to ``x``'s ``[B, H, W, C]``.
+
+    Example:
+        >>> x = torch.randn(2, 6, 8, 3)
+        >>> torch.equal(window_merge(window_partition_padded(x, [4, 4], [2, 2], False), x, [4, 4], [2, 2], False), x)
+        True
+    """
+    H, W = x.shape[1], x.shape[2]
+    C = windows.shape[-1]
+    pad_h = (window[0] - H % window[0]) % window[0]
+    pad_w = (window[1] - W % window[1]) % window[1]
+    Hp, Wp = H + pad_h, W + pad_w
+    out = windows.reshape(-1, Hp // window[0], Wp // window[1], window[0], window[1], C)
+    out = out.permute(0, 1, 3, 2, 4, 5).reshape(-1, Hp, Wp, C)
+    if shift[0] != 0 or shift[1] != 0:
+        out = torch.roll(out, shifts=(shift[0], shift[1]), dims=(1, 2))
+    if always_crop or pad_h > 0 or pad_w > 0:
+        out = out[:, :H, :W, :].contiguous()
+    return out
+
+
+class _WindowAttention:
+    """A Swin block's (shifted) window attention on ``[B, H, W, C]`` of any H, W: pad, roll, attend, undo."""
+
+    def _window_attn(self, x: torch.Tensor) -> torch.Tensor:
+        window = [self.window_size[0], self.window_size[1]]
+        shift = [self.shift_size[0], self.shift_size[1]]
+        if torch.jit.is_scripting():
+            H, W = x.shape[1], x.shape[2]
+            padded = [H + (window[0] - H % window[0]) % window[0], W + (window[1] - W % window[1]) % window[1]]
+            mask = shifted_window_mask([H, W], padded, window, shift, x.device, x.dtype)
+            branch_free = False
+        else:
+            branch_free = traced()
+            mask = self._anysize_mask(x, window, shift, branch_free)
+        windows = window_partition_padded(x, window, shift, branch_free)
+        out = self.attn(windows, mask=mask)
+        return window_merge(out, x, window, shift, branch_free)
+
+    @torch.jit.unused
+    def _anysize_mask(self, x: torch.Tensor, window: List[int], shift: List[int], branch_free: bool):
+        """Eager: the cached mask (None where nothing is masked); FX, compiling, exporting: a mask tensor always."""
+        if branch_free or isinstance(x, torch.fx.Proxy):
+            return window_mask(x, window, shift)
+        H, W = x.shape[1], x.shape[2]
+        padded = (H + (-H) % window[0], W + (-W) % window[1])
+        return _cached_mask((H, W), padded, tuple(window), tuple(shift), x.device, x.dtype)
+
+
+class DynamicSwinBlock(_WindowAttention, swin_transformer.SwinTransformerBlock):
     """timm's Swin block with window attention at any size (see the module docstring)."""
 
     def _attn(self, x: torch.Tensor) -> torch.Tensor:
-        return window_attention(self, x)
+        return self._window_attn(x)
 
 
-class DynamicSwinV2Block(swin_transformer_v2.SwinTransformerV2Block):
+class DynamicSwinV2Block(_WindowAttention, swin_transformer_v2.SwinTransformerV2Block):
     """timm's SwinV2 block with window attention at any size."""
 
     def _attn(self, x: torch.Tensor) -> torch.Tensor:
-        return window_attention(self, x)
+        return self._window_attn(x)
 
 
-class DynamicSwinV2CrBlock(swin_transformer_v2_cr.SwinTransformerV2CrBlock):
+class DynamicSwinV2CrBlock(_WindowAttention, swin_transformer_v2_cr.SwinTransformerV2CrBlock):
     """timm's SwinV2-CR block with window attention at any size."""
 
     def _shifted_window_attn(self, x: torch.Tensor) -> torch.Tensor:
-        return window_attention(self, x)
+        return self._window_attn(x)
 
 
-SWIN_BLOCKS: dict[type, type] = {
+@torch.fx.wrap
+@register_notrace_function
+def pad_to_patch(x: torch.Tensor, patch_size: List[int], always_pad: bool) -> torch.Tensor:
+    """An image ``[B, C, H, W]`` padded bottom/right to whole patches, as timm's ``PatchEmbed`` pads.
+
+    Example:
+        >>> pad_to_patch(torch.zeros(1, 3, 30, 32), [4, 4], False).shape
+        torch.Size([1, 3, 32, 32])
+    """
+    pad_h = (patch_size[0] - x.shape[-2] % patch_size[0]) % patch_size[0]
+    pad_w = (patch_size[1] - x.shape[-1] % patch_size[1]) % patch_size[1]
+    if always_pad or pad_h > 0 or pad_w > 0:
+        x = F.pad(x, (0, pad_w, 0, pad_h))
+    return x
+
+
+class DynamicCrPatchEmbed(swin_transformer_v2_cr.PatchEmbed):
+    """SwinV2-CR's patch embedding, which cannot pad, padding its input (``_anysize_pad``) as timm's PatchEmbed."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._anysize_pad:
+            x = pad_to_patch(x, [self.patch_size[0], self.patch_size[1]], not torch.jit.is_scripting() and traced())
+        x = self.proj(x)
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+SWIN_BLOCKS: dict = {
     swin_transformer.SwinTransformerBlock: DynamicSwinBlock,
     swin_transformer_v2.SwinTransformerV2Block: DynamicSwinV2Block,
     swin_transformer_v2_cr.SwinTransformerV2CrBlock: DynamicSwinV2CrBlock,
@@ -159,14 +258,9 @@ def enable_swin_dynamic(model: nn.Module, pad: bool) -> None:
     pe.strict_img_size = False
     if isinstance(pe, PatchEmbed):
         pe.dynamic_img_pad = pad
-    elif pad:  # SwinV2-CR's own patch embedding cannot pad: pad its input, bottom/right as timm's PatchEmbed does
-        model._anysize_pad_hooks.append(pe.register_forward_pre_hook(_pad_to_patch))
-
-
-def _pad_to_patch(module: nn.Module, args: tuple) -> tuple:
-    x = args[0]
-    pad_h, pad_w = (-x.shape[-2]) % module.patch_size[0], (-x.shape[-1]) % module.patch_size[1]
-    return (F.pad(x, (0, pad_w, 0, pad_h)), *args[1:]) if pad_h or pad_w else args
+    elif isinstance(pe, swin_transformer_v2_cr.PatchEmbed):  # SwinV2-CR's own patch embedding cannot pad
+        pe.__class__ = DynamicCrPatchEmbed
+        pe._anysize_pad = pad
 
 
 def pads_at_own_size(model: nn.Module) -> bool:
