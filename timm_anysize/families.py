@@ -94,6 +94,10 @@ class Family:
         square_only: timm's constructor takes square sizes only; a non-square variant is built square with its
             width tables refitted (:mod:`timm_anysize.square_build`), and cannot be exported for plain timm.
         unsupported: Geometry change -> why the architecture cannot take it; such specs are rejected at validation.
+        size_multiples: For architectures whose branches or stages need whole multiples at the model's own size:
+            ``(model built at any size, img_size) -> ((what, size, multiple), ...)``, the sizes an ``img_size`` gives
+            and what each must be a multiple of. Validation rejects a variant whose size breaks one, naming the
+            nearest sizes that work.
         example: A timm model of the family, used by the coverage matrix and docs/families.md.
         matches: Extra test on the instance (e.g. a ViT whose stem is a hybrid CNN).
     """
@@ -112,6 +116,7 @@ class Family:
     dynamic_features: bool = False
     square_only: bool = False
     unsupported: dict[str, str] = field(default_factory=dict)
+    size_multiples: Optional[Callable[[nn.Module, Size2], tuple[tuple[str, Size2, Size2], ...]]] = None
     example: str = ""
     matches: Optional[Callable[[nn.Module], bool]] = None
 
@@ -183,6 +188,17 @@ class Family:
 
 def _is_hybrid(model: nn.Module) -> bool:
     return isinstance(getattr(model, "patch_embed", None), HybridEmbed)
+
+
+def _crossvit_branch_sizes(model: nn.Module, img_size: Size2) -> tuple[tuple[str, Size2, Size2], ...]:
+    """Each CrossViT branch embeds the input resized by its scale (``int(size * scale)``, as timm computes it) in
+    whole patches of its own size; the scales are read off the built model."""
+    out = []
+    for i, pe in enumerate(model.patch_embed):
+        scale = [s / b for s, b in zip(model.img_size_scaled[i], model.img_size)]
+        size = tuple(int(x * r) for x, r in zip(img_size, scale))
+        out.append((f"branch {i} (input x {scale[0]:.4g}, patch {pe.patch_size[0]})", size, tuple(pe.patch_size)))
+    return tuple(out)  # type: ignore[return-value]
 
 
 _REL_TABLE = (("*relative_position_bias_table", "rel_table"),)
@@ -343,6 +359,7 @@ FAMILIES: tuple[Family, ...] = (
             "CrossViT has one patch size per branch, which a single patch_size cannot express"
         ),
         dynamic_args=(),  # enable_dynamic sizes each branch from the input
+        size_multiples=_crossvit_branch_sizes,
         example="crossvit_tiny_240",
     ),
     Family(

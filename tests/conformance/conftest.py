@@ -112,8 +112,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def _message(report: pytest.TestReport) -> Optional[str]:
     crash = getattr(report.longrepr, "reprcrash", None)
-    if crash is not None:
-        return crash.message.splitlines()[0][:300] if crash.message else None
+    if crash is not None:  # the first line that says something (TorchScript's errors start with a blank line)
+        lines = [ln.strip() for ln in (crash.message or "").splitlines() if ln.strip() and ln.strip() != "RuntimeError:"]
+        return " ".join(lines[:2])[:300] or None
     if isinstance(report.longrepr, tuple):  # a skip: (file, line, reason)
         return str(report.longrepr[2])
     return str(report.longrepr).splitlines()[-1][:300] if report.longrepr else None
