@@ -79,11 +79,12 @@ def run_conformance(workdir: Path, models: str = "variants", only: tuple[str, ..
     env = dict(os.environ, TIMM_ANYSIZE_CONFIGS=configs, TIMM_ANYSIZE_CONFORMANCE_MODELS=models,
                TIMM_ANYSIZE_CONFORMANCE_ONLY=",".join(only), TIMM_ANYSIZE_CONFORMANCE_REPORT=str(report),
                HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", "test_models.py", *extra_args]
-    done = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rN", "--tb=line", "test_models.py", *extra_args]
+    log = workdir / "pytest.log"  # streamed, so a long run can be followed with tail -f
+    with log.open("w") as f:
+        code = subprocess.run(cmd, cwd=workdir, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
     if not report.exists():
-        raise RuntimeError(f"timm's test_models.py did not run (exit {done.returncode}):\n"
-                           f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"timm's test_models.py did not run (exit {code}):\n{log.read_text()[-4000:]}")
     return json.loads(report.read_text())
 
 
