@@ -126,6 +126,7 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     test = report.nodeid.split("::")[-1].partition("[")[0]
     model = _models.get(report.nodeid, "")
     _cells.append(dict(test=test, model=model, arch=_arch(model), outcome=report.outcome, when=report.when,
+                       seconds=round(report.duration, 2),
                        message=None if report.passed else _message(report)))
 
 
