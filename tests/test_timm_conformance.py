@@ -6,7 +6,8 @@ tests/conformance/conftest.py beside it and runs it with pytest in a subprocess,
 tests/conformance/variants.yaml registered through ``$TIMM_ANYSIZE_CONFIGS``. The conftest gives each variant
 exactly the tests timm runs for the variant's base architecture. Every cell must pass.
 
-``python tests/test_timm_conformance.py`` regenerates docs/conformance.md (the variants' counts per family and per
+``python tests/test_timm_conformance.py`` regenerates docs/conformance.md (``--no-bases``: without the plain-timm
+run; ``--from-reports VARIANTS.json [BASES.json]``: from saved reports) (the variants' counts per family and per
 test, next to plain timm's own base models run through the same file).
 """
 
@@ -102,6 +103,8 @@ def failures(cells: list[dict[str, Any]]) -> list[str]:
 
 
 def _cell(passed: int, run: int, skipped: int) -> str:
+    if run == skipped == -1:
+        return "not run"
     return f"{passed} / {run}" + (f" ({skipped} skipped)" if skipped else "")
 
 
@@ -111,6 +114,7 @@ def conformance_markdown(variants: dict[str, Any], bases: Optional[dict[str, Any
     v_cells, b_cells = variants["cells"], (bases or {"cells": []})["cells"]
     fam_v, fam_b = counts(v_cells, "family"), counts(b_cells, "family")
     test_v, test_b = counts(v_cells, "test"), counts(b_cells, "test")
+    missing = (0, 0, 0) if bases else (0, -1, -1)
     n_variants = len({c["model"].split(".")[0] for c in v_cells})
     base_names = sorted({c["arch"] for c in b_cells})
     lines = [
@@ -137,13 +141,13 @@ def conformance_markdown(variants: dict[str, Any], bases: Optional[dict[str, Any
         "|---|---|---|",
     ]
     for fam in sorted(set(fam_v) | set(fam_b)):
-        lines.append(f"| {fam} | {_cell(*fam_v.get(fam, (0, 0, 0)))} | {_cell(*fam_b.get(fam, (0, 0, 0)))} |")
+        lines.append(f"| {fam} | {_cell(*fam_v.get(fam, (0, 0, 0)))} | {_cell(*fam_b.get(fam, missing))} |")
     total_v = tuple(sum(x) for x in zip(*fam_v.values())) if fam_v else (0, 0, 0)
-    total_b = tuple(sum(x) for x in zip(*fam_b.values())) if fam_b else (0, 0, 0)
+    total_b = tuple(sum(x) for x in zip(*fam_b.values())) if fam_b else missing
     lines += [f"| **all** | {_cell(*total_v)} | {_cell(*total_b)} |", "", "## Per test", "",
               "| timm test | variants | plain timm |", "|---|---|---|"]
     for test in sorted(set(test_v) | set(test_b)):
-        lines.append(f"| `{test}` | {_cell(*test_v.get(test, (0, 0, 0)))} | {_cell(*test_b.get(test, (0, 0, 0)))} |")
+        lines.append(f"| `{test}` | {_cell(*test_v.get(test, (0, 0, 0)))} | {_cell(*test_b.get(test, missing))} |")
     failed = failures(v_cells)
     lines += ["", "## Failing variant cells", ""]
     lines += [f"- `{f.split(':', 1)[0]}`: {f.split(':', 1)[1].strip()}" for f in failed] or ["None."]
@@ -184,6 +188,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     import time
 
     argv = sys.argv[1:] if argv is None else argv
+    if "--from-reports" in argv:  # render saved report.json files: VARIANTS [BASES]
+        paths = argv[argv.index("--from-reports") + 1:]
+        reports = [json.loads(Path(p).read_text()) for p in paths]
+        DOC.write_text(conformance_markdown(reports[0], reports[1] if len(reports) > 1 else None))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         start = time.time()
         variants = run_conformance(Path(tmp) / "variants")
