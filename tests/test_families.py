@@ -313,3 +313,27 @@ def test_swin_export_whose_own_size_pads_says_plain_timm_differs(make_checkpoint
                                              img_size=size, pretrained={"file": str(path), "img_size": 64})
         out = timm_anysize.export(name, tmp_path / f"export{size}")
         assert ("padded to whole windows" in (out / "README.md").read_text()) is pads
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f.size_multiples], ids=lambda f: f.name)
+def test_a_size_the_branches_cannot_take_is_rejected_with_the_nearest_that_work(family):
+    """CrossViT embeds the input once per branch (resized by the branch's scale) in whole patches: 160 px is
+    13.3 patches of 12 for branch 0 and fails in timm's own forward; validation names the constraint and the
+    nearest sizes, each of which builds and runs at its own size."""
+    setup = SETUP[family.name]
+    with torch.device("meta"):
+        timm_model = timm.create_model(family.example, img_size=setup.size + setup.step // 3, **setup.args)
+    with pytest.raises(Exception):  # the geometry really cannot run in timm
+        timm_model(torch.empty(1, 3, setup.size + setup.step // 3, setup.size + setup.step // 3, device="meta"))
+    bad = setup.size + setup.step // 3
+    with pytest.raises(timm_anysize.SpecError, match=rf"cannot run at \[{bad}, {bad}\].*not a multiple of its patch "
+                                                      rf"\d+; nearest heights that work: (\d+) or (\d+)") as info:
+        timm_anysize.register_variant(unique_name(), base=family.example, model_args=setup.args, img_size=bad)
+    import re
+
+    for near in map(int, re.search(r"work: (\d+) or (\d+)", str(info.value)).groups()):
+        name = timm_anysize.register_variant(unique_name(), base=family.example, model_args=setup.args,
+                                             img_size=[near, setup.size])
+        model = timm.create_model(name).eval()
+        with torch.no_grad():
+            assert model(torch.randn(1, 3, near, setup.size)).shape == (1, model.num_classes)

@@ -3,6 +3,7 @@ huggingface_hub client against a Hub stand-in on 127.0.0.1."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -213,3 +214,89 @@ def test_export_cli_puts_the_demos_numbers_in_the_card(tmp_path):
     got = {r.metric_name: r.metric_value for r in card.data.eval_results}
     assert got == {"zero-shot top-1 accuracy": 97.2, "fine-tuned top-1 accuracy": 97.5,
                    "from-scratch top-1 accuracy (same budget)": 13.3}
+
+
+@pytest.fixture
+def rgb_variant(make_checkpoint):
+    path, _ = make_checkpoint("test_vit")
+    return timm_anysize.register_variant(
+        unique_name("hf"), base="test_vit", img_size=[48, 64], patch_size=8, num_classes=4,
+        pretrained={"file": str(path)}, card={"label_names": ["cat", "dog", "owl", "fox"]},
+    )
+
+
+def _pil_image(mode: str, size=(70, 50)):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    arr = (torch.rand(size[1], size[0], 3, generator=g) * 255).to(torch.uint8).numpy()
+    return Image.fromarray(arr, mode="RGB").convert(mode)
+
+
+def _hf_model(folder):
+    """transformers' TimmWrapper for an export, with its weights checked equal to the file's. transformers keeps the
+    weights in the safetensors memory map, at addresses of any alignment, where BLAS may pick other kernels (last-bit
+    differences); copied into fresh tensors, the same weights must give our logits bit for bit."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageClassification
+
+    hf = AutoModelForImageClassification.from_pretrained(str(folder)).eval()
+    saved, loaded = load_file(str(folder / "model.safetensors")), hf.timm_model.state_dict()
+    assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
+    mapped = hf
+    hf = copy.deepcopy(hf)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.data = p.data.clone()
+    return hf, mapped
+
+
+def test_export_loads_in_transformers_with_our_logits_and_classifies_in_a_pipeline(rgb_variant, tmp_path):
+    """TimmWrapper builds the base architecture from config.json's model_args (it passes num_classes itself):
+    identical logits; pipeline() preprocesses with timm's transforms from the exported cfg and gives our scores."""
+    from transformers import pipeline
+
+    ours = timm.create_model(rgb_variant, pretrained=True).eval()
+    out = timm_anysize.export(ours, tmp_path / "export")
+    config = json.loads((out / "config.json").read_text())
+    assert not {"num_classes", "weight_init"} & set(config["model_args"])  # no loading details in model_args
+    hf, mapped = _hf_model(out)
+    assert [hf.config.id2label[i] for i in range(4)] == ["cat", "dog", "owl", "fox"]
+    with torch.no_grad():
+        for size in ((48, 64), (40, 88)):  # its own size, and another (timm's dynamic path, in plain timm)
+            x = torch.randn(2, 3, *size)
+            assert torch.equal(hf(pixel_values=x).logits, ours(x)), size
+            torch.testing.assert_close(mapped(pixel_values=x).logits, ours(x), rtol=1e-5, atol=1e-6)
+        image = _pil_image("RGB")
+        transform = timm.data.create_transform(**timm.data.resolve_data_config(model=ours))
+        probs = ours(transform(image).unsqueeze(0)).softmax(-1)[0]
+    result = pipeline("image-classification", model=str(out), top_k=4)(image)
+    assert [r["label"] for r in result] == [["cat", "dog", "owl", "fox"][i] for i in probs.argsort(descending=True)]
+    for r in result:
+        assert r["score"] == pytest.approx(probs[["cat", "dog", "owl", "fox"].index(r["label"])].item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("in_chans, mode", [(1, "L"), (4, "RGBA")])
+def test_transformers_for_other_channel_counts_takes_what_the_card_says(make_checkpoint, tmp_path, in_chans, mode):
+    """pipeline() converts every image to RGB (the 3-channel model's case); for 1 or 4 channels the card says to
+    call the image processor on an image of the model's mode, which gives the model's channels and our logits."""
+    from transformers import AutoImageProcessor
+
+    path, _ = make_checkpoint("test_vit")
+    name = timm_anysize.register_variant(unique_name("hf"), base="test_vit", img_size=64, patch_size=16,
+                                         in_chans=in_chans, pretrained={"file": str(path)})
+    ours = timm.create_model(name, pretrained=True).eval()
+    out = timm_anysize.export(ours, tmp_path / "export")
+    card = (out / "README.md").read_text()
+    assert f'model(**processor(image.convert("{mode}"))).logits' in card
+    assert "converts every image to RGB" in card
+    hf, mapped = _hf_model(out)
+    processor = AutoImageProcessor.from_pretrained(str(out))
+    image = _pil_image(mode)
+    pixels = processor(image)["pixel_values"]
+    assert pixels.shape == (1, in_chans, 64, 64)
+    transform = timm.data.create_transform(**timm.data.resolve_data_config(model=ours))
+    with torch.no_grad():
+        assert torch.equal(hf(pixel_values=pixels).logits, ours(pixels))
+        torch.testing.assert_close(mapped(pixel_values=pixels).logits, ours(pixels), rtol=1e-5, atol=1e-6)
+        assert torch.equal(pixels, transform(image).unsqueeze(0))  # timm's own preprocessing for the variant

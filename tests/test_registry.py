@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -94,3 +95,71 @@ def test_env_var_configs_register_on_import(tmp_path):
 def test_get_variant_unknown_name():
     with pytest.raises(KeyError, match="not a timm-anysize variant; close: vit_tiny_patch4_64"):
         timm_anysize.get_variant("vit_tiny_patch4_46")
+
+
+def test_an_unknown_create_model_kwarg_is_a_type_error_as_for_timm_models():
+    """timm's API contract (its test_models.py checks it): an unknown call-time kwarg is the caller's TypeError."""
+    with pytest.raises(TypeError, match="unexpected keyword argument 'not_a_model_arg'"):
+        timm.create_model("test_vit", not_a_model_arg=1)  # timm's own behaviour, the reference
+    name = timm_anysize.register_variant(unique_name(), base="test_vit", img_size=64, patch_size=8)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'not_a_model_arg'") as info:
+        timm.create_model(name, not_a_model_arg=1)
+    assert not isinstance(info.value, timm_anysize.SpecError)
+
+
+def test_spec_errors_stay_spec_errors():
+    with pytest.raises(timm_anysize.SpecError, match=r"model_args: .*unexpected keyword argument 'not_an_arg'|"
+                                                     r"cannot build test_vit .*not_an_arg"):
+        timm_anysize.register_variant(unique_name(), base="test_vit", img_size=64, model_args={"not_an_arg": 1})
+    name = timm_anysize.register_variant(unique_name(), base="test_vit", img_size=64, patch_size=8)
+    with pytest.raises(timm_anysize.SpecError, match="must divide the target img_size"):
+        timm.create_model(name, img_size=60)  # a geometry the variant cannot take is a spec error, as at validation
+
+
+SWIN_TINY = dict(embed_dim=32, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1), window_size=4)
+
+
+@pytest.mark.parametrize("base", ["swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256", "swinv2_cr_tiny_224"])
+@pytest.mark.parametrize("img_size", [[64, 96], 136])
+def test_pool_size_is_the_feature_map_of_a_forward_at_the_variant_size(base, img_size):
+    name = timm_anysize.register_variant(unique_name(), base=base, img_size=img_size, in_chans=1, model_args=SWIN_TINY)
+    model = timm.create_model(name).eval()
+    cfg = model.pretrained_cfg
+    with torch.no_grad():
+        out = model.forward_features(torch.randn(1, *cfg["input_size"]))
+    spatial = timm.layers.get_spatial_dim(getattr(model, "output_fmt", "NCHW"))
+    assert cfg["pool_size"] == tuple(out.shape[d] for d in spatial)
+    assert cfg["pool_size"] != timm.models.get_pretrained_cfg(base).pool_size
+    assert cfg["fixed_input_size"] is False  # it runs at any size
+
+
+def test_pool_size_follows_a_call_time_img_size():
+    name = timm_anysize.register_variant(unique_name(), base="swin_tiny_patch4_window7_224", img_size=64,
+                                         model_args=SWIN_TINY)
+    assert timm.create_model(name, img_size=(128, 96)).pretrained_cfg["pool_size"] == (4, 3)
+
+
+def test_test_and_min_input_size_are_scaled_to_the_variant():
+    """No supported base has them in timm today, so the plan's base cfg is given them."""
+    from timm_anysize.builder import variant_pretrained_cfg
+
+    name = unique_name()
+    spec = timm_anysize.spec.parse_variant(name, {"base": "vit_base_patch16_clip_224.openai_ft_in12k_in1k",
+                                                  "img_size": [112, 224], "in_chans": 1,
+                                                  "model_args": {"embed_dim": 64, "depth": 1, "num_heads": 2}})
+    plan = make_plan(spec)
+    cfg = variant_pretrained_cfg(dataclasses.replace(
+        plan, base_cfg=dict(plan.base_cfg, test_input_size=(3, 256, 256), min_input_size=(3, 64, 64),
+                            test_crop_pct=1.0)))
+    assert cfg["test_input_size"] == (1, 128, 256)  # x 112/224 and 224/224, whole patches of 16
+    assert cfg["min_input_size"] == (1, 32, 64)
+    assert cfg["test_crop_pct"] == 1.0
+    plain = variant_pretrained_cfg(plan)
+    assert "test_input_size" not in plain and "min_input_size" not in plain and "pool_size" not in plain
+
+
+def test_a_fixed_size_variant_says_so_and_a_dynamic_one_does_not():
+    fixed = timm_anysize.register_variant(unique_name(), base="test_vit", img_size=64, dynamic=False)
+    dynamic = timm_anysize.register_variant(unique_name(), base="test_vit", img_size=64)
+    assert timm.create_model(fixed).pretrained_cfg["fixed_input_size"] is True
+    assert timm.create_model(dynamic).pretrained_cfg["fixed_input_size"] is False

@@ -91,6 +91,7 @@ def variant_pretrained_cfg(plan: VariantPlan, weights: Optional[dict[str, Any]] 
     data = spec.data
     same_classes = t.num_classes == base.get("num_classes", t.num_classes)
     cfg = {k: v for k, v in base.items() if k not in _WEIGHT_FIELDS + _BASE_GEOMETRY_FIELDS}
+    cfg.update(_geometry_fields(plan))
     cfg.update(
         architecture=spec.name,
         tag=default_tag(spec),
@@ -110,6 +111,31 @@ def variant_pretrained_cfg(plan: VariantPlan, weights: Optional[dict[str, Any]] 
             cfg[key] = getattr(data, key)
     cfg.update(weights if weights is not None else _weight_location(plan))
     return {k: v for k, v in cfg.items() if v is not None or k in ("first_conv", "classifier")}
+
+
+def _scaled_size(size: Sequence[int], plan: VariantPlan) -> tuple[int, ...]:
+    """A base cfg size ``(C, H, W)`` at the variant's geometry: H and W scaled by target / base input size, rounded
+    to whole patches (at least one), C the variant's channels."""
+    base_hw = plan.base_cfg.get("input_size", (0, *plan.source.img_size))[1:]
+    step = plan.target.patch_size or (1, 1)
+    out = [plan.target.in_chans]
+    for s, b, t, p in zip(size[1:], base_hw, plan.target.img_size, step):
+        out.append(max(p, round(s * t / b / p) * p))
+    return tuple(out)
+
+
+def _geometry_fields(plan: VariantPlan) -> dict[str, Any]:
+    """``pool_size`` (forward_features at the variant's size), and ``test_input_size`` / ``min_input_size`` where the
+    base has them, scaled to the variant's geometry."""
+    base, out = plan.base_cfg, {}
+    if plan.feature_size is not None:
+        out["pool_size"] = plan.feature_size
+    for key in ("test_input_size", "min_input_size"):
+        if base.get(key):
+            out[key] = _scaled_size(base[key], plan)
+    if out.get("test_input_size") and base.get("test_crop_pct"):
+        out["test_crop_pct"] = base["test_crop_pct"]
+    return out
 
 
 def _read_file(plan: VariantPlan, path: Union[str, Path]) -> dict[str, torch.Tensor]:

@@ -102,6 +102,10 @@ class Family:
         export_note: Why the family's dynamic model cannot go through ``torch.export`` / ONNX with dynamic H x W
             ("": it can; tests/test_script_fx_tokens.py checks it at three sizes).
         runtime: How :func:`timm_anysize.enable_dynamic` sets the family up (``dynamic="cached"``).
+        size_multiples: For architectures whose branches or stages need whole multiples at the model's own size:
+            ``(model built at any size, img_size) -> ((what, size, multiple), ...)``, the sizes an ``img_size`` gives
+            and what each must be a multiple of. Validation rejects a variant whose size breaks one, naming the
+            nearest sizes that work.
         example: A timm model of the family, used by the coverage matrix and docs/families.md.
         matches: Extra test on the instance (e.g. a ViT whose stem is a hybrid CNN).
         generic: A family with no row of its own (:func:`timm_anysize.families.generic_family`): every tensor is
@@ -125,6 +129,7 @@ class Family:
     unsupported: dict[str, str] = field(default_factory=dict)
     export_note: str = ""
     runtime: Optional[DynamicPath] = None
+    size_multiples: Optional[Callable[[nn.Module, Size2], tuple[tuple[str, Size2, Size2], ...]]] = None
     example: str = ""
     matches: Optional[Callable[[nn.Module], bool]] = None
     generic: bool = False

@@ -2,7 +2,8 @@
 
 An export is ``config.json`` (written by timm's own ``save_for_hf``: the *base* architecture plus ``model_args``
 with the new geometry), ``model.safetensors`` and a ``README.md`` model card rendered by huggingface_hub from a
-Jinja template, so ``timm.create_model('local-dir:DIR')`` or ``'hf-hub:REPO'`` loads it without timm-anysize.
+Jinja template, so ``timm.create_model('local-dir:DIR')`` or ``'hf-hub:REPO'`` loads it without timm-anysize, and
+Hugging Face transformers loads it through ``AutoModelForImageClassification`` (its TimmWrapper).
 """
 
 from __future__ import annotations
@@ -178,6 +179,8 @@ def build_model_card(
         description=cfg.get("description") or spec.card.description or "",
         base_model_name=spec.base,
         load_name=f"hf-hub:{repo_id}" if repo_id else "local-dir:/path/to/this/folder",
+        hf_name=repo_id or "/path/to/this/folder",
+        pil_mode=_PIL_MODES.get(cfg["input_size"][0]),
         architecture=spec.arch,
         model_args=_model_args(model),
         input_size=cfg["input_size"],
@@ -199,6 +202,10 @@ def build_model_card(
     )
 
 
+# PIL image modes whose tensors (ToTensor) have a given channel count, other than RGB.
+_PIL_MODES = {1: "L", 4: "RGBA"}
+
+
 def _plain_timm_dynamic(plan: Any) -> bool:
     """Whether the exported model runs at any size in plain timm (timm's own dynamic path, not ours)."""
     return plan.dynamic and plan.family.timm_dynamic
@@ -214,6 +221,21 @@ def _model_args(model: nn.Module) -> dict[str, Any]:
     return args
 
 
+# model_args timm's save_for_hf records that are no part of the architecture: num_classes is the config's own
+# top-level field (Hugging Face transformers' TimmWrapper passes it separately, and fails on a second value), and
+# weight_init is how the model was initialised before its weights were loaded.
+_NOT_MODEL_ARGS = ("num_classes", "weight_init")
+
+
+def _clean_config(path: Path) -> None:
+    """Drop loading details from config.json's ``model_args`` (see ``_NOT_MODEL_ARGS``)."""
+    config = json.loads(path.read_text())
+    args = config.get("model_args", {})
+    for key in _NOT_MODEL_ARGS:
+        args.pop(key, None)
+    path.write_text(json.dumps(config, indent=2))
+
+
 def _write_export(model: nn.Module, folder: Path, repo_id: Optional[str], metrics: Any) -> None:
     from timm.models import save_for_hf
 
@@ -223,6 +245,7 @@ def _write_export(model: nn.Module, folder: Path, repo_id: Optional[str], metric
     if label_names:
         model_config["label_names"] = list(label_names)
     save_for_hf(model, str(folder), model_config=model_config, model_args=_model_args(model), safe_serialization=True)
+    _clean_config(folder / "config.json")
     report = getattr(model, "_anysize_report", None)
     if report is not None:  # the full per-tensor account, for tools; the card has the summary
         (folder / "anysize_report.json").write_text(json.dumps(report.to_dict(), indent=2))

@@ -14,6 +14,7 @@ from typing import Any, Optional
 import timm
 import torch
 import torch.nn as nn
+from timm.layers import get_spatial_dim
 from timm.models import get_pretrained_cfg
 
 from .errors import AdaptationError, SpecError
@@ -98,6 +99,7 @@ class VariantPlan:
     dynamic: bool = True
     source_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict, repr=False)  # timm's layout, by key
     resamples: dict[str, TensorResample] = field(default_factory=dict, repr=False)
+    feature_size: Optional[Size2] = None  # H x W of forward_features at the target size, where the base has pool_size
 
     @property
     def dynamic_kwargs(self) -> dict[str, bool]:
@@ -381,6 +383,33 @@ def tensor_resamples(family: Family, source_model: nn.Module, target_model: nn.M
     return out
 
 
+def feature_size(model: nn.Module, geometry: Geometry) -> Size2:
+    """The H x W of ``forward_features`` at the geometry's size: a forward on the meta device (shapes only).
+
+    Example:
+        >>> import timm
+        >>> from timm_anysize.families import family_of
+        >>> m = timm.create_model("swin_tiny_patch4_window7_224", img_size=(64, 96), window_size=4)
+        >>> feature_size(m, geometry_of(m, family_of(m)))
+        (2, 3)
+    """
+    x = torch.empty(1, geometry.in_chans, *geometry.img_size, device="meta")
+    with torch.no_grad():
+        out = model.to("meta").forward_features(x)
+    h, w = get_spatial_dim(getattr(model, "output_fmt", "NCHW"))
+    return (int(out.shape[h]), int(out.shape[w]))
+
+
+def _call_error(spec: VariantSpec, overrides: dict[str, Any], err: SpecError) -> Exception:
+    """A constructor's TypeError caused by a create_model keyword (the spec alone was validated at registration)
+    is the caller's error, a TypeError as for any timm model; anything else stays a SpecError."""
+    cause = err.__cause__
+    if overrides and isinstance(cause, TypeError):
+        return TypeError(f"timm.create_model({spec.name!r}, ...): {cause} (keyword arguments given: "
+                         f"{', '.join(sorted(overrides))})")
+    return err
+
+
 def _make_plan(spec: VariantSpec, overrides: dict[str, Any]) -> VariantPlan:
     base_cfg = resolve_base_cfg(spec)
     src = spec.pretrained
@@ -408,12 +437,16 @@ def _make_plan(spec: VariantSpec, overrides: dict[str, Any]) -> VariantPlan:
         reason = family.unsupported.get(change)
         if reason:
             raise SpecError(f"{_where(spec)}: the {family.name} family cannot take {change}: {reason}")
+    _check_size_multiples(spec, family, source_model, target_kwargs.get("img_size"))
     if spec.dynamic and not family.supports_dynamic:
         raise SpecError(
             f"{_where(spec)}.dynamic: the {family.name} family cannot run at any input size: {family.dynamic_reason}; "
             f"set dynamic: false (or leave it out: it defaults to what the family supports)"
         )
-    target_model, target_kwargs = _build_sized(spec, target_kwargs, "target", square_only=family.square_only)
+    try:
+        target_model, target_kwargs = _build_sized(spec, target_kwargs, "target", square_only=family.square_only)
+    except SpecError as e:
+        raise _call_error(spec, overrides, e) from e.__cause__
     target = geometry_of(target_model, family, base_cfg, target_img)
     for change in classify_changes(source, target):  # what the built model changes, spec defaults included
         reason = family.unsupported.get(change)
@@ -452,6 +485,7 @@ def _make_plan(spec: VariantSpec, overrides: dict[str, Any]) -> VariantPlan:
         dynamic=family.supports_dynamic if spec.dynamic is None else spec.dynamic,
         source_shapes={k: tuple(v.shape) for k, v in source_model.state_dict().items()},
         resamples=tensor_resamples(family, source_model, target_model),
+        feature_size=_target_feature_size(spec, base_cfg, target_model, target),
     )
     if family.generic:
         _refuse_geometry_bound(plan, {k: tuple(v.shape) for k, v in target_model.state_dict().items()})
@@ -502,3 +536,43 @@ def _refuse_geometry_bound(plan: VariantPlan, target_shapes: dict[str, tuple[int
 def _type_name(plan: VariantPlan) -> str:
     """The model class a plan builds."""
     return plan.family.classes[0].__name__ if plan.family.classes else plan.spec.arch
+
+
+def _nearest(size: int, axis: int, fits) -> list[int]:
+    """The closest sizes below and above ``size`` (on one axis) for which ``fits(axis, candidate)``."""
+    below = next((c for c in range(size - 1, 0, -1) if fits(axis, c)), None)
+    above = next((c for c in range(size + 1, 64 * size + 64) if fits(axis, c)), None)
+    return [c for c in (below, above) if c is not None]
+
+
+def _check_size_multiples(spec: VariantSpec, family: Family, model: nn.Module, img_size: Any) -> None:
+    """Reject an img_size whose branches/stages cannot run at it (``Family.size_multiples``), naming the
+    constraint and the nearest sizes that work."""
+    if family.size_multiples is None or img_size is None:
+        return
+    size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+
+    def fits(axis: int, candidate: int) -> bool:
+        probe = tuple(candidate if a == axis else s for a, s in enumerate(size))
+        return all(got[axis] % mult[axis] == 0 for _, got, mult in family.size_multiples(model, probe))
+
+    for what, got, mult in family.size_multiples(model, size):
+        for axis, name in enumerate(("height", "width")):
+            if got[axis] % mult[axis]:
+                near = " or ".join(map(str, _nearest(size[axis], axis, fits)))
+                raise SpecError(
+                    f"{_where(spec)}.img_size: {family.name} cannot run at {list(size)}: {what} gets "
+                    f"{list(got)} px, and its {name} {got[axis]} is not a multiple of its patch {mult[axis]}; "
+                    f"nearest {name}s that work: {near}"
+                )
+
+
+def _target_feature_size(spec: VariantSpec, base_cfg: dict[str, Any], model: nn.Module, geometry: Geometry):
+    """The variant's pool_size, where the base's cfg has one (spatial feature maps: the Swin families)."""
+    if not base_cfg.get("pool_size"):
+        return None
+    try:
+        return feature_size(model, geometry)
+    except Exception as e:  # the base's own forward cannot take the size
+        raise SpecError(f"{_where(spec)}.img_size: {spec.arch} cannot run at {list(geometry.img_size)} "
+                        f"({e}); pick another img_size") from e

@@ -8,12 +8,14 @@ timm resizes the input to each branch's fixed size. At the model's own size the 
 from typing import List, Optional, Tuple, Union
 
 import torch
+import torch.nn as nn
 from timm.layers import register_notrace_function
 from timm.models import crossvit
 from timm.models._features import feature_take_indices  # timm exports it from no public module
 
 from ..cache import dynamic_pos_embed, resample_pos_tokens
 from ..family import DynamicPath, Family, no_patch_change
+from ..spec import Size2
 
 __all__ = ["FAMILIES", "DynamicCrossVit", "crossvit_branch_size"]
 
@@ -90,6 +92,17 @@ class DynamicCrossVit(crossvit.CrossVit):
         return reshaped if intermediates_only else (out[0], reshaped)
 
 
+def _crossvit_branch_sizes(model: nn.Module, img_size: Size2) -> tuple[tuple[str, Size2, Size2], ...]:
+    """Each CrossViT branch embeds the input resized by its scale (``int(size * scale)``, as timm computes it) in
+    whole patches of its own size; the scales are read off the built model."""
+    out = []
+    for i, pe in enumerate(model.patch_embed):
+        scale = [s / b for s, b in zip(model.img_size_scaled[i], model.img_size)]
+        size = tuple(int(x * r) for x, r in zip(img_size, scale))
+        out.append((f"branch {i} (input x {scale[0]:.4g}, patch {pe.patch_size[0]})", size, tuple(pe.patch_size)))
+    return tuple(out)  # type: ignore[return-value]
+
+
 FAMILIES = (
     Family(
         name="crossvit",
@@ -105,6 +118,7 @@ FAMILIES = (
         "torch.export cannot keep symbolic; torch.compile recompiles per size instead",
         dynamic_args=(),  # enable_dynamic sizes each branch from the input
         runtime=DynamicPath(classes={crossvit.CrossVit: DynamicCrossVit}, patch_layout="none"),
+        size_multiples=_crossvit_branch_sizes,
         example="crossvit_tiny_240",
     ),
 )
