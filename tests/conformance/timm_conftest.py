@@ -102,7 +102,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         name = getattr(item, "originalname", item.name)
         params = getattr(getattr(item, "callspec", None), "params", {})
-        ok = name in _registry_tests and name not in _NEEDS_WEIGHTS and "model_name" in params
+        # An empty selection parametrizes with pytest's NOTSET placeholder (a skip): not a model, not a cell.
+        ok = name in _registry_tests and name not in _NEEDS_WEIGHTS and isinstance(params.get("model_name"), str)
         (keep if ok else drop).append(item)
         if ok:
             _models[item.nodeid] = params["model_name"]
