@@ -1,0 +1,71 @@
+"""MaxViT / CoAtNet (timm's ``maxxvit``) and GCViT: every relative-position table resized as timm resizes it."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+from conftest import unique_name
+from timm.layers import resize_rel_pos_bias_table
+from timm.models.maxxvit import checkpoint_filter_fn
+
+import timm_anysize
+
+MAXXVIT = dict(embed_dim=(16, 32, 48, 64), depths=(1, 1, 1, 1), stem_width=(16, 16), transformer_dim_head=16)
+GCVIT = dict(embed_dim=16, mlp_ratio=1.0)
+# one base per kind of relative position: flat tables (rw), TF tables [heads, 2h-1, 2w-1], MLP (no table), CoAtNet
+# (a transformer stage's table spans its whole feature map)
+MAXXVIT_BASES = ["maxvit_nano_rw_256", "maxvit_tiny_tf_224", "maxvit_rmlp_pico_rw_256", "coatnet_pico_rw_224"]
+
+
+def _load(make_checkpoint, arch: str, args: dict, img_size):
+    path, base = make_checkpoint(arch, img_size=64, **args)
+    name = timm_anysize.register_variant(unique_name(), base=arch, model_args=args, img_size=img_size,
+                                         pretrained={"file": str(path), "img_size": 64})
+    return base, timm.create_model(name, pretrained=True).eval()
+
+
+@pytest.mark.parametrize("img_size", [96, [128, 64]], ids=["96", "128x64"])
+@pytest.mark.parametrize("arch", MAXXVIT_BASES)
+def test_maxxvit_load_equals_timm_set_input_size(make_checkpoint, arch, img_size):
+    """Each table equals timm's own ``set_input_size`` on the base, and (square) its ``checkpoint_filter_fn``."""
+    base, model = _load(make_checkpoint, arch, MAXXVIT, img_size)
+    report = timm_anysize.adaptation_report(model)
+    ref = copy.deepcopy(base)
+    ref.set_input_size(img_size=img_size)
+    sd, ref_sd = model.state_dict(), ref.state_dict()
+    assert sd.keys() == ref_sd.keys()
+    for key in sd:
+        assert torch.equal(sd[key], ref_sd[key]), key
+    resampled = {k for k, e in report.entries.items() if e.action == "resampled"}
+    assert resampled == {k for k in sd if k.endswith("relative_position_bias_table")}
+    assert bool(resampled) is ("rmlp" not in arch)
+    if isinstance(img_size, int):
+        timm_model = timm.create_model(arch, img_size=img_size, **MAXXVIT)
+        filtered = checkpoint_filter_fn(base.state_dict(), timm_model)
+        assert all(torch.equal(sd[k], filtered[k]) for k in sd)
+    x = torch.randn(2, 3, *((img_size,) * 2 if isinstance(img_size, int) else img_size))
+    with torch.no_grad():
+        assert torch.equal(model(x), ref.eval()(x))
+
+
+@pytest.mark.parametrize("img_size", [96, [128, 64]], ids=["96", "128x64"])
+def test_gcvit_load_resizes_every_table_with_timm_between_the_windows_of_its_block(make_checkpoint, img_size):
+    base, model = _load(make_checkpoint, "gcvit_xxtiny", GCVIT, img_size)
+    hw = (img_size,) * 2 if isinstance(img_size, int) else tuple(img_size)
+    plain = timm.create_model("gcvit_xxtiny", img_size=hw, **GCVIT)
+    sd, src = model.state_dict(), base.state_dict()
+    tables = [k for k in sd if k.endswith("relative_position_bias_table")]
+    assert len(tables) == 12
+    for key in tables:
+        owner = key.rsplit(".", 1)[0]
+        old, new = base.get_submodule(owner).window_size, plain.get_submodule(owner).window_size
+        assert tuple(new) == tuple(model.get_submodule(owner).window_size) != tuple(old)
+        expected = resize_rel_pos_bias_table(src[key], new_window_size=new, new_bias_shape=sd[key].shape,
+                                             old_window_size=old)
+        assert torch.equal(sd[key], expected), key
+    assert all(torch.equal(sd[k], src[k]) for k in sd if k not in tables)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randn(1, 3, *hw))).all()
