@@ -69,3 +69,46 @@ def test_gcvit_load_resizes_every_table_with_timm_between_the_windows_of_its_blo
     assert all(torch.equal(sd[k], src[k]) for k in sd if k not in tables)
     with torch.no_grad():
         assert torch.isfinite(model(torch.randn(1, 3, *hw))).all()
+
+
+def _trained(arch: str, args: dict, img_size: int = 64) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = timm.create_model(arch, img_size=img_size, **args).eval()
+    with torch.no_grad():  # non-trivial tables (timm initialises some at zero)
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+@pytest.mark.parametrize("arch", MAXXVIT_BASES)
+def test_maxxvit_at_any_size_equals_timm_built_for_it(arch):
+    """enable_dynamic: at each size the outputs are bit-identical to timm's own model moved there with
+    ``set_input_size`` (tables resized as a load resizes them); a size off the partitions is padded bottom/right."""
+    base = _trained(arch, MAXXVIT)
+    model = timm_anysize.enable_dynamic(copy.deepcopy(base))
+    for hw, built in (((64, 64), (64, 64)), ((96, 64), (96, 64)), ((128, 96), (128, 96)), ((64, 129), (64, 160))):
+        ref = copy.deepcopy(base)
+        ref.set_input_size(img_size=built)
+        x = torch.randn(2, 3, *hw)
+        with torch.no_grad():
+            out = model(x)
+            assert torch.equal(out, ref(torch.nn.functional.pad(x, (0, built[1] - hw[1])))), hw
+            feats = model.forward_intermediates(x, intermediates_only=True)
+            assert [f.shape[-2:] for f in feats] == [f.shape[-2:] for f in ref.forward_intermediates(
+                torch.nn.functional.pad(x, (0, built[1] - hw[1])), intermediates_only=True)]
+
+
+def test_maxxvit_without_padding_names_the_multiple_and_trains_its_tables_at_another_size():
+    model = timm_anysize.enable_dynamic(_trained("maxvit_nano_rw_256", MAXXVIT), pad=False)
+    with pytest.raises(ValueError, match=r"input 64x70 is not a multiple of 32.*padding is off"):
+        model(torch.randn(1, 3, 64, 70))
+    model.train()
+    model(torch.randn(2, 3, 96, 64)).sum().backward()  # the resized bias is computed inline: gradients reach it
+    table = model.stages[0].blocks[0].attn_block.attn.rel_pos.relative_position_bias_table
+    assert table.grad is not None and table.grad.abs().sum() > 0
+
+
+def test_maxxvit_size_off_the_partitions_is_rejected_with_the_nearest_that_work():
+    with pytest.raises(timm_anysize.SpecError, match=r"cannot run at \[80, 80\].*not a multiple of its patch 32; "
+                                                      r"nearest heights that work: 64 or 96"):
+        timm_anysize.register_variant(unique_name(), base="maxvit_nano_rw_256", model_args=MAXXVIT, img_size=80)
