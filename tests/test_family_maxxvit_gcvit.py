@@ -112,3 +112,33 @@ def test_maxxvit_size_off_the_partitions_is_rejected_with_the_nearest_that_work(
     with pytest.raises(timm_anysize.SpecError, match=r"cannot run at \[80, 80\].*not a multiple of its patch 32; "
                                                       r"nearest heights that work: 64 or 96"):
         timm_anysize.register_variant(unique_name(), base="maxvit_nano_rw_256", model_args=MAXXVIT, img_size=80)
+
+
+def _gcvit_built_for(base: torch.nn.Module, size) -> torch.nn.Module:
+    """timm's GCViT built for ``size``, its tables resized from ``base``'s with timm's function."""
+    ref = timm.create_model("gcvit_xxtiny", img_size=size, **GCVIT).eval()
+    target = ref.state_dict()
+    weights = {}
+    for key, value in base.state_dict().items():
+        if key.endswith("relative_position_bias_table"):
+            owner = key.rsplit(".", 1)[0]
+            value = resize_rel_pos_bias_table(value, new_window_size=ref.get_submodule(owner).window_size,
+                                              new_bias_shape=target[key].shape,
+                                              old_window_size=base.get_submodule(owner).window_size)
+        weights[key] = value
+    ref.load_state_dict(weights)
+    return ref
+
+
+def test_gcvit_at_any_size_equals_timm_built_for_it():
+    """enable_dynamic: windows and global queries of each size, bit-identical to timm's model built for it (a size
+    off the windows: padded bottom/right)."""
+    base = _trained("gcvit_xxtiny", GCVIT)
+    model = timm_anysize.enable_dynamic(copy.deepcopy(base))
+    for hw, built in (((64, 64), (64, 64)), ((96, 64), (96, 64)), ((128, 96), (128, 96)), ((64, 129), (64, 160))):
+        x = torch.randn(2, 3, *hw)
+        ref = _gcvit_built_for(base, built)
+        with torch.no_grad():
+            assert torch.equal(model(x), ref(torch.nn.functional.pad(x, (0, built[1] - hw[1])))), hw
+    with pytest.raises(ValueError, match=r"input 64x70 is not a multiple of 32.*padding is off"):
+        timm_anysize.enable_dynamic(model, pad=False)(torch.randn(1, 3, 64, 70))
