@@ -20,12 +20,14 @@ import torch
 import torch.nn as nn
 from timm.layers import register_notrace_module
 from timm.layers.pos_embed_rel import RelPosBias  # timm exports it from no shorter path
-from timm.models import gcvit
+from timm.models import gcvit, maxxvit
 
 from ..cache import PosEmbedCache
 from ..family import NO_CONV_PATCH, REL_TABLE, DynamicPath, Family, no_patch_change
 from ..spec import Size2
-from .maxxvit import pad_to_multiple, rel_pos_bias_at
+from .maxxvit import DynamicRelPosBias, pad_to_multiple
+
+torch.fx.wrap("pad_to_multiple")  # a leaf of FX traces here too (fx.wrap patches this module's globals)
 
 __all__ = ["FAMILIES", "DynamicGlobalContextVit", "enable_gcvit_dynamic", "gcvit_size_multiple"]
 
@@ -46,8 +48,7 @@ class DynamicWindowAttentionGlobal(gcvit.WindowAttentionGlobal):
             q, k, v = qkv.unbind(0)
         q = q * self.scale
         attn = q @ k.transpose(-2, -1).contiguous()
-        own = [self.window_size[0], self.window_size[1]]
-        attn = attn + rel_pos_bias_at(self.rel_pos, own if window is None else window)
+        attn = attn + self.rel_pos.bias_at([self.window_size[0], self.window_size[1]] if window is None else window)
         attn = self.attn_drop(attn.softmax(dim=-1))
         x = (attn @ v).transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.proj(x))
@@ -61,9 +62,10 @@ class DynamicGlobalContextVitBlock(gcvit.GlobalContextVitBlock):
         ratio = self._anysize_ratio
         window = [H * self._anysize_stride // ratio[0], W * self._anysize_stride // ratio[1]] if ratio[0] else \
             [self.window_size[0], self.window_size[1]]
-        x_win = gcvit.window_partition(x, window).view(-1, window[0] * window[1], C)
+        # (timm's maxxvit partition functions: the same steps as gcvit's, typed for a window that is a list)
+        x_win = maxxvit.window_partition(x, window).view(-1, window[0] * window[1], C)
         attn_win = self.attn(x_win, q_global, window)
-        return gcvit.window_reverse(attn_win, window, (H, W))
+        return maxxvit.window_reverse(attn_win, window, [H, W])
 
 
 register_notrace_module(DynamicGlobalContextVitBlock)  # FX: the window is read off the input's shape inside
@@ -108,7 +110,7 @@ class DynamicGlobalContextVit(gcvit.GlobalContextVit):
         return pad_to_multiple(x, multiple)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward_features(self._anysize_input(x))
+        return self.stages(self.stem(self._anysize_input(x)))
 
     def forward_intermediates(
         self,
@@ -137,7 +139,8 @@ def enable_gcvit_dynamic(model: nn.Module, cache_size: int) -> None:
             if type(block.attn) is gcvit.WindowAttentionGlobal:
                 block.attn.__class__ = DynamicWindowAttentionGlobal
     for module in model.modules():
-        if isinstance(module, RelPosBias):
+        if type(module) is RelPosBias:
+            module.__class__ = DynamicRelPosBias
             module._anysize_bias_cache = PosEmbedCache(cache_size)
 
 

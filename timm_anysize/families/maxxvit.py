@@ -35,6 +35,7 @@ from timm.models._features import feature_take_indices  # timm exports it from n
 from ..cache import PosEmbedCache, must_run_inline
 from ..family import NO_CONV_PATCH, REL_TABLE, DynamicPath, Family, no_patch_change
 from ..spec import Size2
+from .beit import _interp2d, _offsets  # the scriptable port of timm's table resize
 
 __all__ = ["FAMILIES", "DynamicMaxxVit", "enable_maxxvit_dynamic", "rel_pos_bias_at", "maxxvit_size_multiple"]
 
@@ -89,7 +90,8 @@ def _mlp_bias(rel_pos: nn.Module, window: Tuple[int, int]) -> torch.Tensor:
 def rel_pos_bias_at(rel_pos: nn.Module, window: List[int]) -> torch.Tensor:
     """The additive attention bias ``[1, heads, N, N]`` one of timm's relative-position modules (``RelPosBias``,
     ``RelPosBiasTf``, ``RelPosMlp``) gives at ``window``: its own at its window, else what a model built for that
-    window (with the table resized as a load resizes it) gives. Tables are cached per window in eager inference.
+    window (with the table resized as a load resizes it) gives. Tables are cached per window in eager inference
+    (a module set up by :func:`enable_maxxvit_dynamic`).
 
     Example:
         >>> from timm.layers.pos_embed_rel import RelPosBias
@@ -113,6 +115,131 @@ def rel_pos_bias_at(rel_pos: nn.Module, window: List[int]) -> torch.Tensor:
     return cache.get_or_compute(key, table, lambda: compute(rel_pos, key_window).detach())
 
 
+# TorchScript: the same values from scriptable ports of timm's functions (timm's take untyped devices / modes).
+
+def _window_index(window: List[int], device: torch.device) -> torch.Tensor:
+    """timm's ``gen_relative_position_index`` without class token, flattened."""
+    coords = torch.stack(torch.meshgrid([torch.arange(window[0], device=device),
+                                         torch.arange(window[1], device=device)], indexing="ij")).flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)
+    rel[:, :, 0] += window[0] - 1
+    rel[:, :, 1] += window[1] - 1
+    rel[:, :, 0] *= 2 * window[1] - 1
+    return rel.sum(-1).view(-1)
+
+
+def _resize_table(table: torch.Tensor, old: List[int], new: List[int], flat: bool) -> torch.Tensor:
+    """timm's ``resize_rel_pos_bias_table`` (scipy off, no extra tokens) for a flat or TF-layout table, with
+    the interpolation steps of :mod:`timm_anysize.families.beit`'s port."""
+    src = [2 * old[0] - 1, 2 * old[1] - 1]
+    dst = [2 * new[0] - 1, 2 * new[1] - 1]
+    if src[0] == dst[0] and src[1] == dst[1]:
+        return table
+    yx = [torch.tensor(_offsets(src[0], dst[0])), torch.tensor(_offsets(src[1], dst[1]))]
+    ty, tx = dst[0] // 2.0, dst[1] // 2.0
+    dyx = torch.meshgrid([torch.arange(-ty, ty + 0.1, 1.0), torch.arange(-tx, tx + 0.1, 1.0)], indexing="ij")
+    heads: List[torch.Tensor] = []
+    for i in range(table.shape[1] if flat else table.shape[0]):
+        z = table[:, i].view(src[0], src[1]).float().cpu() if flat else table[i].float().cpu()
+        r = _interp2d(yx, z, [dyx[0], dyx[1]]).contiguous().to(table.device)
+        heads.append(r.view(-1, 1) if flat else r)
+    out = torch.cat(heads, dim=-1) if flat else torch.stack(heads, dim=0)
+    return out.to(table.dtype)
+
+
+def _lookup(length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """timm's ``generate_lookup_tensor``: ``ret[n, m, v] = 1`` where ``v = m - n + length - 1``."""
+    pos = torch.arange(length, device=device)
+    return F.one_hot(pos[None, :] - pos[:, None] + length - 1, 2 * length - 1).to(dtype)
+
+
+@torch.fx.wrap
+@register_notrace_function
+def table_bias(table: torch.Tensor, old: List[int], window: List[int], tf_layout: bool,
+               lookup_dtype: torch.dtype) -> torch.Tensor:
+    """The bias ``[1, heads, N, N]`` (``[heads, N, N]`` for a TF-layout table) a relative-position table laid out
+    for window ``old`` gives at ``window`` (scriptable; what :func:`rel_pos_bias_at` computes with timm's own
+    functions).
+
+    Example:
+        >>> table_bias(torch.randn(9, 2), [2, 2], [3, 2], False, torch.float32).shape
+        torch.Size([1, 2, 6, 6])
+    """
+    table = _resize_table(table, old, window, not tf_layout)
+    if tf_layout:
+        h = _lookup(window[0], lookup_dtype, table.device)
+        w = _lookup(window[1], lookup_dtype, table.device)
+        return reindex_2d_einsum_lookup(table, window[0], window[1], h, w)
+    area = window[0] * window[1]
+    bias = table[_window_index(window, table.device)].view(area, area, -1)
+    return bias.permute(2, 0, 1).unsqueeze(0).contiguous()
+
+
+def _log_coords_script(window: List[int], pretrained: List[int], mode: str, device: torch.device,
+                       dtype: torch.dtype) -> torch.Tensor:
+    """timm's ``gen_relative_log_coords``."""
+    h = torch.arange(-(window[0] - 1), window[0], device=device).to(torch.float32)
+    w = torch.arange(-(window[1] - 1), window[1], device=device).to(torch.float32)
+    table = torch.stack(torch.meshgrid([h, w], indexing="ij")).permute(1, 2, 0).contiguous()
+    if mode == "swin":
+        if pretrained[0] > 0:
+            table[:, :, 0] /= (pretrained[0] - 1)
+            table[:, :, 1] /= (pretrained[1] - 1)
+        else:
+            table[:, :, 0] /= (window[0] - 1)
+            table[:, :, 1] /= (window[1] - 1)
+        table *= 8
+        table = torch.sign(table) * torch.log2(1.0 + table.abs()) / 3.0  # math.log2(8), exactly
+    else:
+        table = torch.sign(table) * torch.log(1.0 + table.abs())
+    return table.to(dtype)
+
+
+class _BiasAt:
+    """``bias_at(window)`` on timm's relative-position modules: timm's own bias at the module's window."""
+
+    def bias_at(self, window: List[int]) -> torch.Tensor:
+        if window[0] == self.window_size[0] and window[1] == self.window_size[1]:
+            return self.get_bias()
+        if torch.jit.is_scripting():
+            return self._script_bias(window)
+        return self._eager_bias(window)
+
+    @torch.jit.unused
+    def _eager_bias(self, window: List[int]) -> torch.Tensor:
+        return rel_pos_bias_at(self, window)
+
+
+class DynamicRelPosBias(_BiasAt, RelPosBias):
+    def _script_bias(self, window: List[int]) -> torch.Tensor:
+        old = [self.window_size[0], self.window_size[1]]
+        return table_bias(self.relative_position_bias_table, old, window, False, torch.float32)
+
+
+class DynamicRelPosBiasTf(_BiasAt, RelPosBiasTf):
+    def _script_bias(self, window: List[int]) -> torch.Tensor:
+        old = [self.window_size[0], self.window_size[1]]
+        return table_bias(self.relative_position_bias_table, old, window, True, self.height_lookup.dtype)
+
+
+class DynamicRelPosMlp(_BiasAt, RelPosMlp):
+    def _script_bias(self, window: List[int]) -> torch.Tensor:
+        pretrained = [self.pretrained_window_size[0], self.pretrained_window_size[1]]
+        coords = _log_coords_script(window, pretrained, self.mode, self.rel_coords_log.device,
+                                    self.rel_coords_log.dtype)
+        area = window[0] * window[1]
+        bias = self.mlp(coords).view(-1, self.num_heads)[_window_index(window, coords.device)]
+        bias = self.bias_act(bias.view(area, area, self.num_heads).permute(2, 0, 1))
+        if self.bias_gain is not None:
+            bias = self.bias_gain * bias
+        if self.prefix_tokens:
+            bias = F.pad(bias, [self.prefix_tokens, 0, self.prefix_tokens, 0])
+        return bias.unsqueeze(0).contiguous()
+
+
+_REL_POS = {RelPosBias: DynamicRelPosBias, RelPosBiasTf: DynamicRelPosBiasTf, RelPosMlp: DynamicRelPosMlp}
+
+
 class DynamicAttention2d(maxxvit.Attention2d):
     """timm's NCHW attention with its bias at the window of its input (CoAtNet: the whole map; MaxViT-NCHW: a
     partition)."""
@@ -123,7 +250,9 @@ class DynamicAttention2d(maxxvit.Attention2d):
             q, k, v = self.qkv(x).view(B, self.num_heads, self.dim_head * 3, -1).chunk(3, dim=2)
         else:
             q, k, v = self.qkv(x).reshape(B, 3, self.num_heads, self.dim_head, -1).unbind(1)
-        bias = rel_pos_bias_at(self.rel_pos, [H, W]) if self.rel_pos is not None else shared_rel_pos
+        bias = shared_rel_pos
+        if self.rel_pos is not None:
+            bias = self.rel_pos.bias_at([H, W])
         if self.fused_attn:
             x = F.scaled_dot_product_attention(
                 q.transpose(-1, -2).contiguous(), k.transpose(-1, -2).contiguous(), v.transpose(-1, -2).contiguous(),
@@ -149,7 +278,9 @@ class DynamicAttentionCl(maxxvit.AttentionCl):
             q, k, v = self.qkv(x).view(B, -1, self.num_heads, self.dim_head * 3).transpose(1, 2).chunk(3, dim=3)
         else:
             q, k, v = self.qkv(x).reshape(B, -1, 3, self.num_heads, self.dim_head).transpose(1, 3).unbind(2)
-        bias = rel_pos_bias_at(self.rel_pos, [x.shape[1], x.shape[2]]) if self.rel_pos is not None else shared_rel_pos
+        bias = shared_rel_pos
+        if self.rel_pos is not None:
+            bias = self.rel_pos.bias_at([x.shape[1], x.shape[2]])
         if self.fused_attn:
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
                                                dropout_p=self.attn_drop.p if self.training else 0.)
@@ -164,44 +295,44 @@ class DynamicAttentionCl(maxxvit.AttentionCl):
         return self.proj_drop(self.proj(x))
 
 
-def _partition(module: nn.Module, h: int, w: int) -> List[int]:
-    """The partition an image of the size giving this ``h x w`` feature map gives (``size / partition_ratio``),
-    or the module's own fixed one (windows given explicitly)."""
-    ratio = module._anysize_ratio
-    if ratio == 0:
-        return [module.partition_size[0], module.partition_size[1]]
-    stride = module._anysize_stride
-    return [h * stride // ratio, w * stride // ratio]
+class _Partition:
+    def _anysize_partition(self, h: int, w: int) -> List[int]:
+        """The partition an image of the size giving this ``h x w`` feature map gives (``size / partition_ratio``),
+        or the module's own fixed one (partitions given explicitly)."""
+        ratio = self._anysize_ratio
+        if ratio == 0:
+            return [self.partition_size[0], self.partition_size[1]]
+        return [h * self._anysize_stride // ratio, w * self._anysize_stride // ratio]
 
 
-class DynamicPartitionAttentionCl(maxxvit.PartitionAttentionCl):
+class DynamicPartitionAttentionCl(_Partition, maxxvit.PartitionAttentionCl):
     """timm's window / grid attention (NHWC) with the partition of its input's size."""
 
     def _partition_attn(self, x: torch.Tensor) -> torch.Tensor:
         img_size = x.shape[1:3]
-        size = _partition(self, x.shape[1], x.shape[2])
+        size = self._anysize_partition(x.shape[1], x.shape[2])
         if self.partition_block:
             return maxxvit.window_reverse(self.attn(maxxvit.window_partition(x, size)), size, img_size)
         return maxxvit.grid_reverse(self.attn(maxxvit.grid_partition(x, size)), size, img_size)
 
 
-class DynamicPartitionAttention2d(maxxvit.PartitionAttention2d):
+class DynamicPartitionAttention2d(_Partition, maxxvit.PartitionAttention2d):
     """timm's window / grid attention (NCHW) with the partition of its input's size."""
 
     def _partition_attn(self, x: torch.Tensor) -> torch.Tensor:
         img_size = x.shape[-2:]
-        size = _partition(self, x.shape[-2], x.shape[-1])
+        size = self._anysize_partition(x.shape[-2], x.shape[-1])
         if self.partition_block:
             return maxxvit.window_reverse_nchw(self.attn(maxxvit.window_partition_nchw(x, size)), size, img_size)
         return maxxvit.grid_reverse_nchw(self.attn(maxxvit.grid_partition_nchw(x, size)), size, img_size)
 
 
-class DynamicParallelPartitionAttention(maxxvit.ParallelPartitionAttention):
+class DynamicParallelPartitionAttention(_Partition, maxxvit.ParallelPartitionAttention):
     """timm's parallel window + grid attention with the partition of its input's size."""
 
     def _partition_attn(self, x: torch.Tensor) -> torch.Tensor:
         img_size = x.shape[1:3]
-        size = _partition(self, x.shape[1], x.shape[2])
+        size = self._anysize_partition(x.shape[1], x.shape[2])
         x_window = maxxvit.window_reverse(self.attn_block(maxxvit.window_partition(x, size)), size, img_size)
         x_grid = maxxvit.grid_reverse(self.attn_grid(maxxvit.grid_partition(x, size)), size, img_size)
         return torch.cat([x_window, x_grid], dim=-1)
@@ -285,7 +416,9 @@ class DynamicMaxxVit(maxxvit.MaxxVit):
         return x
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward_features(self._anysize_input(x))
+        x = self.stem(self._anysize_input(x))
+        x = self.stages(x)
+        return self.norm(x)
 
     def forward_intermediates(
         self,
@@ -312,7 +445,9 @@ def enable_maxxvit_dynamic(model: nn.Module, cache_size: int) -> None:
         attention_cls = _ATTENTIONS.get(type(module))
         if attention_cls is not None:
             module.__class__ = attention_cls
-        if isinstance(module, (RelPosBias, RelPosBiasTf)):
+        rel_pos_cls = _REL_POS.get(type(module))
+        if rel_pos_cls is not None:
+            module.__class__ = rel_pos_cls
             module._anysize_bias_cache = PosEmbedCache(cache_size)
     model._anysize_multiple = maxxvit_size_multiple(model)
     model._anysize_pad = model._anysize_dynamic.pad
