@@ -142,3 +142,54 @@ def test_gcvit_at_any_size_equals_timm_built_for_it():
             assert torch.equal(model(x), ref(torch.nn.functional.pad(x, (0, built[1] - hw[1])))), hw
     with pytest.raises(ValueError, match=r"input 64x70 is not a multiple of 32.*padding is off"):
         timm_anysize.enable_dynamic(model, pad=False)(torch.randn(1, 3, 64, 70))
+
+
+def _fx(model: torch.nn.Module) -> torch.nn.Module:
+    """timm's test harness ``_create_fx_model`` (eval): traced with timm's notrace registry, the last node."""
+    from timm.layers import get_notrace_functions, get_notrace_modules
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+    kwargs = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions(),
+                  param_shapes_constant=True)
+    train_nodes, eval_nodes = get_graph_node_names(model, tracer_kwargs=kwargs)
+    return create_feature_extractor(model, train_return_nodes=[train_nodes[-1]], eval_return_nodes=[eval_nodes[-1]],
+                                    tracer_kwargs=kwargs)
+
+
+SCRIPT_FX = [(arch, MAXXVIT) for arch in MAXXVIT_BASES] + [("gcvit_xxtiny", GCVIT)]
+
+
+@pytest.mark.parametrize("arch,args", SCRIPT_FX, ids=[a for a, _ in SCRIPT_FX])
+def test_torchscript_and_fx_equal_eager_at_any_size(make_checkpoint, arch, args):
+    """A registered variant (96x64 from 64 px weights) scripted, and FX-traced, gives the eager outputs bit for bit
+    at its size, at another and at one that is padded (the scripted path resizes tables with the ports of timm's
+    functions)."""
+    path, _ = make_checkpoint(arch, img_size=64, **args)
+    name = timm_anysize.register_variant(unique_name(), base=arch, model_args=args, img_size=[96, 64],
+                                         pretrained={"file": str(path), "img_size": 64})
+    model = timm.create_model(name, pretrained=True).eval()
+    scripted, traced = torch.jit.script(model), _fx(model)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for hw in ((96, 64), (64, 128), (64, 97)):
+            x = torch.randn(2, 3, *hw, generator=gen)
+            out = model(x)
+            assert torch.equal(scripted(x), out), hw
+            assert torch.equal(next(iter(traced(x).values())), out), hw
+
+
+def test_forward_intermediates_at_another_size_equal_a_model_built_for_it():
+    base = _trained("maxvit_nano_rw_256", MAXXVIT)
+    model = timm_anysize.enable_dynamic(copy.deepcopy(base))
+    ref = copy.deepcopy(base)
+    ref.set_input_size(img_size=(128, 96))
+    x = torch.randn(1, 3, 128, 96)
+    with torch.no_grad():
+        got, want = model.forward_intermediates(x), ref.forward_intermediates(x)
+    assert torch.equal(got[0], want[0]) and all(torch.equal(a, b) for a, b in zip(got[1], want[1]))
+    gc_base = _trained("gcvit_xxtiny", GCVIT)
+    gc = timm_anysize.enable_dynamic(copy.deepcopy(gc_base))
+    with torch.no_grad():
+        got = gc.forward_intermediates(x, intermediates_only=True)
+        want = _gcvit_built_for(gc_base, (128, 96)).forward_intermediates(x, intermediates_only=True)
+    assert len(got) == 4 and all(torch.equal(a, b) for a, b in zip(got, want))
