@@ -163,6 +163,8 @@ FAMILIES = (
             patch_layout="none",
         ),
         size_multiples=_size_multiples,
+        export_note="each window's bias table is resized by timm's interpolation over an offset grid computed in "
+                    "Python from the window size, which torch.export specializes to the example input's size",
         example="gcvit_xxtiny",
     ),
 )

@@ -473,6 +473,8 @@ FAMILIES = (
             patch_layout="none",
         ),
         size_multiples=_size_multiples,
+        export_note="each partition's bias table is resized by timm's interpolation over an offset grid computed in "
+                    "Python from the partition size, which torch.export specializes to the example input's size",
         example="maxvit_nano_rw_256",
     ),
 )
