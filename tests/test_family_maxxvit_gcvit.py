@@ -193,3 +193,20 @@ def test_forward_intermediates_at_another_size_equal_a_model_built_for_it():
         got = gc.forward_intermediates(x, intermediates_only=True)
         want = _gcvit_built_for(gc_base, (128, 96)).forward_intermediates(x, intermediates_only=True)
     assert len(got) == 4 and all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("arch,args", [SCRIPT_FX[0], SCRIPT_FX[-1]], ids=["maxxvit", "gcvit"])
+def test_fx_feature_model_runs_at_any_size_with_the_dynamic_model_features(make_checkpoint, arch, args):
+    """``features_only=True, feature_cls='fx'`` traces the dynamic model: any size, the features of
+    ``forward_intermediates`` (timm's default feature wrapper takes the variant's size: ``dynamic_features``)."""
+    path, _ = make_checkpoint(arch, img_size=64, **args)
+    name = timm_anysize.register_variant(unique_name(), base=arch, model_args=args, img_size=96,
+                                         pretrained={"file": str(path), "img_size": 64})
+    feats = timm.create_model(name, pretrained=True, features_only=True, feature_cls="fx", out_indices=(0, 1, 2))
+    model = timm.create_model(name, pretrained=True).eval()
+    assert feats.eval().pretrained_cfg["fixed_input_size"] is False
+    for hw in ((96, 96), (128, 64)):
+        x = torch.randn(1, 3, *hw)
+        with torch.no_grad():
+            got, want = feats(x), model.forward_intermediates(x, indices=[0, 1, 2], intermediates_only=True)
+        assert len(got) == 3 and all(torch.equal(a, b) for a, b in zip(got, want)), hw
