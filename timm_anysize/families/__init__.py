@@ -36,8 +36,8 @@ __all__ = [
 ]
 
 # The order is the lookup order of family_of (a ViT hybrid is told from a ViT by its row's ``matches``).
-_MODULES = (vit, deit, eva, beit, cait, swin, pit, volo, levit, twins, xcit, hiera, mvitv2, crossvit, naflexvit, maxxvit,
-            gcvit, mlp_mixer)
+_MODULES = (vit, deit, eva, beit, cait, swin, pit, volo, levit, twins, xcit, hiera, mvitv2, crossvit, naflexvit,
+            maxxvit, gcvit, mlp_mixer)
 
 FAMILIES: tuple[Family, ...] = tuple(row for module in _MODULES for row in module.FAMILIES)
 

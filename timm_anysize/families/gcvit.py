@@ -10,7 +10,9 @@ At run time (:func:`timm_anysize.enable_dynamic`) each block takes the window an
 no whole fraction of the size stays fixed), and its attention the bias for that window (the table resized as a
 load resizes it, cached per window while the weights are unchanged, see :func:`~timm_anysize.families.maxxvit.
 rel_pos_bias_at`). The global query pools the map down to that window, as in a model built for the size: the
-outputs are equal. Inputs are padded (bottom/right) to a multiple of the stride and the ratios.
+outputs are equal. Inputs are padded (bottom/right) to a multiple of the stride and the ratios. TorchScript
+compiles the path (the tables resized by the scriptable port in :mod:`timm_anysize.families.maxxvit`); FX records
+each block as one leaf module.
 """
 
 import math

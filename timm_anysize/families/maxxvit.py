@@ -13,6 +13,10 @@ attention its bias for that window: the table resized exactly as a load at that 
 (eager, no gradient), or the MLP run over that window's coordinates. The outputs equal those of a model built for
 the size with the resized weights. Sizes that do not split into whole windows are padded (bottom/right) to the
 nearest that do (``pad``); at the model's own size every path is timm's own.
+
+TorchScript compiles the same path, with scriptable ports of timm's table resize, index, lookup and log coordinates
+(:func:`table_bias`: the same values, bit for bit); FX records every partition attention (and CoAtNet's
+attentions) as one leaf module, whose window is read off its input, and the padding as one leaf function.
 """
 
 import math
@@ -30,14 +34,16 @@ from timm.layers.pos_embed_rel import (  # timm exports these from no shorter pa
     generate_lookup_tensor, reindex_2d_einsum_lookup,
 )
 from timm.models import maxxvit
-from timm.models._features import feature_take_indices  # timm exports it from no public module
 
 from ..cache import PosEmbedCache, must_run_inline
 from ..family import NO_CONV_PATCH, REL_TABLE, DynamicPath, Family, no_patch_change
 from ..spec import Size2
 from .beit import _interp2d, _offsets  # the scriptable port of timm's table resize
 
-__all__ = ["FAMILIES", "DynamicMaxxVit", "enable_maxxvit_dynamic", "rel_pos_bias_at", "maxxvit_size_multiple"]
+__all__ = [
+    "FAMILIES", "DynamicMaxxVit", "enable_maxxvit_dynamic", "rel_pos_bias_at", "table_bias", "pad_to_multiple",
+    "maxxvit_size_multiple",
+]
 
 
 def _table_bias(rel_pos: nn.Module, window: Tuple[int, int]) -> torch.Tensor:
