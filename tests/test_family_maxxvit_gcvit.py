@@ -210,3 +210,27 @@ def test_fx_feature_model_runs_at_any_size_with_the_dynamic_model_features(make_
         with torch.no_grad():
             got, want = feats(x), model.forward_intermediates(x, indices=[0, 1, 2], intermediates_only=True)
         assert len(got) == 3 and all(torch.equal(a, b) for a, b in zip(got, want)), hw
+
+
+WIDE = dict(embed_dim=(64, 64, 128, 128), depths=(1, 1, 1, 1), stem_width=(16, 32), transformer_dim_head=32)
+BLOCK_KINDS = {  # (ConvNeXt blocks want widths their groups divide)
+    "parallel": ("maxvit_tiny_pm_256", WIDE),  # ParallelPartitionAttention
+    "nchw": ("maxvit_nano_rw_256", dict(WIDE, transformer_use_nchw_attn=True)),  # PartitionAttention2d
+    "convnext_grid_only": ("maxxvitv2_nano_rw_256", WIDE),  # no block attention
+    "coatnext": ("coatnext_nano_rw_224", WIDE),
+}
+
+
+@pytest.mark.parametrize("kind", list(BLOCK_KINDS))
+def test_every_maxxvit_block_kind_at_any_size_equals_timm_built_for_it(kind):
+    arch, args = BLOCK_KINDS[kind]
+    base = _trained(arch, args)
+    model = timm_anysize.enable_dynamic(copy.deepcopy(base))
+    scripted = torch.jit.script(model)
+    for hw in ((64, 64), (128, 96)):
+        ref = copy.deepcopy(base)
+        ref.set_input_size(img_size=hw)
+        x = torch.randn(1, 3, *hw)
+        with torch.no_grad():
+            out = model(x)
+            assert torch.equal(out, ref(x)) and torch.equal(scripted(x), out), hw
