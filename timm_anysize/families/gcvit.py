@@ -6,8 +6,9 @@ window. A load at another size resizes each table between the windows its attent
 timm's ``resize_rel_pos_bias_table`` (timm has no checkpoint filter or ``set_input_size`` for GCViT).
 
 At run time (:func:`timm_anysize.enable_dynamic`) each block takes the window an image of the input's size gives
-(``size / window_ratio``, the ratio read off the built model: its feature size x stride / window; a window that is
-no whole fraction of the size stays fixed), and its attention the bias for that window (the table resized as a
+(``size / window_ratio``, the ratio read off the built model: its feature size x stride / window; timm keeps no
+record of windows given explicitly, so one that is a whole fraction of the size scales like a derived one, and
+only one that is not stays fixed), and its attention the bias for that window (the table resized as a
 load resizes it, cached per window while the weights are unchanged, see :func:`~timm_anysize.families.maxxvit.
 rel_pos_bias_at`). The global query pools the map down to that window, as in a model built for the size: the
 outputs are equal. Inputs are padded (bottom/right) to a multiple of the stride and the ratios. TorchScript
@@ -129,7 +130,15 @@ class DynamicGlobalContextVit(gcvit.GlobalContextVit):
 
 
 def enable_gcvit_dynamic(model: nn.Module, cache_size: int) -> None:
-    """Swap in the blocks and attentions that take their input's window, and cache tables per window."""
+    """Swap in the blocks and attentions that take their input's window, and cache tables per window (what
+    :func:`timm_anysize.enable_dynamic` runs for a GCViT).
+
+    Example:
+        >>> import timm, timm_anysize
+        >>> m = timm_anysize.enable_dynamic(timm.create_model("gcvit_xxtiny", img_size=64, embed_dim=16).eval())
+        >>> m(torch.randn(1, 3, 96, 64)).shape
+        torch.Size([1, 1000])
+    """
     model._anysize_multiple = gcvit_size_multiple(model)
     model._anysize_pad = model._anysize_dynamic.pad
     for i, stage in enumerate(model.stages):

@@ -441,7 +441,15 @@ class DynamicMaxxVit(maxxvit.MaxxVit):
 
 
 def enable_maxxvit_dynamic(model: nn.Module, cache_size: int) -> None:
-    """Swap in the attention and partition classes that take their input's window, and cache tables per window."""
+    """Swap in the attention and partition classes that take their input's window, and cache tables per window
+    (what :func:`timm_anysize.enable_dynamic` runs for a MaxxViT).
+
+    Example:
+        >>> import timm, timm_anysize
+        >>> m = timm_anysize.enable_dynamic(timm.create_model("test_maxvit").eval())  # built for 160 px
+        >>> m(torch.randn(1, 3, 96, 64)).shape
+        torch.Size([1, 1000])
+    """
     for module in list(model.modules()):
         partition_cls = _PARTITIONS.get(type(module))
         if partition_cls is not None:
