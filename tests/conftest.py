@@ -18,6 +18,10 @@ import torch
 
 _counter = itertools.count()
 
+# tests/conformance/ holds the plugin and variants for timm's own test_models.py, run in a subprocess by
+# tests/test_timm_conformance.py; nothing there is a test of this suite.
+collect_ignore = ["conformance"]
+
 
 def unique_name(prefix: str = "t") -> str:
     """A variant name no other test registers."""

@@ -227,18 +227,3 @@ def test_beit_intermediates_at_any_size_equal_set_input_size():
         theirs = moved.forward_intermediates(x, indices=2, intermediates_only=True)
     assert [tuple(t.shape) for t in ours] == [(1, 64, 6, 3)] * 2
     assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
-<<<<<<< HEAD
-
-
-@pytest.mark.parametrize("arch, args, size", [  # CaiT, PiT, VOLO, Hiera: any size (tests/test_script_fx_tokens.py)
-    ("levit_128s", dict(embed_dim=(32, 48, 64), depth=(1, 1, 1), num_heads=(1, 1, 1), key_dim=8), 64),
-])
-def test_intermediates_that_follow_timm_run_at_the_own_size_and_say_so_elsewhere(arch, args, size):
-    model = timm_anysize.enable_dynamic(timm.create_model(arch, img_size=size, **args).eval())
-    with torch.no_grad():
-        assert model.forward_intermediates(torch.randn(1, 3, size, size), indices=1, intermediates_only=True)
-        assert torch.isfinite(model(torch.randn(1, 3, size + 32, size))).all()
-        with pytest.raises(ValueError, match=r"forward_intermediates follows timm's path.*got 96x64"):
-            model.forward_intermediates(torch.randn(1, 3, size + 32, size), indices=1, intermediates_only=True)
-=======
->>>>>>> h-jit-b2

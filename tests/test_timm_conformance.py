@@ -2,7 +2,7 @@
 
 The test takes ``tests/test_models.py`` from the sdist of the *installed* timm (``pip download --no-binary``,
 cached in ``~/.cache/timm-anysize/``; timm's test code is never copied into this repository), puts
-tests/conformance/conftest.py beside it and runs it with pytest in a subprocess, with the conformance variants of
+tests/conformance/timm_conftest.py beside it (as its conftest.py) and runs it with pytest in a subprocess, with the conformance variants of
 tests/conformance/variants.yaml registered through ``$TIMM_ANYSIZE_CONFIGS``. The conftest gives each variant
 exactly the tests timm runs for the variant's base architecture. Every cell must pass.
 
@@ -73,7 +73,7 @@ def run_conformance(workdir: Path, models: str = "variants", only: tuple[str, ..
     (``'bases'``) in a subprocess; returns the conftest's report (one entry per cell)."""
     workdir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(timm_test_models(), workdir / "test_models.py")
-    shutil.copyfile(HERE / "conftest.py", workdir / "conftest.py")
+    shutil.copyfile(HERE / "timm_conftest.py", workdir / "conftest.py")  # a plugin for timm's file only
     (workdir / "pytest.ini").write_text(_PYTEST_INI)
     report = workdir / "report.json"
     configs = os.pathsep.join(filter(None, [os.environ.get("TIMM_ANYSIZE_CONFIGS"), str(VARIANTS_YAML)]))

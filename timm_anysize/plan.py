@@ -18,6 +18,7 @@ from timm.layers import get_spatial_dim
 from timm.models import get_pretrained_cfg
 
 from .errors import AdaptationError, SpecError
+from .meta import meta_device
 from .families import Family, classify_changes, family_of, generic_family, tensor_layouts
 from .spec import Size2, VariantSpec
 from .square_build import create_square_only
@@ -267,7 +268,7 @@ def build_meta(spec: VariantSpec, kwargs: dict[str, Any], what: str, square_only
         model = create_meta_without_init(spec.base, kw)
         if model is not None:
             return model
-        with torch.device("meta"):
+        with meta_device():
             return timm.create_model(spec.base, pretrained=False, **kw)
 
     try:

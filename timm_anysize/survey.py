@@ -20,6 +20,7 @@ import torch
 
 from .errors import AdaptationError, AnysizeError, SpecError
 from .families import GEOMETRY_CHANGES
+from .meta import meta_device
 
 __all__ = ["SURVEY_FILE", "example_model", "survey_module", "run_survey", "load_survey"]
 
@@ -102,7 +103,7 @@ def _runs_at_any_size(example: str, plan) -> str:
     (h, w), c = plan.target.img_size, plan.target.in_chans
     step = 2 * plan.target.patch_size[0] if plan.target.patch_size else 32
     try:
-        with torch.device("meta"), warnings.catch_warnings():
+        with meta_device(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = build_variant(plan.spec).eval()
             for hw in ((h + step, w), (h, w + 2 * step)):
