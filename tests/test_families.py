@@ -51,6 +51,9 @@ SETUP = {
     "mvitv2": Setup({}, 64, 32),
     "crossvit": Setup(dict(embed_dim=[32, 64], depth=[[1, 1, 0]], num_heads=[1, 1]), 120, 120),
     "naflexvit": Setup(SMALL, 64, 16),
+    "maxxvit": Setup(dict(embed_dim=(16, 32, 48, 64), depths=(1, 1, 1, 1), stem_width=(16, 16),
+                          transformer_dim_head=16), 64, 32),  # windows of img_size / 32: 2x2 at 64 px
+    "gcvit": Setup(dict(embed_dim=16, mlp_ratio=1.0), 64, 32),  # (gcvit_xxtiny fixes depths and heads)
     "mlp_mixer": Setup({}, 64, 16),  # gMLP-Ti (timm's mixer entrypoints fix the depth); 16 tokens at 64 px
 }
 
