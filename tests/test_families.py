@@ -51,6 +51,9 @@ SETUP = {
     "mvitv2": Setup({}, 64, 32),
     "crossvit": Setup(dict(embed_dim=[32, 64], depth=[[1, 1, 0]], num_heads=[1, 1]), 120, 120),
     "naflexvit": Setup(SMALL, 64, 16),
+    "samvit": Setup(dict(SMALL, global_attn_indexes=[1], window_size=2, neck_chans=32), 64, 16),
+    "tnt": Setup(dict(SMALL, inner_dim=16, num_heads_inner=2, num_heads_outer=2), 64, 16),
+    "convit": Setup(dict(embed_dim=32, depth=2, num_heads=2, local_up_to_layer=1), 64, 16),  # embed_dim per head
     "mlp_mixer": Setup({}, 64, 16),  # gMLP-Ti (timm's mixer entrypoints fix the depth); 16 tokens at 64 px
 }
 
@@ -242,8 +245,9 @@ def test_export_loads_in_plain_timm_with_the_same_outputs(family, family_checkpo
     assert type(plain).__module__.startswith("timm.")
     # any size in plain timm only where timm has the dynamic path itself (timm writes fixed_input_size from the
     # model it builds); the card says which
-    if not family.timm_dynamic:
-        assert plain.pretrained_cfg["fixed_input_size"] is True
+    if not family.timm_dynamic:  # fixed, unless timm builds the patch embedding non-strict (SAM: whole patches)
+        assert plain.pretrained_cfg["fixed_input_size"] is getattr(getattr(plain, "patch_embed", None),
+                                                                   "strict_img_size", True)
     elif "dynamic_img_size" in family.dynamic_args:
         assert plain.pretrained_cfg["fixed_input_size"] is False
     card = (out / "README.md").read_text()

@@ -1,0 +1,3 @@
+"""TNT (Transformer in Transformer)."""
+
+FAMILIES = ()
