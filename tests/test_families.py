@@ -52,7 +52,7 @@ SETUP = {
     "crossvit": Setup(dict(embed_dim=[32, 64], depth=[[1, 1, 0]], num_heads=[1, 1]), 120, 120),
     "naflexvit": Setup(SMALL, 64, 16),
     "samvit": Setup(dict(SMALL, global_attn_indexes=[1], window_size=2, neck_chans=32), 64, 16),
-    "tnt": Setup(dict(SMALL, inner_dim=16, num_heads_inner=2, num_heads_outer=2), 64, 16),
+    "tnt": Setup(dict(embed_dim=64, depth=2, inner_dim=16, num_heads_inner=2, num_heads_outer=2), 64, 16),
     "convit": Setup(dict(embed_dim=32, depth=2, num_heads=2, local_up_to_layer=1), 64, 16),  # embed_dim per head
     "mlp_mixer": Setup({}, 64, 16),  # gMLP-Ti (timm's mixer entrypoints fix the depth); 16 tokens at 64 px
 }
