@@ -83,7 +83,16 @@ class DynamicMHSA(convit.MHSA):
     """timm's MHSA, taking (and ignoring) a grid like GPSA (so a block calls either the same way)."""
 
     def forward(self, x: torch.Tensor, grid: Optional[List[int]] = None) -> torch.Tensor:
-        return super().forward(x)
+        # timm's MHSA.forward, spelled out: TorchScript has no super()
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        attn = (q @ k.transpose(-2, -1)) * self.scale
+        attn = attn.softmax(dim=-1)
+        attn = self.attn_drop(attn)
+        x = (attn @ v).transpose(1, 2).reshape(B, N, C)
+        x = self.proj(x)
+        return self.proj_drop(x)
 
 
 class DynamicBlock(convit.Block):

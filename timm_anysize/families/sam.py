@@ -85,6 +85,8 @@ FAMILIES = (
         tensors=(("pos_embed", "pos_nhwc"), ("*.rel_pos_h", "rel_axis"), ("*.rel_pos_w", "rel_axis")),
         dynamic_args=(),  # timm's constructor has no dynamic_img_size; enable_dynamic pads and caches
         runtime=DynamicPath(classes={vision_transformer_sam.VisionTransformerSAM: DynamicVisionTransformerSAM}),
+        export_note="timm's window partition pads the grid to whole windows and views it by the padded size; "
+        "torch.export cannot keep that symbolic in H and W (a guard fails)",
         example="samvit_base_patch16",
     ),
 )

@@ -51,8 +51,8 @@ class DynamicTNT(tnt.TNT):
         pe = self.pixel_embed
         ps = [pe.patch_size[0], pe.patch_size[1]]
         pad = self._anysize_dynamic_pad
-        if pad:
-            x = pad_to_patches(x, ps, torch.jit.is_scripting())
+        if pad:  # scripting, compiling, exporting: always pad (no branch on the size)
+            x = pad_to_patches(x, ps, torch.jit.is_scripting() or self._anysize_traced())
         elif not torch.jit.is_scripting():
             self._anysize_check_divisible(x, ps)
         grid = patch_grid(x, ps, False)
@@ -76,6 +76,10 @@ class DynamicTNT(tnt.TNT):
         else:
             pos = dynamic_pos_embed(self, grid, prefix=1, name="patch_pos", native=pe.grid_size)
         return pixel_embed, self.pos_drop(patch_embed + pos), grid
+
+    @torch.jit.unused
+    def _anysize_traced(self) -> bool:
+        return traced()
 
     @torch.jit.unused
     def _anysize_check_divisible(self, x: torch.Tensor, ps: List[int]) -> None:
