@@ -82,3 +82,18 @@ def test_offsets_are_cached_per_grid(make_checkpoint):
     model(torch.randn(1, 3, 64, 96)).sum().backward()  # training reuses the offsets; gradients reach the weights
     assert model.blocks[0].attn._anysize_rel_cache.info()["hits"] == 2
     assert model.pos_embed.grad.abs().sum() > 0 and model.blocks[0].attn.pos_proj.weight.grad.abs().sum() > 0
+
+
+def test_a_run_time_patch_size_equals_a_variant_built_with_that_patch(make_checkpoint):
+    """FlexiViT at run time (``timm_anysize.flexi``): the grid (and so GPSA's offsets) is read off the patch
+    embedding's output, whatever the patch of the call."""
+    from timm_anysize.flexi import set_patch_size
+
+    path, model = make_checkpoint(ARCH, img_size=64, **ARGS)
+    name = timm_anysize.register_variant(unique_name(), base=ARCH, model_args=ARGS, img_size=64, patch_size=8,
+                                         pretrained={"file": str(path), "img_size": 64})
+    built = timm.create_model(name, pretrained=True).eval()
+    set_patch_size(model.eval(), 8)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), built(x))

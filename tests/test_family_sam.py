@@ -98,3 +98,17 @@ def test_a_patch_change_resizes_the_kernel_and_keeps_the_window_tables(base):
     with torch.no_grad():
         assert torch.isfinite(variant(torch.randn(1, 3, 64, 64))).all()
 
+
+
+def test_a_run_time_patch_size_equals_a_variant_built_with_that_patch(base):
+    """FlexiViT at run time (``timm_anysize.flexi``): the kernel PI-resized per call, the grid read off the output."""
+    from timm_anysize.flexi import set_patch_size
+
+    path, model = base
+    name = timm_anysize.register_variant(unique_name(), base=ARCH, model_args=ARGS, img_size=64, patch_size=8,
+                                         pretrained={"file": str(path), "img_size": 64})
+    built = timm.create_model(name, pretrained=True).eval()
+    set_patch_size(model.eval(), 8)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), built(x))

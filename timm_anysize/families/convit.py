@@ -16,7 +16,7 @@ from timm.layers import register_notrace_function, register_notrace_module
 from timm.models import convit
 from timm.models._features import feature_take_indices  # timm exports it from no public module
 
-from ..cache import PosEmbedCache, dynamic_pos_embed, patch_grid, resample_pos_tokens, traced
+from ..cache import PosEmbedCache, dynamic_pos_embed, resample_pos_tokens, traced
 from ..family import DynamicPath, Family
 
 __all__ = ["FAMILIES", "DynamicConVit", "gpsa_rel_indices"]
@@ -108,9 +108,10 @@ class DynamicConVit(convit.ConVit):
 
     def _anysize_embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[int]]:
         """Patch tokens plus the position embedding of the input's grid, and that grid."""
-        ps = self.patch_embed.patch_size
-        grid = patch_grid(x, [ps[0], ps[1]], self.patch_embed.dynamic_img_pad)
-        x = self.patch_embed(x)
+        x = self.patch_embed(x)  # NHWC (enable_dynamic): the grid is read off it, whatever the patch of the call
+        B, H, W, C = x.shape
+        grid = [H, W]
+        x = x.reshape(B, H * W, C)
         if self.use_pos_embed:
             if torch.jit.is_scripting():
                 native = self.patch_embed.grid_size
@@ -183,7 +184,7 @@ FAMILIES = (
         pos_embed_prefix=0,  # patch tokens only: the class token joins after the GPSA blocks
         dynamic_args=(),  # timm's ConViT has no dynamic-size path; enable_dynamic adds it
         runtime=DynamicPath(classes={convit.ConVit: DynamicConVit}, setup=enable_convit_dynamic,
-                            patch_layout="tokens"),
+                            patch_layout="nhwc"),
         example="convit_tiny",
     ),
 )
