@@ -80,3 +80,23 @@ def test_a_patch_change_is_refused_at_validation_with_the_reason():
                                                      r"TNT's pixels per patch"):
         timm_anysize.register_variant(unique_name(), base="tnt_s_patch16_224", model_args=ARGS, img_size=64,
                                       patch_size=8, pretrained={"img_size": 64})
+
+
+def test_a_size_that_is_not_whole_patches_is_rejected_with_the_nearest_that_work(make_checkpoint):
+    """timm's unfold silently drops the pixels past the last whole patch (and the patch cannot change)."""
+    _, model = make_checkpoint("tnt_s_patch16_224", img_size=64, **ARGS)
+    at_70 = timm.create_model("tnt_s_patch16_224", img_size=[70, 64], **ARGS).eval()
+    at_70.load_state_dict(model.state_dict())
+    x = torch.randn(1, 3, 70, 64)
+    with torch.no_grad():
+        assert torch.equal(at_70(x), model.eval()(x[:, :, :64]))  # the last 6 rows never reach the model
+    with pytest.raises(timm_anysize.SpecError, match=r"tnt cannot run at \[70, 64\]: the pixel embedding gets \[70, "
+                                                     r"64\] px, and its height 70 is not a multiple of its patch 16; "
+                                                     r"nearest heights that work: 64 or 80"):
+        timm_anysize.register_variant(unique_name(), base="tnt_s_patch16_224", model_args=ARGS, img_size=[70, 64],
+                                      pretrained={"img_size": 64})
+    for near in (64, 80):
+        name = timm_anysize.register_variant(unique_name(), base="tnt_s_patch16_224", model_args=ARGS,
+                                             img_size=[near, 64], pretrained={"img_size": 64})
+        with torch.no_grad():
+            assert timm.create_model(name).eval()(torch.randn(1, 3, near, 64)).shape == (1, 1000)

@@ -22,6 +22,7 @@ from timm.models._features import feature_take_indices  # timm exports it from n
 
 from ..cache import dynamic_pos_embed, patch_grid, resample_pos_tokens, traced
 from ..family import DynamicPath, Family, no_patch_change
+from ..spec import Size2
 
 __all__ = ["FAMILIES", "DynamicTNT", "pad_to_patches"]
 
@@ -145,6 +146,12 @@ def _setup(model: tnt.TNT, cache_size: int) -> None:
     model._anysize_dynamic_pad = model._anysize_dynamic.pad
 
 
+def _whole_patches(model: tnt.TNT, img_size: Size2) -> tuple[tuple[str, Size2, Size2], ...]:
+    """The image must be whole patches: timm's unfold would drop the rest (and the patch size cannot change)."""
+    ps = model.pixel_embed.patch_size
+    return (("the pixel embedding", tuple(img_size), (int(ps[0]), int(ps[1]))),)
+
+
 FAMILIES = (
     Family(
         name="tnt",
@@ -159,6 +166,7 @@ FAMILIES = (
         ),
         dynamic_args=(),  # timm's TNT has no dynamic-size path; enable_dynamic adds it
         runtime=DynamicPath(classes={tnt.TNT: DynamicTNT}, setup=_setup, patch_layout="none"),
+        size_multiples=_whole_patches,
         example="tnt_s_patch16_224",
     ),
 )
