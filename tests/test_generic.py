@@ -109,19 +109,19 @@ def test_patch_size_is_refused_at_validation_with_the_reason():
 
 
 def test_geometry_bound_tensor_without_a_row_is_named_and_channels_still_adapt(make_checkpoint):
-    """ConViT's position embedding is sized by the token count and has no row: another img_size is refused naming
-    it, before any weights are read; in_chans still changes (only the patch kernel differs)."""
-    args = dict(depth=2, local_up_to_layer=1, embed_dim=32, num_heads=2)
-    with pytest.raises(timm_anysize.AdaptationError, match=r"convit_tiny \(ConVit, no family row\) has tensors whose "
-                                                            r"shape depends .*pos_embed: \(1, 16, 64\) -> \(1, 36, 64\)"):
-        make_plan(parse_variant("x", {"base": "convit_tiny", "model_args": args, "img_size": 96,
+    """Visformer's position embeddings are sized by each stage's grid and have no row: another img_size is refused
+    naming them, before any weights are read; in_chans still changes (only the first conv differs)."""
+    args = dict(embed_dim=48, depth=(1, 1, 1), num_heads=1, init_channels=8)
+    with pytest.raises(timm_anysize.AdaptationError, match=r"visformer_tiny \(Visformer, no family row\) has tensors "
+                                                            r"whose shape depends .*pos_embed1: \(1, 24, 8, 8\) -> "
+                                                            r"\(1, 24, 12, 12\)"):
+        make_plan(parse_variant("x", {"base": "visformer_tiny", "model_args": args, "img_size": 96,
                                       "pretrained": {"img_size": 64}}))
-    path, base = make_checkpoint("convit_tiny", img_size=64, **args)
-    name = timm_anysize.register_variant(unique_name("g"), base="convit_tiny", model_args=args, in_chans=1,
+    path, base = make_checkpoint("visformer_tiny", img_size=64, **args)
+    name = timm_anysize.register_variant(unique_name("g"), base="visformer_tiny", model_args=args, in_chans=1,
                                          img_size=64, pretrained={"file": str(path), "img_size": 64})
     model = timm.create_model(name, pretrained=True).eval()
-    assert [e.key for e in timm_anysize.adaptation_report(model).non_copied()] == ["patch_embed.proj.weight"]
-    assert not timm_anysize.is_dynamic(model)  # timm marks ConViT fixed_input_size
+    assert [e.key for e in timm_anysize.adaptation_report(model).non_copied()] == ["stem.0.weight"]
     gray = torch.rand(2, 1, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(model(gray), base.eval()(gray.expand(-1, 3, -1, -1)), atol=2e-5, rtol=1e-4)
@@ -197,7 +197,7 @@ def test_survey_file_covers_every_timm_module():
     assert all(r["models"] >= 1 and r["example"] in timm.list_models(module=m) for m, r in survey["modules"].items())
 
 
-@pytest.mark.parametrize("module", ["resnet", "convnext", "mlp_mixer", "convit", "vision_transformer"])
+@pytest.mark.parametrize("module", ["resnet", "convnext", "mlp_mixer", "visformer", "vision_transformer"])
 def test_survey_sample_recomputes_to_the_stored_result(module):
     from timm_anysize.survey import load_survey, survey_module
 

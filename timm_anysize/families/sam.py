@@ -1,0 +1,92 @@
+"""SAM / ViTDet image encoders (timm's ``VisionTransformerSAM``, ``samvit_*``): an absolute ``[1, H, W, C]`` position
+embedding and, in the global-attention blocks, decomposed relative positions per axis (``rel_pos_h`` / ``rel_pos_w``,
+``2 * grid - 1`` entries each); the windowed blocks' tables are sized by the window (in tokens), which no geometry
+change touches.
+
+At load time the position embedding is resampled to the target grid (bicubic with antialias, as timm's forward
+resamples it) and each global table resized linearly to its axis (as timm's ``get_rel_pos`` resizes it), so a variant
+built for a size computes what the base computes at that size. timm's forward already resamples both on every call
+but asserts whole patches; here the position embedding is resampled with the variant's options and cached per grid,
+inputs that are not whole patches are padded (``pad``), and the global tables stay timm's (``get_rel_pos``, resized
+per call: a few thousand numbers). At the model's own size every path is timm's own, bit for bit.
+"""
+
+from typing import List, Optional, Tuple, Union
+
+import torch
+from timm.models import checkpoint, checkpoint_seq, vision_transformer_sam
+from timm.models._features import feature_take_indices  # timm exports it from no public module
+
+from ..cache import dynamic_image_pos_embed, resample_image_pos
+from ..family import DynamicPath, Family
+
+__all__ = ["FAMILIES", "DynamicVisionTransformerSAM"]
+
+
+class DynamicVisionTransformerSAM(vision_transformer_sam.VisionTransformerSAM):
+    """timm's VisionTransformerSAM with its NHWC position embedding resampled to the input's grid (cached)."""
+
+    def _anysize_embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch embedding (padded to whole patches where ``pad``) plus the position embedding of its grid."""
+        x = self.patch_embed(x)
+        if self.pos_embed is not None:
+            if torch.jit.is_scripting():
+                pos_embed = resample_image_pos(self.pos_embed, [x.shape[1], x.shape[2]], self._anysize_interpolation,
+                                               self._anysize_antialias, True)
+            else:
+                pos_embed = dynamic_image_pos_embed(self, x.shape[1:3], channels_last=True)
+            x = x + pos_embed
+        x = self.pos_drop(x)
+        x = self.patch_drop(x)
+        return self.norm_pre(x)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._anysize_embed(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
+        return self.neck(x.permute(0, 3, 1, 2))
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """timm's ``forward_intermediates`` with the position embedding of the input's grid (any size)."""
+        assert output_fmt == "NCHW", "Output shape for ViT-SAM must be NCHW."
+        intermediates = []
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        x = self._anysize_embed(x)
+        blocks = self.blocks if torch.jit.is_scripting() or not stop_early else self.blocks[:max_index + 1]
+        for i, blk in enumerate(blocks):
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(blk, x)
+            else:
+                x = blk(x)
+            if i in take_indices:
+                # norm is intertwined with the neck's convs (timm applies both)
+                intermediates.append(self.neck(x.permute(0, 3, 1, 2)) if norm else x.permute(0, 3, 1, 2))
+        if intermediates_only:
+            return intermediates
+        return self.neck(x.permute(0, 3, 1, 2)), intermediates
+
+
+FAMILIES = (
+    Family(
+        name="samvit",
+        dynamic_features=True,
+        classes=(vision_transformer_sam.VisionTransformerSAM,),
+        checkpoint_filter=vision_transformer_sam.checkpoint_filter_fn,  # SAM's image_encoder.* names; no resampling
+        tensors=(("pos_embed", "pos_nhwc"), ("*.rel_pos_h", "rel_axis"), ("*.rel_pos_w", "rel_axis")),
+        dynamic_args=(),  # timm's constructor has no dynamic_img_size; enable_dynamic pads and caches
+        runtime=DynamicPath(classes={vision_transformer_sam.VisionTransformerSAM: DynamicVisionTransformerSAM}),
+        export_note="timm's window partition pads the grid to whole windows and views it by the padded size; "
+        "torch.export cannot keep that symbolic in H and W (a guard fails)",
+        example="samvit_base_patch16",
+    ),
+)

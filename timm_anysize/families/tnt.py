@@ -1,0 +1,172 @@
+"""TNT (Transformer in Transformer): the outer (patch) position embedding ``patch_pos`` ``[1, 1 + H*W, C]`` on the
+patch grid, and the inner ``pixel_pos`` ``[1, C, h, w]`` over the pixels of one patch.
+
+A geometry change moves the patch grid only: ``patch_pos`` is resampled (bicubic with antialias, the class entry
+kept aside, as timm's ``checkpoint_filter_fn`` resamples it) and ``pixel_pos`` is copied. The patch size cannot
+change: it sets the pixels per patch, and with them the width of every block's ``proj`` (pixels x inner dim ->
+outer dim), a learned matrix with no principled resize.
+
+timm's ``PixelEmbed`` asserts the size it was built for and ``forward_features`` reshapes to its token count. Here the
+model embeds whole patches of any input (padded bottom/right to whole patches where ``pad``), with ``patch_pos``
+resampled to the input's grid and cached; the blocks are timm's own (they read the token count off their input). At
+the model's own size every step is timm's, bit for bit.
+"""
+
+from typing import List, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from timm.layers import register_notrace_function
+from timm.models import checkpoint, tnt
+from timm.models._features import feature_take_indices  # timm exports it from no public module
+
+from ..cache import dynamic_pos_embed, patch_grid, resample_pos_tokens, traced
+from ..family import DynamicPath, Family, no_patch_change
+from ..spec import Size2
+
+__all__ = ["FAMILIES", "DynamicTNT", "pad_to_patches"]
+
+
+@torch.fx.wrap
+@register_notrace_function
+def pad_to_patches(x: torch.Tensor, patch_size: List[int], always: bool) -> torch.Tensor:
+    """An image ``[B, C, H, W]`` zero-padded bottom/right to whole patches (as timm's ``dynamic_img_pad``); the image
+    itself when it already is, unless ``always`` (scripting, compiling, exporting: no branch on the size).
+
+    Example:
+        >>> pad_to_patches(torch.ones(1, 3, 30, 32), [16, 16], False).shape
+        torch.Size([1, 3, 32, 32])
+    """
+    pad_h = (patch_size[0] - x.shape[-2] % patch_size[0]) % patch_size[0]
+    pad_w = (patch_size[1] - x.shape[-1] % patch_size[1]) % patch_size[1]
+    if not always and pad_h == 0 and pad_w == 0:
+        return x
+    return F.pad(x, (0, pad_w, 0, pad_h))
+
+
+class DynamicTNT(tnt.TNT):
+    """timm's TNT at any input size: whole patches of the input, ``patch_pos`` resampled to its grid (cached)."""
+
+    def _anysize_embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
+        """Pixel and patch embeddings of the input (timm's steps, at the input's grid), and that grid."""
+        pe = self.pixel_embed
+        ps = [pe.patch_size[0], pe.patch_size[1]]
+        pad = self._anysize_dynamic_pad
+        if pad:  # scripting, compiling, exporting: always pad (no branch on the size)
+            x = pad_to_patches(x, ps, torch.jit.is_scripting() or self._anysize_traced())
+        elif not torch.jit.is_scripting():
+            self._anysize_check_divisible(x, ps)
+        grid = patch_grid(x, ps, False)
+        B, C = x.shape[0], x.shape[1]
+        N = grid[0] * grid[1]
+        if pe.legacy:
+            x = pe.unfold(pe.proj(x))
+            x = x.transpose(1, 2).reshape(B * N, pe.in_dim, pe.new_patch_size[0], pe.new_patch_size[1])
+        else:
+            x = pe.unfold(x)
+            x = pe.proj(x.transpose(1, 2).reshape(B * N, C, ps[0], ps[1]))
+        x = x + self.pixel_pos
+        pixel_embed = x.reshape(B * N, pe.in_dim, -1).transpose(1, 2)
+
+        patch_embed = self.norm2_proj(self.proj(self.norm1_proj(pixel_embed.reshape(B, N, -1))))
+        patch_embed = torch.cat((self.cls_token.expand(B, -1, -1), patch_embed), dim=1)
+        if torch.jit.is_scripting():
+            native = pe.grid_size
+            pos = resample_pos_tokens(self.patch_pos, grid, [native[0], native[1]], 1, self._anysize_interpolation,
+                                      self._anysize_antialias)
+        else:
+            pos = dynamic_pos_embed(self, grid, prefix=1, name="patch_pos", native=pe.grid_size)
+        return pixel_embed, self.pos_drop(patch_embed + pos), grid
+
+    @torch.jit.unused
+    def _anysize_traced(self) -> bool:
+        return traced()
+
+    @torch.jit.unused
+    def _anysize_check_divisible(self, x: torch.Tensor, ps: List[int]) -> None:
+        if isinstance(x, torch.fx.Proxy) or traced():
+            return
+        h, w = x.shape[-2:]
+        if h % ps[0] or w % ps[1]:
+            from ..dynamic import InputNotDivisibleError  # (the dynamic module imports the families)
+
+            raise InputNotDivisibleError(
+                f"input {h}x{w} is not a multiple of the patch {ps[0]}x{ps[1]} and padding is off; resize or crop "
+                f"to a multiple of the patch, or turn padding on (pad: true in the variant's YAML, "
+                f"enable_dynamic(pad=True))"
+            )
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        pixel_embed, patch_embed, _ = self._anysize_embed(x)
+        for blk in self.blocks:
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                pixel_embed, patch_embed = checkpoint(blk, pixel_embed, patch_embed)
+            else:
+                pixel_embed, patch_embed = blk(pixel_embed, patch_embed)
+        return self.norm(patch_embed)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """timm's ``forward_intermediates`` at the input's patch grid (any size)."""
+        assert output_fmt in ("NCHW", "NLC"), "Output format must be one of NCHW or NLC."
+        intermediates = []
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        B = x.shape[0]
+        pixel_embed, patch_embed, grid = self._anysize_embed(x)
+        blocks = self.blocks if torch.jit.is_scripting() or not stop_early else self.blocks[:max_index + 1]
+        for i, blk in enumerate(blocks):
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                pixel_embed, patch_embed = checkpoint(blk, pixel_embed, patch_embed)
+            else:
+                pixel_embed, patch_embed = blk(pixel_embed, patch_embed)
+            if i in take_indices:
+                intermediates.append(self.norm(patch_embed) if norm else patch_embed)
+        prefix_tokens = [y[:, 0:self.num_prefix_tokens] for y in intermediates]
+        intermediates = [y[:, self.num_prefix_tokens:] for y in intermediates]
+        if output_fmt == "NCHW":
+            intermediates = [y.reshape(B, grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous()
+                             for y in intermediates]
+        if not torch.jit.is_scripting() and return_prefix_tokens:
+            intermediates = list(zip(intermediates, prefix_tokens))
+        if intermediates_only:
+            return intermediates
+        return self.norm(patch_embed), intermediates
+
+
+def _setup(model: tnt.TNT, cache_size: int) -> None:
+    """Padding is the model's own here (TNT has no timm PatchEmbed for enable_dynamic to set)."""
+    model._anysize_dynamic_pad = model._anysize_dynamic.pad
+
+
+def _whole_patches(model: tnt.TNT, img_size: Size2) -> tuple[tuple[str, Size2, Size2], ...]:
+    """The image must be whole patches: timm's unfold would drop the rest (and the patch size cannot change)."""
+    ps = model.pixel_embed.patch_size
+    return (("the pixel embedding", tuple(img_size), (int(ps[0]), int(ps[1]))),)
+
+
+FAMILIES = (
+    Family(
+        name="tnt",
+        dynamic_features=True,
+        classes=(tnt.TNT,),
+        checkpoint_filter=tnt.checkpoint_filter_fn,  # original TNT names; resamples only at another grid
+        tensors=(("patch_pos", "pos_tokens"),),  # pixel_pos spans one patch's pixels: no geometry change moves it
+        patch_embeds=("pixel_embed",),
+        unsupported=no_patch_change(
+            "the patch size sets TNT's pixels per patch, and with them the width of every block's proj "
+            "(pixels x inner dim -> outer dim), a learned matrix with no principled resize"
+        ),
+        dynamic_args=(),  # timm's TNT has no dynamic-size path; enable_dynamic adds it
+        runtime=DynamicPath(classes={tnt.TNT: DynamicTNT}, setup=_setup, patch_layout="none"),
+        size_multiples=_whole_patches,
+        example="tnt_s_patch16_224",
+    ),
+)
