@@ -16,10 +16,17 @@ __all__ = ["FAMILIES", "DynamicCait"]
 class DynamicCait(cait.Cait):
     """timm's CaiT with a cached dynamic position embedding (patch tokens only: the class token joins later)."""
 
+    def _anysize_patch(self) -> List[int]:
+        """The patch size of this call: the built one, or a run-time one (:mod:`timm_anysize.flexi`)."""
+        ps = self.patch_embed.patch_size
+        if not torch.jit.is_scripting():
+            if hasattr(self.patch_embed, "active_patch_size"):
+                ps = self.patch_embed.active_patch_size()
+        return [ps[0], ps[1]]
+
     def _anysize_pos(self, x: torch.Tensor) -> torch.Tensor:
         """Patch tokens plus the position embedding of the input's grid (``x``: the image)."""
-        ps = self.patch_embed.patch_size
-        grid = patch_grid(x, [ps[0], ps[1]], self.patch_embed.dynamic_img_pad)
+        grid = patch_grid(x, self._anysize_patch(), self.patch_embed.dynamic_img_pad)
         x = self.patch_embed(x)  # tokens, as timm lays them out
         if torch.jit.is_scripting():
             native = self.patch_embed.grid_size
@@ -51,8 +58,7 @@ class DynamicCait(cait.Cait):
         intermediates = []
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
         B, _, height, width = x.shape
-        ps = self.patch_embed.patch_size
-        H, W = patch_grid(x, [ps[0], ps[1]], self.patch_embed.dynamic_img_pad)
+        H, W = patch_grid(x, self._anysize_patch(), self.patch_embed.dynamic_img_pad)
         x = self._anysize_pos(x)
         blocks = self.blocks if torch.jit.is_scripting() or not stop_early else self.blocks[:max_index + 1]
         for i, blk in enumerate(blocks):
