@@ -207,7 +207,7 @@ def _patch_embed(model: nn.Module) -> nn.Module:
         raise TypeError(
             f"timm_anysize.flexi: the {name} family has no single patch-embedding kernel to resize"
             + (f" ({reason})" if reason else "")
-            + "; run-time patch sizes need ViT, DeiT, EVA, FlexiViT, BEiT, CaiT or a Swin family"
+            + "; run-time patch sizes need a family with a patch-embedding conv (docs/families.md: patch_size columns)"
         )
     if not is_dynamic(model):
         enable_dynamic(model)  # the grid changes with the patch: the position embedding must follow it
