@@ -1,0 +1,92 @@
+"""EfficientFormerV2, EfficientFormer and NesT at any size: each equals the timm model built for the size (with its
+geometry-bound tensors resampled as a load at that size resamples them), also under TorchScript and FX."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+from test_families import SETUP
+from test_script_fx_windows import fx_model
+
+import timm_anysize
+from timm_anysize.resample import resize_bias_grid
+
+
+def _perturbed(arch, **kwargs):
+    torch.manual_seed(0)
+    model = timm.create_model(arch, **kwargs).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # no zero-initialized tables: resampling must show
+            p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+def _biases_resized_for(base, built):
+    """The base's state dict with each attention's bias table resized to the built model's resolution."""
+    sd, old, new = dict(base.state_dict()), dict(base.named_modules()), dict(built.named_modules())
+    for key in sd:
+        if key.endswith("attention_biases"):
+            owner = key.rsplit(".", 1)[0]
+            sd[key] = resize_bias_grid(sd[key], tuple(old[owner].resolution), tuple(new[owner].resolution), "bicubic")
+    return sd
+
+
+V2 = "efficientformerv2_s0"
+V2_ARGS = SETUP["efficientformer_v2"].args
+
+
+@pytest.mark.parametrize("other", [(96, 128), (128, 64)])
+def test_efficientformer_v2_at_any_size_equals_the_model_built_for_it(other):
+    """Every attention at its input's resolution: strided (stage 2), subsampling and plain (stage 3)."""
+    base = _perturbed(V2, img_size=64, **V2_ARGS)
+    model = timm_anysize.enable_dynamic(copy.deepcopy(base))
+    built = timm.create_model(V2, img_size=other, **V2_ARGS).eval()
+    assert any(tuple(m.resolution) != (2, 2) for m in built.modules() if hasattr(m, "attention_biases"))
+    built.load_state_dict(_biases_resized_for(base, built))
+    with torch.no_grad():
+        for reference, hw in ((base, (64, 64)), (built, other)):
+            x = torch.randn(2, 3, *hw)
+            assert torch.equal(model(x), reference(x)), hw
+        x = torch.randn(1, 3, *other)
+        ours = model.forward_intermediates(x, intermediates_only=True)
+        theirs = built.forward_intermediates(x, intermediates_only=True)
+        assert len(ours) == 4 and all(torch.equal(a, b) for a, b in zip(ours, theirs))
+
+
+def test_efficientformer_v2_runs_where_timm_cannot_upsample_by_two():
+    """An odd stage-2 map (80 px: 5x5) fails in timm's own forward; the dynamic path upsamples to its input's size,
+    and a variant at such a size is rejected at validation with the nearest sizes that work."""
+    base = _perturbed(V2, img_size=64, **V2_ARGS)
+    with pytest.raises(RuntimeError):
+        timm.create_model(V2, img_size=80, **V2_ARGS).eval()(torch.randn(1, 3, 80, 80))
+    model = timm_anysize.enable_dynamic(copy.deepcopy(base))
+    with torch.no_grad():
+        for hw in ((80, 80), (81, 47)):
+            assert torch.isfinite(model(torch.randn(1, 3, *hw))).all(), hw
+    with pytest.raises(timm_anysize.SpecError, match=r"stage 2's strided attention.*gets \[5, 5\].*nearest heights "
+                                                      r"that work: 64 or 81"):
+        timm_anysize.register_variant("efficientformer_v2_bad_size", base=V2, model_args=V2_ARGS, img_size=80)
+
+
+def test_efficientformer_v2_gradients_reach_the_biases_at_another_size():
+    model = timm_anysize.enable_dynamic(timm.create_model(V2, img_size=64, **V2_ARGS))
+    model(torch.randn(2, 3, 96, 128)).sum().backward()
+    for name, p in model.named_parameters():
+        if name.endswith("attention_biases"):
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("how", ["script", "fx"])
+def test_efficientformer_v2_script_and_fx_equal_eager(how):
+    model = timm_anysize.enable_dynamic(_perturbed(V2, img_size=64, **V2_ARGS))
+    compiled = torch.jit.script(model) if how == "script" else fx_model(model)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for hw in ((64, 64), (96, 128), (81, 47)):
+            x = torch.randn(2, 3, *hw, generator=gen)
+            out = compiled(x)
+            out = out if how == "script" else next(iter(out.values()))
+            assert torch.equal(out, model(x)), hw
