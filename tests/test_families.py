@@ -53,6 +53,7 @@ SETUP = {
     "naflexvit": Setup(SMALL, 64, 16),
     "efficientformer_v2": Setup(dict(depths=(1, 1, 2, 2), embed_dims=(16, 16, 32, 32), num_vit=1, mlp_ratios=2),
                                 64, 32),  # one attention block in stages 2 and 3, stage 3's subsampling attention
+    "nest": Setup({}, 64, 16),  # NesT-T (its entrypoints fix every width and depth); 4x4 blocks of 4x4 patches
     "mlp_mixer": Setup({}, 64, 16),  # gMLP-Ti (timm's mixer entrypoints fix the depth); 16 tokens at 64 px
 }
 
