@@ -8,6 +8,7 @@ import copy
 import pytest
 import timm
 import torch
+from conftest import unique_name
 from test_families import SETUP
 from test_script_fx_windows import fx_model
 
@@ -86,6 +87,81 @@ def test_efficientformer_v2_script_and_fx_equal_eager(how):
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for hw in ((64, 64), (96, 128), (81, 47)):
+            x = torch.randn(2, 3, *hw, generator=gen)
+            out = compiled(x)
+            out = out if how == "script" else next(iter(out.values()))
+            assert torch.equal(out, model(x)), hw
+
+
+def test_nest_load_at_another_size_equals_timm_resize_pos_embed(make_checkpoint):
+    """With ``antialias: false`` (timm's ``nest.resize_pos_embed`` has none), each level's blocked embedding is
+    resampled as timm resamples it, up and down; the default (antialias, as for every family) differs from it."""
+    from timm.models.nest import resize_pos_embed
+
+    path, base = make_checkpoint("nest_tiny", img_size=64)
+    src = base.state_dict()
+    no_aa = {"pos_embed": {"antialias": False}}
+    for size, adapt, same in ((128, no_aa, True), (32, no_aa, True), (128, {}, False)):
+        name = timm_anysize.register_variant(unique_name(), base="nest_tiny", img_size=size, adapt=adapt,
+                                             pretrained={"file": str(path), "img_size": 64})
+        model = timm.create_model(name, pretrained=True)
+        report = timm_anysize.adaptation_report(model)
+        for i in range(3):
+            key = f"levels.{i}.pos_embed"
+            theirs = resize_pos_embed(src[key], model.state_dict()[key])
+            assert model.state_dict()[key].shape == theirs.shape != src[key].shape
+            assert torch.equal(model.state_dict()[key], theirs) is same, (size, key)
+            assert report.entries[key].action == "resampled"
+
+
+
+@pytest.mark.parametrize("other", [96, 128])
+def test_nest_at_any_size_equals_the_model_built_for_it(other):
+    """Each level at its input's grid, its embedding resampled (as timm's resize_pos_embed: no antialias) and cut
+    into as many blocks as timm cuts."""
+    from timm.models.nest import resize_pos_embed
+
+    base = _perturbed("nest_tiny", img_size=64)
+    model = timm_anysize.enable_dynamic(copy.deepcopy(base), antialias=False)
+    built = timm.create_model("nest_tiny", img_size=other).eval()
+    target = built.state_dict()
+    built.load_state_dict({k: resize_pos_embed(v, target[k]) if k.endswith("pos_embed") else v
+                           for k, v in base.state_dict().items()})
+    with torch.no_grad():
+        for reference, hw in ((base, (64, 64)), (built, (other, other))):
+            x = torch.randn(2, 3, *hw)
+            assert torch.equal(model(x), reference(x)), hw
+        x = torch.randn(1, 3, other, other)
+        ours = model.forward_intermediates(x, intermediates_only=True)
+        theirs = built.forward_intermediates(x, intermediates_only=True)
+        assert len(ours) == 3 and all(torch.equal(a, b) for a, b in zip(ours, theirs))
+
+
+def test_nest_non_square_input_gets_non_square_blocks_and_pads_to_whole_blocks():
+    """96 x 64 px: level 0 is 24 x 16 patches in 4 x 4 blocks of 6 x 4; 70 x 50 px is padded to 80 x 64 (whole
+    blocks at every level), or refused with the multiple where padding is off."""
+    model = timm_anysize.enable_dynamic(_perturbed("nest_tiny", img_size=64))
+    with torch.no_grad():
+        for hw in ((96, 64), (70, 50)):
+            assert torch.isfinite(model(torch.randn(1, 3, *hw))).all(), hw
+    strict = timm_anysize.enable_dynamic(_perturbed("nest_tiny", img_size=64), pad=False)
+    with pytest.raises(ValueError, match=r"input 70x50 does not split into whole blocks .* multiple of 16 px"):
+        strict(torch.randn(1, 3, 70, 50))
+
+
+def test_nest_non_square_variant_is_declared():
+    with pytest.raises(timm_anysize.SpecError, match=r"nest family cannot take img_non_square: timm builds NesT "
+                                                      r"for square sizes only"):
+        timm_anysize.register_variant(unique_name(), base="nest_tiny", img_size=[96, 64])
+
+
+@pytest.mark.parametrize("how", ["script", "fx"])
+def test_nest_script_and_fx_equal_eager(how):
+    model = timm_anysize.enable_dynamic(_perturbed("nest_tiny", img_size=64))
+    compiled = torch.jit.script(model) if how == "script" else fx_model(model)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for hw in ((64, 64), (96, 64), (70, 50)):
             x = torch.randn(2, 3, *hw, generator=gen)
             out = compiled(x)
             out = out if how == "script" else next(iter(out.values()))
