@@ -166,3 +166,57 @@ def test_nest_script_and_fx_equal_eager(how):
             out = compiled(x)
             out = out if how == "script" else next(iter(out.values()))
             assert torch.equal(out, model(x)), hw
+
+
+EF_ARGS = SETUP["efficientformer"].args
+
+
+def _efficientformer_built_for(base, grid):
+    """timm's EfficientFormer with each attention rebuilt by timm for ``grid`` (timm's ``Attention`` takes a
+    resolution; its model always passes 7) holding the base's table resized to it."""
+    from timm.models.efficientformer import Attention
+
+    built = copy.deepcopy(base)
+    for block in built.modules():
+        if isinstance(getattr(block, "token_mixer", None), Attention):
+            old = block.token_mixer
+            new = Attention(old.qkv.in_features, key_dim=old.key_dim, num_heads=old.num_heads,
+                            attn_ratio=old.attn_ratio, resolution=grid)
+            sd = dict(old.state_dict(), attention_bias_idxs=new.attention_bias_idxs,
+                      attention_biases=resize_bias_grid(old.attention_biases.detach(), (7, 7), grid, "bicubic"))
+            new.load_state_dict(sd)
+            block.token_mixer = new
+    return built.eval()
+
+
+@pytest.mark.parametrize("other, grid", [((256, 224), (8, 7)), ((96, 160), (3, 5))])
+def test_efficientformer_at_any_size_equals_timm_attentions_built_for_the_grid(other, grid):
+    """Why timm fixes the size: 7x7 tables at every img_size (the forward fails elsewhere). The dynamic model equals
+    timm's own at 224 px, and elsewhere timm's model whose attentions timm built for the last stage's grid."""
+    base = _perturbed("efficientformer_l1", img_size=224, **EF_ARGS)
+    assert timm.create_model("efficientformer_l1", img_size=96, **EF_ARGS).state_dict().keys() == \
+        base.state_dict().keys()
+    with pytest.raises(RuntimeError), torch.no_grad():
+        base(torch.randn(1, 3, *other))
+    model = timm_anysize.enable_dynamic(copy.deepcopy(base))
+    built = _efficientformer_built_for(base, grid)
+    with torch.no_grad():
+        for reference, hw in ((base, (224, 224)), (built, other)):
+            x = torch.randn(2, 3, *hw)
+            assert torch.equal(model(x), reference(x)), hw
+        x = torch.randn(1, 3, 99, 131)  # odd grids: 4 x 5 (timm's own intermediates would lay it out as 3 x 4)
+        (*_, last) = model.forward_intermediates(x, intermediates_only=True)
+        assert last.shape[-2:] == (4, 5)
+
+
+@pytest.mark.parametrize("how", ["script", "fx"])
+def test_efficientformer_script_and_fx_equal_eager(how):
+    model = timm_anysize.enable_dynamic(_perturbed("efficientformer_l1", img_size=224, **EF_ARGS))
+    compiled = torch.jit.script(model) if how == "script" else fx_model(model)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for hw in ((224, 224), (256, 160), (99, 131)):
+            x = torch.randn(2, 3, *hw, generator=gen)
+            out = compiled(x)
+            out = out if how == "script" else next(iter(out.values()))
+            assert torch.equal(out, model(x)), hw

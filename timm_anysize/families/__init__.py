@@ -20,7 +20,7 @@ from ..family import GEOMETRY_CHANGES, Family, classify_changes, tensor_layouts
 from . import (
     beit, cait, crossvit, deit, eva, hiera, levit, mlp_mixer, mvitv2, naflexvit, pit, swin, twins, vit, volo, xcit,
 )
-from . import efficientformer_v2, nest
+from . import efficientformer, efficientformer_v2, nest
 from .generic import generic_family
 
 __all__ = [
@@ -37,7 +37,7 @@ __all__ = [
 
 # The order is the lookup order of family_of (a ViT hybrid is told from a ViT by its row's ``matches``).
 _MODULES = (vit, deit, eva, beit, cait, swin, pit, volo, levit, twins, xcit, hiera, mvitv2, crossvit, naflexvit,
-            efficientformer_v2, nest, mlp_mixer)
+            efficientformer, efficientformer_v2, nest, mlp_mixer)
 
 FAMILIES: tuple[Family, ...] = tuple(row for module in _MODULES for row in module.FAMILIES)
 
