@@ -1,5 +1,6 @@
 """EfficientFormerV2, EfficientFormer and NesT at any size: each equals the timm model built for the size (with its
-geometry-bound tensors resampled as a load at that size resamples them), also under TorchScript and FX."""
+geometry-bound tensors resampled as a load at that size resamples them), also under TorchScript and FX; TinyViT is
+right on the generic path (no row)."""
 
 from __future__ import annotations
 
@@ -220,3 +221,46 @@ def test_efficientformer_script_and_fx_equal_eager(how):
             out = compiled(x)
             out = out if how == "script" else next(iter(out.values()))
             assert torch.equal(out, model(x)), hw
+
+
+TINY_VIT_ARGS = dict(embed_dims=[16, 32, 32, 64], depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 2],
+                     window_sizes=[4, 4, 4, 4])
+
+
+@pytest.mark.parametrize("change", [dict(img_size=96), dict(img_size=[96, 64]), dict(in_chans=1)],
+                         ids=["img_larger", "img_non_square", "in_chans_1"])
+def test_tiny_vit_is_right_on_the_generic_path(change, make_checkpoint):
+    """TinyViT needs no row: its attention biases are sized by its windows (fixed by window_sizes, not by img_size)
+    and it pads to whole windows, so the generic path copies every tensor but the channel-adapted first conv, and
+    the variant is timm's own model built at that geometry, at its size and at any other."""
+    from safetensors.torch import load_file
+
+    path, base = make_checkpoint("tiny_vit_5m_224", **TINY_VIT_ARGS)
+    name = timm_anysize.register_variant(unique_name(), base="tiny_vit_5m_224", model_args=TINY_VIT_ARGS,
+                                         pretrained={"file": str(path), "img_size": 64}, **change)
+    model = timm.create_model(name, pretrained=True).eval()
+    assert model._anysize_plan.family.generic and timm_anysize.is_dynamic(model)
+    loaded, report, checkpoint = model.state_dict(), timm_anysize.adaptation_report(model), load_file(path)
+    assert set(report.entries) == set(loaded)
+    non_copied = {e.key for e in report.non_copied()}
+    assert non_copied == ({"patch_embed.conv1.conv.weight"} if "in_chans" in change else set())
+    assert all(torch.equal(loaded[k], checkpoint[k]) for k in loaded if k not in non_copied)
+    # (TinyViT takes no img_size: timm's model is the same at every size)
+    timm_own = timm.create_model("tiny_vit_5m_224", **TINY_VIT_ARGS, in_chans=change.get("in_chans", 3)).eval()
+    timm_own.load_state_dict(loaded)
+    c, h, w = model.pretrained_cfg["input_size"]
+    with torch.no_grad():
+        for hw in ((h, w), (h + 32, w), (h, w + 45)):
+            x = torch.randn(2, c, *hw)
+            assert torch.equal(model(x), timm_own(x)), hw
+
+
+def test_tiny_vit_window_change_is_refused_by_name(make_checkpoint):
+    """Another window (timm's 384/512 px TinyViTs) resizes the biases in timm's checkpoint_filter_fn; the generic
+    path refuses it by name, when the variant is registered (no row resamples a TinyViT window yet)."""
+    path, _ = make_checkpoint("tiny_vit_5m_224", **TINY_VIT_ARGS)
+    with pytest.raises(timm_anysize.AdaptationError, match=r"TinyVit, no family row.*stages\.\{1\.\.3\}\.blocks\.0\.attn"
+                                                            r"\.attention_biases"):
+        timm_anysize.register_variant(unique_name(), base="tiny_vit_5m_224",
+                                      model_args=dict(TINY_VIT_ARGS, window_sizes=[8, 8, 8, 8]),
+                                      pretrained={"file": str(path), "model_args": {"window_sizes": [4, 4, 4, 4]}})
