@@ -1,5 +1,6 @@
 """EfficientFormerV2, EfficientFormer and NesT at any size: each equals the timm model built for the size (with its
-geometry-bound tensors resampled as a load at that size resamples them), also under TorchScript and FX; TinyViT is
+geometry-bound tensors resampled as a load at that size resamples them), also under TorchScript, FX and torch.export
+(dynamic H x W); TinyViT is
 right on the generic path (no row)."""
 
 from __future__ import annotations
@@ -34,6 +35,18 @@ def _biases_resized_for(base, built):
             owner = key.rsplit(".", 1)[0]
             sd[key] = resize_bias_grid(sd[key], tuple(old[owner].resolution), tuple(new[owner].resolution), "bicubic")
     return sd
+
+
+def _compiled(model, how, size):
+    """TorchScript, timm's FX harness, or torch.export with dynamic H and W (traced at ``size``)."""
+    if how == "script":
+        return torch.jit.script(model)
+    if how == "fx":
+        return fx_model(model)
+    from torch.export import Dim, export
+
+    x = torch.randn(2, 3, *size)
+    return export(model, (x,), dynamic_shapes={"x": {2: Dim.DYNAMIC, 3: Dim.DYNAMIC}}).module()
 
 
 V2 = "efficientformerv2_s0"
@@ -81,16 +94,16 @@ def test_efficientformer_v2_gradients_reach_the_biases_at_another_size():
             assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
-@pytest.mark.parametrize("how", ["script", "fx"])
-def test_efficientformer_v2_script_and_fx_equal_eager(how):
+@pytest.mark.parametrize("how", ["script", "fx", "export"])
+def test_efficientformer_v2_script_fx_and_export_equal_eager(how):
     model = timm_anysize.enable_dynamic(_perturbed(V2, img_size=64, **V2_ARGS))
-    compiled = torch.jit.script(model) if how == "script" else fx_model(model)
+    compiled = _compiled(model, how, (96, 128))
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for hw in ((64, 64), (96, 128), (81, 47)):
             x = torch.randn(2, 3, *hw, generator=gen)
             out = compiled(x)
-            out = out if how == "script" else next(iter(out.values()))
+            out = next(iter(out.values())) if how == "fx" else out
             assert torch.equal(out, model(x)), hw
 
 
@@ -156,16 +169,16 @@ def test_nest_non_square_variant_is_declared():
         timm_anysize.register_variant(unique_name(), base="nest_tiny", img_size=[96, 64])
 
 
-@pytest.mark.parametrize("how", ["script", "fx"])
-def test_nest_script_and_fx_equal_eager(how):
+@pytest.mark.parametrize("how", ["script", "fx", "export"])
+def test_nest_script_fx_and_export_equal_eager(how):
     model = timm_anysize.enable_dynamic(_perturbed("nest_tiny", img_size=64))
-    compiled = torch.jit.script(model) if how == "script" else fx_model(model)
+    compiled = _compiled(model, how, (96, 64))
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for hw in ((64, 64), (96, 64), (70, 50)):
             x = torch.randn(2, 3, *hw, generator=gen)
             out = compiled(x)
-            out = out if how == "script" else next(iter(out.values()))
+            out = next(iter(out.values())) if how == "fx" else out
             assert torch.equal(out, model(x)), hw
 
 
@@ -210,16 +223,16 @@ def test_efficientformer_at_any_size_equals_timm_attentions_built_for_the_grid(o
         assert last.shape[-2:] == (4, 5)
 
 
-@pytest.mark.parametrize("how", ["script", "fx"])
-def test_efficientformer_script_and_fx_equal_eager(how):
+@pytest.mark.parametrize("how", ["script", "fx", "export"])
+def test_efficientformer_script_fx_and_export_equal_eager(how):
     model = timm_anysize.enable_dynamic(_perturbed("efficientformer_l1", img_size=224, **EF_ARGS))
-    compiled = torch.jit.script(model) if how == "script" else fx_model(model)
+    compiled = _compiled(model, how, (256, 160))
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for hw in ((224, 224), (256, 160), (99, 131)):
             x = torch.randn(2, 3, *hw, generator=gen)
             out = compiled(x)
-            out = out if how == "script" else next(iter(out.values()))
+            out = next(iter(out.values())) if how == "fx" else out
             assert torch.equal(out, model(x)), hw
 
 
