@@ -277,3 +277,25 @@ def test_tiny_vit_window_change_is_refused_by_name(make_checkpoint):
         timm_anysize.register_variant(unique_name(), base="tiny_vit_5m_224",
                                       model_args=dict(TINY_VIT_ARGS, window_sizes=[8, 8, 8, 8]),
                                       pretrained={"file": str(path), "model_args": {"window_sizes": [4, 4, 4, 4]}})
+
+
+@pytest.mark.parametrize("family, size, other", [("nest", 64, (96, 64)), ("efficientformer_v2", 64, (96, 128)),
+                                                 ("efficientformer", 224, (160, 96))])
+def test_features_only_at_another_size_equal_the_full_models_intermediates(family, size, other, make_checkpoint):
+    """timm's feature wrappers (NesT, EfficientFormerV2: their modules flattened into a FeatureListNet;
+    EfficientFormer: forward_intermediates) run every level at another size as the full model does."""
+    from timm_anysize.families import FAMILIES
+
+    fam = next(f for f in FAMILIES if f.name == family)
+    args = SETUP[family].args
+    path, _ = make_checkpoint(fam.example, img_size=size, **args)
+    name = timm_anysize.register_variant(unique_name(), base=fam.example, model_args=args, img_size=size,
+                                         pretrained={"file": str(path), "img_size": size})
+    feats = timm.create_model(name, pretrained=True, features_only=True).eval()
+    model = timm.create_model(name, pretrained=True).eval()
+    assert feats.pretrained_cfg["fixed_input_size"] is False
+    x = torch.randn(1, 3, *other)
+    with torch.no_grad():
+        got, expected = feats(x), model.forward_intermediates(x, intermediates_only=True)
+    assert len(got) == len(expected) >= 3
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))

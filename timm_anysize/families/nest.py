@@ -18,9 +18,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_function
-from timm.models import nest
+from timm.models import FeatureListNet, nest
 
-from ..cache import PosEmbedCache, must_run_inline, symbolic, traced
+from ..cache import DEFAULT_CACHE_SIZE, PosEmbedCache, must_run_inline, symbolic, traced
 from ..family import DynamicPath, Family
 from ..resample import resample_blocks
 
@@ -126,21 +126,38 @@ class DynamicNestPatchEmbed(nest.PatchEmbed):
             )
 
 
-def enable_nest_dynamic(model: nn.Module, cache_size: int) -> None:
-    """Swap in the levels that read their grid off their input, and a patch embedding that takes any size."""
-    opts = model._anysize_dynamic
-    for level in model.levels:
+def _make_dynamic(model: nn.Module, interpolation: str, antialias: bool, pad: bool, cache_size: int) -> None:
+    levels = [m for m in model.children() if isinstance(m, nest.NestLevel)] or list(model.levels)
+    for level in levels:
         level.__class__ = DynamicNestLevel
         t, n = level.pos_embed.shape[1:3]
         level._anysize_blocks = int(round(t ** 0.5))
         level._anysize_side = int(round((t * n) ** 0.5))
-        level._anysize_interpolation, level._anysize_antialias = opts.interpolation, opts.antialias
+        level._anysize_interpolation, level._anysize_antialias = interpolation, antialias
         level._anysize_pos_cache = PosEmbedCache(cache_size)
     pe = model.patch_embed
     pe.__class__ = DynamicNestPatchEmbed
     pe.strict_img_size = False
-    pe._anysize_multiple = pe.patch_size[0] * 2 ** (len(model.levels) - 1)
-    pe._anysize_pad = opts.pad
+    pe._anysize_multiple = pe.patch_size[0] * levels[0]._anysize_blocks  # whole blocks at the first level
+    pe._anysize_pad = pad
+
+
+def enable_nest_dynamic(model: nn.Module, cache_size: int) -> None:
+    """Swap in the levels that read their grid off their input, and a patch embedding that takes any size."""
+    opts = model._anysize_dynamic
+    _make_dynamic(model, opts.interpolation, opts.antialias, opts.pad, cache_size)
+
+
+def _enable_features(model: nn.Module, pad: bool) -> None:
+    """A ``features_only`` wrapper (timm flattens the levels into it): the same levels, resampling bicubic with
+    antialias (the defaults: timm-anysize's enabler interface passes no interpolation), the default cache size."""
+    _make_dynamic(model, "bicubic", True, pad, DEFAULT_CACHE_SIZE)
+    model.dynamic_img_size = True
+
+
+def _claims(model: nn.Module) -> bool:
+    """A ``features_only`` wrapper of a NesT (the full model keeps its class and swaps its levels)."""
+    return type(model) is FeatureListNet and any(isinstance(m, nest.NestLevel) for m in model.children())
 
 
 FAMILIES = (
@@ -150,7 +167,9 @@ FAMILIES = (
         tensors=(("levels.*.pos_embed", "pos_blocks"),),
         unsupported={"img_non_square": _SQUARE},
         dynamic_args=(),  # enable_dynamic swaps in levels that read their grid off their input
-        runtime=DynamicPath(classes={nest.Nest: nest.Nest}, setup=enable_nest_dynamic, patch_layout="none"),
+        dynamic_features=True,
+        runtime=DynamicPath(classes={nest.Nest: nest.Nest}, setup=enable_nest_dynamic, patch_layout="none",
+                            enable=_enable_features, claims=_claims),
         example="nest_tiny",
     ),
 )
