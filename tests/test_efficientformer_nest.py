@@ -272,8 +272,8 @@ def test_tiny_vit_window_change_is_refused_by_name(make_checkpoint):
     """Another window (timm's 384/512 px TinyViTs) resizes the biases in timm's checkpoint_filter_fn; the generic
     path refuses it by name, when the variant is registered (no row resamples a TinyViT window yet)."""
     path, _ = make_checkpoint("tiny_vit_5m_224", **TINY_VIT_ARGS)
-    with pytest.raises(timm_anysize.AdaptationError, match=r"TinyVit, no family row.*stages\.\{1\.\.3\}\.blocks\.0\.attn"
-                                                            r"\.attention_biases"):
+    with pytest.raises(timm_anysize.AdaptationError,
+                       match=r"TinyVit, no family row.*stages\.\{1\.\.3\}\.blocks\.0\.attn\.attention_biases"):
         timm_anysize.register_variant(unique_name(), base="tiny_vit_5m_224",
                                       model_args=dict(TINY_VIT_ARGS, window_sizes=[8, 8, 8, 8]),
                                       pretrained={"file": str(path), "model_args": {"window_sizes": [4, 4, 4, 4]}})

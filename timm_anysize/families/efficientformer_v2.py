@@ -13,7 +13,6 @@ dynamic path upsamples to its input's size and runs there too.
 """
 
 import math
-from typing import List
 
 import torch
 import torch.nn as nn

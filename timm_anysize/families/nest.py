@@ -3,11 +3,13 @@
 timm's NesT cuts each level's feature map into a fixed number of square blocks (``4 ** (levels - 1 - i)`` at level
 ``i``: the block size, not the number of blocks, follows the image) and adds a position embedding ``[1, T, N, C]``
 kept in that blocked layout. A load at another size puts the blocks together into the level's grid, resamples it
-and cuts it into the same number of blocks again (``pos_blocks``): timm's own ``nest.resize_pos_embed`` exactly with
-``adapt.pos_embed.antialias: false`` (timm's has no antialias; the default antialiases, as for every family). At run time each level reads its grid off its input, resamples its embedding to it (cached
-per grid while the weights are unchanged) and cuts blocks of that grid's size; non-square inputs get non-square
-blocks. The patch grid must split into whole blocks at every level (a multiple of ``patch * 2 ** (levels - 1)``
-pixels); the input is padded bottom/right to one where padding is on. At the model's own size every path is timm's.
+and cuts it into the same number of blocks again (``pos_blocks``): timm's own ``nest.resize_pos_embed`` exactly
+with ``adapt.pos_embed.antialias: false`` (timm's has no antialias; the default antialiases, as for every family).
+At run time each level reads its grid off its input, resamples its embedding to it (cached per grid while the
+weights are unchanged) and cuts blocks of that grid's size; non-square inputs get non-square blocks. The patch grid
+must split into whole blocks at every level (a multiple of ``patch * 2 ** (levels - 1)`` pixels); the input is
+padded bottom/right to one where padding is on. At the model's own size every path is timm's. ``features_only``
+wrappers (timm flattens the levels into them) get the same levels.
 
 timm builds NesT for square sizes only (its constructor asserts it), so a non-square variant is declared.
 """
