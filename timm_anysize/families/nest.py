@@ -93,9 +93,12 @@ class DynamicNestLevel(nest.NestLevel):
         key_grid = (int(grid[0]), int(grid[1]))
         if must_run_inline(pos) or key_grid == (self._anysize_side,) * 2:
             return nest_pos_embed(pos, list(key_grid), interpolation, antialias, False)
+
+        def compute() -> torch.Tensor:
+            return nest_pos_embed(pos, list(key_grid), interpolation, antialias, False).detach()
+
         key = (key_grid, pos.dtype, x.device, torch.is_inference_mode_enabled())
-        return self._anysize_pos_cache.get_or_compute(
-            key, pos, lambda: nest_pos_embed(pos, list(key_grid), interpolation, antialias, False).detach())
+        return self._anysize_pos_cache.get_or_compute(key, pos, compute)
 
 
 class DynamicNestPatchEmbed(nest.PatchEmbed):
