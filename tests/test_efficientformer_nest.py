@@ -299,3 +299,41 @@ def test_features_only_at_another_size_equal_the_full_models_intermediates(famil
         got, expected = feats(x), model.forward_intermediates(x, intermediates_only=True)
     assert len(got) == len(expected) >= 3
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+@pytest.mark.parametrize("arch, args, sizes", [
+    (V2, dict(V2_ARGS, img_size=64), [(96, 128), (64, 64), (81, 47)]),
+    ("efficientformer_l1", EF_ARGS, [(256, 160), (224, 224), (99, 131)]),
+], ids=["efficientformer_v2", "efficientformer"])
+def test_onnx_with_dynamic_height_width_runs_in_onnxruntime(arch, args, sizes, tmp_path):
+    """The families' ``export`` cell (docs/families.md): ONNX through torch.export, dynamic batch, H and W."""
+    ort = pytest.importorskip("onnxruntime")
+    session = ort.InferenceSession(_onnx(model := timm_anysize.enable_dynamic(_perturbed(arch, **args)), sizes[0],
+                                         tmp_path), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        for hw in sizes:
+            x = torch.randn(1, 3, *hw)
+            out = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+            torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-4)
+
+
+def _onnx(model, size, tmp_path, dims=(0, 2, 3)) -> str:
+    from torch.export import Dim
+
+    onnx = torch.onnx.export(model, (torch.randn(2, 3, *size),), dynamo=True, verbose=False,
+                             dynamic_shapes={"x": {d: Dim.DYNAMIC for d in dims}})
+    onnx.save(str(tmp_path / "m.onnx"))
+    return str(tmp_path / "m.onnx")
+
+
+def test_nest_onnx_stops_on_timms_own_attention_as_its_export_note_says(tmp_path):
+    """torch.export takes the dynamic NesT (test above); ONNX does not, for plain timm's NesT either: its attention
+    is a 5-D scaled_dot_product_attention (blocks x tokens), which onnxscript converts in 4-D only."""
+    from timm_anysize.families import FAMILIES
+
+    assert "5-D scaled_dot_product_attention" in next(f for f in FAMILIES if f.name == "nest").export_note
+    pytest.importorskip("onnxscript")
+    for model, dims in ((timm_anysize.enable_dynamic(_perturbed("nest_tiny", img_size=64)), (0, 2, 3)),
+                        (timm.create_model("nest_tiny", img_size=64).eval(), (0,))):  # plain timm: its own size
+        with pytest.raises(Exception, match="only 4D query, key, and value are supported"):
+            _onnx(model, (64, 64), tmp_path, dims)
