@@ -52,8 +52,8 @@ def make_checkpoint(tmp_path: Path) -> Callable[..., tuple[Path, torch.nn.Module
             for p in model.parameters():
                 p.add_(torch.randn_like(p) * 0.02)
             saved = model.state_dict()
-            for name, b in model.named_buffers():  # batch-norm statistics, as after training
-                if name in saved:
+            for name, b in model.named_buffers():  # batch-norm statistics, as after training (not index buffers)
+                if name in saved and (b.is_floating_point() or name.endswith("num_batches_tracked")):
                     b.add_(torch.rand_like(b) * 0.1 if b.is_floating_point() else 3)
         path = save_checkpoint(model, tmp_path / f"{base}_{seed}_{next(_counter)}{suffix}")
         return path, model

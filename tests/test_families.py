@@ -30,6 +30,7 @@ class Setup:
     args: dict = field(default_factory=dict)
     size: int = 64
     step: int = 16
+    export_scale: int = 2  # the export test's size, in checkpoint sizes (1: plain timm runs at that size only)
 
 
 SETUP = {
@@ -57,6 +58,11 @@ SETUP = {
     "samvit": Setup(dict(SMALL, global_attn_indexes=[1], window_size=2, neck_chans=32), 64, 16),
     "tnt": Setup(dict(embed_dim=64, depth=2, inner_dim=16, num_heads_inner=2, num_heads_outer=2), 64, 16),
     "convit": Setup(dict(embed_dim=32, depth=2, num_heads=2, local_up_to_layer=1), 64, 16),  # embed_dim per head
+    # timm's EfficientFormer runs only at 193-224 px (7x7 attention tables whatever img_size says)
+    "efficientformer": Setup(dict(depths=(1, 1, 1, 2), embed_dims=(16, 16, 32, 32), num_vit=1), 224, 32, 1),
+    "efficientformer_v2": Setup(dict(depths=(1, 1, 2, 2), embed_dims=(16, 16, 32, 32), num_vit=1, mlp_ratios=2),
+                                64, 32),  # one attention block in stages 2 and 3, stage 3's subsampling attention
+    "nest": Setup({}, 64, 16),  # NesT-T (its entrypoints fix every width and depth); 4x4 blocks of 4x4 patches
     "mlp_mixer": Setup({}, 64, 16),  # gMLP-Ti (timm's mixer entrypoints fix the depth); 16 tokens at 64 px
 }
 
@@ -239,7 +245,7 @@ def test_export_loads_in_plain_timm_with_the_same_outputs(family, family_checkpo
     and gives the same outputs at the variant's size (twice the checkpoint's: every Swin stage a whole number of
     windows, where timm's masks are right)."""
     path, _, setup = family_checkpoint(family)
-    size = 2 * setup.size if family.supports_dynamic else setup.size  # (MLP-Mixers take their weights' size only)
+    size = setup.export_scale * setup.size if family.supports_dynamic else setup.size  # (MLP-Mixers: one size)
     name = timm_anysize.register_variant(unique_name(), base=family.example, model_args=setup.args,
                                          img_size=size, pretrained={"file": str(path), "img_size": setup.size})
     model = timm.create_model(name, pretrained=True).eval()

@@ -20,7 +20,7 @@ from .errors import AdaptationError
 from .origins.compat import compat_resample_pos_embed
 from .plan import TensorResample, VariantPlan
 from .report import AdaptationReport, KeyAdaptation
-from .resample import resample_grid, resize_bias_grid, resize_rel_axis
+from .resample import resample_blocks, resample_grid, resize_bias_grid, resize_rel_axis
 from .spec import ChannelOptions, PatchEmbedOptions, PosEmbedOptions, Size2
 
 __all__ = [
@@ -154,6 +154,9 @@ def resample_tensor(
             src, new_window_size=layout.target, new_bias_shape=target_shape, old_window_size=layout.source
         )
         return value, f"relative-position window {a} -> {b}"
+    if layout.kind == "pos_blocks":
+        value = resample_blocks(src, list(layout.target), options.interpolation, options.use_antialias)
+        return value, f"blocked grid {a} -> {b} ({options.interpolation}, antialias={options.use_antialias})"
     if layout.kind == "rel_axis":
         return resize_rel_axis(src, layout.target[0]), f"relative-position axis {a} -> {b} entries (linear)"
     value = resize_bias_grid(src, layout.source, layout.target, options.interpolation)  # type: ignore[arg-type]

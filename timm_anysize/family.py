@@ -37,7 +37,8 @@ CheckpointFilter = Callable[[dict, nn.Module], dict]
 #   rel_table   relative-position bias table [(2Wh-1)(2Ww-1) (+3), heads]; window: the owning module's window_size
 #   bias_grid   attention biases over |dy|, |dx| offsets [heads, H*W]; grid: the owning module's resolution
 #   rel_axis    one axis's relative-position table [2n - 1, C] (MViTv2); length: the tensor's own in each model
-TENSOR_KINDS = ("pos_tokens", "pos_nchw", "pos_nhwc", "rel_table", "bias_grid", "rel_axis")
+#   pos_blocks  absolute position embedding in g x g square blocks [1, T, N, C] (NesT); grid: sqrt(T * N) a side
+TENSOR_KINDS = ("pos_tokens", "pos_nchw", "pos_nhwc", "rel_table", "bias_grid", "rel_axis", "pos_blocks")
 
 # The pattern of a relative-position bias table (BEiT, Swin).
 REL_TABLE = (("*relative_position_bias_table", "rel_table"),)

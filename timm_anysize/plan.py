@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import fnmatch
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -179,6 +180,7 @@ _KIND_STEP = {
     "rel_table": "resize relative-position tables, window {a} -> {b}",
     "bias_grid": "resize attention-bias grids {a} -> {b}",
     "rel_axis": "resize relative-position axes {a} -> {b} entries (linear)",
+    "pos_blocks": "resample blocked grid {a} -> {b}",
 }
 
 
@@ -376,6 +378,8 @@ def tensor_resamples(family: Family, source_model: nn.Module, target_model: nn.M
         if kind in ("pos_nchw", "pos_nhwc", "rel_axis"):
             dims = {"pos_nchw": slice(2, 4), "pos_nhwc": slice(1, 3), "rel_axis": slice(0, 1)}[kind]
             src, tgt = tuple(source_sd[key].shape[dims]), tuple(target_sd[key].shape[dims])
+        elif kind == "pos_blocks":  # square blocks of a square grid (NesT builds square only)
+            src, tgt = ((math.isqrt(sd[key].shape[1] * sd[key].shape[2]),) * 2 for sd in (source_sd, target_sd))
         else:
             attr = "window_size" if kind == "rel_table" else "resolution"
             src = tuple(getattr(source_model.get_submodule(owner), attr))

@@ -14,7 +14,7 @@ from timm.layers import resample_abs_pos_embed_nhwc
 
 from .spec import Size2
 
-__all__ = ["resample_grid", "resize_bias_grid", "resize_rel_axis"]
+__all__ = ["resample_grid", "resample_blocks", "resize_bias_grid", "resize_rel_axis"]
 
 
 def resample_grid(
@@ -31,6 +31,26 @@ def resample_grid(
     out = resample_abs_pos_embed_nhwc(nhwc, new_size=[new_grid[0], new_grid[1]], interpolation=interpolation,
                                       antialias=antialias)
     return out if channels_last else out.permute(0, 3, 1, 2).contiguous()
+
+
+def resample_blocks(
+    blocks: torch.Tensor, new_grid: List[int], interpolation: str, antialias: bool
+) -> torch.Tensor:
+    """Resample a position embedding laid out in blocks (NesT), ``[1, T, N, C]``: ``T`` blocks (``g x g``) of
+    ``N`` positions each (a square block), to the grid ``new_grid`` cut into the same ``g x g`` blocks (each
+    ``new_grid / g``). The blocks are put together into one image, resampled, and cut again -- timm's
+    ``nest.resize_pos_embed`` (there with no antialias and square grids only). TorchScript compiles it.
+
+    Example:
+        >>> resample_blocks(torch.randn(1, 4, 3 * 3, 8), [10, 8], "bicubic", True).shape
+        torch.Size([1, 4, 20, 8])
+    """
+    _, t, n, c = blocks.shape
+    g, b = int(round(t ** 0.5)), int(round(n ** 0.5))
+    image = blocks.reshape(1, g, g, b, b, c).transpose(2, 3).reshape(1, g * b, g * b, c)
+    image = resample_grid(image, new_grid, interpolation, antialias, channels_last=True)
+    bh, bw = new_grid[0] // g, new_grid[1] // g
+    return image.reshape(1, g, bh, g, bw, c).transpose(2, 3).reshape(1, t, bh * bw, c)
 
 
 def resize_bias_grid(biases: torch.Tensor, old_grid: Size2, new_grid: Size2, interpolation: str) -> torch.Tensor:

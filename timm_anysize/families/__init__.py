@@ -18,8 +18,8 @@ import torch.nn as nn
 
 from ..family import GEOMETRY_CHANGES, Family, classify_changes, tensor_layouts
 from . import (
-    beit, cait, convit, crossvit, deit, eva, gcvit, hiera, levit, maxxvit, mlp_mixer, mvitv2, naflexvit, pit, sam, swin,
-    tnt, twins, vit, volo, xcit,
+    beit, cait, convit, crossvit, deit, efficientformer, efficientformer_v2, eva, gcvit, hiera, levit, maxxvit,
+    mlp_mixer, mvitv2, naflexvit, nest, pit, sam, swin, tnt, twins, vit, volo, xcit,
 )
 from .generic import generic_family
 
@@ -37,7 +37,7 @@ __all__ = [
 
 # The order is the lookup order of family_of (a ViT hybrid is told from a ViT by its row's ``matches``).
 _MODULES = (vit, deit, eva, beit, cait, swin, pit, volo, levit, twins, xcit, hiera, mvitv2, crossvit, naflexvit,
-            maxxvit, gcvit, sam, tnt, convit, mlp_mixer)
+            maxxvit, gcvit, sam, tnt, convit, efficientformer, efficientformer_v2, nest, mlp_mixer)
 
 FAMILIES: tuple[Family, ...] = tuple(row for module in _MODULES for row in module.FAMILIES)
 

@@ -1,0 +1,154 @@
+"""EfficientFormer (V1) at any size: the last stage's attention biases resized to the grid the input gives it.
+
+Why timm marks it ``fixed_input_size``: its attentions (the ``num_vit`` token blocks of the last stage) are built
+for a 7 x 7 grid whatever ``img_size`` says (timm accepts and ignores the argument), so every tensor loads at any
+size -- nothing in the weights depends on it -- but timm's forward adds a 49 x 49 bias to the attention and runs
+only where the last stage is 7 x 7 (193 to 224 px). Here the last stage reads its grid off its input (before it is
+flattened to tokens) and passes it, as an argument, to its token blocks; each attention resizes its ``[heads, 7*7]``
+table over ``|dy|, |dx|`` offsets to that grid as LeViT's are (cached per grid while the weights are unchanged).
+At 7 x 7 every path is timm's own. An export runs in plain timm at 193 to 224 px only (timm builds 7 x 7 tables).
+"""
+
+import math
+from typing import List, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+from timm.models import efficientformer as ef
+from timm.models._features import feature_take_indices  # timm exports it from no public module
+
+from ..cache import PosEmbedCache
+from ..family import NO_CONV_PATCH, DynamicPath, Family, no_patch_change
+from .levit import _Biases
+
+__all__ = ["FAMILIES", "DynamicAttention", "DynamicEfficientFormer", "enable_efficientformer_dynamic"]
+
+
+class DynamicAttention(_Biases, ef.Attention):
+    """timm's EfficientFormer attention over the tokens of a ``res`` grid (its own 7 x 7 when none)."""
+
+    def forward(self, x: torch.Tensor, res: Optional[List[int]] = None) -> torch.Tensor:
+        B, N, C = x.shape
+        qkv = self.qkv(x)
+        qkv = qkv.reshape(B, N, self.num_heads, -1).permute(0, 2, 1, 3)
+        q, k, v = qkv.split([self.key_dim, self.key_dim, self.val_dim], dim=3)
+
+        attn = (q @ k.transpose(-2, -1)) * self.scale
+        grid = [self.resolution[0], self.resolution[1]] if res is None else res
+        attn = attn + self._anysize_biases(x, grid, 1)
+
+        attn = attn.softmax(dim=-1)
+        x = (attn @ v).transpose(1, 2).reshape(B, N, self.val_attn_dim)
+        return self.proj(x)
+
+
+class DynamicMetaBlock1d(ef.MetaBlock1d):
+    def forward(self, x: torch.Tensor, res: Optional[List[int]] = None) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.token_mixer(self.norm1(x), res)))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+class DynamicMetaBlock2d(ef.MetaBlock2d):
+    """timm's convolutional block, taking (and ignoring) a grid like the token blocks."""
+
+    def forward(self, x: torch.Tensor, res: Optional[List[int]] = None) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.token_mixer(x)))
+        return x + self.drop_path2(self.ls2(self.mlp(x)))
+
+
+class DynamicFlat(ef.Flat):
+    def forward(self, x: torch.Tensor, res: Optional[List[int]] = None) -> torch.Tensor:
+        return x.flatten(2).transpose(1, 2)
+
+
+class DynamicEfficientFormerStage(ef.EfficientFormerStage):
+    """timm's stage with the grid of its (downsampled, still NCHW) input passed to every block."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        res = [x.shape[-2], x.shape[-1]]
+        for block in self.blocks:
+            x = block(x, res)
+        return x
+
+
+class DynamicEfficientFormer(ef.EfficientFormer):
+    """timm's EfficientFormer at any input size (set by :func:`timm_anysize.enable_dynamic`)."""
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """timm's ``forward_intermediates``, the last stage's tokens laid out on the grid they came from (timm
+        halves the previous stage's grid, which is wrong where it is odd)."""
+        assert output_fmt in ("NCHW",), "Output shape must be NCHW."
+        intermediates = []
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        x = self.stem(x)
+        B, H, W = x.shape[0], x.shape[-2], x.shape[-1]
+        last_idx = self.num_stages - 1
+        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
+        feat_idx = 0
+        for feat_idx, stage in enumerate(stages):
+            x = stage(x)
+            if feat_idx < last_idx:
+                H, W = x.shape[-2], x.shape[-1]
+            if feat_idx in take_indices:
+                if feat_idx == last_idx:
+                    x_inter = self.norm(x) if norm else x
+                    intermediates.append(x_inter.reshape(B, (H - 1) // 2 + 1, (W - 1) // 2 + 1, -1).permute(0, 3, 1, 2))
+                else:
+                    intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        if feat_idx == last_idx:
+            x = self.norm(x)
+        return x, intermediates
+
+
+_MODULES = {
+    ef.Attention: DynamicAttention,
+    ef.MetaBlock1d: DynamicMetaBlock1d,
+    ef.MetaBlock2d: DynamicMetaBlock2d,
+    ef.Flat: DynamicFlat,
+    ef.EfficientFormerStage: DynamicEfficientFormerStage,
+}
+
+
+def enable_efficientformer_dynamic(model: nn.Module, cache_size: int) -> None:
+    """Swap in the stage that passes its grid down and the blocks and attentions that take it."""
+    interpolation = model._anysize_dynamic.interpolation
+    for module in model.modules():
+        dynamic_cls = _MODULES.get(type(module))
+        if dynamic_cls is None:
+            continue
+        module.__class__ = dynamic_cls
+        if dynamic_cls is DynamicAttention:
+            side = math.isqrt(module.attention_biases.shape[1])  # timm keeps no resolution: 7, from the table
+            module.resolution = (side, side)
+            module._anysize_interpolation = interpolation
+            module._anysize_bias_cache = PosEmbedCache(cache_size)
+
+
+FAMILIES = (
+    Family(
+        name="efficientformer",
+        classes=(ef.EfficientFormer,),
+        tensors=(),  # timm builds the 7 x 7 tables at every img_size: every tensor loads as it is
+        patch_embeds=(),
+        unsupported=no_patch_change(NO_CONV_PATCH),
+        dynamic_args=(),  # enable_dynamic passes the last stage's grid to its attentions
+        dynamic_features=True,
+        runtime=DynamicPath(
+            classes={ef.EfficientFormer: DynamicEfficientFormer},
+            setup=enable_efficientformer_dynamic,
+            patch_layout="none",
+        ),
+        example="efficientformer_l1",
+    ),
+)
