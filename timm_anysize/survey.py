@@ -146,7 +146,8 @@ def survey_module(module: str) -> dict[str, Any]:
 def run_survey(modules: Optional[list[str]] = None, path: Optional[Path] = SURVEY_FILE, log=print) -> dict:
     """Survey ``modules`` (default: every timm module) and write the result to ``path`` (None: do not write)."""
     results = {}
-    for module in modules or timm.list_modules():
+    # timm lists timm_anysize.variants (where our variants register) among its modules: not an architecture.
+    for module in modules or [m for m in timm.list_modules() if m != "variants"]:
         results[module] = survey_module(module)
         if log:
             log(f"{module}: {results[module]['family']} {results[module]['any_size'][:40]}")
