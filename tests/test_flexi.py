@@ -38,6 +38,7 @@ MODELS = {
     "swin": ("swin_tiny_patch4_window7_224", dict(SWIN), 32, 4),
     "swinv2": ("swinv2_tiny_window8_256", dict(SWIN), 32, 4),
     "swinv2_cr": ("swinv2_cr_tiny_224", dict(SWIN), 32, 4),
+    "naflexvit": ("naflexvit_base_patch16_gap", dict(SMALL), 32, 8),
 }
 # (patch, input size): grids that are whole windows for Swin (window 4, one merge).
 CASES = [(4, (32, 32)), (8, (64, 32)), (2, (16, 16)), ((4, 2), (32, 16))]
@@ -53,7 +54,17 @@ def _reference(model: torch.nn.Module, family: str, img: tuple, p) -> torch.nn.M
     """A copy moved to patch ``p`` and input ``img`` by timm's own API (set_input_size; where a family has none,
     timm's PatchEmbed.set_input_size and resample functions, as its set_input_size would)."""
     ref = copy.deepcopy(model)
-    if family == "cait":  # timm's CaiT has no set_input_size: its PatchEmbed's and resample_abs_pos_embed
+    if family == "naflexvit":  # no set_input_size: timm's model built for p, its linear kernel PI-resized as a conv
+        arch, kwargs, _, own = MODELS[family]
+        pp = timm.layers.to_2tuple(p)
+        ref = timm.create_model(arch, img_size=img, patch_size=pp, num_classes=5, **kwargs).eval()
+        state = dict(model.state_dict())
+        w = state["embeds.proj.weight"]
+        conv = w.reshape(w.shape[0], own, own, 3).permute(0, 3, 1, 2)  # (ph, pw, C) patches, as timm patchifies
+        conv = resample_patch_embed(conv, list(pp))
+        state["embeds.proj.weight"] = conv.permute(0, 2, 3, 1).reshape(w.shape[0], -1)
+        ref.load_state_dict(state)
+    elif family == "cait":  # timm's CaiT has no set_input_size: its PatchEmbed's and resample_abs_pos_embed
         old = ref.patch_embed.grid_size
         ref.patch_embed.set_input_size(img_size=img, patch_size=p)
         ref.pos_embed = torch.nn.Parameter(
@@ -81,7 +92,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_parity_with_set_input_size(family):
     model = _build(family)
     pristine = copy.deepcopy(model)
-    kernel = model.patch_embed.proj.weight.detach().clone()
+    embed = model.embeds if family == "naflexvit" else model.patch_embed
+    kernel = embed.proj.weight.detach().clone()
     for p, img in CASES:
         x = torch.randn(2, 3, *img)
         ref = _reference(pristine, family, img, p)
@@ -91,7 +103,7 @@ def test_parity_with_set_input_size(family):
                 got = model(x)
         assert got.shape == expected.shape
         assert _rel(got, expected) <= 1e-5, (family, p, img)
-    assert torch.equal(model.patch_embed.proj.weight, kernel)
+    assert torch.equal(embed.proj.weight, kernel)
     # back at its own patch and size outside the block
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
@@ -362,3 +374,12 @@ def test_flexi_demo_quick(tmp_path):
     assert acc[("zero-shot", 4)] >= 90  # the base at its own patch
     assert all(0 <= r["accuracy"] <= 100 and r["images_per_s"] > 0 for r in rows)
     assert (tmp_path / "flexi.json").is_file() and (tmp_path / "flexi_accuracy_vs_throughput.png").stat().st_size > 0
+
+
+def test_naflexvit_flexi_training_reaches_the_linear_kernel():
+    """NaFlexViT's linear projection: random patch sizes in training, gradients on the one stored weight."""
+    model = timm_anysize.enable_flexi(_build("naflexvit"), [4, 8, 16]).train()
+    for _ in range(4):
+        model(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert len(model._anysize_flexi_seen) >= 2
+    assert model.embeds.proj.weight.grad is not None and model.embeds.proj.weight.grad.abs().sum() > 0

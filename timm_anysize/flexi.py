@@ -23,6 +23,7 @@ tracing or exporting.
 from __future__ import annotations
 
 import contextlib
+import copy
 import contextvars
 import random
 import threading
@@ -164,6 +165,72 @@ class _FlexiSwinV2CrMixin(_FlexiPatchEmbedMixin):
         return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # type: ignore[attr-defined]
 
 
+class _LinearWith(nn.Module):
+    """``F.linear`` with a given weight and bias (a PI-resized NaFlexViT projection for one call)."""
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+        super().__init__()
+        self.weight, self.bias = weight, bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class _FlexiNaFlexEmbeds(naflexvit.NaFlexEmbeds):
+    """NaFlexViT's embeddings at a run-time patch size: an image input is patchified at the active patch and projected
+    with the stored ``nn.Linear`` weight PI-resized as the conv kernel it is (``(ph, pw, C)`` or ``(C, ph, pw)``
+    flattened, as timm's ``batch_patchify`` lays patches out); timm's own forward does the rest (its position
+    embedding is interpolated to the grid). Pre-patchified (NaFlex) inputs and the built patch take timm's path.
+    """
+
+    active_patch_size = _FlexiPatchEmbedMixin.active_patch_size
+
+    def kernel(self, p: Size2) -> torch.Tensor:
+        """The stored linear weight PI-resized to ``p``, flattened as timm patchifies (cached like the others)."""
+        weight = self.proj.weight
+        interpolation, antialias = self._anysize_resample
+        (ph, pw), c = self.patch_size, self.in_chans
+
+        def compute() -> torch.Tensor:
+            d = weight.shape[0]
+            conv = (weight.reshape(d, ph, pw, c).permute(0, 3, 1, 2) if self.channels_last
+                    else weight.reshape(d, c, ph, pw))
+            conv = resample_patch_embed(conv, list(p), interpolation=interpolation, antialias=antialias)
+            return (conv.permute(0, 2, 3, 1) if self.channels_last else conv).reshape(d, -1)
+
+        if must_run_inline(weight):
+            return compute()
+        key = (p, weight.dtype, weight.device, torch.is_inference_mode_enabled())
+        return self._anysize_kernel_cache.get_or_compute(key, weight, lambda: compute().detach())
+
+    def forward(self, x: torch.Tensor, patch_coord: Optional[torch.Tensor] = None,
+                patch_valid: Optional[torch.Tensor] = None):
+        p = self.active_patch_size()
+        if p == tuple(self.patch_size) or patch_coord is not None or not self.is_linear:
+            return super().forward(x, patch_coord, patch_valid)
+        if not self.dynamic_img_pad and (x.shape[-2] % p[0] or x.shape[-1] % p[1]):
+            raise ValueError(
+                f"input {x.shape[-2]}x{x.shape[-1]} is not a multiple of the patch {p[0]}x{p[1]} and NaFlexViT's "
+                f"dynamic_img_pad is off; resize or crop to a multiple of the patch, or build it with "
+                f"dynamic_img_pad=True"
+            )
+        # timm's forward on a shallow view of this module with this call's patch and projection: the module itself
+        # is not modified, so threads at other patch sizes do not interfere.
+        view = copy.copy(self)
+        view.__dict__["patch_size"] = p
+        view._modules = {**self._modules, "proj": _LinearWith(self.kernel(p), self.proj.bias)}
+        return naflexvit.NaFlexEmbeds.forward(view, x, patch_coord, patch_valid)
+
+
+def _flexi_naflex(embeds: nn.Module) -> nn.Module:
+    """Make NaFlexViT's embeddings flexi (in place)."""
+    embeds.__class__ = _FlexiNaFlexEmbeds
+    embeds._anysize_kernel_cache = PosEmbedCache(DEFAULT_CACHE_SIZE)
+    embeds._anysize_sticky = None
+    embeds._anysize_resample = ("bicubic", True)
+    return embeds
+
+
 _FLEXI_CLASSES: dict[type, type] = {}
 
 
@@ -189,18 +256,21 @@ def _family(model: nn.Module) -> Optional[Family]:
     return fam
 
 
+def _embed_module(model: nn.Module) -> Optional[nn.Module]:
+    """The module that embeds patches: ``patch_embed``, or NaFlexViT's ``embeds``."""
+    pe = getattr(model, "patch_embed", None)
+    return pe if pe is not None else getattr(model, "embeds", None)
+
+
 def _patch_embed(model: nn.Module) -> nn.Module:
     """Make ``model`` flexi (once) and return its patch embedding; a clear error for families without a kernel."""
-    pe = getattr(model, "patch_embed", None)
-    if isinstance(pe, _FlexiPatchEmbedMixin):
+    pe = _embed_module(model)
+    if isinstance(pe, (_FlexiPatchEmbedMixin, _FlexiNaFlexEmbeds)):
         return pe
     fam = _family(model)
     name = fam.name if fam is not None else type(model).__name__
     if fam is not None and fam.name == "naflexvit":
-        raise TypeError(
-            "timm_anysize.flexi: NaFlexViT resizes its linear patch projection itself: pass pre-patchified inputs "
-            "at any patch size with timm's patch interpolator (create_model(..., enable_patch_interpolator=True))"
-        )
+        return _flexi_naflex(pe)
     if fam is None or not fam.changes_patch or not isinstance(getattr(getattr(pe, "proj", None), "weight", None),
                                                               torch.Tensor) or pe.proj.weight.ndim != 4:
         reason = fam.unsupported.get("patch_smaller", "") if fam is not None else "not a supported timm family"
@@ -256,8 +326,8 @@ def get_patch_size(model: nn.Module) -> Size2:
         >>> get_patch_size(timm.create_model("test_vit", img_size=32, patch_size=8))
         (8, 8)
     """
-    pe = getattr(model, "patch_embed", None)
-    if isinstance(pe, _FlexiPatchEmbedMixin):
+    pe = _embed_module(model)
+    if isinstance(pe, (_FlexiPatchEmbedMixin, _FlexiNaFlexEmbeds)):
         return pe.active_patch_size()
     fam = _family(model)
     size = fam.patch_size(model) if fam is not None else None
@@ -296,7 +366,7 @@ def patch_size(model: nn.Module, p: PatchSizeArg) -> Iterator[nn.Module]:
 
 
 def _pre_forward(model: nn.Module, args: tuple) -> None:
-    pe = model.patch_embed
+    pe = _embed_module(model)
     stack = getattr(_HOOK_STACK, "stack", None)
     if stack is None:
         stack = _HOOK_STACK.stack = []
@@ -377,8 +447,8 @@ def flexi_cache_info(model: nn.Module) -> dict[str, int]:
         >>> flexi_cache_info(m)["hits"], flexi_cache_info(m)["misses"]
         (1, 1)
     """
-    pe = getattr(model, "patch_embed", None)
-    if not isinstance(pe, _FlexiPatchEmbedMixin):
+    pe = _embed_module(model)
+    if not isinstance(pe, (_FlexiPatchEmbedMixin, _FlexiNaFlexEmbeds)):
         raise ValueError(f"{type(model).__name__} is not flexi; call set_patch_size or patch_size first")
     return pe._anysize_kernel_cache.info()
 

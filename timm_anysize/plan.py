@@ -4,6 +4,7 @@ of the model, all read off models built on the ``meta`` device (no memory, no we
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import fnmatch
@@ -399,8 +400,15 @@ def feature_size(model: nn.Module, geometry: Geometry) -> Size2:
         (2, 3)
     """
     x = torch.empty(1, geometry.in_chans, *geometry.img_size, device="meta")
-    with torch.no_grad():
-        out = model.to("meta").forward_features(x)
+    # In eval mode: BatchNorm in training mode refuses a 1 x 1 map of one image (ResNeSt, RexNet, SKNet...). A model
+    # with real weights is probed through a meta copy, never moved.
+    probe = model if all(p.is_meta for p in model.parameters()) else copy.deepcopy(model).to("meta")
+    was_training = probe.training
+    try:
+        with torch.no_grad():
+            out = probe.eval().forward_features(x)
+    finally:
+        probe.train(was_training)
     h, w = get_spatial_dim(getattr(model, "output_fmt", "NCHW"))
     return (int(out.shape[h]), int(out.shape[w]))
 

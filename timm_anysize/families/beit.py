@@ -297,6 +297,9 @@ class DynamicBeit(beit.Beit):
     def _anysize_tokens(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[int]]:
         """Tokens with the class token and the position embedding of the image's grid, and the grid."""
         ps = self.patch_embed.patch_size
+        if not torch.jit.is_scripting():
+            if hasattr(self.patch_embed, "active_patch_size"):  # a run-time patch size (timm_anysize.flexi)
+                ps = self.patch_embed.active_patch_size()
         grid = patch_grid(x, [ps[0], ps[1]], self.patch_embed.dynamic_img_pad)
         x = self.patch_embed(x)  # tokens, as timm lays them out
         x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
@@ -380,6 +383,8 @@ FAMILIES = (
         tensors=REL_TABLE,
         dynamic_args=(),  # timm's BEiT has no dynamic-size arguments; enable_dynamic adds the path
         runtime=DynamicPath(classes={beit.Beit: DynamicBeit}, setup=enable_beit_dynamic, patch_layout="tokens"),
+        export_note="torch.export with dynamic H x W runs; the ONNX exporter stops on a view of the attention output "
+        "whose token count is symbolic (torch 2.14); torch.compile(dynamic=True) equals eager (tested)",
         example="beit_base_patch16_224",
     ),
 )
