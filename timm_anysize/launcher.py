@@ -7,7 +7,6 @@ every worker runs it before the script.
 
 from __future__ import annotations
 
-import os
 import runpy
 import sys
 from pathlib import Path
@@ -34,7 +33,7 @@ def run_script(script: str, args: Sequence[str], configs: Sequence[str] = ()) ->
     path = Path(script)
     if not path.is_file():
         raise FileNotFoundError(f"{script}: no such script")
-    old_argv, old_path0 = sys.argv, sys.path[0] if sys.path else None
+    old_argv = sys.argv
     sys.argv = [str(path), *args]
     sys.path.insert(0, str(path.resolve().parent))  # as `python script.py` puts the script's folder first
     try:

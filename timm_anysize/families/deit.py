@@ -1,7 +1,5 @@
 """Distilled DeiT (class + distillation tokens): the token position embedding resampled per grid and cached."""
 
-from typing import List
-
 import torch
 from timm.models import deit, vision_transformer
 

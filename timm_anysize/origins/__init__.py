@@ -9,7 +9,7 @@ tensor was dropped, and ends up in the variant's adaptation report.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 
