@@ -193,7 +193,8 @@ def test_survey_file_covers_every_timm_module():
 
     survey = load_survey()
     assert survey["timm_version"] == timm.__version__
-    assert sorted(survey["modules"]) == sorted(timm.list_modules())
+    # every timm module but timm_anysize.variants (where the variants register: not an architecture)
+    assert sorted(survey["modules"]) == sorted(m for m in timm.list_modules() if m != "variants")
     assert all(r["models"] >= 1 and r["example"] in timm.list_models(module=m) for m, r in survey["modules"].items())
 
 
