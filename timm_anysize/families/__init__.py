@@ -45,10 +45,14 @@ FAMILIES: tuple[Family, ...] = tuple(row for module in _MODULES for row in modul
 def family_of(model: nn.Module) -> Optional[Family]:
     """The family row for a model instance (or a dynamic subclass of one), or None if not supported."""
     cls = type(model)
-    for fam in FAMILIES:
-        dynamic = fam.runtime.classes.values() if fam.runtime is not None else ()
-        if any(cls is c or cls.__bases__ == (c,) for c in fam.classes) or cls in dynamic:
-            if fam.matches is None or fam.matches(model):
+    # Exact classes first: timm's DeiT-distilled class is a direct subclass of the ViT class, and must not be taken
+    # for a ViT; a direct subclass (made by timm-anysize or a user) is looked up after.
+    for exact in (True, False):
+        for fam in FAMILIES:
+            dynamic = fam.runtime.classes.values() if fam.runtime is not None else ()
+            hit = (any(cls is c for c in fam.classes) or cls in dynamic) if exact else \
+                any(cls.__bases__ == (c,) for c in fam.classes)
+            if hit and (fam.matches is None or fam.matches(model)):
                 return fam
     return None
 
