@@ -252,3 +252,21 @@ def test_device_and_dtype_follow_the_model(make_checkpoint):
     m = timm.create_model(name, pretrained=True).to(torch.bfloat16)
     out = m(torch.randn(1, 3, 64, 64, dtype=torch.bfloat16))
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
+@pytest.mark.parametrize("old,new", [((7, 7), (8, 6)), ((4, 6), (4, 6)), ((8, 8), (5, 11))])
+@pytest.mark.parametrize("flat", [True, False])
+def test_scriptable_rel_pos_table_resize_is_timms_bit_for_bit(old, new, flat):
+    """The port the dynamic BEiT/MaxViT/GCViT paths script equals timm's resize_rel_pos_bias_table exactly, for the
+    flat (Swin/BEiT) and the [heads, 2h-1, 2w-1] (TF MaxViT) layouts, and scripts."""
+    from timm.layers import resize_rel_pos_bias_table
+
+    from timm_anysize.resample import resize_rel_pos_table
+
+    shape = ((2 * old[0] - 1) * (2 * old[1] - 1), 3) if flat else (3, 2 * old[0] - 1, 2 * old[1] - 1)
+    table = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    new_shape = ((2 * new[0] - 1) * (2 * new[1] - 1), 3) if flat else (3, 2 * new[0] - 1, 2 * new[1] - 1)
+    expected = resize_rel_pos_bias_table(table, new_window_size=new, new_bias_shape=new_shape)
+    for fn in (resize_rel_pos_table, torch.jit.script(resize_rel_pos_table)):
+        got = fn(table, list(old), list(new), flat)
+        assert got.shape == expected.shape and torch.equal(got, expected)

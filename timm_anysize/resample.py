@@ -14,7 +14,7 @@ from timm.layers import resample_abs_pos_embed_nhwc
 
 from .spec import Size2
 
-__all__ = ["resample_grid", "resample_blocks", "resize_bias_grid", "resize_rel_axis"]
+__all__ = ["resample_grid", "resample_blocks", "resize_bias_grid", "resize_rel_axis", "resize_rel_pos_table"]
 
 
 def resample_grid(
@@ -77,3 +77,82 @@ def resize_rel_axis(table: torch.Tensor, length: int) -> torch.Tensor:
         return table
     out = F.interpolate(table.float().t()[None], size=length, mode="linear", align_corners=False)
     return out[0].t().to(table.dtype).contiguous()
+
+
+def _offsets(src: int, dst: int) -> List[float]:
+    """The geometric source offsets of timm's ``resize_rel_pos_bias_table`` (the same float arithmetic)."""
+    left, right = 1.01, 1.5
+    q = (left + right) / 2.0
+    while right - left > 1e-6:
+        q = (left + right) / 2.0
+        gp = 1.0 * (1.0 - q ** (src // 2)) / (1.0 - q)
+        if gp > dst // 2:
+            right = q
+        else:
+            left = q
+    dis: List[float] = []
+    cur = 1.0
+    for i in range(src // 2):
+        dis.append(cur)
+        cur += q ** (i + 1)
+    out: List[float] = []
+    for i in range(len(dis) - 1, -1, -1):
+        out.append(-dis[i])
+    out.append(0.0)
+    return out + dis
+
+
+def _interp2d(points: List[torch.Tensor], values: torch.Tensor, targets: List[torch.Tensor]) -> torch.Tensor:
+    """timm's ``RegularGridInterpolator`` for two axes (the same operations in the same order)."""
+    idxs: List[List[torch.Tensor]] = []
+    dists: List[List[torch.Tensor]] = []
+    overalls: List[torch.Tensor] = []
+    for p, x in zip(points, targets):
+        idx_right = torch.bucketize(x, p)
+        idx_right[idx_right >= p.shape[0]] = p.shape[0] - 1
+        idx_left = (idx_right - 1).clamp(0, p.shape[0] - 1)
+        dist_left = x - p[idx_left]
+        dist_right = p[idx_right] - x
+        dist_left[dist_left < 0] = 0.0
+        dist_right[dist_right < 0] = 0.0
+        both_zero = (dist_left == 0) & (dist_right == 0)
+        dist_left[both_zero] = 1.0
+        dist_right[both_zero] = 1.0
+        idxs.append([idx_left, idx_right])
+        dists.append([dist_left, dist_right])
+        overalls.append(dist_left + dist_right)
+    numerator = torch.zeros_like(targets[0])
+    for a in range(2):
+        for b in range(2):
+            weight = torch.prod(torch.stack([dists[0][1 - a], dists[1][1 - b]]), dim=0)
+            numerator = numerator + values[idxs[0][a], idxs[1][b]] * weight
+    return numerator / torch.prod(torch.stack(overalls), dim=0)
+
+
+def resize_rel_pos_table(table: torch.Tensor, old_window: List[int], new_window: List[int],
+                         flat: bool = True) -> torch.Tensor:
+    """timm's ``resize_rel_pos_bias_table`` (scipy off, no extra tokens), scriptable, bit for bit.
+
+    Resizes a relative-position bias table between two attention windows: ``flat`` ``[(2h-1)*(2w-1), heads]``
+    (Swin/BEiT/MaxViT layout) or, with ``flat=False``, ``[heads, 2h-1, 2w-1]`` (the TF MaxViT layout). Used at
+    run time by the dynamic BEiT, MaxViT and GCViT paths, which TorchScript compiles, so it is a port of timm's
+    function rather than a call to it.
+
+    Example:
+        >>> resize_rel_pos_table(torch.randn(13 * 13, 4), [7, 7], [8, 6]).shape
+        torch.Size([165, 4])
+    """
+    src = [2 * old_window[0] - 1, 2 * old_window[1] - 1]
+    dst = [2 * new_window[0] - 1, 2 * new_window[1] - 1]
+    if src[0] == dst[0] and src[1] == dst[1]:
+        return table
+    yx = [torch.tensor(_offsets(src[0], dst[0])), torch.tensor(_offsets(src[1], dst[1]))]
+    ty, tx = dst[0] // 2.0, dst[1] // 2.0
+    dyx = torch.meshgrid([torch.arange(-ty, ty + 0.1, 1.0), torch.arange(-tx, tx + 0.1, 1.0)], indexing="ij")
+    heads: List[torch.Tensor] = []
+    for i in range(table.shape[1] if flat else table.shape[0]):
+        z = table[:, i].view(src[0], src[1]).float().cpu() if flat else table[i].float().cpu()
+        r = _interp2d(yx, z, [dyx[0], dyx[1]]).contiguous().to(table.device)
+        heads.append(r.view(-1, 1) if flat else r)
+    out = torch.cat(heads, dim=-1) if flat else torch.stack(heads, dim=0)
+    return out.to(table.dtype)

@@ -28,6 +28,7 @@ from timm.models._manipulate import checkpoint  # timm's checkpoint wrapper (as 
 
 from ..cache import PosEmbedCache, dynamic_pos_embed, must_run_inline, patch_grid, resample_pos_tokens, symbolic
 from ..family import REL_TABLE, DynamicPath, Family
+from ..resample import resize_rel_pos_table
 from ..spec import Size2
 
 __all__ = ["FAMILIES", "DynamicBeit", "enable_beit_dynamic", "beit_rel_pos_bias"]
@@ -55,73 +56,12 @@ def _rel_pos_index(grid: List[int], device: torch.device) -> torch.Tensor:
     return index
 
 
-def _offsets(src: int, dst: int) -> List[float]:
-    """The geometric source offsets of timm's ``resize_rel_pos_bias_table`` (same float arithmetic)."""
-    left, right = 1.01, 1.5
-    q = (left + right) / 2.0
-    while right - left > 1e-6:
-        q = (left + right) / 2.0
-        gp = 1.0 * (1.0 - q ** (src // 2)) / (1.0 - q)
-        if gp > dst // 2:
-            right = q
-        else:
-            left = q
-    dis: List[float] = []
-    cur = 1.0
-    for i in range(src // 2):
-        dis.append(cur)
-        cur += q ** (i + 1)
-    out: List[float] = []
-    for i in range(len(dis) - 1, -1, -1):
-        out.append(-dis[i])
-    out.append(0.0)
-    return out + dis
-
-
-def _interp2d(points: List[torch.Tensor], values: torch.Tensor, targets: List[torch.Tensor]) -> torch.Tensor:
-    """timm's ``RegularGridInterpolator`` for two axes (the same operations in the same order)."""
-    idxs: List[List[torch.Tensor]] = []
-    dists: List[List[torch.Tensor]] = []
-    overalls: List[torch.Tensor] = []
-    for p, x in zip(points, targets):
-        idx_right = torch.bucketize(x, p)
-        idx_right[idx_right >= p.shape[0]] = p.shape[0] - 1
-        idx_left = (idx_right - 1).clamp(0, p.shape[0] - 1)
-        dist_left = x - p[idx_left]
-        dist_right = p[idx_right] - x
-        dist_left[dist_left < 0] = 0.0
-        dist_right[dist_right < 0] = 0.0
-        both_zero = (dist_left == 0) & (dist_right == 0)
-        dist_left[both_zero] = 1.0
-        dist_right[both_zero] = 1.0
-        idxs.append([idx_left, idx_right])
-        dists.append([dist_left, dist_right])
-        overalls.append(dist_left + dist_right)
-    numerator = torch.zeros_like(targets[0])
-    for a in range(2):
-        for b in range(2):
-            weight = torch.prod(torch.stack([dists[0][1 - a], dists[1][1 - b]]), dim=0)
-            numerator = numerator + values[idxs[0][a], idxs[1][b]] * weight
-    return numerator / torch.prod(torch.stack(overalls), dim=0)
-
-
 def _resize_table(table: torch.Tensor, window: List[int], grid: List[int]) -> torch.Tensor:
     """timm's ``resize_rel_pos_bias_table`` (flat table with 3 class-token entries, scipy off) from ``window`` to
     ``grid``."""
-    src = [2 * window[0] - 1, 2 * window[1] - 1]
-    dst = [2 * grid[0] - 1, 2 * grid[1] - 1]
-    if src[0] == dst[0] and src[1] == dst[1]:
+    if window[0] == grid[0] and window[1] == grid[1]:
         return table
-    orig_dtype = table.dtype
-    extra, body = table[-3:, :], table[:-3, :]
-    yx = [torch.tensor(_offsets(src[0], dst[0])), torch.tensor(_offsets(src[1], dst[1]))]
-    ty, tx = dst[0] // 2.0, dst[1] // 2.0
-    dyx = torch.meshgrid([torch.arange(-ty, ty + 0.1, 1.0), torch.arange(-tx, tx + 0.1, 1.0)], indexing="ij")
-    heads: List[torch.Tensor] = []
-    for i in range(table.shape[1]):
-        z = body[:, i].view(src[0], src[1]).float().cpu()
-        heads.append(_interp2d(yx, z, [dyx[0], dyx[1]]).contiguous().to(table.device).view(-1, 1))
-    return torch.cat((torch.cat(heads, dim=-1), extra), dim=0).to(orig_dtype)
+    return torch.cat((resize_rel_pos_table(table[:-3, :], window, grid, True), table[-3:, :]), dim=0)
 
 
 @torch.fx.wrap

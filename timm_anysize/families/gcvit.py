@@ -12,7 +12,7 @@ only one that is not stays fixed), and its attention the bias for that window (t
 load resizes it, cached per window while the weights are unchanged, see :func:`~timm_anysize.families.maxxvit.
 rel_pos_bias_at`). The global query pools the map down to that window, as in a model built for the size: the
 outputs are equal. Inputs are padded (bottom/right) to a multiple of the stride and the ratios. TorchScript
-compiles the path (the tables resized by the scriptable port in :mod:`timm_anysize.families.maxxvit`); FX records
+compiles the path (the tables resized by the scriptable port in :mod:`timm_anysize.resample`); FX records
 each block as one leaf module.
 """
 

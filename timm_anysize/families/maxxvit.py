@@ -37,8 +37,8 @@ from timm.models import maxxvit
 
 from ..cache import PosEmbedCache, must_run_inline
 from ..family import NO_CONV_PATCH, REL_TABLE, DynamicPath, Family, no_patch_change
+from ..resample import resize_rel_pos_table
 from ..spec import Size2
-from .beit import _interp2d, _offsets  # the scriptable port of timm's table resize
 
 __all__ = [
     "FAMILIES", "DynamicMaxxVit", "enable_maxxvit_dynamic", "rel_pos_bias_at", "table_bias", "pad_to_multiple",
@@ -134,25 +134,6 @@ def _window_index(window: List[int], device: torch.device) -> torch.Tensor:
     return rel.sum(-1).view(-1)
 
 
-def _resize_table(table: torch.Tensor, old: List[int], new: List[int], flat: bool) -> torch.Tensor:
-    """timm's ``resize_rel_pos_bias_table`` (scipy off, no extra tokens) for a flat or TF-layout table, with
-    the interpolation steps of :mod:`timm_anysize.families.beit`'s port."""
-    src = [2 * old[0] - 1, 2 * old[1] - 1]
-    dst = [2 * new[0] - 1, 2 * new[1] - 1]
-    if src[0] == dst[0] and src[1] == dst[1]:
-        return table
-    yx = [torch.tensor(_offsets(src[0], dst[0])), torch.tensor(_offsets(src[1], dst[1]))]
-    ty, tx = dst[0] // 2.0, dst[1] // 2.0
-    dyx = torch.meshgrid([torch.arange(-ty, ty + 0.1, 1.0), torch.arange(-tx, tx + 0.1, 1.0)], indexing="ij")
-    heads: List[torch.Tensor] = []
-    for i in range(table.shape[1] if flat else table.shape[0]):
-        z = table[:, i].view(src[0], src[1]).float().cpu() if flat else table[i].float().cpu()
-        r = _interp2d(yx, z, [dyx[0], dyx[1]]).contiguous().to(table.device)
-        heads.append(r.view(-1, 1) if flat else r)
-    out = torch.cat(heads, dim=-1) if flat else torch.stack(heads, dim=0)
-    return out.to(table.dtype)
-
-
 def _lookup(length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """timm's ``generate_lookup_tensor``: ``ret[n, m, v] = 1`` where ``v = m - n + length - 1``."""
     pos = torch.arange(length, device=device)
@@ -171,7 +152,7 @@ def table_bias(table: torch.Tensor, old: List[int], window: List[int], tf_layout
         >>> table_bias(torch.randn(9, 2), [2, 2], [3, 2], False, torch.float32).shape
         torch.Size([1, 2, 6, 6])
     """
-    table = _resize_table(table, old, window, not tf_layout)
+    table = resize_rel_pos_table(table, old, window, not tf_layout)
     if tf_layout:
         h = _lookup(window[0], lookup_dtype, table.device)
         w = _lookup(window[1], lookup_dtype, table.device)
