@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed_nhwc
 
-from .spec import Size2
 
 __all__ = ["resample_grid", "resample_blocks", "resize_bias_grid", "resize_rel_axis", "resize_rel_pos_table"]
 
@@ -53,16 +52,17 @@ def resample_blocks(
     return image.reshape(1, g, bh, g, bw, c).transpose(2, 3).reshape(1, t, bh * bw, c)
 
 
-def resize_bias_grid(biases: torch.Tensor, old_grid: Size2, new_grid: Size2, interpolation: str) -> torch.Tensor:
-    """Resize attention biases indexed by ``|dy|, |dx|`` offsets (LeViT), ``[heads, H*W]``, between two grids.
+def resize_bias_grid(biases: torch.Tensor, old_grid: List[int], new_grid: List[int], interpolation: str) -> torch.Tensor:
+    """Resize attention biases indexed by ``|dy|, |dx|`` offsets (LeViT, EfficientFormer), ``[heads, H*W]``, between
+    two grids (``(h, w)`` sequences). Scriptable: the dynamic LeViT path calls it at run time.
 
     Example:
         >>> resize_bias_grid(torch.randn(4, 7 * 7), (7, 7), (8, 6), "bicubic").shape
         torch.Size([4, 48])
     """
     heads = biases.shape[0]
-    grid = biases.reshape(1, heads, *old_grid).float()
-    out = F.interpolate(grid, size=tuple(new_grid), mode=interpolation, align_corners=False)
+    grid = biases.reshape(1, heads, old_grid[0], old_grid[1]).float()
+    out = F.interpolate(grid, size=[new_grid[0], new_grid[1]], mode=interpolation, align_corners=False)
     return out.reshape(heads, -1).to(biases.dtype)
 
 

@@ -13,13 +13,13 @@ from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.layers import register_notrace_function
 from timm.models import levit
 from timm.models._features import feature_take_indices  # timm exports it from no public module
 
 from ..family import NO_CONV_PATCH, DynamicPath, Family, no_patch_change
 from ..cache import PosEmbedCache, must_run_inline, traced
+from ..resample import resize_bias_grid
 
 __all__ = ["FAMILIES", "DynamicLevit", "DynamicLevitDistilled", "enable_levit_dynamic", "levit_attention_biases"]
 
@@ -32,14 +32,6 @@ def _bias_index(resolution: List[int], stride: int, device: torch.device) -> tor
                                        torch.arange(0, resolution[1], stride, device=device), indexing="ij"))
     rel = (q_pos.flatten(1)[..., :, None] - k_pos.flatten(1)[..., None, :]).abs()
     return rel[0] * resolution[1] + rel[1]
-
-
-def _resize_biases(biases: torch.Tensor, old: List[int], new: List[int], interpolation: str) -> torch.Tensor:
-    """:func:`timm_anysize.resample.resize_bias_grid`, step for step, in a form TorchScript compiles."""
-    heads = biases.shape[0]
-    grid = biases.reshape(1, heads, old[0], old[1]).float()
-    out = F.interpolate(grid, size=[new[0], new[1]], mode=interpolation, align_corners=False)
-    return out.reshape(heads, -1).to(biases.dtype)
 
 
 @torch.fx.wrap
@@ -57,7 +49,7 @@ def levit_attention_biases(
         torch.Size([2, 6, 18])
     """
     if always_resize or resolution[0] != native[0] or resolution[1] != native[1]:
-        biases = _resize_biases(biases, native, resolution, interpolation)
+        biases = resize_bias_grid(biases, native, resolution, interpolation)
     return biases[:, _bias_index(resolution, stride, biases.device)]
 
 
