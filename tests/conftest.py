@@ -28,6 +28,12 @@ def unique_name(prefix: str = "t") -> str:
     return f"{prefix}_{os.getpid()}_{next(_counter)}"
 
 
+@pytest.fixture(scope="module")
+def ckpt_dir(tmp_path_factory) -> str:
+    """A folder for one test module's checkpoints (tests/script_fx.py writes each family's once)."""
+    return str(tmp_path_factory.mktemp("ckpt"))
+
+
 def save_checkpoint(model: torch.nn.Module, path: Path) -> Path:
     """Save ``model``'s weights in the format named by ``path``'s suffix."""
     if path.suffix == ".safetensors":

@@ -12,7 +12,7 @@ import timm
 import torch
 from conftest import unique_name
 from test_families import SETUP
-from test_script_fx_windows import fx_model
+from script_fx import fx_model
 
 import timm_anysize
 from timm_anysize.resample import resize_bias_grid
@@ -331,7 +331,7 @@ def test_nest_onnx_stops_on_timms_own_attention_as_its_export_note_says(tmp_path
     is a 5-D scaled_dot_product_attention (blocks x tokens), which onnxscript converts in 4-D only."""
     from timm_anysize.families import FAMILIES
 
-    assert "5-D scaled_dot_product_attention" in next(f for f in FAMILIES if f.name == "nest").export_note
+    assert "5-D scaled_dot_product_attention" in next(f for f in FAMILIES if f.name == "nest").onnx_note
     pytest.importorskip("onnxscript")
     for model, dims in ((timm_anysize.enable_dynamic(_perturbed("nest_tiny", img_size=64)), (0, 2, 3)),
                         (timm.create_model("nest_tiny", img_size=64).eval(), (0,))):  # plain timm: its own size

@@ -19,7 +19,6 @@ import torch
 
 import timm_anysize
 from timm.layers import resample_abs_pos_embed, resample_patch_embed
-from timm_anysize import flexi
 from timm_anysize.spec import parse_variant
 
 SMALL = dict(embed_dim=64, depth=2, num_heads=2)

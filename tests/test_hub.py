@@ -167,13 +167,13 @@ def test_push_and_pull_through_the_real_client(variant, tmp_path):
         assert hub.state.validated_cards[0]["library_name"] == "timm"  # the card passed the Hub's YAML check
 
         # Pull: plain timm from the Hub, and a new variant whose weights are the pushed repo.
-        pull = f"""
+        pull = """
             import timm, torch, timm_anysize
             plain = timm.create_model("hf-hub:org/anysize-test", pretrained=True).eval()
             name = timm_anysize.register_variant(
                 "pulled_96", base="test_vit", img_size=96, patch_size=8, in_chans=1, num_classes=5,
-                pretrained={{"hf_hub_id": "org/anysize-test", "img_size": 64, "patch_size": 8, "in_chans": 1,
-                             "num_classes": 5}})
+                pretrained={"hf_hub_id": "org/anysize-test", "img_size": 64, "patch_size": 8, "in_chans": 1,
+                             "num_classes": 5})
             m = timm.create_model(name, pretrained=True).eval()
             report = timm_anysize.adaptation_report(m)
             assert report.source == "hf-hub org/anysize-test", report.source

@@ -157,10 +157,10 @@ def test_yaml_anchors_and_merge_keys_work(tmp_path):
 
 def test_geometry_bound_tensors_without_a_row_are_rejected_before_weights(tmp_path):
     """An architecture without a family row is adapted generically; a tensor the geometry reshapes is named."""
-    path = one_variant(tmp_path, unique_name(), base="convit_tiny", img_size="256")
+    path = one_variant(tmp_path, unique_name(), base="visformer_tiny", img_size="256")
     with pytest.raises(timm_anysize.AdaptationError,
-                       match=r"convit_tiny \(ConVit, no family row\) has tensors whose shape depends on the "
-                             r"geometry .*pos_embed: \(1, 196, 192\) -> \(1, 256, 192\)"):
+                       match=r"visformer_tiny \(Visformer, no family row\) has tensors whose shape depends on the "
+                             r"geometry .*pos_embed1: \(1, 96, 28, 28\) -> \(1, 96, 32, 32\)"):
         timm_anysize.register_yaml(path)
 
 

@@ -100,8 +100,10 @@ class Family:
         square_only: timm's constructor takes square sizes only; a non-square variant is built square with its
             width tables refitted (:mod:`timm_anysize.square_build`), and cannot be exported for plain timm.
         unsupported: Geometry change -> why the architecture cannot take it; such specs are rejected at validation.
-        export_note: Why the family's dynamic model cannot go through ``torch.export`` / ONNX with dynamic H x W
-            ("": it can; tests/test_script_fx_tokens.py checks it at three sizes).
+        export_note: Why the family's dynamic model cannot go through ``torch.export`` with dynamic H x W
+            ("": it can; the tests/test_script_fx_*.py modules check it at three sizes).
+        onnx_note: Why its ``torch.export`` program, which runs, cannot go on to ONNX (onnxruntime) with dynamic
+            H x W ("": it can, checked the same way).
         runtime: How :func:`timm_anysize.enable_dynamic` sets the family up (``dynamic="cached"``).
         size_multiples: For architectures whose branches or stages need whole multiples at the model's own size:
             ``(model built at any size, img_size) -> ((what, size, multiple), ...)``, the sizes an ``img_size`` gives
@@ -129,6 +131,7 @@ class Family:
     square_only: bool = False
     unsupported: dict[str, str] = field(default_factory=dict)
     export_note: str = ""
+    onnx_note: str = ""
     runtime: Optional[DynamicPath] = None
     size_multiples: Optional[Callable[[nn.Module, Size2], tuple[tuple[str, Size2, Size2], ...]]] = None
     example: str = ""

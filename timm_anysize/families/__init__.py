@@ -160,7 +160,8 @@ def families_markdown() -> str:
         dyn = {"cached": "yes (cached)", "native": "yes (timm's own)"}.get(fam.dynamic, f"no: {fam.dynamic_reason}")
         classes = ", ".join(c.__name__ for c in fam.classes)
         feats = "any size" if fam.dynamic_features else "the variant's size"
-        export = f"no: {fam.export_note}" if fam.export_note else "yes"
+        export = (f"no: {fam.export_note}" if fam.export_note
+                  else f"torch.export yes; ONNX no: {fam.onnx_note}" if fam.onnx_note else "yes")
         lines.append(f"| {fam.name} | `families/{homes[fam.name]}.py` | {classes} | `{fam.example}` | "
                      + " | ".join(cells) + f" | {dyn} | {feats} | {export} |")
     lines += ["", "Changes: " + "; ".join(f"`{k}`: {v}" for k, v in GEOMETRY_CHANGES.items()) + ".", ""]

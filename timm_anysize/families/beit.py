@@ -323,8 +323,9 @@ FAMILIES = (
         tensors=REL_TABLE,
         dynamic_args=(),  # timm's BEiT has no dynamic-size arguments; enable_dynamic adds the path
         runtime=DynamicPath(classes={beit.Beit: DynamicBeit}, setup=enable_beit_dynamic, patch_layout="tokens"),
-        export_note="torch.export with dynamic H x W runs; the ONNX exporter stops on a view of the attention output "
-        "whose token count is symbolic (torch 2.14); torch.compile(dynamic=True) equals eager (tested)",
+        export_note="the bias table is resized by timm's interpolation over an offset grid computed in Python from "
+                    "the patch grid, which torch.export specializes to the example input's grid (and ONNX stops on "
+                    "a view with a symbolic token count); torch.compile(dynamic=True) equals eager (tested)",
         example="beit_base_patch16_224",
     ),
 )

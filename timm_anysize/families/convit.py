@@ -33,8 +33,9 @@ def gpsa_rel_indices(grid: List[int], like: torch.Tensor) -> torch.Tensor:
         [2.0, 1.0, 5.0]
     """
     h, w = grid[0], grid[1]
-    ys = torch.arange(h, dtype=torch.float32).repeat_interleave(w)
-    xs = torch.arange(w, dtype=torch.float32).repeat(h)
+    token = torch.arange(h * w)  # row and column by division: repeat_interleave exports to an ONNX Expand that fails
+    row = torch.div(token, w, rounding_mode="floor")
+    ys, xs = row.to(torch.float32), (token - row * w).to(torch.float32)
     indx = xs[None, :] - xs[:, None]
     indy = ys[None, :] - ys[:, None]
     rel = torch.stack([indx, indy, indx ** 2 + indy ** 2], dim=-1)[None]

@@ -223,6 +223,8 @@ FAMILIES = (
         runtime=DynamicPath(  # the model class stays; its attentions change
             classes={mvitv2.MultiScaleVit: mvitv2.MultiScaleVit}, setup=enable_mvit_dynamic, patch_layout="none"
         ),
+        onnx_note="timm's relative-position indexing multiplies by a Python float ratio of symbolic sizes "
+                  "(max(k / q, 1.0)), which the ONNX exporter cannot convert (torch 2.14)",
         example="mvitv2_tiny",
     ),
 )

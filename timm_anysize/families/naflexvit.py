@@ -19,6 +19,9 @@ FAMILIES = (
         first_conv="embeds.proj",
         dynamic="native",
         dynamic_args=("dynamic_img_pad",),  # NaFlexViT runs at any size; padding is its own option
+        export_note="timm's patch embedding pads only inputs that are not whole patches, a branch torch.export "
+                    "keeps as a guard from the example input (e.g. width % 16 == 0), so the program refuses the "
+                    "other kind of size; torch.compile(dynamic=True) recompiles there instead (tested)",
         example="naflexvit_base_patch16_gap",
     ),
 )

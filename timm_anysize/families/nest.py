@@ -171,8 +171,8 @@ FAMILIES = (
         classes=(nest.Nest,),
         tensors=(("levels.*.pos_embed", "pos_blocks"),),
         unsupported={"img_non_square": _SQUARE},
-        export_note="torch.export takes it, but ONNX stops on timm's own attention (plain timm's NesT too): a 5-D "
-                    "scaled_dot_product_attention over blocks x tokens, which onnxscript converts in 4-D only",
+        onnx_note="ONNX stops on timm's own attention (plain timm's NesT too): a 5-D scaled_dot_product_attention "
+                  "over blocks x tokens, which onnxscript converts in 4-D only",
         dynamic_args=(),  # enable_dynamic swaps in levels that read their grid off their input
         dynamic_features=True,
         runtime=DynamicPath(classes={nest.Nest: nest.Nest}, setup=enable_nest_dynamic, patch_layout="none",

@@ -1,0 +1,184 @@
+"""The harness shared by the TorchScript / FX / compile / export test modules (``test_script_fx_*.py``).
+
+Each family of :data:`timm_anysize.families.FAMILIES` is exercised on its tiny setup from ``test_families.SETUP``:
+a seeded checkpoint at the setup's size, a registered variant at a non-square size loading it, and a plain timm
+model with the same weights made dynamic (``enable_dynamic``, or timm's own arguments where timm is dynamic itself).
+The checks compare each to its eager self, bit for bit where the operations are the same.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import timm
+import torch
+from conftest import unique_name
+from test_families import SETUP
+from timm.layers import get_notrace_functions, get_notrace_modules
+from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+import timm_anysize
+from timm_anysize.family import Family
+from timm_anysize.families import FAMILIES
+
+
+def family(name: str) -> Family:
+    return next(f for f in FAMILIES if f.name == name)
+
+
+def sizes(name: str) -> list[tuple[int, int]]:
+    """The variant's (non-square) size, then two other non-square sizes (the last not whole patches where the
+    family pads; for Swin the windows of the first stages need padding at every one)."""
+    s = SETUP[name]
+    own = (s.size + s.step, s.size)
+    if name == "crossvit":  # branch sizes follow the input: any size runs
+        return [own, (360, 240), (200, 280)]
+    return [own, (own[0] + 2 * s.step, own[1] + s.step), (own[0] - s.step, own[1] + 2 * s.step + 1)]
+
+
+@functools.lru_cache(maxsize=None)
+def checkpoint(name: str, tmp: str) -> str:
+    """A seeded checkpoint of the family's tiny setup, every parameter perturbed (no zero-initialized position
+    embeddings or tables: resampling must show)."""
+    s = SETUP[name]
+    torch.manual_seed(0)
+    model = timm.create_model(family(name).example, img_size=s.size, **s.args).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    path = f"{tmp}/{name}.pt"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def variant(name: str, ckpt_dir: str, img_size=None, **kwargs) -> str:
+    """A registered variant at ``img_size`` (default: the first of :func:`sizes`) loading :func:`checkpoint`."""
+    s = SETUP[name]
+    return timm_anysize.register_variant(
+        unique_name(), base=family(name).example, model_args=s.args, img_size=list(img_size or sizes(name)[0]),
+        pretrained={"file": checkpoint(name, ckpt_dir), "img_size": s.size}, **kwargs,
+    )
+
+
+def models(name: str, ckpt_dir: str) -> list[torch.nn.Module]:
+    """A dynamic variant, and enable_dynamic on a plain timm model with the same weights (the families timm makes
+    dynamic itself: the timm model built with its own dynamic arguments)."""
+    fam, s = family(name), SETUP[name]
+    var = timm.create_model(variant(name, ckpt_dir), pretrained=True).eval()
+    plain = timm.create_model(fam.example, img_size=s.size, **s.args, **fam.dynamic_kwargs(True, True)).eval()
+    plain.load_state_dict(torch.load(checkpoint(name, ckpt_dir), weights_only=True))
+    return [var, plain if fam.dynamic == "native" else timm_anysize.enable_dynamic(plain)]
+
+
+def inputs(name: str, n: int = 2) -> list[torch.Tensor]:
+    """Seeded batches at the first ``n`` of :func:`sizes`."""
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(2, 3, *hw, generator=gen) for hw in sizes(name)[:n]]
+
+
+def fx_model(model: torch.nn.Module) -> torch.nn.Module:
+    """timm's test harness ``_create_fx_model`` (eval): trace with timm's notrace registry, return the last node."""
+    tracer_kwargs = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions(),
+                         param_shapes_constant=True)
+    train_nodes, eval_nodes = get_graph_node_names(model, tracer_kwargs=tracer_kwargs)
+    return create_feature_extractor(model, train_return_nodes=[train_nodes[-1]], eval_return_nodes=[eval_nodes[-1]],
+                                    tracer_kwargs=tracer_kwargs)
+
+
+def assert_scripted_equals_eager(name: str, ckpt_dir: str, n: int = 2) -> None:
+    for model in models(name, ckpt_dir):
+        scripted = torch.jit.script(model)
+        with torch.no_grad():
+            for x in inputs(name, n):
+                assert torch.equal(scripted(x), model(x)), (type(model).__name__, tuple(x.shape))
+
+
+def assert_fx_equals_eager(name: str, ckpt_dir: str, n: int = 2) -> None:
+    for model in models(name, ckpt_dir):
+        traced = fx_model(model)
+        with torch.no_grad():
+            for x in inputs(name, n):
+                (out,) = traced(x).values()
+                assert torch.equal(out, model(x)), (type(model).__name__, tuple(x.shape))
+
+
+def assert_fx_features_equal_module_outputs(name: str, ckpt_dir: str, out_indices: tuple, n: int = 2) -> None:
+    """``features_only=True, feature_cls='fx'``: each feature is the eager dynamic model's module output (one of
+    them where a module returns several: PiT, CrossViT, TNT; NHWC or tokens as the module gives them)."""
+    variant_name = variant(name, ckpt_dir)
+    feats = timm.create_model(variant_name, pretrained=True, features_only=True, feature_cls="fx",
+                              out_indices=out_indices).eval()
+    assert feats.pretrained_cfg["fixed_input_size"] is False
+    model = timm.create_model(variant_name, pretrained=True).eval()
+    modules = feats.feature_info.module_name()
+    with torch.no_grad():
+        for x in inputs(name, n):
+            seen = {}
+            hooks = [model.get_submodule(m).register_forward_hook(
+                lambda mod, args, out, m=m: seen.__setitem__(m, out if isinstance(out, (list, tuple)) else [out]))
+                for m in modules]
+            model(x)
+            for h in hooks:
+                h.remove()
+            got = feats(x)
+            assert len(got) == len(modules)
+            for m, f in zip(modules, got):
+                assert any(f.shape == o.shape and torch.equal(f, o) for o in seen[m]), (m, tuple(x.shape))
+
+
+def dynamic_and_built(name: str, ckpt_dir: str, other: tuple[int, int]) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The dynamic variant, and a plain timm model built at ``other`` with the variant's own weights resampled
+    once more to it (a static variant of them at that size)."""
+    own = sizes(name)[0]
+    dynamic = timm.create_model(variant(name, ckpt_dir), pretrained=True).eval()
+    weights = f"{ckpt_dir}/{name}_variant.pt"
+    torch.save(dynamic.state_dict(), weights)
+    built_name = timm_anysize.register_variant(
+        unique_name(), base=family(name).example, model_args=SETUP[name].args, img_size=list(other), dynamic=False,
+        pretrained={"file": weights, "img_size": list(own)},
+    )
+    built = timm.create_model(built_name, pretrained=True).eval()
+    assert type(built).__module__.startswith("timm.")
+    return dynamic, built
+
+
+def assert_compiled_equals_eager(name: str, ckpt_dir: str, dynamic: bool = True, rtol: float = 1e-4) -> None:
+    """``torch.compile`` (the eager backend: the graph capture is what is checked) at three sizes."""
+    model = models(name, ckpt_dir)[0]
+    torch._dynamo.reset()
+    compiled = torch.compile(model, dynamic=dynamic, backend="eager")
+    with torch.no_grad():
+        for x in inputs(name, 3):
+            torch.testing.assert_close(compiled(x), model(x), rtol=rtol, atol=1e-5)
+    torch._dynamo.reset()
+
+
+def exported(model: torch.nn.Module, name: str):
+    """``torch.export`` with a dynamic height and width, traced at the second of :func:`sizes`."""
+    from torch.export import Dim, export
+
+    return export(model, (inputs(name, 2)[1],), dynamic_shapes={"x": {2: Dim.DYNAMIC, 3: Dim.DYNAMIC}})
+
+
+def assert_exports_equal_eager(name: str, ckpt_dir: str, onnx_path=None, rtol: float = 1e-4) -> None:
+    """``torch.export`` (dynamic H/W) and, given a path, ONNX run in onnxruntime (dynamic N/H/W) equal the eager
+    model at three sizes."""
+    from torch.export import Dim
+
+    model = models(name, ckpt_dir)[0]
+    program = exported(model, name).module()
+    session = None
+    if onnx_path is not None:
+        import onnxruntime as ort
+
+        onnx = torch.onnx.export(model, (inputs(name, 2)[1],), dynamo=True, verbose=False,
+                                 dynamic_shapes={"x": {0: Dim.DYNAMIC, 2: Dim.DYNAMIC, 3: Dim.DYNAMIC}})
+        onnx.save(str(onnx_path))
+        session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        for x in inputs(name, 3):
+            expected = model(x)
+            torch.testing.assert_close(program(x), expected, rtol=rtol, atol=1e-5)
+            if session is not None:
+                out = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+                torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
