@@ -8,6 +8,7 @@ import pytest
 import timm
 import torch
 from conftest import unique_name
+from script_fx import fx_model
 from timm.layers import resize_rel_pos_bias_table
 from timm.models.maxxvit import checkpoint_filter_fn
 
@@ -144,18 +145,6 @@ def test_gcvit_at_any_size_equals_timm_built_for_it():
         timm_anysize.enable_dynamic(model, pad=False)(torch.randn(1, 3, 64, 70))
 
 
-def _fx(model: torch.nn.Module) -> torch.nn.Module:
-    """timm's test harness ``_create_fx_model`` (eval): traced with timm's notrace registry, the last node."""
-    from timm.layers import get_notrace_functions, get_notrace_modules
-    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
-
-    kwargs = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions(),
-                  param_shapes_constant=True)
-    train_nodes, eval_nodes = get_graph_node_names(model, tracer_kwargs=kwargs)
-    return create_feature_extractor(model, train_return_nodes=[train_nodes[-1]], eval_return_nodes=[eval_nodes[-1]],
-                                    tracer_kwargs=kwargs)
-
-
 SCRIPT_FX = [(arch, MAXXVIT) for arch in MAXXVIT_BASES] + [("gcvit_xxtiny", GCVIT)]
 
 
@@ -168,7 +157,7 @@ def test_torchscript_and_fx_equal_eager_at_any_size(make_checkpoint, arch, args)
     name = timm_anysize.register_variant(unique_name(), base=arch, model_args=args, img_size=[96, 64],
                                          pretrained={"file": str(path), "img_size": 64})
     model = timm.create_model(name, pretrained=True).eval()
-    scripted, traced = torch.jit.script(model), _fx(model)
+    scripted, traced = torch.jit.script(model), fx_model(model)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for hw in ((96, 64), (64, 128), (64, 97)):

@@ -106,7 +106,8 @@ def test_config_fuzzing_raises_only_our_errors(pytestconfig, tmp_path_factory):
             assert str(path) in msg, msg
             assert set(timm.list_models()) == before  # nothing registered from a failed file
             outcomes["refused"] += 1
-            reasons.append(msg[:300])
+            if len(reasons) < 5:
+                reasons.append(msg[:300])
             return
         except BaseException as e:  # anything else is a bug
             raise AssertionError(f"{type(e).__name__} leaked for:\n{text}") from e
@@ -115,7 +116,7 @@ def test_config_fuzzing_raises_only_our_errors(pytestconfig, tmp_path_factory):
 
     check()
     # both paths exercised (the first refusals say why, should none register)
-    assert outcomes["refused"] >= 100 and outcomes["registered"] >= 1, (outcomes, reasons[:5])
+    assert outcomes["refused"] >= 100 and outcomes["registered"] >= 1, (outcomes, reasons)
     assert not Path("/tmp/pwned_yaml").exists()
 
 
