@@ -8,6 +8,9 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import itertools  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import textwrap  # noqa: E402
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,6 +24,14 @@ _counter = itertools.count()
 # tests/conformance/ holds the plugin and variants for timm's own test_models.py, run in a subprocess by
 # tests/test_timm_conformance.py; nothing there is a test of this suite.
 collect_ignore = ["conformance"]
+
+
+def run_python(code: str, env: dict | None = None) -> str:
+    """Run ``code`` in a fresh interpreter (outside the repo, so the installed package is what runs); its stdout."""
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, cwd="/")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
 
 
 def unique_name(prefix: str = "t") -> str:

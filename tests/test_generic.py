@@ -4,15 +4,10 @@ the ``classifier`` replaced on a new ``num_classes``, and any other tensor the g
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import timm
 import torch
-from conftest import unique_name
+from conftest import run_python, unique_name
 from safetensors.torch import load_file
 
 import timm_anysize
@@ -125,13 +120,6 @@ def test_geometry_bound_tensor_without_a_row_is_named_and_channels_still_adapt(m
     gray = torch.rand(2, 1, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(model(gray), base.eval()(gray.expand(-1, 3, -1, -1)), atol=2e-5, rtol=1e-4)
-
-
-def run_python(code: str) -> str:
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          env={**os.environ}, cwd="/")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
 
 
 @pytest.mark.parametrize("arch", ["test_resnet", "test_convnext"])

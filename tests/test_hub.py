@@ -8,13 +8,12 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import timm
 import torch
-from conftest import unique_name
+from conftest import run_python, unique_name
 from hub_standin import HubStandIn
 
 import timm_anysize
@@ -33,12 +32,6 @@ def variant(make_checkpoint):
     )
     return name, path
 
-
-def run_python(code: str, env: dict | None = None) -> str:
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, cwd="/")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
 
 
 def test_export_reloads_bit_identically_in_plain_timm(variant, tmp_path):

@@ -10,6 +10,7 @@ transformers = pytest.importorskip("transformers")
 
 import timm_anysize  # noqa: E402
 from conftest import unique_name  # noqa: E402
+from script_fx import fx_model  # noqa: E402
 from test_origins_torchvision import randomize, rel  # noqa: E402
 from timm_anysize.errors import WeightsError  # noqa: E402
 
@@ -50,6 +51,7 @@ def test_vit_source_geometry_and_compat(tmp_path):
     report = timm_anysize.adaptation_report(m)
     assert report.origin["layout"] == "transformers.vit" and report.origin["notes"] == []
     assert "vit.encoder.layer.0.attention.attention.key.weight" in report.entries["blocks.0.attn.qkv.weight"].detail
+    scripted, traced = torch.jit.script(m), fx_model(m)
     for size in SIZES:
         y = torch.randn(1, 3, *size)
         built = timm.create_model(variant(tmp_path, size, "vit_base_patch16_224", adapt=compat, dynamic=False),
@@ -58,6 +60,8 @@ def test_vit_source_geometry_and_compat(tmp_path):
             want = hf_logits(src, y, interpolate_pos_encoding=True)
             assert rel(built(y), want) <= 1e-5, size
             assert rel(m(y), want) <= 1e-5, size  # the run-time dynamic forward, same preset
+            # TorchScript and FX run the same preset
+            assert torch.equal(scripted(y), m(y)) and torch.equal(next(iter(traced(y).values())), m(y)), size
 
 
 def test_vit_eps_difference_is_stated(tmp_path):
@@ -87,6 +91,59 @@ def test_config_geometry_is_checked(tmp_path):
     with pytest.raises(WeightsError, match=r"config.json .* says image_size \[32, 32\].*pretrained.img_size"):
         timm.create_model(variant(tmp_path, 32, "vit_base_patch16_224", pretrained={"img_size": 40}),
                           pretrained=True)
+
+
+def test_config_fills_the_source_geometry(tmp_path):
+    """No pretrained geometry in the spec: config.json's image_size / patch_size / num_channels are the source's."""
+    src = saved(transformers.ViTForImageClassification(transformers.ViTConfig(
+        **{**SMALL, "image_size": 40}, num_channels=2, intermediate_size=128, num_labels=10, layer_norm_eps=1e-6)),
+        tmp_path).eval()
+    name = unique_name("hf")
+    timm_anysize.register_variant(name, base="vit_base_patch16_224", img_size=[40, 64], patch_size=8, in_chans=2,
+                                  num_classes=10, model_args=VIT_ARGS, dynamic=False,
+                                  adapt={"pos_embed": {"compat": "transformers"}},
+                                  pretrained={"file": str(tmp_path), "num_classes": 10})
+    m = timm.create_model(name, pretrained=True).eval()
+    plan = m._anysize_plan
+    assert (plan.source.img_size, plan.source.patch_size, plan.source.in_chans) == ((40, 40), (8, 8), 2)
+    y = torch.randn(2, 2, 40, 64)
+    with torch.no_grad():
+        assert rel(m(y), hf_logits(src, y, interpolate_pos_encoding=True)) <= 1e-5
+
+
+def test_config_from_a_hub_repo_fills_the_source_geometry(tmp_path):
+    """The same through the real huggingface_hub client, from a save_pretrained folder on a Hub stand-in."""
+    from conftest import run_python
+    from hub_standin import HubStandIn
+
+    src = saved(transformers.ViTForImageClassification(transformers.ViTConfig(
+        **{**SMALL, "image_size": 40}, intermediate_size=128, num_labels=10, layer_norm_eps=1e-6)),
+        tmp_path / "folder").eval()
+    y = torch.randn(2, 3, 56, 40)
+    torch.save({"y": y, "want": hf_logits(src, y, interpolate_pos_encoding=True)}, tmp_path / "io.pt")
+    code = f"""
+        import timm, torch, timm_anysize
+        name = timm_anysize.register_variant(
+            "hub_vit", base="vit_base_patch16_224", img_size=[56, 40], patch_size=8, num_classes=10,
+            model_args={VIT_ARGS!r}, dynamic=False, adapt={{"pos_embed": {{"compat": "transformers"}}}},
+            pretrained={{"hf_hub_id": "org/hf-vit", "num_classes": 10}})
+        m = timm.create_model(name, pretrained=True).eval()
+        io = torch.load("{tmp_path / 'io.pt'}", weights_only=True)
+        with torch.no_grad():
+            err = ((m(io["y"]) - io["want"]).norm() / io["want"].norm()).item()
+        print(m._anysize_plan.source.img_size, timm_anysize.adaptation_report(m).origin["layout"], err < 1e-5)
+    """
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    with HubStandIn() as hub:
+        files = {p.name: p.read_bytes() for p in (tmp_path / "folder").iterdir()}
+        hub.state.repos["org/hf-vit"] = {"private": False, "files": files, "commits": []}
+        out = run_python(code, {**env, "HF_ENDPOINT": hub.url})
+        fetched = [path for method, path, _ in hub.state.requests if method == "GET"]
+        assert not hub.state.unknown, hub.state.unknown
+    assert out.split() == ["(40,", "40)", "transformers.vit", "True"], out
+    assert any(p.endswith("/config.json") for p in fetched), fetched
+    # offline, the config comes from the cache huggingface_hub filled, next to the weights
+    assert run_python(code, {**env, "HF_HUB_OFFLINE": "1"}) == out
 
 
 def test_deit_with_teacher(tmp_path):
@@ -125,10 +182,29 @@ def test_beit(tmp_path):
     src = saved(transformers.BeitForImageClassification(transformers.BeitConfig(
         **SMALL, intermediate_size=128, num_labels=10, use_relative_position_bias=True, use_mean_pooling=True,
         layer_scale_init_value=0.1, layer_norm_eps=1e-6)), tmp_path).eval()
-    m = timm.create_model(variant(tmp_path, 32, "beit_base_patch16_224"), pretrained=True).eval()
+    compat = {"pos_embed": {"compat": "transformers"}}
+    m = timm.create_model(variant(tmp_path, 32, "beit_base_patch16_224", adapt=compat), pretrained=True).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert rel(m(x), hf_logits(src, x)) <= 1e-5
+    # other sizes: transformers resizes BEiT's bias tables bilinearly, timm over a geometric grid; the preset
+    # reproduces transformers at load time, in the run-time forward, under TorchScript and FX
+    scripted, traced = torch.jit.script(m), fx_model(m)
+    for size in SIZES:
+        y = torch.randn(1, 3, *size)
+        built = timm.create_model(variant(tmp_path, size, "beit_base_patch16_224", adapt=compat, dynamic=False),
+                                  pretrained=True).eval()
+        assert "compat transformers: bilinear" in timm_anysize.adaptation_report(built).entries[
+            "blocks.0.attn.relative_position_bias_table"].detail
+        with torch.no_grad():
+            want = hf_logits(src, y, interpolate_pos_encoding=True)
+            assert rel(built(y), want) <= 1e-5, size
+            assert rel(m(y), want) <= 1e-5, size
+            assert torch.equal(scripted(y), m(y)) and torch.equal(next(iter(traced(y).values())), m(y)), size
+        timm_default = timm.create_model(variant(tmp_path, size, "beit_base_patch16_224", dynamic=False),
+                                         pretrained=True).eval()
+        with torch.no_grad():
+            assert rel(timm_default(y), want) > 1e-4, size  # the preset is what makes the difference
 
 
 def test_swin_any_size(tmp_path):

@@ -17,7 +17,7 @@ from timm.layers import resample_abs_pos_embed, resample_patch_embed, resize_rel
 from timm.models import adapt_input_conv
 
 from .errors import AdaptationError
-from .origins.compat import compat_resample_pos_embed
+from .origins.compat import compat_rel_table, compat_resample_pos_embed, compat_resize_rel_table
 from .plan import TensorResample, VariantPlan
 from .report import AdaptationReport, KeyAdaptation
 from .resample import resample_blocks, resample_grid, resize_bias_grid, resize_rel_axis
@@ -149,6 +149,9 @@ def resample_tensor(
                               channels_last=layout.kind == "pos_nhwc")
         return value, f"grid {a} -> {b} ({options.interpolation}, antialias={options.use_antialias})"
     if layout.kind == "rel_table":
+        if compat_rel_table(options.compat) == "bilinear":  # the origin library's own resize (transformers' BEiT)
+            value = compat_resize_rel_table(src, list(layout.source), list(layout.target))
+            return value, f"relative-position window {a} -> {b} (compat {options.compat}: bilinear)"
         # Both windows are read off the models, so nothing is inferred from the table's size.
         value = resize_rel_pos_bias_table(
             src, new_window_size=layout.target, new_bias_shape=target_shape, old_window_size=layout.source

@@ -20,11 +20,13 @@ from .adapt import adapt_state_dict
 from .dynamic import enable_dynamic
 from .errors import WeightsError
 from .flexi import apply_flexi
-from .plan import VariantPlan, build_meta, create_meta_without_init, make_plan
+from .origins import reads_transformers_config
+from .plan import VariantPlan, build_meta, create_meta_without_init, make_plan, with_config_geometry
 from .spec import VariantSpec
 from .square_build import create_square_only
 from .weights import (
     detect_format,
+    download_hub_config,
     download_hub_weights,
     download_url_weights,
     read_npz_state_dict,
@@ -186,6 +188,16 @@ def load_source_state_dict(
     )
 
 
+def _hub_config(spec: VariantSpec, cfg: dict[str, Any], cache_dir: Optional[Union[str, Path]]) -> Optional[dict]:
+    """The transformers ``config.json`` of the Hub repo the variant names as its weights (a local file's is read
+    by make_plan); the geometry it states fills the ``pretrained`` fields the spec leaves unset."""
+    src = spec.pretrained
+    if (src.hf_hub_id is None or cfg.get("hf_hub_id") != src.hf_hub_id or cfg.get("file") or cfg.get("state_dict")
+            or not reads_transformers_config(src.layout)):
+        return None
+    return download_hub_config(src.hf_hub_id, src.revision, str(cache_dir) if cache_dir else None)
+
+
 def build_variant(
     spec: VariantSpec,
     pretrained: bool = False,
@@ -213,10 +225,12 @@ def build_variant(
     """
     features_only = kwargs.pop("features_only", False)
     feature_cfg = {k: kwargs.pop(k) for k in ("out_indices", "feature_cls") if k in kwargs}
-    plan = make_plan(spec, kwargs)
     cfg_obj = resolve_pretrained_cfg(spec.name, pretrained_cfg, pretrained_cfg_overlay)
     # Read the fields directly: PretrainedCfg.to_dict() would deep-copy an in-memory state_dict.
     resolved = {f.name: getattr(cfg_obj, f.name) for f in dataclasses.fields(cfg_obj)}
+    if pretrained:
+        spec = with_config_geometry(spec, _hub_config(spec, resolved, cache_dir))
+    plan = make_plan(spec, kwargs)
     # When the load overwrites every tensor (no new head, no declared fresh init), timm's random init is wasted work
     # (most of the load time); ViT-family constructors can skip it.
     skip_init = pretrained and plan.source.num_classes == plan.target.num_classes and not spec.adapt.init_keys
@@ -285,9 +299,8 @@ def _make_dynamic(plan: VariantPlan, model: nn.Module) -> None:
         model._anysize_native_dynamic = True
         return
     pe = spec.adapt.pos_embed
-    enable_dynamic(model, pad=spec.pad, interpolation=pe.interpolation, antialias=pe.use_antialias)
-    if pe.compat != "timm":  # run-time sizes resample as the origin library does (timm_anysize.origins.compat)
-        model._anysize_dynamic = dataclasses.replace(model._anysize_dynamic, compat=pe.compat)
+    # compat: run-time sizes resample as the origin library does (timm_anysize.origins.compat)
+    enable_dynamic(model, pad=spec.pad, interpolation=pe.interpolation, antialias=pe.use_antialias, compat=pe.compat)
 
 
 def _feature_key_map(wrapper_keys: list[str], full_keys: list[str]) -> dict[str, str]:

@@ -111,15 +111,19 @@ class PosEmbedCache:
 @torch.fx.wrap
 @register_notrace_function
 def resample_pos_tokens(
-    pos_embed: torch.Tensor, grid: List[int], native: List[int], prefix: int, interpolation: str, antialias: bool
+    pos_embed: torch.Tensor, grid: List[int], native: List[int], prefix: int, interpolation: str, antialias: bool,
+    compat: str = "timm",
 ) -> torch.Tensor:
     """A token position embedding ``[1, prefix + H*W, C]`` resampled from the ``native`` grid to ``grid`` (timm's
-    ``resample_abs_pos_embed``; the embedding itself at the native grid).
+    ``resample_abs_pos_embed``; the embedding itself at the native grid), or as the library ``compat`` does
+    (``adapt.pos_embed.compat``, :mod:`timm_anysize.origins.compat`; it fixes the interpolation).
 
     Example:
         >>> resample_pos_tokens(torch.randn(1, 1 + 4 * 4, 8), [6, 2], [4, 4], 1, "bicubic", True).shape
         torch.Size([1, 13, 8])
     """
+    if compat != "timm":
+        return compat_resample_pos_embed(pos_embed, grid, native, prefix, compat)
     return resample_abs_pos_embed(
         pos_embed, new_size=grid, old_size=native, num_prefix_tokens=prefix, interpolation=interpolation,
         antialias=antialias,
@@ -155,21 +159,9 @@ def patch_grid(x: torch.Tensor, patch_size: List[int], pad: bool) -> List[int]:
     return [h // patch_size[0], w // patch_size[1]]
 
 
-@torch.fx.wrap
-@register_notrace_function
-def resample_pos_tokens_compat(
-    pos_embed: torch.Tensor, grid: List[int], native: List[int], prefix: int, compat: str
-) -> torch.Tensor:
-    """A token position embedding resampled as another library does (``adapt.pos_embed.compat``, see
-    :mod:`timm_anysize.origins.compat`); an FX leaf like :func:`resample_pos_tokens`."""
-    return compat_resample_pos_embed(pos_embed, grid, native, prefix, compat)
-
-
 def _resample_tokens(pos_embed: torch.Tensor, grid: Any, native: Any, prefix: int, opts: "DynamicOptions"):
-    grid, native = [grid[0], grid[1]], list(native)
-    if opts.compat != "timm":
-        return resample_pos_tokens_compat(pos_embed, grid, native, prefix, opts.compat)
-    return resample_pos_tokens(pos_embed, grid, native, prefix, opts.interpolation, opts.antialias)
+    return resample_pos_tokens(pos_embed, [grid[0], grid[1]], list(native), prefix, opts.interpolation,
+                               opts.antialias, opts.compat)
 
 
 def symbolic(value: Any) -> bool:

@@ -84,14 +84,14 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
     import timm_anysize
     from timm_anysize.origins import detect_layout, unwrap_checkpoint
-    from timm_anysize.weights import _transformers_config, read_checkpoint
+    from timm_anysize.weights import read_checkpoint, transformers_config
 
     file = Path(args.file).resolve()
     state_dict, _ = unwrap_checkpoint(read_checkpoint(file), args.select, str(file))
     conv = detect_layout(state_dict, args.layout, str(file))
     sd = conv.state_dict if conv is not None else state_dict
     head = sd.get("head.weight", sd.get("head.fc.weight"))
-    config = _transformers_config(file) or {}
+    config = transformers_config(file) or {}
     source: dict = {"file": str(file), "layout": args.layout, "select": args.select,
                     "num_classes": int(head.shape[0]) if head is not None else 0}
     for key, value in (("img_size", args.img_size or config.get("image_size")),

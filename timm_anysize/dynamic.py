@@ -18,6 +18,7 @@ from timm.layers.helpers import is_exporting
 from .cache import DEFAULT_CACHE_SIZE, DynamicOptions, PosEmbedCache, symbolic, traced
 from .families import FAMILIES
 from .family import DynamicPath
+from .origins.compat import compat_preset
 
 __all__ = [
     "enable_dynamic",
@@ -103,6 +104,7 @@ def enable_dynamic(
     interpolation: str = "bicubic",
     antialias: bool = True,
     cache_size: int = DEFAULT_CACHE_SIZE,
+    compat: str = "timm",
 ) -> nn.Module:
     """Make a timm model accept any input H x W, in place, with what each size needs computed once and cached.
 
@@ -122,6 +124,9 @@ def enable_dynamic(
         interpolation: Resampling mode of the position embedding (``set_input_size`` uses bicubic).
         antialias: Anti-alias when the grid shrinks.
         cache_size: Grids kept in the LRU cache.
+        compat: Resample as this library does instead (``adapt.pos_embed.compat``:
+            :mod:`timm_anysize.origins.compat`): token position embeddings, and BEiT's bias tables for
+            ``transformers``; it fixes the interpolation, so ``interpolation`` / ``antialias`` are not read.
 
     Returns:
         The same model.
@@ -135,6 +140,7 @@ def enable_dynamic(
         >>> m(torch.randn(1, 3, 96, 130)).shape
         torch.Size([1, 1000])
     """
+    compat_preset(compat)  # an unknown name fails here, naming the presets
     cls = type(model)
     for handle in getattr(model, "_anysize_pad_hooks", ()):
         handle.remove()
@@ -144,7 +150,7 @@ def enable_dynamic(
             runtime.enable(model, pad)
             if not pad:
                 model._anysize_pad_hooks.append(model.patch_embed.register_forward_pre_hook(_check_divisible))
-            model._anysize_dynamic = DynamicOptions(interpolation, antialias, pad)
+            model._anysize_dynamic = DynamicOptions(interpolation, antialias, pad, compat)
             return model
     found = _dynamic_class(cls)
     if found is None:
@@ -160,8 +166,9 @@ def enable_dynamic(
         )
     model.__class__ = dynamic_cls
     model.dynamic_img_size = True
-    model._anysize_dynamic = DynamicOptions(interpolation, antialias, pad)
-    model._anysize_interpolation, model._anysize_antialias = interpolation, antialias  # for TorchScript
+    model._anysize_dynamic = DynamicOptions(interpolation, antialias, pad, compat)
+    # the same options as attributes TorchScript can read
+    model._anysize_interpolation, model._anysize_antialias, model._anysize_compat = interpolation, antialias, compat
     model._anysize_pos_cache = PosEmbedCache(cache_size)
     model._anysize_caches = {}
     if runtime.setup is not None:

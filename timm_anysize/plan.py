@@ -19,7 +19,7 @@ import torch.nn as nn
 from timm.layers import get_spatial_dim
 from timm.models import get_pretrained_cfg
 
-from .errors import AdaptationError, SpecError
+from .errors import AdaptationError, AnysizeError, SpecError
 from .meta import meta_device
 from .families import Family, classify_changes, family_of, generic_family, tensor_layouts
 from .spec import Size2, VariantSpec
@@ -31,6 +31,7 @@ __all__ = [
     "VariantPlan",
     "tensor_resamples",
     "make_plan",
+    "with_config_geometry",
     "geometry_of",
     "build_meta",
     "create_meta_without_init",
@@ -423,7 +424,42 @@ def _call_error(spec: VariantSpec, overrides: dict[str, Any], err: SpecError) ->
     return err
 
 
+def with_config_geometry(spec: VariantSpec, config: Optional[dict[str, Any]]) -> VariantSpec:
+    """``spec`` with the source geometry a transformers ``config.json`` states (``image_size``, ``patch_size``,
+    ``num_channels``) filled into the ``pretrained`` fields the spec leaves unset; fields it sets are kept (and
+    checked against the config when the weights are read).
+
+    Example:
+        >>> from timm_anysize.spec import parse_variant
+        >>> spec = parse_variant("v", {"base": "test_vit", "img_size": 64})
+        >>> with_config_geometry(spec, {"model_type": "vit", "image_size": 32, "patch_size": 8}).pretrained.img_size
+        (32, 32)
+    """
+    from .origins import config_geometry
+
+    src = spec.pretrained
+    fill = {k: v for k, v in config_geometry(config).items() if getattr(src, k) is None}
+    if not fill:
+        return spec
+    return spec.model_copy(update={"pretrained": src.model_copy(update=fill)})
+
+
+def _config_beside_file(spec: VariantSpec) -> Optional[dict[str, Any]]:
+    """The transformers ``config.json`` next to ``pretrained.file``, when the layout lets it speak for the weights."""
+    from .origins import reads_transformers_config
+    from .weights import transformers_config
+
+    src = spec.pretrained
+    if src.file is None or not reads_transformers_config(src.layout):
+        return None
+    try:
+        return transformers_config(src.file)
+    except AnysizeError:
+        return None  # an unreadable config.json is reported, naming it, when the weights are read
+
+
 def _make_plan(spec: VariantSpec, overrides: dict[str, Any]) -> VariantPlan:
+    spec = with_config_geometry(spec, _config_beside_file(spec))
     base_cfg = resolve_base_cfg(spec)
     src = spec.pretrained
     source_kwargs = {

@@ -101,7 +101,7 @@ class PosEmbedOptions(_Spec):
         default="timm",
         description="Resample token position embeddings exactly as this library does (at load time and for "
         "run-time sizes): timm, torchvision (align_corners), transformers, mmpretrain (no antialias), dino "
-        "(scale_factor with +0.1 offset), big_vision (bilinear). Other than timm, it replaces interpolation/antialias.",
+        "(scale_factor with +0.1 offset), big_vision (bilinear, align_corners). Other than timm, it replaces interpolation/antialias.",
     )
 
     @model_validator(mode="after")

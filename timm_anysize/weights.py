@@ -164,8 +164,24 @@ class SourceStateDict(dict):
     conversion: Any = None
 
 
-def _transformers_config(path: Path) -> Optional[dict]:
-    """The ``config.json`` of a transformers folder (next to the weight file), if there is one."""
+def transformers_config(path: Union[str, os.PathLike]) -> Optional[dict]:
+    """The ``config.json`` of a transformers folder (next to the weight file), if there is one.
+
+    Returns:
+        The parsed config, or None when there is no ``config.json`` or it is not a transformers config (timm's
+        own ``config.json`` has no ``model_type``).
+
+    Raises:
+        WeightsError: The file exists but is not JSON; names it.
+
+    Example:
+        >>> import json, tempfile, pathlib
+        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (d / "config.json").write_text(json.dumps({"model_type": "vit", "image_size": 64}))
+        >>> transformers_config(d / "model.safetensors")["image_size"]
+        64
+    """
+    path = Path(path)
     cfg = (path if path.is_dir() else path.parent) / "config.json"
     if not cfg.is_file():
         return None
@@ -207,7 +223,7 @@ def read_source_state_dict(path: Union[str, os.PathLike], plan: Any) -> StateDic
         if src.layout != "auto":
             raise
         return SourceStateDict(_unwrap(obj, p))  # not a foreign checkpoint either: timm's reader says why
-    config = _transformers_config(p)
+    config = transformers_config(p)
     conversion = detect_layout(state_dict, src.layout, str(p), config)
     if conversion is None:
         return SourceStateDict(state_dict)
@@ -292,6 +308,28 @@ def download_hub_weights(
         f"({type(last).__name__}: {str(last).splitlines()[0] if last else ''}); go online once to cache it, "
         f"or download the file and set pretrained.file"
     ) from last
+
+
+def download_hub_config(
+    repo_id: str, revision: Optional[str] = None, cache_dir: Optional[str] = None
+) -> Optional[dict]:
+    """The transformers ``config.json`` of a Hub repo (downloaded next to its weights in the cache), if it has one.
+
+    Returns:
+        The parsed config; None when the repo has no ``config.json``, has timm's (no ``model_type``), or cannot be
+        reached (the weights' own download then says why).
+    """
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    from . import __version__
+
+    try:
+        path = hf_hub_download(repo_id, "config.json", revision=revision, cache_dir=cache_dir,
+                               library_name="timm-anysize", library_version=__version__)
+    except (EntryNotFoundError, OSError, ValueError):  # not there, not cached, unreachable (HTTP errors are OSErrors)
+        return None
+    return transformers_config(path)
 
 
 def download_url_weights(url: str) -> Path:

@@ -28,6 +28,7 @@ from timm.models._manipulate import checkpoint  # timm's checkpoint wrapper (as 
 
 from ..cache import PosEmbedCache, dynamic_pos_embed, must_run_inline, patch_grid, resample_pos_tokens, symbolic
 from ..family import REL_TABLE, DynamicPath, Family
+from ..origins.compat import compat_rel_table, compat_resize_rel_table
 from ..resample import resize_rel_pos_table
 from ..spec import Size2
 
@@ -56,19 +57,22 @@ def _rel_pos_index(grid: List[int], device: torch.device) -> torch.Tensor:
     return index
 
 
-def _resize_table(table: torch.Tensor, window: List[int], grid: List[int]) -> torch.Tensor:
+def _resize_table(table: torch.Tensor, window: List[int], grid: List[int], compat: str) -> torch.Tensor:
     """timm's ``resize_rel_pos_bias_table`` (flat table with 3 class-token entries, scipy off) from ``window`` to
-    ``grid``."""
+    ``grid``, or the ``compat`` library's resize (transformers: bilinear)."""
     if window[0] == grid[0] and window[1] == grid[1]:
         return table
+    if compat_rel_table(compat) == "bilinear":
+        return compat_resize_rel_table(table, window, grid)
     return torch.cat((resize_rel_pos_table(table[:-3, :], window, grid, True), table[-3:, :]), dim=0)
 
 
 @torch.fx.wrap
 @register_notrace_function
-def beit_rel_pos_bias(table: torch.Tensor, window: List[int], grid: List[int]) -> torch.Tensor:
+def beit_rel_pos_bias(table: torch.Tensor, window: List[int], grid: List[int], compat: str = "timm") -> torch.Tensor:
     """A BEiT relative-position bias ``[heads, N+1, N+1]`` (``N = H*W``) for a patch grid: the table laid out for
-    ``window`` resized to ``grid`` and gathered, as timm's ``set_window_size`` then forward give it.
+    ``window`` resized to ``grid`` and gathered, as timm's ``set_window_size`` then forward give it (or with the
+    table resized as the ``compat`` library does).
 
     Scriptable, and a leaf of FX traces (the grid may be symbolic there).
 
@@ -76,7 +80,7 @@ def beit_rel_pos_bias(table: torch.Tensor, window: List[int], grid: List[int]) -
         >>> beit_rel_pos_bias(torch.randn(7 * 7 + 3, 2), [4, 4], [5, 3]).shape
         torch.Size([2, 16, 16])
     """
-    resized = _resize_table(table, window, grid)
+    resized = _resize_table(table, window, grid, compat)
     area = grid[0] * grid[1]
     index = _rel_pos_index(grid, table.device)
     return resized[index.view(-1)].view(area + 1, area + 1, -1).permute(2, 0, 1).contiguous()
@@ -88,12 +92,15 @@ def _bias_for_grid(module: nn.Module, grid: Size2) -> torch.Tensor:
     num_heads = table.shape[-1]
 
     def compute() -> torch.Tensor:
-        resized = resize_rel_pos_bias_table(
-            table,
-            new_window_size=grid,
-            new_bias_shape=((2 * grid[0] - 1) * (2 * grid[1] - 1) + 3, num_heads),
-            old_window_size=tuple(module.window_size),
-        )
+        if compat_rel_table(module._anysize_compat) == "bilinear":
+            resized = compat_resize_rel_table(table, list(module.window_size), list(grid))
+        else:
+            resized = resize_rel_pos_bias_table(
+                table,
+                new_window_size=grid,
+                new_bias_shape=((2 * grid[0] - 1) * (2 * grid[1] - 1) + 3, num_heads),
+                old_window_size=tuple(module.window_size),
+            )
         area = grid[0] * grid[1]
         index = beit.gen_relative_position_index(grid, device=table.device)
         return resized[index.view(-1)].view(area + 1, area + 1, -1).permute(2, 0, 1).contiguous()
@@ -110,10 +117,11 @@ def _eager_bias(module: nn.Module, grid: Optional[List[int]]) -> Optional[torch.
     window = [module.window_size[0], module.window_size[1]]
     if grid is None:
         return None
+    compat = module._anysize_compat
     if symbolic(grid) or symbolic(grid[0]):  # FX: one leaf node, computed on every call of the graph
-        return beit_rel_pos_bias(module.relative_position_bias_table, window, [grid[0], grid[1]])
+        return beit_rel_pos_bias(module.relative_position_bias_table, window, [grid[0], grid[1]], compat)
     if is_exporting():  # no shape branch, no cache
-        return beit_rel_pos_bias(module.relative_position_bias_table, window, [grid[0], grid[1]])
+        return beit_rel_pos_bias(module.relative_position_bias_table, window, [grid[0], grid[1]], compat)
     if torch.compiler.is_compiling():  # the table resize is Python arithmetic on the grid: run it outside the graph
         return _cached_bias_outside_graph(module, [int(grid[0]), int(grid[1])])
     return _cached_bias(module, grid)
@@ -132,7 +140,8 @@ def _cached_bias_outside_graph(module: nn.Module, grid: List[int]) -> torch.Tens
     bias = _cached_bias(module, grid)
     if bias is not None:
         return bias
-    return beit_rel_pos_bias(module.relative_position_bias_table, list(module.window_size), grid)
+    return beit_rel_pos_bias(module.relative_position_bias_table, list(module.window_size), grid,
+                             module._anysize_compat)
 
 
 class DynamicBeitAttention(beit.Attention):
@@ -143,7 +152,8 @@ class DynamicBeitAttention(beit.Attention):
             window = self.window_size
             if grid is None or (grid[0] == window[0] and grid[1] == window[1]):
                 return self._get_rel_pos_bias()
-            return beit_rel_pos_bias(self.relative_position_bias_table, [window[0], window[1]], grid).unsqueeze(0)
+            return beit_rel_pos_bias(self.relative_position_bias_table, [window[0], window[1]], grid,
+                                     self._anysize_compat).unsqueeze(0)
         bias = self._eager_bias_at(grid)
         return self._get_rel_pos_bias() if bias is None else bias.unsqueeze(0)
 
@@ -217,7 +227,8 @@ class DynamicRelativePositionBias(beit.RelativePositionBias):
         if torch.jit.is_scripting():
             window = self.window_size
             if grid is not None and (grid[0] != window[0] or grid[1] != window[1]):
-                return beit_rel_pos_bias(self.relative_position_bias_table, [window[0], window[1]], grid)
+                return beit_rel_pos_bias(self.relative_position_bias_table, [window[0], window[1]], grid,
+                                         self._anysize_compat)
         else:
             bias = self._eager_bias_at(grid)
             if bias is not None:
@@ -247,7 +258,7 @@ class DynamicBeit(beit.Beit):
             if torch.jit.is_scripting():
                 native = self.patch_embed.grid_size
                 x = x + resample_pos_tokens(self.pos_embed, grid, [native[0], native[1]], self.num_prefix_tokens,
-                                            self._anysize_interpolation, self._anysize_antialias)
+                                            self._anysize_interpolation, self._anysize_antialias, self._anysize_compat)
             else:
                 x = x + dynamic_pos_embed(self, grid)
         return self.pos_drop(x), grid
@@ -312,6 +323,8 @@ def enable_beit_dynamic(model: beit.Beit, cache_size: int) -> None:
         elif type(module) is beit.RelativePositionBias:
             module.__class__ = DynamicRelativePositionBias
             module._anysize_bias_cache = PosEmbedCache(cache_size)
+        if isinstance(module, (DynamicBeitAttention, DynamicRelativePositionBias)):
+            module._anysize_compat = model._anysize_dynamic.compat  # how its table is resized per grid
 
 
 FAMILIES = (

@@ -117,7 +117,7 @@ class DynamicConVit(convit.ConVit):
             if torch.jit.is_scripting():
                 native = self.patch_embed.grid_size
                 pos_embed = resample_pos_tokens(self.pos_embed, grid, [native[0], native[1]], 0,
-                                                self._anysize_interpolation, self._anysize_antialias)
+                                                self._anysize_interpolation, self._anysize_antialias, self._anysize_compat)
             else:
                 pos_embed = dynamic_pos_embed(self, grid, prefix=0)
             x = x + pos_embed

@@ -58,7 +58,7 @@ class DynamicCrossVit(crossvit.CrossVit):
             native = [scaled[0] // ps[0], scaled[1] // ps[1]]
             if torch.jit.is_scripting():
                 pos = resample_pos_tokens(pos_embed, grid, native, 1, self._anysize_interpolation,
-                                          self._anysize_antialias)
+                                          self._anysize_antialias, self._anysize_compat)
             else:
                 pos = dynamic_pos_embed(self, grid, prefix=1, name=f"pos_embed_{i}", native=tuple(native))
             xs.append(self.pos_drop(torch.cat((cls_tokens, x_), dim=1) + pos))

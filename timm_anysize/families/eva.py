@@ -32,7 +32,7 @@ class DynamicEva(eva.Eva):
             grid = self.patch_embed.grid_size
             pos_embed = resample_pos_tokens(
                 self.pos_embed, [H, W], [grid[0], grid[1]], 0 if self.no_embed_class else self.num_prefix_tokens,
-                self._anysize_interpolation, self._anysize_antialias,
+                self._anysize_interpolation, self._anysize_antialias, self._anysize_compat,
             )
         else:
             pos_embed = dynamic_pos_embed(self, (H, W))

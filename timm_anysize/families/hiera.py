@@ -212,7 +212,7 @@ class DynamicHiera(hiera.Hiera):
         if torch.jit.is_scripting():
             native = self.tokens_spatial_shape
             return resample_pos_tokens(self.pos_embed, grid, [native[0], native[1]], 0, self._anysize_interpolation,
-                                       self._anysize_antialias)
+                                       self._anysize_antialias, self._anysize_compat)
         return dynamic_pos_embed(self, grid, prefix=0, native=tuple(self.tokens_spatial_shape))
 
 

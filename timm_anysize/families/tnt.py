@@ -73,7 +73,7 @@ class DynamicTNT(tnt.TNT):
         if torch.jit.is_scripting():
             native = pe.grid_size
             pos = resample_pos_tokens(self.patch_pos, grid, [native[0], native[1]], 1, self._anysize_interpolation,
-                                      self._anysize_antialias)
+                                      self._anysize_antialias, self._anysize_compat)
         else:
             pos = dynamic_pos_embed(self, grid, prefix=1, name="patch_pos", native=pe.grid_size)
         return pixel_embed, self.pos_drop(patch_embed + pos), grid

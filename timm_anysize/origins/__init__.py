@@ -30,6 +30,8 @@ __all__ = [
     "COMPAT_PRESETS",
     "compat_preset",
     "compat_resample_pos_embed",
+    "config_geometry",
+    "reads_transformers_config",
 ]
 
 LAYOUTS: dict[str, Layout] = {
@@ -208,9 +210,40 @@ def convert_checkpoint(
 
 
 def _pair(v: Any) -> Optional[tuple[int, int]]:
-    if v is None:
-        return None
-    return (int(v), int(v)) if isinstance(v, (int, float)) else (int(v[0]), int(v[1]))
+    if isinstance(v, int) and not isinstance(v, bool):
+        return (v, v)
+    if isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(x, int) for x in v):
+        return (v[0], v[1])
+    return None  # absent or not a size: nothing to fill in or check
+
+
+def config_geometry(config: Optional[dict]) -> dict[str, Any]:
+    """The source geometry a transformers ``config.json`` states, as ``pretrained`` fields (those it states).
+
+    Example:
+        >>> config_geometry({"model_type": "vit", "image_size": 384, "patch_size": 16, "num_channels": 3})
+        {'img_size': (384, 384), 'patch_size': (16, 16), 'in_chans': 3}
+    """
+    config = config or {}
+    out: dict[str, Any] = {}
+    for field, key in (("image_size", "img_size"), ("patch_size", "patch_size")):
+        size = _pair(config.get(field))
+        if size is not None:
+            out[key] = size
+    chans = config.get("num_channels")
+    if isinstance(chans, int) and not isinstance(chans, bool) and chans > 0:
+        out["in_chans"] = chans
+    return out
+
+
+def reads_transformers_config(layout: str) -> bool:
+    """Whether a ``pretrained.layout`` lets a transformers ``config.json`` beside the weights speak for them.
+
+    Example:
+        >>> reads_transformers_config("auto"), reads_transformers_config("transformers.vit"), reads_transformers_config("timm")
+        (True, True, False)
+    """
+    return layout in ("auto", "transformers") or layout.startswith("transformers.")
 
 
 # transformers' activation names -> the timm activation computing the same function
@@ -279,7 +312,7 @@ def check_against_plan(conv: Conversion, plan: Any, config: Optional[dict], wher
                 raise WeightsError(
                     f"{name}: config.json beside {where} says {field} {list(theirs)}, the variant's source geometry "
                     f"is {list(ours)}; set pretrained.{'img_size' if field == 'image_size' else 'patch_size'}: "
-                    f"{list(theirs)}"
+                    f"{list(theirs)}, or leave it out and config.json fills it in"
                 )
         if config.get("num_channels") not in (None, s.in_chans):
             raise WeightsError(f"{name}: config.json beside {where} says num_channels {config['num_channels']}, the "
