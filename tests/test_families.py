@@ -3,6 +3,7 @@ or declared unsupported (and then rejected at validation); docs/families.md is k
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ class Setup:
     size: int = 64
     step: int = 16
     export_scale: int = 2  # the export test's size, in checkpoint sizes (1: plain timm runs at that size only)
+    img_size_arg: bool = True  # the constructor takes img_size (CNNs that run at any size take none)
 
 
 SETUP = {
@@ -64,6 +66,9 @@ SETUP = {
                                 64, 32),  # one attention block in stages 2 and 3, stage 3's subsampling attention
     "nest": Setup({}, 64, 16),  # NesT-T (its entrypoints fix every width and depth); 4x4 blocks of 4x4 patches
     "mlp_mixer": Setup({}, 64, 16),  # gMLP-Ti (timm's mixer entrypoints fix the depth); 16 tokens at 64 px
+    "gemma4_vit": Setup(dict(depth=2, embed_dim=64, num_heads=2, head_dim=32, intermediate_size=128), 96, 48),
+    "tresnet": Setup(dict(layers=[1, 1, 1, 1], width_factor=0.25), 64, 32, img_size_arg=False),
+    "visformer": Setup(dict(embed_dim=48, depth=(1, 1, 1), num_heads=2, init_channels=16), 64, 32),
 }
 
 
@@ -92,7 +97,8 @@ def change_spec(change: str, size: int, step: int, patch: Optional[int]) -> dict
 def family_checkpoint(make_checkpoint):
     def make(family):
         setup = SETUP[family.name]
-        path, base = make_checkpoint(family.example, img_size=setup.size, **setup.args)
+        size = {"img_size": setup.size} if setup.img_size_arg else {}
+        path, base = make_checkpoint(family.example, **size, **setup.args)
         return path, base, setup
 
     return make
@@ -136,7 +142,9 @@ def test_matrix_cell(family, change, family_checkpoint):
     sizes = [(h, w)]
     if timm_anysize.is_dynamic(model):
         step = max(setup.step, (plan.target.patch_size or (0,))[0])
-        sizes += [(h + step, w), (h, w + 2 * step + 1)]  # the last one padded
+        if family.whole_patches:  # whole patches only: a multiple of the setup's step and of the patch
+            step = math.lcm(setup.step, (plan.target.patch_size or (1,))[0])
+        sizes += [(h + step, w), (h, w + 2 * step + (0 if family.whole_patches else 1))]  # the last one padded
     with torch.no_grad():
         for hw in sizes:
             out = model(torch.randn(2, c, *hw))
@@ -282,13 +290,15 @@ def test_a_window_the_weights_were_not_built_with_is_named_with_the_fix(make_che
 def test_features_only_carries_the_adapted_weights(family, family_checkpoint):
     """timm's feature wrapper (whatever its kind and naming) gets every adapted tensor; feature models of families
     whose feature path is dynamic run at another size, the others are marked fixed-size."""
-    path, _, setup = family_checkpoint(family)
+    path, base, setup = family_checkpoint(family)
     size = setup.size + setup.step if family.supports_dynamic else setup.size  # (MLP-Mixers: one size)
     spec = dict(base=family.example, model_args=setup.args, img_size=size, in_chans=1,
                 pretrained={"file": str(path), "img_size": setup.size})
     name = timm_anysize.register_variant(unique_name(), **spec)
     full = timm.create_model(name, pretrained=True).state_dict()
-    feats = timm.create_model(name, pretrained=True, features_only=True, out_indices=(0,)).eval()
+    # the first feature with a module to hook (timm's TResNet lists its stem as module '', which timm cannot hook)
+    first = next(i for i, info in enumerate(base.feature_info) if info["module"]) if hasattr(base, "feature_info") else 0
+    feats = timm.create_model(name, pretrained=True, features_only=True, out_indices=(first,)).eval()
     wrapper_sd = feats.state_dict()
     matched = [k for k, v in wrapper_sd.items() if any(torch.equal(v, full[f]) for f in full if full[f].shape == v.shape)]
     assert matched == list(wrapper_sd)

@@ -14,7 +14,8 @@ from script_fx import (
 import timm_anysize
 from timm_anysize.families import FAMILIES
 
-NAMES = ("vit", "vit_hybrid", "deit_distilled", "eva", "beit", "cait", "pit", "volo", "crossvit", "hiera")
+NAMES = ("vit", "vit_hybrid", "deit_distilled", "eva", "beit", "cait", "pit", "volo", "crossvit", "hiera",
+         "visformer")
 FAMS = [f for f in FAMILIES if f.name in NAMES]
 ids = [f.name for f in FAMS]
 
@@ -36,8 +37,8 @@ def test_fx_feature_model_equals_eager_modules(fam, ckpt_dir):
     assert_fx_features_equal_module_outputs(fam.name, ckpt_dir, indices)
 
 
-@pytest.mark.parametrize("fam", [f for f in FAMS if f.name in ("beit", "cait", "pit", "volo", "hiera", "crossvit")],
-                         ids=lambda f: f.name)
+@pytest.mark.parametrize("fam", [f for f in FAMS if f.name in ("beit", "cait", "pit", "volo", "hiera", "crossvit",
+                                                                "visformer")], ids=lambda f: f.name)
 def test_forward_intermediates_at_another_size_equal_a_model_built_for_it(fam, ckpt_dir):
     """At a size other than the variant's, intermediates equal those of a timm model built at that size with the
     variant's weights resampled to it (a static variant of the variant's weights at that size)."""

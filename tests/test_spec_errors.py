@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import timm
+import torch
 from conftest import unique_name
 
 import timm_anysize
@@ -157,11 +158,32 @@ def test_yaml_anchors_and_merge_keys_work(tmp_path):
 
 def test_geometry_bound_tensors_without_a_row_are_rejected_before_weights(tmp_path):
     """An architecture without a family row is adapted generically; a tensor the geometry reshapes is named."""
-    path = one_variant(tmp_path, unique_name(), base="visformer_tiny", img_size="256")
+    import anysize_test_models  # noqa: F401  (a user's own timm architecture, registered with timm)
+
+    path = one_variant(tmp_path, unique_name(), base="anysize_posgrid", img_size="[64, 96]")
     with pytest.raises(timm_anysize.AdaptationError,
-                       match=r"visformer_tiny \(Visformer, no family row\) has tensors whose shape depends on the "
-                             r"geometry .*pos_embed1: \(1, 96, 28, 28\) -> \(1, 96, 32, 32\)"):
+                       match=r"v.yaml: .*anysize_posgrid \(PosGridNet, no family row\) has tensors whose shape "
+                             r"depends on the geometry .*pos_embed: \(1, 8, 16, 16\) -> \(1, 8, 16, 24\)"):
         timm_anysize.register_yaml(path)
+
+
+@pytest.mark.parametrize("base, img_size, fragment", [
+    ("efficientformer_l1", "128", r"last stage's attention for a 7 x 7 grid"),
+    ("convit_tiny", "[224, 160]", r"GPSA relative positions for a square patch grid"),
+])
+def test_sizes_only_the_dynamic_path_runs_need_dynamic(tmp_path, base, img_size, fragment):
+    """timm's own model at these sizes fails in its forward: ``dynamic: false`` is refused at validation, and the
+    same spec with the dynamic path (the default) runs."""
+    name = unique_name()
+    path = one_variant(tmp_path, name, base=base, img_size=img_size, dynamic="false")
+    with pytest.raises(timm_anysize.SpecError,
+                       match=rf"v.yaml: {name}.dynamic: false builds timm's own .* at img_size .*{fragment}.*"
+                             r"leave dynamic on"):
+        timm_anysize.register_yaml(path)
+    ok = one_variant(tmp_path, name, base=base, img_size=img_size)
+    timm_anysize.register_yaml(ok)
+    size = timm.data.resolve_data_config({}, model=timm.create_model(name))["input_size"][1:]
+    assert timm.create_model(name).eval()(torch.randn(1, 3, *size)).shape == (1, 1000)
 
 
 @pytest.mark.parametrize(

@@ -181,19 +181,28 @@ def _source_mismatch(key: str, src: torch.Tensor, expected: tuple, layout: Tenso
 def _adapt_kernel(src: torch.Tensor, tgt: torch.Tensor, plan: VariantPlan) -> tuple[torch.Tensor, str]:
     """The first kernel: input channels adapted, and (patch kernels) resized to the target patch.
 
-    A linear patch projection (NaFlexViT) over flattened ``(ph, pw, C)`` patches is viewed as the conv kernel it
-    is, adapted, and flattened back.
+    A linear patch projection over flattened patches (NaFlexViT ``(ph, pw, C)``, Gemma 4 ``(C, ph, pw)``) is viewed
+    as the conv kernel it is, adapted, and flattened back. Behind a space-to-depth (TResNet) each block offset has
+    its own ``C`` input channels, adapted as one kernel each.
     """
-    spec, s, t = plan.spec, plan.source, plan.target
+    spec, s, t, fam = plan.spec, plan.source, plan.target, plan.family
     value, steps = src, []
     if src.ndim == 2:
         (ph, pw), c = s.patch_size or (1, 1), s.in_chans
-        value = value.reshape(src.shape[0], ph, pw, c).permute(0, 3, 1, 2)
-    if value.shape[1] != t.in_chans:
+        if fam.linear_patch == "chw":
+            value = value.reshape(src.shape[0], c, ph, pw)
+        else:
+            value = value.reshape(src.shape[0], ph, pw, c).permute(0, 3, 1, 2)
+    blocks = fam.space_to_depth ** 2 if fam.space_to_depth else 1
+    if value.shape[1] != t.in_chans * blocks:
         ch = spec.adapt.channels
+        out = value.shape[0]
+        value = value.reshape(out * blocks, s.in_chans, *value.shape[2:])  # one C-channel kernel per block offset
         value = adapt_kernel_channels(value, t.in_chans, ch)
+        value = value.reshape(out, blocks * t.in_chans, *value.shape[2:])
         how = "adapt_input_conv" if ch.method == "timm" else f"map {list(ch.map or ())}"
-        steps.append(f"channels {s.in_chans} -> {t.in_chans} ({how})")
+        per = f" per offset of the {fam.space_to_depth}x{fam.space_to_depth} space-to-depth" if blocks > 1 else ""
+        steps.append(f"channels {s.in_chans} -> {t.in_chans} ({how}{per})")
     new_kernel = tuple(t.patch_size) if src.ndim == 2 else tuple(tgt.shape[-2:])
     if tuple(value.shape[-2:]) != new_kernel and s.patch_size is not None:
         pm = spec.adapt.patch_embed
@@ -202,7 +211,7 @@ def _adapt_kernel(src: torch.Tensor, tgt: torch.Tensor, plan: VariantPlan) -> tu
         how = "PI-resize" if pm.method == "pi" else "interpolate"
         steps.append(f"kernel {old} -> {_fmt(new_kernel)} ({how}, {pm.interpolation})")  # type: ignore[arg-type]
     if src.ndim == 2:
-        value = value.permute(0, 2, 3, 1).reshape(tgt.shape)
+        value = value.reshape(tgt.shape) if fam.linear_patch == "chw" else value.permute(0, 2, 3, 1).reshape(tgt.shape)
     return value, "; ".join(steps)
 
 

@@ -237,7 +237,7 @@ def build_variant(
     model = _create(spec.base, {**plan.target_kwargs, **plan.dynamic_kwargs}, skip_init, plan.square_only)
     if pretrained:
         source_sd, source_desc = load_source_state_dict(plan, resolved, cache_dir)
-        _refuse_non_finite(source_sd, source_desc)
+        _refuse_non_finite(source_sd, source_desc, {k for k, _ in model.named_buffers()})
         state_dict, report = adapt_state_dict(source_sd, model.state_dict(), plan, source_desc)
         model.load_state_dict(state_dict, strict=True)
         model._anysize_report = report
@@ -276,14 +276,17 @@ def _create(base: str, kwargs: dict[str, Any], skip_init: bool, square_only: boo
     return timm.create_model(base, pretrained=False, **kwargs)
 
 
-def _refuse_non_finite(state_dict: dict[str, torch.Tensor], source_desc: str) -> None:
-    """NaN or Inf weights only ever produce NaN outputs; refuse them instead of loading a broken model."""
+def _refuse_non_finite(state_dict: dict[str, torch.Tensor], source_desc: str, buffers: set[str]) -> None:
+    """NaN or Inf weights only ever produce NaN outputs; refuse them instead of loading a broken model. An infinite
+    *buffer* is a bound, not a weight (Gemma 4's clipped linears keep +-inf limits when clipping is off): only NaN
+    is refused there."""
     def finite(v: torch.Tensor) -> bool:
         # NaN and Inf propagate through a sum, so one reduction clears a tensor; only a non-finite sum (which an
         # overflow could also cause) needs the exact element-wise check.
         return bool(torch.isfinite(v.sum(dtype=torch.float32))) or bool(torch.isfinite(v).all())
 
-    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not finite(v)]
+    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not finite(v)
+           and (k not in buffers or bool(torch.isnan(v).any()))]
     if bad:
         from .adapt import summarize_keys
 

@@ -231,10 +231,12 @@ def dynamic_pos_embed(
     return _cache_for(model, name).get_or_compute(key, pos_embed, lambda: compute().detach())
 
 
-def dynamic_image_pos_embed(model: nn.Module, grid: tuple[int, int], channels_last: bool) -> torch.Tensor:
-    """A position embedding laid out as an image, ``[1, C, H, W]`` (PiT) or ``[1, H, W, C]`` (VOLO), for a grid:
-    the model's own at its native grid, else resampled (cached)."""
-    pos_embed = model.pos_embed
+def dynamic_image_pos_embed(
+    model: nn.Module, grid: tuple[int, int], channels_last: bool, name: str = "pos_embed"
+) -> torch.Tensor:
+    """A position embedding laid out as an image, ``[1, C, H, W]`` (PiT, Visformer's per stage: ``name``) or
+    ``[1, H, W, C]`` (VOLO), for a grid: the model's own at its native grid, else resampled (cached)."""
+    pos_embed = getattr(model, name)
     opts: DynamicOptions = model._anysize_dynamic
     if symbolic(grid) or symbolic(grid[0]) or traced():  # FX (one leaf node), compiling, exporting: no shape branch
         return resample_image_pos(pos_embed, [grid[0], grid[1]], opts.interpolation, opts.antialias, channels_last)
@@ -249,5 +251,5 @@ def dynamic_image_pos_embed(model: nn.Module, grid: tuple[int, int], channels_la
     if must_run_inline(pos_embed):
         return compute()
     key = (grid, pos_embed.dtype, pos_embed.device, torch.is_inference_mode_enabled())
-    return model._anysize_pos_cache.get_or_compute(key, pos_embed, lambda: compute().detach())
+    return _cache_for(model, name).get_or_compute(key, pos_embed, lambda: compute().detach())
 

@@ -87,7 +87,10 @@ class Family:
             attributes do not say it (CaiT's class token joins after the patch stage: 0); None: derive it.
         patch_embeds: Attribute path(s) of the patch embedding(s) whose ``grid_size`` lays out the token position
             embedding(s), in the order of the ``pos_tokens`` patterns.
-        linear_patch: The patch projection is an ``nn.Linear`` over flattened ``(ph, pw, C)`` patches (NaFlexViT).
+        linear_patch: The patch projection is an ``nn.Linear`` over flattened patches, in the order ``"hwc"``
+            (``(ph, pw, C)``: NaFlexViT) or ``"chw"`` (``(C, ph, pw)``: Gemma 4's ViT); "": a convolution.
+        space_to_depth: The first convolution sees the image through a space-to-depth of this block size (TResNet):
+            its input channel ``(i * b + j) * C + c`` is channel ``c`` at offset ``(i, j)`` of each block; 0: none.
         first_conv: The first layer the input meets, where the base's pretrained cfg may name another (a ViT base
             built with ``use_naflex=True`` is a NaFlexViT); None: the cfg's ``first_conv``.
         dynamic: How the family runs at any input size: ``cached`` (timm-anysize's path,
@@ -95,11 +98,15 @@ class Family:
             (timm's own constructor arguments ``dynamic_args``, or none needed), or ``""`` (cannot;
             ``dynamic_reason`` says why).
         dynamic_args: timm constructor arguments that switch on the family's own dynamic size (``native``).
+        whole_patches: The run-time forward (timm's own) takes only input sizes its stem divides: whole patches
+            (Gemma 4's ViT) or space-to-depth blocks (TResNet); it neither pads nor crops the others.
         dynamic_features: A ``features_only`` model of the family runs at any size too (its feature path goes
             through the dynamic code); False: feature models take the variant's own size.
         square_only: timm's constructor takes square sizes only; a non-square variant is built square with its
             width tables refitted (:mod:`timm_anysize.square_build`), and cannot be exported for plain timm.
         unsupported: Geometry change -> why the architecture cannot take it; such specs are rejected at validation.
+        static_unsupported: Geometry change -> why timm's own model cannot run it, so that only the dynamic path
+            does; a variant with ``dynamic: false`` and such a change is rejected at validation.
         export_note: Why the family's dynamic model cannot go through ``torch.export`` with dynamic H x W
             ("": it can; the tests/test_script_fx_*.py modules check it at three sizes).
         onnx_note: Why its ``torch.export`` program, which runs, cannot go on to ONNX (onnxruntime) with dynamic
@@ -122,14 +129,17 @@ class Family:
     tensors: tuple[tuple[str, str], ...] = (("pos_embed", "pos_tokens"),)
     pos_embed_prefix: Optional[int] = None
     patch_embeds: tuple[str, ...] = ("patch_embed",)
-    linear_patch: bool = False
+    linear_patch: str = ""
+    space_to_depth: int = 0
     first_conv: Optional[str] = None
     dynamic: str = "cached"
     dynamic_args: tuple[str, ...] = ("dynamic_img_size", "dynamic_img_pad")
     dynamic_reason: str = ""
+    whole_patches: bool = False
     dynamic_features: bool = False
     square_only: bool = False
     unsupported: dict[str, str] = field(default_factory=dict)
+    static_unsupported: dict[str, str] = field(default_factory=dict)
     export_note: str = ""
     onnx_note: str = ""
     runtime: Optional[DynamicPath] = None

@@ -501,6 +501,12 @@ def _make_plan(spec: VariantSpec, overrides: dict[str, Any]) -> VariantPlan:
         reason = family.unsupported.get(change)
         if reason:
             raise SpecError(f"{_where(spec)}: the {family.name} family cannot take {change}: {reason}")
+    dynamic = family.supports_dynamic if spec.dynamic is None else spec.dynamic
+    for change in [] if dynamic else classify_changes(source, target):
+        reason = family.static_unsupported.get(change)
+        if reason:
+            raise SpecError(f"{_where(spec)}.dynamic: false builds timm's own {family.name} model at img_size "
+                            f"{list(target.img_size)}, which cannot run it: {reason}; leave dynamic on (the default)")
     for model, geo, key in ((source_model, source, "pretrained.img_size"), (target_model, target, "img_size")):
         _check_memory(spec, model, geo, key)
     for geo, what, key in ((source, "source", "pretrained.img_size"), (target, "target", "img_size")):
@@ -531,7 +537,7 @@ def _make_plan(spec: VariantSpec, overrides: dict[str, Any]) -> VariantPlan:
         target=target,
         source_kwargs=source_kwargs,
         target_kwargs=target_kwargs,
-        dynamic=family.supports_dynamic if spec.dynamic is None else spec.dynamic,
+        dynamic=dynamic,
         source_shapes={k: tuple(v.shape) for k, v in source_model.state_dict().items()},
         resamples=tensor_resamples(family, source_model, target_model),
         feature_size=_target_feature_size(spec, base_cfg, target_model, target),

@@ -18,8 +18,8 @@ import torch.nn as nn
 
 from ..family import GEOMETRY_CHANGES, Family, classify_changes, tensor_layouts
 from . import (
-    beit, cait, convit, crossvit, deit, efficientformer, efficientformer_v2, eva, gcvit, hiera, levit, maxxvit,
-    mlp_mixer, mvitv2, naflexvit, nest, pit, sam, swin, tnt, twins, vit, volo, xcit,
+    beit, cait, convit, crossvit, deit, efficientformer, efficientformer_v2, eva, gcvit, gemma4_vit, hiera, levit,
+    maxxvit, mlp_mixer, mvitv2, naflexvit, nest, pit, sam, swin, tnt, tresnet, twins, visformer, vit, volo, xcit,
 )
 from .generic import generic_family
 
@@ -37,7 +37,8 @@ __all__ = [
 
 # The order is the lookup order of family_of (a ViT hybrid is told from a ViT by its row's ``matches``).
 _MODULES = (vit, deit, eva, beit, cait, swin, pit, volo, levit, twins, xcit, hiera, mvitv2, crossvit, naflexvit,
-            maxxvit, gcvit, sam, tnt, convit, efficientformer, efficientformer_v2, nest, mlp_mixer)
+            maxxvit, gcvit, sam, tnt, convit, efficientformer, efficientformer_v2, nest, mlp_mixer, gemma4_vit,
+            tresnet, visformer)
 
 FAMILIES: tuple[Family, ...] = tuple(row for module in _MODULES for row in module.FAMILIES)
 
@@ -158,6 +159,11 @@ def families_markdown() -> str:
     for fam in FAMILIES:
         cells = [UNSUPPORTED.get((fam.name, c), "yes") for c in changes]
         dyn = {"cached": "yes (cached)", "native": "yes (timm's own)"}.get(fam.dynamic, f"no: {fam.dynamic_reason}")
+        if fam.whole_patches:
+            dyn += ", sizes its stem divides (not padded)"
+        for reason in dict.fromkeys(fam.static_unsupported.values()):  # the sizes only the dynamic path runs
+            changed = "/".join(f"`{c}`" for c, r in fam.static_unsupported.items() if r == reason)
+            dyn += f"; `dynamic: false` refused for {changed}: {reason}"
         classes = ", ".join(c.__name__ for c in fam.classes)
         feats = "any size" if fam.dynamic_features else "the variant's size"
         export = (f"no: {fam.export_note}" if fam.export_note

@@ -183,6 +183,9 @@ FAMILIES = (
         dynamic_features=True,
         classes=(convit.ConVit,),
         pos_embed_prefix=0,  # patch tokens only: the class token joins after the GPSA blocks
+        static_unsupported={"img_non_square": "timm's ConViT computes its GPSA relative positions for a square "
+                                              "patch grid (its forward fails on another); the dynamic path computes "
+                                              "them per grid"},
         dynamic_args=(),  # timm's ConViT has no dynamic-size path; enable_dynamic adds it
         runtime=DynamicPath(classes={convit.ConVit: DynamicConVit}, setup=enable_convit_dynamic,
                             patch_layout="nhwc"),

@@ -142,6 +142,11 @@ FAMILIES = (
         tensors=(),  # timm builds the 7 x 7 tables at every img_size: every tensor loads as it is
         patch_embeds=(),
         unsupported=no_patch_change(NO_CONV_PATCH),
+        static_unsupported=dict.fromkeys(
+            ("img_larger", "img_non_square"),
+            "timm's EfficientFormer builds its last stage's attention for a 7 x 7 grid (224 px) whatever img_size "
+            "says, so its own forward fails at any other size; the dynamic path passes each input's grid down",
+        ),
         dynamic_args=(),  # enable_dynamic passes the last stage's grid to its attentions
         dynamic_features=True,
         runtime=DynamicPath(

@@ -1,0 +1,25 @@
+"""Gemma 4's ViT: an ``nn.Linear`` patch projection over flattened ``(C, ph, pw)`` patches (viewed as its conv
+kernel when the channels or the patch change) and a position table indexed by patch coordinates, which covers
+any grid up to its size; timm's own forward runs at any size."""
+
+from timm.models import gemma4_vit
+
+from ..family import Family
+
+__all__ = ["FAMILIES"]
+
+
+FAMILIES = (
+    Family(
+        name="gemma4_vit",
+        dynamic_features=True,
+        classes=(gemma4_vit.Gemma4VitClassifier,),
+        tensors=(),  # position_embedding_table is indexed by patch coordinates: no geometry-bound tensor
+        patch_embeds=("encoder.patch_embed",),
+        linear_patch="chw",
+        dynamic="native",
+        whole_patches=True,  # timm's forward neither pads nor crops
+        dynamic_args=(),
+        example="gemma4_vit_167m",
+    ),
+)

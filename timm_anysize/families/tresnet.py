@@ -1,0 +1,26 @@
+"""TResNet: a CNN that sees the image through a 4x4 space-to-depth, so its first convolution takes ``16 * C``
+channels; the channels are adapted per block offset. No tensor depends on the image size (any size, as timm)."""
+
+from timm.models import tresnet
+
+from ..family import Family, no_patch_change
+
+__all__ = ["FAMILIES"]
+
+
+FAMILIES = (
+    Family(
+        name="tresnet",
+        dynamic_features=True,
+        classes=(tresnet.TResNet,),
+        tensors=(),
+        patch_embeds=(),
+        space_to_depth=4,  # timm's SpaceToDepth(4): input channel (i * 4 + j) * C + c of body.conv1
+        dynamic="native",
+        whole_patches=True,  # timm's forward neither pads nor crops
+        dynamic_args=(),
+        unsupported=no_patch_change("TResNet's stem is a fixed 4x4 space-to-depth followed by a 3x3 convolution; "
+                                    "there is no patch kernel to resize"),
+        example="tresnet_m",
+    ),
+)
