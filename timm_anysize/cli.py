@@ -83,7 +83,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     import timm
 
     import timm_anysize
-    from timm_anysize.origins import detect_layout, unwrap_checkpoint
+    from timm_anysize.origins import config_geometry, detect_layout, unwrap_checkpoint
     from timm_anysize.weights import read_checkpoint, transformers_config
 
     file = Path(args.file).resolve()
@@ -91,11 +91,11 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     conv = detect_layout(state_dict, args.layout, str(file))
     sd = conv.state_dict if conv is not None else state_dict
     head = sd.get("head.weight", sd.get("head.fc.weight"))
-    config = transformers_config(file) or {}
+    stated = config_geometry(transformers_config(file))
     source: dict = {"file": str(file), "layout": args.layout, "select": args.select,
                     "num_classes": int(head.shape[0]) if head is not None else 0}
-    for key, value in (("img_size", args.img_size or config.get("image_size")),
-                       ("patch_size", args.patch_size or config.get("patch_size"))):
+    for key, value in (("img_size", args.img_size or stated.get("img_size")),
+                       ("patch_size", args.patch_size or stated.get("patch_size"))):
         if value:
             source[key] = value
     geometry = {k: source[k] for k in ("img_size", "patch_size", "num_classes") if k in source}

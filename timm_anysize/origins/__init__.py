@@ -305,18 +305,18 @@ def check_against_plan(conv: Conversion, plan: Any, config: Optional[dict], wher
     if conv.numerics:
         _check_numerics(conv, plan, name)
     if config:
-        s = plan.source
-        for field, ours in (("image_size", s.img_size), ("patch_size", s.patch_size)):
-            theirs = _pair(config.get(field))
+        s, stated = plan.source, config_geometry(config)  # the fields with_config_geometry fills in
+        for key, field, ours in (("img_size", "image_size", s.img_size), ("patch_size", "patch_size", s.patch_size)):
+            theirs = stated.get(key)
             if theirs is not None and ours is not None and tuple(ours) != theirs:
                 raise WeightsError(
                     f"{name}: config.json beside {where} says {field} {list(theirs)}, the variant's source geometry "
-                    f"is {list(ours)}; set pretrained.{'img_size' if field == 'image_size' else 'patch_size'}: "
-                    f"{list(theirs)}, or leave it out and config.json fills it in"
+                    f"is {list(ours)}; set pretrained.{key}: {list(theirs)}, or leave it out and config.json fills "
+                    f"it in"
                 )
-        if config.get("num_channels") not in (None, s.in_chans):
-            raise WeightsError(f"{name}: config.json beside {where} says num_channels {config['num_channels']}, the "
-                               f"variant's source has {s.in_chans}; set pretrained.in_chans: {config['num_channels']}")
+        if stated.get("in_chans") not in (None, s.in_chans):
+            raise WeightsError(f"{name}: config.json beside {where} says num_channels {stated['in_chans']}, the "
+                               f"variant's source has {s.in_chans}; set pretrained.in_chans: {stated['in_chans']}")
     if conv.head_unusable and plan.target.num_classes and plan.source.num_classes == plan.target.num_classes:
         raise WeightsError(f"{name}: {conv.head_unusable}; give the variant a new head (num_classes other than "
                            f"{plan.source.num_classes}) or none (num_classes: 0)")
