@@ -1,6 +1,6 @@
 """Per-family dynamic-forward benchmark: timm-anysize's any-size model against a timm model built for each size.
 
-See ``timm_anysize/bench_families.py`` and BENCHMARKS.md for a recorded run.
+See ``benchmarks/family_bench.py`` and BENCHMARKS.md for a recorded run.
 
     python benchmarks/bench_families.py [--tiny] [--batch N] [--reps N] [--out results.json] [--family swin ...]
 """
@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from timm_anysize.bench_families import run_family_bench
+from family_bench import run_family_bench
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -18,7 +18,7 @@ from timm.layers import get_notrace_functions, get_notrace_modules
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 import timm_anysize
-from timm_anysize.family import Family
+from timm_anysize.core.family import Family
 from timm_anysize.families import FAMILIES
 
 

@@ -261,7 +261,7 @@ def test_scriptable_rel_pos_table_resize_is_timms_bit_for_bit(old, new, flat):
     flat (Swin/BEiT) and the [heads, 2h-1, 2w-1] (TF MaxViT) layouts, and scripts."""
     from timm.layers import resize_rel_pos_bias_table
 
-    from timm_anysize.resample import resize_rel_pos_table
+    from timm_anysize.core.resample import resize_rel_pos_table
 
     shape = ((2 * old[0] - 1) * (2 * old[1] - 1), 3) if flat else (3, 2 * old[0] - 1, 2 * old[1] - 1)
     table = torch.randn(shape, generator=torch.Generator().manual_seed(0))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from timm_anysize.cli import main
+from timm_anysize.apps.cli import main
 
 
 def test_list(capsys):
@@ -46,6 +46,6 @@ def test_check(tmp_path, capsys):
 
 
 def test_console_script_runs():
-    out = subprocess.run([sys.executable, "-m", "timm_anysize.cli", "check", "/nonexistent.yaml"],
+    out = subprocess.run([sys.executable, "-m", "timm_anysize.apps.cli", "check", "/nonexistent.yaml"],
                          capture_output=True, text=True)
     assert out.returncode == 1 and "/nonexistent.yaml: no such file" in out.stderr

@@ -10,7 +10,7 @@ import timm
 import torch
 
 import timm_anysize
-from timm_anysize.digits import BASE_VARIANT, evaluate, load_digits_split, render, train_digits_base
+from timm_anysize.apps.digits import BASE_VARIANT, evaluate, load_digits_split, render, train_digits_base
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_training_script_smoke_and_determinism(tmp_path):
 
 
 def test_demo_quick(tmp_path, capsys):
-    from timm_anysize.cli import main
+    from timm_anysize.apps.cli import main
 
     assert main(["--quiet", "demo", "--quick", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out

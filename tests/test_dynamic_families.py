@@ -182,7 +182,7 @@ def test_hiera_without_padding_names_the_mask_unit():
 @pytest.mark.parametrize("arch", ["levit_128s", "levit_conv_128s"])
 def test_levit_at_any_size_equals_the_model_built_for_it(arch):
     """Every stage at the resolution the input gives it; biases resized as a load at that size resizes them."""
-    from timm_anysize.resample import resize_bias_grid
+    from timm_anysize.core.resample import resize_bias_grid
 
     small = dict(embed_dim=(32, 48, 64), depth=(1, 1, 1), num_heads=(1, 1, 1), key_dim=8)
     base = _perturbed(arch, img_size=64, **small)
@@ -201,7 +201,7 @@ def test_levit_at_any_size_equals_the_model_built_for_it(arch):
 
 def test_mvitv2_at_any_size_equals_the_model_built_for_it():
     """Each axis's tables resized to the length the size needs (linear), as a load at that size resizes them."""
-    from timm_anysize.resample import resize_rel_axis
+    from timm_anysize.core.resample import resize_rel_axis
 
     base = _perturbed("mvitv2_tiny", img_size=64)
     model = timm_anysize.enable_dynamic(copy.deepcopy(base))

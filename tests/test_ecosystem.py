@@ -82,7 +82,7 @@ def script_and_config(tmp_path):
     return tmp_path, name
 
 
-@pytest.mark.parametrize("entry", [["-m", "timm_anysize"], ["-m", "timm_anysize.cli"]])
+@pytest.mark.parametrize("entry", [["-m", "timm_anysize"], ["-m", "timm_anysize.apps.cli"]])
 def test_launcher_runs_an_unmodified_script_with_variants_registered(script_and_config, entry):
     tmp, name = script_and_config
     proc = subprocess.run([sys.executable, *entry, "run", "--config", str(tmp / "v.yaml"), str(tmp / "script.py"),

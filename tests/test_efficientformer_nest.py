@@ -15,7 +15,7 @@ from test_families import SETUP
 from script_fx import fx_model
 
 import timm_anysize
-from timm_anysize.resample import resize_bias_grid
+from timm_anysize.core.resample import resize_bias_grid
 
 
 def _perturbed(arch, **kwargs):

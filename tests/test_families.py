@@ -16,7 +16,8 @@ from conftest import unique_name
 from safetensors.torch import load_file
 
 import timm_anysize
-from timm_anysize.families import FAMILIES, GEOMETRY_CHANGES, UNSUPPORTED, families_markdown
+from timm_anysize.apps.docs import families_markdown
+from timm_anysize.families import FAMILIES, GEOMETRY_CHANGES, UNSUPPORTED
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(embed_dim=64, depth=2, num_heads=2)

@@ -19,7 +19,7 @@ import torch
 
 import timm_anysize
 from timm.layers import resample_abs_pos_embed, resample_patch_embed
-from timm_anysize.spec import parse_variant
+from timm_anysize.core.spec import parse_variant
 
 SMALL = dict(embed_dim=64, depth=2, num_heads=2)
 SWIN = dict(embed_dim=32, depths=(1, 1), num_heads=(1, 1), window_size=4)
@@ -363,7 +363,7 @@ def test_torchrun_ddp_flexi_through_the_launcher(flexi_yaml):
 
 
 def test_flexi_demo_quick(tmp_path):
-    from timm_anysize.demo import FLEXI_PATCHES, run_flexi_demo
+    from timm_anysize.apps.demo import FLEXI_PATCHES, run_flexi_demo
 
     results = run_flexi_demo(tmp_path, quick=True, print_fn=None)
     rows = results["rows"]

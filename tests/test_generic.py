@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 import timm_anysize
 from timm_anysize.families import family_of
 from timm_anysize.plan import make_plan
-from timm_anysize.spec import parse_variant
+from timm_anysize.core.spec import parse_variant
 
 SIZE = 64
 # (example, model args): CNNs with BatchNorm (ResNet, EfficientNet), LayerNorm (ConvNeXt), and a stem of two
@@ -178,7 +178,7 @@ def test_shipped_cnn_variants(name, base, make_checkpoint, tmp_path):
 def test_survey_file_covers_every_timm_module():
     """timm_anysize/survey.json (rendered into docs/families.md) was computed with the installed timm for every
     module it has; `timm-anysize families --refresh` recomputes it."""
-    from timm_anysize.survey import load_survey
+    from timm_anysize.apps.survey import load_survey
 
     survey = load_survey()
     assert survey["timm_version"] == timm.__version__
@@ -191,6 +191,6 @@ def test_survey_file_covers_every_timm_module():
 
 @pytest.mark.parametrize("module", ["resnet", "convnext", "mlp_mixer", "visformer", "vision_transformer"])
 def test_survey_sample_recomputes_to_the_stored_result(module):
-    from timm_anysize.survey import load_survey, survey_module
+    from timm_anysize.apps.survey import load_survey, survey_module
 
     assert survey_module(module) == load_survey()["modules"][module]

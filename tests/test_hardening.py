@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import timm_anysize
-from timm_anysize.errors import AnysizeError
+from timm_anysize.core.errors import AnysizeError
 
 # --- config fuzzing --------------------------------------------------------------------------------------------
 

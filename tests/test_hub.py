@@ -17,7 +17,7 @@ from conftest import run_python, unique_name
 from hub_standin import HubStandIn
 
 import timm_anysize
-from timm_anysize.atomic import FolderExistsError
+from timm_anysize.core.atomic import FolderExistsError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -121,7 +121,7 @@ def test_export_rejects_models_not_built_by_timm_anysize(tmp_path):
 def test_push_dry_run_needs_no_network(variant):
     name, path = variant
     proc = subprocess.run(
-        [sys.executable, "-m", "timm_anysize.cli", "--quiet", "push", name, "me/repo", "--dry-run", "--file", str(path)],
+        [sys.executable, "-m", "timm_anysize.apps.cli", "--quiet", "push", name, "me/repo", "--dry-run", "--file", str(path)],
         capture_output=True, text=True, env={**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0",
                                              "TIMM_ANYSIZE_CONFIGS": _variant_yaml(name)},
     )

@@ -10,7 +10,7 @@ from torchvision.models.vision_transformer import VisionTransformer, interpolate
 
 import timm_anysize
 from conftest import unique_name
-from timm_anysize.errors import WeightsError
+from timm_anysize.core.errors import WeightsError
 
 VIT_ARGS = dict(embed_dim=64, depth=2, num_heads=2, mlp_ratio=2.0)
 
@@ -163,7 +163,7 @@ def test_cli_convert_writes_a_plain_timm_checkpoint(vit_file, tmp_path, capsys):
 
     import safetensors.torch
 
-    from timm_anysize.cli import main
+    from timm_anysize.apps.cli import main
 
     src, path = vit_file
     out = tmp_path / "vit_timm.safetensors"
@@ -179,7 +179,7 @@ def test_cli_convert_writes_a_plain_timm_checkpoint(vit_file, tmp_path, capsys):
 
 
 def test_show_prints_the_layout_and_mapping(vit_file, capsys):
-    from timm_anysize.cli import main
+    from timm_anysize.apps.cli import main
 
     _, path = vit_file
     name = variant(path, 48, patch_size=8)
@@ -201,7 +201,7 @@ def test_unknown_layout_lists_the_closest(tmp_path):
     # keys no layout's signature recognises: timm's own layout, whose error names the layouts tried too
     del sd["class_token"], sd["encoder.extra_thing"]
     torch.save(sd, path)
-    from timm_anysize.errors import AdaptationError
+    from timm_anysize.core.errors import AdaptationError
 
     with pytest.raises(AdaptationError, match=r"checkpoint layouts tried: timm, torchvision.vit.*closest other than "
                                               r"timm: torchvision.vit"):

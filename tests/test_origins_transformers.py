@@ -12,7 +12,7 @@ import timm_anysize  # noqa: E402
 from conftest import unique_name  # noqa: E402
 from script_fx import fx_model  # noqa: E402
 from test_origins_torchvision import randomize, rel  # noqa: E402
-from timm_anysize.errors import WeightsError  # noqa: E402
+from timm_anysize.core.errors import WeightsError  # noqa: E402
 
 SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8)
 VIT_ARGS = dict(embed_dim=64, depth=2, num_heads=2, mlp_ratio=2.0)

@@ -144,7 +144,7 @@ def test_test_and_min_input_size_are_scaled_to_the_variant():
     from timm_anysize.builder import variant_pretrained_cfg
 
     name = unique_name()
-    spec = timm_anysize.spec.parse_variant(name, {"base": "vit_base_patch16_clip_224.openai_ft_in12k_in1k",
+    spec = timm_anysize.core.spec.parse_variant(name, {"base": "vit_base_patch16_clip_224.openai_ft_in12k_in1k",
                                                   "img_size": [112, 224], "in_chans": 1,
                                                   "model_args": {"embed_dim": 64, "depth": 1, "num_heads": 2}})
     plan = make_plan(spec)

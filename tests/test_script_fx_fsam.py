@@ -12,7 +12,8 @@ from script_fx import (
     assert_fx_features_equal_module_outputs, assert_scripted_equals_eager, dynamic_and_built, sizes, variant,
 )
 
-import timm_anysize
+from timm_anysize.apps.docs import families_markdown
+import timm_anysize  # noqa: F401  (registers the variants)
 from timm_anysize.families import FAMILIES
 
 FAMS = [f for f in FAMILIES if f.name in ("samvit", "tnt", "convit")]
@@ -72,4 +73,4 @@ def test_torch_export_and_onnx_dynamic_height_width(fam, ckpt_dir, tmp_path):
 def test_samvit_says_why_it_does_not_export():
     assert [f.name for f in FAMS if f.export_note] == ["samvit"]
     fam = FAMS[[f.name for f in FAMS].index("samvit")]
-    assert f"no: {fam.export_note}" in timm_anysize.families.families_markdown()
+    assert f"no: {fam.export_note}" in families_markdown()

@@ -11,7 +11,8 @@ from script_fx import (
     assert_fx_features_equal_module_outputs, assert_scripted_equals_eager, dynamic_and_built, exported, models, sizes,
 )
 
-import timm_anysize
+from timm_anysize.apps.docs import families_markdown
+import timm_anysize  # noqa: F401  (registers the variants)
 from timm_anysize.families import FAMILIES
 
 NAMES = ("vit", "vit_hybrid", "deit_distilled", "eva", "beit", "cait", "pit", "volo", "crossvit", "hiera",
@@ -73,7 +74,7 @@ def test_a_family_that_cannot_export_says_why(ckpt_dir):
     finish (not run here)."""
     assert {f.name for f in FAMS if f.export_note} == {"crossvit", "hiera", "beit"}
     assert {f.name for f in FAMS if f.onnx_note} == set()
-    table = timm_anysize.families.families_markdown()
+    table = families_markdown()
     assert all(f"no: {f.export_note}" in table for f in FAMS if f.export_note)
     assert all(f"torch.export yes; ONNX no: {f.onnx_note}" in table for f in FAMS if f.onnx_note)
     with pytest.raises(torch._dynamo.exc.UserError, match="Constraints violated"):

@@ -14,7 +14,8 @@ from script_fx import (
     variant,
 )
 
-import timm_anysize
+from timm_anysize.apps.docs import families_markdown
+import timm_anysize  # noqa: F401  (registers the variants)
 from timm_anysize.families import FAMILIES
 
 NAMES = ("swin", "swinv2", "swinv2_cr", "levit", "mvitv2", "twins", "xcit", "naflexvit")
@@ -111,6 +112,6 @@ def test_a_family_that_cannot_export_says_why():
     """Each family left out above has its reason in docs/families.md."""
     assert {f.name for f in FAMS if f.export_note} == {"swin", "swinv2", "swinv2_cr", "levit", "twins", "naflexvit"}
     assert {f.name for f in FAMS if f.onnx_note} == {"mvitv2"}
-    table = timm_anysize.families.families_markdown()
+    table = families_markdown()
     assert all(f"no: {f.export_note}" in table for f in FAMS if f.export_note)
     assert all(f"torch.export yes; ONNX no: {f.onnx_note}" in table for f in FAMS if f.onnx_note)

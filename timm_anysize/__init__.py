@@ -11,15 +11,16 @@ Example:
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from .dynamic import clear_dynamic_cache, dynamic_cache_info, enable_dynamic, is_dynamic
-from .hub import ExportError, Metric, build_model_card, export, metrics_from_demo, push_to_hub
-from .flexi import enable_flexi, flexi_cache_info, get_patch_size, patch_size, set_patch_size
-from .errors import AdaptationError, AnysizeError, RegistrationError, SpecError, WeightsError
-from .registry import get_variant, list_variants, register_specs, register_variant, register_yaml
-from .report import AdaptationReport, adaptation_report
-from .spec import VariantSpec
+from timm_anysize.core.version import __version__
+from timm_anysize.dynamic import clear_dynamic_cache, dynamic_cache_info, enable_dynamic, is_dynamic
+from timm_anysize.hub import ExportError, Metric, build_model_card, export, metrics_from_demo, push_to_hub
+from timm_anysize.flexi import enable_flexi, flexi_cache_info, get_patch_size, patch_size, set_patch_size
+from timm_anysize.core.errors import (
+    AdaptationError, AnysizeError, InputNotDivisibleError, RegistrationError, SpecError, WeightsError,
+)
+from timm_anysize.registry import get_variant, list_variants, register_specs, register_variant, register_yaml
+from timm_anysize.core.report import AdaptationReport, adaptation_report
+from timm_anysize.core.spec import VariantSpec
 
 __all__ = [
     "__version__",
@@ -51,8 +52,9 @@ __all__ = [
     "WeightsError",
     "AdaptationError",
     "RegistrationError",
+    "InputNotDivisibleError",
 ]
 
-from .registry import register_shipped_configs as _register_shipped_configs
+from timm_anysize.registry import register_shipped_configs as _register_shipped_configs
 
 _register_shipped_configs()

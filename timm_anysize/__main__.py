@@ -2,7 +2,7 @@
 
 import sys
 
-from timm_anysize.cli import main
+from timm_anysize.apps.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

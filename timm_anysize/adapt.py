@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-import re
 from typing import Optional
 
 import torch
@@ -16,16 +15,16 @@ import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed, resample_patch_embed, resize_rel_pos_bias_table
 from timm.models import adapt_input_conv
 
-from .errors import AdaptationError
-from .origins.compat import compat_rel_table, compat_resample_pos_embed, compat_resize_rel_table
-from .plan import TensorResample, VariantPlan
-from .report import AdaptationReport, KeyAdaptation
-from .resample import resample_blocks, resample_grid, resize_bias_grid, resize_rel_axis
-from .spec import ChannelOptions, PatchEmbedOptions, PosEmbedOptions, Size2
+from timm_anysize.core.errors import AdaptationError
+from timm_anysize.core.compat import compat_rel_table, compat_resample_pos_embed, compat_resize_rel_table
+from timm_anysize.plan import TensorResample, VariantPlan
+from timm_anysize.core.report import AdaptationReport, KeyAdaptation, summarize_keys
+from timm_anysize.core.resample import resample_blocks, resample_grid, resize_bias_grid, resize_rel_axis
+from timm_anysize.core.spec import ChannelOptions, PatchEmbedOptions, PosEmbedOptions, Size2
+from timm_anysize.origins import layout_hint
 
 __all__ = [
     "adapt_state_dict",
-    "summarize_keys",
     "resample_pos_embed",
     "resample_tensor",
     "resize_patch_kernel",
@@ -48,7 +47,7 @@ def resample_pos_embed(
         >>> resample_pos_embed(pe, (4, 6), (8, 3), 1, PosEmbedOptions()).shape
         torch.Size([1, 25, 8])
     """
-    if options.compat != "timm":  # another library's exact resampling (timm_anysize.origins.compat)
+    if options.compat != "timm":  # another library's exact resampling (timm_anysize.core.compat)
         return compat_resample_pos_embed(pos_embed, new_grid, old_grid, num_prefix_tokens, options.compat)
     return resample_abs_pos_embed(
         pos_embed,
@@ -101,32 +100,6 @@ def adapt_kernel_channels(weight: torch.Tensor, in_chans: int, options: ChannelO
 
 def _matches(key: str, patterns: tuple[str, ...]) -> Optional[str]:
     return next((p for p in patterns if fnmatch.fnmatchcase(key, p)), None)
-
-
-def summarize_keys(keys: list[str], limit: int = 24) -> str:
-    """Keys for an error message, with numbered blocks folded: ``blocks.{2..5}.norm1.weight``.
-
-    Example:
-        >>> summarize_keys(["cls_token", "blocks.2.mlp.fc1.weight", "blocks.3.mlp.fc1.weight"])
-        'cls_token, blocks.{2..3}.mlp.fc1.weight'
-    """
-    groups: dict[str, list[int]] = {}
-    for key in keys:
-        m = re.search(r"\.(\d+)\.", key)
-        pattern = key[: m.start()] + ".{}." + key[m.end():] if m else key
-        groups.setdefault(pattern, []).append(int(m.group(1)) if m else -1)
-    parts = []
-    for pattern, idx in groups.items():
-        if idx == [-1]:
-            parts.append(pattern)
-        elif len(idx) == 1:
-            parts.append(pattern.replace("{}", str(idx[0])))
-        else:
-            contiguous = idx == list(range(idx[0], idx[0] + len(idx)))
-            inner = f"{idx[0]}..{idx[-1]}" if contiguous else ",".join(map(str, idx))
-            parts.append(pattern.replace("{}", "{" + inner + "}"))
-    more = f", ... and {len(parts) - limit} more" if len(parts) > limit else ""
-    return ", ".join(parts[:limit]) + more
 
 
 def _fmt(size: tuple[int, ...]) -> str:
@@ -219,7 +192,6 @@ def _layout_hint(source_sd: StateDict, conversion, missing: list, unused: list) 
     """When the keys do not fit at all, say which other libraries' layouts were tried and the closest."""
     if conversion is not None or not (missing or unused):
         return ""
-    from .origins import layout_hint
 
     return "\n" + layout_hint(source_sd)
 

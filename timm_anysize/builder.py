@@ -16,15 +16,17 @@ import torch
 import torch.nn as nn
 from timm.models import FeatureGraphNet, resolve_pretrained_cfg
 
-from .adapt import adapt_state_dict
-from .dynamic import enable_dynamic
-from .errors import WeightsError
-from .flexi import apply_flexi
-from .origins import reads_transformers_config
-from .plan import VariantPlan, build_meta, create_meta_without_init, make_plan, with_config_geometry
-from .spec import VariantSpec
-from .square_build import create_square_only
-from .weights import (
+from timm_anysize.adapt import adapt_state_dict
+from timm_anysize.dynamic import enable_dynamic
+from timm_anysize.core.errors import WeightsError
+from timm_anysize.core.family import Family
+from timm_anysize.flexi import apply_flexi
+from timm_anysize.origins import reads_transformers_config
+from timm_anysize.core.meta import build_meta, create_meta_without_init
+from timm_anysize.plan import VariantPlan, make_plan, with_config_geometry
+from timm_anysize.core.spec import VariantSpec
+from timm_anysize.core.report import summarize_keys
+from timm_anysize.weights import (
     detect_format,
     download_hub_config,
     download_hub_weights,
@@ -183,7 +185,7 @@ def load_source_state_dict(
         url = cfg["url"][0] if isinstance(cfg["url"], (tuple, list)) else cfg["url"]
         return _read_file(plan, download_url_weights(url)), f"url {url}"
     raise WeightsError(
-        f"{plan.spec.origin or '<dict>'}: {plan.spec.name}.pretrained: no weight source (base {plan.spec.base} has "
+        f"{plan.spec.where}.pretrained: no weight source (base {plan.spec.base} has "
         f"none); set pretrained.file or pretrained.hf_hub_id, or create the model with pretrained=False"
     )
 
@@ -234,7 +236,7 @@ def build_variant(
     # When the load overwrites every tensor (no new head, no declared fresh init), timm's random init is wasted work
     # (most of the load time); ViT-family constructors can skip it.
     skip_init = pretrained and plan.source.num_classes == plan.target.num_classes and not spec.adapt.init_keys
-    model = _create(spec.base, {**plan.target_kwargs, **plan.dynamic_kwargs}, skip_init, plan.square_only)
+    model = _create(spec.base, {**plan.target_kwargs, **plan.dynamic_kwargs}, skip_init, plan.family)
     if pretrained:
         source_sd, source_desc = load_source_state_dict(plan, resolved, cache_dir)
         _refuse_non_finite(source_sd, source_desc, {k for k, _ in model.named_buffers()})
@@ -257,15 +259,15 @@ def build_variant(
     return model
 
 
-def _create(base: str, kwargs: dict[str, Any], skip_init: bool, square_only: bool = False) -> nn.Module:
+def _create(base: str, kwargs: dict[str, Any], skip_init: bool, family: Family) -> nn.Module:
     """Build the target model; with ``skip_init``, without spending time on an init the load will overwrite.
 
     The model is built on the meta device and given uninitialised memory (``to_empty``); that is only safe when the
     strict load that follows writes every tensor, i.e. when the model has no non-persistent buffers (those would
-    stay uninitialised), so otherwise it is built normally. ``square_only``: see ``plan.build_meta``.
+    stay uninitialised), so otherwise it is built normally. A family with its own ``build`` (MViTv2) builds it.
     """
-    if square_only:
-        return create_square_only(partial(timm.create_model, base, pretrained=False), kwargs)
+    if family.build is not None:
+        return family.create(partial(timm.create_model, base, pretrained=False), kwargs)
     if skip_init:
         device = kwargs.get("device") or "cpu"
         model = create_meta_without_init(base, {k: v for k, v in kwargs.items() if k != "device"})
@@ -288,7 +290,6 @@ def _refuse_non_finite(state_dict: dict[str, torch.Tensor], source_desc: str, bu
     bad = [k for k, v in state_dict.items() if v.is_floating_point() and not finite(v)
            and (k not in buffers or bool(torch.isnan(v).any()))]
     if bad:
-        from .adapt import summarize_keys
 
         raise WeightsError(
             f"{source_desc}: tensors with NaN or Inf values: {summarize_keys(bad)}; timm-anysize refuses "
@@ -302,7 +303,7 @@ def _make_dynamic(plan: VariantPlan, model: nn.Module) -> None:
         model._anysize_native_dynamic = True
         return
     pe = spec.adapt.pos_embed
-    # compat: run-time sizes resample as the origin library does (timm_anysize.origins.compat)
+    # compat: run-time sizes resample as the origin library does (timm_anysize.core.compat)
     enable_dynamic(model, pad=spec.pad, interpolation=pe.interpolation, antialias=pe.use_antialias, compat=pe.compat)
 
 
@@ -359,7 +360,7 @@ def _as_feature_model(
     if fx:  # timm would trace the model it builds; the graph must record the adapted, dynamic model instead
         create = partial(timm.create_model, spec.base, pretrained=False, features_only=True,
                          **{k: v for k, v in feature_cfg.items() if k != "feature_cls"})
-    wrapper = create_square_only(create, all_kwargs) if plan.square_only else create(**all_kwargs)
+    wrapper = plan.family.create(create, all_kwargs)
     if fx:
         return _as_fx_feature_model(plan, model, wrapper, cfg)
     full, kept = model.state_dict(), wrapper.state_dict()

@@ -1,8 +1,8 @@
 """Run-time dynamic input size: any H x W in one model instance, with what each size needs computed once and cached.
 
 This is the shared machinery; each family's run-time code (its dynamic subclass, the tables it caches) lives in its
-module of :mod:`timm_anysize.families`, and its row's :class:`~timm_anysize.family.DynamicPath` says how
-:func:`enable_dynamic` sets it up. Caches are stamped by the weights they derive from (:mod:`timm_anysize.cache`):
+module of :mod:`timm_anysize.families`, and its row's :class:`~timm_anysize.core.family.DynamicPath` says how
+:func:`enable_dynamic` sets it up. Caches are stamped by the weights they derive from (:mod:`timm_anysize.core.cache`):
 any change of the weights (``load_state_dict``, an optimizer step, ``.to()``) invalidates them; when a gradient can
 flow, or while scripting, tracing, compiling or exporting, the resampling runs inline.
 """
@@ -15,10 +15,11 @@ import torch.nn.functional as F
 from timm.layers import Format, PatchEmbed, nchw_to
 from timm.layers.helpers import is_exporting
 
-from .cache import DEFAULT_CACHE_SIZE, DynamicOptions, PosEmbedCache, symbolic, traced
-from .families import FAMILIES
-from .family import DynamicPath
-from .origins.compat import compat_preset
+from timm_anysize.core.cache import DEFAULT_CACHE_SIZE, DynamicOptions, PosEmbedCache, symbolic, traced
+from timm_anysize.families import FAMILIES
+from timm_anysize.core.family import DynamicPath
+from timm_anysize.core.compat import compat_preset
+from timm_anysize.core.errors import InputNotDivisibleError
 
 __all__ = [
     "enable_dynamic",
@@ -74,10 +75,6 @@ def _dynamic_class(cls: type) -> Optional[tuple[type, DynamicPath]]:
     return None
 
 
-class InputNotDivisibleError(ValueError):
-    """An input size is not a multiple of the patch and padding is off."""
-
-
 def _check_divisible(module: nn.Module, args: tuple) -> None:
     h, w = args[0].shape[-2:]
     ph, pw = module.patch_size
@@ -125,7 +122,7 @@ def enable_dynamic(
         antialias: Anti-alias when the grid shrinks.
         cache_size: Grids kept in the LRU cache.
         compat: Resample as this library does instead (``adapt.pos_embed.compat``:
-            :mod:`timm_anysize.origins.compat`): token position embeddings, and BEiT's bias tables for
+            :mod:`timm_anysize.core.compat`): token position embeddings, and BEiT's bias tables for
             ``transformers``; it fixes the interpolation, so ``interpolation`` / ``antialias`` are not read.
 
     Returns:

@@ -14,7 +14,7 @@ Which patch size a call uses, first match wins:
 3. :func:`set_patch_size` (sticky until changed);
 4. the model's own patch size.
 
-The resized kernel is cached per patch size with the stamping of :class:`timm_anysize.cache.PosEmbedCache`
+The resized kernel is cached per patch size with the stamping of :class:`timm_anysize.core.cache.PosEmbedCache`
 (invalidated by any change of the kernel: an optimizer step, ``load_state_dict``, ``.to()``), and computed inline
 (differentiable, reaching the one stored kernel) when a gradient can flow to the kernel, or while compiling,
 tracing or exporting.
@@ -37,10 +37,10 @@ from timm.layers import Format, resample_patch_embed
 from timm.layers.format import nchw_to
 from timm.models import naflexvit, swin_transformer_v2_cr
 
-from .cache import DEFAULT_CACHE_SIZE, PosEmbedCache, must_run_inline
-from .dynamic import enable_dynamic, is_dynamic
-from .errors import SpecError
-from .families import FAMILIES, Family, family_of
+from timm_anysize.core.cache import DEFAULT_CACHE_SIZE, PosEmbedCache, must_run_inline
+from timm_anysize.dynamic import enable_dynamic, is_dynamic
+from timm_anysize.core.errors import SpecError
+from timm_anysize.families import FAMILIES, Family, family_of
 
 __all__ = [
     "patch_size",
@@ -465,7 +465,7 @@ def apply_flexi(model: nn.Module, spec: Any) -> nn.Module:
     try:
         pe = _patch_embed(model)
     except TypeError as e:
-        raise SpecError(f"{spec.origin or '<dict>'}: {spec.name}.flexi: {e}; remove the flexi key") from None
+        raise SpecError(f"{spec.where}.flexi: {e}; remove the flexi key") from None
     pe._anysize_resample = (spec.adapt.patch_embed.interpolation, spec.adapt.patch_embed.antialias)
     return enable_flexi(model, flexi.patch_sizes, flexi.weights, flexi.seed)
 

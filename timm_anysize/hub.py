@@ -19,9 +19,11 @@ from typing import Any, Optional, Sequence, Union
 import timm
 import torch.nn as nn
 
-from .atomic import atomic_folder
-from .errors import AnysizeError
-from .families.swin import pads_at_own_size
+from timm_anysize.core.atomic import atomic_folder
+from timm_anysize.core.errors import AnysizeError
+from timm_anysize.core.version import __version__
+from timm_anysize.registry import get_variant
+from timm_anysize.families.swin import pads_at_own_size
 
 __all__ = ["export", "push_to_hub", "build_model_card", "Metric", "ExportError", "metrics_from_demo"]
 
@@ -72,7 +74,6 @@ def metrics_from_demo(results: Union[str, os.PathLike], variant: str) -> list[Me
 
 def _resolve_model(model_or_name: Union[str, nn.Module], file: Optional[str]) -> nn.Module:
     if isinstance(model_or_name, str):
-        from .registry import get_variant
 
         get_variant(model_or_name)  # a clear KeyError for names that are not variants
         overlay = dict(file=str(file)) if file else None
@@ -93,7 +94,7 @@ def _resolve_model(model_or_name: Union[str, nn.Module], file: Optional[str]) ->
 def _check_plain_timm_can_build(plan: Any) -> None:
     """An export is for plain timm; refuse geometries its constructor cannot build, before anything is written."""
     (h, w) = plan.target.img_size
-    if plan.square_only and h != w:
+    if plan.family.square_only and h != w:
         raise ExportError(
             f"{plan.spec.name}: plain timm builds {plan.spec.arch} at square sizes only, so an export of this "
             f"{h}x{w} variant could not be loaded without timm-anysize; export a square variant (it runs at any "
@@ -139,8 +140,6 @@ def build_model_card(
         ('timm', True)
     """
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
-
-    from . import __version__
 
     plan, cfg = model._anysize_plan, model.pretrained_cfg
     spec = plan.spec
@@ -309,8 +308,6 @@ def push_to_hub(
         ``{"repo_id", "files", "card", "commit_url"}`` (``commit_url`` is None for a dry run).
     """
     from huggingface_hub import HfApi
-
-    from . import __version__
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = export(model_or_name, Path(tmp) / "export", file=file, metrics=metrics, repo_id=repo_id)

@@ -19,11 +19,13 @@ import torch.nn as nn
 from timm.layers import get_spatial_dim
 from timm.models import get_pretrained_cfg
 
-from .errors import AdaptationError, AnysizeError, SpecError
-from .meta import meta_device
-from .families import Family, classify_changes, family_of, generic_family, tensor_layouts
-from .spec import Size2, VariantSpec
-from .square_build import create_square_only
+from timm_anysize.core.errors import AdaptationError, AnysizeError, SpecError
+from timm_anysize.core.meta import build_meta
+from timm_anysize.families import Family, classify_changes, family_of, generic_family, tensor_layouts
+from timm_anysize.core.spec import Size2, VariantSpec
+from timm_anysize.core.report import summarize_keys
+from timm_anysize.origins import config_geometry, reads_transformers_config
+from timm_anysize.weights import transformers_config
 
 __all__ = [
     "Geometry",
@@ -33,8 +35,6 @@ __all__ = [
     "make_plan",
     "with_config_geometry",
     "geometry_of",
-    "build_meta",
-    "create_meta_without_init",
 ]
 
 
@@ -114,7 +114,7 @@ class VariantPlan:
     @property
     def square_only(self) -> bool:
         """The base's timm constructor takes square sizes only (MViTv2): a non-square target is built square and
-        its width tables refitted (:mod:`timm_anysize.square_build`)."""
+        its width tables refitted (:mod:`timm_anysize.families._square_build`)."""
         return self.family.square_only
 
     @property
@@ -139,7 +139,6 @@ class VariantPlan:
 
     def steps(self) -> list[tuple[str, str]]:
         """The non-copy steps adaptation will take, as (key, description), before any weights are read."""
-        from .adapt import summarize_keys
 
         s, t, spec = self.source, self.target, self.spec
         out = []
@@ -222,16 +221,12 @@ def geometry_of(
     )
 
 
-def _where(spec: VariantSpec) -> str:
-    return f"{spec.origin or '<dict>'}: {spec.name}"
-
-
 def resolve_base_cfg(spec: VariantSpec) -> dict[str, Any]:
     """The pretrained cfg of the spec's base (``arch[.tag]``), checking the arch and tag exist in timm."""
     if not timm.is_model(spec.arch):
         close = difflib.get_close_matches(spec.arch, timm.list_models(), n=3, cutoff=0.6)
         hint = f"; close matches: {', '.join(close)}" if close else ""
-        raise SpecError(f"{_where(spec)}.base: unknown timm model {spec.arch!r}{hint} (see timm.list_models())")
+        raise SpecError(f"{spec.where}.base: unknown timm model {spec.arch!r}{hint} (see timm.list_models())")
     try:
         cfg = get_pretrained_cfg(spec.base)
     except RuntimeError:  # timm raises for an unknown tag
@@ -239,49 +234,10 @@ def resolve_base_cfg(spec: VariantSpec) -> dict[str, Any]:
     if cfg is None and spec.base_tag:
         tags = timm.list_pretrained(f"{spec.arch}.*")
         raise SpecError(
-            f"{_where(spec)}.base: timm has no pretrained tag {spec.base_tag!r} for {spec.arch}; "
+            f"{spec.where}.base: timm has no pretrained tag {spec.base_tag!r} for {spec.arch}; "
             f"available: {', '.join(tags) or 'none'}"
         )
     return cfg.to_dict() if cfg is not None else {}
-
-
-# Placement kwargs would pull a meta build onto a real device.
-_PLACEMENT_KWARGS = ("device", "dtype")
-
-
-def create_meta_without_init(base: str, kwargs: dict[str, Any]) -> Optional[nn.Module]:
-    """``timm.create_model(base, **kwargs)`` on the meta device with timm's ``weight_init='skip'``, or None when the
-    constructor has no such argument or rejects the value."""
-    try:
-        with torch.device("meta"):
-            return timm.create_model(base, pretrained=False, weight_init="skip", **kwargs)
-    except (TypeError, AssertionError):  # no such argument, or (NaFlexViT) one that asserts on 'skip'
-        return None
-
-
-def build_meta(spec: VariantSpec, kwargs: dict[str, Any], what: str, square_only: bool = False) -> nn.Module:
-    """Build the spec's base with ``kwargs`` on the meta device: shapes only, no memory.
-
-    ``square_only``: the architecture's constructor takes square sizes only (MViTv2); a non-square size is built
-    through :func:`timm_anysize.square_build.create_square_only`.
-    """
-    kwargs = {k: v for k, v in kwargs.items() if k not in _PLACEMENT_KWARGS}
-
-    def create(**kw: Any) -> nn.Module:
-        # Weight init on meta tensors runs slow decompositions; ViT-family constructors can skip it.
-        model = create_meta_without_init(spec.base, kw)
-        if model is not None:
-            return model
-        with meta_device():
-            return timm.create_model(spec.base, pretrained=False, **kw)
-
-    try:
-        return create_square_only(create, kwargs) if square_only else create(**kwargs)
-    except Exception as e:  # a constructor can raise anything on odd model_args; all of it is a bad spec
-        raise SpecError(
-            f"{_where(spec)}: timm cannot build {spec.arch} with the {what} arguments {kwargs}: {e}; "
-            f"check img_size/patch_size/in_chans and model_args"
-        ) from e
 
 
 def _geometry_kwargs(img_size: Any, patch_size: Any, in_chans: Any, num_classes: Any) -> dict[str, Any]:
@@ -308,7 +264,7 @@ def _check_memory(spec: VariantSpec, model: nn.Module, geometry: Geometry, key: 
     if params + attn > budget:
         gib = 2**30
         raise SpecError(
-            f"{_where(spec)}.{key}: {geometry.describe()} needs an estimated {(params + attn) / gib:,.1f} GiB "
+            f"{spec.where}.{key}: {geometry.describe()} needs an estimated {(params + attn) / gib:,.1f} GiB "
             f"(weights {params / gib:,.1f} GiB + one attention map {attn / gib:,.1f} GiB), over the "
             f"{budget / gib:,.0f} GiB budget; use a smaller img_size or a larger patch_size "
             f"(or raise {MEMORY_BUDGET_ENV})"
@@ -333,7 +289,7 @@ def make_plan(spec: VariantSpec, overrides: Optional[dict[str, Any]] = None) -> 
         SpecError: The base does not exist, its family is not supported, or the geometry is impossible.
 
     Example:
-        >>> from timm_anysize.spec import parse_variant
+        >>> from timm_anysize.core.spec import parse_variant
         >>> plan = make_plan(parse_variant("v", {"base": "test_vit", "img_size": 64, "patch_size": 4}))
         >>> plan.source.grid_size, plan.target.grid_size
         ((10, 10), (16, 16))
@@ -430,12 +386,11 @@ def with_config_geometry(spec: VariantSpec, config: Optional[dict[str, Any]]) ->
     checked against the config when the weights are read).
 
     Example:
-        >>> from timm_anysize.spec import parse_variant
+        >>> from timm_anysize.core.spec import parse_variant
         >>> spec = parse_variant("v", {"base": "test_vit", "img_size": 64})
         >>> with_config_geometry(spec, {"model_type": "vit", "image_size": 32, "patch_size": 8}).pretrained.img_size
         (32, 32)
     """
-    from .origins import config_geometry
 
     src = spec.pretrained
     fill = {k: v for k, v in config_geometry(config).items() if getattr(src, k) is None}
@@ -446,8 +401,6 @@ def with_config_geometry(spec: VariantSpec, config: Optional[dict[str, Any]]) ->
 
 def _config_beside_file(spec: VariantSpec) -> Optional[dict[str, Any]]:
     """The transformers ``config.json`` next to ``pretrained.file``, when the layout lets it speak for the weights."""
-    from .origins import reads_transformers_config
-    from .weights import transformers_config
 
     src = spec.pretrained
     if src.file is None or not reads_transformers_config(src.layout):
@@ -485,27 +438,27 @@ def _make_plan(spec: VariantSpec, overrides: dict[str, Any]) -> VariantPlan:
     for change in _requested_changes(spec, source, {**target_kwargs, "img_size": target_img}):
         reason = family.unsupported.get(change)
         if reason:
-            raise SpecError(f"{_where(spec)}: the {family.name} family cannot take {change}: {reason}")
+            raise SpecError(f"{spec.where}: the {family.name} family cannot take {change}: {reason}")
     _check_size_multiples(spec, family, source_model, target_kwargs.get("img_size"))
     if spec.dynamic and not family.supports_dynamic:
         raise SpecError(
-            f"{_where(spec)}.dynamic: the {family.name} family cannot run at any input size: {family.dynamic_reason}; "
+            f"{spec.where}.dynamic: the {family.name} family cannot run at any input size: {family.dynamic_reason}; "
             f"set dynamic: false (or leave it out: it defaults to what the family supports)"
         )
     try:
-        target_model, target_kwargs = _build_sized(spec, target_kwargs, "target", square_only=family.square_only)
+        target_model, target_kwargs = _build_sized(spec, target_kwargs, "target", family)
     except SpecError as e:
         raise _call_error(spec, overrides, e) from e.__cause__
     target = geometry_of(target_model, family, base_cfg, target_img)
     for change in classify_changes(source, target):  # what the built model changes, spec defaults included
         reason = family.unsupported.get(change)
         if reason:
-            raise SpecError(f"{_where(spec)}: the {family.name} family cannot take {change}: {reason}")
+            raise SpecError(f"{spec.where}: the {family.name} family cannot take {change}: {reason}")
     dynamic = family.supports_dynamic if spec.dynamic is None else spec.dynamic
     for change in [] if dynamic else classify_changes(source, target):
         reason = family.static_unsupported.get(change)
         if reason:
-            raise SpecError(f"{_where(spec)}.dynamic: false builds timm's own {family.name} model at img_size "
+            raise SpecError(f"{spec.where}.dynamic: false builds timm's own {family.name} model at img_size "
                             f"{list(target.img_size)}, which cannot run it: {reason}; leave dynamic on (the default)")
     for model, geo, key in ((source_model, source, "pretrained.img_size"), (target_model, target, "img_size")):
         _check_memory(spec, model, geo, key)
@@ -514,19 +467,19 @@ def _make_plan(spec: VariantSpec, overrides: dict[str, Any]) -> VariantPlan:
         for i, p in zip(geo.img_size, patch):
             if i % p:
                 raise SpecError(
-                    f"{_where(spec)}.{key}: the {what} patch size {list(patch)} must divide the "
+                    f"{spec.where}.{key}: the {what} patch size {list(patch)} must divide the "
                     f"{what} img_size {list(geo.img_size)}; pick a multiple of the patch"
                 )
     if spec.adapt.channels.method == "map":
         cmap = spec.adapt.channels.map or ()
         if len(cmap) != target.in_chans:
             raise SpecError(
-                f"{_where(spec)}.adapt.channels.map: has {len(cmap)} entries, the target has {target.in_chans} channels"
+                f"{spec.where}.adapt.channels.map: has {len(cmap)} entries, the target has {target.in_chans} channels"
             )
         bad = [c for c in cmap if c is not None and not 0 <= c < source.in_chans]
         if bad:
             raise SpecError(
-                f"{_where(spec)}.adapt.channels.map: source channel {bad[0]} does not exist; the weights have "
+                f"{spec.where}.adapt.channels.map: source channel {bad[0]} does not exist; the weights have "
                 f"{source.in_chans} channels (0..{source.in_chans - 1}), or null for zeros"
             )
     plan = VariantPlan(
@@ -548,24 +501,23 @@ def _make_plan(spec: VariantSpec, overrides: dict[str, Any]) -> VariantPlan:
 
 
 def _build_sized(
-    spec: VariantSpec, kwargs: dict[str, Any], what: str, square_only: bool = False
+    spec: VariantSpec, kwargs: dict[str, Any], what: str, family: Optional[Family] = None
 ) -> tuple[nn.Module, dict[str, Any]]:
     """:func:`build_meta`, and the kwargs it was built with: constructors without an ``img_size`` argument (most
     CNNs, which take any size) are built without it; the size stays the variant's (its data cfg, its report)."""
     try:
-        return build_meta(spec, kwargs, what, square_only), kwargs
+        return build_meta(spec, kwargs, what, family), kwargs
     except SpecError as e:
         cause = e.__cause__
         if "img_size" not in kwargs or not isinstance(cause, TypeError) or "img_size" not in str(cause):
             raise
     kwargs = {k: v for k, v in kwargs.items() if k != "img_size"}
-    return build_meta(spec, kwargs, what, square_only), kwargs
+    return build_meta(spec, kwargs, what, family), kwargs
 
 
 def _refuse_geometry_bound(plan: VariantPlan, target_shapes: dict[str, tuple[int, ...]]) -> None:
     """An architecture without a family row: every tensor other than the first layer's kernel (input channels
     only) and the classifier (a new ``num_classes``) must keep its shape, or the plan is refused naming them."""
-    from .adapt import summarize_keys
 
     s, t, source_shapes = plan.source, plan.target, plan.source_shapes
     heads = set(plan.classifier_keys) if s.num_classes != t.num_classes else set()
@@ -581,7 +533,7 @@ def _refuse_geometry_bound(plan: VariantPlan, target_shapes: dict[str, tuple[int
     if bad:
         shapes = "; ".join(f"{k}: {source_shapes.get(k)} -> {target_shapes.get(k)}" for k in bad[:3])
         raise AdaptationError(
-            f"{_where(plan.spec)}: {plan.spec.arch} ({_type_name(plan)}, no family row) has tensors whose shape "
+            f"{plan.spec.where}: {plan.spec.arch} ({_type_name(plan)}, no family row) has tensors whose shape "
             f"depends on the geometry ({s.compact()} -> {t.compact()}): {summarize_keys(bad)} ({shapes}). Without "
             f"a row timm-anysize only adapts the first layer's input channels and the classifier: keep the geometry "
             f"the weights have (pretrained.img_size / in_chans), or add a family row that says how to resample them"
@@ -616,7 +568,7 @@ def _check_size_multiples(spec: VariantSpec, family: Family, model: nn.Module, i
             if got[axis] % mult[axis]:
                 near = " or ".join(map(str, _nearest(size[axis], axis, fits)))
                 raise SpecError(
-                    f"{_where(spec)}.img_size: {family.name} cannot run at {list(size)}: {what} gets "
+                    f"{spec.where}.img_size: {family.name} cannot run at {list(size)}: {what} gets "
                     f"{list(got)} px, and its {name} {got[axis]} is not a multiple of its patch {mult[axis]}; "
                     f"nearest {name}s that work: {near}"
                 )
@@ -629,5 +581,5 @@ def _target_feature_size(spec: VariantSpec, base_cfg: dict[str, Any], model: nn.
     try:
         return feature_size(model, geometry)
     except Exception as e:  # the base's own forward cannot take the size
-        raise SpecError(f"{_where(spec)}.img_size: {spec.arch} cannot run at {list(geometry.img_size)} "
+        raise SpecError(f"{spec.where}.img_size: {spec.arch} cannot run at {list(geometry.img_size)} "
                         f"({e}); pick another img_size") from e

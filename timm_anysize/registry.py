@@ -16,12 +16,12 @@ import timm
 import torch.nn as nn
 from timm.models import generate_default_cfgs, register_model
 
-from . import variants as _variants_module
-from .builder import build_variant, default_tag, variant_pretrained_cfg
-from .errors import RegistrationError
-from .plan import make_plan
-from .spec import VariantSpec, parse_variant
-from .yaml_config import load_yaml_specs
+from timm_anysize import variants as _variants_module
+from timm_anysize.builder import build_variant, default_tag, variant_pretrained_cfg
+from timm_anysize.core.errors import RegistrationError
+from timm_anysize.plan import make_plan
+from timm_anysize.core.spec import VariantSpec, parse_variant
+from timm_anysize.yaml_config import load_yaml_specs
 
 __all__ = [
     "register_yaml",
@@ -50,7 +50,7 @@ def _entrypoint(spec: VariantSpec) -> Callable[..., nn.Module]:
 
 def check_name(spec: VariantSpec, batch: dict[str, VariantSpec]) -> bool:
     """True if the spec needs registering; False if the identical spec already is. Raises on a conflict."""
-    where = f"{spec.origin or '<dict>'}: {spec.name}"
+    where = spec.where
     other = _specs.get(spec.name) or batch.get(spec.name)
     if other is not None:
         if other.same_as(spec):

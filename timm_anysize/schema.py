@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from .spec import VARIANT_NAME_PATTERN, VariantSpec
+from timm_anysize.core.spec import VARIANT_NAME_PATTERN, VariantSpec
 
 __all__ = ["yaml_json_schema", "SCHEMA_FILE"]
 

@@ -17,7 +17,9 @@ from typing import Any, Callable, Optional, Union
 import torch
 import torch.nn as nn
 
-from .errors import WeightsError
+from timm_anysize.core.errors import WeightsError
+from timm_anysize.core.version import __version__
+from timm_anysize.origins import check_against_plan, detect_layout, unwrap_checkpoint
 
 __all__ = [
     "detect_format",
@@ -210,7 +212,6 @@ def read_source_state_dict(path: Union[str, os.PathLike], plan: Any) -> StateDic
         WeightsError: Unreadable file; ambiguous or unknown layout; a layout of another family; numerics the
             variant's model_args do not match; a classifier that cannot be carried over into a kept head.
     """
-    from .origins import check_against_plan, detect_layout, unwrap_checkpoint
 
     p = Path(path)
     src = plan.spec.pretrained
@@ -285,8 +286,6 @@ def download_hub_weights(
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 
-    from . import __version__
-
     names = (filename,) if filename else HUB_FILENAMES
     last: Optional[Exception] = None
     for name in names:
@@ -321,8 +320,6 @@ def download_hub_config(
     """
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
-
-    from . import __version__
 
     try:
         path = hf_hub_download(repo_id, "config.json", revision=revision, cache_dir=cache_dir,

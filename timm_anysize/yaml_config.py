@@ -9,8 +9,8 @@ from typing import Any, Union
 
 import yaml
 
-from .errors import SpecError
-from .spec import VariantSpec, parse_variant
+from timm_anysize.core.errors import SpecError
+from timm_anysize.core.spec import VariantSpec, parse_variant
 
 __all__ = ["load_yaml_specs"]
 

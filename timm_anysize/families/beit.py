@@ -26,11 +26,11 @@ from timm.models import beit
 from timm.models._features import feature_take_indices  # timm exports it from no public module
 from timm.models._manipulate import checkpoint  # timm's checkpoint wrapper (as its own BEiT forward)
 
-from ..cache import PosEmbedCache, dynamic_pos_embed, must_run_inline, patch_grid, resample_pos_tokens, symbolic
-from ..family import REL_TABLE, DynamicPath, Family
-from ..origins.compat import compat_rel_table, compat_resize_rel_table
-from ..resample import resize_rel_pos_table
-from ..spec import Size2
+from timm_anysize.core.cache import PosEmbedCache, dynamic_pos_embed, must_run_inline, patch_grid, resample_pos_tokens, symbolic
+from timm_anysize.core.family import REL_TABLE, DynamicPath, Family
+from timm_anysize.core.compat import compat_rel_table, compat_resize_rel_table
+from timm_anysize.core.resample import resize_rel_pos_table
+from timm_anysize.core.spec import Size2
 
 __all__ = ["FAMILIES", "DynamicBeit", "enable_beit_dynamic", "beit_rel_pos_bias"]
 

@@ -7,8 +7,8 @@ import torch
 from timm.models import cait
 from timm.models._features import feature_take_indices  # timm exports it from no public module
 
-from ..cache import dynamic_pos_embed, patch_grid, resample_pos_tokens
-from ..family import DynamicPath, Family
+from timm_anysize.core.cache import dynamic_pos_embed, patch_grid, resample_pos_tokens
+from timm_anysize.core.family import DynamicPath, Family
 
 __all__ = ["FAMILIES", "DynamicCait"]
 

@@ -16,8 +16,8 @@ from timm.layers import register_notrace_function, register_notrace_module
 from timm.models import convit
 from timm.models._features import feature_take_indices  # timm exports it from no public module
 
-from ..cache import PosEmbedCache, dynamic_pos_embed, resample_pos_tokens, traced
-from ..family import DynamicPath, Family
+from timm_anysize.core.cache import PosEmbedCache, dynamic_pos_embed, resample_pos_tokens, traced
+from timm_anysize.core.family import DynamicPath, Family
 
 __all__ = ["FAMILIES", "DynamicConVit", "gpsa_rel_indices"]
 

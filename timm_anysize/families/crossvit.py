@@ -13,9 +13,9 @@ from timm.layers import register_notrace_function
 from timm.models import crossvit
 from timm.models._features import feature_take_indices  # timm exports it from no public module
 
-from ..cache import dynamic_pos_embed, resample_pos_tokens
-from ..family import DynamicPath, Family, no_patch_change
-from ..spec import Size2
+from timm_anysize.core.cache import dynamic_pos_embed, resample_pos_tokens
+from timm_anysize.core.family import DynamicPath, Family, no_patch_change
+from timm_anysize.core.spec import Size2
 
 __all__ = ["FAMILIES", "DynamicCrossVit", "crossvit_branch_size"]
 

@@ -17,9 +17,9 @@ import torch.nn as nn
 from timm.models import efficientformer as ef
 from timm.models._features import feature_take_indices  # timm exports it from no public module
 
-from ..cache import PosEmbedCache
-from ..family import NO_CONV_PATCH, DynamicPath, Family, no_patch_change
-from .levit import _Biases
+from timm_anysize.core.cache import PosEmbedCache
+from timm_anysize.core.family import NO_CONV_PATCH, DynamicPath, Family, no_patch_change
+from timm_anysize.families.levit import _Biases
 
 __all__ = ["FAMILIES", "DynamicAttention", "DynamicEfficientFormer", "enable_efficientformer_dynamic"]
 

@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from timm.models import FeatureListNet
 from timm.models import efficientformer_v2 as efv2
 
-from ..cache import DEFAULT_CACHE_SIZE, PosEmbedCache
-from ..family import DynamicPath, Family, NO_CONV_PATCH, no_patch_change
-from ..spec import Size2
-from .levit import _Biases
+from timm_anysize.core.cache import DEFAULT_CACHE_SIZE, PosEmbedCache
+from timm_anysize.core.family import DynamicPath, Family, NO_CONV_PATCH, no_patch_change
+from timm_anysize.core.spec import Size2
+from timm_anysize.families.levit import _Biases
 
 __all__ = ["FAMILIES", "DynamicAttention2d", "DynamicAttention2dDownsample", "enable_efficientformer_v2_dynamic"]
 

@@ -6,9 +6,9 @@ from typing import List, Optional, Tuple
 import torch
 from timm.models import eva
 
-from ..cache import dynamic_pos_embed, resample_pos_tokens
-from ..family import DynamicPath, Family
-from .vit import add_pos_embed
+from timm_anysize.core.cache import dynamic_pos_embed, resample_pos_tokens
+from timm_anysize.core.family import DynamicPath, Family
+from timm_anysize.families.vit import add_pos_embed
 
 __all__ = ["FAMILIES", "DynamicEva"]
 

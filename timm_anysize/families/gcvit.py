@@ -12,7 +12,7 @@ only one that is not stays fixed), and its attention the bias for that window (t
 load resizes it, cached per window while the weights are unchanged, see :func:`~timm_anysize.families.maxxvit.
 rel_pos_bias_at`). The global query pools the map down to that window, as in a model built for the size: the
 outputs are equal. Inputs are padded (bottom/right) to a multiple of the stride and the ratios. TorchScript
-compiles the path (the tables resized by the scriptable port in :mod:`timm_anysize.resample`); FX records
+compiles the path (the tables resized by the scriptable port in :mod:`timm_anysize.core.resample`); FX records
 each block as one leaf module.
 """
 
@@ -25,10 +25,10 @@ from timm.layers import register_notrace_module
 from timm.layers.pos_embed_rel import RelPosBias  # timm exports it from no shorter path
 from timm.models import gcvit, maxxvit
 
-from ..cache import PosEmbedCache
-from ..family import NO_CONV_PATCH, REL_TABLE, DynamicPath, Family, no_patch_change
-from ..spec import Size2
-from .maxxvit import DynamicRelPosBias, pad_to_multiple
+from timm_anysize.core.cache import PosEmbedCache
+from timm_anysize.core.family import NO_CONV_PATCH, REL_TABLE, DynamicPath, Family, no_patch_change
+from timm_anysize.core.spec import Size2
+from timm_anysize.families.maxxvit import DynamicRelPosBias, pad_to_multiple
 
 torch.fx.wrap("pad_to_multiple")  # a leaf of FX traces here too (fx.wrap patches this module's globals)
 

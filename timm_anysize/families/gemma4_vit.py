@@ -4,7 +4,7 @@ any grid up to its size; timm's own forward runs at any size."""
 
 from timm.models import gemma4_vit
 
-from ..family import Family
+from timm_anysize.core.family import Family
 
 __all__ = ["FAMILIES"]
 

@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch.nn as nn
 
-from ..family import Family, no_patch_change
+from timm_anysize.core.family import Family, no_patch_change
 
 __all__ = ["generic_family"]
 

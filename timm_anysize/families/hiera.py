@@ -16,8 +16,8 @@ from timm.layers import register_notrace_function
 from timm.models import hiera
 from timm.models._features import feature_take_indices  # timm exports it from no public module
 
-from ..cache import dynamic_pos_embed, resample_pos_tokens, symbolic, traced
-from ..family import OVERLAPPING_STEM, DynamicPath, Family, no_patch_change
+from timm_anysize.core.cache import dynamic_pos_embed, resample_pos_tokens, symbolic, traced
+from timm_anysize.core.family import OVERLAPPING_STEM, DynamicPath, Family, no_patch_change
 
 __all__ = ["FAMILIES", "DynamicHiera", "enable_hiera_dynamic", "unroll_tokens", "reroll_tokens"]
 

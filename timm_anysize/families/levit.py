@@ -17,9 +17,9 @@ from timm.layers import register_notrace_function
 from timm.models import levit
 from timm.models._features import feature_take_indices  # timm exports it from no public module
 
-from ..family import NO_CONV_PATCH, DynamicPath, Family, no_patch_change
-from ..cache import PosEmbedCache, must_run_inline, traced
-from ..resample import resize_bias_grid
+from timm_anysize.core.family import NO_CONV_PATCH, DynamicPath, Family, no_patch_change
+from timm_anysize.core.cache import PosEmbedCache, must_run_inline, traced
+from timm_anysize.core.resample import resize_bias_grid
 
 __all__ = ["FAMILIES", "DynamicLevit", "DynamicLevitDistilled", "enable_levit_dynamic", "levit_attention_biases"]
 

@@ -35,10 +35,10 @@ from timm.layers.pos_embed_rel import (  # timm exports these from no shorter pa
 )
 from timm.models import maxxvit
 
-from ..cache import PosEmbedCache, must_run_inline
-from ..family import NO_CONV_PATCH, REL_TABLE, DynamicPath, Family, no_patch_change
-from ..resample import resize_rel_pos_table
-from ..spec import Size2
+from timm_anysize.core.cache import PosEmbedCache, must_run_inline
+from timm_anysize.core.family import NO_CONV_PATCH, REL_TABLE, DynamicPath, Family, no_patch_change
+from timm_anysize.core.resample import resize_rel_pos_table
+from timm_anysize.core.spec import Size2
 
 __all__ = [
     "FAMILIES", "DynamicMaxxVit", "enable_maxxvit_dynamic", "rel_pos_bias_at", "table_bias", "pad_to_multiple",

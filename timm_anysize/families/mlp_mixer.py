@@ -3,7 +3,7 @@ change (declared at validation); the channels and the head can."""
 
 from timm.models import mlp_mixer
 
-from ..family import Family
+from timm_anysize.core.family import Family
 
 __all__ = ["FAMILIES"]
 

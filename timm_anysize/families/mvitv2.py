@@ -9,19 +9,20 @@ threads, TorchScript and FX all see it); the resizing is a notrace leaf. At the 
 timm's own, bit for bit.
 """
 
-from typing import List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import register_notrace_function
+from timm.layers import register_notrace_function, trunc_normal_tf_
 from timm.models import mvitv2
 from timm.models.mvitv2 import cal_rel_pos_type, reshape_post_pool, reshape_pre_pool
 
-from ..family import OVERLAPPING_STEM, DynamicPath, Family, no_patch_change
-from ..cache import PosEmbedCache, must_run_inline, traced
+from timm_anysize.core.family import OVERLAPPING_STEM, DynamicPath, Family, no_patch_change
+from timm_anysize.core.cache import PosEmbedCache, must_run_inline, traced
+from timm_anysize.core.spec import Size2
 
-__all__ = ["FAMILIES", "table_lengths", "enable_mvit_dynamic", "mvit_rel_table"]
+__all__ = ["FAMILIES", "table_lengths", "enable_mvit_dynamic", "mvit_rel_table", "create_square_only", "fit_width_tables"]
 
 
 def _pool_geometry(pool: Optional[nn.Module]) -> List[int]:
@@ -43,7 +44,7 @@ def _pooled(geometry: List[int], size: int, axis: int) -> int:
 
 
 def _resize_axis(table: torch.Tensor, length: int, always: bool) -> torch.Tensor:
-    """:func:`timm_anysize.resample.resize_rel_axis`, step for step, in a form TorchScript compiles."""
+    """:func:`timm_anysize.core.resample.resize_rel_axis`, step for step, in a form TorchScript compiles."""
     if not always and table.shape[0] == length:
         return table
     out = F.interpolate(table.float().t()[None], size=length, mode="linear", align_corners=False)
@@ -211,6 +212,64 @@ def enable_mvit_dynamic(model: nn.Module, cache_size: int) -> None:
             module._anysize_caches = {n: PosEmbedCache(cache_size) for n in ("rel_pos_h", "rel_pos_w")}
 
 
+# Building at a non-square size, which timm's constructor refuses (it asserts a square feature map because it sizes
+# both relative-position axes from one side): the model is built at H x H and each attention's ``rel_pos_w`` is
+# replaced by a table of the length the width needs. Nothing else in MViTv2 depends on the size it was built for, as
+# its forward reads every size off the tokens; such a model has per-axis tables in its state dict, so loading resizes
+# each axis to its own length.
+
+
+def _size2(value: Any) -> Size2:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+def square_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], Size2 | None]:
+    """``kwargs`` with a non-square ``img_size`` replaced by its square H x H, and the requested size (or None)."""
+    img = kwargs.get("img_size")
+    if img is None or _size2(img)[0] == _size2(img)[1]:
+        return kwargs, None
+    h, w = _size2(img)
+    return {**kwargs, "img_size": (h, h)}, (h, w)
+
+
+def fit_width_tables(model: nn.Module, img_size: Size2) -> None:
+    """Give every attention of an MViTv2 built at H x H the ``rel_pos_w`` length its width needs at ``img_size``."""
+    conv = model.patch_embed.proj
+    feat = tuple(
+        (s + 2 * conv.padding[a] - conv.kernel_size[a]) // conv.stride[a] + 1 for a, s in enumerate(img_size)
+    )
+    for stage in model.stages:
+        for block in stage.blocks:
+            attn = block.attn
+            if getattr(attn, "rel_pos_type", "") == "spatial":
+                length = table_lengths(attn, feat)[1]
+                old = attn._parameters["rel_pos_w"]
+                if old.shape[0] != length:
+                    new = nn.Parameter(torch.empty(length, old.shape[1], device=old.device, dtype=old.dtype))
+                    if new.device.type != "meta":
+                        trunc_normal_tf_(new, std=0.02)  # timm's init of the tables
+                    attn.rel_pos_w = new
+            if attn.pool_q is not None:  # the block's output has the pooled query's size
+                q = attn.pool_q
+                feat = tuple(
+                    (f + 2 * _at(q.padding, a) - _at(q.kernel_size, a)) // _at(q.stride, a) + 1
+                    for a, f in enumerate(feat)
+                )
+
+
+def _at(value: Any, axis: int) -> int:
+    return int(value) if isinstance(value, int) else int(value[axis])
+
+
+def create_square_only(create: Callable[..., nn.Module], kwargs: dict[str, Any]) -> nn.Module:
+    """``create(**kwargs)`` for a square-only architecture at any size: square build, then the width tables."""
+    square, requested = square_kwargs(kwargs)
+    model = create(**square)
+    if requested is not None:
+        fit_width_tables(getattr(model, "model", model), requested)  # a feature wrapper holds the model
+    return model
+
+
 FAMILIES = (
     Family(
         name="mvitv2",
@@ -219,6 +278,7 @@ FAMILIES = (
         tensors=(("*.rel_pos_h", "rel_axis"), ("*.rel_pos_w", "rel_axis")),
         unsupported=no_patch_change(OVERLAPPING_STEM.format(name="MViTv2")),
         square_only=True,  # timm asserts a square size; non-square variants get per-axis tables
+        build=create_square_only,
         dynamic_args=(),  # enable_dynamic resizes the tables per feature size
         runtime=DynamicPath(  # the model class stays; its attentions change
             classes={mvitv2.MultiScaleVit: mvitv2.MultiScaleVit}, setup=enable_mvit_dynamic, patch_layout="none"

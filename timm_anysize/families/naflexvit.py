@@ -3,7 +3,7 @@ when the patch or the channels change); timm's own path runs at any size and pad
 
 from timm.models import naflexvit
 
-from ..family import Family
+from timm_anysize.core.family import Family
 
 __all__ = ["FAMILIES"]
 

@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_function
 from timm.models import FeatureListNet, nest
 
-from ..cache import DEFAULT_CACHE_SIZE, PosEmbedCache, must_run_inline, symbolic, traced
-from ..family import DynamicPath, Family
-from ..resample import resample_blocks
+from timm_anysize.core.cache import DEFAULT_CACHE_SIZE, PosEmbedCache, must_run_inline, symbolic, traced
+from timm_anysize.core.family import DynamicPath, Family
+from timm_anysize.core.resample import resample_blocks
 
 __all__ = ["FAMILIES", "DynamicNestLevel", "DynamicNestPatchEmbed", "enable_nest_dynamic", "nest_pos_embed"]
 

@@ -10,8 +10,8 @@ import torch
 from timm.models import pit
 from timm.models._features import feature_take_indices  # timm exports it from no public module
 
-from ..cache import dynamic_image_pos_embed, resample_image_pos
-from ..family import DynamicPath, Family, no_patch_change
+from timm_anysize.core.cache import dynamic_image_pos_embed, resample_image_pos
+from timm_anysize.core.family import DynamicPath, Family, no_patch_change
 
 __all__ = ["FAMILIES", "DynamicPit"]
 

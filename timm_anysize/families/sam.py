@@ -17,8 +17,8 @@ import torch
 from timm.models import checkpoint, checkpoint_seq, vision_transformer_sam
 from timm.models._features import feature_take_indices  # timm exports it from no public module
 
-from ..cache import dynamic_image_pos_embed, resample_image_pos
-from ..family import DynamicPath, Family
+from timm_anysize.core.cache import dynamic_image_pos_embed, resample_image_pos
+from timm_anysize.core.family import DynamicPath, Family
 
 __all__ = ["FAMILIES", "DynamicVisionTransformerSAM"]
 

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from timm.layers import PatchEmbed, register_notrace_function
 from timm.models import FeatureListNet, swin_transformer, swin_transformer_v2, swin_transformer_v2_cr
 
-from ..family import REL_TABLE, DynamicPath, Family
-from ..cache import traced
+from timm_anysize.core.family import REL_TABLE, DynamicPath, Family
+from timm_anysize.core.cache import traced
 
 __all__ = [
     "FAMILIES",

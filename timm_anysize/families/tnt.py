@@ -20,9 +20,10 @@ from timm.layers import register_notrace_function
 from timm.models import checkpoint, tnt
 from timm.models._features import feature_take_indices  # timm exports it from no public module
 
-from ..cache import dynamic_pos_embed, patch_grid, resample_pos_tokens, traced
-from ..family import DynamicPath, Family, no_patch_change
-from ..spec import Size2
+from timm_anysize.core.cache import dynamic_pos_embed, patch_grid, resample_pos_tokens, traced
+from timm_anysize.core.errors import InputNotDivisibleError
+from timm_anysize.core.family import DynamicPath, Family, no_patch_change
+from timm_anysize.core.spec import Size2
 
 __all__ = ["FAMILIES", "DynamicTNT", "pad_to_patches"]
 
@@ -88,8 +89,6 @@ class DynamicTNT(tnt.TNT):
             return
         h, w = x.shape[-2:]
         if h % ps[0] or w % ps[1]:
-            from ..dynamic import InputNotDivisibleError  # (the dynamic module imports the families)
-
             raise InputNotDivisibleError(
                 f"input {h}x{w} is not a multiple of the patch {ps[0]}x{ps[1]} and padding is off; resize or crop "
                 f"to a multiple of the patch, or turn padding on (pad: true in the variant's YAML, "

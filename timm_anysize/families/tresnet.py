@@ -3,7 +3,7 @@ channels; the channels are adapted per block offset. No tensor depends on the im
 
 from timm.models import tresnet
 
-from ..family import Family, no_patch_change
+from timm_anysize.core.family import Family, no_patch_change
 
 __all__ = ["FAMILIES"]
 

@@ -3,7 +3,7 @@ size."""
 
 from timm.models import twins
 
-from ..family import Family
+from timm_anysize.core.family import Family
 
 __all__ = ["FAMILIES"]
 

@@ -14,8 +14,8 @@ from timm.models import visformer
 from timm.models._features import feature_take_indices  # timm exports it from no public module
 from timm.models._manipulate import checkpoint_seq  # timm's checkpoint wrapper (as its own Visformer forward)
 
-from ..cache import dynamic_image_pos_embed, resample_image_pos
-from ..family import DynamicPath, Family, no_patch_change
+from timm_anysize.core.cache import dynamic_image_pos_embed, resample_image_pos
+from timm_anysize.core.family import DynamicPath, Family, no_patch_change
 
 __all__ = ["FAMILIES", "DynamicVisformer"]
 

@@ -1,5 +1,5 @@
 """ViT (timm's VisionTransformer, incl. registers and ``no_embed_class``) and ViT hybrids (a CNN stem, e.g.
-ViTamin): the token position embedding resampled per patch grid and cached (:mod:`timm_anysize.cache`).
+ViTamin): the token position embedding resampled per patch grid and cached (:mod:`timm_anysize.core.cache`).
 
 timm's ``dynamic_img_size=True`` re-interpolates the position embedding on every forward; here it is computed once
 per grid and reused while the weights are unchanged. The only timm behaviour replaced is where ``_pos_embed`` gets
@@ -14,8 +14,8 @@ import torch.nn as nn
 from timm.layers import HybridEmbed
 from timm.models import vision_transformer
 
-from ..cache import dynamic_pos_embed, resample_pos_tokens
-from ..family import DynamicPath, Family, no_patch_change
+from timm_anysize.core.cache import dynamic_pos_embed, resample_pos_tokens
+from timm_anysize.core.family import DynamicPath, Family, no_patch_change
 
 __all__ = ["FAMILIES", "DynamicVisionTransformer", "add_pos_embed"]
 

@@ -9,8 +9,8 @@ import torch
 from timm.models import volo
 from timm.models._features import feature_take_indices  # timm exports it from no public module
 
-from ..cache import dynamic_image_pos_embed, resample_image_pos
-from ..family import NO_CONV_PATCH, DynamicPath, Family, no_patch_change
+from timm_anysize.core.cache import dynamic_image_pos_embed, resample_image_pos
+from timm_anysize.core.family import NO_CONV_PATCH, DynamicPath, Family, no_patch_change
 
 __all__ = ["FAMILIES", "DynamicVolo"]
 

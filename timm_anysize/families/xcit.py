@@ -2,7 +2,7 @@
 
 from timm.models import xcit
 
-from ..family import NO_CONV_PATCH, Family, no_patch_change
+from timm_anysize.core.family import NO_CONV_PATCH, Family, no_patch_change
 
 __all__ = ["FAMILIES"]
 

@@ -13,10 +13,13 @@ from typing import Any, Optional
 
 import torch
 
-from ..errors import WeightsError
-from . import dino, mmpretrain, torchvision, transformers
-from .compat import COMPAT_PRESETS, compat_preset, compat_resample_pos_embed
-from .mapping import Conversion, Layout
+from timm_anysize.core.errors import WeightsError
+from timm_anysize.core.meta import build_meta
+from timm_anysize.core.report import summarize_keys
+from timm_anysize.core.spec import SELECT, register_layout_names
+from timm_anysize.origins import dino, mmpretrain, torchvision, transformers
+from timm_anysize.core.compat import COMPAT_PRESETS, compat_preset, compat_resample_pos_embed
+from timm_anysize.origins.mapping import Conversion, Layout
 
 __all__ = [
     "LAYOUTS",
@@ -41,7 +44,7 @@ LAYOUTS: dict[str, Layout] = {
 }
 # What pretrained.layout accepts: auto, timm, an origin (any of its layouts) or one layout by its full name.
 ORIGINS = ("auto", "timm", *dict.fromkeys(layout.origin for layout in LAYOUTS.values()), *LAYOUTS)
-SELECT = ("teacher", "student")
+register_layout_names(ORIGINS)
 
 
 def get_layout(name: str) -> Layout:
@@ -130,7 +133,6 @@ def _candidates(origin: str) -> list[Layout]:
 
 
 def _describe(conv: Conversion) -> str:
-    from ..adapt import summarize_keys
 
     parts = []
     if conv.missing:
@@ -257,7 +259,6 @@ def _act_name(module: torch.nn.Module) -> str:
 
 def _check_numerics(conv: Conversion, plan: Any, name: str) -> None:
     """LayerNorm eps and activation of the origin against the timm model the variant builds."""
-    from ..plan import build_meta
 
     model = build_meta(plan.spec, plan.source_kwargs, "source (pretrained)")
     act = conv.numerics.get("hidden_act")
@@ -291,7 +292,7 @@ def check_against_plan(conv: Conversion, plan: Any, config: Optional[dict], wher
         WeightsError: Naming the difference and the fix.
     """
     layout, spec = get_layout(conv.layout), plan.spec
-    name = f"{spec.origin or '<dict>'}: {spec.name}"
+    name = spec.where
     if plan.family.name not in layout.families:
         raise WeightsError(f"{name}: {where} is a {layout.name} checkpoint (timm family {'/'.join(layout.families)})"
                            f", but base {spec.arch} is of family {plan.family.name}; pick a base of that family")

@@ -9,7 +9,7 @@ DINO and DINOv2 resample the position embedding with ``scale_factor=(n + 0.1) / 
 
 from __future__ import annotations
 
-from .mapping import Conversion, Drop, Layout, Rename, fold_class_position
+from timm_anysize.origins.mapping import Conversion, Drop, Layout, Rename, fold_class_position
 
 __all__ = ["LAYOUTS"]
 

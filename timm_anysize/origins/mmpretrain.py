@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .mapping import Conversion, Drop, Layout, Rename
+from timm_anysize.origins.mapping import Conversion, Drop, Layout, Rename
 
 __all__ = ["LAYOUTS"]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from .mapping import Conversion, Drop, Layout, Rename, Split
+from timm_anysize.origins.mapping import Conversion, Drop, Layout, Rename, Split
 
 __all__ = ["LAYOUTS"]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from .mapping import Conversion, Drop, Fuse, Layout, Rename, fold_class_position
+from timm_anysize.origins.mapping import Conversion, Drop, Fuse, Layout, Rename, fold_class_position
 
 __all__ = ["LAYOUTS"]
 

@@ -18,9 +18,13 @@ from typing import Any, Optional
 import timm
 import torch
 
-from .errors import AdaptationError, AnysizeError, SpecError
-from .families import GEOMETRY_CHANGES
-from .meta import meta_device
+from timm_anysize.core.errors import AdaptationError, AnysizeError, SpecError
+from timm_anysize.families import GEOMETRY_CHANGES
+from timm_anysize.core.meta import meta_device
+
+from timm_anysize.builder import build_variant
+from timm_anysize.core.spec import parse_variant
+from timm_anysize.plan import make_plan
 
 __all__ = ["SURVEY_FILE", "example_model", "survey_module", "run_survey", "load_survey"]
 
@@ -56,15 +60,12 @@ def _short(e: BaseException, limit: int = 160) -> str:
 
 
 def _spec(example: str, **changes: Any):
-    from .spec import parse_variant
-
     return parse_variant("survey_variant", {"base": example, **changes})
 
 
 def _cell(example: str, changes: dict[str, Any]) -> str:
     """'yes', or why not: 'declared: ...' (a family's reason, at validation), 'refused: ...' (a geometry-bound
     tensor named), 'error: ...' (timm cannot build it)."""
-    from .plan import make_plan
 
     try:
         make_plan(_spec(example, **changes))
@@ -96,7 +97,6 @@ def _change_kwargs(change: str, size: tuple[int, int], patch: Optional[tuple[int
 
 def _runs_at_any_size(example: str, plan) -> str:
     """Run the default variant (meta device, shapes only) at two sizes other than its own."""
-    from .builder import build_variant
 
     if not plan.dynamic:
         return f"declared: {plan.family.dynamic_reason}"
@@ -123,7 +123,6 @@ def survey_module(module: str) -> dict[str, Any]:
         >>> r["family"], r["cells"]["in_chans_1"], r["cells"]["patch_smaller"].split(":")[0], r["any_size"]
         ('generic', 'yes', 'declared', 'yes')
     """
-    from .plan import make_plan
 
     example = example_model(module)
     out: dict[str, Any] = {"example": example, "models": len(timm.list_models(module=module))}

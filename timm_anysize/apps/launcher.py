@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .registry import register_yaml
+from timm_anysize.registry import register_yaml
 
 __all__ = ["run_script"]
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .dynamic import enable_dynamic
+from timm_anysize.dynamic import enable_dynamic
 
 __all__ = ["bench_forward", "bench_load", "run_bench"]
 

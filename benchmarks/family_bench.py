@@ -12,8 +12,8 @@ from typing import Any, Callable, Optional, Sequence
 import timm
 import torch
 
-from .bench import _time
-from .dynamic import enable_dynamic
+from anysize_bench import _time
+from timm_anysize.dynamic import enable_dynamic
 
 __all__ = ["FAMILY_CASES", "bench_family", "run_family_bench"]
 

@@ -15,9 +15,8 @@ from typing import Annotated, Any, Literal, Optional, Tuple, Union
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 from pydantic import field_validator, model_validator
 
-from .errors import SpecError
-from .origins import ORIGINS, SELECT
-from .origins.compat import COMPAT_PRESETS
+from timm_anysize.core.errors import SpecError
+from timm_anysize.core.compat import COMPAT_PRESETS
 
 __all__ = [
     "VariantSpec",
@@ -44,8 +43,39 @@ Size2 = Tuple[int, int]
 _SizeIn = Union[StrictInt, Tuple[StrictInt, StrictInt]]
 _Number = Union[StrictInt, float]
 VARIANT_NAME_PATTERN = r"^[a-z][a-z0-9_]*$"
-# Checkpoint layouts (timm_anysize.origins) and position-embedding compat presets (timm_anysize.origins.compat).
-LayoutName = Literal[ORIGINS]  # type: ignore[valid-type]
+# Which model of a teacher/student checkpoint to load.
+SELECT = ("teacher", "student")
+# What pretrained.layout accepts: auto, timm, and the names timm_anysize.origins registers (each origin and each of
+# its layouts), as timm's registry collects its models: the core never imports the origins.
+_LAYOUT_NAMES: dict[str, None] = {"auto": None, "timm": None}
+
+
+def register_layout_names(names: Any) -> None:
+    """Add checkpoint layout names to what ``pretrained.layout`` accepts (called by :mod:`timm_anysize.origins`)."""
+    _LAYOUT_NAMES.update(dict.fromkeys(names))
+
+
+def layout_names() -> tuple[str, ...]:
+    """The names ``pretrained.layout`` accepts, in registration order.
+
+    Example:
+        >>> import timm_anysize
+        >>> layout_names()[:3]
+        ('auto', 'timm', 'torchvision')
+    """
+    return tuple(_LAYOUT_NAMES)
+
+
+def _check_layout(value: str) -> str:
+    if value not in _LAYOUT_NAMES:
+        raise ValueError(f"Input should be {', '.join(repr(n) for n in _LAYOUT_NAMES)}")
+    return value
+
+
+# A checkpoint layout name (validated against the registered names; the JSON schema lists them).
+LayoutName = Annotated[StrictStr, AfterValidator(_check_layout),
+                       Field(json_schema_extra=lambda s: s.update(enum=list(_LAYOUT_NAMES)))]
+# Position-embedding compat presets (timm_anysize.core.compat).
 CompatName = Literal[tuple(COMPAT_PRESETS)]  # type: ignore[valid-type]
 
 
@@ -199,7 +229,7 @@ class WeightSource(_Spec):
     num_classes: Optional[StrictInt] = Field(
         default=None, ge=0, description="Classes of the weights' head (default: base's)."
     )
-    layout: LayoutName = Field(
+    layout: LayoutName = Field(  # type: ignore[valid-type]
         default="auto",
         description="Checkpoint layout: auto (detected from the keys), timm, a library (torchvision, transformers, "
         "mmpretrain, dino) or one of its layouts (e.g. torchvision.vit); other libraries' keys are mapped to timm's.",
@@ -386,6 +416,11 @@ class VariantSpec(_Spec):
     def base_tag(self) -> Optional[str]:
         """The base's pretrained tag, if one was given."""
         return self.base.split(".", 1)[1] if "." in self.base else None
+
+    @property
+    def where(self) -> str:
+        """Where the spec comes from, for messages: ``configs/vit.yaml: vit_tiny_patch4_64``."""
+        return f"{self.origin or '<dict>'}: {self.name}"
 
     def same_as(self, other: "VariantSpec") -> bool:
         """True when both specs describe the same variant (the file they came from is ignored)."""

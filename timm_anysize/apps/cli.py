@@ -9,13 +9,26 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+import timm_anysize
+from timm_anysize import register_yaml
+from timm_anysize.apps.demo import run_demo
+from timm_anysize.apps.digits import train_digits_base
+from timm_anysize.apps.docs import families_markdown
+from timm_anysize.apps.launcher import run_script
+from timm_anysize.apps.survey import run_survey
+from timm_anysize.core.errors import AnysizeError
+from timm_anysize.hub import export, metrics_from_demo, push_to_hub
+from timm_anysize.origins import config_geometry, detect_layout, unwrap_checkpoint
+from timm_anysize.plan import make_plan
+from timm_anysize.registry import check_name
+from timm_anysize.schema import yaml_json_schema, yaml_reference_markdown
+from timm_anysize.weights import detect_format, read_checkpoint, transformers_config
+from timm_anysize.yaml_config import load_yaml_specs
+
 __all__ = ["main"]
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    import timm_anysize
-    from timm_anysize.plan import make_plan
-
     rows = []
     for name in timm_anysize.list_variants():
         spec = timm_anysize.get_variant(name)
@@ -37,8 +50,6 @@ def _cmd_list(args: argparse.Namespace) -> int:
 def _cmd_show(args: argparse.Namespace) -> int:
     import yaml
 
-    import timm_anysize
-    from timm_anysize.plan import make_plan
 
     spec = timm_anysize.get_variant(args.name)
     plan = make_plan(spec)
@@ -61,8 +72,6 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
 def _print_layout(spec) -> None:
     """The checkpoint layout and its key mapping, when the variant names a local file (nothing is built)."""
-    from timm_anysize.origins import detect_layout, unwrap_checkpoint
-    from timm_anysize.weights import detect_format, read_checkpoint
 
     file = spec.pretrained.file
     if file is None or not file.exists() or detect_format(file) == "npz":
@@ -82,9 +91,6 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     import safetensors.torch
     import timm
 
-    import timm_anysize
-    from timm_anysize.origins import config_geometry, detect_layout, unwrap_checkpoint
-    from timm_anysize.weights import read_checkpoint, transformers_config
 
     file = Path(args.file).resolve()
     state_dict, _ = unwrap_checkpoint(read_checkpoint(file), args.select, str(file))
@@ -114,11 +120,6 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from timm_anysize.errors import AnysizeError
-    from timm_anysize.plan import make_plan
-    from timm_anysize.registry import check_name
-    from timm_anysize.yaml_config import load_yaml_specs
-
     failed = 0
     for path in args.files:
         try:
@@ -143,31 +144,17 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from timm_anysize.demo import run_demo
-
     run_demo(out_dir=args.out, epochs=args.epochs, quick=args.quick, progress=not args.quiet)
     return 0
 
 
 def _cmd_train_digits_base(args: argparse.Namespace) -> int:
-    from timm_anysize.digits import train_digits_base
-
     acc, losses = train_digits_base(args.out, epochs=args.epochs, seed=args.seed, progress=not args.quiet)
     print(f"held-out accuracy {acc:.2f}% after {args.epochs} epochs (final loss {losses[-1]:.4f}); saved {args.out}")
     return 0
 
 
-def _cmd_bench(args: argparse.Namespace) -> int:
-    from timm_anysize.bench import run_bench
-
-    run_bench(tiny=args.tiny, reps=args.reps, load=not args.no_load, forward=not args.no_forward, out=args.out,
-              batches=args.batch, archs=args.model or None)
-    return 0
-
-
 def _cmd_export(args: argparse.Namespace) -> int:
-    from timm_anysize.hub import export, metrics_from_demo
-
     metrics = metrics_from_demo(args.demo_results, args.name)
     out = export(args.name, args.out_dir, file=args.file, overwrite=args.overwrite, metrics=metrics)
     if metrics:
@@ -178,8 +165,6 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_push(args: argparse.Namespace) -> int:
-    from timm_anysize.hub import push_to_hub
-
     result = push_to_hub(args.name, args.repo_id, private=args.private, file=args.file, dry_run=args.dry_run)
     if args.dry_run:
         print(f"dry run: would create {'private ' if args.private else ''}repo {args.repo_id} and upload:")
@@ -193,9 +178,6 @@ def _cmd_push(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from timm_anysize import register_yaml
-    from timm_anysize.launcher import run_script
-
     for path in args.config or ():
         register_yaml(path)  # our errors: one line, like every command
     try:
@@ -212,8 +194,6 @@ class _ScriptFailed(Exception):
 
 
 def _cmd_schema(args: argparse.Namespace) -> int:
-    from timm_anysize.schema import yaml_json_schema, yaml_reference_markdown
-
     if args.markdown:
         print(yaml_reference_markdown(), end="")
     else:
@@ -222,10 +202,7 @@ def _cmd_schema(args: argparse.Namespace) -> int:
 
 
 def _cmd_families(args: argparse.Namespace) -> int:
-    from timm_anysize.families import families_markdown
-
     if args.refresh:  # recompute the survey of every timm module (minutes), then render
-        from timm_anysize.survey import run_survey
 
         run_survey(log=lambda line: print(line, file=sys.stderr))
     print(families_markdown(), end="")
@@ -251,14 +228,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="configs/weights/vit_digits_patch4_32.safetensors")
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
-    p = sub.add_parser("bench", help="dynamic-forward and loading benchmarks, as ratios against timm")
-    p.add_argument("--tiny", action="store_true", help="a smoke run on test_vit")
-    p.add_argument("--reps", type=int, default=7, help="interleaved repetitions per cell")
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 32])
-    p.add_argument("--model", nargs="+", help="timm architectures (default ViT-Ti and ViT-S)")
-    p.add_argument("--no-load", action="store_true", help="skip the loading benchmark")
-    p.add_argument("--no-forward", action="store_true", help="skip the whole-forward table")
-    p.add_argument("--out", help="write the measurements as JSON")
     p = sub.add_parser("export", help="write a Hub-style folder (config.json, model.safetensors, README.md)")
     p.add_argument("name")
     p.add_argument("out_dir")
@@ -300,7 +269,6 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "check": _cmd_check,
     "demo": _cmd_demo,
     "train-digits-base": _cmd_train_digits_base,
-    "bench": _cmd_bench,
     "export": _cmd_export,
     "push": _cmd_push,
     "run": _cmd_run,

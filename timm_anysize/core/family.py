@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch.nn as nn
 
-from .spec import Size2
+from timm_anysize.core.spec import Size2
 
 __all__ = [
     "Family",
@@ -103,7 +103,10 @@ class Family:
         dynamic_features: A ``features_only`` model of the family runs at any size too (its feature path goes
             through the dynamic code); False: feature models take the variant's own size.
         square_only: timm's constructor takes square sizes only; a non-square variant is built square with its
-            width tables refitted (:mod:`timm_anysize.square_build`), and cannot be exported for plain timm.
+            width tables refitted (:mod:`timm_anysize.families._square_build`), and cannot be exported for plain timm.
+        build: How a model of the family is built at a target geometry timm's constructor does not take as it is,
+            ``(create, kwargs) -> model`` where ``create(**kwargs)`` is timm's constructor (MViTv2: a non-square size
+            is built square and its width tables refitted); None: ``create(**kwargs)``.
         unsupported: Geometry change -> why the architecture cannot take it; such specs are rejected at validation.
         static_unsupported: Geometry change -> why timm's own model cannot run it, so that only the dynamic path
             does; a variant with ``dynamic: false`` and such a change is rejected at validation.
@@ -138,6 +141,7 @@ class Family:
     whole_patches: bool = False
     dynamic_features: bool = False
     square_only: bool = False
+    build: Optional[Callable[[Callable[..., nn.Module], dict[str, Any]], nn.Module]] = None
     unsupported: dict[str, str] = field(default_factory=dict)
     static_unsupported: dict[str, str] = field(default_factory=dict)
     export_note: str = ""
@@ -162,6 +166,10 @@ class Family:
     def changes_patch(self) -> bool:
         """Whether the family's patch size can be changed (one patch kernel to resize)."""
         return "patch_smaller" not in self.unsupported
+
+    def create(self, create: Callable[..., nn.Module], kwargs: dict[str, Any]) -> nn.Module:
+        """Build a model of the family with timm's constructor ``create`` and ``kwargs`` (through ``build``)."""
+        return self.build(create, kwargs) if self.build is not None else create(**kwargs)
 
     def patch_embed(self, model: nn.Module) -> Optional[nn.Module]:
         """The (first) patch embedding module, or None."""

@@ -23,8 +23,8 @@ import torch.nn as nn
 
 import timm_anysize
 
-from .digits import BASE_VARIANT, evaluate, images_per_second, load_digits_split, render, train
-from .weights import read_state_dict
+from timm_anysize.apps.digits import BASE_VARIANT, evaluate, images_per_second, load_digits_split, render, train
+from timm_anysize.weights import read_state_dict
 
 __all__ = ["DemoRow", "run_demo", "run_flexi_demo", "format_flexi_table", "DEMO_ROWS", "QUICK_ROWS", "FLEXI_PATCHES"]
 

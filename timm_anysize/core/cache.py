@@ -14,8 +14,8 @@ import torch.nn as nn
 from timm.layers import register_notrace_function, resample_abs_pos_embed
 from timm.layers.helpers import is_exporting
 
-from .origins.compat import compat_resample_pos_embed
-from .resample import resample_grid
+from timm_anysize.core.compat import compat_resample_pos_embed
+from timm_anysize.core.resample import resample_grid
 
 __all__ = [
     "PosEmbedCache",
@@ -116,7 +116,7 @@ def resample_pos_tokens(
 ) -> torch.Tensor:
     """A token position embedding ``[1, prefix + H*W, C]`` resampled from the ``native`` grid to ``grid`` (timm's
     ``resample_abs_pos_embed``; the embedding itself at the native grid), or as the library ``compat`` does
-    (``adapt.pos_embed.compat``, :mod:`timm_anysize.origins.compat`; it fixes the interpolation).
+    (``adapt.pos_embed.compat``, :mod:`timm_anysize.core.compat`; it fixes the interpolation).
 
     Example:
         >>> resample_pos_tokens(torch.randn(1, 1 + 4 * 4, 8), [6, 2], [4, 4], 1, "bicubic", True).shape
@@ -135,7 +135,7 @@ def resample_pos_tokens(
 def resample_image_pos(
     pos_embed: torch.Tensor, grid: List[int], interpolation: str, antialias: bool, channels_last: bool
 ) -> torch.Tensor:
-    """A position embedding laid out as an image resampled to ``grid`` (:func:`timm_anysize.resample.resample_grid`).
+    """A position embedding laid out as an image resampled to ``grid`` (:func:`timm_anysize.core.resample.resample_grid`).
 
     Example:
         >>> resample_image_pos(torch.randn(1, 8, 4, 4), [6, 2], "bicubic", True, False).shape
@@ -185,7 +185,7 @@ class DynamicOptions:
     interpolation: str = "bicubic"
     antialias: bool = True
     pad: bool = True
-    compat: str = "timm"  # another library's exact resampling: timm_anysize.origins.compat
+    compat: str = "timm"  # another library's exact resampling: timm_anysize.core.compat
 
 
 def _cache_for(model: nn.Module, name: str) -> "PosEmbedCache":

@@ -1,7 +1,7 @@
 """Resampling geometry-dependent tensors laid out on grids, as one function per layout.
 
 Used both when weights are loaded at a new geometry (:mod:`timm_anysize.adapt`) and at run time by the dynamic
-paths (:mod:`timm_anysize.cache`, :mod:`timm_anysize.families.levit`, :mod:`timm_anysize.families.mvitv2`), so a model
+paths (:mod:`timm_anysize.core.cache`, :mod:`timm_anysize.families.levit`, :mod:`timm_anysize.families.mvitv2`), so a model
 adapted to a size and a dynamic model run at that size compute the same tensors, bit for bit.
 """
 

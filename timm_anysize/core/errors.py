@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["AnysizeError", "SpecError", "WeightsError", "AdaptationError", "RegistrationError"]
+__all__ = ["AnysizeError", "SpecError", "WeightsError", "AdaptationError", "RegistrationError", "InputNotDivisibleError"]
 
 
 class AnysizeError(ValueError):
@@ -27,3 +27,7 @@ class WeightsError(AnysizeError):
 
 class AdaptationError(AnysizeError):
     """Source weights cannot be mapped onto the target model with every tensor accounted for."""
+
+
+class InputNotDivisibleError(ValueError):
+    """A run-time input size is not a multiple of what the model needs (its patch) and padding is off."""

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 import torch.nn as nn
 
-__all__ = ["KeyAdaptation", "AdaptationReport", "adaptation_report"]
+__all__ = ["KeyAdaptation", "AdaptationReport", "adaptation_report", "summarize_keys"]
 
 Action = Literal["copied", "resampled", "adapted", "initialized"]
 
@@ -101,3 +102,29 @@ def adaptation_report(model: nn.Module) -> Optional[AdaptationReport]:
         True
     """
     return getattr(model, "_anysize_report", None)
+
+
+def summarize_keys(keys: list[str], limit: int = 24) -> str:
+    """Keys for an error message, with numbered blocks folded: ``blocks.{2..5}.norm1.weight``.
+
+    Example:
+        >>> summarize_keys(["cls_token", "blocks.2.mlp.fc1.weight", "blocks.3.mlp.fc1.weight"])
+        'cls_token, blocks.{2..3}.mlp.fc1.weight'
+    """
+    groups: dict[str, list[int]] = {}
+    for key in keys:
+        m = re.search(r"\.(\d+)\.", key)
+        pattern = key[: m.start()] + ".{}." + key[m.end():] if m else key
+        groups.setdefault(pattern, []).append(int(m.group(1)) if m else -1)
+    parts = []
+    for pattern, idx in groups.items():
+        if idx == [-1]:
+            parts.append(pattern)
+        elif len(idx) == 1:
+            parts.append(pattern.replace("{}", str(idx[0])))
+        else:
+            contiguous = idx == list(range(idx[0], idx[0] + len(idx)))
+            inner = f"{idx[0]}..{idx[-1]}" if contiguous else ",".join(map(str, idx))
+            parts.append(pattern.replace("{}", "{" + inner + "}"))
+    more = f", ... and {len(parts) - limit} more" if len(parts) > limit else ""
+    return ", ".join(parts[:limit]) + more

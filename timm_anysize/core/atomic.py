@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Union
 
-from .errors import AnysizeError
+from timm_anysize.core.errors import AnysizeError
 
 __all__ = ["atomic_folder", "FolderExistsError"]
 

@@ -1,0 +1,2 @@
+"""The core: errors, spec types, the Family row, resampling, caches, reports, meta builds, atomic writes and the one
+module that touches timm's private APIs. It imports nothing of timm-anysize above it."""
