@@ -30,4 +30,17 @@ class AdaptationError(AnysizeError):
 
 
 class InputNotDivisibleError(ValueError):
-    """A run-time input size is not a multiple of what the model needs (its patch) and padding is off."""
+    """A run-time input size is not a multiple of what the model needs (its patch, windows, mask units) and padding
+    is off. A ``ValueError``, so ``except ValueError`` catches it; raised through
+    :func:`timm_anysize.core.padding.check_multiple`, whose message names the size, the multiple and the nearest sizes
+    that work.
+
+    Attributes:
+        size: The input's (H, W).
+        multiple: What each side must be a multiple of.
+    """
+
+    def __init__(self, message: str, size: tuple[int, int] = (0, 0), multiple: tuple[int, int] = (1, 1)) -> None:
+        super().__init__(message)
+        self.size = size
+        self.multiple = multiple
