@@ -58,9 +58,13 @@ def _hf_vit(model: nn.Module) -> Optional[nn.Module]:
     except ImportError:
         return None
     cfg = ViTConfig(
-        hidden_size=model.embed_dim, num_hidden_layers=len(model.blocks),
-        num_attention_heads=model.blocks[0].attn.num_heads, intermediate_size=model.blocks[0].mlp.fc1.out_features,
-        image_size=model.patch_embed.img_size[0], patch_size=model.patch_embed.patch_size[0], num_channels=3,
+        hidden_size=model.embed_dim,
+        num_hidden_layers=len(model.blocks),
+        num_attention_heads=model.blocks[0].attn.num_heads,
+        intermediate_size=model.blocks[0].mlp.fc1.out_features,
+        image_size=model.patch_embed.img_size[0],
+        patch_size=model.patch_embed.patch_size[0],
+        num_channels=3,
     )
     return ViTModel(cfg, add_pooling_layer=False).eval()
 
@@ -107,7 +111,7 @@ def bench_forward(
     times: dict[str, list[float]] = {k: [] for k in paths}
     order = list(paths)
     for r in range(reps):
-        for k in order[r % len(order):] + order[: r % len(order)]:  # rotate who goes first
+        for k in order[r % len(order) :] + order[: r % len(order)]:  # rotate who goes first
             times[k].append(_time(paths[k], iters))
     return ForwardResult(arch, batch, size, {k: min(v) for k, v in times.items()})
 
@@ -194,9 +198,15 @@ def bench_load(arch: str, suffix: str, target: dict, reps: int, workdir: Path) -
         runs["timm"].append(_run_load(["timm", arch, str(path)]))
     med = {k: {m: statistics.median(r[m] for r in v) for m in ("seconds", "peak_mb")} for k, v in runs.items()}
     return {
-        "arch": arch, "format": suffix, "target": target, "weights_mb": weights_mb, "largest_tensor_mb": largest_mb,
-        "ours_s": med["ours"]["seconds"], "timm_s": med["timm"]["seconds"],
-        "ours_peak_mb": med["ours"]["peak_mb"], "timm_peak_mb": med["timm"]["peak_mb"],
+        "arch": arch,
+        "format": suffix,
+        "target": target,
+        "weights_mb": weights_mb,
+        "largest_tensor_mb": largest_mb,
+        "ours_s": med["ours"]["seconds"],
+        "timm_s": med["timm"]["seconds"],
+        "ours_peak_mb": med["ours"]["peak_mb"],
+        "timm_peak_mb": med["timm"]["peak_mb"],
     }
 
 
@@ -234,7 +244,8 @@ def run_bench(
     results: dict = {
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip()
         + f", {torch.get_num_threads()} threads, torch {torch.__version__}, timm {timm.__version__}",
-        "forward": [], "load": [],
+        "forward": [],
+        "load": [],
     }
     head = f"{'model':<22} {'batch':>5} {'size':>9} {'ours ms':>9} {'vs fixed':>9} {'vs timm dyn':>11} {'vs HF':>7}"
     print_fn(head)
@@ -244,11 +255,14 @@ def run_bench(
             for size in sizes:
                 r = bench_forward(arch, batch, size, reps, seconds=0.01 if tiny else 0.3, with_hf=not tiny)
                 ratios = r.ratios()
-                results["forward"].append({"model": arch, "batch": batch, "size": list(size), "ms": r.ms,
-                                           "ratios": ratios})
+                results["forward"].append(
+                    {"model": arch, "batch": batch, "size": list(size), "ms": r.ms, "ratios": ratios}
+                )
                 hf = f"{ratios['hf']:7.2f}" if "hf" in ratios else f"{'-':>7}"
-                print_fn(f"{arch:<22} {batch:>5} {size[0]:>4}x{size[1]:<4} {r.ms['ours']:>9.2f} "
-                         f"{ratios['fixed']:>9.3f} {ratios['timm_dynamic']:>11.3f} {hf}")
+                print_fn(
+                    f"{arch:<22} {batch:>5} {size[0]:>4}x{size[1]:<4} {r.ms['ours']:>9.2f} "
+                    f"{ratios['fixed']:>9.3f} {ratios['timm_dynamic']:>11.3f} {hf}"
+                )
     print_fn("ratios: our throughput / theirs (> 1: faster); 'fixed' is a timm model built for that (padded) size")
     print_fn("")
     head = f"{'per-call cost (us)':<22} {'size':>9} {'ours':>8} {'fixed':>8} {'timm dyn':>9}"
@@ -258,14 +272,21 @@ def run_bench(
         for size in sizes[:3] if tiny else sizes:
             us = bench_overhead(arch, size, n=20 if tiny else 200, reps=1 if tiny else 7)
             results.setdefault("overhead_us", []).append({"model": arch, "size": list(size), "us": us})
-            print_fn(f"{arch:<22} {size[0]:>4}x{size[1]:<4} {us['ours']:>8.1f} {us['fixed']:>8.1f} "
-                     f"{us['timm_dynamic']:>9.1f}")
+            print_fn(
+                f"{arch:<22} {size[0]:>4}x{size[1]:<4} {us['ours']:>8.1f} {us['fixed']:>8.1f} "
+                f"{us['timm_dynamic']:>9.1f}"
+            )
     print_fn("per-call cost: patch embedding + position embedding of one image (batch 1), minimum over repeats")
     if load:
-        load_cases = [("test_vit", ".safetensors", {"img_size": 96})] if tiny else [
-            (arch, suffix, {"img_size": 384, "patch_size": 8})
-            for arch in ("vit_small_patch16_224", "vit_base_patch16_224") for suffix in (".safetensors", ".pth")
-        ]
+        load_cases = (
+            [("test_vit", ".safetensors", {"img_size": 96})]
+            if tiny
+            else [
+                (arch, suffix, {"img_size": 384, "patch_size": 8})
+                for arch in ("vit_small_patch16_224", "vit_base_patch16_224")
+                for suffix in (".safetensors", ".pth")
+            ]
+        )
         print_fn("")
         head = f"{'loading':<22} {'format':<12} {'ours s':>7} {'timm s':>7} {'time x':>7} {'ours MB':>8} {'timm MB':>8} {'mem x':>6}"
         print_fn(head)
@@ -274,12 +295,16 @@ def run_bench(
             for arch, suffix, target in load_cases:
                 r = bench_load(arch, suffix, target, 1 if tiny else 3, Path(tmp))
                 results["load"].append(r)
-                print_fn(f"{arch:<22} {suffix:<12} {r['ours_s']:>7.2f} {r['timm_s']:>7.2f} "
-                         f"{r['ours_s'] / r['timm_s']:>7.2f} {r['ours_peak_mb']:>8.0f} {r['timm_peak_mb']:>8.0f} "
-                         f"{r['ours_peak_mb'] / max(r['timm_peak_mb'], 1e-9):>6.2f}")
-        print_fn("loading: ours adapts to the target geometry (pos-embed resampled, kernel PI-resized); timm loads "
-                 "the same file at the native geometry; peak MB is the rise in resident memory during the load "
-                 "(sampled every ms); 'weights' is the checkpoint size, the largest tensor is listed in the JSON")
+                print_fn(
+                    f"{arch:<22} {suffix:<12} {r['ours_s']:>7.2f} {r['timm_s']:>7.2f} "
+                    f"{r['ours_s'] / r['timm_s']:>7.2f} {r['ours_peak_mb']:>8.0f} {r['timm_peak_mb']:>8.0f} "
+                    f"{r['ours_peak_mb'] / max(r['timm_peak_mb'], 1e-9):>6.2f}"
+                )
+        print_fn(
+            "loading: ours adapts to the target geometry (pos-embed resampled, kernel PI-resized); timm loads "
+            "the same file at the native geometry; peak MB is the rise in resident memory during the load "
+            "(sampled every ms); 'weights' is the checkpoint size, the largest tensor is listed in the JSON"
+        )
     if out is not None:
         Path(out).write_text(json.dumps(results, indent=2))
     return results

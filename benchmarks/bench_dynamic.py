@@ -20,6 +20,13 @@ if __name__ == "__main__":
     p.add_argument("--no-forward", action="store_true", help="skip the whole-forward table")
     p.add_argument("--out", help="write the measurements as JSON")
     args = p.parse_args()
-    run_bench(tiny=args.tiny, reps=args.reps, load=not args.no_load, forward=not args.no_forward, out=args.out,
-              batches=args.batch, archs=args.model or None)
+    run_bench(
+        tiny=args.tiny,
+        reps=args.reps,
+        load=not args.no_load,
+        forward=not args.no_forward,
+        out=args.out,
+        batches=args.batch,
+        archs=args.model or None,
+    )
     sys.exit(0)

@@ -31,8 +31,7 @@ def _time(fn: Callable[[], object], iters: int) -> float:
 
 
 @torch.no_grad()
-def bench_patch(arch: str, batch: int, size: int, patch: int, reps: int, seconds: float = 0.3,
-                **kwargs) -> dict:
+def bench_patch(arch: str, batch: int, size: int, patch: int, reps: int, seconds: float = 0.3, **kwargs) -> dict:
     """Time one (arch, batch, size, patch) cell; returns milliseconds per forward and the ratio fixed/ours."""
     torch.manual_seed(0)
     base = timm.create_model(arch, img_size=size, **kwargs).eval()
@@ -47,11 +46,19 @@ def bench_patch(arch: str, batch: int, size: int, patch: int, reps: int, seconds
     times: dict[str, list[float]] = {k: [] for k in paths}
     order = list(paths)
     for r in range(reps):
-        for k in order[r % 2:] + order[: r % 2]:
+        for k in order[r % 2 :] + order[: r % 2]:
             times[k].append(_time(paths[k], iters))
     best = {k: min(v) for k, v in times.items()}
-    return dict(arch=arch, batch=batch, size=size, patch=patch, own_patch=int(base.patch_embed.patch_size[0]),
-                ours_ms=best["ours"], fixed_ms=best["fixed"], ratio=best["fixed"] / best["ours"])
+    return dict(
+        arch=arch,
+        batch=batch,
+        size=size,
+        patch=patch,
+        own_patch=int(base.patch_embed.patch_size[0]),
+        ours_ms=best["ours"],
+        fixed_ms=best["fixed"],
+        ratio=best["fixed"] / best["ours"],
+    )
 
 
 def main(argv: list[str]) -> int:
@@ -74,8 +81,11 @@ def main(argv: list[str]) -> int:
         row = bench_patch(arch, batch, size, patch, reps, **kwargs)
         rows.append(row)
         star = "*" if patch == row["own_patch"] else " "
-        print(f"{arch:24s} {batch:5d} {size:5d} {patch:4d}{star} {row['ours_ms']:9.2f} {row['fixed_ms']:9.2f} "
-              f"{row['ratio']:9.3f}", flush=True)
+        print(
+            f"{arch:24s} {batch:5d} {size:5d} {patch:4d}{star} {row['ours_ms']:9.2f} {row['fixed_ms']:9.2f} "
+            f"{row['ratio']:9.3f}",
+            flush=True,
+        )
     print("ratio: our throughput / a timm model built for that patch (> 1: faster); * the model's own patch")
     if args.out:
         with open(args.out, "w") as f:

@@ -24,10 +24,13 @@ class PosGridNet(nn.Module):
         return self.head((self.stem(x) + self.pos_embed).mean((2, 3)))
 
 
-default_cfgs = generate_default_cfgs({
-    "anysize_posgrid.untrained": dict(input_size=(3, 64, 64), first_conv="stem", classifier="head", num_classes=10,
-                                      fixed_input_size=True),
-})
+default_cfgs = generate_default_cfgs(
+    {
+        "anysize_posgrid.untrained": dict(
+            input_size=(3, 64, 64), first_conv="stem", classifier="head", num_classes=10, fixed_input_size=True
+        ),
+    }
+)
 
 
 @register_model

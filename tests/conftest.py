@@ -11,6 +11,7 @@ import itertools  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import textwrap  # noqa: E402
+import zlib  # noqa: E402
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,22 +22,35 @@ import torch
 
 _counter = itertools.count()
 
-# tests/conformance/ holds the plugin and variants for timm's own test_models.py, run in a subprocess by
-# tests/test_timm_conformance.py; nothing there is a test of this suite.
+# tests/conformance/ holds the plugin for timm's own test_models.py, run in a subprocess by
+# tests/test_timm_conformance.py on variants derived from the family rows; nothing there is a test of this suite.
 collect_ignore = ["conformance"]
 
 
 def run_python(code: str, env: dict | None = None) -> str:
     """Run ``code`` in a fresh interpreter (outside the repo, so the installed package is what runs); its stdout."""
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, cwd="/")
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        cwd="/",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
 
 def unique_name(prefix: str = "t") -> str:
-    """A variant name no other test registers."""
+    """A variant name no other test registers (names are process-global timm registrations: unique per worker)."""
     return f"{prefix}_{os.getpid()}_{next(_counter)}"
+
+
+@pytest.fixture(autouse=True)
+def _seed_torch(request: pytest.FixtureRequest) -> None:
+    """torch's generator starts from a seed of the test's own, whatever ran before it in this worker (as
+    pytest-randomly does for ``random`` and numpy: its ``--randomly-seed``, printed in the header, plus the test id)."""
+    seed = request.config.getoption("randomly_seed", 0)
+    torch.manual_seed((int(seed) + zlib.crc32(request.node.nodeid.encode())) % 2**63)
 
 
 @pytest.fixture(scope="module")

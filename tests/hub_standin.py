@@ -15,7 +15,9 @@ from urllib.parse import unquote
 
 class HubState:
     def __init__(self) -> None:
-        self.repos: dict[str, dict[str, Any]] = {}  # repo_id -> {"private": bool, "files": {path: bytes}, "commits": [...]}
+        self.repos: dict[
+            str, dict[str, Any]
+        ] = {}  # repo_id -> {"private": bool, "files": {path: bytes}, "commits": [...]}
         self.requests: list[tuple[str, str, dict[str, str]]] = []
         self.unknown: list[str] = []
         self.validated_cards: list[dict] = []
@@ -28,8 +30,13 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, *args: Any) -> None:  # keep test output quiet
         pass
 
-    def _send(self, code: int, body: bytes = b"", headers: Optional[dict[str, str]] = None,
-              content_type: str = "application/json") -> None:
+    def _send(
+        self,
+        code: int,
+        body: bytes = b"",
+        headers: Optional[dict[str, str]] = None,
+        content_type: str = "application/json",
+    ) -> None:
         self.send_response(code)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -88,10 +95,17 @@ class _Handler(BaseHTTPRequestHandler):
                 elif item["key"] == "file":
                     repo["files"][item["value"]["path"]] = base64.b64decode(item["value"]["content"])
             oid = hashlib.sha1(json.dumps(sorted(repo["files"])).encode() + body).hexdigest()
-            repo["commits"].append({"oid": oid, "summary": (header or {}).get("summary"),
-                                    "user_agent": self.headers.get("user-agent", "")})
-            return self._json(200, {"commitUrl": f"http://{self.headers['Host']}/{repo_id}/commit/{oid}",
-                                    "commitOid": oid, "pullRequestUrl": None})
+            repo["commits"].append(
+                {"oid": oid, "summary": (header or {}).get("summary"), "user_agent": self.headers.get("user-agent", "")}
+            )
+            return self._json(
+                200,
+                {
+                    "commitUrl": f"http://{self.headers['Host']}/{repo_id}/commit/{oid}",
+                    "commitOid": oid,
+                    "pullRequestUrl": None,
+                },
+            )
         self.state.unknown.append(f"POST {path}")
         return self._json(404, {"error": "not implemented by the stand-in"})
 
@@ -109,8 +123,9 @@ class _Handler(BaseHTTPRequestHandler):
             data = repo["files"][filename]
             commit = repo["commits"][-1]["oid"] if repo["commits"] else "0" * 40
             etag = hashlib.sha256(data).hexdigest()
-            return self._send(200, data, {"X-Repo-Commit": commit, "ETag": f'"{etag}"'},
-                              content_type="application/octet-stream")
+            return self._send(
+                200, data, {"X-Repo-Commit": commit, "ETag": f'"{etag}"'}, content_type="application/octet-stream"
+            )
         self.state.unknown.append(f"{self.command} {path}")
         return self._json(404, {"error": "not implemented by the stand-in"})
 

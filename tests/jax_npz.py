@@ -29,8 +29,8 @@ def save_vit_as_jax_npz(model: nn.Module, path: str) -> None:
         w[p + "LayerNorm_2/scale"], w[p + "LayerNorm_2/bias"] = sd[b + "norm2.weight"], sd[b + "norm2.bias"]
         qkv_w, qkv_b = sd[b + "attn.qkv.weight"], sd[b + "attn.qkv.bias"]
         for j, n in enumerate(("query", "key", "value")):
-            w[mha + f"{n}/kernel"] = qkv_w[j * dim:(j + 1) * dim].T.reshape(dim, heads, hd)
-            w[mha + f"{n}/bias"] = qkv_b[j * dim:(j + 1) * dim].reshape(heads, hd)
+            w[mha + f"{n}/kernel"] = qkv_w[j * dim : (j + 1) * dim].T.reshape(dim, heads, hd)
+            w[mha + f"{n}/bias"] = qkv_b[j * dim : (j + 1) * dim].reshape(heads, hd)
         w[mha + "out/kernel"] = sd[b + "attn.proj.weight"].reshape(dim, heads, hd).transpose(1, 2, 0)
         w[mha + "out/bias"] = sd[b + "attn.proj.bias"]
         for r in range(2):

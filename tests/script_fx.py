@@ -1,6 +1,6 @@
 """The harness shared by the TorchScript / FX / compile / export test modules (``test_script_fx_*.py``).
 
-Each family of :data:`timm_anysize.families.FAMILIES` is exercised on its tiny setup from ``test_families.SETUP``:
+Each family of :data:`timm_anysize.families.FAMILIES` is exercised on the tiny model its row declares (``Family.tiny``):
 a seeded checkpoint at the setup's size, a registered variant at a non-square size loading it, and a plain timm
 model with the same weights made dynamic (``enable_dynamic``, or timm's own arguments where timm is dynamic itself).
 The checks compare each to its eager self, bit for bit where the operations are the same.
@@ -9,15 +9,15 @@ The checks compare each to its eager self, bit for bit where the operations are 
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import timm
 import torch
-from conftest import unique_name
-from test_families import SETUP
 from timm.layers import get_notrace_functions, get_notrace_modules
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 import timm_anysize
+from conftest import unique_name
 from timm_anysize.core.family import Family
 from timm_anysize.families import FAMILIES
 
@@ -29,8 +29,8 @@ def family(name: str) -> Family:
 def sizes(name: str) -> list[tuple[int, int]]:
     """The variant's (non-square) size, then two other non-square sizes (the last not whole patches where the
     family pads; for Swin the windows of the first stages need padding at every one)."""
-    s = SETUP[name]
-    own = (s.size + s.step, s.size)
+    s = family(name).tiny
+    own = (s.img_size + s.step, s.img_size)
     if name == "crossvit":  # branch sizes follow the input: any size runs
         return [own, (360, 240), (200, 280)]
     return [own, (own[0] + 2 * s.step, own[1] + s.step), (own[0] - s.step, own[1] + 2 * s.step + 1)]
@@ -40,9 +40,9 @@ def sizes(name: str) -> list[tuple[int, int]]:
 def checkpoint(name: str, tmp: str) -> str:
     """A seeded checkpoint of the family's tiny setup, every parameter perturbed (no zero-initialized position
     embeddings or tables: resampling must show)."""
-    s = SETUP[name]
+    s = family(name).tiny
     torch.manual_seed(0)
-    model = timm.create_model(family(name).example, img_size=s.size, **s.args).eval()
+    model = timm.create_model(family(name).example, img_size=s.img_size, **s.model_args).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
@@ -53,19 +53,24 @@ def checkpoint(name: str, tmp: str) -> str:
 
 def variant(name: str, ckpt_dir: str, img_size=None, **kwargs) -> str:
     """A registered variant at ``img_size`` (default: the first of :func:`sizes`) loading :func:`checkpoint`."""
-    s = SETUP[name]
+    s = family(name).tiny
     return timm_anysize.register_variant(
-        unique_name(), base=family(name).example, model_args=s.args, img_size=list(img_size or sizes(name)[0]),
-        pretrained={"file": checkpoint(name, ckpt_dir), "img_size": s.size}, **kwargs,
+        unique_name(),
+        base=family(name).example,
+        model_args=s.model_args,
+        img_size=list(img_size or sizes(name)[0]),
+        pretrained={"file": checkpoint(name, ckpt_dir), "img_size": s.img_size},
+        **kwargs,
     )
 
 
 def models(name: str, ckpt_dir: str) -> list[torch.nn.Module]:
     """A dynamic variant, and enable_dynamic on a plain timm model with the same weights (the families timm makes
     dynamic itself: the timm model built with its own dynamic arguments)."""
-    fam, s = family(name), SETUP[name]
+    fam = family(name)
+    s = fam.tiny
     var = timm.create_model(variant(name, ckpt_dir), pretrained=True).eval()
-    plain = timm.create_model(fam.example, img_size=s.size, **s.args, **fam.dynamic_kwargs(True, True)).eval()
+    plain = timm.create_model(fam.example, img_size=s.img_size, **s.model_args, **fam.dynamic_kwargs(True, True)).eval()
     plain.load_state_dict(torch.load(checkpoint(name, ckpt_dir), weights_only=True))
     return [var, plain if fam.dynamic == "native" else timm_anysize.enable_dynamic(plain)]
 
@@ -78,11 +83,13 @@ def inputs(name: str, n: int = 2) -> list[torch.Tensor]:
 
 def fx_model(model: torch.nn.Module) -> torch.nn.Module:
     """timm's test harness ``_create_fx_model`` (eval): trace with timm's notrace registry, return the last node."""
-    tracer_kwargs = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions(),
-                         param_shapes_constant=True)
+    tracer_kwargs = dict(
+        leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions(), param_shapes_constant=True
+    )
     train_nodes, eval_nodes = get_graph_node_names(model, tracer_kwargs=tracer_kwargs)
-    return create_feature_extractor(model, train_return_nodes=[train_nodes[-1]], eval_return_nodes=[eval_nodes[-1]],
-                                    tracer_kwargs=tracer_kwargs)
+    return create_feature_extractor(
+        model, train_return_nodes=[train_nodes[-1]], eval_return_nodes=[eval_nodes[-1]], tracer_kwargs=tracer_kwargs
+    )
 
 
 def assert_scripted_equals_eager(name: str, ckpt_dir: str, n: int = 2) -> None:
@@ -106,17 +113,23 @@ def assert_fx_features_equal_module_outputs(name: str, ckpt_dir: str, out_indice
     """``features_only=True, feature_cls='fx'``: each feature is the eager dynamic model's module output (one of
     them where a module returns several: PiT, CrossViT, TNT; NHWC or tokens as the module gives them)."""
     variant_name = variant(name, ckpt_dir)
-    feats = timm.create_model(variant_name, pretrained=True, features_only=True, feature_cls="fx",
-                              out_indices=out_indices).eval()
+    feats = timm.create_model(
+        variant_name, pretrained=True, features_only=True, feature_cls="fx", out_indices=out_indices
+    ).eval()
     assert feats.pretrained_cfg["fixed_input_size"] is False
     model = timm.create_model(variant_name, pretrained=True).eval()
     modules = feats.feature_info.module_name()
     with torch.no_grad():
         for x in inputs(name, n):
             seen = {}
-            hooks = [model.get_submodule(m).register_forward_hook(
-                lambda mod, args, out, m=m: seen.__setitem__(m, out if isinstance(out, (list, tuple)) else [out]))
-                for m in modules]
+            hooks = [
+                model.get_submodule(m).register_forward_hook(
+                    lambda mod, args, out, m=m, seen=seen: seen.__setitem__(
+                        m, out if isinstance(out, (list, tuple)) else [out]
+                    )
+                )
+                for m in modules
+            ]
             model(x)
             for h in hooks:
                 h.remove()
@@ -134,7 +147,11 @@ def dynamic_and_built(name: str, ckpt_dir: str, other: tuple[int, int]) -> tuple
     weights = f"{ckpt_dir}/{name}_variant.pt"
     torch.save(dynamic.state_dict(), weights)
     built_name = timm_anysize.register_variant(
-        unique_name(), base=family(name).example, model_args=SETUP[name].args, img_size=list(other), dynamic=False,
+        unique_name(),
+        base=family(name).example,
+        model_args=family(name).tiny.model_args,
+        img_size=list(other),
+        dynamic=False,
         pretrained={"file": weights, "img_size": list(own)},
     )
     built = timm.create_model(built_name, pretrained=True).eval()
@@ -142,37 +159,50 @@ def dynamic_and_built(name: str, ckpt_dir: str, other: tuple[int, int]) -> tuple
     return dynamic, built
 
 
-def assert_compiled_equals_eager(name: str, ckpt_dir: str, dynamic: bool = True, rtol: float = 1e-4) -> None:
-    """``torch.compile`` (the eager backend: the graph capture is what is checked) at three sizes."""
+def assert_compiled_equals_eager(
+    name: str,
+    ckpt_dir: str,
+    dynamic: bool = True,
+    rtol: float = 1e-4,
+    at: Optional[list[tuple[int, int]]] = None,
+    graphs: Optional[int] = None,
+) -> None:
+    """``torch.compile`` (the eager backend: the graph capture is what is checked) at three sizes (default: those of
+    :func:`sizes`; ``at``: others), each output equal to eager; ``graphs``: exactly that many graphs captured."""
+    from torch._dynamo.utils import counters
+
     model = models(name, ckpt_dir)[0]
     torch._dynamo.reset()
+    counters.clear()
     compiled = torch.compile(model, dynamic=dynamic, backend="eager")
+    gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for x in inputs(name, 3):
+        for x in inputs(name, 3) if at is None else [torch.randn(2, 3, *hw, generator=gen) for hw in at]:
             torch.testing.assert_close(compiled(x), model(x), rtol=rtol, atol=1e-5)
+    if graphs is not None:
+        assert counters["stats"]["unique_graphs"] == graphs, dict(counters["stats"])
     torch._dynamo.reset()
 
 
-def exported(model: torch.nn.Module, name: str):
-    """``torch.export`` with a dynamic height and width, traced at the second of :func:`sizes`."""
+def exported(model: torch.nn.Module, name: str, batch: bool = False):
+    """``torch.export`` with a dynamic height and width (and batch), traced at the second of :func:`sizes`."""
     from torch.export import Dim, export
 
-    return export(model, (inputs(name, 2)[1],), dynamic_shapes={"x": {2: Dim.DYNAMIC, 3: Dim.DYNAMIC}})
+    dims = {d: Dim.DYNAMIC for d in ((0, 2, 3) if batch else (2, 3))}
+    return export(model, (inputs(name, 2)[1],), dynamic_shapes={"x": dims})
 
 
 def assert_exports_equal_eager(name: str, ckpt_dir: str, onnx_path=None, rtol: float = 1e-4) -> None:
     """``torch.export`` (dynamic H/W) and, given a path, ONNX run in onnxruntime (dynamic N/H/W) equal the eager
-    model at three sizes."""
-    from torch.export import Dim
-
+    model at three sizes. One export: the ONNX program is converted from the same exported program."""
     model = models(name, ckpt_dir)[0]
-    program = exported(model, name).module()
+    ep = exported(model, name, batch=onnx_path is not None)
+    program = ep.module()
     session = None
     if onnx_path is not None:
         import onnxruntime as ort
 
-        onnx = torch.onnx.export(model, (inputs(name, 2)[1],), dynamo=True, verbose=False,
-                                 dynamic_shapes={"x": {0: Dim.DYNAMIC, 2: Dim.DYNAMIC, 3: Dim.DYNAMIC}})
+        onnx = torch.onnx.export(ep, dynamo=True, verbose=False)
         onnx.save(str(onnx_path))
         session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     with torch.no_grad():

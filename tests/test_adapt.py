@@ -7,11 +7,10 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import unique_name
 from timm.layers import resample_abs_pos_embed, resample_patch_embed
 
 import timm_anysize
-
+from conftest import unique_name
 
 
 @pytest.fixture(autouse=True)
@@ -21,7 +20,9 @@ def _no_grad():
 
 
 def variant(base: str, ckpt, **spec) -> str:
-    return timm_anysize.register_variant(unique_name(), base=base, pretrained={"file": str(ckpt), **spec.pop("pretrained", {})}, **spec)
+    return timm_anysize.register_variant(
+        unique_name(), base=base, pretrained={"file": str(ckpt), **spec.pop("pretrained", {})}, **spec
+    )
 
 
 def test_same_geometry_is_bit_identical(make_checkpoint):
@@ -51,7 +52,9 @@ def test_resampled_tensors_equal_timm_primitives_and_the_rest_is_copied(make_che
 
 def test_pos_embed_options_are_used(make_checkpoint):
     path, base = make_checkpoint("test_vit")
-    name = variant("test_vit", path, img_size=64, adapt={"pos_embed": {"interpolation": "bilinear", "antialias": False}})
+    name = variant(
+        "test_vit", path, img_size=64, adapt={"pos_embed": {"interpolation": "bilinear", "antialias": False}}
+    )
     m = timm.create_model(name, pretrained=True)
     expected = resample_abs_pos_embed(base.pos_embed, [4, 4], [10, 10], 1, interpolation="bilinear", antialias=False)
     assert torch.equal(m.pos_embed, expected)
@@ -138,7 +141,9 @@ def test_non_square_source_and_target(make_checkpoint):
 def test_wrong_declared_source_grid_is_an_error_not_a_guess(make_checkpoint):
     path, _ = make_checkpoint("test_vit", img_size=(64, 96))
     name = variant("test_vit", path, img_size=64)  # source geometry not declared: base cfg says 160x160
-    with pytest.raises(timm_anysize.AdaptationError, match=r"pos_embed: checkpoint has 25 tokens.*implies 101.*pretrained"):
+    with pytest.raises(
+        timm_anysize.AdaptationError, match=r"pos_embed: checkpoint has 25 tokens.*implies 101.*pretrained"
+    ):
         timm.create_model(name, pretrained=True)
 
 
@@ -175,7 +180,9 @@ def test_prefix_tokens_are_kept_aside(make_checkpoint, base, src_size, prefix_in
 
 def test_distilled_new_heads_are_both_initialized(make_checkpoint):
     path, _ = make_checkpoint("deit_tiny_distilled_patch16_224", img_size=64, **SMALL)
-    name = variant("deit_tiny_distilled_patch16_224", path, num_classes=7, model_args=SMALL, pretrained={"img_size": 64})
+    name = variant(
+        "deit_tiny_distilled_patch16_224", path, num_classes=7, model_args=SMALL, pretrained={"img_size": 64}
+    )
     m = timm.create_model(name, pretrained=True)
     report = timm_anysize.adaptation_report(m)
     assert report.by_action("initialized") == ["head.weight", "head.bias", "head_dist.weight", "head_dist.bias"]
@@ -238,8 +245,9 @@ def test_seed_recipe_with_a_copied_cfg(make_checkpoint):
 def test_overlay_file_and_kwargs_override(make_checkpoint):
     path, base = make_checkpoint("test_vit")
     name = timm_anysize.register_variant(unique_name(), base="test_vit", img_size=64, patch_size=8)
-    m = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
-                          img_size=96, num_classes=3, in_chans=2)
+    m = timm.create_model(
+        name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), img_size=96, num_classes=3, in_chans=2
+    )
     assert m.pretrained_cfg["input_size"] == (2, 96, 96) and m.pretrained_cfg["num_classes"] == 3
     assert len(m.pretrained_cfg["mean"]) == 2
     assert m(torch.randn(1, 2, 96, 96)).shape == (1, 3)
@@ -270,3 +278,36 @@ def test_scriptable_rel_pos_table_resize_is_timms_bit_for_bit(old, new, flat):
     for fn in (resize_rel_pos_table, torch.jit.script(resize_rel_pos_table)):
         got = fn(table, list(old), list(new), flat)
         assert got.shape == expected.shape and torch.equal(got, expected)
+
+
+def test_load_and_run_time_resample_position_embeddings_through_one_function(make_checkpoint, monkeypatch):
+    """A load (``adapt.resample_pos_embed``) and the dynamic paths (``core.cache``) resample token position
+    embeddings with the one ``core.resample.resample_pos_tokens``: the same function object, bit-identical results
+    on a grid change with prefix tokens, and a loaded variant's embedding is the dynamic model's at its grid."""
+    from timm_anysize import adapt
+    from timm_anysize.core import cache, resample
+    from timm_anysize.core.spec import PosEmbedOptions
+
+    assert cache.resample_pos_tokens is resample.resample_pos_tokens is adapt.resample_pos_tokens
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(args[1:3])
+        return resample.resample_pos_tokens(*args, **kwargs)
+
+    pe = torch.randn(1, 3 + 4 * 6, 16)  # class + 2 registers
+    for compat in ("timm", "dino"):
+        options = PosEmbedOptions(compat=compat)
+        runtime = cache.resample_pos_tokens(
+            pe, [7, 3], [4, 6], 3, options.interpolation, options.use_antialias, options.compat
+        )
+        with monkeypatch.context() as m:
+            m.setattr(adapt, "resample_pos_tokens", spy)
+            loaded = adapt.resample_pos_embed(pe, (4, 6), (7, 3), 3, options)
+        assert torch.equal(loaded, runtime) and loaded.shape == (1, 3 + 7 * 3, 16)
+    assert calls == [([7, 3], [4, 6])] * 2  # adapt's entry point is a thin wrapper of it
+
+    path, base = make_checkpoint("test_vit")  # 160 px, patch 16: a 10x10 grid and a class token
+    loaded = timm.create_model(variant("test_vit", path, img_size=[96, 128]), pretrained=True)
+    dynamic = timm_anysize.enable_dynamic(base)
+    assert torch.equal(loaded.pos_embed, cache.dynamic_pos_embed(dynamic, (6, 8)))

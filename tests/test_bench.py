@@ -12,8 +12,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_bench_tiny_runs_and_reports_ratios(tmp_path):
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_dynamic.py"), "--tiny", "--out", str(out)],
-                          capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_dynamic.py"), "--tiny", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "vs fixed" in proc.stdout and "vs timm dyn" in proc.stdout and "loading" in proc.stdout
     data = json.loads(out.read_text())
     assert len(data["forward"]) == 3
@@ -25,8 +29,12 @@ def test_bench_tiny_runs_and_reports_ratios(tmp_path):
 
 def test_family_bench_tiny_runs_and_reports_ratios(tmp_path):
     out = tmp_path / "families.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_families.py"), "--tiny", "--out", str(out)],
-                          capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_families.py"), "--tiny", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "vs fixed" in proc.stdout
     data = json.loads(out.read_text())
     assert set(data) == {"swin", "beit"}

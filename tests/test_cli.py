@@ -29,14 +29,18 @@ def test_show_unknown_name_is_one_line(capsys):
     assert main(["show", "vit_tiny_patch4_46"]) == 1
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1
-    assert err.startswith("timm-anysize show: error: 'vit_tiny_patch4_46' is not a timm-anysize variant; close: vit_tiny_patch4_64")
+    assert err.startswith(
+        "timm-anysize show: error: 'vit_tiny_patch4_46' is not a timm-anysize variant; close: vit_tiny_patch4_64"
+    )
 
 
 def test_check(tmp_path, capsys):
     good = tmp_path / "good.yaml"
     good.write_text("variants:\n  check_ok:\n    base: test_vit\n    img_size: 64\n")
     bad = tmp_path / "bad.yaml"
-    bad.write_text("variants:\n  check_bad:\n    base: test_vit\n    patch_size: 7\n  vit_small_patch16_224:\n    base: test_vit\n")
+    bad.write_text(
+        "variants:\n  check_bad:\n    base: test_vit\n    patch_size: 7\n  vit_small_patch16_224:\n    base: test_vit\n"
+    )
     assert main(["check", str(good)]) == 0
     assert "good.yaml: ok (1 variants: check_ok)" in capsys.readouterr().out
     assert main(["check", str(good), str(bad)]) == 1
@@ -46,6 +50,7 @@ def test_check(tmp_path, capsys):
 
 
 def test_console_script_runs():
-    out = subprocess.run([sys.executable, "-m", "timm_anysize.apps.cli", "check", "/nonexistent.yaml"],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "timm_anysize.apps.cli", "check", "/nonexistent.yaml"], capture_output=True, text=True
+    )
     assert out.returncode == 1 and "/nonexistent.yaml: no such file" in out.stderr

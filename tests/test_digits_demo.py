@@ -10,7 +10,16 @@ import timm
 import torch
 
 import timm_anysize
-from timm_anysize.apps.digits import BASE_VARIANT, evaluate, load_digits_split, render, train_digits_base
+from timm_anysize.apps.digits import (
+    BASE_VARIANT,
+    evaluate,
+    load_digits_split,
+    register_demo_variants,
+    render,
+    train_digits_base,
+)
+
+register_demo_variants()  # the demo's variants: `import timm_anysize` does not register them
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +75,18 @@ def test_demo_quick(tmp_path, capsys):
     assert results["base_bit_identical_to_plain_timm"] is True
     rows = {r["label"]: r for r in results["rows"]}
     for r in results["rows"]:
-        assert set(r) >= {"variant", "img_size", "patch_size", "in_chans", "tokens", "zero_shot", "finetuned",
-                          "scratch", "images_per_s", "non_copied"}
+        assert set(r) >= {
+            "variant",
+            "img_size",
+            "patch_size",
+            "in_chans",
+            "tokens",
+            "zero_shot",
+            "finetuned",
+            "scratch",
+            "images_per_s",
+            "non_copied",
+        }
         assert r["images_per_s"] > 0
     base, pi = rows["base, same geometry"], rows["patch 4->8, PI-resize"]
     naive = rows["patch 4->8, plain kernel interpolation"]

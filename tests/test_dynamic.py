@@ -11,9 +11,9 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import unique_name
 
 import timm_anysize
+from conftest import unique_name
 from timm_anysize import dynamic_cache_info, enable_dynamic
 
 SMALL = dict(embed_dim=64, depth=2, num_heads=2)
@@ -109,16 +109,24 @@ def test_pad_off_gives_a_clear_error():
     name = timm_anysize.register_variant(unique_name(), base="test_vit", img_size=64, pad=False)
     m = timm.create_model(name).eval()
     assert m(torch.randn(1, 3, 96, 48)).shape == (1, 1000)
-    with pytest.raises(ValueError, match=r"input 70x64 is not a multiple of the patch 16x16 and padding is off.*pad: true"):
+    with pytest.raises(
+        ValueError, match=r"input 70x64 is not a multiple of the patch 16x16 and padding is off.*pad: true"
+    ):
         m(torch.randn(1, 3, 70, 64))
 
 
 def test_variant_is_dynamic_by_default_and_can_be_static(make_checkpoint):
     path, _ = make_checkpoint("test_vit")
-    dyn = timm.create_model(timm_anysize.register_variant(unique_name(), base="test_vit", img_size=64,
-                                                          pretrained={"file": str(path)}), pretrained=True).eval()
-    static = timm.create_model(timm_anysize.register_variant(unique_name(), base="test_vit", img_size=64, dynamic=False,
-                                                             pretrained={"file": str(path)}), pretrained=True).eval()
+    dyn = timm.create_model(
+        timm_anysize.register_variant(unique_name(), base="test_vit", img_size=64, pretrained={"file": str(path)}),
+        pretrained=True,
+    ).eval()
+    static = timm.create_model(
+        timm_anysize.register_variant(
+            unique_name(), base="test_vit", img_size=64, dynamic=False, pretrained={"file": str(path)}
+        ),
+        pretrained=True,
+    ).eval()
     assert timm_anysize.is_dynamic(dyn) and not timm_anysize.is_dynamic(static)
     assert dyn.pretrained_cfg["fixed_input_size"] is False and static.pretrained_cfg["fixed_input_size"] is True
     x = torch.randn(2, 3, 64, 64)
@@ -294,8 +302,13 @@ def test_onnx_export_dynamic_axes(tmp_path):
     from torch.export import Dim
 
     _, dyn = pair("test_vit", {})
-    prog = torch.onnx.export(dyn, (torch.randn(2, 3, 96, 128),), dynamo=True, verbose=False,
-                             dynamic_shapes={"x": {0: Dim.DYNAMIC, 2: Dim.DYNAMIC, 3: Dim.DYNAMIC}})
+    prog = torch.onnx.export(
+        dyn,
+        (torch.randn(2, 3, 96, 128),),
+        dynamo=True,
+        verbose=False,
+        dynamic_shapes={"x": {0: Dim.DYNAMIC, 2: Dim.DYNAMIC, 3: Dim.DYNAMIC}},
+    )
     prog.save(str(tmp_path / "m.onnx"))
     sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name

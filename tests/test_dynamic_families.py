@@ -15,11 +15,15 @@ import timm_anysize
 SMALL = dict(embed_dim=64, depth=2, num_heads=2, img_size=64)
 
 
-@pytest.mark.parametrize("args", [
-    {},
-    dict(use_abs_pos_emb=True),
-    dict(use_shared_rel_pos_bias=True, use_rel_pos_bias=False),
-], ids=["rel_pos", "abs_pos", "shared_rel_pos"])
+@pytest.mark.parametrize(
+    "args",
+    [
+        {},
+        dict(use_abs_pos_emb=True),
+        dict(use_shared_rel_pos_bias=True, use_rel_pos_bias=False),
+    ],
+    ids=["rel_pos", "abs_pos", "shared_rel_pos"],
+)
 def test_any_size_equals_set_input_size(args):
     base = _perturbed("beit_base_patch16_224", **SMALL, **args)  # non-zero tables
     model = timm_anysize.enable_dynamic(copy.deepcopy(base))
@@ -88,8 +92,9 @@ def test_cait_at_any_size_equals_a_cait_built_for_that_size():
         for hw in [(96, 64), (48, 112)]:
             built = timm.create_model("cait_xxs24_224", img_size=hw, **args).eval()
             sd = dict(base.state_dict())
-            sd["pos_embed"] = resample_abs_pos_embed(sd["pos_embed"], new_size=[hw[0] // 16, hw[1] // 16],
-                                                     old_size=[4, 4], num_prefix_tokens=0)
+            sd["pos_embed"] = resample_abs_pos_embed(
+                sd["pos_embed"], new_size=[hw[0] // 16, hw[1] // 16], old_size=[4, 4], num_prefix_tokens=0
+            )
             built.load_state_dict(sd)
             x = torch.randn(2, 3, *hw)
             assert torch.equal(model(x), built(x)), hw
@@ -120,10 +125,14 @@ def _perturbed(arch, **kwargs):
     return model
 
 
-@pytest.mark.parametrize("arch, args, size, other, key, channels_last", [
-    ("pit_ti_224", dict(depth=(1, 1, 1)), 64, (96, 80), "pos_embed", False),
-    ("volo_d1_224", {}, 64, (96, 48), "pos_embed", True),
-], ids=["pit", "volo"])
+@pytest.mark.parametrize(
+    "arch, args, size, other, key, channels_last",
+    [
+        ("pit_ti_224", dict(depth=(1, 1, 1)), 64, (96, 80), "pos_embed", False),
+        ("volo_d1_224", {}, 64, (96, 48), "pos_embed", True),
+    ],
+    ids=["pit", "volo"],
+)
 def test_conv_stem_families_at_any_size_equal_the_model_built_for_it(arch, args, size, other, key, channels_last):
     """PiT / VOLO: position embeddings laid out as images, resampled to the grid the stem gives the input."""
     base = _perturbed(arch, img_size=size, **args)
@@ -146,8 +155,9 @@ def test_crossvit_branches_follow_the_input_size():
     built = timm.create_model("crossvit_tiny_240", img_size=360, **args).eval()  # branches 360 / 336 px
     sd = dict(base.state_dict())
     for i, (old, new) in enumerate([((20, 20), (30, 30)), ((14, 14), (21, 21))]):
-        sd[f"pos_embed_{i}"] = resample_abs_pos_embed(sd[f"pos_embed_{i}"], new_size=list(new), old_size=list(old),
-                                                      num_prefix_tokens=1)
+        sd[f"pos_embed_{i}"] = resample_abs_pos_embed(
+            sd[f"pos_embed_{i}"], new_size=list(new), old_size=list(old), num_prefix_tokens=1
+        )
     built.load_state_dict(sd)
     assert_matches_base_and_built(model, base, built, (240, 240), (360, 360))
     with torch.no_grad():
@@ -165,8 +175,9 @@ def test_hiera_at_any_size_equals_the_model_built_for_it(args):
     built = timm.create_model("hiera_tiny_224", img_size=(96, 128), **small).eval()
     sd = dict(base.state_dict())
     if not args:
-        sd["pos_embed"] = resample_abs_pos_embed(sd["pos_embed"], new_size=[24, 32], old_size=[16, 16],
-                                                 num_prefix_tokens=0)
+        sd["pos_embed"] = resample_abs_pos_embed(
+            sd["pos_embed"], new_size=[24, 32], old_size=[16, 16], num_prefix_tokens=0
+        )
     built.load_state_dict(sd)
     assert_matches_base_and_built(model, base, built, (64, 64), (96, 128))
     with torch.no_grad():
@@ -175,8 +186,11 @@ def test_hiera_at_any_size_equals_the_model_built_for_it(args):
 
 def test_hiera_without_padding_names_the_mask_unit():
     model = timm_anysize.enable_dynamic(timm.create_model("hiera_tiny_224", img_size=64).eval(), pad=False)
-    with pytest.raises(ValueError, match=r"not a multiple of Hiera's mask unit \(32x32 px\)"):
+    with pytest.raises(
+        timm_anysize.InputNotDivisibleError, match=r"not a multiple of Hiera's mask unit .*32x32"
+    ) as err:
         model(torch.randn(1, 3, 70, 96))
+    assert (err.value.size, err.value.multiple) == ((70, 96), (32, 32))
 
 
 @pytest.mark.parametrize("arch", ["levit_128s", "levit_conv_128s"])

@@ -14,10 +14,11 @@ import pytest
 import timm
 import torch
 import yaml
-from conftest import unique_name
 from PIL import Image
 
 import timm_anysize
+from conftest import unique_name
+from timm_anysize.apps.digits import DEMO_CONFIG
 from timm_anysize.registry import _shipped_config_files
 from timm_anysize.schema import SCHEMA_FILE, yaml_json_schema, yaml_reference_markdown
 
@@ -25,11 +26,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def cli(*args: str, env: dict | None = None, cwd: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "timm_anysize", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "timm_anysize", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+    )
 
 
 # --- JSON Schema -----------------------------------------------------------------------------------------------
+
 
 def test_shipped_schema_and_reference_are_in_sync():
     assert json.loads((ROOT / "configs" / SCHEMA_FILE).read_text()) == yaml_json_schema()
@@ -38,19 +45,23 @@ def test_shipped_schema_and_reference_are_in_sync():
     assert json.loads(out.stdout) == yaml_json_schema()
 
 
-@pytest.mark.parametrize("path", _shipped_config_files(), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [*_shipped_config_files(), DEMO_CONFIG], ids=lambda p: p.name)
 def test_shipped_configs_validate_against_the_schema(path):
-    assert path.read_text().splitlines()[0] == f"# yaml-language-server: $schema={SCHEMA_FILE}"
+    schema = os.path.relpath(ROOT / "configs" / SCHEMA_FILE, path.parent)  # the demo's file sits in configs/demo/
+    assert path.read_text().splitlines()[0] == f"# yaml-language-server: $schema={schema}"
     jsonschema.Draft202012Validator(yaml_json_schema()).validate(yaml.safe_load(path.read_text()))
 
 
-@pytest.mark.parametrize("variant", [
-    {"base": "x", "img_sise": 64},
-    {"base": "x", "img_size": "64"},
-    {"base": "x", "img_size": [64, 64, 3]},
-    {"img_size": 64},
-    {"base": "x", "adapt": {"patch_embed": {"method": "lanczos"}}},
-])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {"base": "x", "img_sise": 64},
+        {"base": "x", "img_size": "64"},
+        {"base": "x", "img_size": [64, 64, 3]},
+        {"img_size": 64},
+        {"base": "x", "adapt": {"patch_embed": {"method": "lanczos"}}},
+    ],
+)
 def test_schema_rejects_what_the_loader_rejects(variant):
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.Draft202012Validator(yaml_json_schema()).validate({"variants": {"v": variant}})
@@ -85,20 +96,46 @@ def script_and_config(tmp_path):
 @pytest.mark.parametrize("entry", [["-m", "timm_anysize"], ["-m", "timm_anysize.apps.cli"]])
 def test_launcher_runs_an_unmodified_script_with_variants_registered(script_and_config, entry):
     tmp, name = script_and_config
-    proc = subprocess.run([sys.executable, *entry, "run", "--config", str(tmp / "v.yaml"), str(tmp / "script.py"),
-                           "--model", name], capture_output=True, text=True, cwd=tmp)
+    proc = subprocess.run(
+        [sys.executable, *entry, "run", "--config", str(tmp / "v.yaml"), str(tmp / "script.py"), "--model", name],
+        capture_output=True,
+        text=True,
+        cwd=tmp,
+    )
     assert proc.stdout.strip() == f"created {name} (2, 48, 48) True"
     assert proc.returncode == 3  # the script's exit status
-    failed = subprocess.run([sys.executable, *entry, "run", "--config", str(tmp / "v.yaml"), str(tmp / "script.py"),
-                             "--model", name, "--fail"], capture_output=True, text=True, cwd=tmp)
-    assert failed.returncode == 1 and "Traceback" in failed.stderr and "RuntimeError: the script's own error" in failed.stderr
+    failed = subprocess.run(
+        [
+            sys.executable,
+            *entry,
+            "run",
+            "--config",
+            str(tmp / "v.yaml"),
+            str(tmp / "script.py"),
+            "--model",
+            name,
+            "--fail",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp,
+    )
+    assert (
+        failed.returncode == 1
+        and "Traceback" in failed.stderr
+        and "RuntimeError: the script's own error" in failed.stderr
+    )
 
 
 def test_launcher_console_script_and_env_configs(script_and_config):
     tmp, name = script_and_config
     exe = shutil.which("timm-anysize", path=str(Path(sys.executable).parent))
-    proc = subprocess.run([exe, "run", str(tmp / "script.py"), "--model", name], capture_output=True, text=True,
-                          env={**os.environ, "TIMM_ANYSIZE_CONFIGS": str(tmp / "v.yaml")})
+    proc = subprocess.run(
+        [exe, "run", str(tmp / "script.py"), "--model", name],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TIMM_ANYSIZE_CONFIGS": str(tmp / "v.yaml")},
+    )
     assert proc.stdout.strip() == f"created {name} (2, 48, 48) True"
 
 
@@ -134,11 +171,27 @@ def test_torchrun_ddp_through_the_launcher(tmp_path):
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     (tmp_path / "ddp.py").write_text(DDP_SCRIPT)
     out = tmp_path / "result.json"
-    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "timm_anysize", "run", str(tmp_path / "ddp.py"),
-           "vit_digits_patch4_32", str(out)]
+    cmd = [
+        torchrun,
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "timm_anysize",
+        "run",
+        str(tmp_path / "ddp.py"),
+        "vit_digits_patch4_32",
+        str(out),
+    ]
     # Its own process group, so a hang cannot leave worker processes behind.
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     try:
         _, stderr = proc.communicate(timeout=240)
     except subprocess.TimeoutExpired:
@@ -153,6 +206,7 @@ def test_torchrun_ddp_through_the_launcher(tmp_path):
 
 
 # --- data pipeline ---------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("in_chans, mode", [(1, "L"), (3, "RGB"), (4, "RGBA")])
 def test_timm_transforms_feed_the_variant(in_chans, mode):
@@ -170,6 +224,7 @@ def test_timm_transforms_feed_the_variant(in_chans, mode):
 
 # --- CLI output ------------------------------------------------------------------------------------------------
 
+
 def test_cli_errors_are_one_line_and_debug_shows_the_traceback(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("variants:\n  x_bad:\n    base: test_vit\n    img_sise: 3\n")
@@ -182,7 +237,8 @@ def test_cli_errors_are_one_line_and_debug_shows_the_traceback(tmp_path):
 
 
 def test_quiet_silences_progress(tmp_path):
-    loud = cli("export", "vit_digits_patch4_24", str(tmp_path / "a"))
-    quiet = cli("--quiet", "export", "vit_digits_patch4_24", str(tmp_path / "b"))
+    # in tmp_path: the export reads the demo's results from ./anysize-demo/ by default
+    loud = cli("export", "vit_digits_patch4_24", str(tmp_path / "a"), cwd=str(tmp_path))
+    quiet = cli("--quiet", "export", "vit_digits_patch4_24", str(tmp_path / "b"), cwd=str(tmp_path))
     assert loud.returncode == quiet.returncode == 0
     assert "pos_embed resampled" in loud.stderr and quiet.stderr == ""

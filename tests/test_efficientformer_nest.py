@@ -10,11 +10,11 @@ import copy
 import pytest
 import timm
 import torch
-from conftest import unique_name
-from test_families import SETUP
 from script_fx import fx_model
+from test_families import SETUP
 
 import timm_anysize
+from conftest import unique_name
 from timm_anysize.core.resample import resize_bias_grid
 
 
@@ -50,7 +50,7 @@ def _compiled(model, how, size):
 
 
 V2 = "efficientformerv2_s0"
-V2_ARGS = SETUP["efficientformer_v2"].args
+V2_ARGS = SETUP["efficientformer_v2"].model_args
 
 
 @pytest.mark.parametrize("other", [(96, 128), (128, 64)])
@@ -81,8 +81,11 @@ def test_efficientformer_v2_runs_where_timm_cannot_upsample_by_two():
     with torch.no_grad():
         for hw in ((80, 80), (81, 47)):
             assert torch.isfinite(model(torch.randn(1, 3, *hw))).all(), hw
-    with pytest.raises(timm_anysize.SpecError, match=r"stage 2's strided attention.*gets \[5, 5\].*nearest heights "
-                                                      r"that work: 64 or 81"):
+    with pytest.raises(
+        timm_anysize.SpecError,
+        match=r"stage 2's strided attention.*gets \[5, 5\].*nearest heights "
+        r"that work: 64 or 81",
+    ):
         timm_anysize.register_variant("efficientformer_v2_bad_size", base=V2, model_args=V2_ARGS, img_size=80)
 
 
@@ -116,8 +119,9 @@ def test_nest_load_at_another_size_equals_timm_resize_pos_embed(make_checkpoint)
     src = base.state_dict()
     no_aa = {"pos_embed": {"antialias": False}}
     for size, adapt, same in ((128, no_aa, True), (32, no_aa, True), (128, {}, False)):
-        name = timm_anysize.register_variant(unique_name(), base="nest_tiny", img_size=size, adapt=adapt,
-                                             pretrained={"file": str(path), "img_size": 64})
+        name = timm_anysize.register_variant(
+            unique_name(), base="nest_tiny", img_size=size, adapt=adapt, pretrained={"file": str(path), "img_size": 64}
+        )
         model = timm.create_model(name, pretrained=True)
         report = timm_anysize.adaptation_report(model)
         for i in range(3):
@@ -126,7 +130,6 @@ def test_nest_load_at_another_size_equals_timm_resize_pos_embed(make_checkpoint)
             assert model.state_dict()[key].shape == theirs.shape != src[key].shape
             assert torch.equal(model.state_dict()[key], theirs) is same, (size, key)
             assert report.entries[key].action == "resampled"
-
 
 
 @pytest.mark.parametrize("other", [96, 128])
@@ -139,8 +142,9 @@ def test_nest_at_any_size_equals_the_model_built_for_it(other):
     model = timm_anysize.enable_dynamic(copy.deepcopy(base), antialias=False)
     built = timm.create_model("nest_tiny", img_size=other).eval()
     target = built.state_dict()
-    built.load_state_dict({k: resize_pos_embed(v, target[k]) if k.endswith("pos_embed") else v
-                           for k, v in base.state_dict().items()})
+    built.load_state_dict(
+        {k: resize_pos_embed(v, target[k]) if k.endswith("pos_embed") else v for k, v in base.state_dict().items()}
+    )
     with torch.no_grad():
         for reference, hw in ((base, (64, 64)), (built, (other, other))):
             x = torch.randn(2, 3, *hw)
@@ -159,13 +163,20 @@ def test_nest_non_square_input_gets_non_square_blocks_and_pads_to_whole_blocks()
         for hw in ((96, 64), (70, 50)):
             assert torch.isfinite(model(torch.randn(1, 3, *hw))).all(), hw
     strict = timm_anysize.enable_dynamic(_perturbed("nest_tiny", img_size=64), pad=False)
-    with pytest.raises(ValueError, match=r"input 70x50 does not split into whole blocks .* multiple of 16 px"):
+    with pytest.raises(
+        timm_anysize.InputNotDivisibleError,
+        match=r"input 70x50 is not a multiple of NesT's whole blocks .*16x16 .*64x48 or 80x64",
+    ) as err:
         strict(torch.randn(1, 3, 70, 50))
+    assert (err.value.size, err.value.multiple) == ((70, 50), (16, 16))
 
 
 def test_nest_non_square_variant_is_declared():
-    with pytest.raises(timm_anysize.SpecError, match=r"nest family cannot take img_non_square: timm builds NesT "
-                                                      r"for square sizes only"):
+    with pytest.raises(
+        timm_anysize.SpecError,
+        match=r"nest family cannot take img_non_square: timm builds NesT "
+        r"for square sizes only",
+    ):
         timm_anysize.register_variant(unique_name(), base="nest_tiny", img_size=[96, 64])
 
 
@@ -182,7 +193,7 @@ def test_nest_script_fx_and_export_equal_eager(how):
             assert torch.equal(out, model(x)), hw
 
 
-EF_ARGS = SETUP["efficientformer"].args
+EF_ARGS = SETUP["efficientformer"].model_args
 
 
 def _efficientformer_built_for(base, grid):
@@ -194,10 +205,18 @@ def _efficientformer_built_for(base, grid):
     for block in built.modules():
         if isinstance(getattr(block, "token_mixer", None), Attention):
             old = block.token_mixer
-            new = Attention(old.qkv.in_features, key_dim=old.key_dim, num_heads=old.num_heads,
-                            attn_ratio=old.attn_ratio, resolution=grid)
-            sd = dict(old.state_dict(), attention_bias_idxs=new.attention_bias_idxs,
-                      attention_biases=resize_bias_grid(old.attention_biases.detach(), (7, 7), grid, "bicubic"))
+            new = Attention(
+                old.qkv.in_features,
+                key_dim=old.key_dim,
+                num_heads=old.num_heads,
+                attn_ratio=old.attn_ratio,
+                resolution=grid,
+            )
+            sd = dict(
+                old.state_dict(),
+                attention_bias_idxs=new.attention_bias_idxs,
+                attention_biases=resize_bias_grid(old.attention_biases.detach(), (7, 7), grid, "bicubic"),
+            )
             new.load_state_dict(sd)
             block.token_mixer = new
     return built.eval()
@@ -208,8 +227,9 @@ def test_efficientformer_at_any_size_equals_timm_attentions_built_for_the_grid(o
     """Why timm fixes the size: 7x7 tables at every img_size (the forward fails elsewhere). The dynamic model equals
     timm's own at 224 px, and elsewhere timm's model whose attentions timm built for the last stage's grid."""
     base = _perturbed("efficientformer_l1", img_size=224, **EF_ARGS)
-    assert timm.create_model("efficientformer_l1", img_size=96, **EF_ARGS).state_dict().keys() == \
-        base.state_dict().keys()
+    assert (
+        timm.create_model("efficientformer_l1", img_size=96, **EF_ARGS).state_dict().keys() == base.state_dict().keys()
+    )
     with pytest.raises(RuntimeError), torch.no_grad():
         base(torch.randn(1, 3, *other))
     model = timm_anysize.enable_dynamic(copy.deepcopy(base))
@@ -236,12 +256,16 @@ def test_efficientformer_script_fx_and_export_equal_eager(how):
             assert torch.equal(out, model(x)), hw
 
 
-TINY_VIT_ARGS = dict(embed_dims=[16, 32, 32, 64], depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 2],
-                     window_sizes=[4, 4, 4, 4])
+TINY_VIT_ARGS = dict(
+    embed_dims=[16, 32, 32, 64], depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 2], window_sizes=[4, 4, 4, 4]
+)
 
 
-@pytest.mark.parametrize("change", [dict(img_size=96), dict(img_size=[96, 64]), dict(in_chans=1)],
-                         ids=["img_larger", "img_non_square", "in_chans_1"])
+@pytest.mark.parametrize(
+    "change",
+    [dict(img_size=96), dict(img_size=[96, 64]), dict(in_chans=1)],
+    ids=["img_larger", "img_non_square", "in_chans_1"],
+)
 def test_tiny_vit_is_right_on_the_generic_path(change, make_checkpoint):
     """TinyViT needs no row: its attention biases are sized by its windows (fixed by window_sizes, not by img_size)
     and it pads to whole windows, so the generic path copies every tensor but the channel-adapted first conv, and
@@ -249,8 +273,13 @@ def test_tiny_vit_is_right_on_the_generic_path(change, make_checkpoint):
     from safetensors.torch import load_file
 
     path, base = make_checkpoint("tiny_vit_5m_224", **TINY_VIT_ARGS)
-    name = timm_anysize.register_variant(unique_name(), base="tiny_vit_5m_224", model_args=TINY_VIT_ARGS,
-                                         pretrained={"file": str(path), "img_size": 64}, **change)
+    name = timm_anysize.register_variant(
+        unique_name(),
+        base="tiny_vit_5m_224",
+        model_args=TINY_VIT_ARGS,
+        pretrained={"file": str(path), "img_size": 64},
+        **change,
+    )
     model = timm.create_model(name, pretrained=True).eval()
     assert model._anysize_plan.family.generic and timm_anysize.is_dynamic(model)
     loaded, report, checkpoint = model.state_dict(), timm_anysize.adaptation_report(model), load_file(path)
@@ -272,25 +301,37 @@ def test_tiny_vit_window_change_is_refused_by_name(make_checkpoint):
     """Another window (timm's 384/512 px TinyViTs) resizes the biases in timm's checkpoint_filter_fn; the generic
     path refuses it by name, when the variant is registered (no row resamples a TinyViT window yet)."""
     path, _ = make_checkpoint("tiny_vit_5m_224", **TINY_VIT_ARGS)
-    with pytest.raises(timm_anysize.AdaptationError,
-                       match=r"TinyVit, no family row.*stages\.\{1\.\.3\}\.blocks\.0\.attn\.attention_biases"):
-        timm_anysize.register_variant(unique_name(), base="tiny_vit_5m_224",
-                                      model_args=dict(TINY_VIT_ARGS, window_sizes=[8, 8, 8, 8]),
-                                      pretrained={"file": str(path), "model_args": {"window_sizes": [4, 4, 4, 4]}})
+    with pytest.raises(
+        timm_anysize.AdaptationError,
+        match=r"TinyVit, no family row.*stages\.\{1\.\.3\}\.blocks\.0\.attn\.attention_biases",
+    ):
+        timm_anysize.register_variant(
+            unique_name(),
+            base="tiny_vit_5m_224",
+            model_args=dict(TINY_VIT_ARGS, window_sizes=[8, 8, 8, 8]),
+            pretrained={"file": str(path), "model_args": {"window_sizes": [4, 4, 4, 4]}},
+        )
 
 
-@pytest.mark.parametrize("family, size, other", [("nest", 64, (96, 64)), ("efficientformer_v2", 64, (96, 128)),
-                                                 ("efficientformer", 224, (160, 96))])
+@pytest.mark.parametrize(
+    "family, size, other",
+    [("nest", 64, (96, 64)), ("efficientformer_v2", 64, (96, 128)), ("efficientformer", 224, (160, 96))],
+)
 def test_features_only_at_another_size_equal_the_full_models_intermediates(family, size, other, make_checkpoint):
     """timm's feature wrappers (NesT, EfficientFormerV2: their modules flattened into a FeatureListNet;
     EfficientFormer: forward_intermediates) run every level at another size as the full model does."""
     from timm_anysize.families import FAMILIES
 
     fam = next(f for f in FAMILIES if f.name == family)
-    args = SETUP[family].args
+    args = SETUP[family].model_args
     path, _ = make_checkpoint(fam.example, img_size=size, **args)
-    name = timm_anysize.register_variant(unique_name(), base=fam.example, model_args=args, img_size=size,
-                                         pretrained={"file": str(path), "img_size": size})
+    name = timm_anysize.register_variant(
+        unique_name(),
+        base=fam.example,
+        model_args=args,
+        img_size=size,
+        pretrained={"file": str(path), "img_size": size},
+    )
     feats = timm.create_model(name, pretrained=True, features_only=True).eval()
     model = timm.create_model(name, pretrained=True).eval()
     assert feats.pretrained_cfg["fixed_input_size"] is False
@@ -301,15 +342,21 @@ def test_features_only_at_another_size_equal_the_full_models_intermediates(famil
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
 
 
-@pytest.mark.parametrize("arch, args, sizes", [
-    (V2, dict(V2_ARGS, img_size=64), [(96, 128), (64, 64), (81, 47)]),
-    ("efficientformer_l1", EF_ARGS, [(256, 160), (224, 224), (99, 131)]),
-], ids=["efficientformer_v2", "efficientformer"])
+@pytest.mark.parametrize(
+    "arch, args, sizes",
+    [
+        (V2, dict(V2_ARGS, img_size=64), [(96, 128), (64, 64), (81, 47)]),
+        ("efficientformer_l1", EF_ARGS, [(256, 160), (224, 224), (99, 131)]),
+    ],
+    ids=["efficientformer_v2", "efficientformer"],
+)
 def test_onnx_with_dynamic_height_width_runs_in_onnxruntime(arch, args, sizes, tmp_path):
     """The families' ``export`` cell (docs/families.md): ONNX through torch.export, dynamic batch, H and W."""
     ort = pytest.importorskip("onnxruntime")
-    session = ort.InferenceSession(_onnx(model := timm_anysize.enable_dynamic(_perturbed(arch, **args)), sizes[0],
-                                         tmp_path), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        _onnx(model := timm_anysize.enable_dynamic(_perturbed(arch, **args)), sizes[0], tmp_path),
+        providers=["CPUExecutionProvider"],
+    )
     with torch.no_grad():
         for hw in sizes:
             x = torch.randn(1, 3, *hw)
@@ -320,8 +367,13 @@ def test_onnx_with_dynamic_height_width_runs_in_onnxruntime(arch, args, sizes, t
 def _onnx(model, size, tmp_path, dims=(0, 2, 3)) -> str:
     from torch.export import Dim
 
-    onnx = torch.onnx.export(model, (torch.randn(2, 3, *size),), dynamo=True, verbose=False,
-                             dynamic_shapes={"x": {d: Dim.DYNAMIC for d in dims}})
+    onnx = torch.onnx.export(
+        model,
+        (torch.randn(2, 3, *size),),
+        dynamo=True,
+        verbose=False,
+        dynamic_shapes={"x": {d: Dim.DYNAMIC for d in dims}},
+    )
     onnx.save(str(tmp_path / "m.onnx"))
     return str(tmp_path / "m.onnx")
 
@@ -333,7 +385,9 @@ def test_nest_onnx_stops_on_timms_own_attention_as_its_export_note_says(tmp_path
 
     assert "5-D scaled_dot_product_attention" in next(f for f in FAMILIES if f.name == "nest").onnx_note
     pytest.importorskip("onnxscript")
-    for model, dims in ((timm_anysize.enable_dynamic(_perturbed("nest_tiny", img_size=64)), (0, 2, 3)),
-                        (timm.create_model("nest_tiny", img_size=64).eval(), (0,))):  # plain timm: its own size
+    for model, dims in (
+        (timm_anysize.enable_dynamic(_perturbed("nest_tiny", img_size=64)), (0, 2, 3)),
+        (timm.create_model("nest_tiny", img_size=64).eval(), (0,)),
+    ):  # plain timm: its own size
         with pytest.raises(Exception, match="only 4D query, key, and value are supported"):
             _onnx(model, (64, 64), tmp_path, dims)

@@ -1,80 +1,71 @@
 """The family coverage matrix: one small model per family x every geometry change, each cell passing exact checks
-or declared unsupported (and then rejected at validation); docs/families.md is kept in sync with the table."""
+or declared unsupported (and then rejected at validation); docs/families.md is kept in sync with the table.
+
+Every family is checked at the tiny model its row declares (``Family.tiny``): a new family module is a new row of
+every test here, with nothing to add to this file. ``pytest tests/test_families.py -k swin`` runs one family's cells.
+"""
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from collections import defaultdict
 from pathlib import Path
 from typing import Optional
 
 import pytest
 import timm
 import torch
-from conftest import unique_name
 from safetensors.torch import load_file
 
 import timm_anysize
+from conftest import unique_name
 from timm_anysize.apps.docs import families_markdown
-from timm_anysize.families import FAMILIES, GEOMETRY_CHANGES, UNSUPPORTED
+from timm_anysize.families import FAMILIES, FAMILY_MODULES, GEOMETRY_CHANGES, UNSUPPORTED
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(embed_dim=64, depth=2, num_heads=2)
-SWIN = dict(embed_dim=32, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
+# Each family's tiny model (model args, the size its checkpoint is built at, the step by which test sizes grow),
+# declared in its row.
+SETUP = {f.name: f.tiny for f in FAMILIES}
+SCRIPT_FX_GROUPS = ("tokens", "windows", "fsam")  # tests/test_script_fx_<group>.py
 
 
-@dataclass(frozen=True)
-class Setup:
-    """How the matrix shrinks a family's example: model args, the size its checkpoint is trained at, and the step
-    by which test sizes grow (a patch, or what the architecture's strides need)."""
-
-    args: dict = field(default_factory=dict)
-    size: int = 64
-    step: int = 16
-    export_scale: int = 2  # the export test's size, in checkpoint sizes (1: plain timm runs at that size only)
-    img_size_arg: bool = True  # the constructor takes img_size (CNNs that run at any size take none)
-
-
-SETUP = {
-    "vit": Setup(size=160, step=16),  # test_vit is already tiny
-    "vit_hybrid": Setup(dict(depth=1), 64, 16),
-    "deit_distilled": Setup(SMALL, 64, 16),
-    "eva": Setup(SMALL, 56, 14),
-    "beit": Setup(SMALL, 64, 16),
-    "cait": Setup(dict(SMALL, depth_token_only=1), 64, 16),
-    "swin": Setup(dict(SWIN, window_size=4), 64, 8),  # windows divide every stage: timm pads nowhere
-    "swinv2": Setup(dict(SWIN, window_size=4), 64, 8),
-    "swinv2_cr": Setup(dict(SWIN, window_size=4), 64, 8),
-    "pit": Setup(dict(depth=(1, 1, 1)), 64, 16),
-    "volo": Setup({}, 64, 16),
-    "levit": Setup(dict(embed_dim=(32, 48, 64), depth=(1, 1, 1), num_heads=(1, 1, 1), key_dim=8), 64, 16),
-    "twins": Setup(dict(embed_dims=(32, 64, 128, 256), depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8)), 64, 32),
-    "xcit": Setup(dict(depth=2), 64, 16),
-    "hiera": Setup(dict(embed_dim=32, num_heads=1, stages=(1, 1, 1, 1)), 64, 32),
-    "mvitv2": Setup({}, 64, 32),
-    "crossvit": Setup(dict(embed_dim=[32, 64], depth=[[1, 1, 0]], num_heads=[1, 1]), 120, 120),
-    "naflexvit": Setup(SMALL, 64, 16),
-    "maxxvit": Setup(dict(embed_dim=(16, 32, 48, 64), depths=(1, 1, 1, 1), stem_width=(16, 16),
-                          transformer_dim_head=16), 64, 32),  # windows of img_size / 32: 2x2 at 64 px
-    "gcvit": Setup(dict(embed_dim=16, mlp_ratio=1.0), 64, 32),  # (gcvit_xxtiny fixes depths and heads)
-    "samvit": Setup(dict(SMALL, global_attn_indexes=[1], window_size=2, neck_chans=32), 64, 16),
-    "tnt": Setup(dict(embed_dim=64, depth=2, inner_dim=16, num_heads_inner=2, num_heads_outer=2), 64, 16),
-    "convit": Setup(dict(embed_dim=32, depth=2, num_heads=2, local_up_to_layer=1), 64, 16),  # embed_dim per head
-    # timm's EfficientFormer runs only at 193-224 px (7x7 attention tables whatever img_size says)
-    "efficientformer": Setup(dict(depths=(1, 1, 1, 2), embed_dims=(16, 16, 32, 32), num_vit=1), 224, 32, 1),
-    "efficientformer_v2": Setup(dict(depths=(1, 1, 2, 2), embed_dims=(16, 16, 32, 32), num_vit=1, mlp_ratios=2),
-                                64, 32),  # one attention block in stages 2 and 3, stage 3's subsampling attention
-    "nest": Setup({}, 64, 16),  # NesT-T (its entrypoints fix every width and depth); 4x4 blocks of 4x4 patches
-    "mlp_mixer": Setup({}, 64, 16),  # gMLP-Ti (timm's mixer entrypoints fix the depth); 16 tokens at 64 px
-    "gemma4_vit": Setup(dict(depth=2, embed_dim=64, num_heads=2, head_dim=32, intermediate_size=128), 96, 48),
-    "tresnet": Setup(dict(layers=[1, 1, 1, 1], width_factor=0.25), 64, 32, img_size_arg=False),
-    "visformer": Setup(dict(embed_dim=48, depth=(1, 1, 1), num_heads=2, init_channels=16), 64, 32),
-}
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
+def test_every_family_declares_its_tiny_model(family):
+    """The row is the family's test row: a tiny model to check it at, the conformance variants timm's own tests run
+    on, and, if any, the script/FX module that checks it (see CONTRIBUTING.md)."""
+    tiny = family.tiny
+    assert tiny is not None, f"the {family.name} row declares no tiny=TinyModel(...) to test it at"
+    assert tiny.conformance, f"the {family.name} row declares no conformance variants (tiny.conformance)"
+    assert tiny.script_fx in ("", *SCRIPT_FX_GROUPS), tiny.script_fx
+    with torch.device("meta"):  # the tiny model builds (shapes only)
+        timm.create_model(
+            family.example, **({"img_size": tiny.img_size} if tiny.img_size_arg else {}), **tiny.model_args
+        )
 
 
-def test_every_family_has_a_matrix_row():
-    assert set(SETUP) == {f.name for f in FAMILIES}
+def test_rows_have_one_name_each_and_a_shared_class_lives_in_one_module():
+    """family_of tries rows in module-name order; only rows of one class depend on it, so they live in one module
+    (in the order to try) and are told apart by ``matches`` (a ViT hybrid from a ViT)."""
+    names = [f.name for f in FAMILIES]
+    assert len(names) == len(set(names)), names
+    homes, rows = defaultdict(set), defaultdict(list)  # class -> the modules / the rows that claim it
+    for module in FAMILY_MODULES:
+        for fam in module.FAMILIES:
+            for cls in fam.classes:
+                homes[cls].add(module.__name__)
+                rows[cls].append(fam)
+    assert all(len(m) == 1 for m in homes.values()), {c.__name__: sorted(m) for c, m in homes.items() if len(m) > 1}
+    assert all(f.matches is not None for fams in rows.values() if len(fams) > 1 for f in fams)
+
+
+def test_every_public_module_of_the_families_package_is_a_family_module():
+    """A module of timm_anysize/families/ without ``FAMILIES`` would be skipped silently: shared code goes in a
+    module named ``_*`` (the generic row is made per model by ``generic.py``)."""
+    package = ROOT / "timm_anysize" / "families"
+    public = {p.stem for p in package.glob("*.py") if not p.stem.startswith("_")} - {"generic"}
+    assert public == {m.__name__.rsplit(".", 1)[-1] for m in FAMILY_MODULES}
 
 
 def test_docs_families_is_in_sync():
@@ -98,8 +89,8 @@ def change_spec(change: str, size: int, step: int, patch: Optional[int]) -> dict
 def family_checkpoint(make_checkpoint):
     def make(family):
         setup = SETUP[family.name]
-        size = {"img_size": setup.size} if setup.img_size_arg else {}
-        path, base = make_checkpoint(family.example, **size, **setup.args)
+        size = {"img_size": setup.img_size} if setup.img_size_arg else {}
+        path, base = make_checkpoint(family.example, **size, **setup.model_args)
         return path, base, setup
 
     return make
@@ -113,10 +104,14 @@ def _num_outputs(model) -> int:
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
 def test_matrix_cell(family, change, family_checkpoint):
     path, base, setup = family_checkpoint(family)
-    size = setup.size
+    size = setup.img_size
     patch = family.patch_size(base)
-    spec = dict(base=family.example, model_args=setup.args, pretrained={"file": str(path), "img_size": size},
-                **change_spec(change, size, setup.step, patch and patch[0]))
+    spec = dict(
+        base=family.example,
+        model_args=setup.model_args,
+        pretrained={"file": str(path), "img_size": size},
+        **change_spec(change, size, setup.step, patch and patch[0]),
+    )
     if (family.name, change) in UNSUPPORTED:
         # a family without a patch kernel: any patch_size is refused (as patch_larger when there is no size to compare)
         expected = "patch_(smaller|larger)" if change.startswith("patch") else change
@@ -155,9 +150,14 @@ def test_matrix_cell(family, change, family_checkpoint):
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
 def test_same_geometry_is_bit_identical(family, family_checkpoint):
     path, base, setup = family_checkpoint(family)
-    size = setup.size
-    name = timm_anysize.register_variant(unique_name(), base=family.example, model_args=setup.args, img_size=size,
-                                         pretrained={"file": str(path), "img_size": size})
+    size = setup.img_size
+    name = timm_anysize.register_variant(
+        unique_name(),
+        base=family.example,
+        model_args=setup.model_args,
+        img_size=size,
+        pretrained={"file": str(path), "img_size": size},
+    )
     model = timm.create_model(name, pretrained=True).eval()
     assert timm_anysize.adaptation_report(model).non_copied() == []
     x = torch.randn(2, 3, size, size)
@@ -170,11 +170,17 @@ def test_every_family_runs_at_any_size_by_default(family):
     """``dynamic`` defaults to what the family supports (every family but the token-count-bound MLP-Mixers);
     asking a family that cannot is rejected at validation (plan.py) with the family's reason."""
     setup = SETUP[family.name]
-    spec = dict(base=family.example, model_args=setup.args, img_size=setup.size,
-                pretrained={"img_size": setup.size})
+    spec = dict(
+        base=family.example,
+        model_args=setup.model_args,
+        img_size=setup.img_size,
+        pretrained={"img_size": setup.img_size},
+    )
     if not family.supports_dynamic:
-        with pytest.raises(timm_anysize.SpecError, match=rf"the {family.name} family cannot run at any input size: "
-                                                         + re.escape(family.dynamic_reason)):
+        with pytest.raises(
+            timm_anysize.SpecError,
+            match=rf"the {family.name} family cannot run at any input size: " + re.escape(family.dynamic_reason),
+        ):
             timm_anysize.register_variant(unique_name(), **spec, dynamic=True)
     model = timm.create_model(timm_anysize.register_variant(unique_name(), **spec))
     assert timm_anysize.is_dynamic(model) is family.supports_dynamic
@@ -186,11 +192,16 @@ def test_one_channel_variant_on_gray_equals_base_on_gray_rgb(family, family_chec
     """adapt_input_conv sums the RGB kernel: a gray image gives the tokens the base gives that image as RGB, through
     whatever first layer the family has (patch conv, conv stem, NaFlexViT's linear projection)."""
     path, base, setup = family_checkpoint(family)
-    name = timm_anysize.register_variant(unique_name(), base=family.example, model_args=setup.args,
-                                         img_size=setup.size, in_chans=1,
-                                         pretrained={"file": str(path), "img_size": setup.size})
+    name = timm_anysize.register_variant(
+        unique_name(),
+        base=family.example,
+        model_args=setup.model_args,
+        img_size=setup.img_size,
+        in_chans=1,
+        pretrained={"file": str(path), "img_size": setup.img_size},
+    )
     model = timm.create_model(name, pretrained=True).eval()
-    gray = torch.rand(2, 1, setup.size, setup.size)
+    gray = torch.rand(2, 1, setup.img_size, setup.img_size)
     with torch.no_grad():
         torch.testing.assert_close(model(gray), base.eval()(gray.expand(-1, 3, -1, -1)), atol=2e-5, rtol=1e-4)
 
@@ -201,7 +212,10 @@ def test_swin_window_change_resizes_every_bias_table_between_the_windows_of_its_
     args = dict(embed_dim=32, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
     path, base = make_checkpoint("swin_tiny_patch4_window7_224", img_size=64, window_size=4, **args)
     name = timm_anysize.register_variant(
-        unique_name(), base="swin_tiny_patch4_window7_224", img_size=128, model_args=dict(args, window_size=8),
+        unique_name(),
+        base="swin_tiny_patch4_window7_224",
+        img_size=128,
+        model_args=dict(args, window_size=8),
         pretrained={"file": str(path), "img_size": 64, "model_args": {"window_size": 4}},
     )
     model = timm.create_model(name, pretrained=True).eval()
@@ -221,8 +235,14 @@ def test_naflexvit_linear_projection_keeps_patch_tokens_under_pi_resize(make_che
     import torch.nn.functional as F
 
     path, base = make_checkpoint("naflexvit_base_patch16_gap", img_size=64, **SMALL)
-    name = timm_anysize.register_variant(unique_name(), base="naflexvit_base_patch16_gap", model_args=SMALL,
-                                         img_size=128, patch_size=32, pretrained={"file": str(path), "img_size": 64})
+    name = timm_anysize.register_variant(
+        unique_name(),
+        base="naflexvit_base_patch16_gap",
+        model_args=SMALL,
+        img_size=128,
+        patch_size=32,
+        pretrained={"file": str(path), "img_size": 64},
+    )
     model = timm.create_model(name, pretrained=True)
     patches = torch.randn(6, 3, 16, 16)
     up = F.interpolate(patches, size=(32, 32), mode="bicubic", align_corners=False, antialias=True)
@@ -239,8 +259,14 @@ def test_vit_with_use_naflex_adapts_its_channels_instead_of_leaving_them_at_init
     """timm leaves embeds.proj.weight at random init (with a warning) when in_chans changes on use_naflex=True."""
     args = dict(SMALL, use_naflex=True)
     path, base = make_checkpoint("vit_tiny_patch16_224", img_size=64, **args)
-    name = timm_anysize.register_variant(unique_name(), base="vit_tiny_patch16_224", model_args=args, img_size=64,
-                                         in_chans=1, pretrained={"file": str(path), "img_size": 64})
+    name = timm_anysize.register_variant(
+        unique_name(),
+        base="vit_tiny_patch16_224",
+        model_args=args,
+        img_size=64,
+        in_chans=1,
+        pretrained={"file": str(path), "img_size": 64},
+    )
     model = timm.create_model(name, pretrained=True).eval()
     assert timm_anysize.adaptation_report(model).entries["embeds.proj.weight"].action == "adapted"
     gray = torch.rand(2, 1, 64, 64)
@@ -254,9 +280,14 @@ def test_export_loads_in_plain_timm_with_the_same_outputs(family, family_checkpo
     and gives the same outputs at the variant's size (twice the checkpoint's: every Swin stage a whole number of
     windows, where timm's masks are right)."""
     path, _, setup = family_checkpoint(family)
-    size = setup.export_scale * setup.size if family.supports_dynamic else setup.size  # (MLP-Mixers: one size)
-    name = timm_anysize.register_variant(unique_name(), base=family.example, model_args=setup.args,
-                                         img_size=size, pretrained={"file": str(path), "img_size": setup.size})
+    size = setup.export_scale * setup.img_size if family.supports_dynamic else setup.img_size  # (MLP-Mixers: one size)
+    name = timm_anysize.register_variant(
+        unique_name(),
+        base=family.example,
+        model_args=setup.model_args,
+        img_size=size,
+        pretrained={"file": str(path), "img_size": setup.img_size},
+    )
     model = timm.create_model(name, pretrained=True).eval()
     out = timm_anysize.export(model, tmp_path / "export")
     plain = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
@@ -264,12 +295,15 @@ def test_export_loads_in_plain_timm_with_the_same_outputs(family, family_checkpo
     # any size in plain timm only where timm has the dynamic path itself (timm writes fixed_input_size from the
     # model it builds); the card says which
     if not family.timm_dynamic:  # fixed, unless timm builds the patch embedding non-strict (SAM: whole patches)
-        assert plain.pretrained_cfg["fixed_input_size"] is getattr(getattr(plain, "patch_embed", None),
-                                                                   "strict_img_size", True)
+        assert plain.pretrained_cfg["fixed_input_size"] is getattr(
+            getattr(plain, "patch_embed", None), "strict_img_size", True
+        )
     elif "dynamic_img_size" in family.dynamic_args:
         assert plain.pretrained_cfg["fixed_input_size"] is False
     card = (out / "README.md").read_text()
-    assert ("enable_dynamic(model)` runs it at any size" in card) is (family.supports_dynamic and not family.timm_dynamic)
+    assert ("enable_dynamic(model)` runs it at any size" in card) is (
+        family.supports_dynamic and not family.timm_dynamic
+    )
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         assert torch.equal(plain(x), model(x))
@@ -278,12 +312,18 @@ def test_export_loads_in_plain_timm_with_the_same_outputs(family, family_checkpo
 def test_a_window_the_weights_were_not_built_with_is_named_with_the_fix(make_checkpoint):
     args = dict(embed_dim=32, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
     path, _ = make_checkpoint("swin_tiny_patch4_window7_224", img_size=64, window_size=4, **args)
-    name = timm_anysize.register_variant(unique_name(), base="swin_tiny_patch4_window7_224", img_size=128,
-                                         model_args=dict(args, window_size=8),
-                                         pretrained={"file": str(path), "img_size": 64})
-    with pytest.raises(timm_anysize.AdaptationError,
-                       match=r"layers\.0\.blocks\.0\.attn\.relative_position_bias_table: checkpoint \(49, 1\), the "
-                             r"source geometry .* implies \(225, 1\); .*model_args such as a Swin window_size"):
+    name = timm_anysize.register_variant(
+        unique_name(),
+        base="swin_tiny_patch4_window7_224",
+        img_size=128,
+        model_args=dict(args, window_size=8),
+        pretrained={"file": str(path), "img_size": 64},
+    )
+    with pytest.raises(
+        timm_anysize.AdaptationError,
+        match=r"layers\.0\.blocks\.0\.attn\.relative_position_bias_table: checkpoint \(49, 1\), the "
+        r"source geometry .* implies \(225, 1\); .*model_args such as a Swin window_size",
+    ):
         timm.create_model(name, pretrained=True)
 
 
@@ -292,16 +332,25 @@ def test_features_only_carries_the_adapted_weights(family, family_checkpoint):
     """timm's feature wrapper (whatever its kind and naming) gets every adapted tensor; feature models of families
     whose feature path is dynamic run at another size, the others are marked fixed-size."""
     path, base, setup = family_checkpoint(family)
-    size = setup.size + setup.step if family.supports_dynamic else setup.size  # (MLP-Mixers: one size)
-    spec = dict(base=family.example, model_args=setup.args, img_size=size, in_chans=1,
-                pretrained={"file": str(path), "img_size": setup.size})
+    size = setup.img_size + setup.step if family.supports_dynamic else setup.img_size  # (MLP-Mixers: one size)
+    spec = dict(
+        base=family.example,
+        model_args=setup.model_args,
+        img_size=size,
+        in_chans=1,
+        pretrained={"file": str(path), "img_size": setup.img_size},
+    )
     name = timm_anysize.register_variant(unique_name(), **spec)
     full = timm.create_model(name, pretrained=True).state_dict()
     # the first feature with a module to hook (timm's TResNet lists its stem as module '', which timm cannot hook)
-    first = next(i for i, info in enumerate(base.feature_info) if info["module"]) if hasattr(base, "feature_info") else 0
+    first = (
+        next(i for i, info in enumerate(base.feature_info) if info["module"]) if hasattr(base, "feature_info") else 0
+    )
     feats = timm.create_model(name, pretrained=True, features_only=True, out_indices=(first,)).eval()
     wrapper_sd = feats.state_dict()
-    matched = [k for k, v in wrapper_sd.items() if any(torch.equal(v, full[f]) for f in full if full[f].shape == v.shape)]
+    matched = [
+        k for k, v in wrapper_sd.items() if any(torch.equal(v, full[f]) for f in full if full[f].shape == v.shape)
+    ]
     assert matched == list(wrapper_sd)
     sizes = [(size, size)] + ([] if feats.pretrained_cfg["fixed_input_size"] else [(size + setup.step, size)])
     assert feats.pretrained_cfg["fixed_input_size"] is not family.dynamic_features
@@ -314,13 +363,22 @@ def test_mvitv2_non_square_variant_gets_per_axis_tables(make_checkpoint, tmp_pat
     """timm builds MViTv2 square only; a non-square variant is built square with each width table refitted, loads
     every table resized to its own axis, runs at its size through timm's own forward, and refuses a plain export."""
     path, _ = make_checkpoint("mvitv2_tiny", img_size=64)
-    name = timm_anysize.register_variant(unique_name(), base="mvitv2_tiny", img_size=[128, 64], dynamic=False,
-                                         pretrained={"file": str(path), "img_size": 64})
+    name = timm_anysize.register_variant(
+        unique_name(),
+        base="mvitv2_tiny",
+        img_size=[128, 64],
+        dynamic=False,
+        pretrained={"file": str(path), "img_size": 64},
+    )
     model = timm.create_model(name, pretrained=True).eval()
     sd, report = model.state_dict(), timm_anysize.adaptation_report(model)
     # stage 0: the 32 x 16 feature map with keys pooled by 4 -> 2 * 32 - 1 rows, 2 * 16 - 1 columns
-    assert sd["stages.0.blocks.0.attn.rel_pos_h"].shape[0] == 63 and sd["stages.0.blocks.0.attn.rel_pos_w"].shape[0] == 31
-    assert report.entries["stages.0.blocks.0.attn.rel_pos_h"].detail == "relative-position axis 31 -> 63 entries (linear)"
+    assert (
+        sd["stages.0.blocks.0.attn.rel_pos_h"].shape[0] == 63 and sd["stages.0.blocks.0.attn.rel_pos_w"].shape[0] == 31
+    )
+    assert (
+        report.entries["stages.0.blocks.0.attn.rel_pos_h"].detail == "relative-position axis 31 -> 63 entries (linear)"
+    )
     assert report.entries["stages.0.blocks.0.attn.rel_pos_w"].action == "copied"
     with torch.no_grad():
         assert torch.isfinite(model(torch.randn(2, 3, 128, 64))).all()
@@ -333,8 +391,13 @@ def test_swin_export_whose_own_size_pads_says_plain_timm_differs(make_checkpoint
     args = dict(embed_dim=32, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1), window_size=4)
     path, _ = make_checkpoint("swin_tiny_patch4_window7_224", img_size=64, **args)
     for size, pads in ((72, True), (128, False)):  # 72: an 18x18 first stage in 4x4 windows
-        name = timm_anysize.register_variant(unique_name(), base="swin_tiny_patch4_window7_224", model_args=args,
-                                             img_size=size, pretrained={"file": str(path), "img_size": 64})
+        name = timm_anysize.register_variant(
+            unique_name(),
+            base="swin_tiny_patch4_window7_224",
+            model_args=args,
+            img_size=size,
+            pretrained={"file": str(path), "img_size": 64},
+        )
         out = timm_anysize.export(name, tmp_path / f"export{size}")
         assert ("padded to whole windows" in (out / "README.md").read_text()) is pads
 
@@ -347,18 +410,22 @@ def test_a_size_the_branches_cannot_take_is_rejected_with_the_nearest_that_work(
     nearest sizes, each of which builds and runs at its own size."""
     setup = SETUP[family.name]
     with torch.device("meta"):
-        timm_model = timm.create_model(family.example, img_size=setup.size + setup.step // 3, **setup.args)
-    with pytest.raises(Exception):  # the geometry really cannot run in timm
-        timm_model(torch.empty(1, 3, setup.size + setup.step // 3, setup.size + setup.step // 3, device="meta"))
-    bad = setup.size + setup.step // 3
-    with pytest.raises(timm_anysize.SpecError, match=rf"cannot run at \[{bad}, {bad}\].*not a multiple of its patch "
-                                                      rf"\d+; nearest heights that work: (\d+) or (\d+)") as info:
-        timm_anysize.register_variant(unique_name(), base=family.example, model_args=setup.args, img_size=bad)
+        timm_model = timm.create_model(family.example, img_size=setup.img_size + setup.step // 3, **setup.model_args)
+    with pytest.raises(Exception):  # noqa: B017  (the geometry really cannot run in timm: any error of its own)
+        timm_model(torch.empty(1, 3, setup.img_size + setup.step // 3, setup.img_size + setup.step // 3, device="meta"))
+    bad = setup.img_size + setup.step // 3
+    with pytest.raises(
+        timm_anysize.SpecError,
+        match=rf"cannot run at \[{bad}, {bad}\].*not a multiple of its patch "
+        rf"\d+; nearest heights that work: (\d+) or (\d+)",
+    ) as info:
+        timm_anysize.register_variant(unique_name(), base=family.example, model_args=setup.model_args, img_size=bad)
     import re
 
     for near in map(int, re.search(r"work: (\d+) or (\d+)", str(info.value)).groups()):
-        name = timm_anysize.register_variant(unique_name(), base=family.example, model_args=setup.args,
-                                             img_size=[near, setup.size])
+        name = timm_anysize.register_variant(
+            unique_name(), base=family.example, model_args=setup.model_args, img_size=[near, setup.img_size]
+        )
         model = timm.create_model(name).eval()
         with torch.no_grad():
-            assert model(torch.randn(1, 3, near, setup.size)).shape == (1, model.num_classes)
+            assert model(torch.randn(1, 3, near, setup.img_size)).shape == (1, model.num_classes)

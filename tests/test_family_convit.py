@@ -7,22 +7,28 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from conftest import unique_name
 from test_families import SETUP
 from timm.layers import resample_abs_pos_embed
 from timm.models import convit
 
 import timm_anysize
+from conftest import unique_name
 from timm_anysize.families.convit import gpsa_rel_indices
 
 ARCH = "convit_tiny"
-ARGS = SETUP["convit"].args  # one GPSA block, then one MHSA block
+ARGS = SETUP["convit"].model_args  # one GPSA block, then one MHSA block
 
 
 def test_a_square_variant_equals_plain_timm_built_at_that_size(make_checkpoint):
     path, model = make_checkpoint(ARCH, img_size=64, **ARGS)
-    name = timm_anysize.register_variant(unique_name(), base=ARCH, model_args=ARGS, img_size=96, dynamic=False,
-                                         pretrained={"file": str(path), "img_size": 64})
+    name = timm_anysize.register_variant(
+        unique_name(),
+        base=ARCH,
+        model_args=ARGS,
+        img_size=96,
+        dynamic=False,
+        pretrained={"file": str(path), "img_size": 64},
+    )
     variant = timm.create_model(name, pretrained=True).eval()
     assert type(variant) is convit.ConVit  # timm's own forward
     sd = dict(model.state_dict())
@@ -51,8 +57,7 @@ def test_non_square_offsets_are_the_grid_offsets():
             assert rel[0, n, m].tolist() == [dx, dy, dx * dx + dy * dy]
 
 
-def test_a_non_square_variant_runs_where_timms_gpsa_cannot_and_equals_timms_math_with_the_true_offsets(
-        make_checkpoint):
+def test_a_non_square_variant_runs_where_timms_gpsa_cannot_and_equals_timms_math_with_the_true_offsets(make_checkpoint):
     path, _ = make_checkpoint(ARCH, img_size=64, **ARGS)
     spec = dict(base=ARCH, model_args=ARGS, img_size=[96, 64], pretrained={"file": str(path), "img_size": 64})
     dynamic = timm.create_model(timm_anysize.register_variant(unique_name(), **spec), pretrained=True).eval()
@@ -72,8 +77,9 @@ def test_a_non_square_variant_runs_where_timms_gpsa_cannot_and_equals_timms_math
 
 def test_offsets_are_cached_per_grid(make_checkpoint):
     path, _ = make_checkpoint(ARCH, img_size=64, **ARGS)
-    name = timm_anysize.register_variant(unique_name(), base=ARCH, model_args=ARGS, img_size=64,
-                                         pretrained={"file": str(path), "img_size": 64})
+    name = timm_anysize.register_variant(
+        unique_name(), base=ARCH, model_args=ARGS, img_size=64, pretrained={"file": str(path), "img_size": 64}
+    )
     model = timm.create_model(name, pretrained=True).eval()
     with torch.no_grad():
         for hw in ((64, 96), (64, 96), (80, 64)):
@@ -92,8 +98,14 @@ def test_a_run_time_patch_size_equals_a_variant_built_with_that_patch(make_check
     from timm_anysize.flexi import set_patch_size
 
     path, model = make_checkpoint(ARCH, img_size=64, **ARGS)
-    name = timm_anysize.register_variant(unique_name(), base=ARCH, model_args=ARGS, img_size=64, patch_size=8,
-                                         pretrained={"file": str(path), "img_size": 64})
+    name = timm_anysize.register_variant(
+        unique_name(),
+        base=ARCH,
+        model_args=ARGS,
+        img_size=64,
+        patch_size=8,
+        pretrained={"file": str(path), "img_size": 64},
+    )
     built = timm.create_model(name, pretrained=True).eval()
     set_patch_size(model.eval(), 8)
     x = torch.randn(2, 3, 64, 64)

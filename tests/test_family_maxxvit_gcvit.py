@@ -7,12 +7,12 @@ import copy
 import pytest
 import timm
 import torch
-from conftest import unique_name
 from script_fx import fx_model
 from timm.layers import resize_rel_pos_bias_table
 from timm.models.maxxvit import checkpoint_filter_fn
 
 import timm_anysize
+from conftest import unique_name
 
 MAXXVIT = dict(embed_dim=(16, 32, 48, 64), depths=(1, 1, 1, 1), stem_width=(16, 16), transformer_dim_head=16)
 GCVIT = dict(embed_dim=16, mlp_ratio=1.0)
@@ -23,8 +23,9 @@ MAXXVIT_BASES = ["maxvit_nano_rw_256", "maxvit_tiny_tf_224", "maxvit_rmlp_pico_r
 
 def _load(make_checkpoint, arch: str, args: dict, img_size):
     path, base = make_checkpoint(arch, img_size=64, **args)
-    name = timm_anysize.register_variant(unique_name(), base=arch, model_args=args, img_size=img_size,
-                                         pretrained={"file": str(path), "img_size": 64})
+    name = timm_anysize.register_variant(
+        unique_name(), base=arch, model_args=args, img_size=img_size, pretrained={"file": str(path), "img_size": 64}
+    )
     return base, timm.create_model(name, pretrained=True).eval()
 
 
@@ -64,8 +65,9 @@ def test_gcvit_load_resizes_every_table_with_timm_between_the_windows_of_its_blo
         owner = key.rsplit(".", 1)[0]
         old, new = base.get_submodule(owner).window_size, plain.get_submodule(owner).window_size
         assert tuple(new) == tuple(model.get_submodule(owner).window_size) != tuple(old)
-        expected = resize_rel_pos_bias_table(src[key], new_window_size=new, new_bias_shape=sd[key].shape,
-                                             old_window_size=old)
+        expected = resize_rel_pos_bias_table(
+            src[key], new_window_size=new, new_bias_shape=sd[key].shape, old_window_size=old
+        )
         assert torch.equal(sd[key], expected), key
     assert all(torch.equal(sd[k], src[k]) for k in sd if k not in tables)
     with torch.no_grad():
@@ -95,14 +97,21 @@ def test_maxxvit_at_any_size_equals_timm_built_for_it(arch):
             out = model(x)
             assert torch.equal(out, ref(torch.nn.functional.pad(x, (0, built[1] - hw[1])))), hw
             feats = model.forward_intermediates(x, intermediates_only=True)
-            assert [f.shape[-2:] for f in feats] == [f.shape[-2:] for f in ref.forward_intermediates(
-                torch.nn.functional.pad(x, (0, built[1] - hw[1])), intermediates_only=True)]
+            assert [f.shape[-2:] for f in feats] == [
+                f.shape[-2:]
+                for f in ref.forward_intermediates(
+                    torch.nn.functional.pad(x, (0, built[1] - hw[1])), intermediates_only=True
+                )
+            ]
 
 
 def test_maxxvit_without_padding_names_the_multiple_and_trains_its_tables_at_another_size():
     model = timm_anysize.enable_dynamic(_trained("maxvit_nano_rw_256", MAXXVIT), pad=False)
-    with pytest.raises(ValueError, match=r"input 64x70 is not a multiple of 32.*padding is off"):
+    with pytest.raises(
+        timm_anysize.InputNotDivisibleError, match=r"input 64x70 is not a multiple of .* 32x32 and padding is off"
+    ) as err:
         model(torch.randn(1, 3, 64, 70))
+    assert (err.value.size, err.value.multiple) == ((64, 70), (32, 32))
     model.train()
     model(torch.randn(2, 3, 96, 64)).sum().backward()  # the resized bias is computed inline: gradients reach it
     table = model.stages[0].blocks[0].attn_block.attn.rel_pos.relative_position_bias_table
@@ -110,8 +119,11 @@ def test_maxxvit_without_padding_names_the_multiple_and_trains_its_tables_at_ano
 
 
 def test_maxxvit_size_off_the_partitions_is_rejected_with_the_nearest_that_work():
-    with pytest.raises(timm_anysize.SpecError, match=r"cannot run at \[80, 80\].*not a multiple of its patch 32; "
-                                                      r"nearest heights that work: 64 or 96"):
+    with pytest.raises(
+        timm_anysize.SpecError,
+        match=r"cannot run at \[80, 80\].*not a multiple of its patch 32; "
+        r"nearest heights that work: 64 or 96",
+    ):
         timm_anysize.register_variant(unique_name(), base="maxvit_nano_rw_256", model_args=MAXXVIT, img_size=80)
 
 
@@ -123,9 +135,12 @@ def _gcvit_built_for(base: torch.nn.Module, size) -> torch.nn.Module:
     for key, value in base.state_dict().items():
         if key.endswith("relative_position_bias_table"):
             owner = key.rsplit(".", 1)[0]
-            value = resize_rel_pos_bias_table(value, new_window_size=ref.get_submodule(owner).window_size,
-                                              new_bias_shape=target[key].shape,
-                                              old_window_size=base.get_submodule(owner).window_size)
+            value = resize_rel_pos_bias_table(
+                value,
+                new_window_size=ref.get_submodule(owner).window_size,
+                new_bias_shape=target[key].shape,
+                old_window_size=base.get_submodule(owner).window_size,
+            )
         weights[key] = value
     ref.load_state_dict(weights)
     return ref
@@ -141,8 +156,11 @@ def test_gcvit_at_any_size_equals_timm_built_for_it():
         ref = _gcvit_built_for(base, built)
         with torch.no_grad():
             assert torch.equal(model(x), ref(torch.nn.functional.pad(x, (0, built[1] - hw[1])))), hw
-    with pytest.raises(ValueError, match=r"input 64x70 is not a multiple of 32.*padding is off"):
+    with pytest.raises(
+        timm_anysize.InputNotDivisibleError, match=r"input 64x70 is not a multiple of .* 32x32 and padding is off"
+    ) as err:
         timm_anysize.enable_dynamic(model, pad=False)(torch.randn(1, 3, 64, 70))
+    assert (err.value.size, err.value.multiple) == ((64, 70), (32, 32))
 
 
 SCRIPT_FX = [(arch, MAXXVIT) for arch in MAXXVIT_BASES] + [("gcvit_xxtiny", GCVIT)]
@@ -154,8 +172,9 @@ def test_torchscript_and_fx_equal_eager_at_any_size(make_checkpoint, arch, args)
     at its size, at another and at one that is padded (the scripted path resizes tables with the ports of timm's
     functions)."""
     path, _ = make_checkpoint(arch, img_size=64, **args)
-    name = timm_anysize.register_variant(unique_name(), base=arch, model_args=args, img_size=[96, 64],
-                                         pretrained={"file": str(path), "img_size": 64})
+    name = timm_anysize.register_variant(
+        unique_name(), base=arch, model_args=args, img_size=[96, 64], pretrained={"file": str(path), "img_size": 64}
+    )
     model = timm.create_model(name, pretrained=True).eval()
     scripted, traced = torch.jit.script(model), fx_model(model)
     gen = torch.Generator().manual_seed(0)
@@ -189,8 +208,9 @@ def test_fx_feature_model_runs_at_any_size_with_the_dynamic_model_features(make_
     """``features_only=True, feature_cls='fx'`` traces the dynamic model: any size, the features of
     ``forward_intermediates`` (timm's default feature wrapper takes the variant's size: ``dynamic_features``)."""
     path, _ = make_checkpoint(arch, img_size=64, **args)
-    name = timm_anysize.register_variant(unique_name(), base=arch, model_args=args, img_size=96,
-                                         pretrained={"file": str(path), "img_size": 64})
+    name = timm_anysize.register_variant(
+        unique_name(), base=arch, model_args=args, img_size=96, pretrained={"file": str(path), "img_size": 64}
+    )
     feats = timm.create_model(name, pretrained=True, features_only=True, feature_cls="fx", out_indices=(0, 1, 2))
     model = timm.create_model(name, pretrained=True).eval()
     assert feats.eval().pretrained_cfg["fixed_input_size"] is False

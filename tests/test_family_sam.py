@@ -8,14 +8,14 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import unique_name
 from test_families import SETUP
 from timm.layers import resample_abs_pos_embed_nhwc
 
 import timm_anysize
+from conftest import unique_name
 
 ARCH = "samvit_base_patch16"
-ARGS = SETUP["samvit"].args  # global attention in block 1, 2x2-token windows in block 0
+ARGS = SETUP["samvit"].model_args  # global attention in block 1, 2x2-token windows in block 0
 
 
 @pytest.fixture
@@ -32,8 +32,9 @@ def _timm_rel_pos(table: torch.Tensor, length: int) -> torch.Tensor:
 @pytest.mark.parametrize("img_size", [[96, 64], [128, 128], [48, 80]])
 def test_a_variant_is_timm_running_the_base_at_that_size(base, img_size):
     path, model = base
-    name = timm_anysize.register_variant(unique_name(), base=ARCH, model_args=ARGS, img_size=img_size,
-                                         pretrained={"file": str(path), "img_size": 64})
+    name = timm_anysize.register_variant(
+        unique_name(), base=ARCH, model_args=ARGS, img_size=img_size, pretrained={"file": str(path), "img_size": 64}
+    )
     variant = timm.create_model(name, pretrained=True).eval()
     grid = [s // 16 for s in img_size]
     sd, src = variant.state_dict(), model.state_dict()
@@ -55,8 +56,13 @@ def test_a_checkpoint_in_sams_own_layout_loads_through_timms_filter(base, tmp_pa
     sam["prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"] = torch.randn(2, 8)
     sam["mask_decoder.iou_token.weight"] = torch.randn(1, 8)
     torch.save(sam, tmp_path / "sam_vit.pth")
-    name = timm_anysize.register_variant(unique_name(), base=ARCH, model_args=ARGS, img_size=[96, 64],
-                                         pretrained={"file": str(tmp_path / "sam_vit.pth"), "img_size": 64})
+    name = timm_anysize.register_variant(
+        unique_name(),
+        base=ARCH,
+        model_args=ARGS,
+        img_size=[96, 64],
+        pretrained={"file": str(tmp_path / "sam_vit.pth"), "img_size": 64},
+    )
     variant = timm.create_model(name, pretrained=True).eval()
     x = torch.randn(1, 3, 96, 64)
     with torch.no_grad():
@@ -65,8 +71,9 @@ def test_a_checkpoint_in_sams_own_layout_loads_through_timms_filter(base, tmp_pa
 
 def test_inputs_that_are_not_whole_patches_are_padded_and_gradients_reach_the_position_embedding(base):
     path, _ = base
-    name = timm_anysize.register_variant(unique_name(), base=ARCH, model_args=ARGS, img_size=64,
-                                         pretrained={"file": str(path), "img_size": 64})
+    name = timm_anysize.register_variant(
+        unique_name(), base=ARCH, model_args=ARGS, img_size=64, pretrained={"file": str(path), "img_size": 64}
+    )
     model = timm.create_model(name, pretrained=True).eval()
     assert timm_anysize.is_dynamic(model)
     x = torch.randn(1, 3, 70, 90)
@@ -78,8 +85,14 @@ def test_inputs_that_are_not_whole_patches_are_padded_and_gradients_reach_the_po
 
 def test_without_padding_an_input_that_is_not_whole_patches_is_refused_with_the_fix(base):
     path, _ = base
-    name = timm_anysize.register_variant(unique_name(), base=ARCH, model_args=ARGS, img_size=64, pad=False,
-                                         pretrained={"file": str(path), "img_size": 64})
+    name = timm_anysize.register_variant(
+        unique_name(),
+        base=ARCH,
+        model_args=ARGS,
+        img_size=64,
+        pad=False,
+        pretrained={"file": str(path), "img_size": 64},
+    )
     model = timm.create_model(name, pretrained=True).eval()
     with pytest.raises(ValueError, match=r"input 70x64 is not a multiple of the patch 16x16.*pad: true"):
         model(torch.randn(1, 3, 70, 64))
@@ -87,8 +100,14 @@ def test_without_padding_an_input_that_is_not_whole_patches_is_refused_with_the_
 
 def test_a_patch_change_resizes_the_kernel_and_keeps_the_window_tables(base):
     path, model = base
-    name = timm_anysize.register_variant(unique_name(), base=ARCH, model_args=ARGS, img_size=64, patch_size=8,
-                                         pretrained={"file": str(path), "img_size": 64})
+    name = timm_anysize.register_variant(
+        unique_name(),
+        base=ARCH,
+        model_args=ARGS,
+        img_size=64,
+        patch_size=8,
+        pretrained={"file": str(path), "img_size": 64},
+    )
     variant = timm.create_model(name, pretrained=True).eval()
     entries = timm_anysize.adaptation_report(variant).entries
     assert entries["patch_embed.proj.weight"].action == "resampled"
@@ -99,14 +118,19 @@ def test_a_patch_change_resizes_the_kernel_and_keeps_the_window_tables(base):
         assert torch.isfinite(variant(torch.randn(1, 3, 64, 64))).all()
 
 
-
 def test_a_run_time_patch_size_equals_a_variant_built_with_that_patch(base):
     """FlexiViT at run time (``timm_anysize.flexi``): the kernel PI-resized per call, the grid read off the output."""
     from timm_anysize.flexi import set_patch_size
 
     path, model = base
-    name = timm_anysize.register_variant(unique_name(), base=ARCH, model_args=ARGS, img_size=64, patch_size=8,
-                                         pretrained={"file": str(path), "img_size": 64})
+    name = timm_anysize.register_variant(
+        unique_name(),
+        base=ARCH,
+        model_args=ARGS,
+        img_size=64,
+        patch_size=8,
+        pretrained={"file": str(path), "img_size": 64},
+    )
     built = timm.create_model(name, pretrained=True).eval()
     set_patch_size(model.eval(), 8)
     x = torch.randn(2, 3, 64, 64)

@@ -7,21 +7,22 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import unique_name
 from test_families import SETUP
 from timm.models import tnt
 
 import timm_anysize
+from conftest import unique_name
 
-ARGS = SETUP["tnt"].args
+ARGS = SETUP["tnt"].model_args
 
 
 @pytest.mark.parametrize("arch", ["tnt_s_patch16_224", "tnt_s_legacy_patch16_224"])
 @pytest.mark.parametrize("img_size", [96, [96, 64]])
 def test_a_variant_equals_timm_at_that_size_loaded_through_timms_filter(arch, img_size, make_checkpoint):
     path, model = make_checkpoint(arch, img_size=64, **ARGS)
-    name = timm_anysize.register_variant(unique_name(), base=arch, model_args=ARGS, img_size=img_size,
-                                         pretrained={"file": str(path), "img_size": 64})
+    name = timm_anysize.register_variant(
+        unique_name(), base=arch, model_args=ARGS, img_size=img_size, pretrained={"file": str(path), "img_size": 64}
+    )
     variant = timm.create_model(name, pretrained=True).eval()
     reference = timm.create_model(arch, img_size=img_size, **ARGS).eval()
     # timm's filter resamples patch_pos to the model's grid, reading the source grid as square
@@ -38,10 +39,12 @@ def test_a_variant_equals_timm_at_that_size_loaded_through_timms_filter(arch, im
 def test_the_dynamic_model_at_another_size_equals_the_variant_built_for_it(arch, make_checkpoint):
     path, model = make_checkpoint(arch, img_size=64, **ARGS)
     spec = dict(base=arch, model_args=ARGS, pretrained={"file": str(path), "img_size": 64})
-    dynamic = timm.create_model(timm_anysize.register_variant(unique_name(), img_size=64, **spec),
-                                pretrained=True).eval()
-    built = timm.create_model(timm_anysize.register_variant(unique_name(), img_size=[80, 112], dynamic=False, **spec),
-                              pretrained=True).eval()
+    dynamic = timm.create_model(
+        timm_anysize.register_variant(unique_name(), img_size=64, **spec), pretrained=True
+    ).eval()
+    built = timm.create_model(
+        timm_anysize.register_variant(unique_name(), img_size=[80, 112], dynamic=False, **spec), pretrained=True
+    ).eval()
     assert type(built) is tnt.TNT
     x = torch.randn(2, 3, 80, 112)
     with torch.no_grad():
@@ -51,8 +54,13 @@ def test_the_dynamic_model_at_another_size_equals_the_variant_built_for_it(arch,
 
 def test_padding_gradients_and_the_cache(make_checkpoint):
     path, _ = make_checkpoint("tnt_s_patch16_224", img_size=64, **ARGS)
-    name = timm_anysize.register_variant(unique_name(), base="tnt_s_patch16_224", model_args=ARGS, img_size=64,
-                                         pretrained={"file": str(path), "img_size": 64})
+    name = timm_anysize.register_variant(
+        unique_name(),
+        base="tnt_s_patch16_224",
+        model_args=ARGS,
+        img_size=64,
+        pretrained={"file": str(path), "img_size": 64},
+    )
     model = timm.create_model(name, pretrained=True).eval()
     x = torch.randn(1, 3, 70, 90)
     with torch.no_grad():
@@ -66,8 +74,14 @@ def test_padding_gradients_and_the_cache(make_checkpoint):
 
 def test_without_padding_an_input_that_is_not_whole_patches_is_refused_with_the_fix(make_checkpoint):
     path, _ = make_checkpoint("tnt_s_patch16_224", img_size=64, **ARGS)
-    name = timm_anysize.register_variant(unique_name(), base="tnt_s_patch16_224", model_args=ARGS, img_size=64,
-                                         pad=False, pretrained={"file": str(path), "img_size": 64})
+    name = timm_anysize.register_variant(
+        unique_name(),
+        base="tnt_s_patch16_224",
+        model_args=ARGS,
+        img_size=64,
+        pad=False,
+        pretrained={"file": str(path), "img_size": 64},
+    )
     model = timm.create_model(name, pretrained=True).eval()
     with pytest.raises(ValueError, match=r"input 70x64 is not a multiple of the patch 16x16.*pad: true"):
         model(torch.randn(1, 3, 70, 64))
@@ -76,10 +90,17 @@ def test_without_padding_an_input_that_is_not_whole_patches_is_refused_with_the_
 
 
 def test_a_patch_change_is_refused_at_validation_with_the_reason():
-    with pytest.raises(timm_anysize.SpecError,
-                       match=r"tnt family cannot take patch_(smaller|larger): the patch size sets TNT's pixels"):
-        timm_anysize.register_variant(unique_name(), base="tnt_s_patch16_224", model_args=ARGS, img_size=64,
-                                      patch_size=8, pretrained={"img_size": 64})
+    with pytest.raises(
+        timm_anysize.SpecError, match=r"tnt family cannot take patch_(smaller|larger): the patch size sets TNT's pixels"
+    ):
+        timm_anysize.register_variant(
+            unique_name(),
+            base="tnt_s_patch16_224",
+            model_args=ARGS,
+            img_size=64,
+            patch_size=8,
+            pretrained={"img_size": 64},
+        )
 
 
 def test_a_size_that_is_not_whole_patches_is_rejected_with_the_nearest_that_work(make_checkpoint):
@@ -90,13 +111,18 @@ def test_a_size_that_is_not_whole_patches_is_rejected_with_the_nearest_that_work
     x = torch.randn(1, 3, 70, 64)
     with torch.no_grad():
         assert torch.equal(at_70(x), model.eval()(x[:, :, :64]))  # the last 6 rows never reach the model
-    with pytest.raises(timm_anysize.SpecError, match=r"tnt cannot run at \[70, 64\]: the pixel embedding gets \[70, "
-                                                     r"64\] px, and its height 70 is not a multiple of its patch 16; "
-                                                     r"nearest heights that work: 64 or 80"):
-        timm_anysize.register_variant(unique_name(), base="tnt_s_patch16_224", model_args=ARGS, img_size=[70, 64],
-                                      pretrained={"img_size": 64})
+    with pytest.raises(
+        timm_anysize.SpecError,
+        match=r"tnt cannot run at \[70, 64\]: the pixel embedding gets \[70, "
+        r"64\] px, and its height 70 is not a multiple of its patch 16; "
+        r"nearest heights that work: 64 or 80",
+    ):
+        timm_anysize.register_variant(
+            unique_name(), base="tnt_s_patch16_224", model_args=ARGS, img_size=[70, 64], pretrained={"img_size": 64}
+        )
     for near in (64, 80):
-        name = timm_anysize.register_variant(unique_name(), base="tnt_s_patch16_224", model_args=ARGS,
-                                             img_size=[near, 64], pretrained={"img_size": 64})
+        name = timm_anysize.register_variant(
+            unique_name(), base="tnt_s_patch16_224", model_args=ARGS, img_size=[near, 64], pretrained={"img_size": 64}
+        )
         with torch.no_grad():
             assert timm.create_model(name).eval()(torch.randn(1, 3, near, 64)).shape == (1, 1000)

@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from timm.layers import resample_abs_pos_embed, resample_patch_embed
 
 import timm_anysize
-from timm.layers import resample_abs_pos_embed, resample_patch_embed
+from timm_anysize.apps.demo import register_demo_variants
 from timm_anysize.core.spec import parse_variant
 
 SMALL = dict(embed_dim=64, depth=2, num_heads=2)
@@ -178,8 +179,11 @@ def test_threads_at_different_patch_sizes():
 
 @pytest.mark.parametrize("arch", ["levit_128s", "pit_ti_224", "vitamin_small_224"])
 def test_families_without_a_patch_kernel_raise(arch):
-    kwargs = {"levit_128s": dict(embed_dim=(32, 48, 64), depth=(1, 1, 1), num_heads=(1, 1, 1), key_dim=8),
-              "pit_ti_224": dict(depth=(1, 1, 1)), "vitamin_small_224": dict(depth=1)}[arch]
+    kwargs = {
+        "levit_128s": dict(embed_dim=(32, 48, 64), depth=(1, 1, 1), num_heads=(1, 1, 1), key_dim=8),
+        "pit_ti_224": dict(depth=(1, 1, 1)),
+        "vitamin_small_224": dict(depth=1),
+    }[arch]
     model = timm.create_model(arch, **kwargs)
     family = timm_anysize.families.family_of(model).name
     with pytest.raises(TypeError, match=f"the {family} family has no single patch-embedding kernel"):
@@ -276,6 +280,7 @@ def test_yaml_flexi_variant_trains_at_drawn_sizes_and_evaluates_at_its_own(flexi
     path, name = flexi_yaml
     timm_anysize.register_yaml(path)
     model = timm.create_model(name, pretrained=True)
+    register_demo_variants()  # the demo's variants: `import timm_anysize` does not register them
     plain = timm.create_model("vit_digits_patch4_32", pretrained=True).eval()
     x = torch.rand(2, 1, 32, 32)
     model.eval()
@@ -288,13 +293,16 @@ def test_yaml_flexi_variant_trains_at_drawn_sizes_and_evaluates_at_its_own(flexi
     assert model.patch_embed.proj.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("bad, message", [
-    ({"patch_sizes": []}, "flexi.patch_sizes"),
-    ({"patch_sizes": [2, 4], "weights": [1]}, "one weight per patch size"),
-    ({"patch_sizes": [2, 4], "weights": [0, 0]}, "all zero"),
-    ({"patch_sizes": [0]}, "flexi.patch_sizes"),
-    ({"patch_sizes": [2], "sizes": 1}, "unknown key"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"patch_sizes": []}, "flexi.patch_sizes"),
+        ({"patch_sizes": [2, 4], "weights": [1]}, "one weight per patch size"),
+        ({"patch_sizes": [2, 4], "weights": [0, 0]}, "all zero"),
+        ({"patch_sizes": [0]}, "flexi.patch_sizes"),
+        ({"patch_sizes": [2], "sizes": 1}, "unknown key"),
+    ],
+)
 def test_yaml_flexi_errors_name_the_key(bad, message):
     with pytest.raises(timm_anysize.SpecError, match=message):
         parse_variant("v", {"base": "test_vit", "flexi": bad}, origin="f.yaml")
@@ -305,9 +313,15 @@ def test_yaml_flexi_errors_name_the_key(bad, message):
 
 
 def test_yaml_flexi_on_a_family_without_a_kernel_is_a_spec_error():
-    spec = parse_variant("v_flexi_levit", {"base": "levit_128s", "flexi": {"patch_sizes": [8]},
-                                           "model_args": dict(embed_dim=(32, 48, 64), depth=(1, 1, 1),
-                                                              num_heads=(1, 1, 1), key_dim=8)}, origin="f.yaml")
+    spec = parse_variant(
+        "v_flexi_levit",
+        {
+            "base": "levit_128s",
+            "flexi": {"patch_sizes": [8]},
+            "model_args": dict(embed_dim=(32, 48, 64), depth=(1, 1, 1), num_heads=(1, 1, 1), key_dim=8),
+        },
+        origin="f.yaml",
+    )
     from timm_anysize.builder import build_variant
 
     with pytest.raises(timm_anysize.SpecError, match="f.yaml: v_flexi_levit.flexi: .*levit family"):
@@ -346,10 +360,28 @@ def test_torchrun_ddp_flexi_through_the_launcher(flexi_yaml):
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     (path.parent / "ddp.py").write_text(DDP_SCRIPT)
     out = path.parent / "result.json"
-    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "timm_anysize", "run", "--config", str(path),
-           str(path.parent / "ddp.py"), name, str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        torchrun,
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "timm_anysize",
+        "run",
+        "--config",
+        str(path),
+        str(path.parent / "ddp.py"),
+        name,
+        str(out),
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     try:
         _, stderr = proc.communicate(timeout=240)
     except subprocess.TimeoutExpired:
@@ -368,7 +400,8 @@ def test_flexi_demo_quick(tmp_path):
     results = run_flexi_demo(tmp_path, quick=True, print_fn=None)
     rows = results["rows"]
     assert {(r["model"], r["patch"]) for r in rows} == {
-        (m, p) for m in ("zero-shot", "single patch 4", "flexi 2/4/8") for p in FLEXI_PATCHES}
+        (m, p) for m in ("zero-shot", "single patch 4", "flexi 2/4/8") for p in FLEXI_PATCHES
+    }
     acc = {(r["model"], r["patch"]): r["accuracy"] for r in rows}
     assert acc[("zero-shot", 4)] >= 90  # the base at its own patch
     assert all(0 <= r["accuracy"] <= 100 and r["images_per_s"] > 0 for r in rows)

@@ -7,13 +7,13 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from conftest import run_python, unique_name
 from safetensors.torch import load_file
 
 import timm_anysize
+from conftest import run_python, unique_name
+from timm_anysize.core.spec import parse_variant
 from timm_anysize.families import family_of
 from timm_anysize.plan import make_plan
-from timm_anysize.core.spec import parse_variant
 
 SIZE = 64
 # (example, model args): CNNs with BatchNorm (ResNet, EfficientNet), LayerNorm (ConvNeXt), and a stem of two
@@ -42,8 +42,9 @@ def cnn_checkpoint(make_checkpoint):
 
 
 def _variant(arch: str, path, **spec) -> str:
-    return timm_anysize.register_variant(unique_name("g"), base=arch, model_args=CNNS[arch],
-                                         pretrained={"file": str(path), "img_size": SIZE}, **spec)
+    return timm_anysize.register_variant(
+        unique_name("g"), base=arch, model_args=CNNS[arch], pretrained={"file": str(path), "img_size": SIZE}, **spec
+    )
 
 
 @pytest.mark.parametrize("change", list(CHANGES))
@@ -98,8 +99,11 @@ def test_one_channel_on_gray_equals_base_on_gray_rgb(arch, cnn_checkpoint):
 
 
 def test_patch_size_is_refused_at_validation_with_the_reason():
-    with pytest.raises(timm_anysize.SpecError, match=r"the resnet family cannot take patch_larger: ResNet has no patch "
-                                                     r"kernel .*its first layer conv1\.0"):
+    with pytest.raises(
+        timm_anysize.SpecError,
+        match=r"the resnet family cannot take patch_larger: ResNet has no patch "
+        r"kernel .*its first layer conv1\.0",
+    ):
         make_plan(parse_variant("x", {"base": "test_resnet", "patch_size": 8}))
 
 
@@ -109,13 +113,17 @@ def test_geometry_bound_tensor_without_a_row_is_named_and_channels_still_adapt(m
     the first conv differs)."""
     import anysize_test_models  # noqa: F401  (registers anysize_posgrid with timm)
 
-    with pytest.raises(timm_anysize.AdaptationError, match=r"anysize_posgrid \(PosGridNet, no family row\) has "
-                                                            r"tensors whose shape depends .*pos_embed: \(1, 8, 16, "
-                                                            r"16\) -> \(1, 8, 24, 24\)"):
+    with pytest.raises(
+        timm_anysize.AdaptationError,
+        match=r"anysize_posgrid \(PosGridNet, no family row\) has "
+        r"tensors whose shape depends .*pos_embed: \(1, 8, 16, "
+        r"16\) -> \(1, 8, 24, 24\)",
+    ):
         make_plan(parse_variant("x", {"base": "anysize_posgrid", "img_size": 96}))
     path, base = make_checkpoint("anysize_posgrid")
-    name = timm_anysize.register_variant(unique_name("g"), base="anysize_posgrid", in_chans=1,
-                                         pretrained={"file": str(path)})
+    name = timm_anysize.register_variant(
+        unique_name("g"), base="anysize_posgrid", in_chans=1, pretrained={"file": str(path)}
+    )
     model = timm.create_model(name, pretrained=True).eval()
     assert [e.key for e in timm_anysize.adaptation_report(model).non_copied()] == ["stem.weight"]
     gray = torch.rand(2, 1, 64, 64)
@@ -136,7 +144,7 @@ def test_export_reloads_in_plain_timm(arch, cnn_checkpoint, tmp_path):
     text = run_python(f"""
         import torch, timm
         m = timm.create_model("local-dir:{out}", pretrained=True).eval()
-        io = torch.load("{tmp_path / 'io.pt'}", weights_only=True)
+        io = torch.load("{tmp_path / "io.pt"}", weights_only=True)
         cfg = timm.data.resolve_data_config({{}}, model=m)
         with torch.no_grad():
             same = all(torch.equal(m(io["inputs"][k]), io["expected"][k]) for k in io["inputs"])
@@ -150,8 +158,8 @@ def test_shipped_cnn_variants(name, base, make_checkpoint, tmp_path):
     """configs/cnn.yaml: Hub weights declared from the base tag; the data cfg and transforms give one channel at
     the variant's size; loaded from a checkpoint of the base's shape (pretrained_cfg_overlay, no network), the
     export reloads in plain timm with the same outputs."""
-    from timm.data import create_transform, resolve_data_config
     from PIL import Image
+    from timm.data import create_transform, resolve_data_config
 
     cfg = timm.models.get_pretrained_cfg(name)
     assert cfg.hf_hub_id == f"timm/{timm_anysize.get_variant(name).base}" and cfg.input_size[0] == 1
@@ -168,7 +176,7 @@ def test_shipped_cnn_variants(name, base, make_checkpoint, tmp_path):
     text = run_python(f"""
         import torch, timm
         m = timm.create_model("local-dir:{out}", pretrained=True).eval()
-        io = torch.load("{tmp_path / 'io.pt'}", weights_only=True)
+        io = torch.load("{tmp_path / "io.pt"}", weights_only=True)
         with torch.no_grad():
             print(torch.equal(m(io["x"]), io["expected"]))
     """)
@@ -184,8 +192,9 @@ def test_survey_file_covers_every_timm_module():
     assert survey["timm_version"] == timm.__version__
     # every timm module but timm_anysize.variants (where the variants register: not an architecture)
     # (tests/anysize_test_models.py registers a test architecture: not one of timm's)
-    assert sorted(survey["modules"]) == sorted(m for m in timm.list_modules() if m not in ("variants",
-                                                                                          "anysize_test_models"))
+    assert sorted(survey["modules"]) == sorted(
+        m for m in timm.list_modules() if m not in ("variants", "anysize_test_models")
+    )
     assert all(r["models"] >= 1 and r["example"] in timm.list_models(module=m) for m, r in survey["modules"].items())
 
 

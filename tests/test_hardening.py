@@ -12,39 +12,75 @@ import pytest
 import safetensors.torch
 import timm
 import yaml
-from conftest import unique_name
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import timm_anysize
+from conftest import unique_name
+from timm_anysize.apps.demo import register_demo_variants
 from timm_anysize.core.errors import AnysizeError
 
 # --- config fuzzing --------------------------------------------------------------------------------------------
 
-KEYS = ["base", "img_size", "patch_size", "in_chans", "num_classes", "model_args", "pretrained", "adapt", "data",
-        "card", "dynamic", "pad"]
+KEYS = [
+    "base",
+    "img_size",
+    "patch_size",
+    "in_chans",
+    "num_classes",
+    "model_args",
+    "pretrained",
+    "adapt",
+    "data",
+    "card",
+    "dynamic",
+    "pad",
+]
 SUBKEYS = {
-    "pretrained": ["tag", "file", "hf_hub_id", "filename", "revision", "url", "img_size", "patch_size", "in_chans",
-                   "num_classes"],
+    "pretrained": [
+        "tag",
+        "file",
+        "hf_hub_id",
+        "filename",
+        "revision",
+        "url",
+        "img_size",
+        "patch_size",
+        "in_chans",
+        "num_classes",
+    ],
     "adapt": ["pos_embed", "patch_embed", "channels", "drop_keys", "init_keys"],
     "data": ["mean", "std", "crop_pct", "crop_mode", "interpolation"],
     "card": ["description", "license", "label_names", "datasets", "tags"],
 }
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(-(2**40), 2**40), st.sampled_from([0, 1, 2, 4, 7, 16, 64, 100000, -1]),
-    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12),
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**40), 2**40),
+    st.sampled_from([0, 1, 2, 4, 7, 16, 64, 100000, -1]),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12),
     st.sampled_from(["test_vit", "vit_tiny_patch16_224", "resnet18", "nope", "../../etc/passwd", "ü∂ß", "weights.pth"]),
 )
-values = st.recursive(scalars, lambda inner: st.one_of(
-    st.lists(inner, max_size=3), st.dictionaries(st.one_of(st.sampled_from(KEYS + sum(SUBKEYS.values(), [])),
-                                                           st.text(max_size=6)), inner, max_size=4)), max_leaves=10)
+values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3),
+        st.dictionaries(
+            st.one_of(st.sampled_from(KEYS + sum(SUBKEYS.values(), [])), st.text(max_size=6)), inner, max_size=4
+        ),
+    ),
+    max_leaves=10,
+)
 
 
 @st.composite
 def variant_specs(draw):
     spec = {}
     if draw(st.booleans()):
-        spec["base"] = draw(st.sampled_from(["test_vit", "test_vit", "deit_tiny_distilled_patch16_224", "resnet18", "x"]))
+        spec["base"] = draw(
+            st.sampled_from(["test_vit", "test_vit", "deit_tiny_distilled_patch16_224", "resnet18", "x"])
+        )
     for key in draw(st.lists(st.sampled_from(KEYS + ["img_sise", "ünïcode", "patch"]), max_size=5)):
         if key in SUBKEYS and draw(st.booleans()):
             spec[key] = {k: draw(values) for k in draw(st.lists(st.sampled_from(SUBKEYS[key]), max_size=3))}
@@ -58,15 +94,22 @@ def variant_specs(draw):
 @st.composite
 def yaml_documents(draw):
     """YAML text: generated variants, then text-level mutations (anchors, tags, duplicates, garbage)."""
-    names = draw(st.lists(st.one_of(st.sampled_from(["fz_a", "fz_b", "vit_tiny_patch16_224", "Bad.Name", "ü"]),
-                                    st.text(max_size=8)), min_size=1, max_size=3))
+    names = draw(
+        st.lists(
+            st.one_of(st.sampled_from(["fz_a", "fz_b", "vit_tiny_patch16_224", "Bad.Name", "ü"]), st.text(max_size=8)),
+            min_size=1,
+            max_size=3,
+        )
+    )
     doc = {"variants": {n: draw(variant_specs()) for n in names}}
     text = yaml.safe_dump(doc, allow_unicode=True, sort_keys=False)
     mutation = draw(st.sampled_from(["none", "none", "anchor", "tag", "dup", "truncate", "toplevel", "binary"]))
     if mutation == "anchor":
-        text = "common: &c {base: test_vit, img_size: 64}\n" + text.replace("variants:\n", "variants:\n  fz_anchor: *c\n", 1)
+        text = "common: &c {base: test_vit, img_size: 64}\n" + text.replace(
+            "variants:\n", "variants:\n  fz_anchor: *c\n", 1
+        )
     elif mutation == "tag":
-        text = text.replace("variants:", "variants: !!python/object/apply:os.system ['touch /tmp/pwned_yaml']", 1)
+        text = text.replace("variants:", "variants: !!python/object/apply:os.system ['touch PWNED']", 1)
     elif mutation == "dup":
         text += "variants: {}\n"
     elif mutation == "truncate":
@@ -79,8 +122,13 @@ def yaml_documents(draw):
 
 
 def _fuzz_settings(pytestconfig):
-    return settings(max_examples=3000 if pytestconfig.getoption("--fuzz-long") else 300, deadline=None,
-                    suppress_health_check=list(HealthCheck))
+    # database=None: no .hypothesis/ folder in the working directory, and no run replays another's examples
+    return settings(
+        max_examples=3000 if pytestconfig.getoption("--fuzz-long") else 300,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        database=None,
+    )
 
 
 def test_config_fuzzing_raises_only_our_errors(pytestconfig, tmp_path_factory):
@@ -95,7 +143,12 @@ def test_config_fuzzing_raises_only_our_errors(pytestconfig, tmp_path_factory):
     def check(text: str) -> None:
         # Unique names per example, so successes in one example never collide with the next.
         suffix = f"_{next(counter)}"
-        text = text.replace("fz_a", "fz_a" + suffix).replace("fz_b", "fz_b" + suffix).replace("fz_anchor", "fz_anchor" + suffix)
+        text = (
+            text.replace("fz_a", "fz_a" + suffix)
+            .replace("fz_b", "fz_b" + suffix)
+            .replace("fz_anchor", "fz_anchor" + suffix)
+        )
+        text = text.replace("touch PWNED", f"touch {folder / 'pwned_yaml'}")  # were the tag run, it would show here
         path = folder / f"fuzz{suffix}.yaml"
         path.write_text(text, encoding="utf-8")
         before = set(timm.list_models())
@@ -117,13 +170,15 @@ def test_config_fuzzing_raises_only_our_errors(pytestconfig, tmp_path_factory):
     check()
     # both paths exercised (the first refusals say why, should none register)
     assert outcomes["refused"] >= 100 and outcomes["registered"] >= 1, (outcomes, reasons)
-    assert not Path("/tmp/pwned_yaml").exists()
+    assert not (folder / "pwned_yaml").exists()
 
 
 def test_error_messages_name_file_variant_and_key(tmp_path):
     path = tmp_path / "v.yaml"
     path.write_text("variants:\n  fz_named:\n    base: test_vit\n    data: {crop_pct: 7}\n")
-    with pytest.raises(timm_anysize.SpecError, match=rf"^{path}: fz_named\.data\.crop_pct: .*less than or equal to 1, got 7"):
+    with pytest.raises(
+        timm_anysize.SpecError, match=rf"^{path}: fz_named\.data\.crop_pct: .*less than or equal to 1, got 7"
+    ):
         timm_anysize.register_yaml(path)
 
 
@@ -138,7 +193,9 @@ def test_yaml_alias_bomb_is_rejected_quickly(tmp_path):
         timm_anysize.register_yaml(path)
     inline = tmp_path / "bomb2.yaml"
     inline.write_text(
-        "variants:\n  fz_bomb2:\n    base: test_vit\n    model_args:\n      x: " + lines[0].split(": ", 1)[1] + "\n"
+        "variants:\n  fz_bomb2:\n    base: test_vit\n    model_args:\n      x: "
+        + lines[0].split(": ", 1)[1]
+        + "\n"
         + "".join(f"      y{i}: {ln.split(': ', 1)[1]}\n" for i, ln in enumerate(lines[1:], 1))
     )
     with pytest.raises(timm_anysize.SpecError, match="model_args is too large"):
@@ -147,8 +204,12 @@ def test_yaml_alias_bomb_is_rejected_quickly(tmp_path):
 
 # --- resource limits -------------------------------------------------------------------------------------------
 
+
 def test_absurd_geometry_is_rejected_with_the_estimate_before_allocating():
-    with pytest.raises(timm_anysize.SpecError, match=r"img_size: 100000x100000 px, patch 1x1, .* needs an estimated [\d,.]+ GiB .* over the 64 GiB budget"):
+    with pytest.raises(
+        timm_anysize.SpecError,
+        match=r"img_size: 100000x100000 px, patch 1x1, .* needs an estimated [\d,.]+ GiB .* over the 64 GiB budget",
+    ):
         timm_anysize.register_variant(unique_name(), base="test_vit", img_size=100000, patch_size=1)
 
 
@@ -159,6 +220,7 @@ def test_memory_budget_is_configurable(monkeypatch):
 
 
 # --- hostile checkpoints ---------------------------------------------------------------------------------------
+
 
 def _variant_for(path: Path) -> str:
     return timm_anysize.register_variant(unique_name(), base="test_vit", img_size=64, pretrained={"file": str(path)})
@@ -191,7 +253,9 @@ def test_non_finite_weights_are_refused(tmp_path, make_checkpoint, value):
     sd["blocks.3.mlp.fc1.weight"][0, 0] = value
     path = tmp_path / "nonfinite.safetensors"
     safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
-    with pytest.raises(timm_anysize.WeightsError, match=rf"{path}: tensors with NaN or Inf values: blocks.3.mlp.fc1.weight"):
+    with pytest.raises(
+        timm_anysize.WeightsError, match=rf"{path}: tensors with NaN or Inf values: blocks.3.mlp.fc1.weight"
+    ):
         timm.create_model(_variant_for(path), pretrained=True)
 
 
@@ -199,7 +263,9 @@ def test_reading_never_modifies_user_files(tmp_path, make_checkpoint):
     ckpt, _ = make_checkpoint("test_vit", ".pth")
     yaml_path = tmp_path / "v.yaml"
     name = unique_name()
-    yaml_path.write_text(f"variants:\n  {name}:\n    base: test_vit\n    img_size: 64\n    pretrained: {{file: {ckpt.name}}}\n")
+    yaml_path.write_text(
+        f"variants:\n  {name}:\n    base: test_vit\n    img_size: 64\n    pretrained: {{file: {ckpt.name}}}\n"
+    )
     files = [ckpt, yaml_path]
     before = {p: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns) for p in files}
     listing = sorted(p.name for p in tmp_path.iterdir())
@@ -211,11 +277,14 @@ def test_reading_never_modifies_user_files(tmp_path, make_checkpoint):
 
 # --- concurrency -----------------------------------------------------------------------------------------------
 
+
 def test_registering_the_same_yaml_from_many_threads(tmp_path):
     names = [unique_name("thr") for _ in range(3)]
     path = tmp_path / "v.yaml"
-    path.write_text("variants:\n" + "".join(f"  {n}:\n    base: test_vit\n    img_size: {32 + 16 * i}\n"
-                                            for i, n in enumerate(names)))
+    path.write_text(
+        "variants:\n"
+        + "".join(f"  {n}:\n    base: test_vit\n    img_size: {32 + 16 * i}\n" for i, n in enumerate(names))
+    )
     results, errors = [], []
     barrier = threading.Barrier(8)
 
@@ -237,6 +306,7 @@ def test_registering_the_same_yaml_from_many_threads(tmp_path):
 
 # --- nothing lost ----------------------------------------------------------------------------------------------
 
+
 def _fail(*args, **kwargs):
     raise OSError("injected failure")
 
@@ -245,6 +315,7 @@ def _fail(*args, **kwargs):
 def test_a_failure_at_each_export_write_step_keeps_the_previous_export(tmp_path, monkeypatch, step):
     import huggingface_hub
 
+    register_demo_variants()  # the demo's variants: `import timm_anysize` does not register them
     name = "vit_digits_patch4_24"
     out = timm_anysize.export(name, tmp_path / "export")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
@@ -255,15 +326,21 @@ def test_a_failure_at_each_export_write_step_keeps_the_previous_export(tmp_path,
         import json
 
         real_dump = json.dump
-        monkeypatch.setattr(json, "dump", lambda *a, **k: _fail() if "config" in str(getattr(a[1], "name", "")) else real_dump(*a, **k))
+        monkeypatch.setattr(
+            json, "dump", lambda *a, **k: _fail() if "config" in str(getattr(a[1], "name", "")) else real_dump(*a, **k)
+        )
     elif step == "report":
-        monkeypatch.setattr(pathlib.Path, "write_text",
-                            lambda self, *a, **k: _fail() if self.name == "anysize_report.json" else real_write_text(self, *a, **k))
+        monkeypatch.setattr(
+            pathlib.Path,
+            "write_text",
+            lambda self, *a, **k: _fail() if self.name == "anysize_report.json" else real_write_text(self, *a, **k),
+        )
     elif step == "card":
         monkeypatch.setattr(huggingface_hub.ModelCard, "save", _fail)
     else:  # the final rename of the new folder into place
-        monkeypatch.setattr(pathlib.Path, "rename",
-                            lambda self, target: _fail() if ".tmp-" in self.name else real_rename(self, target))
+        monkeypatch.setattr(
+            pathlib.Path, "rename", lambda self, target: _fail() if ".tmp-" in self.name else real_rename(self, target)
+        )
     with pytest.raises(OSError, match="injected failure"):
         timm_anysize.export(name, out, overwrite=True)
     monkeypatch.undo()

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from conftest import run_python, unique_name
 from hub_standin import HubStandIn
 
 import timm_anysize
+from conftest import run_python, unique_name
 from timm_anysize.core.atomic import FolderExistsError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,18 +27,28 @@ def variant(make_checkpoint):
     """A ViT variant with changed img size, patch, channels and a new head, loaded from a tiny checkpoint."""
     path, _ = make_checkpoint("test_vit")
     name = timm_anysize.register_variant(
-        unique_name("hub"), base="test_vit", img_size=64, patch_size=8, in_chans=1, num_classes=5,
-        pretrained={"file": str(path)}, card={"label_names": ["a", "b", "c", "d", "e"], "datasets": ["digits"]},
+        unique_name("hub"),
+        base="test_vit",
+        img_size=64,
+        patch_size=8,
+        in_chans=1,
+        num_classes=5,
+        pretrained={"file": str(path)},
+        card={"label_names": ["a", "b", "c", "d", "e"], "datasets": ["digits"]},
     )
     return name, path
-
 
 
 def test_export_reloads_bit_identically_in_plain_timm(variant, tmp_path):
     name, _ = variant
     model = timm.create_model(name, pretrained=True).eval()
     out = timm_anysize.export(model, tmp_path / "export")
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "anysize_report.json", "config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md",
+        "anysize_report.json",
+        "config.json",
+        "model.safetensors",
+    ]
     config = json.loads((out / "config.json").read_text())
     assert config["architecture"] == "test_vit"
     assert config["model_args"]["img_size"] == [64, 64] and config["model_args"]["patch_size"] == 8
@@ -52,7 +62,7 @@ def test_export_reloads_bit_identically_in_plain_timm(variant, tmp_path):
     out_text = run_python(f"""
         import sys, torch, timm
         m = timm.create_model("local-dir:{out}", pretrained=True).eval()
-        io = torch.load("{tmp_path / 'io.pt'}", weights_only=True)
+        io = torch.load("{tmp_path / "io.pt"}", weights_only=True)
         with torch.no_grad():
             for k, x in io["inputs"].items():
                 assert torch.equal(m(x), io["expected"][k]), k
@@ -118,22 +128,39 @@ def test_export_rejects_models_not_built_by_timm_anysize(tmp_path):
         timm_anysize.export(timm.create_model("test_vit"), tmp_path / "x")
 
 
-def test_push_dry_run_needs_no_network(variant):
+def test_push_dry_run_needs_no_network(variant, tmp_path):
     name, path = variant
     proc = subprocess.run(
-        [sys.executable, "-m", "timm_anysize.apps.cli", "--quiet", "push", name, "me/repo", "--dry-run", "--file", str(path)],
-        capture_output=True, text=True, env={**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0",
-                                             "TIMM_ANYSIZE_CONFIGS": _variant_yaml(name)},
+        [
+            sys.executable,
+            "-m",
+            "timm_anysize.apps.cli",
+            "--quiet",
+            "push",
+            name,
+            "me/repo",
+            "--dry-run",
+            "--file",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        env={
+            **os.environ,
+            "HF_ENDPOINT": "http://127.0.0.1:9",
+            "HF_HUB_OFFLINE": "0",
+            "TIMM_ANYSIZE_CONFIGS": _variant_yaml(name, tmp_path),
+        },
     )
     assert proc.returncode == 0, proc.stderr
     assert "dry run: would create repo me/repo" in proc.stdout
     assert "  model.safetensors" in proc.stdout and "library_name: timm" in proc.stdout
 
 
-def _variant_yaml(name: str) -> str:
-    """A YAML file with the registered variant, so subprocesses can register it too."""
+def _variant_yaml(name: str, folder: Path) -> str:
+    """A YAML file in ``folder`` with the registered variant, so subprocesses can register it too."""
     spec = timm_anysize.get_variant(name)
-    path = Path(os.environ.get("PYTEST_TMP", "/tmp")) / f"{name}.yaml"
+    path = folder / f"{name}.yaml"
     data = json.loads(spec.model_dump_json())
     data.pop("name")
     path.write_text(json.dumps({"variants": {name: data}}))  # JSON is YAML
@@ -142,15 +169,23 @@ def _variant_yaml(name: str) -> str:
 
 def test_push_and_pull_through_the_real_client(variant, tmp_path):
     name, _ = variant
-    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1",
-           "TIMM_ANYSIZE_CONFIGS": _variant_yaml(name), "HF_TOKEN": "test-token"}
+    env = {
+        "HF_HOME": str(tmp_path / "hf"),
+        "HF_HUB_OFFLINE": "0",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "TIMM_ANYSIZE_CONFIGS": _variant_yaml(name, tmp_path),
+        "HF_TOKEN": "test-token",
+    }
     with HubStandIn() as hub:
         env["HF_ENDPOINT"] = hub.url
-        out = run_python(f"""
+        out = run_python(
+            f"""
             import timm_anysize
             r = timm_anysize.push_to_hub("{name}", "org/anysize-test", private=True)
             print(r["commit_url"])
-        """, env)
+        """,
+            env,
+        )
         assert out.strip().startswith(f"{hub.url}/org/anysize-test/commit/")
         repo = hub.state.repos["org/anysize-test"]
         assert repo["private"] is True
@@ -180,7 +215,8 @@ def test_push_and_pull_through_the_real_client(variant, tmp_path):
 
     # The stand-in is gone: offline, everything comes from the cache huggingface_hub filled.
     assert run_python(pull, {**env, "HF_HUB_OFFLINE": "1"}).strip() == "True"
-    missing = run_python("""
+    missing = run_python(
+        """
         import timm, timm_anysize
         name = timm_anysize.register_variant("pulled_missing", base="test_vit",
                                              pretrained={"hf_hub_id": "org/never-pushed"})
@@ -188,7 +224,9 @@ def test_push_and_pull_through_the_real_client(variant, tmp_path):
             timm.create_model(name, pretrained=True)
         except timm_anysize.WeightsError as e:
             print(e)
-    """, {**env, "HF_HUB_OFFLINE": "1"})
+    """,
+        {**env, "HF_HUB_OFFLINE": "1"},
+    )
     assert "hf_hub_id 'org/never-pushed'" in missing and "not in the cache" in missing
 
 
@@ -196,25 +234,64 @@ def test_export_cli_puts_the_demos_numbers_in_the_card(tmp_path):
     from huggingface_hub import ModelCard
 
     results = tmp_path / "results.json"
-    results.write_text(json.dumps({"rows": [
-        {"variant": "vit_digits_patch8_64", "naive": False, "zero_shot": 97.2, "finetuned": 97.5, "scratch": 13.3},
-        {"variant": "vit_digits_patch8_64", "naive": True, "zero_shot": 33.6, "finetuned": None, "scratch": None},
-    ]}))
-    proc = subprocess.run([sys.executable, "-m", "timm_anysize", "--quiet", "export", "vit_digits_patch8_64",
-                           str(tmp_path / "out"), "--demo-results", str(results)], capture_output=True, text=True)
+    results.write_text(
+        json.dumps(
+            {
+                "rows": [
+                    {
+                        "variant": "vit_digits_patch8_64",
+                        "naive": False,
+                        "zero_shot": 97.2,
+                        "finetuned": 97.5,
+                        "scratch": 13.3,
+                    },
+                    {
+                        "variant": "vit_digits_patch8_64",
+                        "naive": True,
+                        "zero_shot": 33.6,
+                        "finetuned": None,
+                        "scratch": None,
+                    },
+                ]
+            }
+        )
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "timm_anysize",
+            "--quiet",
+            "export",
+            "vit_digits_patch8_64",
+            str(tmp_path / "out"),
+            "--demo-results",
+            str(results),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     card = ModelCard.load(tmp_path / "out" / "README.md")
     got = {r.metric_name: r.metric_value for r in card.data.eval_results}
-    assert got == {"zero-shot top-1 accuracy": 97.2, "fine-tuned top-1 accuracy": 97.5,
-                   "from-scratch top-1 accuracy (same budget)": 13.3}
+    assert got == {
+        "zero-shot top-1 accuracy": 97.2,
+        "fine-tuned top-1 accuracy": 97.5,
+        "from-scratch top-1 accuracy (same budget)": 13.3,
+    }
 
 
 @pytest.fixture
 def rgb_variant(make_checkpoint):
     path, _ = make_checkpoint("test_vit")
     return timm_anysize.register_variant(
-        unique_name("hf"), base="test_vit", img_size=[48, 64], patch_size=8, num_classes=4,
-        pretrained={"file": str(path)}, card={"label_names": ["cat", "dog", "owl", "fox"]},
+        unique_name("hf"),
+        base="test_vit",
+        img_size=[48, 64],
+        patch_size=8,
+        num_classes=4,
+        pretrained={"file": str(path)},
+        card={"label_names": ["cat", "dog", "owl", "fox"]},
     )
 
 
@@ -276,8 +353,14 @@ def test_transformers_for_other_channel_counts_takes_what_the_card_says(make_che
     from transformers import AutoImageProcessor
 
     path, _ = make_checkpoint("test_vit")
-    name = timm_anysize.register_variant(unique_name("hf"), base="test_vit", img_size=64, patch_size=16,
-                                         in_chans=in_chans, pretrained={"file": str(path)})
+    name = timm_anysize.register_variant(
+        unique_name("hf"),
+        base="test_vit",
+        img_size=64,
+        patch_size=16,
+        in_chans=in_chans,
+        pretrained={"file": str(path)},
+    )
     ours = timm.create_model(name, pretrained=True).eval()
     out = timm_anysize.export(ours, tmp_path / "export")
     card = (out / "README.md").read_text()

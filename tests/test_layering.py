@@ -51,7 +51,8 @@ def _imports(path: Path) -> list[tuple[str, bool, int]]:
             for alias in node.names:
                 sub = f"{target}.{alias.name}"
                 is_module = (PACKAGE.parent / Path(*sub.split("."))).with_suffix(".py").exists() or (
-                    PACKAGE.parent / Path(*sub.split("."))).is_dir()
+                    PACKAGE.parent / Path(*sub.split("."))
+                ).is_dir()
                 out.append((sub if is_module else target, id(node) in top_level, node.lineno))
     return out
 
@@ -117,8 +118,12 @@ def test_families_and_origins_are_self_contained() -> None:
 
 
 def test_no_function_level_imports_of_our_own_modules() -> None:
-    bad = [f"{MODULES[m].relative_to(PACKAGE.parent)}:{line}: {target}"
-           for m, imports in GRAPH.items() for target, top, line in imports if _own(target) and not top]
+    bad = [
+        f"{MODULES[m].relative_to(PACKAGE.parent)}:{line}: {target}"
+        for m, imports in GRAPH.items()
+        for target, top, line in imports
+        if _own(target) and not top
+    ]
     assert not bad, "function-level imports between our modules (move the code to the right layer):\n" + "\n".join(bad)
 
 
@@ -135,7 +140,7 @@ def test_no_import_cycle() -> None:
         stack.append(m)
         for t in sorted(edges[m]):
             if state.get(t) == 1:
-                cycle = stack[stack.index(t):] + [t]
+                cycle = stack[stack.index(t) :] + [t]
                 pytest.fail("import cycle: " + " -> ".join(cycle))
             if t not in state:
                 visit(t)
@@ -161,7 +166,9 @@ def test_the_contract_catches_a_violation(tmp_path: Path) -> None:
     """The checker itself can fail: a core module importing the pipeline is found."""
     fake = tmp_path / "timm_anysize" / "core"
     fake.mkdir(parents=True)
-    (fake / "x.py").write_text("from timm_anysize.plan import make_plan\n\ndef f():\n    from timm_anysize import registry\n")
+    (fake / "x.py").write_text(
+        "from timm_anysize.plan import make_plan\n\ndef f():\n    from timm_anysize import registry\n"
+    )
     global PACKAGE
     saved = PACKAGE
     try:

@@ -7,10 +7,10 @@ import pytest
 import scipy.ndimage
 import timm
 import torch
+from test_origins_torchvision import randomize, rel
 
 import timm_anysize
 from conftest import save_checkpoint, unique_name
-from test_origins_torchvision import randomize, rel
 
 # big_vision's ViTs pool without a class token ("gap" / "map"): the position embedding is the patch grid alone.
 ARGS = dict(embed_dim=64, depth=2, num_heads=2, mlp_ratio=2.0, class_token=False, global_pool="avg")
@@ -34,9 +34,16 @@ def source(tmp_path_factory):
 
 def variant(path, img_size, compat: str = "big_vision", **kw) -> str:
     return timm_anysize.register_variant(
-        unique_name("bv"), base="vit_base_patch16_224", img_size=img_size, patch_size=8, num_classes=10,
-        model_args=ARGS, adapt={"pos_embed": {"compat": compat}},
-        pretrained={"file": str(path), "img_size": 32, "patch_size": 8, "num_classes": 10}, **kw)
+        unique_name("bv"),
+        base="vit_base_patch16_224",
+        img_size=img_size,
+        patch_size=8,
+        num_classes=10,
+        model_args=ARGS,
+        adapt={"pos_embed": {"compat": compat}},
+        pretrained={"file": str(path), "img_size": 32, "patch_size": 8, "num_classes": 10},
+        **kw,
+    )
 
 
 @pytest.mark.parametrize("size", [(48, 48), (24, 24), (24, 48), (56, 40)])

@@ -9,10 +9,10 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
+from test_origins_torchvision import randomize, rel
 
 import timm_anysize
 from conftest import unique_name
-from test_origins_torchvision import randomize, rel
 
 ARGS = dict(embed_dim=64, depth=2, num_heads=2, mlp_ratio=2.0)
 
@@ -34,7 +34,7 @@ def dino_interpolate_pos_encoding(pos_embed: torch.Tensor, patch_size: int, npat
     patch_pos_embed = nn.functional.interpolate(
         patch_pos_embed.reshape(1, int(math.sqrt(N)), int(math.sqrt(N)), dim).permute(0, 3, 1, 2),
         scale_factor=(w0 / math.sqrt(N), h0 / math.sqrt(N)),
-        mode='bicubic',
+        mode="bicubic",
     )
     assert int(w0) == patch_pos_embed.shape[-2] and int(h0) == patch_pos_embed.shape[-1]
     patch_pos_embed = patch_pos_embed.permute(0, 2, 3, 1).view(1, -1, dim)
@@ -54,17 +54,21 @@ def dino_forward(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def dino_ckpt(tmp_path_factory):
-    teacher = randomize(timm.create_model("vit_small_patch16_224", img_size=32, patch_size=8, num_classes=0,
-                                          **ARGS), 1)
-    student = randomize(timm.create_model("vit_small_patch16_224", img_size=32, patch_size=8, num_classes=0,
-                                          **ARGS), 2)
-    head = {"head.mlp.0.weight": torch.randn(32, 64), "head.last_layer.weight_g": torch.randn(100, 1),
-            "head.last_layer.weight_v": torch.randn(100, 32)}
+    teacher = randomize(timm.create_model("vit_small_patch16_224", img_size=32, patch_size=8, num_classes=0, **ARGS), 1)
+    student = randomize(timm.create_model("vit_small_patch16_224", img_size=32, patch_size=8, num_classes=0, **ARGS), 2)
+    head = {
+        "head.mlp.0.weight": torch.randn(32, 64),
+        "head.last_layer.weight_g": torch.randn(100, 1),
+        "head.last_layer.weight_v": torch.randn(100, 32),
+    }
     ckpt = {
         "teacher": {**{f"backbone.{k}": v for k, v in teacher.state_dict().items()}, **head},
-        "student": {**{f"module.backbone.{k}": v for k, v in student.state_dict().items()},
-                    **{f"module.{k}": v for k, v in head.items()}},
-        "epoch": 100, "args": argparse.Namespace(arch="vit_small", patch_size=8),
+        "student": {
+            **{f"module.backbone.{k}": v for k, v in student.state_dict().items()},
+            **{f"module.{k}": v for k, v in head.items()},
+        },
+        "epoch": 100,
+        "args": argparse.Namespace(arch="vit_small", patch_size=8),
     }
     path = tmp_path_factory.mktemp("dino") / "checkpoint.pth"
     torch.save(ckpt, path)
@@ -74,9 +78,16 @@ def dino_ckpt(tmp_path_factory):
 def variant(path, img_size, **kw):
     name = unique_name("dino")
     timm_anysize.register_variant(
-        name, base="vit_small_patch16_224", img_size=img_size, patch_size=8, num_classes=0, model_args=ARGS,
+        name,
+        base="vit_small_patch16_224",
+        img_size=img_size,
+        patch_size=8,
+        num_classes=0,
+        model_args=ARGS,
         pretrained={"file": str(path), "img_size": 32, "patch_size": 8, "num_classes": 0, **kw.pop("pretrained", {})},
-        adapt={"pos_embed": {"compat": "dino"}}, **kw)
+        adapt={"pos_embed": {"compat": "dino"}},
+        **kw,
+    )
     return name
 
 

@@ -29,8 +29,19 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def tv_vit(image_size: int = 32, seed: int = 0, **kw) -> VisionTransformer:
-    return randomize(VisionTransformer(image_size=image_size, patch_size=8, num_layers=2, num_heads=2,
-                                       hidden_dim=64, mlp_dim=128, num_classes=10, **kw), seed)
+    return randomize(
+        VisionTransformer(
+            image_size=image_size,
+            patch_size=8,
+            num_layers=2,
+            num_heads=2,
+            hidden_dim=64,
+            mlp_dim=128,
+            num_classes=10,
+            **kw,
+        ),
+        seed,
+    )
 
 
 def variant(path, img_size, base="vit_base_patch16_224", model_args=VIT_ARGS, **kw):
@@ -39,8 +50,15 @@ def variant(path, img_size, base="vit_base_patch16_224", model_args=VIT_ARGS, **
     if "patch_size" in kw:
         pretrained["patch_size"] = kw["patch_size"]
     pretrained.update(kw.pop("pretrained", {}))
-    timm_anysize.register_variant(name, base=base, img_size=img_size, num_classes=kw.pop("num_classes", 10),
-                                  model_args=dict(model_args), pretrained=pretrained, **kw)
+    timm_anysize.register_variant(
+        name,
+        base=base,
+        img_size=img_size,
+        num_classes=kw.pop("num_classes", 10),
+        model_args=dict(model_args),
+        pretrained=pretrained,
+        **kw,
+    )
     return name
 
 
@@ -54,8 +72,9 @@ def vit_file(tmp_path_factory):
 
 def test_vit_same_geometry_and_report(vit_file):
     src, path = vit_file
-    m = timm.create_model(variant(path, 32, patch_size=8, adapt={"pos_embed": {"compat": "torchvision"}}),
-                          pretrained=True).eval()
+    m = timm.create_model(
+        variant(path, 32, patch_size=8, adapt={"pos_embed": {"compat": "torchvision"}}), pretrained=True
+    ).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert rel(m(x), src(x)) <= 1e-5
@@ -72,8 +91,10 @@ def test_vit_compat_torchvision_matches_interpolate_embeddings(vit_file, size):
     src, path = vit_file
     ref = tv_vit(size)
     ref.load_state_dict(interpolate_embeddings(size, 8, src.state_dict()))
-    m = timm.create_model(variant(path, size, patch_size=8, dynamic=False,
-                                  adapt={"pos_embed": {"compat": "torchvision"}}), pretrained=True).eval()
+    m = timm.create_model(
+        variant(path, size, patch_size=8, dynamic=False, adapt={"pos_embed": {"compat": "torchvision"}}),
+        pretrained=True,
+    ).eval()
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         assert rel(m(x), ref(x)) <= 1e-5
@@ -87,15 +108,18 @@ def test_vit_compat_at_run_time_and_non_square(vit_file):
     """The dynamic forward resamples like torchvision too; non-square sizes (torchvision has none) agree with a
     variant built at that size."""
     src, path = vit_file
-    dyn = timm.create_model(variant(path, 32, patch_size=8, adapt={"pos_embed": {"compat": "torchvision"}}),
-                            pretrained=True).eval()
+    dyn = timm.create_model(
+        variant(path, 32, patch_size=8, adapt={"pos_embed": {"compat": "torchvision"}}), pretrained=True
+    ).eval()
     ref = tv_vit(48)
     ref.load_state_dict(interpolate_embeddings(48, 8, src.state_dict()))
     x = torch.randn(1, 3, 48, 48)
     with torch.no_grad():
         assert rel(dyn(x), ref(x)) <= 1e-5
-        built = timm.create_model(variant(path, (24, 48), patch_size=8, dynamic=False,
-                                          adapt={"pos_embed": {"compat": "torchvision"}}), pretrained=True).eval()
+        built = timm.create_model(
+            variant(path, (24, 48), patch_size=8, dynamic=False, adapt={"pos_embed": {"compat": "torchvision"}}),
+            pretrained=True,
+        ).eval()
         y = torch.randn(1, 3, 24, 48)
         assert torch.equal(dyn(y), built(y))
 
@@ -118,8 +142,15 @@ def test_vit_pre_logits_needs_a_new_head(tmp_path):
 def test_vit_layout_of_another_family_is_refused(vit_file):
     _, path = vit_file
     with pytest.raises(WeightsError, match="torchvision.vit.*family vit.*swin"):
-        timm.create_model(variant(path, 32, base="swin_tiny_patch4_window7_224",
-                                  model_args=dict(embed_dim=32, depths=(1, 1), num_heads=(2, 2))), pretrained=True)
+        timm.create_model(
+            variant(
+                path,
+                32,
+                base="swin_tiny_patch4_window7_224",
+                model_args=dict(embed_dim=32, depths=(1, 1), num_heads=(2, 2)),
+            ),
+            pretrained=True,
+        )
 
 
 SWIN_ARGS = dict(embed_dim=32, depths=(1, 2, 1, 1), num_heads=(2, 2, 4, 4))
@@ -127,8 +158,18 @@ SWIN_ARGS = dict(embed_dim=32, depths=(1, 2, 1, 1), num_heads=(2, 2, 4, 4))
 
 def tv_swin(v2: bool, seed: int = 0) -> SwinTransformer:
     extra = dict(block=SwinTransformerBlockV2, downsample_layer=PatchMergingV2) if v2 else {}
-    return randomize(SwinTransformer(patch_size=[4, 4], embed_dim=32, depths=[1, 2, 1, 1], num_heads=[2, 2, 4, 4],
-                                     window_size=[8, 8] if v2 else [7, 7], num_classes=10, **extra), seed)
+    return randomize(
+        SwinTransformer(
+            patch_size=[4, 4],
+            embed_dim=32,
+            depths=[1, 2, 1, 1],
+            num_heads=[2, 2, 4, 4],
+            window_size=[8, 8] if v2 else [7, 7],
+            num_classes=10,
+            **extra,
+        ),
+        seed,
+    )
 
 
 @pytest.mark.parametrize("v2", [False, True], ids=["swin", "swin_v2"])
@@ -152,8 +193,9 @@ def test_swin(tmp_path, v2):
         # Swin has no absolute position embedding: torchvision runs the same weights at any multiple of the
         # window; so does the variant at a larger and a non-square size.
         for shape in ((2 * size, 2 * size), (size, 2 * size)):
-            big = timm.create_model(variant(path, shape, base=base, model_args=args, src_img=size, dynamic=False),
-                                    pretrained=True).eval()
+            big = timm.create_model(
+                variant(path, shape, base=base, model_args=args, src_img=size, dynamic=False), pretrained=True
+            ).eval()
             y = torch.randn(1, 3, *shape)
             assert rel(big(y), src(y)) <= 1e-5
 
@@ -167,8 +209,25 @@ def test_cli_convert_writes_a_plain_timm_checkpoint(vit_file, tmp_path, capsys):
 
     src, path = vit_file
     out = tmp_path / "vit_timm.safetensors"
-    assert main(["convert", str(path), "--base", "vit_base_patch16_224", "--img-size", "32", "--patch-size", "8",
-                 "--model-args", json.dumps(VIT_ARGS), "--to", str(out)]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                str(path),
+                "--base",
+                "vit_base_patch16_224",
+                "--img-size",
+                "32",
+                "--patch-size",
+                "8",
+                "--model-args",
+                json.dumps(VIT_ARGS),
+                "--to",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert "layout: torchvision.vit" in capsys.readouterr().out
     plain = timm.create_model("vit_base_patch16_224", img_size=32, patch_size=8, num_classes=10, **VIT_ARGS).eval()
     plain.load_state_dict(safetensors.torch.load_file(str(out)), strict=True)
@@ -195,16 +254,22 @@ def test_unknown_layout_lists_the_closest(tmp_path):
     path = tmp_path / "odd.pth"
     torch.save(sd, path)
     for layout in ("auto", "torchvision"):  # nothing guessed, detected or named
-        with pytest.raises(WeightsError, match=r"no known layout fits.*tried: torchvision.vit, .*closest: "
-                                               r"torchvision.vit \(unexpected: encoder.extra_thing\)"):
+        with pytest.raises(
+            WeightsError,
+            match=r"no known layout fits.*tried: torchvision.vit, .*closest: "
+            r"torchvision.vit \(unexpected: encoder.extra_thing\)",
+        ):
             timm.create_model(variant(path, 32, patch_size=8, pretrained={"layout": layout}), pretrained=True)
     # keys no layout's signature recognises: timm's own layout, whose error names the layouts tried too
     del sd["class_token"], sd["encoder.extra_thing"]
     torch.save(sd, path)
     from timm_anysize.core.errors import AdaptationError
 
-    with pytest.raises(AdaptationError, match=r"checkpoint layouts tried: timm, torchvision.vit.*closest other than "
-                                              r"timm: torchvision.vit"):
+    with pytest.raises(
+        AdaptationError,
+        match=r"checkpoint layouts tried: timm, torchvision.vit.*closest other than "
+        r"timm: torchvision.vit",
+    ):
         timm.create_model(variant(path, 32, patch_size=8), pretrained=True)
 
 
@@ -213,12 +278,15 @@ def test_export_is_plain_timm_and_card_names_the_layout(vit_file, tmp_path):
     import sys
 
     _, path = vit_file
-    m = timm.create_model(variant(path, 48, patch_size=8, dynamic=False, adapt={"pos_embed": {"compat": "torchvision"}}),
-                          pretrained=True).eval()
+    m = timm.create_model(
+        variant(path, 48, patch_size=8, dynamic=False, adapt={"pos_embed": {"compat": "torchvision"}}), pretrained=True
+    ).eval()
     out = timm_anysize.export(m, tmp_path / "exp")
     assert "torchvision.vit layout" in (out / "README.md").read_text()
-    code = ("import timm, torch, safetensors.torch as st; "
-            f"m = timm.create_model('local-dir:{out}', pretrained=True).eval(); "
-            f"sd = st.load_file('{out}/model.safetensors'); "
-            "assert all(torch.equal(v, m.state_dict()[k]) for k, v in sd.items()); print('ok')")
+    code = (
+        "import timm, torch, safetensors.torch as st; "
+        f"m = timm.create_model('local-dir:{out}', pretrained=True).eval(); "
+        f"sd = st.load_file('{out}/model.safetensors'); "
+        "assert all(torch.equal(v, m.state_dict()[k]) for k, v in sd.items()); print('ok')"
+    )
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "ok\n"

@@ -7,13 +7,17 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
+from pathlib import Path
 
 import pytest
 import timm
 import torch
-from conftest import unique_name
 
 import timm_anysize
+from conftest import unique_name
+from timm_anysize.apps.demo import register_demo_variants
+from timm_anysize.builder import spec_pretrained_cfg, variant_pretrained_cfg
 from timm_anysize.plan import make_plan
 from timm_anysize.registry import _shipped_config_files
 
@@ -33,8 +37,12 @@ def test_seed_variant_is_a_timm_model():
     m = timm.create_model(SEED)
     assert m.patch_embed.grid_size == (16, 16) and m.patch_embed.proj.in_channels == 1
     assert timm.data.resolve_data_config(model=m) == {
-        "input_size": (1, 64, 64), "interpolation": "bicubic", "mean": (0.5,), "std": (0.5,),
-        "crop_pct": 0.9, "crop_mode": "center",
+        "input_size": (1, 64, 64),
+        "interpolation": "bicubic",
+        "mean": (0.5,),
+        "std": (0.5,),
+        "crop_pct": 0.9,
+        "crop_mode": "center",
     }
 
 
@@ -43,7 +51,13 @@ def test_tagged_name_creates_the_variant():
     assert m.pretrained_cfg["tag"] == "augreg_in21k_ft_in1k" and m.pretrained_cfg["architecture"] == SEED
 
 
-@pytest.mark.parametrize("name", sorted(n for n in timm_anysize.list_variants() if not n.startswith("t_")))
+SHIPPED_AND_DEMO = sorted(
+    {*timm_anysize.list_variants(), *register_demo_variants()}
+    - {n for n in timm_anysize.list_variants() if n.startswith("t_")}
+)
+
+
+@pytest.mark.parametrize("name", SHIPPED_AND_DEMO)
 def test_shipped_variants_build_at_their_geometry(name):
     """Like timm's test_models: every shipped variant builds on meta and reports its own geometry."""
     spec = timm_anysize.get_variant(name)
@@ -70,9 +84,14 @@ def test_kwargs_override_the_spec():
 
 def test_register_variant_data_overrides():
     name = timm_anysize.register_variant(
-        unique_name(), base="test_vit", in_chans=2, img_size=32, patch_size=8,
+        unique_name(),
+        base="test_vit",
+        in_chans=2,
+        img_size=32,
+        patch_size=8,
         data={"mean": [0.1, 0.2], "std": [0.3], "crop_pct": 1.0, "interpolation": "bilinear"},
-        card={"label_names": ["a", "b"], "license": "mit"}, num_classes=2,
+        card={"label_names": ["a", "b"], "license": "mit"},
+        num_classes=2,
     )
     cfg = timm.models.get_pretrained_cfg(name)
     assert cfg.mean == (0.1, 0.2) and cfg.std == (0.3, 0.3) and cfg.crop_pct == 1.0
@@ -108,8 +127,11 @@ def test_an_unknown_create_model_kwarg_is_a_type_error_as_for_timm_models():
 
 
 def test_spec_errors_stay_spec_errors():
-    with pytest.raises(timm_anysize.SpecError, match=r"model_args: .*unexpected keyword argument 'not_an_arg'|"
-                                                     r"cannot build test_vit .*not_an_arg"):
+    with pytest.raises(
+        timm_anysize.SpecError,
+        match=r"model_args: .*unexpected keyword argument 'not_an_arg'|"
+        r"cannot build test_vit .*not_an_arg",
+    ):
         timm_anysize.register_variant(unique_name(), base="test_vit", img_size=64, model_args={"not_an_arg": 1})
     name = timm_anysize.register_variant(unique_name(), base="test_vit", img_size=64, patch_size=8)
     with pytest.raises(timm_anysize.SpecError, match="must divide the target img_size"):
@@ -134,8 +156,9 @@ def test_pool_size_is_the_feature_map_of_a_forward_at_the_variant_size(base, img
 
 
 def test_pool_size_follows_a_call_time_img_size():
-    name = timm_anysize.register_variant(unique_name(), base="swin_tiny_patch4_window7_224", img_size=64,
-                                         model_args=SWIN_TINY)
+    name = timm_anysize.register_variant(
+        unique_name(), base="swin_tiny_patch4_window7_224", img_size=64, model_args=SWIN_TINY
+    )
     assert timm.create_model(name, img_size=(128, 96)).pretrained_cfg["pool_size"] == (4, 3)
 
 
@@ -144,13 +167,22 @@ def test_test_and_min_input_size_are_scaled_to_the_variant():
     from timm_anysize.builder import variant_pretrained_cfg
 
     name = unique_name()
-    spec = timm_anysize.core.spec.parse_variant(name, {"base": "vit_base_patch16_clip_224.openai_ft_in12k_in1k",
-                                                  "img_size": [112, 224], "in_chans": 1,
-                                                  "model_args": {"embed_dim": 64, "depth": 1, "num_heads": 2}})
+    spec = timm_anysize.core.spec.parse_variant(
+        name,
+        {
+            "base": "vit_base_patch16_clip_224.openai_ft_in12k_in1k",
+            "img_size": [112, 224],
+            "in_chans": 1,
+            "model_args": {"embed_dim": 64, "depth": 1, "num_heads": 2},
+        },
+    )
     plan = make_plan(spec)
-    cfg = variant_pretrained_cfg(dataclasses.replace(
-        plan, base_cfg=dict(plan.base_cfg, test_input_size=(3, 256, 256), min_input_size=(3, 64, 64),
-                            test_crop_pct=1.0)))
+    cfg = variant_pretrained_cfg(
+        dataclasses.replace(
+            plan,
+            base_cfg=dict(plan.base_cfg, test_input_size=(3, 256, 256), min_input_size=(3, 64, 64), test_crop_pct=1.0),
+        )
+    )
     assert cfg["test_input_size"] == (1, 128, 256)  # x 112/224 and 224/224, whole patches of 16
     assert cfg["min_input_size"] == (1, 32, 64)
     assert cfg["test_crop_pct"] == 1.0
@@ -163,3 +195,116 @@ def test_a_fixed_size_variant_says_so_and_a_dynamic_one_does_not():
     dynamic = timm_anysize.register_variant(unique_name(), base="test_vit", img_size=64)
     assert timm.create_model(fixed).pretrained_cfg["fixed_input_size"] is True
     assert timm.create_model(dynamic).pretrained_cfg["fixed_input_size"] is False
+
+
+# --- nothing built at import ------------------------------------------------------------------------------------
+
+
+def test_import_builds_no_model():
+    """``import timm_anysize`` registers the shipped variants from their specs: no timm model (meta or not) and no
+    torch module is built, and the demo's digits variants are not registered."""
+    code = textwrap.dedent("""
+        import torch.nn as nn, timm
+        built, modules = [], [0]
+        real_create, real_init = timm.create_model, nn.Module.__init__
+        def create_model(*args, **kwargs):
+            built.append(args[0] if args else kwargs.get("model_name"))
+            return real_create(*args, **kwargs)
+        def init(self, *args, **kwargs):
+            modules[0] += 1
+            real_init(self, *args, **kwargs)
+        timm.create_model, nn.Module.__init__ = create_model, init
+        import timm_anysize
+        print(built, modules[0], len(timm_anysize.list_variants()) > 0, timm.is_model("vit_digits_patch4_32"))
+        cfg = timm.models.get_pretrained_cfg("vit_tiny_patch4_64")
+        print(cfg.input_size, cfg.fixed_input_size, built)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines() == ["[] 0 True False", "(1, 64, 64) False []"], out
+
+
+@pytest.mark.parametrize("name", SHIPPED_AND_DEMO)
+def test_the_cfg_registered_before_the_plan_is_the_plans(name):
+    """What ``get_pretrained_cfg`` / ``resolve_data_config`` give before a variant is built (from the spec alone) is
+    what its plan gives, except what only a built model tells (pool_size, the grid in the description)."""
+    spec = timm_anysize.get_variant(name)
+    early, planned = spec_pretrained_cfg(spec), variant_pretrained_cfg(make_plan(spec))
+    for key in ("pool_size", "description"):
+        early.pop(key, None), planned.pop(key, None)
+    assert early == planned
+
+
+def _geometry_error_file(tmp_path) -> tuple[Path, str]:
+    name = unique_name("late")
+    path = tmp_path / "late.yaml"
+    path.write_text(f"variants:\n  {name}:\n    base: test_vit\n    img_size: 60\n")  # patch 16 does not divide 60
+    return path, name
+
+
+def test_a_geometry_error_of_an_import_time_file_is_raised_at_create_model_and_by_check(tmp_path):
+    path, name = _geometry_error_file(tmp_path)
+    with pytest.raises(timm_anysize.SpecError) as eager:  # what a validating registration raises
+        timm_anysize.register_yaml(path)
+    message = str(eager.value)
+    assert message == (
+        f"{path}: {name}.img_size: the target patch size [16, 16] must divide the target img_size "
+        f"[60, 60]; pick a multiple of the patch"
+    )
+    code = textwrap.dedent(f"""
+        import timm, timm_anysize
+        assert timm.is_model({name!r})
+        for _ in range(2):  # a failed plan is not cached: the error comes again
+            try:
+                timm.create_model({name!r})
+            except timm_anysize.SpecError as e:
+                print(e)
+    """)
+    env = {**os.environ, "TIMM_ANYSIZE_CONFIGS": str(path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.splitlines() == [message, message]
+    check = subprocess.run(
+        [sys.executable, "-m", "timm_anysize", "check", str(path)], env=env, capture_output=True, text=True
+    )
+    assert check.returncode == 1 and check.stderr.strip() == message
+
+
+def test_a_schema_error_of_an_import_time_file_is_raised_on_import(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text("variants:\n  typo_vit:\n    base: test_vit\n    img_sise: 64\n")
+    env = {**os.environ, "TIMM_ANYSIZE_CONFIGS": str(path)}
+    proc = subprocess.run([sys.executable, "-c", "import timm_anysize"], env=env, capture_output=True, text=True)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert (
+        last.startswith(f"timm_anysize.core.errors.SpecError: {path}: typo_vit.img_sise: ")
+        and "did you mean 'img_size'" in last
+    ), proc.stderr[-2000:]
+
+
+def test_registering_unplanned_defers_the_plan_and_registering_again_validates(tmp_path):
+    path, name = _geometry_error_file(tmp_path)
+    assert timm_anysize.register_yaml(path, validate=False) == [name]
+    assert timm.models.get_pretrained_cfg(name).input_size == (3, 60, 60)
+    with pytest.raises(timm_anysize.SpecError, match="must divide the target img_size"):
+        timm.create_model(name)
+    with pytest.raises(timm_anysize.SpecError, match="must divide the target img_size"):
+        timm_anysize.register_yaml(path)  # the same file, registered validating: planned now
+
+
+def test_the_first_create_model_completes_the_registered_cfg(tmp_path):
+    name = timm_anysize.register_specs(
+        [
+            timm_anysize.core.spec.parse_variant(
+                unique_name(), {"base": "swin_tiny_patch4_window7_224", "img_size": 64, "model_args": SWIN_TINY}
+            )
+        ],
+        validate=False,
+    )[0]
+    assert timm.models.get_pretrained_cfg(name).pool_size is None  # a forward at the variant's size tells it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # timm's "Overwriting ... in registry" is not for users to see
+        model = timm.create_model(name)
+    registered = timm.models.get_pretrained_cfg(name)
+    assert registered.pool_size == model.pretrained_cfg["pool_size"] == (2, 2)
+    assert registered.description == model.pretrained_cfg["description"]
+    assert timm.list_models(name) == [name] and timm.list_pretrained(name + "*") == [f"{name}.anysize"]

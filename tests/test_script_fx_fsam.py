@@ -8,15 +8,21 @@ import pytest
 import timm
 import torch
 from script_fx import (
-    assert_compiled_equals_eager, assert_exports_equal_eager, assert_fx_equals_eager,
-    assert_fx_features_equal_module_outputs, assert_scripted_equals_eager, dynamic_and_built, sizes, variant,
+    assert_compiled_equals_eager,
+    assert_exports_equal_eager,
+    assert_fx_equals_eager,
+    assert_fx_features_equal_module_outputs,
+    assert_scripted_equals_eager,
+    dynamic_and_built,
+    sizes,
+    variant,
 )
 
-from timm_anysize.apps.docs import families_markdown
 import timm_anysize  # noqa: F401  (registers the variants)
+from timm_anysize.apps.docs import families_markdown
 from timm_anysize.families import FAMILIES
 
-FAMS = [f for f in FAMILIES if f.name in ("samvit", "tnt", "convit")]
+FAMS = [f for f in FAMILIES if f.tiny.script_fx == "fsam"]  # the rows that name this module
 ids = [f.name for f in FAMS]
 
 
@@ -33,7 +39,7 @@ def test_fx_trace_equals_eager(fam, ckpt_dir):
 @pytest.mark.parametrize("fam", FAMS, ids=ids)
 def test_fx_feature_model_equals_eager_modules(fam, ckpt_dir):
     """``features_only=True, feature_cls='fx'``: each feature is the eager dynamic model's module output."""
-    assert_fx_features_equal_module_outputs(fam.name, ckpt_dir, (0, 1), n=3)
+    assert_fx_features_equal_module_outputs(fam.name, ckpt_dir, fam.tiny.feature_indices, n=3)
 
 
 @pytest.mark.parametrize("fam", FAMS, ids=ids)

@@ -7,17 +7,22 @@ from __future__ import annotations
 import pytest
 import torch
 from script_fx import (
-    assert_compiled_equals_eager, assert_exports_equal_eager, assert_fx_equals_eager,
-    assert_fx_features_equal_module_outputs, assert_scripted_equals_eager, dynamic_and_built, exported, models, sizes,
+    assert_compiled_equals_eager,
+    assert_exports_equal_eager,
+    assert_fx_equals_eager,
+    assert_fx_features_equal_module_outputs,
+    assert_scripted_equals_eager,
+    dynamic_and_built,
+    exported,
+    models,
+    sizes,
 )
 
-from timm_anysize.apps.docs import families_markdown
 import timm_anysize  # noqa: F401  (registers the variants)
+from timm_anysize.apps.docs import families_markdown
 from timm_anysize.families import FAMILIES
 
-NAMES = ("vit", "vit_hybrid", "deit_distilled", "eva", "beit", "cait", "pit", "volo", "crossvit", "hiera",
-         "visformer")
-FAMS = [f for f in FAMILIES if f.name in NAMES]
+FAMS = [f for f in FAMILIES if f.tiny.script_fx == "tokens"]  # the rows that name this module
 ids = [f.name for f in FAMS]
 
 
@@ -34,12 +39,14 @@ def test_fx_trace_equals_eager(fam, ckpt_dir):
 @pytest.mark.parametrize("fam", FAMS, ids=ids)
 def test_fx_feature_model_equals_eager_modules(fam, ckpt_dir):
     """``features_only=True, feature_cls='fx'``: each feature is the eager dynamic model's module output."""
-    indices = (0,) if fam.name in ("vit_hybrid", "crossvit") else (0, 1)  # depth 1; CrossViT: a block per branch
-    assert_fx_features_equal_module_outputs(fam.name, ckpt_dir, indices)
+    assert_fx_features_equal_module_outputs(fam.name, ckpt_dir, fam.tiny.feature_indices)
 
 
-@pytest.mark.parametrize("fam", [f for f in FAMS if f.name in ("beit", "cait", "pit", "volo", "hiera", "crossvit",
-                                                                "visformer")], ids=lambda f: f.name)
+@pytest.mark.parametrize(
+    "fam",
+    [f for f in FAMS if f.name in ("beit", "cait", "pit", "volo", "hiera", "crossvit", "visformer")],
+    ids=lambda f: f.name,
+)
 def test_forward_intermediates_at_another_size_equal_a_model_built_for_it(fam, ckpt_dir):
     """At a size other than the variant's, intermediates equal those of a timm model built at that size with the
     variant's weights resampled to it (a static variant of the variant's weights at that size)."""

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from conftest import unique_name
 
 import timm_anysize
+from conftest import unique_name
 from timm_anysize.yaml_config import load_yaml_specs
 
 
@@ -29,15 +29,31 @@ def one_variant(tmp_path: Path, name: str, **lines: str) -> Path:
     "lines, key, fragments",
     [
         ({"base": "test_vit", "img_sise": "64"}, "img_sise", ["unknown key", "did you mean 'img_size'"]),
-        ({"base": "test_vit", "img_size": "64", "patch_size": "5"}, "", ["patch_size [5, 5] must divide img_size [64, 64]"]),
-        ({"base": "test_vit", "img_size": "[48, 64]", "patch_size": "[16, 10]"}, "", ["width 64 is not a multiple of 10"]),
+        (
+            {"base": "test_vit", "img_size": "64", "patch_size": "5"},
+            "",
+            ["patch_size [5, 5] must divide img_size [64, 64]"],
+        ),
+        (
+            {"base": "test_vit", "img_size": "[48, 64]", "patch_size": "[16, 10]"},
+            "",
+            ["width 64 is not a multiple of 10"],
+        ),
         ({"base": "test_vit", "img_size": "-3"}, "img_size", ["between 1 and 1000000", "-3"]),
         ({"base": "test_vit", "img_size": "'64'"}, "img_size", ["'64'"]),
         ({"base": "test_vit", "in_chans": "0"}, "in_chans", ["greater than or equal to 1", "0"]),
         ({"base": "test_vit", "pretrained": "{fiel: x.pth}"}, "pretrained.fiel", ["did you mean 'file'"]),
         ({"base": "test_vit", "pretrained": "{file: a.pth, hf_hub_id: x/y}"}, "pretrained", ["one weight location"]),
-        ({"base": "test_vit", "adapt": "{patch_embed: {method: lanczos}}"}, "adapt.patch_embed.method", ["'pi'", "'interpolate'", "lanczos"]),
-        ({"base": "test_vit", "adapt": "{pos_embed: {interpolation: nearest, antialias: true}}"}, "adapt.pos_embed", ["antialias is only supported"]),
+        (
+            {"base": "test_vit", "adapt": "{patch_embed: {method: lanczos}}"},
+            "adapt.patch_embed.method",
+            ["'pi'", "'interpolate'", "lanczos"],
+        ),
+        (
+            {"base": "test_vit", "adapt": "{pos_embed: {interpolation: nearest, antialias: true}}"},
+            "adapt.pos_embed",
+            ["antialias is only supported"],
+        ),
         ({"base": "test_vit", "model_args": "{img_size: 32}"}, "model_args", ["at the variant's top level"]),
         ({"img_size": "64"}, "base", ["Field required"]),
     ],
@@ -55,7 +71,10 @@ def test_spec_errors_name_file_variant_key(tmp_path, lines, key, fragments):
 
 def test_unknown_base_suggests_close_matches(tmp_path):
     path = one_variant(tmp_path, unique_name(), base="vit_tiny_patch16_244")
-    with pytest.raises(timm_anysize.SpecError, match=r"\.base: unknown timm model 'vit_tiny_patch16_244'; close matches: .*vit_tiny_patch16_224"):
+    with pytest.raises(
+        timm_anysize.SpecError,
+        match=r"\.base: unknown timm model 'vit_tiny_patch16_244'; close matches: .*vit_tiny_patch16_224",
+    ):
         timm_anysize.register_yaml(path)
 
 
@@ -68,7 +87,10 @@ def test_unknown_base_tag_lists_tags(tmp_path):
 def test_patch_must_divide_default_img_size(tmp_path):
     name = unique_name()
     path = one_variant(tmp_path, name, base="test_vit", patch_size="7")  # base is 160 px
-    with pytest.raises(timm_anysize.SpecError, match=rf"{name}\.img_size: the target patch size \[7, 7\] must divide the target img_size \[160, 160\]"):
+    with pytest.raises(
+        timm_anysize.SpecError,
+        match=rf"{name}\.img_size: the target patch size \[7, 7\] must divide the target img_size \[160, 160\]",
+    ):
         timm_anysize.register_yaml(path)
 
 
@@ -85,7 +107,9 @@ def test_relative_weight_path_resolves_against_the_yaml(tmp_path, make_checkpoin
     ckpt, _ = make_checkpoint("test_vit")
     (tmp_path / "sub").mkdir()
     name = unique_name()
-    path = write_yaml(tmp_path / "sub", f"variants:\n  {name}:\n    base: test_vit\n    pretrained: {{file: ../{ckpt.name}}}\n")
+    path = write_yaml(
+        tmp_path / "sub", f"variants:\n  {name}:\n    base: test_vit\n    pretrained: {{file: ../{ckpt.name}}}\n"
+    )
     timm_anysize.register_yaml(path)
     assert timm_anysize.get_variant(name).pretrained.file == ckpt.resolve()
     timm.create_model(name, pretrained=True)
@@ -93,7 +117,9 @@ def test_relative_weight_path_resolves_against_the_yaml(tmp_path, make_checkpoin
 
 def test_name_colliding_with_timm_builtin(tmp_path):
     path = one_variant(tmp_path, "vit_tiny_patch16_224", base="test_vit")
-    with pytest.raises(timm_anysize.RegistrationError, match=r"v.yaml: vit_tiny_patch16_224: the name collides with timm's built-in"):
+    with pytest.raises(
+        timm_anysize.RegistrationError, match=r"v.yaml: vit_tiny_patch16_224: the name collides with timm's built-in"
+    ):
         timm_anysize.register_yaml(path)
 
 
@@ -103,21 +129,27 @@ def test_same_name_twice_different_spec_and_idempotent_same_spec(tmp_path):
     assert timm_anysize.register_yaml(a) == [name]
     assert timm_anysize.register_yaml(a) == [name]  # identical: a no-op
     b = write_yaml(tmp_path, f"variants:\n  {name}:\n    base: test_vit\n    img_size: 96\n", "b.yaml")
-    with pytest.raises(timm_anysize.RegistrationError, match=rf"b.yaml: {name}: the name is already registered with a different spec \(from .*v.yaml\)"):
+    with pytest.raises(
+        timm_anysize.RegistrationError,
+        match=rf"b.yaml: {name}: the name is already registered with a different spec \(from .*v.yaml\)",
+    ):
         timm_anysize.register_yaml(b)
     assert timm.create_model(name).pretrained_cfg["input_size"] == (3, 64, 64)
 
 
 def test_a_bad_variant_registers_nothing_from_the_file(tmp_path):
     good, bad = unique_name(), unique_name()
-    path = write_yaml(tmp_path, f"""
+    path = write_yaml(
+        tmp_path,
+        f"""
         variants:
           {good}:
             base: test_vit
           {bad}:
             base: test_vit
             patch_size: 7
-    """)
+    """,
+    )
     with pytest.raises(timm_anysize.SpecError):
         timm_anysize.register_yaml(path)
     assert not timm.is_model(good) and not timm.is_model(bad)
@@ -128,7 +160,9 @@ def test_yaml_level_errors(tmp_path):
     with pytest.raises(timm_anysize.SpecError, match=r"dup.yaml: not valid YAML: .*duplicate key 'a_x'"):
         load_yaml_specs(dup)
     top = write_yaml(tmp_path, "variant:\n  a: {}\n", "top.yaml")
-    with pytest.raises(timm_anysize.SpecError, match=r"top.yaml: unknown top-level key 'variant'; did you mean 'variants'"):
+    with pytest.raises(
+        timm_anysize.SpecError, match=r"top.yaml: unknown top-level key 'variant'; did you mean 'variants'"
+    ):
         load_yaml_specs(top)
     tag = write_yaml(tmp_path, "variants: !!python/object/apply:os.system ['echo pwned']\n", "tag.yaml")
     with pytest.raises(timm_anysize.SpecError, match=r"tag.yaml: not valid YAML"):
@@ -142,7 +176,9 @@ def test_yaml_level_errors(tmp_path):
 
 def test_yaml_anchors_and_merge_keys_work(tmp_path):
     a, b = unique_name(), unique_name()
-    path = write_yaml(tmp_path, f"""
+    path = write_yaml(
+        tmp_path,
+        f"""
         variants:
           {a}: &common
             base: test_vit
@@ -151,7 +187,8 @@ def test_yaml_anchors_and_merge_keys_work(tmp_path):
             <<: *common
             in_chans: 1
             img_size: 32
-    """)
+    """,
+    )
     specs = load_yaml_specs(path)
     assert [s.img_size for s in specs] == [(64, 64), (32, 32)] and specs[1].in_chans == 1
 
@@ -161,24 +198,31 @@ def test_geometry_bound_tensors_without_a_row_are_rejected_before_weights(tmp_pa
     import anysize_test_models  # noqa: F401  (a user's own timm architecture, registered with timm)
 
     path = one_variant(tmp_path, unique_name(), base="anysize_posgrid", img_size="[64, 96]")
-    with pytest.raises(timm_anysize.AdaptationError,
-                       match=r"v.yaml: .*anysize_posgrid \(PosGridNet, no family row\) has tensors whose shape "
-                             r"depends on the geometry .*pos_embed: \(1, 8, 16, 16\) -> \(1, 8, 16, 24\)"):
+    with pytest.raises(
+        timm_anysize.AdaptationError,
+        match=r"v.yaml: .*anysize_posgrid \(PosGridNet, no family row\) has tensors whose shape "
+        r"depends on the geometry .*pos_embed: \(1, 8, 16, 16\) -> \(1, 8, 16, 24\)",
+    ):
         timm_anysize.register_yaml(path)
 
 
-@pytest.mark.parametrize("base, img_size, fragment", [
-    ("efficientformer_l1", "128", r"last stage's attention for a 7 x 7 grid"),
-    ("convit_tiny", "[224, 160]", r"GPSA relative positions for a square patch grid"),
-])
+@pytest.mark.parametrize(
+    "base, img_size, fragment",
+    [
+        ("efficientformer_l1", "128", r"last stage's attention for a 7 x 7 grid"),
+        ("convit_tiny", "[224, 160]", r"GPSA relative positions for a square patch grid"),
+    ],
+)
 def test_sizes_only_the_dynamic_path_runs_need_dynamic(tmp_path, base, img_size, fragment):
     """timm's own model at these sizes fails in its forward: ``dynamic: false`` is refused at validation, and the
     same spec with the dynamic path (the default) runs."""
     name = unique_name()
     path = one_variant(tmp_path, name, base=base, img_size=img_size, dynamic="false")
-    with pytest.raises(timm_anysize.SpecError,
-                       match=rf"v.yaml: {name}.dynamic: false builds timm's own .* at img_size .*{fragment}.*"
-                             r"leave dynamic on"):
+    with pytest.raises(
+        timm_anysize.SpecError,
+        match=rf"v.yaml: {name}.dynamic: false builds timm's own .* at img_size .*{fragment}.*"
+        r"leave dynamic on",
+    ):
         timm_anysize.register_yaml(path)
     ok = one_variant(tmp_path, name, base=base, img_size=img_size)
     timm_anysize.register_yaml(ok)
@@ -239,5 +283,7 @@ def test_offline_hub_source_gives_a_clear_error(tmp_path):
 
     assert huggingface_hub.constants.HF_HUB_OFFLINE  # set by conftest before the first import
     name = timm_anysize.register_variant(unique_name(), base="test_vit", pretrained={"hf_hub_id": "someone/not-cached"})
-    with pytest.raises(timm_anysize.WeightsError, match=r"hf_hub_id 'someone/not-cached'.*not in the cache.*pretrained.file"):
+    with pytest.raises(
+        timm_anysize.WeightsError, match=r"hf_hub_id 'someone/not-cached'.*not in the cache.*pretrained.file"
+    ):
         timm.create_model(name, pretrained=True, cache_dir=str(tmp_path / "hub"))

@@ -61,8 +61,13 @@ def test_masks_match_the_definition_of_shifted_windows(size, shift):
 
 def test_timm_mask_lets_opposite_edges_attend_where_padding_is_short_of_the_shift():
     """Why the Swin families get their own window attention: timm rolls before padding (as of timm 1.0.31)."""
-    block = timm.create_model("swin_tiny_patch4_window7_224", **dict(SWIN, window_size=7), img_size=56,
-                              dynamic_img_size=True).layers[0].blocks[1]
+    block = (
+        timm.create_model(
+            "swin_tiny_patch4_window7_224", **dict(SWIN, window_size=7), img_size=56, dynamic_img_size=True
+        )
+        .layers[0]
+        .blocks[1]
+    )
     H = W = 12  # padded to 14: 2 rows of padding, shift 3
     rolled = torch.roll(torch.zeros(1, H, W, 1), (-3, -3), (1, 2))
     timm_mask = block.get_attn_mask(torch.nn.functional.pad(rolled, (0, 0, 0, 2, 0, 2)))

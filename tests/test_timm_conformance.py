@@ -2,9 +2,13 @@
 
 The test takes ``tests/test_models.py`` from the sdist of the *installed* timm (``pip download --no-binary``,
 cached in ``~/.cache/timm-anysize/``; timm's test code is never copied into this repository), puts
-tests/conformance/timm_conftest.py beside it (as its conftest.py) and runs it with pytest in a subprocess, with the conformance variants of
-tests/conformance/variants.yaml registered through ``$TIMM_ANYSIZE_CONFIGS``. The conftest gives each variant
-exactly the tests timm runs for the variant's base architecture. Every cell must pass.
+tests/conformance/timm_conftest.py beside it (as its conftest.py) and runs it with pytest in a subprocess, with the
+conformance variants registered through ``$TIMM_ANYSIZE_CONFIGS``: :func:`conformance_specs` derives them from the
+family rows (each family's tiny model at its ``Family.tiny.conformance`` changes) and writes them to a YAML file in
+the run's folder; extra variants can be added with your own ``$TIMM_ANYSIZE_CONFIGS``. The conftest gives each
+variant exactly the tests timm runs for the variant's base architecture. Every cell must pass.
+``$TIMM_ANYSIZE_CONFORMANCE_QUICK=1``: the 1-channel variant of each family only;
+``$TIMM_ANYSIZE_CONFORMANCE_FAMILIES=swin,vit``: only those families' variants.
 
 ``python tests/test_timm_conformance.py`` regenerates docs/conformance.md (``--no-bases``: without the plain-timm
 run; ``--from-reports VARIANTS.json [BASES.json]``: from saved reports) (the variants' counts per family and per
@@ -26,10 +30,12 @@ from typing import Any, Optional
 
 import pytest
 import timm
+import yaml
+
+from timm_anysize.families import FAMILIES
 
 ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent / "conformance"
-VARIANTS_YAML = HERE / "variants.yaml"
 DOC = ROOT / "docs" / "conformance.md"
 CACHE_ENV = "TIMM_ANYSIZE_CACHE"
 _PYTEST_INI = """[pytest]
@@ -50,36 +56,92 @@ def timm_test_models(version: str = timm.__version__) -> Path:
     if target.exists():
         return target
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet",
-               "--dest", tmp, f"timm=={version}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "--quiet",
+            "--dest",
+            tmp,
+            f"timm=={version}",
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True)
         sdists = list(Path(tmp).glob("timm-*.tar.gz"))
         if done.returncode or not sdists:
-            raise RuntimeError(f"cannot fetch the timm {version} sdist for its tests ({' '.join(cmd)}):\n"
-                               f"{done.stderr[-2000:]}")
+            raise RuntimeError(
+                f"cannot fetch the timm {version} sdist for its tests ({' '.join(cmd)}):\n{done.stderr[-2000:]}"
+            )
         with tarfile.open(sdists[0]) as tar:
             member = tar.getmember(f"timm-{version}/tests/test_models.py")
             data = tar.extractfile(member).read()  # type: ignore[union-attr]
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(".partial")
+    partial = target.with_suffix(f".{os.getpid()}.partial")  # one per process: concurrent runs never share it
     partial.write_bytes(data)
     partial.replace(target)  # atomic: a concurrent run never reads half a file
     return target
 
 
-def run_conformance(workdir: Path, models: str = "variants", only: tuple[str, ...] = (),
-                    extra_args: tuple[str, ...] = ()) -> dict[str, Any]:
+def conformance_name(family: str, change: dict[str, Any]) -> str:
+    """``cf_<family>_[patch<p>_]<size>_<gray|<n>ch>``: the name of a family's conformance variant."""
+    size = change["img_size"]
+    size = f"{size[0]}x{size[1]}" if isinstance(size, (list, tuple)) else str(size)
+    patch = f"patch{change['patch_size']}_" if "patch_size" in change else ""
+    chans = "gray" if change.get("in_chans") == 1 else f"{change.get('in_chans', 3)}ch"
+    return f"cf_{family}_{patch}{size}_{chans}"
+
+
+def conformance_specs() -> dict[str, dict[str, Any]]:
+    """The conformance variants, name -> spec, from the family rows: each family's tiny model (``Family.tiny``:
+    ``model_args`` shrink the example so each of timm's tests is cheap; pretrained=False, no weights are read) at
+    each of its ``tiny.conformance`` changes (a non-square 1-channel size, and a 4-channel one whose size timm's
+    tests clamp to 128 and 96 px: sizes that are not a multiple of the patch or stride, padded / uneven stages)."""
+    out: dict[str, dict[str, Any]] = {}
+    for fam in FAMILIES:
+        for change in fam.tiny.conformance:
+            spec = {
+                "base": fam.example,
+                **({"model_args": fam.tiny.model_args} if fam.tiny.model_args else {}),
+                **change,
+            }
+            name = conformance_name(fam.name, change)
+            if name in out:
+                raise ValueError(f"two conformance variants of {fam.name} are both named {name}: change a size")
+            out[name] = json.loads(json.dumps(spec))  # tuples as lists, for YAML
+    return out
+
+
+def run_conformance(
+    workdir: Path,
+    models: str = "variants",
+    only: tuple[str, ...] = (),
+    extra_args: tuple[str, ...] = (),
+    chunk: tuple[int, int] = (0, 1),
+) -> dict[str, Any]:
     """Run timm's test_models.py on the variants (``models='variants'``) or on their plain-timm bases
-    (``'bases'``) in a subprocess; returns the conftest's report (one entry per cell)."""
+    (``'bases'``) in a subprocess; returns the conftest's report (one entry per cell). ``chunk=(i, n)``: every n-th
+    variant only, from the i-th (in name order)."""
     workdir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(timm_test_models(), workdir / "test_models.py")
     shutil.copyfile(HERE / "timm_conftest.py", workdir / "conftest.py")  # a plugin for timm's file only
     (workdir / "pytest.ini").write_text(_PYTEST_INI)
     report = workdir / "report.json"
-    configs = os.pathsep.join(filter(None, [os.environ.get("TIMM_ANYSIZE_CONFIGS"), str(VARIANTS_YAML)]))
-    env = dict(os.environ, TIMM_ANYSIZE_CONFIGS=configs, TIMM_ANYSIZE_CONFORMANCE_MODELS=models,
-               TIMM_ANYSIZE_CONFORMANCE_ONLY=",".join(only), TIMM_ANYSIZE_CONFORMANCE_REPORT=str(report),
-               HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    variants_yaml = workdir / "variants.yaml"  # generated from the family rows, kept with the run for reading
+    variants_yaml.write_text(yaml.safe_dump({"variants": conformance_specs()}, sort_keys=False))
+    configs = os.pathsep.join(filter(None, [os.environ.get("TIMM_ANYSIZE_CONFIGS"), str(variants_yaml)]))
+    env = dict(
+        os.environ,
+        TIMM_ANYSIZE_CONFIGS=configs,
+        TIMM_ANYSIZE_CONFORMANCE_MODELS=models,
+        TIMM_ANYSIZE_CONFORMANCE_ONLY=",".join(only),
+        TIMM_ANYSIZE_CONFORMANCE_REPORT=str(report),
+        TIMM_ANYSIZE_CONFORMANCE_CHUNK="{}/{}".format(*chunk),
+        HF_HUB_OFFLINE="1",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    )
     cmd = [sys.executable, "-m", "pytest", "-q", "-rN", "--tb=line", "test_models.py", *extra_args]
     log = workdir / "pytest.log"  # streamed, so a long run can be followed with tail -f
     with log.open("w") as f:
@@ -108,8 +170,9 @@ def _cell(passed: int, run: int, skipped: int) -> str:
     return f"{passed} / {run}" + (f" ({skipped} skipped)" if skipped else "")
 
 
-def conformance_markdown(variants: dict[str, Any], bases: Optional[dict[str, Any]],
-                         seconds: Optional[float] = None) -> str:
+def conformance_markdown(
+    variants: dict[str, Any], bases: Optional[dict[str, Any]], seconds: Optional[float] = None
+) -> str:
     """docs/conformance.md from the two reports (``bases`` None: the plain-timm run was not made)."""
     v_cells, b_cells = variants["cells"], (bases or {"cells": []})["cells"]
     fam_v, fam_b = counts(v_cells, "family"), counts(b_cells, "family")
@@ -123,7 +186,8 @@ def conformance_markdown(variants: dict[str, Any], bases: Optional[dict[str, Any
         "<!-- generated by `python tests/test_timm_conformance.py`; do not edit by hand -->",
         "",
         f"timm {variants['timm']}'s `tests/test_models.py` (from the sdist of the installed timm) run on {n_variants} "
-        "registered variants: the shipped configs and tests/conformance/variants.yaml (every family at a non-square "
+        "registered variants: the shipped configs and the conformance variants of the family rows (every family's tiny "
+        "model, `Family.tiny`, at a non-square "
         "1-channel size and at a 4-channel size that timm's tests clamp to sizes that are not a multiple of the "
         "patch, on bases shrunk through `model_args`). Each variant gets exactly the tests timm runs for its base "
         "architecture (timm's own filter lists, applied to the base's name); tests over hand-picked named models and "
@@ -145,8 +209,14 @@ def conformance_markdown(variants: dict[str, Any], bases: Optional[dict[str, Any
         lines.append(f"| {fam} | {_cell(*fam_v.get(fam, (0, 0, 0)))} | {_cell(*fam_b.get(fam, missing))} |")
     total_v = tuple(sum(x) for x in zip(*fam_v.values())) if fam_v else (0, 0, 0)
     total_b = tuple(sum(x) for x in zip(*fam_b.values())) if fam_b else missing
-    lines += [f"| **all** | {_cell(*total_v)} | {_cell(*total_b)} |", "", "## Per test", "",
-              "| timm test | variants | plain timm |", "|---|---|---|"]
+    lines += [
+        f"| **all** | {_cell(*total_v)} | {_cell(*total_b)} |",
+        "",
+        "## Per test",
+        "",
+        "| timm test | variants | plain timm |",
+        "|---|---|---|",
+    ]
     for test in sorted(set(test_v) | set(test_b)):
         lines.append(f"| `{test}` | {_cell(*test_v.get(test, (0, 0, 0)))} | {_cell(*test_b.get(test, missing))} |")
     failed = failures(v_cells)
@@ -158,29 +228,66 @@ def conformance_markdown(variants: dict[str, Any], bases: Optional[dict[str, Any
 
 
 QUICK_ENV = "TIMM_ANYSIZE_CONFORMANCE_QUICK"
+FAMILIES_ENV = "TIMM_ANYSIZE_CONFORMANCE_FAMILIES"
 
 
 def quick_variants() -> tuple[str, ...]:
     """A quicker selection for local runs (``$TIMM_ANYSIZE_CONFORMANCE_QUICK=1``): the non-square 1-channel
     conformance variant of every family. The suite runs every registered variant by default (about 6 minutes on
     2 idle cores)."""
-    import yaml
-
-    names = yaml.safe_load(VARIANTS_YAML.read_text())["variants"]
-    return tuple(n for n in names if n.endswith("_gray"))
+    return tuple(n for n in conformance_specs() if n.endswith("_gray"))
 
 
-def test_timm_test_models_passes_on_every_variant(tmp_path):
+def selected_families() -> list[str]:
+    """``$TIMM_ANYSIZE_CONFORMANCE_FAMILIES`` (comma-separated family names): run only their conformance variants;
+    unset: every family (and every other registered variant)."""
+    names = [n for n in os.environ.get(FAMILIES_ENV, "").split(",") if n]
+    unknown = sorted(set(names) - {f.name for f in FAMILIES})
+    if unknown:
+        known = ", ".join(f.name for f in FAMILIES)
+        raise ValueError(f"${FAMILIES_ENV}: no family {', '.join(unknown)}; known: {known}")
+    return names
+
+
+def selected_variants() -> tuple[str, ...]:
+    """The variants this run is restricted to (``()``: every registered variant): ``$TIMM_ANYSIZE_CONFORMANCE_QUICK``
+    and ``$TIMM_ANYSIZE_CONFORMANCE_FAMILIES`` combined."""
+    only = quick_variants() if os.environ.get(QUICK_ENV) else ()
+    families = selected_families()
+    if not families:
+        return only
+    theirs = {conformance_name(f.name, c) for f in FAMILIES if f.name in families for c in f.tiny.conformance}
+    return tuple(n for n in (only or conformance_specs()) if n in theirs)
+
+
+# The variants' run takes about 8 minutes of one core: it runs as CHUNKS tests, each a subprocess on every
+# CHUNKS-th variant, so the suite's parallel workers share it (about 2 minutes each, the longest tests of the suite).
+CHUNKS = 4
+
+
+def test_every_family_has_a_conformance_variant_in_the_run():
+    """With every chunk's variants each getting cells (below), every family gets cells."""
+    wanted = set(selected_families()) or {f.name for f in FAMILIES}
+    selected = set(selected_variants() or conformance_specs())
+    have = {f.name for f in FAMILIES for c in f.tiny.conformance if conformance_name(f.name, c) in selected}
+    assert have >= wanted, f"families without a conformance variant: {sorted(wanted - have)}"
+
+
+@pytest.mark.parametrize("chunk", range(CHUNKS), ids=lambda i: f"chunk{i}of{CHUNKS}")
+def test_timm_test_models_passes_on_every_variant(tmp_path, chunk):
     try:
         timm_test_models()
     except RuntimeError as e:  # no index reachable: say so rather than pass silently
         pytest.skip(str(e).splitlines()[0])
-    report = run_conformance(tmp_path, only=quick_variants() if os.environ.get(QUICK_ENV) else ())
+    only = selected_variants()
+    if only:  # a selection: chunked here (none left for this chunk: nothing to start)
+        only = tuple(sorted(only)[chunk::CHUNKS])
+        if not only:
+            pytest.skip(f"no selected variant falls in chunk {chunk} of {CHUNKS}")
+    report = run_conformance(tmp_path, only=only, chunk=(0, 1) if only else (chunk, CHUNKS))
     cells = report["cells"]
-    families = {c["family"] for c in cells}
-    from timm_anysize.families import FAMILIES
-
-    assert families >= {f.name for f in FAMILIES}, f"families without a conformance cell: {families}"
+    without = sorted(set(report["variants"]) - {c["arch"] for c in cells})
+    assert report["variants"] and not without, f"variants without a conformance cell: {without or 'none run'}"
     failed = failures(cells)
     assert not failed, f"{len(failed)} of {len(cells)} cells fail:\n" + "\n".join(failed)
 
@@ -191,7 +298,7 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     argv = sys.argv[1:] if argv is None else argv
     if "--from-reports" in argv:  # render saved report.json files: VARIANTS [BASES]
-        paths = argv[argv.index("--from-reports") + 1:]
+        paths = argv[argv.index("--from-reports") + 1 :]
         reports = [json.loads(Path(p).read_text()) for p in paths]
         DOC.write_text(conformance_markdown(reports[0], reports[1] if len(reports) > 1 else None))
         return

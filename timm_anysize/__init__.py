@@ -1,7 +1,9 @@
 """timm-anysize: pretrained timm vision transformers at any image size, patch size and channel count.
 
 Importing the package registers the shipped variant configs (and those in ``$TIMM_ANYSIZE_CONFIGS``) as timm
-models, so ``timm.create_model(name, pretrained=True)`` builds them with adapted weights.
+models, so ``timm.create_model(name, pretrained=True)`` builds them with adapted weights. The import builds no model:
+the YAML is parsed and schema-checked at once, and each variant is planned by its first ``timm.create_model``
+(:mod:`timm_anysize.registry`).
 
 Example:
     >>> import timm, timm_anysize
@@ -11,16 +13,21 @@ Example:
 
 from __future__ import annotations
 
-from timm_anysize.core.version import __version__
-from timm_anysize.dynamic import clear_dynamic_cache, dynamic_cache_info, enable_dynamic, is_dynamic
-from timm_anysize.hub import ExportError, Metric, build_model_card, export, metrics_from_demo, push_to_hub
-from timm_anysize.flexi import enable_flexi, flexi_cache_info, get_patch_size, patch_size, set_patch_size
 from timm_anysize.core.errors import (
-    AdaptationError, AnysizeError, InputNotDivisibleError, RegistrationError, SpecError, WeightsError,
+    AdaptationError,
+    AnysizeError,
+    InputNotDivisibleError,
+    RegistrationError,
+    SpecError,
+    WeightsError,
 )
-from timm_anysize.registry import get_variant, list_variants, register_specs, register_variant, register_yaml
 from timm_anysize.core.report import AdaptationReport, adaptation_report
 from timm_anysize.core.spec import VariantSpec
+from timm_anysize.core.version import __version__
+from timm_anysize.dynamic import clear_dynamic_cache, dynamic_cache_info, enable_dynamic, is_dynamic
+from timm_anysize.flexi import enable_flexi, flexi_cache_info, get_patch_size, patch_size, set_patch_size
+from timm_anysize.hub import ExportError, Metric, build_model_card, export, push_to_hub
+from timm_anysize.registry import get_variant, list_variants, register_specs, register_variant, register_yaml
 
 __all__ = [
     "__version__",
@@ -43,7 +50,6 @@ __all__ = [
     "push_to_hub",
     "build_model_card",
     "Metric",
-    "metrics_from_demo",
     "ExportError",
     "AdaptationReport",
     "VariantSpec",

@@ -12,16 +12,22 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from timm.layers import resample_abs_pos_embed, resample_patch_embed, resize_rel_pos_bias_table
+from timm.layers import resample_patch_embed, resize_rel_pos_bias_table
 from timm.models import adapt_input_conv
 
+from timm_anysize.core.compat import compat_rel_table, compat_resize_rel_table
 from timm_anysize.core.errors import AdaptationError
-from timm_anysize.core.compat import compat_rel_table, compat_resample_pos_embed, compat_resize_rel_table
-from timm_anysize.plan import TensorResample, VariantPlan
 from timm_anysize.core.report import AdaptationReport, KeyAdaptation, summarize_keys
-from timm_anysize.core.resample import resample_blocks, resample_grid, resize_bias_grid, resize_rel_axis
+from timm_anysize.core.resample import (
+    resample_blocks,
+    resample_grid,
+    resample_pos_tokens,
+    resize_bias_grid,
+    resize_rel_axis,
+)
 from timm_anysize.core.spec import ChannelOptions, PatchEmbedOptions, PosEmbedOptions, Size2
 from timm_anysize.origins import layout_hint
+from timm_anysize.plan import TensorResample, VariantPlan
 
 __all__ = [
     "adapt_state_dict",
@@ -38,7 +44,9 @@ StateDict = dict[str, torch.Tensor]
 def resample_pos_embed(
     pos_embed: torch.Tensor, old_grid: Size2, new_grid: Size2, num_prefix_tokens: int, options: PosEmbedOptions
 ) -> torch.Tensor:
-    """Resample an absolute position embedding ``[1, prefix + H*W, C]`` between any two grids.
+    """Resample an absolute position embedding ``[1, prefix + H*W, C]`` between any two grids, with the options of
+    a spec: :func:`timm_anysize.core.resample.resample_pos_tokens`, the function the dynamic paths call at run time,
+    so a load at a size and a dynamic model run at it resample identically.
 
     Prefix tokens (class, distillation, registers) are kept aside; the grid is interpolated in float32.
 
@@ -47,15 +55,14 @@ def resample_pos_embed(
         >>> resample_pos_embed(pe, (4, 6), (8, 3), 1, PosEmbedOptions()).shape
         torch.Size([1, 25, 8])
     """
-    if options.compat != "timm":  # another library's exact resampling (timm_anysize.core.compat)
-        return compat_resample_pos_embed(pos_embed, new_grid, old_grid, num_prefix_tokens, options.compat)
-    return resample_abs_pos_embed(
+    return resample_pos_tokens(
         pos_embed,
-        new_size=list(new_grid),
-        old_size=list(old_grid),
-        num_prefix_tokens=num_prefix_tokens,
-        interpolation=options.interpolation,
-        antialias=options.use_antialias,
+        list(new_grid),
+        list(old_grid),
+        num_prefix_tokens,
+        options.interpolation,
+        options.use_antialias,
+        options.compat,
     )
 
 
@@ -75,7 +82,10 @@ def resize_patch_kernel(weight: torch.Tensor, new_size: Size2, options: PatchEmb
             weight, list(new_size), interpolation=options.interpolation, antialias=options.antialias
         )
     out = F.interpolate(
-        weight.float(), size=tuple(new_size), mode=options.interpolation, antialias=options.antialias,
+        weight.float(),
+        size=tuple(new_size),
+        mode=options.interpolation,
+        antialias=options.antialias,
         align_corners=False,
     )
     return out.to(weight.dtype)
@@ -118,8 +128,9 @@ def resample_tensor(
             how = f"compat {options.compat}, {layout.prefix} prefix tokens kept"
         return value, f"grid {a} -> {b} ({how})"
     if layout.kind in ("pos_nchw", "pos_nhwc"):
-        value = resample_grid(src, layout.target, options.interpolation, options.use_antialias,
-                              channels_last=layout.kind == "pos_nhwc")
+        value = resample_grid(
+            src, layout.target, options.interpolation, options.use_antialias, channels_last=layout.kind == "pos_nhwc"
+        )
         return value, f"grid {a} -> {b} ({options.interpolation}, antialias={options.use_antialias})"
     if layout.kind == "rel_table":
         if compat_rel_table(options.compat) == "bilinear":  # the origin library's own resize (transformers' BEiT)
@@ -166,7 +177,7 @@ def _adapt_kernel(src: torch.Tensor, tgt: torch.Tensor, plan: VariantPlan) -> tu
             value = value.reshape(src.shape[0], c, ph, pw)
         else:
             value = value.reshape(src.shape[0], ph, pw, c).permute(0, 3, 1, 2)
-    blocks = fam.space_to_depth ** 2 if fam.space_to_depth else 1
+    blocks = fam.space_to_depth**2 if fam.space_to_depth else 1
     if value.shape[1] != t.in_chans * blocks:
         ch = spec.adapt.channels
         out = value.shape[0]
@@ -241,7 +252,11 @@ def adapt_state_dict(
             detail = "; ".join(filter(None, (f"from {conversion.origin[key]}", detail)))
         out[key] = value
         report.entries[key] = KeyAdaptation(
-            key, action, detail, tuple(src.shape) if src is not None else None, tuple(target_sd[key].shape)  # type: ignore[arg-type]
+            key,
+            action,
+            detail,
+            tuple(src.shape) if src is not None else None,
+            tuple(target_sd[key].shape),  # type: ignore[arg-type]
         )
         if action != "copied":
             _logger.info("%s: %s %s: %s", spec.name, key, action, detail)
@@ -298,8 +313,11 @@ def adapt_state_dict(
 
     if conversion is not None:  # the source line names the origin, so model cards of exports do too
         report.source = f"{source_desc} ({conversion.layout} layout, mapped to timm's names)"
-        report.origin = {"layout": conversion.layout, "wrappers": list(conversion.wrappers),
-                         "notes": list(conversion.notes)}
+        report.origin = {
+            "layout": conversion.layout,
+            "wrappers": list(conversion.wrappers),
+            "notes": list(conversion.notes),
+        }
         for key, why in conversion.dropped.items():
             report.dropped[key] = f"{conversion.layout}: {why}"
     if missing or unused or mismatched:

@@ -1,6 +1,11 @@
 """Building a variant: the model at its geometry, its pretrained cfg, and its adapted weights.
 
-This is what a registered entrypoint runs when ``timm.create_model(variant_name, ...)`` is called.
+This is what a registered entrypoint runs when ``timm.create_model(variant_name, ...)`` is called. It reads as one
+pass, each step taking what the previous one returned: the spec is planned (:mod:`timm_anysize.plan`: geometry and
+weight source resolved, a transformers ``config.json`` read once), the weights are read and mapped to timm's names
+from their origin (:mod:`timm_anysize.weights`), the model is built, the weights adapted to it
+(:mod:`timm_anysize.adapt`) and loaded, and the run-time features switched on (dynamic sizes, flexi patches, the
+feature wrapper).
 """
 
 from __future__ import annotations
@@ -9,7 +14,7 @@ import dataclasses
 import logging
 from functools import partial
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import timm
 import torch
@@ -17,25 +22,17 @@ import torch.nn as nn
 from timm.models import FeatureGraphNet, resolve_pretrained_cfg
 
 from timm_anysize.adapt import adapt_state_dict
-from timm_anysize.dynamic import enable_dynamic
 from timm_anysize.core.errors import WeightsError
 from timm_anysize.core.family import Family
-from timm_anysize.flexi import apply_flexi
-from timm_anysize.origins import reads_transformers_config
-from timm_anysize.core.meta import build_meta, create_meta_without_init
-from timm_anysize.plan import VariantPlan, make_plan, with_config_geometry
+from timm_anysize.core.meta import create_meta_without_init
+from timm_anysize.core.report import AdaptationReport, summarize_keys
 from timm_anysize.core.spec import VariantSpec
-from timm_anysize.core.report import summarize_keys
-from timm_anysize.weights import (
-    detect_format,
-    download_hub_config,
-    download_hub_weights,
-    download_url_weights,
-    read_npz_state_dict,
-    read_source_state_dict,
-)
+from timm_anysize.dynamic import enable_dynamic
+from timm_anysize.flexi import apply_flexi
+from timm_anysize.plan import Geometry, VariantPlan, make_plan, resolve_base_cfg, spec_target
+from timm_anysize.weights import load_source_state_dict
 
-__all__ = ["build_variant", "variant_pretrained_cfg", "stats_for_channels", "default_tag"]
+__all__ = ["build_variant", "variant_pretrained_cfg", "spec_pretrained_cfg", "stats_for_channels", "default_tag"]
 
 _logger = logging.getLogger(__name__)
 _WEIGHT_FIELDS = ("url", "file", "state_dict", "hf_hub_id", "hf_hub_filename", "source")
@@ -44,7 +41,13 @@ _BASE_GEOMETRY_FIELDS = ("test_input_size", "min_input_size", "pool_size", "test
 
 
 def default_tag(spec: VariantSpec) -> str:
-    """The pretrained tag a variant registers: ``pretrained.tag``, else the base's tag, else ``anysize``."""
+    """The pretrained tag a variant registers: ``pretrained.tag``, else the base's tag, else ``anysize``.
+
+    Example:
+        >>> from timm_anysize.core.spec import parse_variant
+        >>> default_tag(parse_variant("v", {"base": "vit_tiny_patch16_224.augreg_in21k_ft_in1k"}))
+        'augreg_in21k_ft_in1k'
+    """
     return spec.pretrained.tag or spec.base_tag or "anysize"
 
 
@@ -68,16 +71,16 @@ def stats_for_channels(values: Sequence[float], in_chans: int) -> tuple[float, .
     return tuple(values[i % len(values)] for i in range(in_chans))
 
 
-def _weight_location(plan: VariantPlan) -> dict[str, Any]:
+def _weight_location(spec: VariantSpec, base_cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Weight-source fields of the variant's registered cfg: the spec's own, else the base tag's."""
-    src = plan.spec.pretrained
+    src = spec.pretrained
     if src.file is not None:
         return {"file": str(src.file)}
     if src.hf_hub_id is not None:
         return {"hf_hub_id": src.hf_hub_id, "hf_hub_filename": src.filename}
     if src.url is not None:
         return {"url": src.url}
-    return {k: plan.base_cfg.get(k) for k in ("url", "file", "hf_hub_id", "hf_hub_filename")}
+    return {k: base_cfg.get(k) for k in ("url", "file", "hf_hub_id", "hf_hub_filename")}
 
 
 def variant_pretrained_cfg(plan: VariantPlan, weights: Optional[dict[str, Any]] = None) -> dict[str, Any]:
@@ -90,18 +93,55 @@ def variant_pretrained_cfg(plan: VariantPlan, weights: Optional[dict[str, Any]] 
     Args:
         plan: The resolved plan.
         weights: Weight-location fields to use instead of the spec's (e.g. a resolved ``file`` overlay).
+
+    Example:
+        >>> from timm_anysize.core.spec import parse_variant
+        >>> cfg = variant_pretrained_cfg(make_plan(parse_variant("v", {"base": "test_vit", "in_chans": 1})))
+        >>> cfg["input_size"], cfg["mean"], cfg["fixed_input_size"]
+        ((1, 160, 160), (0.5,), False)
     """
-    spec, t, base = plan.spec, plan.target, plan.base_cfg
+    return _variant_cfg(plan.spec, plan.base_cfg, plan.target, plan.dynamic, plan.feature_size, weights)
+
+
+def spec_pretrained_cfg(spec: VariantSpec, base_cfg: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+    """The pretrained cfg a variant registers before its plan is made: :func:`variant_pretrained_cfg`'s fields from
+    the spec and the base's pretrained cfg alone (:func:`timm_anysize.plan.spec_target`), no model built.
+
+    What only a built model tells -- ``pool_size`` (a forward at the variant's size), the grid in the description,
+    defaults of the base's constructor the spec does not restate -- is filled in when the plan is made.
+
+    Raises:
+        SpecError: timm has no such base architecture or tag.
+
+    Example:
+        >>> from timm_anysize.core.spec import parse_variant
+        >>> cfg = spec_pretrained_cfg(parse_variant("v", {"base": "test_vit", "img_size": 64, "in_chans": 1}))
+        >>> cfg["input_size"], cfg["mean"], cfg["fixed_input_size"]
+        ((1, 64, 64), (0.5,), False)
+    """
+    base_cfg = resolve_base_cfg(spec) if base_cfg is None else base_cfg
+    target, dynamic = spec_target(spec, base_cfg)
+    return _variant_cfg(spec, base_cfg, target, dynamic, None, None)
+
+
+def _variant_cfg(
+    spec: VariantSpec,
+    base: Mapping[str, Any],
+    t: Geometry,
+    dynamic: bool,
+    feature_size: Optional[tuple[int, int]],
+    weights: Optional[dict[str, Any]],
+) -> dict[str, Any]:
     data = spec.data
     same_classes = t.num_classes == base.get("num_classes", t.num_classes)
     cfg = {k: v for k, v in base.items() if k not in _WEIGHT_FIELDS + _BASE_GEOMETRY_FIELDS}
-    cfg.update(_geometry_fields(plan))
+    cfg.update(_geometry_fields(base, t, feature_size))
     cfg.update(
         architecture=spec.name,
         tag=default_tag(spec),
         custom_load=False,
         input_size=(t.in_chans, *t.img_size),
-        fixed_input_size=not plan.dynamic,
+        fixed_input_size=not dynamic,
         mean=stats_for_channels(data.mean or base.get("mean", (0.485, 0.456, 0.406)), t.in_chans),
         std=stats_for_channels(data.std or base.get("std", (0.229, 0.224, 0.225)), t.in_chans),
         num_classes=t.num_classes,
@@ -113,91 +153,33 @@ def variant_pretrained_cfg(plan: VariantPlan, weights: Optional[dict[str, Any]] 
     for key in ("crop_pct", "crop_mode", "interpolation"):
         if getattr(data, key) is not None:
             cfg[key] = getattr(data, key)
-    cfg.update(weights if weights is not None else _weight_location(plan))
+    cfg.update(weights if weights is not None else _weight_location(spec, base))
     return {k: v for k, v in cfg.items() if v is not None or k in ("first_conv", "classifier")}
 
 
-def _scaled_size(size: Sequence[int], plan: VariantPlan) -> tuple[int, ...]:
+def _scaled_size(size: Sequence[int], base: Mapping[str, Any], t: Geometry) -> tuple[int, ...]:
     """A base cfg size ``(C, H, W)`` at the variant's geometry: H and W scaled by target / base input size, rounded
     to whole patches (at least one), C the variant's channels."""
-    base_hw = plan.base_cfg.get("input_size", (0, *plan.source.img_size))[1:]
-    step = plan.target.patch_size or (1, 1)
-    out = [plan.target.in_chans]
-    for s, b, t, p in zip(size[1:], base_hw, plan.target.img_size, step):
-        out.append(max(p, round(s * t / b / p) * p))
+    base_hw = base.get("input_size", (0, *t.img_size))[1:]
+    step = t.patch_size or (1, 1)
+    out = [t.in_chans]
+    for s, b, n, p in zip(size[1:], base_hw, t.img_size, step):
+        out.append(max(p, round(s * n / b / p) * p))
     return tuple(out)
 
 
-def _geometry_fields(plan: VariantPlan) -> dict[str, Any]:
+def _geometry_fields(base: Mapping[str, Any], t: Geometry, feature_size: Optional[tuple[int, int]]) -> dict[str, Any]:
     """``pool_size`` (forward_features at the variant's size), and ``test_input_size`` / ``min_input_size`` where the
     base has them, scaled to the variant's geometry."""
-    base, out = plan.base_cfg, {}
-    if plan.feature_size is not None:
-        out["pool_size"] = plan.feature_size
+    out: dict[str, Any] = {}
+    if feature_size is not None:
+        out["pool_size"] = feature_size
     for key in ("test_input_size", "min_input_size"):
         if base.get(key):
-            out[key] = _scaled_size(base[key], plan)
+            out[key] = _scaled_size(base[key], base, t)
     if out.get("test_input_size") and base.get("test_crop_pct"):
         out["test_crop_pct"] = base["test_crop_pct"]
     return out
-
-
-def _read_file(plan: VariantPlan, path: Union[str, Path]) -> dict[str, torch.Tensor]:
-    if detect_format(path) == "npz":
-        def build() -> nn.Module:
-            return timm.create_model(plan.spec.base, pretrained=False, **plan.source_kwargs)
-
-        return read_npz_state_dict(path, build)
-    state_dict = read_source_state_dict(path, plan)  # other libraries' layouts come back in timm's names
-    if plan.family.checkpoint_filter is None:
-        return state_dict
-    if state_dict.keys() <= plan.source_shapes.keys() or getattr(state_dict, "conversion", None):
-        return state_dict  # already timm's layout: nothing for the filter to rename
-    source_model = build_meta(plan.spec, plan.source_kwargs, "source (pretrained)")
-    # timm's filter renames foreign layouts, but it also resamples (guessing square grids) when a shape differs
-    # from the model's; hold the geometry tensors aside so only adapt_state_dict changes them, from known sizes.
-    held = {k: state_dict.pop(k) for k in (*plan.resamples, *plan.patch_keys) if k in state_dict}
-    try:
-        return {**plan.family.checkpoint_filter(state_dict, source_model), **held}
-    except Exception as e:  # filters index keys and shapes freely; anything they raise means a foreign layout
-        raise WeightsError(f"{path}: timm's {plan.family.name} checkpoint filter cannot read it ({e!r})") from e
-
-
-def load_source_state_dict(
-    plan: VariantPlan, cfg: dict[str, Any], cache_dir: Optional[Union[str, Path]] = None
-) -> tuple[dict[str, torch.Tensor], str]:
-    """Fetch and read the source weights named by a resolved cfg: state_dict > file > Hub > url.
-
-    Returns:
-        The state dict in timm's layout at the source geometry, and a description of where it came from.
-    """
-    if cfg.get("state_dict"):
-        return dict(cfg["state_dict"]), "state_dict (in memory)"
-    if cfg.get("file"):
-        return _read_file(plan, cfg["file"]), f"file {cfg['file']}"
-    if cfg.get("hf_hub_id"):
-        revision = plan.spec.pretrained.revision if cfg["hf_hub_id"] == plan.spec.pretrained.hf_hub_id else None
-        path = download_hub_weights(
-            cfg["hf_hub_id"], cfg.get("hf_hub_filename"), revision, str(cache_dir) if cache_dir else None
-        )
-        return _read_file(plan, path), f"hf-hub {cfg['hf_hub_id']}" + (f"@{revision}" if revision else "")
-    if cfg.get("url"):
-        url = cfg["url"][0] if isinstance(cfg["url"], (tuple, list)) else cfg["url"]
-        return _read_file(plan, download_url_weights(url)), f"url {url}"
-    raise WeightsError(
-        f"{plan.spec.where}.pretrained: no weight source (base {plan.spec.base} has "
-        f"none); set pretrained.file or pretrained.hf_hub_id, or create the model with pretrained=False"
-    )
-
-
-def _hub_config(spec: VariantSpec, cfg: dict[str, Any], cache_dir: Optional[Union[str, Path]]) -> Optional[dict]:
-    """The transformers ``config.json`` of the Hub repo the variant names as its weights (a local file's is read
-    by make_plan); the geometry it states fills the ``pretrained`` fields the spec leaves unset."""
-    src = spec.pretrained
-    if (src.hf_hub_id is None or cfg.get("hf_hub_id") != src.hf_hub_id or cfg.get("file") or cfg.get("state_dict")
-            or not reads_transformers_config(src.layout)):
-        return None
-    return download_hub_config(src.hf_hub_id, src.revision, str(cache_dir) if cache_dir else None)
 
 
 def build_variant(
@@ -230,33 +212,47 @@ def build_variant(
     cfg_obj = resolve_pretrained_cfg(spec.name, pretrained_cfg, pretrained_cfg_overlay)
     # Read the fields directly: PretrainedCfg.to_dict() would deep-copy an in-memory state_dict.
     resolved = {f.name: getattr(cfg_obj, f.name) for f in dataclasses.fields(cfg_obj)}
-    if pretrained:
-        spec = with_config_geometry(spec, _hub_config(spec, resolved, cache_dir))
-    plan = make_plan(spec, kwargs)
-    # When the load overwrites every tensor (no new head, no declared fresh init), timm's random init is wasted work
-    # (most of the load time); ViT-family constructors can skip it.
-    skip_init = pretrained and plan.source.num_classes == plan.target.num_classes and not spec.adapt.init_keys
-    model = _create(spec.base, {**plan.target_kwargs, **plan.dynamic_kwargs}, skip_init, plan.family)
-    if pretrained:
-        source_sd, source_desc = load_source_state_dict(plan, resolved, cache_dir)
-        _refuse_non_finite(source_sd, source_desc, {k for k, _ in model.named_buffers()})
-        state_dict, report = adapt_state_dict(source_sd, model.state_dict(), plan, source_desc)
-        model.load_state_dict(state_dict, strict=True)
-        model._anysize_report = report
-        _logger.info("%s: loaded from %s (%d copied, %d not copied)", spec.name, source_desc,
-                     len(report.by_action("copied")), len(report.non_copied()))
+    # 1. The plan: both geometries, and the config.json that speaks for the weights to be read (read once, here).
+    plan = make_plan(spec, kwargs, weights=resolved if pretrained else None, cache_dir=cache_dir)
+    # 2. The weights, read from their source and mapped to timm's names from their origin, checked against the plan.
+    source = load_source_state_dict(plan, resolved, cache_dir) if pretrained else None
+    # 3. The model at the variant's geometry. When the load overwrites every tensor (no new head, no declared fresh
+    #    init), timm's random init is wasted work (most of the load time); ViT-family constructors can skip it.
+    skip_init = pretrained and plan.source.num_classes == plan.target.num_classes and not plan.spec.adapt.init_keys
+    model = _create(plan.spec.base, {**plan.target_kwargs, **plan.dynamic_kwargs}, skip_init, plan.family)
+    # 4. The weights adapted to it and loaded.
+    if source is not None:
+        model._anysize_report = _load_adapted(model, plan, *source)
     weights = {k: resolved.get(k) for k in ("url", "file", "hf_hub_id", "hf_hub_filename")}
     cfg = variant_pretrained_cfg(plan, weights)
     cfg["tag"] = resolved.get("tag") or cfg["tag"]
-    if plan.dynamic and not features_only:  # a feature model makes its own inner model dynamic
-        _make_dynamic(plan, model)
     model._anysize_plan = plan  # what export needs: base arch, model args, geometries
     model.pretrained_cfg = cfg
     model.default_cfg = cfg
-    apply_flexi(model, spec)  # the YAML flexi key: a patch size drawn per training forward (timm_anysize.flexi)
+    # 5. Run-time features: any input size, a flexi patch size, timm's feature wrapper.
+    if plan.dynamic and not features_only:  # a feature model makes its own inner model dynamic
+        _make_dynamic(plan, model)
+    apply_flexi(model, plan.spec)  # the YAML flexi key: a patch size drawn per training forward (timm_anysize.flexi)
     if features_only:
-        model = _as_feature_model(spec, plan, model, feature_cfg, cfg)
+        model = _as_feature_model(plan.spec, plan, model, feature_cfg, cfg)
     return model
+
+
+def _load_adapted(
+    model: nn.Module, plan: VariantPlan, source_sd: dict[str, torch.Tensor], source_desc: str
+) -> AdaptationReport:
+    """Adapt the source weights to the model's tensors (refusing non-finite ones) and load them, strictly."""
+    _refuse_non_finite(source_sd, source_desc, {k for k, _ in model.named_buffers()})
+    state_dict, report = adapt_state_dict(source_sd, model.state_dict(), plan, source_desc)
+    model.load_state_dict(state_dict, strict=True)
+    _logger.info(
+        "%s: loaded from %s (%d copied, %d not copied)",
+        plan.spec.name,
+        source_desc,
+        len(report.by_action("copied")),
+        len(report.non_copied()),
+    )
+    return report
 
 
 def _create(base: str, kwargs: dict[str, Any], skip_init: bool, family: Family) -> nn.Module:
@@ -282,15 +278,18 @@ def _refuse_non_finite(state_dict: dict[str, torch.Tensor], source_desc: str, bu
     """NaN or Inf weights only ever produce NaN outputs; refuse them instead of loading a broken model. An infinite
     *buffer* is a bound, not a weight (Gemma 4's clipped linears keep +-inf limits when clipping is off): only NaN
     is refused there."""
+
     def finite(v: torch.Tensor) -> bool:
         # NaN and Inf propagate through a sum, so one reduction clears a tensor; only a non-finite sum (which an
         # overflow could also cause) needs the exact element-wise check.
         return bool(torch.isfinite(v.sum(dtype=torch.float32))) or bool(torch.isfinite(v).all())
 
-    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not finite(v)
-           and (k not in buffers or bool(torch.isnan(v).any()))]
+    bad = [
+        k
+        for k, v in state_dict.items()
+        if v.is_floating_point() and not finite(v) and (k not in buffers or bool(torch.isnan(v).any()))
+    ]
     if bad:
-
         raise WeightsError(
             f"{source_desc}: tensors with NaN or Inf values: {summarize_keys(bad)}; timm-anysize refuses "
             f"non-finite weights (they give NaN outputs): fix or re-export the checkpoint"
@@ -323,14 +322,17 @@ def _feature_key_map(wrapper_keys: list[str], full_keys: list[str]) -> dict[str,
     return out
 
 
-def _as_fx_feature_model(plan: VariantPlan, model: nn.Module, timm_wrapper: nn.Module, cfg: dict[str, Any]) -> nn.Module:
+def _as_fx_feature_model(
+    plan: VariantPlan, model: nn.Module, timm_wrapper: nn.Module, cfg: dict[str, Any]
+) -> nn.Module:
     """``feature_cls='fx'``: timm's FX feature wrapper traced from the adapted model itself (made dynamic first, so
     the graph records the dynamic path); ``timm_wrapper`` (the family's default feature wrapper) gives the
     indices."""
     if plan.dynamic:
         _make_dynamic(plan, model)
-    wrapper = FeatureGraphNet(model, out_indices=tuple(timm_wrapper.feature_info.out_indices),
-                              output_fmt=getattr(model, "output_fmt", "NCHW"))
+    wrapper = FeatureGraphNet(
+        model, out_indices=tuple(timm_wrapper.feature_info.out_indices), output_fmt=getattr(model, "output_fmt", "NCHW")
+    )
     report = getattr(model, "_anysize_report", None)
     if report is not None:
         kept = {k.split(".", 1)[1] for k in wrapper.state_dict()}
@@ -358,8 +360,13 @@ def _as_feature_model(
     all_kwargs = {**plan.target_kwargs, **kwargs}
     fx = feature_cfg.get("feature_cls") in ("fx", FeatureGraphNet)
     if fx:  # timm would trace the model it builds; the graph must record the adapted, dynamic model instead
-        create = partial(timm.create_model, spec.base, pretrained=False, features_only=True,
-                         **{k: v for k, v in feature_cfg.items() if k != "feature_cls"})
+        create = partial(
+            timm.create_model,
+            spec.base,
+            pretrained=False,
+            features_only=True,
+            **{k: v for k, v in feature_cfg.items() if k != "feature_cls"},
+        )
     wrapper = plan.family.create(create, all_kwargs)
     if fx:
         return _as_fx_feature_model(plan, model, wrapper, cfg)
@@ -367,8 +374,10 @@ def _as_feature_model(
     names = _feature_key_map(list(kept), list(full))
     unmapped = [k for k, v in names.items() if not v or full[v].shape != kept[k].shape]
     if unmapped:
-        raise WeightsError(f"{spec.name}: features_only: cannot match the feature wrapper's {unmapped[:4]} to the "
-                           f"model's tensors; create the full model and use forward_intermediates instead")
+        raise WeightsError(
+            f"{spec.name}: features_only: cannot match the feature wrapper's {unmapped[:4]} to the "
+            f"model's tensors; create the full model and use forward_intermediates instead"
+        )
     wrapper.load_state_dict({k: full[v] for k, v in names.items()}, strict=True)
     report = getattr(model, "_anysize_report", None)
     if report is not None:

@@ -11,15 +11,15 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.layers import Format, PatchEmbed, nchw_to
 from timm.layers.helpers import is_exporting
 
 from timm_anysize.core.cache import DEFAULT_CACHE_SIZE, DynamicOptions, PosEmbedCache, symbolic, traced
-from timm_anysize.families import FAMILIES
-from timm_anysize.core.family import DynamicPath
 from timm_anysize.core.compat import compat_preset
 from timm_anysize.core.errors import InputNotDivisibleError
+from timm_anysize.core.family import DynamicPath
+from timm_anysize.core.padding import check_multiple, pad_to_multiple
+from timm_anysize.families import FAMILIES
 
 __all__ = [
     "enable_dynamic",
@@ -44,9 +44,7 @@ class DynamicPatchEmbed(PatchEmbed):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dynamic_img_pad and (torch.jit.is_scripting() or self._must_pad(x)):
-            pad_h = (self.patch_size[0] - x.shape[-2] % self.patch_size[0]) % self.patch_size[0]
-            pad_w = (self.patch_size[1] - x.shape[-1] % self.patch_size[1]) % self.patch_size[1]
-            x = F.pad(x, (0, pad_w, 0, pad_h))
+            x = pad_to_multiple(x, [self.patch_size[0], self.patch_size[1]], True)
         x = self.proj(x)
         if self.flatten:
             x = x.flatten(2).transpose(1, 2)  # NCHW -> NLC
@@ -76,21 +74,17 @@ def _dynamic_class(cls: type) -> Optional[tuple[type, DynamicPath]]:
 
 
 def _check_divisible(module: nn.Module, args: tuple) -> None:
-    h, w = args[0].shape[-2:]
-    ph, pw = module.patch_size
-    if not (torch.compiler.is_compiling() or is_exporting()) and (h % ph or w % pw):
-        raise InputNotDivisibleError(
-            f"input {h}x{w} is not a multiple of the patch {ph}x{pw} and padding is off; resize or crop to a "
-            f"multiple of the patch, or turn padding on (pad: true in the variant's YAML, enable_dynamic(pad=True))"
-        )
+    if not (torch.compiler.is_compiling() or is_exporting()):
+        check_multiple(args[0].shape[-2:], module.patch_size)
 
 
 def is_dynamic(model: nn.Module) -> bool:
     """True if ``model`` runs at any input size through :func:`enable_dynamic`."""
     if getattr(model, "_anysize_native_dynamic", False):  # a family that runs at any size through timm's own path
         return True
-    dynamic_type = any(type(model) in r.classes.values() or (r.claims is not None and r.claims(model))
-                       for r in _runtimes())
+    dynamic_type = any(
+        type(model) in r.classes.values() or (r.claims is not None and r.claims(model)) for r in _runtimes()
+    )
     has_options = getattr(model, "_anysize_dynamic", None) is not None
     return dynamic_type and has_options and bool(getattr(model, "dynamic_img_size", False))
 
@@ -117,7 +111,8 @@ def enable_dynamic(
     Args:
         model: The model; changed in place (its class becomes a subclass with the cached path).
         pad: Pad inputs that are not a multiple of the patch (bottom/right, as timm's ``dynamic_img_pad``); when
-            False such inputs raise a ``ValueError`` that says how to fix it.
+            False such inputs raise :class:`InputNotDivisibleError` (a ``ValueError``) naming the size, the multiple
+            and the nearest sizes that work.
         interpolation: Resampling mode of the position embedding (``set_input_size`` uses bicubic).
         antialias: Anti-alias when the grid shrinks.
         cache_size: Grids kept in the LRU cache.
@@ -151,8 +146,12 @@ def enable_dynamic(
             return model
     found = _dynamic_class(cls)
     if found is None:
-        names = ", ".join(sorted({c.__name__ for r in _runtimes() for c in r.classes} | {
-            f.classes[0].__name__ for f in FAMILIES if f.runtime is not None and f.runtime.enable is not None}))
+        names = ", ".join(
+            sorted(
+                {c.__name__ for r in _runtimes() for c in r.classes}
+                | {f.classes[0].__name__ for f in FAMILIES if f.runtime is not None and f.runtime.enable is not None}
+            )
+        )
         raise TypeError(f"enable_dynamic: {cls.__name__} is not supported (supported: {names})")
     dynamic_cls, runtime = found
     rope = getattr(model, "rope", None)
@@ -192,8 +191,11 @@ def _cache(model: nn.Module) -> Optional[PosEmbedCache]:
 def clear_dynamic_cache(model: nn.Module) -> None:
     """Drop the cached position embeddings and bias tables (needed only after writing weights through ``.data``)."""
     for module in model.modules():
-        for cache in (getattr(module, "_anysize_pos_cache", None), getattr(module, "_anysize_bias_cache", None),
-                      *getattr(module, "_anysize_caches", {}).values()):
+        for cache in (
+            getattr(module, "_anysize_pos_cache", None),
+            getattr(module, "_anysize_bias_cache", None),
+            *getattr(module, "_anysize_caches", {}).values(),
+        ):
             if cache is not None:
                 cache.clear()
 

@@ -18,13 +18,15 @@ The resized kernel is cached per patch size with the stamping of :class:`timm_an
 (invalidated by any change of the kernel: an optimizer step, ``load_state_dict``, ``.to()``), and computed inline
 (differentiable, reaching the one stored kernel) when a gradient can flow to the kernel, or while compiling,
 tracing or exporting.
+
+The per-call machinery (the active patch size, the kernel cache, the patch-convolution mixin) is
+:mod:`timm_anysize.core.flexi_embed`; a family whose patch embedding needs more says so in its ``Family`` row
+(``flexi_embed``: its own flexi embedding; ``flexi_mixin``: its layout after the projection).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import contextvars
 import random
 import threading
 from dataclasses import dataclass
@@ -32,14 +34,10 @@ from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from timm.layers import Format, resample_patch_embed
-from timm.layers.format import nchw_to
-from timm.models import naflexvit, swin_transformer_v2_cr
 
-from timm_anysize.core.cache import DEFAULT_CACHE_SIZE, PosEmbedCache, must_run_inline
-from timm_anysize.dynamic import enable_dynamic, is_dynamic
 from timm_anysize.core.errors import SpecError
+from timm_anysize.core.flexi_embed import ACTIVE, FlexiEmbed, FlexiPatchEmbedMixin, Size2, make_flexi
+from timm_anysize.dynamic import enable_dynamic, is_dynamic
 from timm_anysize.families import FAMILIES, Family, family_of
 
 __all__ = [
@@ -53,11 +51,8 @@ __all__ = [
     "apply_flexi",
 ]
 
-Size2 = tuple[int, int]
 PatchSizeArg = Union[int, Sequence[int]]
 
-# Patch embedding (by id) -> patch size, for the calls in this context (thread / task).
-_ACTIVE: contextvars.ContextVar[dict[int, Size2]] = contextvars.ContextVar("anysize_patch_size", default={})
 _HOOK_STACK = threading.local()  # contexts saved by the training pre-hook, restored by the post-hook
 
 
@@ -91,157 +86,17 @@ class FlexiSchedule:
         return rng.choices(self.patch_sizes, weights=self.weights)[0]
 
 
-class _FlexiPatchEmbedMixin:
-    """Forward at the patch size of the call, with the stored kernel PI-resized (cached)."""
-
-    _anysize_kernel_cache: PosEmbedCache
-    _anysize_sticky: Optional[Size2]
-    _anysize_resample: tuple[str, bool]
-
-    def active_patch_size(self) -> Size2:
-        """The patch size this call runs at (see the module docstring for the order)."""
-        own = tuple(self.patch_size)  # type: ignore[attr-defined]
-        p = _ACTIVE.get().get(id(self))
-        if p is None:
-            p = self._anysize_sticky
-        return own if p is None else p  # type: ignore[return-value]
-
-    def dynamic_feat_size(self, img_size: Sequence[int]) -> Size2:
-        """The patch grid of an input at the active patch size (BEiT and CaiT ask before embedding)."""
-        ph, pw = self.active_patch_size()
-        if self._anysize_pads():
-            return -(-int(img_size[0]) // ph), -(-int(img_size[1]) // pw)
-        return int(img_size[0]) // ph, int(img_size[1]) // pw
-
-    def feat_ratio(self, as_scalar: bool = True):
-        p = self.active_patch_size()
-        return max(p) if as_scalar else p
-
-    def _anysize_pads(self) -> bool:
-        if hasattr(self, "dynamic_img_pad"):  # timm's PatchEmbed: enable_dynamic(pad=...) sets it
-            return bool(self.dynamic_img_pad)
-        return bool(getattr(self, "_anysize_pad", False))  # SwinV2-CR's: the model's pad option
-
-    def kernel(self, p: Size2) -> torch.Tensor:
-        """The stored kernel PI-resized to ``p`` (cached while no gradient can flow to it)."""
-        weight = self.proj.weight  # type: ignore[attr-defined]
-        interpolation, antialias = self._anysize_resample
-
-        def compute() -> torch.Tensor:
-            return resample_patch_embed(weight, list(p), interpolation=interpolation, antialias=antialias)
-
-        if must_run_inline(weight):
-            return compute()
-        key = (p, weight.dtype, weight.device, torch.is_inference_mode_enabled())
-        return self._anysize_kernel_cache.get_or_compute(key, weight, lambda: compute().detach())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = self.active_patch_size()
-        if p == tuple(self.patch_size):  # type: ignore[attr-defined]
-            return super().forward(x)  # type: ignore[misc]
-        H, W = x.shape[-2:]
-        pad_h, pad_w = (-H) % p[0], (-W) % p[1]
-        if pad_h or pad_w:
-            if not self._anysize_pads():
-                raise ValueError(
-                    f"input {H}x{W} is not a multiple of the patch {p[0]}x{p[1]} and padding is off; resize or crop "
-                    f"to a multiple of the patch, or turn padding on (pad: true, enable_dynamic(pad=True))"
-                )
-            x = F.pad(x, (0, pad_w, 0, pad_h))
-        x = F.conv2d(x, self.kernel(p), self.proj.bias, stride=p)  # type: ignore[attr-defined]
-        return self._anysize_layout(x)
-
-    def _anysize_layout(self, x: torch.Tensor) -> torch.Tensor:
-        """timm's PatchEmbed layout after the projection: NLC (flatten), another format, then the norm."""
-        if self.flatten:  # type: ignore[attr-defined]
-            x = x.flatten(2).transpose(1, 2)
-        elif self.output_fmt != Format.NCHW:  # type: ignore[attr-defined]
-            x = nchw_to(x, self.output_fmt)  # type: ignore[attr-defined]
-        return self.norm(x)  # type: ignore[attr-defined]
+_FLEXI_CLASSES: dict[tuple[type, type], type] = {}
 
 
-class _FlexiSwinV2CrMixin(_FlexiPatchEmbedMixin):
-    def _anysize_layout(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # type: ignore[attr-defined]
-
-
-class _LinearWith(nn.Module):
-    """``F.linear`` with a given weight and bias (a PI-resized NaFlexViT projection for one call)."""
-
-    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
-        super().__init__()
-        self.weight, self.bias = weight, bias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
-
-
-class _FlexiNaFlexEmbeds(naflexvit.NaFlexEmbeds):
-    """NaFlexViT's embeddings at a run-time patch size: an image input is patchified at the active patch and projected
-    with the stored ``nn.Linear`` weight PI-resized as the conv kernel it is (``(ph, pw, C)`` or ``(C, ph, pw)``
-    flattened, as timm's ``batch_patchify`` lays patches out); timm's own forward does the rest (its position
-    embedding is interpolated to the grid). Pre-patchified (NaFlex) inputs and the built patch take timm's path.
-    """
-
-    active_patch_size = _FlexiPatchEmbedMixin.active_patch_size
-
-    def kernel(self, p: Size2) -> torch.Tensor:
-        """The stored linear weight PI-resized to ``p``, flattened as timm patchifies (cached like the others)."""
-        weight = self.proj.weight
-        interpolation, antialias = self._anysize_resample
-        (ph, pw), c = self.patch_size, self.in_chans
-
-        def compute() -> torch.Tensor:
-            d = weight.shape[0]
-            conv = (weight.reshape(d, ph, pw, c).permute(0, 3, 1, 2) if self.channels_last
-                    else weight.reshape(d, c, ph, pw))
-            conv = resample_patch_embed(conv, list(p), interpolation=interpolation, antialias=antialias)
-            return (conv.permute(0, 2, 3, 1) if self.channels_last else conv).reshape(d, -1)
-
-        if must_run_inline(weight):
-            return compute()
-        key = (p, weight.dtype, weight.device, torch.is_inference_mode_enabled())
-        return self._anysize_kernel_cache.get_or_compute(key, weight, lambda: compute().detach())
-
-    def forward(self, x: torch.Tensor, patch_coord: Optional[torch.Tensor] = None,
-                patch_valid: Optional[torch.Tensor] = None):
-        p = self.active_patch_size()
-        if p == tuple(self.patch_size) or patch_coord is not None or not self.is_linear:
-            return super().forward(x, patch_coord, patch_valid)
-        if not self.dynamic_img_pad and (x.shape[-2] % p[0] or x.shape[-1] % p[1]):
-            raise ValueError(
-                f"input {x.shape[-2]}x{x.shape[-1]} is not a multiple of the patch {p[0]}x{p[1]} and NaFlexViT's "
-                f"dynamic_img_pad is off; resize or crop to a multiple of the patch, or build it with "
-                f"dynamic_img_pad=True"
-            )
-        # timm's forward on a shallow view of this module with this call's patch and projection: the module itself
-        # is not modified, so threads at other patch sizes do not interfere.
-        view = copy.copy(self)
-        view.__dict__["patch_size"] = p
-        view._modules = {**self._modules, "proj": _LinearWith(self.kernel(p), self.proj.bias)}
-        return naflexvit.NaFlexEmbeds.forward(view, x, patch_coord, patch_valid)
-
-
-def _flexi_naflex(embeds: nn.Module) -> nn.Module:
-    """Make NaFlexViT's embeddings flexi (in place)."""
-    embeds.__class__ = _FlexiNaFlexEmbeds
-    embeds._anysize_kernel_cache = PosEmbedCache(DEFAULT_CACHE_SIZE)
-    embeds._anysize_sticky = None
-    embeds._anysize_resample = ("bicubic", True)
-    return embeds
-
-
-_FLEXI_CLASSES: dict[type, type] = {}
-
-
-def _flexi_class(cls: type) -> type:
-    """A subclass of the patch embedding's own class (timm's, or timm-anysize's dynamic one) with the flexi path."""
-    if issubclass(cls, _FlexiPatchEmbedMixin):
+def _flexi_class(cls: type, mixin: type) -> type:
+    """A subclass of the patch embedding's own class (timm's, or timm-anysize's dynamic one) with the flexi path of
+    ``mixin`` (:class:`FlexiPatchEmbedMixin`, or the family's ``flexi_mixin``)."""
+    if issubclass(cls, FlexiPatchEmbedMixin):
         return cls
-    if cls not in _FLEXI_CLASSES:
-        mixin = _FlexiSwinV2CrMixin if issubclass(cls, swin_transformer_v2_cr.PatchEmbed) else _FlexiPatchEmbedMixin
-        _FLEXI_CLASSES[cls] = type(f"Flexi{cls.__name__}", (mixin, cls), {"__module__": __name__})
-    return _FLEXI_CLASSES[cls]
+    if (cls, mixin) not in _FLEXI_CLASSES:
+        _FLEXI_CLASSES[cls, mixin] = type(f"Flexi{cls.__name__}", (mixin, cls), {"__module__": __name__})
+    return _FLEXI_CLASSES[cls, mixin]
 
 
 def _family(model: nn.Module) -> Optional[Family]:
@@ -251,8 +106,9 @@ def _family(model: nn.Module) -> Optional[Family]:
         plan = getattr(model, "_anysize_plan", None)
         fam = plan.family if plan is not None else None
     if fam is None:
-        fam = next((f for f in FAMILIES if isinstance(model, f.classes) and (f.matches is None or f.matches(model))),
-                   None)
+        fam = next(
+            (f for f in FAMILIES if isinstance(model, f.classes) and (f.matches is None or f.matches(model))), None
+        )
     return fam
 
 
@@ -265,14 +121,18 @@ def _embed_module(model: nn.Module) -> Optional[nn.Module]:
 def _patch_embed(model: nn.Module) -> nn.Module:
     """Make ``model`` flexi (once) and return its patch embedding; a clear error for families without a kernel."""
     pe = _embed_module(model)
-    if isinstance(pe, (_FlexiPatchEmbedMixin, _FlexiNaFlexEmbeds)):
+    if isinstance(pe, FlexiEmbed):
         return pe
     fam = _family(model)
     name = fam.name if fam is not None else type(model).__name__
-    if fam is not None and fam.name == "naflexvit":
-        return _flexi_naflex(pe)
-    if fam is None or not fam.changes_patch or not isinstance(getattr(getattr(pe, "proj", None), "weight", None),
-                                                              torch.Tensor) or pe.proj.weight.ndim != 4:
+    if fam is not None and fam.flexi_embed is not None:  # the family's own flexi embedding (not a patch conv)
+        return fam.flexi_embed(pe)
+    if (
+        fam is None
+        or not fam.changes_patch
+        or not isinstance(getattr(getattr(pe, "proj", None), "weight", None), torch.Tensor)
+        or pe.proj.weight.ndim != 4
+    ):
         reason = fam.unsupported.get("patch_smaller", "") if fam is not None else "not a supported timm family"
         raise TypeError(
             f"timm_anysize.flexi: the {name} family has no single patch-embedding kernel to resize"
@@ -282,11 +142,8 @@ def _patch_embed(model: nn.Module) -> nn.Module:
     if not is_dynamic(model):
         enable_dynamic(model)  # the grid changes with the patch: the position embedding must follow it
     pad = bool(getattr(model, "_anysize_dynamic", None) and model._anysize_dynamic.pad)
-    pe.__class__ = _flexi_class(type(pe))
-    pe._anysize_kernel_cache = PosEmbedCache(DEFAULT_CACHE_SIZE)
-    pe._anysize_sticky = None
+    make_flexi(pe, _flexi_class(type(pe), fam.flexi_mixin or FlexiPatchEmbedMixin))
     pe._anysize_pad = pad
-    pe._anysize_resample = ("bicubic", True)  # timm's set_input_size(patch_size=...)
     return pe
 
 
@@ -327,7 +184,7 @@ def get_patch_size(model: nn.Module) -> Size2:
         (8, 8)
     """
     pe = _embed_module(model)
-    if isinstance(pe, (_FlexiPatchEmbedMixin, _FlexiNaFlexEmbeds)):
+    if isinstance(pe, FlexiEmbed):
         return pe.active_patch_size()
     fam = _family(model)
     size = fam.patch_size(model) if fam is not None else None
@@ -355,11 +212,11 @@ def patch_size(model: nn.Module, p: PatchSizeArg) -> Iterator[nn.Module]:
         torch.Size([1, 5, 64])
     """
     pe = _patch_embed(model)
-    token = _ACTIVE.set({**_ACTIVE.get(), id(pe): _size2(p)})
+    token = ACTIVE.set({**ACTIVE.get(), id(pe): _size2(p)})
     try:
         yield model
     finally:
-        _ACTIVE.reset(token)
+        ACTIVE.reset(token)
 
 
 # ---------------------------------------------------------------------------------------------- training (flexi)
@@ -370,20 +227,20 @@ def _pre_forward(model: nn.Module, args: tuple) -> None:
     stack = getattr(_HOOK_STACK, "stack", None)
     if stack is None:
         stack = _HOOK_STACK.stack = []
-    current = _ACTIVE.get()
+    current = ACTIVE.get()
     stack.append(current)
     schedule: FlexiSchedule = model._anysize_flexi
     if model.training and id(pe) not in current:  # an explicit patch_size(...) block wins
         p = schedule.draw(model._anysize_flexi_step)
         model._anysize_flexi_step += 1
         model._anysize_flexi_seen[p] = model._anysize_flexi_seen.get(p, 0) + 1
-        _ACTIVE.set({**current, id(pe): p})
+        ACTIVE.set({**current, id(pe): p})
 
 
 def _post_forward(model: nn.Module, args: tuple, output: Any) -> None:
     stack = getattr(_HOOK_STACK, "stack", None)
     if stack:
-        _ACTIVE.set(stack.pop())
+        ACTIVE.set(stack.pop())
 
 
 def enable_flexi(
@@ -421,8 +278,10 @@ def enable_flexi(
     if weights is not None:
         weights = tuple(float(w) for w in weights)
         if len(weights) != len(sizes) or any(w < 0 for w in weights) or sum(weights) <= 0:
-            raise ValueError(f"enable_flexi: weights {list(weights)} must be one non-negative number per patch size "
-                             f"({len(sizes)}), not all zero")
+            raise ValueError(
+                f"enable_flexi: weights {list(weights)} must be one non-negative number per patch size "
+                f"({len(sizes)}), not all zero"
+            )
     _patch_embed(model)
     for handle in getattr(model, "_anysize_flexi_hooks", ()):
         handle.remove()
@@ -448,7 +307,7 @@ def flexi_cache_info(model: nn.Module) -> dict[str, int]:
         (1, 1)
     """
     pe = _embed_module(model)
-    if not isinstance(pe, (_FlexiPatchEmbedMixin, _FlexiNaFlexEmbeds)):
+    if not isinstance(pe, FlexiEmbed):
         raise ValueError(f"{type(model).__name__} is not flexi; call set_patch_size or patch_size first")
     return pe._anysize_kernel_cache.info()
 

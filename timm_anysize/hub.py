@@ -23,9 +23,8 @@ from timm_anysize.core.atomic import atomic_folder
 from timm_anysize.core.errors import AnysizeError
 from timm_anysize.core.version import __version__
 from timm_anysize.registry import get_variant
-from timm_anysize.families.swin import pads_at_own_size
 
-__all__ = ["export", "push_to_hub", "build_model_card", "Metric", "ExportError", "metrics_from_demo"]
+__all__ = ["export", "push_to_hub", "build_model_card", "Metric", "ExportError"]
 
 LIBRARY_NAME = "timm-anysize"
 TEMPLATE = Path(__file__).parent / "templates" / "modelcard.md"
@@ -47,34 +46,8 @@ class Metric:
     metric_type: str = "accuracy"
 
 
-def metrics_from_demo(results: Union[str, os.PathLike], variant: str) -> list[Metric]:
-    """The fidelity numbers ``timm-anysize demo`` measured for ``variant`` (from its ``results.json``), as metrics.
-
-    Returns an empty list when the demo did not measure that variant.
-
-    Example:
-        >>> metrics_from_demo("/nonexistent/results.json", "vit_digits_patch8_64")
-        []
-    """
-    path = Path(results)
-    if not path.is_file():
-        return []
-    try:
-        rows = json.loads(path.read_text())["rows"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise ExportError(f"{path}: not a timm-anysize demo results.json ({e})") from e
-    row = next((r for r in rows if r.get("variant") == variant and not r.get("naive")), None)
-    if row is None:
-        return []
-    named = (("zero-shot top-1 accuracy", "zero_shot"), ("fine-tuned top-1 accuracy", "finetuned"),
-             ("from-scratch top-1 accuracy (same budget)", "scratch"))
-    return [Metric(name, float(row[key]), dataset="sklearn-digits", dataset_name="scikit-learn digits",
-                   split="held-out") for name, key in named if row.get(key) is not None]
-
-
 def _resolve_model(model_or_name: Union[str, nn.Module], file: Optional[str]) -> nn.Module:
     if isinstance(model_or_name, str):
-
         get_variant(model_or_name)  # a clear KeyError for names that are not variants
         overlay = dict(file=str(file)) if file else None
         model = timm.create_model(model_or_name, pretrained=True, pretrained_cfg_overlay=overlay)
@@ -135,7 +108,7 @@ def build_model_card(
 
     Example:
         >>> import timm
-        >>> card = build_model_card(timm.create_model("vit_digits_patch4_24"))
+        >>> card = build_model_card(timm.create_model("vit_tiny_patch4_64"))
         >>> card.data.library_name, "timm-anysize" in card.data.tags
         ('timm', True)
     """
@@ -147,8 +120,15 @@ def build_model_card(
     base_id = _base_hub_id(model)
     metrics = _metrics(metrics)
     eval_results = [
-        EvalResult(task_type="image-classification", dataset_type=m.dataset, dataset_name=m.dataset_name or m.dataset,
-                   dataset_split=m.split, metric_type=m.metric_type, metric_name=m.name, metric_value=m.value)
+        EvalResult(
+            task_type="image-classification",
+            dataset_type=m.dataset,
+            dataset_name=m.dataset_name or m.dataset,
+            dataset_split=m.split,
+            metric_type=m.metric_type,
+            metric_name=m.name,
+            metric_value=m.value,
+        )
         for m in metrics
     ] or None
     card_data = ModelCardData(
@@ -165,7 +145,11 @@ def build_model_card(
     if report is not None:
         changes = [(e.key, f"{e.action}: {e.detail}") for e in report.non_copied()]
         source, source_geo, target_geo = report.source, report.source_geometry, report.target_geometry
-        num_copied, num_total, dropped = len(report.by_action("copied")), len(report.entries), list(report.dropped.items())
+        num_copied, num_total, dropped = (
+            len(report.by_action("copied")),
+            len(report.entries),
+            list(report.dropped.items()),
+        )
     else:
         changes = [(k, f"planned (weights not loaded): {what}") for k, what in plan.steps()]
         source, source_geo, target_geo = f"{spec.base} (not loaded)", plan.source.describe(), plan.target.describe()
@@ -185,7 +169,7 @@ def build_model_card(
         input_size=cfg["input_size"],
         dynamic=_plain_timm_dynamic(plan),
         anysize_dynamic=plan.dynamic and not _plain_timm_dynamic(plan),
-        swin_padding=pads_at_own_size(model),
+        family_note=plan.family.card_note(model) if plan.family.card_note is not None else "",
         mean=list(cfg["mean"]),
         std=list(cfg["std"]),
         num_classes=cfg.get("num_classes"),
@@ -277,11 +261,11 @@ def export(
 
     Example:
         >>> import tempfile, timm
-        >>> out = export("vit_digits_patch4_24", tempfile.mkdtemp() + "/digits24")
-        >>> sorted(p.name for p in out.iterdir())
-        ['README.md', 'anysize_report.json', 'config.json', 'model.safetensors']
+        >>> out = export(timm.create_model("vit_tiny_patch4_64"), tempfile.mkdtemp() + "/vit64")
+        >>> sorted(p.name for p in out.iterdir())  # no anysize_report.json: no weights were adapted
+        ['README.md', 'config.json', 'model.safetensors']
         >>> timm.create_model(f"local-dir:{out}", pretrained=True).pretrained_cfg["input_size"]
-        (1, 24, 24)
+        (1, 64, 64)
     """
     model = _resolve_model(model_or_name, str(file) if file else None)
     metrics = _metrics(metrics)  # validated before anything is written
@@ -318,7 +302,9 @@ def push_to_hub(
             api = HfApi(token=token, library_name=LIBRARY_NAME, library_version=__version__)
             api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
             info = api.upload_folder(
-                repo_id=repo_id, folder_path=str(folder), repo_type="model",
+                repo_id=repo_id,
+                folder_path=str(folder),
+                repo_type="model",
                 commit_message=commit_message or f"Upload {repo_id} (timm-anysize {__version__})",
             )
             commit_url = getattr(info, "commit_url", None) or str(info)

@@ -1,5 +1,13 @@
 """Resolving a spec against timm: the base architecture, the source geometry of the weights and the target geometry
 of the model, all read off models built on the ``meta`` device (no memory, no weights read).
+
+The first step of loading a variant (:func:`timm_anysize.builder.build_variant`): the plan is everything the later
+steps need -- the geometries, the kwargs of both models, the layout of every geometry-dependent tensor, and the
+transformers ``config.json`` that speaks for the weights (read once here, by :func:`timm_anysize.weights.source_config`,
+and carried on to the weights' read). A plan of a spec without call-time overrides is made once and reused.
+
+:func:`spec_target` is what the spec asks for without building anything: what a variant registers before its plan
+is made (``import timm_anysize`` builds no model).
 """
 
 from __future__ import annotations
@@ -8,24 +16,25 @@ import copy
 import dataclasses
 import difflib
 import fnmatch
+import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Mapping, Optional, Union
 
 import timm
 import torch
 import torch.nn as nn
 from timm.layers import get_spatial_dim
-from timm.models import get_pretrained_cfg
+from timm.models import get_pretrained_cfg, model_entrypoint
 
-from timm_anysize.core.errors import AdaptationError, AnysizeError, SpecError
+from timm_anysize.core.errors import AdaptationError, SpecError
 from timm_anysize.core.meta import build_meta
-from timm_anysize.families import Family, classify_changes, family_of, generic_family, tensor_layouts
-from timm_anysize.core.spec import Size2, VariantSpec
 from timm_anysize.core.report import summarize_keys
-from timm_anysize.origins import config_geometry, reads_transformers_config
-from timm_anysize.weights import transformers_config
+from timm_anysize.core.spec import Size2, VariantSpec
+from timm_anysize.families import FAMILIES, Family, classify_changes, family_of, generic_family, tensor_layouts
+from timm_anysize.origins import config_geometry, model_numerics
+from timm_anysize.weights import source_config
 
 __all__ = [
     "Geometry",
@@ -33,6 +42,8 @@ __all__ = [
     "VariantPlan",
     "tensor_resamples",
     "make_plan",
+    "resolve_base_cfg",
+    "spec_target",
     "with_config_geometry",
     "geometry_of",
 ]
@@ -104,6 +115,11 @@ class VariantPlan:
     source_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict, repr=False)  # timm's layout, by key
     resamples: dict[str, TensorResample] = field(default_factory=dict, repr=False)
     feature_size: Optional[Size2] = None  # H x W of forward_features at the target size, where the base has pool_size
+    # The transformers config.json that speaks for the weights (read once, when the plan was made): its geometry
+    # filled the spec's unset pretrained fields, and the weights' read checks the checkpoint against it.
+    config: Optional[dict[str, Any]] = field(default=None, repr=False, compare=False)
+    # What the source model computes (origins.model_numerics): checked against an origin's stated numerics.
+    source_numerics: dict[str, tuple] = field(default_factory=dict, repr=False)
 
     @property
     def dynamic_kwargs(self) -> dict[str, bool]:
@@ -155,11 +171,13 @@ class VariantPlan:
             out.append((summarize_keys(keys), what))
         if s.patch_size != t.patch_size and s.patch_size is not None and t.patch_size is not None:
             pm = spec.adapt.patch_embed
-            out.append((
-                ", ".join(self.patch_keys),
-                f"resize kernel {s.patch_size[0]}x{s.patch_size[1]} -> {t.patch_size[0]}x{t.patch_size[1]} "
-                f"({'FlexiViT PI-resize' if pm.method == 'pi' else 'plain interpolation'}, {pm.interpolation})",
-            ))
+            out.append(
+                (
+                    ", ".join(self.patch_keys),
+                    f"resize kernel {s.patch_size[0]}x{s.patch_size[1]} -> {t.patch_size[0]}x{t.patch_size[1]} "
+                    f"({'FlexiViT PI-resize' if pm.method == 'pi' else 'plain interpolation'}, {pm.interpolation})",
+                )
+            )
         if s.in_chans != t.in_chans:
             ch = spec.adapt.channels
             how = "timm adapt_input_conv" if ch.method == "timm" else f"channel map {list(ch.map or ())}"
@@ -189,8 +207,12 @@ def _img_size(model: nn.Module, family: Family, base_cfg: dict[str, Any], given:
     """The input size a model was built for: the one it was given, its patch embedding's, the model's own, else its
     pretrained cfg's (several families keep no record of it)."""
     pe = family.patch_embed(model)
-    candidates = (given, getattr(pe, "img_size", None), getattr(model, "img_size", None),
-                  base_cfg.get("input_size", (0,))[1:])
+    candidates = (
+        given,
+        getattr(pe, "img_size", None),
+        getattr(model, "img_size", None),
+        base_cfg.get("input_size", (0,))[1:],
+    )
     for size in candidates:
         if isinstance(size, int):
             return (size, size)
@@ -222,7 +244,16 @@ def geometry_of(
 
 
 def resolve_base_cfg(spec: VariantSpec) -> dict[str, Any]:
-    """The pretrained cfg of the spec's base (``arch[.tag]``), checking the arch and tag exist in timm."""
+    """The pretrained cfg of the spec's base (``arch[.tag]``), checking the arch and tag exist in timm (no model built).
+
+    Raises:
+        SpecError: timm has no such architecture or tag; the message lists close names or the tags there are.
+
+    Example:
+        >>> from timm_anysize.core.spec import parse_variant
+        >>> resolve_base_cfg(parse_variant("v", {"base": "vit_tiny_patch16_224.augreg_in21k_ft_in1k"}))["input_size"]
+        (3, 224, 224)
+    """
     if not timm.is_model(spec.arch):
         close = difflib.get_close_matches(spec.arch, timm.list_models(), n=3, cutoff=0.6)
         hint = f"; close matches: {', '.join(close)}" if close else ""
@@ -238,6 +269,56 @@ def resolve_base_cfg(spec: VariantSpec) -> dict[str, Any]:
             f"available: {', '.join(tags) or 'none'}"
         )
     return cfg.to_dict() if cfg is not None else {}
+
+
+def _rows_of_arch(arch: str) -> Optional[tuple[Family, ...]]:
+    """The family rows of the class timm's entrypoint for ``arch`` is annotated to return (most are:
+    ``-> VisionTransformer``), found without building it: () for a class no row claims (the generic path), None when
+    the entrypoint names no class."""
+    try:
+        returns = model_entrypoint(arch).__annotations__.get("return")
+    except (RuntimeError, AttributeError):
+        return None
+    if not isinstance(returns, type) or not issubclass(returns, nn.Module):
+        return None
+    return tuple(row for row in FAMILIES if returns in row.classes)
+
+
+def spec_target(spec: VariantSpec, base_cfg: Mapping[str, Any]) -> tuple[Geometry, bool]:
+    """The target geometry and the dynamic choice a spec asks for, from its own fields and the base's pretrained cfg
+    alone (no model built): what a variant registers until its plan is made.
+
+    What the spec leaves unset is the base cfg's (input size, channels, classes), as timm's builder passes them to
+    the constructor; the patch size the spec does not set, the grid and the prefix tokens need the model (None, None,
+    0). ``dynamic`` left unset is what the family of the class the base's entrypoint returns supports (read off its
+    annotation; the generic path: what the base cfg's ``fixed_input_size`` says; dynamic when it names no class).
+
+    Example:
+        >>> from timm_anysize.core.spec import parse_variant
+        >>> spec = parse_variant("v", {"base": "vit_tiny_patch16_224", "img_size": 64, "in_chans": 1})
+        >>> target, dynamic = spec_target(spec, resolve_base_cfg(spec))
+        >>> target.img_size, target.in_chans, target.num_classes, dynamic
+        ((64, 64), 1, 1000, True)
+    """
+    in_chans, *size = base_cfg.get("input_size") or (3, 224, 224)
+    rows = _rows_of_arch(spec.arch)
+    img = spec.img_size
+    if img is None and spec.pretrained.img_size is not None and any("img_larger" in r.unsupported for r in rows or ()):
+        img = spec.pretrained.img_size  # a family bound to one input size takes the weights' size (as _make_plan)
+    if rows:
+        choices = {r.supports_dynamic for r in rows}
+        default = choices.pop() if len(choices) == 1 else True
+    else:
+        default = True if rows is None else not base_cfg.get("fixed_input_size", False)
+    target = Geometry(
+        img_size=tuple(img) if img is not None else (int(size[0]), int(size[1])),  # type: ignore[arg-type]
+        patch_size=spec.patch_size,
+        grid_size=None,
+        in_chans=spec.in_chans if spec.in_chans is not None else int(in_chans),
+        num_classes=spec.num_classes if spec.num_classes is not None else int(base_cfg.get("num_classes", 1000)),
+        num_prefix_tokens=0,
+    )
+    return target, default if spec.dynamic is None else spec.dynamic
 
 
 def _geometry_kwargs(img_size: Any, patch_size: Any, in_chans: Any, num_classes: Any) -> dict[str, Any]:
@@ -274,19 +355,30 @@ def _check_memory(spec: VariantSpec, model: nn.Module, geometry: Geometry, key: 
 _default_plans: dict[str, VariantPlan] = {}
 
 
-def make_plan(spec: VariantSpec, overrides: Optional[dict[str, Any]] = None) -> VariantPlan:
-    """Resolve a spec: base cfg, family, source and target geometry. Reads no weights, allocates no tensors.
+def make_plan(
+    spec: VariantSpec,
+    overrides: Optional[dict[str, Any]] = None,
+    weights: Optional[Mapping[str, Any]] = None,
+    cache_dir: Optional[Union[str, os.PathLike]] = None,
+) -> VariantPlan:
+    """Resolve a spec: base cfg, family, source and target geometry, and the ``config.json`` that speaks for the
+    weights. Reads no weights, allocates no tensors.
 
     Args:
         spec: The variant spec.
         overrides: ``timm.create_model`` kwargs that override the spec for this model (``img_size``,
             ``num_classes``, ``in_chans``, ...).
+        weights: Where the weights will be read from (the resolved pretrained cfg's ``file`` / ``hf_hub_id`` /
+            ``state_dict``... fields) when they will be (``pretrained=True``): the plan takes the transformers
+            ``config.json`` of those (a Hub repo's is downloaded). None: only the one beside the spec's own file.
+        cache_dir: Cache folder for a Hub download.
 
     Returns:
-        The plan.
+        The plan; the same object for the same spec and ``config.json`` when there are no overrides.
 
     Raises:
         SpecError: The base does not exist, its family is not supported, or the geometry is impossible.
+        WeightsError: The ``config.json`` beside weights that will be read is not JSON.
 
     Example:
         >>> from timm_anysize.core.spec import parse_variant
@@ -294,18 +386,21 @@ def make_plan(spec: VariantSpec, overrides: Optional[dict[str, Any]] = None) -> 
         >>> plan.source.grid_size, plan.target.grid_size
         ((10, 10), (16, 16))
     """
+    config = source_config(spec, weights, cache_dir)
     if not overrides:
-        # The plan of a spec without overrides never changes; each create_model of a variant reuses it.
-        key = f"{spec.origin}|{spec.model_dump_json()}"  # the origin is excluded from dumps but named in errors
+        # The plan of a spec without overrides never changes; each create_model of a variant reuses it. The origin is
+        # excluded from dumps but named in errors; a config.json is part of what the plan was made from.
+        key = f"{spec.origin}|{spec.model_dump_json()}|{json.dumps(config, sort_keys=True, default=str)}"
         plan = _default_plans.get(key)
         if plan is None:
-            plan = _default_plans[key] = _make_plan(spec, {})
+            plan = _default_plans[key] = _make_plan(spec, {}, config)
         return plan
-    return _make_plan(spec, dict(overrides))
+    return _make_plan(spec, dict(overrides), config)
 
 
 def _requested_changes(spec: VariantSpec, source: Geometry, target_kwargs: dict[str, Any]) -> list[str]:
     """The geometry changes a spec asks for, from its own fields (before the target model is built)."""
+
     def size2(v: Any, default: Optional[Size2]) -> Optional[Size2]:
         return default if v is None else ((v, v) if isinstance(v, int) else tuple(v))  # type: ignore[return-value]
 
@@ -375,8 +470,9 @@ def _call_error(spec: VariantSpec, overrides: dict[str, Any], err: SpecError) ->
     is the caller's error, a TypeError as for any timm model; anything else stays a SpecError."""
     cause = err.__cause__
     if overrides and isinstance(cause, TypeError):
-        return TypeError(f"timm.create_model({spec.name!r}, ...): {cause} (keyword arguments given: "
-                         f"{', '.join(sorted(overrides))})")
+        return TypeError(
+            f"timm.create_model({spec.name!r}, ...): {cause} (keyword arguments given: {', '.join(sorted(overrides))})"
+        )
     return err
 
 
@@ -399,20 +495,8 @@ def with_config_geometry(spec: VariantSpec, config: Optional[dict[str, Any]]) ->
     return spec.model_copy(update={"pretrained": src.model_copy(update=fill)})
 
 
-def _config_beside_file(spec: VariantSpec) -> Optional[dict[str, Any]]:
-    """The transformers ``config.json`` next to ``pretrained.file``, when the layout lets it speak for the weights."""
-
-    src = spec.pretrained
-    if src.file is None or not reads_transformers_config(src.layout):
-        return None
-    try:
-        return transformers_config(src.file)
-    except AnysizeError:
-        return None  # an unreadable config.json is reported, naming it, when the weights are read
-
-
-def _make_plan(spec: VariantSpec, overrides: dict[str, Any]) -> VariantPlan:
-    spec = with_config_geometry(spec, _config_beside_file(spec))
+def _make_plan(spec: VariantSpec, overrides: dict[str, Any], config: Optional[dict[str, Any]]) -> VariantPlan:
+    spec = with_config_geometry(spec, config)
     base_cfg = resolve_base_cfg(spec)
     src = spec.pretrained
     source_kwargs = {
@@ -458,8 +542,10 @@ def _make_plan(spec: VariantSpec, overrides: dict[str, Any]) -> VariantPlan:
     for change in [] if dynamic else classify_changes(source, target):
         reason = family.static_unsupported.get(change)
         if reason:
-            raise SpecError(f"{spec.where}.dynamic: false builds timm's own {family.name} model at img_size "
-                            f"{list(target.img_size)}, which cannot run it: {reason}; leave dynamic on (the default)")
+            raise SpecError(
+                f"{spec.where}.dynamic: false builds timm's own {family.name} model at img_size "
+                f"{list(target.img_size)}, which cannot run it: {reason}; leave dynamic on (the default)"
+            )
     for model, geo, key in ((source_model, source, "pretrained.img_size"), (target_model, target, "img_size")):
         _check_memory(spec, model, geo, key)
     for geo, what, key in ((source, "source", "pretrained.img_size"), (target, "target", "img_size")):
@@ -494,6 +580,8 @@ def _make_plan(spec: VariantSpec, overrides: dict[str, Any]) -> VariantPlan:
         source_shapes={k: tuple(v.shape) for k, v in source_model.state_dict().items()},
         resamples=tensor_resamples(family, source_model, target_model),
         feature_size=_target_feature_size(spec, base_cfg, target_model, target),
+        config=config,
+        source_numerics=model_numerics(source_model),
     )
     if family.generic:
         _refuse_geometry_bound(plan, {k: tuple(v.shape) for k, v in target_model.state_dict().items()})
@@ -581,5 +669,6 @@ def _target_feature_size(spec: VariantSpec, base_cfg: dict[str, Any], model: nn.
     try:
         return feature_size(model, geometry)
     except Exception as e:  # the base's own forward cannot take the size
-        raise SpecError(f"{spec.where}.img_size: {spec.arch} cannot run at {list(geometry.img_size)} "
-                        f"({e}); pick another img_size") from e
+        raise SpecError(
+            f"{spec.where}.img_size: {spec.arch} cannot run at {list(geometry.img_size)} ({e}); pick another img_size"
+        ) from e

@@ -2,12 +2,28 @@
 ``register_model`` and ``generate_default_cfgs``.
 
 Registration is all-or-nothing per call, idempotent for an identical spec, and thread-safe.
+
+When a variant is checked:
+
+- A YAML file is always parsed and validated against the schema when it is registered: a bad key or value raises
+  :class:`~timm_anysize.SpecError` naming the file, the variant and the key, and nothing of the file is registered.
+- ``register_yaml`` / ``register_variant`` / ``register_specs`` (a user registering variants) also plan each variant
+  at once -- two models built on the ``meta`` device -- so an impossible geometry, an unknown base or bad
+  ``model_args`` raise there and then, as timm users expect of a model they just declared.
+- ``import timm_anysize`` builds no model: the shipped variants and the files of ``$TIMM_ANYSIZE_CONFIGS`` are
+  registered with ``validate=False``, from the spec and the base's pretrained cfg alone (an unknown base or tag
+  still raises). Their plan is made by the first ``timm.create_model`` of the variant, which raises the same
+  ``SpecError`` registration would have, and ``timm-anysize check FILE`` makes it for every variant of a file.
+  The registered pretrained cfg (``timm.models.get_pretrained_cfg``) is right before that: input size, channels,
+  mean/std, classes and ``fixed_input_size`` come from the spec; what only a built model tells (``pool_size``, the
+  grid in the description) is added to timm's registration when the plan is made.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Union
@@ -17,10 +33,10 @@ import torch.nn as nn
 from timm.models import generate_default_cfgs, register_model
 
 from timm_anysize import variants as _variants_module
-from timm_anysize.builder import build_variant, default_tag, variant_pretrained_cfg
+from timm_anysize.builder import build_variant, default_tag, spec_pretrained_cfg, variant_pretrained_cfg
 from timm_anysize.core.errors import RegistrationError
-from timm_anysize.plan import make_plan
 from timm_anysize.core.spec import VariantSpec, parse_variant
+from timm_anysize.plan import make_plan
 from timm_anysize.yaml_config import load_yaml_specs
 
 __all__ = [
@@ -36,10 +52,12 @@ __all__ = [
 CONFIGS_ENV = "TIMM_ANYSIZE_CONFIGS"
 _lock = threading.RLock()
 _specs: dict[str, VariantSpec] = {}
+_unplanned: set[str] = set()  # registered with validate=False: planned (and their cfg completed) on first use
 
 
 def _entrypoint(spec: VariantSpec) -> Callable[..., nn.Module]:
     def entrypoint(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+        _plan_registered(spec)
         return build_variant(spec, pretrained=pretrained, **kwargs)
 
     entrypoint.__name__ = entrypoint.__qualname__ = spec.name
@@ -64,42 +82,83 @@ def check_name(spec: VariantSpec, batch: dict[str, VariantSpec]) -> bool:
     return True
 
 
-def register_specs(specs: Iterable[VariantSpec]) -> list[str]:
+def _publish(spec: VariantSpec, cfg: dict[str, Any], fn: Optional[Callable[..., nn.Module]] = None) -> None:
+    """Register (or re-register, with a completed cfg) the entrypoint and pretrained cfg of a variant with timm."""
+    _variants_module.default_cfgs.update(generate_default_cfgs({f"{spec.name}.{default_tag(spec)}": cfg}))
+    if fn is None:
+        fn = _entrypoint(spec)
+        setattr(_variants_module, spec.name, fn)
+        register_model(fn)
+        return
+    with warnings.catch_warnings():  # timm overwrites a registration and its cfgs, and says so
+        warnings.filterwarnings("ignore", message=f"Overwriting {spec.name} in registry", category=UserWarning)
+        register_model(fn)
+
+
+def _plan_registered(spec: VariantSpec) -> None:
+    """The plan of a variant registered unplanned (``validate=False``): made (and cached) on its first use, raising
+    what registration would have; its registered pretrained cfg then gets what only the plan knows."""
+    if spec.name not in _unplanned:
+        return
+    cfg = variant_pretrained_cfg(make_plan(spec))  # SpecError: the same as a validating registration raises
+    with _lock:
+        if spec.name in _unplanned and _specs.get(spec.name) is spec:
+            if cfg != spec_pretrained_cfg(spec):
+                _publish(spec, cfg, getattr(_variants_module, spec.name))
+            _unplanned.discard(spec.name)
+
+
+def register_specs(specs: Iterable[VariantSpec], validate: bool = True) -> list[str]:
     """Register validated specs as timm models. Either all are registered or none is.
 
     Args:
         specs: Variant specs, e.g. from ``timm_anysize.yaml_config.load_yaml_specs``.
+        validate: Plan every spec now (two models built on the ``meta`` device each), so a geometry timm cannot
+            build raises here. False: register from the spec and the base's pretrained cfg alone (no model built);
+            the plan is made, with the same errors, by the variant's first ``timm.create_model`` (what
+            ``import timm_anysize`` does for the shipped variants).
 
     Returns:
         The names, in order (including any that were already registered with the identical spec).
 
     Raises:
         RegistrationError: A name collides with a timm model or with a different spec.
-        SpecError: A spec cannot be resolved against timm (unknown base, impossible geometry).
+        SpecError: A spec cannot be resolved against timm (unknown base or tag; with ``validate``, also an
+            impossible geometry or bad ``model_args``).
+
+    Example:
+        >>> from timm_anysize.core.spec import parse_variant
+        >>> register_specs([parse_variant("doc_vit_40", {"base": "test_vit", "img_size": 40})], validate=False)
+        ['doc_vit_40']
     """
     specs = list(specs)
     with _lock:
         batch: dict[str, VariantSpec] = {}
-        ready: list[tuple[VariantSpec, Any]] = []
+        ready: list[tuple[VariantSpec, dict[str, Any]]] = []
         for spec in specs:  # everything that can fail happens here, before anything is registered
             if check_name(spec, batch):
                 batch[spec.name] = spec
-                cfg = variant_pretrained_cfg(make_plan(spec))
-                ready.append((spec, generate_default_cfgs({f"{spec.name}.{default_tag(spec)}": cfg})))
-        for spec, default_cfgs in ready:
-            _variants_module.default_cfgs.update(default_cfgs)
-            fn = _entrypoint(spec)
-            setattr(_variants_module, spec.name, fn)
-            register_model(fn)
+                cfg = variant_pretrained_cfg(make_plan(spec)) if validate else spec_pretrained_cfg(spec)
+                ready.append((spec, cfg))
+            elif validate and spec.name in _unplanned:
+                _plan_registered(_specs[spec.name])  # registered unplanned before: validated now
+        for spec, cfg in ready:
+            _publish(spec, cfg)
             _specs[spec.name] = spec
+            if not validate:
+                _unplanned.add(spec.name)
     return [s.name for s in specs]
 
 
-def register_yaml(path: Union[str, os.PathLike]) -> list[str]:
+def register_yaml(path: Union[str, os.PathLike], validate: bool = True) -> list[str]:
     """Register every variant of a YAML file as a timm model.
+
+    The file is parsed and validated at once; with ``validate`` (the default) every variant is also planned at once,
+    so a geometry timm cannot build raises here rather than at its first ``timm.create_model``.
 
     Args:
         path: A YAML file with a ``variants:`` mapping. Relative weight paths resolve against its folder.
+        validate: Plan every variant now (see :func:`register_specs`); False builds no model.
 
     Returns:
         The registered names.
@@ -117,11 +176,11 @@ def register_yaml(path: Union[str, os.PathLike]) -> list[str]:
         >>> timm.create_model("doc_vit_48").pretrained_cfg["input_size"]
         (3, 48, 48)
     """
-    return register_specs(load_yaml_specs(path))
+    return register_specs(load_yaml_specs(path), validate=validate)
 
 
 def register_variant(name: str, **spec: Any) -> str:
-    """Register one variant from keyword arguments (the same keys as in YAML).
+    """Register one variant from keyword arguments (the same keys as in YAML), planned at once (errors raise here).
 
     Example:
         >>> register_variant("doc_vit_64_gray", base="test_vit", img_size=64, patch_size=8, in_chans=1)
@@ -158,7 +217,9 @@ def get_variant(name: str) -> VariantSpec:
             import difflib
 
             close = difflib.get_close_matches(name, list(_specs), n=3)
-            raise KeyError(f"{name!r} is not a timm-anysize variant" + (f"; close: {', '.join(close)}" if close else "")) from None
+            raise KeyError(
+                f"{name!r} is not a timm-anysize variant" + (f"; close: {', '.join(close)}" if close else "")
+            ) from None
 
 
 def _shipped_config_files() -> list[Path]:
@@ -169,12 +230,18 @@ def _shipped_config_files() -> list[Path]:
 def register_shipped_configs(env: Optional[str] = None) -> list[str]:
     """Register the configs shipped in the package, then the files listed in ``$TIMM_ANYSIZE_CONFIGS``.
 
-    Called on ``import timm_anysize``; safe to call again (identical specs are skipped).
+    Called on ``import timm_anysize``; safe to call again (identical specs are skipped). Builds no model: the files
+    are parsed and validated (a schema error raises, naming the file and the key), and each variant is planned by
+    its first ``timm.create_model`` (``validate=False``).
+
+    Example:
+        >>> "vit_tiny_patch4_64" in register_shipped_configs(env="")
+        True
     """
     names: list[str] = []
     for path in _shipped_config_files():
-        names += register_yaml(path)
+        names += register_yaml(path, validate=False)
     env = os.environ.get(CONFIGS_ENV, "") if env is None else env
     for path in filter(None, env.split(os.pathsep)):
-        names += register_yaml(path)
+        names += register_yaml(path, validate=False)
     return names

@@ -1,5 +1,10 @@
 """Reading source weights: local files by their real format, Hub repos and URLs through their caches.
 
+The second step of loading a variant (:func:`timm_anysize.builder.build_variant`): the plan says where the weights
+come from and what they are shaped for (with the transformers ``config.json`` that speaks for them, read once by
+:func:`source_config` when the plan is made); :func:`load_source_state_dict` fetches and reads them, maps another
+library's layout onto timm's names (:mod:`timm_anysize.origins`) and checks the checkpoint against the plan.
+
 The format comes from the file (suffix, then content), never from a pretrained cfg's ``custom_load`` flag.
 Pickles are only read with ``torch.load(weights_only=True)``; safetensors is preferred everywhere.
 """
@@ -12,20 +17,26 @@ import math
 import os
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
+import timm
 import torch
 import torch.nn as nn
 
-from timm_anysize.core.errors import WeightsError
+from timm_anysize.core.errors import AnysizeError, WeightsError
+from timm_anysize.core.meta import build_meta
+from timm_anysize.core.spec import VariantSpec
 from timm_anysize.core.version import __version__
-from timm_anysize.origins import check_against_plan, detect_layout, unwrap_checkpoint
+from timm_anysize.origins import check_against_plan, detect_layout, reads_transformers_config, unwrap_checkpoint
 
 __all__ = [
     "detect_format",
     "read_state_dict",
     "read_checkpoint",
     "read_source_state_dict",
+    "load_source_state_dict",
+    "source_config",
+    "transformers_config",
     "SourceStateDict",
     "read_npz_state_dict",
     "download_hub_weights",
@@ -83,7 +94,7 @@ def _unwrap(obj: Any, path: Path) -> StateDict:
     if bad:
         raise WeightsError(f"{path}: entries that are not tensors: {', '.join(map(str, bad[:5]))}; save a state dict")
     if all(k.startswith("module.") for k in obj):
-        obj = {k[len("module."):]: v for k, v in obj.items()}
+        obj = {k[len("module.") :]: v for k, v in obj.items()}
     return obj
 
 
@@ -92,8 +103,9 @@ def _folder_weights(folder: Path) -> Path:
     for name in HUB_FILENAMES:
         if (folder / name).is_file():
             return folder / name
-    raise WeightsError(f"{folder}: a folder without {' or '.join(HUB_FILENAMES)}; point pretrained.file at the "
-                       f"weight file")
+    raise WeightsError(
+        f"{folder}: a folder without {' or '.join(HUB_FILENAMES)}; point pretrained.file at the weight file"
+    )
 
 
 def read_checkpoint(path: Union[str, os.PathLike]) -> Any:
@@ -194,12 +206,61 @@ def transformers_config(path: Union[str, os.PathLike]) -> Optional[dict]:
     return data if isinstance(data, dict) and "model_type" in data else None
 
 
+def source_config(
+    spec: VariantSpec, weights: Optional[Mapping[str, Any]] = None, cache_dir: Optional[Union[str, os.PathLike]] = None
+) -> Optional[dict]:
+    """The transformers ``config.json`` that speaks for a variant's weights, read once (the plan carries it on).
+
+    Only where ``pretrained.layout`` lets one speak for the weights (``auto`` or a transformers layout): the file
+    beside a local weight file or in a ``save_pretrained`` folder, or the one of the Hub repo the variant names as
+    its own weight source (downloaded next to the weights in the Hub cache).
+
+    Args:
+        spec: The variant.
+        weights: The weight-location fields of the resolved pretrained cfg (``state_dict`` / ``file`` /
+            ``hf_hub_id``...) when the weights will be read (``pretrained=True``); None: the spec's own local file
+            only, nothing downloaded, and an unreadable ``config.json`` is left for the weights' read to report.
+
+    Returns:
+        The parsed config, or None.
+
+    Raises:
+        WeightsError: The ``config.json`` beside weights that will be read is not JSON; names it.
+
+    Example:
+        >>> import json, tempfile, pathlib
+        >>> from timm_anysize.core.spec import parse_variant
+        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (d / "config.json").write_text(json.dumps({"model_type": "vit", "image_size": 40}))
+        >>> spec = parse_variant("v", {"base": "test_vit", "pretrained": {"file": str(d / "model.safetensors")}})
+        >>> source_config(spec)["image_size"]
+        40
+    """
+    src = spec.pretrained
+    if not reads_transformers_config(src.layout):
+        return None
+    if weights is None:
+        if src.file is None:
+            return None
+        try:
+            return transformers_config(src.file)
+        except AnysizeError:
+            return None  # reported, naming the file, when the weights are read
+    if weights.get("state_dict"):
+        return None
+    if weights.get("file"):
+        return transformers_config(weights["file"])
+    if src.hf_hub_id is not None and weights.get("hf_hub_id") == src.hf_hub_id:
+        return download_hub_config(src.hf_hub_id, src.revision, str(cache_dir) if cache_dir else None)
+    return None  # a base tag's weights (timm's own layout), or another source named at create_model
+
+
 def read_source_state_dict(path: Union[str, os.PathLike], plan: Any) -> StateDict:
     """Read the weights of a variant: in timm's layout as they are, another library's converted to timm's names.
 
     ``pretrained.layout`` (``auto``: detected from the keys) picks the layout and ``pretrained.select`` the model
-    of a teacher/student checkpoint; a transformers ``config.json`` beside the weights is checked against the
-    variant's source geometry and numerics.
+    of a teacher/student checkpoint; the transformers ``config.json`` the plan carries (``plan.config``, read once
+    when the plan was made) is checked against the variant's source geometry and numerics.
 
     Args:
         path: Weight file, or a transformers ``save_pretrained`` folder.
@@ -224,7 +285,7 @@ def read_source_state_dict(path: Union[str, os.PathLike], plan: Any) -> StateDic
         if src.layout != "auto":
             raise
         return SourceStateDict(_unwrap(obj, p))  # not a foreign checkpoint either: timm's reader says why
-    config = transformers_config(p)
+    config = plan.config
     conversion = detect_layout(state_dict, src.layout, str(p), config)
     if conversion is None:
         return SourceStateDict(state_dict)
@@ -290,10 +351,16 @@ def download_hub_weights(
     last: Optional[Exception] = None
     for name in names:
         try:
-            return Path(hf_hub_download(
-                repo_id, name, revision=revision, cache_dir=cache_dir,
-                library_name="timm-anysize", library_version=__version__,
-            ))
+            return Path(
+                hf_hub_download(
+                    repo_id,
+                    name,
+                    revision=revision,
+                    cache_dir=cache_dir,
+                    library_name="timm-anysize",
+                    library_version=__version__,
+                )
+            )
         except EntryNotFoundError as e:
             last = e
         except LocalEntryNotFoundError as e:
@@ -322,8 +389,14 @@ def download_hub_config(
     from huggingface_hub.errors import EntryNotFoundError
 
     try:
-        path = hf_hub_download(repo_id, "config.json", revision=revision, cache_dir=cache_dir,
-                               library_name="timm-anysize", library_version=__version__)
+        path = hf_hub_download(
+            repo_id,
+            "config.json",
+            revision=revision,
+            cache_dir=cache_dir,
+            library_name="timm-anysize",
+            library_version=__version__,
+        )
     except (EntryNotFoundError, OSError, ValueError):  # not there, not cached, unreachable (HTTP errors are OSErrors)
         return None
     return transformers_config(path)
@@ -337,7 +410,77 @@ def download_url_weights(url: str) -> Path:
         try:
             torch.hub.download_url_to_file(url, str(target), progress=True)
         except Exception as e:  # urllib raises URLError/HTTPError/OSError
-            raise WeightsError(
-                f"url {url}: download failed ({e}); download it yourself and set pretrained.file"
-            ) from e
+            raise WeightsError(f"url {url}: download failed ({e}); download it yourself and set pretrained.file") from e
     return target
+
+
+def _read_file(plan: Any, path: Union[str, os.PathLike]) -> StateDict:
+    """One weight file (or ``save_pretrained`` folder) in timm's names at the source geometry."""
+    if detect_format(path) == "npz":
+
+        def build() -> nn.Module:
+            # Its random init is overwritten by the file: the caller's (seeded) random state is left untouched, so the
+            # model built after the read initialises what the weights do not cover exactly as with any other format.
+            with torch.random.fork_rng(devices=[]):
+                return timm.create_model(plan.spec.base, pretrained=False, **plan.source_kwargs)
+
+        return read_npz_state_dict(path, build)
+    state_dict = read_source_state_dict(path, plan)  # other libraries' layouts come back in timm's names
+    if plan.family.checkpoint_filter is None:
+        return state_dict
+    if state_dict.keys() <= plan.source_shapes.keys() or getattr(state_dict, "conversion", None):
+        return state_dict  # already timm's layout: nothing for the filter to rename
+    # timm's filters take the model the weights are for (they read its shapes): one at the source geometry, on meta.
+    source_model = build_meta(plan.spec, plan.source_kwargs, "source (pretrained)")
+    # timm's filter renames foreign layouts, but it also resamples (guessing square grids) when a shape differs
+    # from the model's; hold the geometry tensors aside so only adapt_state_dict changes them, from known sizes.
+    held = {k: state_dict.pop(k) for k in (*plan.resamples, *plan.patch_keys) if k in state_dict}
+    try:
+        return {**plan.family.checkpoint_filter(state_dict, source_model), **held}
+    except Exception as e:  # filters index keys and shapes freely; anything they raise means a foreign layout
+        raise WeightsError(f"{path}: timm's {plan.family.name} checkpoint filter cannot read it ({e!r})") from e
+
+
+def load_source_state_dict(
+    plan: Any, cfg: Mapping[str, Any], cache_dir: Optional[Union[str, os.PathLike]] = None
+) -> tuple[StateDict, str]:
+    """Fetch and read the source weights named by a resolved pretrained cfg: state_dict > file > Hub > url.
+
+    Args:
+        plan: The variant's :class:`~timm_anysize.plan.VariantPlan`, made for these weights (its ``config``).
+        cfg: The resolved pretrained cfg's fields (``state_dict``, ``file``, ``hf_hub_id``, ``hf_hub_filename``,
+            ``url``).
+        cache_dir: Cache folder for Hub and URL downloads.
+
+    Returns:
+        The state dict in timm's layout at the source geometry, and a description of where it came from.
+
+    Raises:
+        WeightsError: No source, or the weights cannot be fetched or read (the message names the file).
+
+    Example:
+        >>> import torch
+        >>> from timm_anysize.plan import make_plan
+        >>> from timm_anysize.core.spec import parse_variant
+        >>> plan = make_plan(parse_variant("v", {"base": "test_vit"}))
+        >>> sd, where = load_source_state_dict(plan, {"state_dict": {"cls_token": torch.zeros(1, 1, 64)}})
+        >>> list(sd), where
+        (['cls_token'], 'state_dict (in memory)')
+    """
+    if cfg.get("state_dict"):
+        return dict(cfg["state_dict"]), "state_dict (in memory)"
+    if cfg.get("file"):
+        return _read_file(plan, cfg["file"]), f"file {cfg['file']}"
+    if cfg.get("hf_hub_id"):
+        revision = plan.spec.pretrained.revision if cfg["hf_hub_id"] == plan.spec.pretrained.hf_hub_id else None
+        path = download_hub_weights(
+            cfg["hf_hub_id"], cfg.get("hf_hub_filename"), revision, str(cache_dir) if cache_dir else None
+        )
+        return _read_file(plan, path), f"hf-hub {cfg['hf_hub_id']}" + (f"@{revision}" if revision else "")
+    if cfg.get("url"):
+        url = cfg["url"][0] if isinstance(cfg["url"], (tuple, list)) else cfg["url"]
+        return _read_file(plan, download_url_weights(url)), f"url {url}"
+    raise WeightsError(
+        f"{plan.spec.where}.pretrained: no weight source (base {plan.spec.base} has "
+        f"none); set pretrained.file or pretrained.hf_hub_id, or create the model with pretrained=False"
+    )

@@ -16,6 +16,8 @@ Environment:
     TIMM_ANYSIZE_CONFORMANCE_MODELS: ``variants`` (default): every registered variant; ``bases``: instead, the base
         architectures of those variants, as plain timm models (the reference counts in docs/conformance.md).
     TIMM_ANYSIZE_CONFORMANCE_ONLY: comma-separated variant names to restrict the run to (default: all).
+    TIMM_ANYSIZE_CONFORMANCE_CHUNK: ``i/n``: only every n-th of those variants (in name order), from the i-th (0-based):
+        the suite runs the variants in n chunks, spread over its parallel workers.
     TIMM_ANYSIZE_CONFORMANCE_REPORT: a JSON file to write every cell's outcome to.
 """
 
@@ -35,11 +37,14 @@ from timm_anysize.plan import make_plan
 # A parametrization over timm's registry lists hundreds of names; the hand-picked ones list a few dozen at most.
 _REGISTRY_LIST_MIN = 100
 # Registry-driven tests that create models with pretrained=True (Hub downloads); the suite is offline.
-_NEEDS_WEIGHTS = {"test_model_load_pretrained": "downloads pretrained weights",
-                  "test_model_features_pretrained": "downloads pretrained weights"}
+_NEEDS_WEIGHTS = {
+    "test_model_load_pretrained": "downloads pretrained weights",
+    "test_model_features_pretrained": "downloads pretrained weights",
+}
 
 _MODE = os.environ.get("TIMM_ANYSIZE_CONFORMANCE_MODELS", "variants")
 _ONLY = [n for n in os.environ.get("TIMM_ANYSIZE_CONFORMANCE_ONLY", "").split(",") if n]
+_CHUNK, _CHUNKS = (int(x) for x in (os.environ.get("TIMM_ANYSIZE_CONFORMANCE_CHUNK") or "0/1").split("/"))
 _registry_tests: set[str] = set()
 _cells: list[dict[str, Any]] = []
 _models: dict[str, str] = {}  # node id -> model name
@@ -47,7 +52,7 @@ _models: dict[str, str] = {}  # node id -> model name
 
 def _variants() -> list[str]:
     names = timm.list_models(module="variants")
-    return [n for n in names if not _ONLY or n in _ONLY]
+    return [n for n in names if not _ONLY or n in _ONLY][_CHUNK::_CHUNKS]
 
 
 def _arch(name: str) -> str:
@@ -115,7 +120,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def _message(report: pytest.TestReport) -> Optional[str]:
     crash = getattr(report.longrepr, "reprcrash", None)
     if crash is not None:  # the first line that says something (TorchScript's errors start with a blank line)
-        lines = [ln.strip() for ln in (crash.message or "").splitlines() if ln.strip() and ln.strip() != "RuntimeError:"]
+        lines = [
+            ln.strip() for ln in (crash.message or "").splitlines() if ln.strip() and ln.strip() != "RuntimeError:"
+        ]
         return " ".join(lines[:2])[:300] or None
     if isinstance(report.longrepr, tuple):  # a skip: (file, line, reason)
         return str(report.longrepr[2])
@@ -127,9 +134,17 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         return
     test = report.nodeid.split("::")[-1].partition("[")[0]
     model = _models.get(report.nodeid, "")
-    _cells.append(dict(test=test, model=model, arch=_arch(model), outcome=report.outcome, when=report.when,
-                       seconds=round(report.duration, 2),
-                       message=None if report.passed else _message(report)))
+    _cells.append(
+        dict(
+            test=test,
+            model=model,
+            arch=_arch(model),
+            outcome=report.outcome,
+            when=report.when,
+            seconds=round(report.duration, 2),
+            message=None if report.passed else _message(report),
+        )
+    )
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
@@ -140,4 +155,4 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     for cell in _cells:
         cell["family"] = families[cell["arch"]]
     with open(path, "w") as f:
-        json.dump(dict(mode=_MODE, timm=timm.__version__, cells=_cells), f, indent=1)
+        json.dump(dict(mode=_MODE, timm=timm.__version__, variants=list(_BASES), cells=_cells), f, indent=1)

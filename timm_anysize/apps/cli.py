@@ -1,4 +1,8 @@
-"""The ``timm-anysize`` command line: list, show and check variants, and run the demo."""
+"""The ``timm-anysize`` command line: list, show and check variants, and run the demo.
+
+Every command sees the demo's digits variants (``vit_digits_*``) next to the shipped ones: it registers them first
+(:func:`timm_anysize.apps.demo.register_demo_variants`; ``import timm_anysize`` alone does not).
+"""
 
 from __future__ import annotations
 
@@ -11,13 +15,13 @@ from typing import Callable, Optional, Sequence
 
 import timm_anysize
 from timm_anysize import register_yaml
-from timm_anysize.apps.demo import run_demo
+from timm_anysize.apps.demo import metrics_from_demo, register_demo_variants, run_demo
 from timm_anysize.apps.digits import train_digits_base
 from timm_anysize.apps.docs import families_markdown
 from timm_anysize.apps.launcher import run_script
 from timm_anysize.apps.survey import run_survey
 from timm_anysize.core.errors import AnysizeError
-from timm_anysize.hub import export, metrics_from_demo, push_to_hub
+from timm_anysize.hub import export, push_to_hub
 from timm_anysize.origins import config_geometry, detect_layout, unwrap_checkpoint
 from timm_anysize.plan import make_plan
 from timm_anysize.registry import check_name
@@ -32,14 +36,21 @@ def _cmd_list(args: argparse.Namespace) -> int:
     rows = []
     for name in timm_anysize.list_variants():
         spec = timm_anysize.get_variant(name)
-        plan = make_plan(spec)
+        try:
+            geometry = make_plan(spec).target.compact()
+        except AnysizeError:  # registered unplanned (validate=False): its error is for `check`, not for the listing
+            geometry = f"invalid (timm-anysize check {spec.origin})" if spec.origin else "invalid"
         src = spec.pretrained
         where = (
-            f"file {src.file}" if src.file else f"hf-hub {src.hf_hub_id}" if src.hf_hub_id
-            else f"url {src.url}" if src.url else f"base tag ({spec.base})"
+            f"file {src.file}"
+            if src.file
+            else f"hf-hub {src.hf_hub_id}"
+            if src.hf_hub_id
+            else f"url {src.url}"
+            if src.url
+            else f"base tag ({spec.base})"
         )
-        t = plan.target
-        rows.append((name, spec.base, t.compact(), where))
+        rows.append((name, spec.base, geometry, where))
     widths = [max(len(r[i]) for r in rows + [("name", "base", "geometry", "weights")]) for i in range(3)]
     print(f"{'name':<{widths[0]}}  {'base':<{widths[1]}}  {'geometry':<{widths[2]}}  weights")
     for r in rows:
@@ -49,7 +60,6 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 def _cmd_show(args: argparse.Namespace) -> int:
     import yaml
-
 
     spec = timm_anysize.get_variant(args.name)
     plan = make_plan(spec)
@@ -78,8 +88,10 @@ def _print_layout(spec) -> None:
         return
     state_dict, wrappers = unwrap_checkpoint(read_checkpoint(file), spec.pretrained.select, str(file))
     conv = detect_layout(state_dict, spec.pretrained.layout, str(file))
-    print(f"\n# checkpoint layout: {conv.layout if conv else 'timm'}" + (f" (unwrapped: {'; '.join(wrappers)})"
-                                                                       if wrappers else ""))
+    print(
+        f"\n# checkpoint layout: {conv.layout if conv else 'timm'}"
+        + (f" (unwrapped: {'; '.join(wrappers)})" if wrappers else "")
+    )
     if conv is not None:
         for key, how in conv.key_mapping():
             print(f"  {key} <- {how}")
@@ -91,31 +103,44 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     import safetensors.torch
     import timm
 
-
     file = Path(args.file).resolve()
     state_dict, _ = unwrap_checkpoint(read_checkpoint(file), args.select, str(file))
     conv = detect_layout(state_dict, args.layout, str(file))
     sd = conv.state_dict if conv is not None else state_dict
     head = sd.get("head.weight", sd.get("head.fc.weight"))
     stated = config_geometry(transformers_config(file))
-    source: dict = {"file": str(file), "layout": args.layout, "select": args.select,
-                    "num_classes": int(head.shape[0]) if head is not None else 0}
-    for key, value in (("img_size", args.img_size or stated.get("img_size")),
-                       ("patch_size", args.patch_size or stated.get("patch_size"))):
+    source: dict = {
+        "file": str(file),
+        "layout": args.layout,
+        "select": args.select,
+        "num_classes": int(head.shape[0]) if head is not None else 0,
+    }
+    for key, value in (
+        ("img_size", args.img_size or stated.get("img_size")),
+        ("patch_size", args.patch_size or stated.get("patch_size")),
+    ):
         if value:
             source[key] = value
     geometry = {k: source[k] for k in ("img_size", "patch_size", "num_classes") if k in source}
     name = f"convert_{abs(hash(str(file))) % 10**8}"
-    timm_anysize.register_variant(name, base=args.base, pretrained=source, dynamic=False,
-                                  model_args=json.loads(args.model_args or "{}"), **geometry)
+    timm_anysize.register_variant(
+        name,
+        base=args.base,
+        pretrained=source,
+        dynamic=False,
+        model_args=json.loads(args.model_args or "{}"),
+        **geometry,
+    )
     model = timm.create_model(name, pretrained=True)
     report = timm_anysize.adaptation_report(model)
     out = Path(args.to or file.with_name(file.stem + "_timm.safetensors"))
     safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out))
     out.with_suffix(".report.json").write_text(json.dumps(report.to_dict(), indent=2))
     print(report.summary())
-    print(f"wrote {out} and {out.with_suffix('.report.json')} (plain timm: timm.create_model({args.base!r}, "
-          f"pretrained_cfg_overlay=dict(file={str(out)!r}), ...geometry above)")
+    print(
+        f"wrote {out} and {out.with_suffix('.report.json')} (plain timm: timm.create_model({args.base!r}, "
+        f"pretrained_cfg_overlay=dict(file={str(out)!r}), ...geometry above)"
+    )
     return 0
 
 
@@ -203,7 +228,6 @@ def _cmd_schema(args: argparse.Namespace) -> int:
 
 def _cmd_families(args: argparse.Namespace) -> int:
     if args.refresh:  # recompute the survey of every timm module (minutes), then render
-
         run_survey(log=lambda line: print(line, file=sys.stderr))
     print(families_markdown(), end="")
     return 0
@@ -233,8 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir")
     p.add_argument("--file", help="load these weights instead of the variant's own source")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty folder")
-    p.add_argument("--demo-results", default="anysize-demo/results.json",
-                   help="the demo's results.json; its numbers for this variant go into the model card (if present)")
+    p.add_argument(
+        "--demo-results",
+        default="anysize-demo/results.json",
+        help="the demo's results.json; its numbers for this variant go into the model card (if present)",
+    )
     p = sub.add_parser("push", help="export and upload to a Hugging Face Hub repo")
     p.add_argument("name")
     p.add_argument("repo_id")
@@ -245,8 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", action="append", metavar="FILE.yaml", help="extra variant files (repeatable)")
     p.add_argument("script")
     p.add_argument("args", nargs=argparse.REMAINDER)
-    p = sub.add_parser("convert", help="map another library's checkpoint (torchvision, transformers, MMPretrain, "
-                                       "DINO) to timm's names and write it as safetensors, with the report")
+    p = sub.add_parser(
+        "convert",
+        help="map another library's checkpoint (torchvision, transformers, MMPretrain, "
+        "DINO) to timm's names and write it as safetensors, with the report",
+    )
     p.add_argument("file", help="the checkpoint, or a transformers save_pretrained folder")
     p.add_argument("--base", required=True, help="timm architecture the weights map onto, e.g. vit_base_patch16_224")
     p.add_argument("--to", help="output .safetensors (default: FILE_timm.safetensors)")
@@ -256,8 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patch-size", type=int, help="patch size of the weights (default: config.json / base)")
     p.add_argument("--model-args", help="JSON timm model_args of the architecture, e.g. '{\"depth\": 2}'")
     p = sub.add_parser("families", help="the family coverage matrix (Markdown, as docs/families.md)")
-    p.add_argument("--refresh", action="store_true",
-                   help="first recompute the survey of every timm module (timm_anysize/survey.json; minutes)")
+    p.add_argument(
+        "--refresh",
+        action="store_true",
+        help="first recompute the survey of every timm module (timm_anysize/survey.json; minutes)",
+    )
     p = sub.add_parser("schema", help="print the JSON Schema of variant YAML files")
     p.add_argument("--markdown", action="store_true", help="the YAML reference as Markdown instead")
     return parser
@@ -287,6 +320,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         disable_progress_bars()  # Hub downloads; our own bars take `progress=not args.quiet`
     try:
+        register_demo_variants()
         return _COMMANDS[args.command](args)
     except _ScriptFailed as e:
         raise e.__cause__ from None

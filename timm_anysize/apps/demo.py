@@ -1,6 +1,7 @@
 """``timm-anysize demo``: adapt the shipped digits ViT to many geometries and measure what each adaptation costs.
 
-For each variant of ``configs/digits.yaml`` it measures, on the fixed held-out split of the scikit-learn digits:
+For each variant of ``configs/demo/digits.yaml`` (registered by :func:`register_demo_variants`, not on
+``import timm_anysize``) it measures, on the fixed held-out split of the scikit-learn digits:
 zero-shot accuracy of the adapted weights, accuracy after a short fine-tune, accuracy of the same architecture
 trained from scratch with the same budget, and inference throughput. Naive alternatives (plain kernel
 interpolation, nearest or truncated position embeddings) are measured next to ours.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import platform
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,11 +24,29 @@ import torch
 import torch.nn as nn
 
 import timm_anysize
-
-from timm_anysize.apps.digits import BASE_VARIANT, evaluate, images_per_second, load_digits_split, render, train
+from timm_anysize.apps.digits import (
+    BASE_VARIANT,
+    evaluate,
+    images_per_second,
+    load_digits_split,
+    register_demo_variants,
+    render,
+    train,
+)
+from timm_anysize.hub import ExportError, Metric
 from timm_anysize.weights import read_state_dict
 
-__all__ = ["DemoRow", "run_demo", "run_flexi_demo", "format_flexi_table", "DEMO_ROWS", "QUICK_ROWS", "FLEXI_PATCHES"]
+__all__ = [
+    "DemoRow",
+    "run_demo",
+    "register_demo_variants",
+    "metrics_from_demo",
+    "run_flexi_demo",
+    "format_flexi_table",
+    "DEMO_ROWS",
+    "QUICK_ROWS",
+    "FLEXI_PATCHES",
+]
 
 
 @dataclass(frozen=True)
@@ -111,6 +131,7 @@ def run_demo(
     """
     from tqdm.auto import tqdm
 
+    register_demo_variants()
     torch.manual_seed(seed)
     rows_def = QUICK_ROWS if quick else DEMO_ROWS
     epochs = min(epochs, 1) if quick else epochs
@@ -138,23 +159,51 @@ def run_demo(
         if not r.naive and epochs > 0:
             x_train = render(train_x8, (h, w), model)
             tuned = copy.deepcopy(model)
-            train(tuned, x_train, train_y, epochs, lr=5e-4, batch_size=batch_size, seed=seed,
-                  on_step=lambda _: bar.update(1))
+            train(
+                tuned,
+                x_train,
+                train_y,
+                epochs,
+                lr=5e-4,
+                batch_size=batch_size,
+                seed=seed,
+                on_step=lambda _: bar.update(1),
+            )
             finetuned = evaluate(tuned, x_test, split.test_y)
             torch.manual_seed(seed)
             fresh = timm.create_model(r.variant, pretrained=False)
-            train(fresh, x_train, train_y, epochs, lr=5e-4, batch_size=batch_size, seed=seed,
-                  on_step=lambda _: bar.update(1))
+            train(
+                fresh,
+                x_train,
+                train_y,
+                epochs,
+                lr=5e-4,
+                batch_size=batch_size,
+                seed=seed,
+                on_step=lambda _: bar.update(1),
+            )
             scratch = evaluate(fresh, x_test, split.test_y)
         report = timm_anysize.adaptation_report(model)
         non_copied = {e.key: f"{e.action}: {e.detail}" for e in report.non_copied()} if report else {}
         if r.tweak == "truncate_pos_embed":
             non_copied["pos_embed"] = "truncated: first tokens of the 8x8 grid (naive)"
         grid = model.patch_embed.grid_size
-        rows.append(DemoRow(
-            r.variant, r.label, r.naive, (h, w), tuple(model.patch_embed.patch_size), c,
-            grid[0] * grid[1] + model.num_prefix_tokens, zero_shot, finetuned, scratch, ips, non_copied,
-        ))
+        rows.append(
+            DemoRow(
+                r.variant,
+                r.label,
+                r.naive,
+                (h, w),
+                tuple(model.patch_embed.patch_size),
+                c,
+                grid[0] * grid[1] + model.num_prefix_tokens,
+                zero_shot,
+                finetuned,
+                scratch,
+                ips,
+                non_copied,
+            )
+        )
         bar.update(1)
     bar.close()
     out = Path(out_dir)
@@ -165,10 +214,15 @@ def run_demo(
     elapsed = time.perf_counter() - start
     results = {
         "settings": {
-            "epochs": epochs, "quick": quick, "seed": seed, "batch_size": batch_size, "lr": 5e-4,
-            "train_images": len(train_y), "held_out_images": len(split.test_y),
+            "epochs": epochs,
+            "quick": quick,
+            "seed": seed,
+            "batch_size": batch_size,
+            "lr": 5e-4,
+            "train_images": len(train_y),
+            "held_out_images": len(split.test_y),
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-                       f"timm {timm.__version__}",
+            f"timm {timm.__version__}",
             "seconds": round(elapsed, 1),
         },
         "base_bit_identical_to_plain_timm": identical,
@@ -184,6 +238,37 @@ def run_demo(
     print_fn(f"base variant bit-identical to plain timm on the same weights: {identical}")
     print_fn(f"{elapsed:.0f} s; results in {out / 'results.json'} and {out / 'accuracy_vs_geometry.png'}")
     return results
+
+
+def metrics_from_demo(results: Union[str, os.PathLike], variant: str) -> list[Metric]:
+    """The fidelity numbers ``timm-anysize demo`` measured for ``variant`` (from its ``results.json``), as metrics.
+
+    Returns an empty list when the demo did not measure that variant.
+
+    Example:
+        >>> metrics_from_demo("/nonexistent/results.json", "vit_digits_patch8_64")
+        []
+    """
+    path = Path(results)
+    if not path.is_file():
+        return []
+    try:
+        rows = json.loads(path.read_text())["rows"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ExportError(f"{path}: not a timm-anysize demo results.json ({e})") from e
+    row = next((r for r in rows if r.get("variant") == variant and not r.get("naive")), None)
+    if row is None:
+        return []
+    named = (
+        ("zero-shot top-1 accuracy", "zero_shot"),
+        ("fine-tuned top-1 accuracy", "finetuned"),
+        ("from-scratch top-1 accuracy (same budget)", "scratch"),
+    )
+    return [
+        Metric(name, float(row[key]), dataset="sklearn-digits", dataset_name="scikit-learn digits", split="held-out")
+        for name, key in named
+        if row.get(key) is not None
+    ]
 
 
 def _pct(v: Optional[float]) -> str:
@@ -214,15 +299,24 @@ def _plot(rows: list[DemoRow], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(11, 4.5))
     xs = range(len(rows))
     width = 0.27
-    series = (("zero-shot", "zero_shot", "#4c72b0"), ("fine-tuned", "finetuned", "#55a868"),
-              ("scratch, same budget", "scratch", "#c44e52"))
+    series = (
+        ("zero-shot", "zero_shot", "#4c72b0"),
+        ("fine-tuned", "finetuned", "#55a868"),
+        ("scratch, same budget", "scratch", "#c44e52"),
+    )
     for i, (name, attr, color) in enumerate(series):
         vals = [getattr(r, attr) or 0.0 for r in rows]
         ax.bar([x + (i - 1) * width for x in xs], vals, width, label=name, color=color)
     ax.set_xticks(list(xs))
     ax.set_xticklabels(
-        [f"{r.img_size[0]}x{r.img_size[1]}/p{r.patch_size[0]}/{r.in_chans}ch\n{r.label}" + (" *" if r.naive else "")
-         for r in rows], rotation=35, ha="right", fontsize=7)
+        [
+            f"{r.img_size[0]}x{r.img_size[1]}/p{r.patch_size[0]}/{r.in_chans}ch\n{r.label}" + (" *" if r.naive else "")
+            for r in rows
+        ],
+        rotation=35,
+        ha="right",
+        fontsize=7,
+    )
     ax.set_ylabel("held-out accuracy (%)")
     ax.set_ylim(0, 100)
     ax.set_title("timm-anysize: digits ViT adapted to new geometries (* naive alternative)")
@@ -259,6 +353,7 @@ def run_flexi_demo(
     Returns:
         ``{"settings": ..., "rows": [{"model", "patch", "accuracy", "images_per_s"}, ...]}``.
     """
+    register_demo_variants()
     epochs = min(epochs, 1) if quick else epochs
     split = load_digits_split()
     train_x8, train_y = split.train_x, split.train_y
@@ -277,10 +372,25 @@ def run_flexi_demo(
     for name, model in models.items():
         for p in FLEXI_PATCHES:
             with timm_anysize.patch_size(model, p):
-                rows.append({"model": name, "patch": p, "accuracy": evaluate(model, x_test, split.test_y),
-                             "images_per_s": images_per_second(model, x_test, min_time=0.1 if quick else 0.3)})
-    results = {"settings": {"epochs": epochs, "quick": quick, "seed": seed, "train_images": len(train_y),
-                            "patch_sizes": list(FLEXI_PATCHES), "img_size": 32}, "rows": rows}
+                rows.append(
+                    {
+                        "model": name,
+                        "patch": p,
+                        "accuracy": evaluate(model, x_test, split.test_y),
+                        "images_per_s": images_per_second(model, x_test, min_time=0.1 if quick else 0.3),
+                    }
+                )
+    results = {
+        "settings": {
+            "epochs": epochs,
+            "quick": quick,
+            "seed": seed,
+            "train_images": len(train_y),
+            "patch_sizes": list(FLEXI_PATCHES),
+            "img_size": 32,
+        },
+        "rows": rows,
+    }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "flexi.json").write_text(json.dumps(results, indent=2))
@@ -293,13 +403,16 @@ def run_flexi_demo(
 def format_flexi_table(results: dict) -> str:
     """The flexi section as aligned text: accuracy (%) / images per second at each patch size, per model."""
     patches = results["settings"]["patch_sizes"]
-    head = f"{'one model, patch at run time':<28}" + "".join(f"{'p' + str(p) + ' (grid ' + str(32 // p) + ')':>22}"
-                                                             for p in patches)
+    head = f"{'one model, patch at run time':<28}" + "".join(
+        f"{'p' + str(p) + ' (grid ' + str(32 // p) + ')':>22}" for p in patches
+    )
     lines = [head, "-" * len(head)]
     for name in dict.fromkeys(r["model"] for r in results["rows"]):
         cells = {r["patch"]: r for r in results["rows"] if r["model"] == name}
-        lines.append(f"{name:<28}" + "".join(
-            f"{cells[p]['accuracy']:>11.1f}% {cells[p]['images_per_s']:>6.0f}/s  " for p in patches))
+        lines.append(
+            f"{name:<28}"
+            + "".join(f"{cells[p]['accuracy']:>11.1f}% {cells[p]['images_per_s']:>6.0f}/s  " for p in patches)
+        )
     lines.append("held-out accuracy and images/s on 32 px digits; every row is one set of weights")
     return "\n".join(lines)
 

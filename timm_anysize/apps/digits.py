@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
@@ -16,6 +17,8 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from timm_anysize.registry import register_yaml
 
 __all__ = [
     "DigitsSplit",
@@ -25,12 +28,32 @@ __all__ = [
     "train",
     "images_per_second",
     "BASE_VARIANT",
+    "DEMO_CONFIG",
+    "register_demo_variants",
     "train_digits_base",
 ]
 
 BASE_VARIANT = "vit_digits_patch4_32"
+# The digits variants (the trained base and the geometries the demo adapts it to), shipped as package data.
+DEMO_CONFIG = Path(str(resources.files("timm_anysize.configs"))) / "demo" / "digits.yaml"
 SPLIT_SEED = 0
 HELD_OUT_FRACTION = 0.2
+
+
+def register_demo_variants() -> list[str]:
+    """Register the digits variants of :data:`DEMO_CONFIG` (``vit_digits_*``) as timm models.
+
+    ``import timm_anysize`` does not register them; the demo and the ``timm-anysize`` command line do, through this.
+    Safe to call again; builds no model (each variant is planned by its first ``timm.create_model``).
+
+    Returns:
+        The variant names.
+
+    Example:
+        >>> BASE_VARIANT in register_demo_variants()
+        True
+    """
+    return register_yaml(DEMO_CONFIG, validate=False)
 
 
 @dataclass(frozen=True)
@@ -69,6 +92,7 @@ def render(x8: torch.Tensor, size: Sequence[int], model: nn.Module) -> torch.Ten
     """Upsample 8x8 digits to ``size`` (bilinear), repeat to the model's channels, normalise with its data config.
 
     Example:
+        >>> _ = register_demo_variants()
         >>> m = timm.create_model("vit_digits_patch4_32")
         >>> render(torch.rand(2, 1, 8, 8), (32, 48), m).shape
         torch.Size([2, 1, 32, 48])
@@ -88,7 +112,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     model.eval()
     correct = 0
     for i in range(0, len(y), batch_size):
-        correct += (model(x[i:i + batch_size]).argmax(-1) == y[i:i + batch_size]).sum().item()
+        correct += (model(x[i : i + batch_size]).argmax(-1) == y[i : i + batch_size]).sum().item()
     return 100.0 * correct / len(y)
 
 
@@ -99,7 +123,7 @@ def _shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tenso
     n, _, h, w = x.shape
     padded = F.pad(x, (max_shift,) * 4)
     off = torch.randint(0, 2 * max_shift + 1, (n, 2), generator=gen)
-    return torch.stack([padded[i, :, oy:oy + h, ox:ox + w] for i, (oy, ox) in enumerate(off.tolist())])
+    return torch.stack([padded[i, :, oy : oy + h, ox : ox + w] for i, (oy, ox) in enumerate(off.tolist())])
 
 
 def train(
@@ -136,7 +160,7 @@ def train(
         perm = torch.randperm(len(y), generator=gen)
         epoch_loss = 0.0
         for i in range(0, len(y), batch_size):
-            idx = perm[i:i + batch_size]
+            idx = perm[i : i + batch_size]
             loss = F.cross_entropy(model(_shift(x[idx], max_shift, gen)), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -186,16 +210,28 @@ def train_digits_base(
 
     split = load_digits_split()
     torch.manual_seed(seed)
+    register_demo_variants()
     model = timm.create_model(BASE_VARIANT, pretrained=False)
     x = render(split.train_x, (32, 32), model)
     bar = _progress(epochs * math.ceil(len(split.train_y) / 64), "train digits base", progress)
-    losses = train(model, x, split.train_y, epochs, lr=2e-3, batch_size=64, seed=seed, max_shift=2,
-                   warmup_steps=50, on_step=lambda loss: bar.update(1))
+    losses = train(
+        model,
+        x,
+        split.train_y,
+        epochs,
+        lr=2e-3,
+        batch_size=64,
+        seed=seed,
+        max_shift=2,
+        warmup_steps=50,
+        on_step=lambda loss: bar.update(1),
+    )
     bar.close()
     acc = evaluate(model, render(split.test_x, (32, 32), model), split.test_y)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     safetensors.torch.save_file(
-        {k: v.contiguous() for k, v in model.state_dict().items()}, str(out),
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        str(out),
         metadata={"arch": BASE_VARIANT, "held_out_accuracy": f"{acc:.2f}", "epochs": str(epochs), "seed": str(seed)},
     )
     return acc, losses

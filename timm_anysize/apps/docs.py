@@ -63,8 +63,11 @@ def _survey_lines(survey: dict) -> list[str]:
                 why.append(reason)
         text = "; ".join(why).replace("|", "\\|")
         text = text if len(text) <= 240 else text[:237] + "..."
-        lines.append(f"| {module} | {r['models']} | `{r['example']}` | {r['family'] or '-'} | "
-                     + " | ".join(label(c) for c in cells) + f" | {text} |")
+        lines.append(
+            f"| {module} | {r['models']} | `{r['example']}` | {r['family'] or '-'} | "
+            + " | ".join(label(c) for c in cells)
+            + f" | {text} |"
+        )
     return lines + [""]
 
 
@@ -88,8 +91,9 @@ def families_markdown() -> str:
     lines += [
         "## Family rows",
         "",
-        "Each cell is tested by `tests/test_families.py` on the family's example model (shrunk to a few layers of",
-        "width 32-64): every tensor is accounted for, copied tensors equal the checkpoint's and no other tensor is",
+        "Each cell is tested by `tests/test_families.py` on the family's example model, shrunk to the tiny model its",
+        "row declares (`Family.tiny`: a few layers of width 16-64): every tensor is accounted for, copied tensors",
+        "equal the checkpoint's and no other tensor is",
         "left at its fresh init; outputs are finite and of the right shape at the variant's size and, as every",
         "family runs at any size, at two other sizes (one non-square). Per family, the same geometry is bit-identical to the base,",
         "a 1-channel variant on a gray image equals the base on that image as RGB, and the export reloads in plain",
@@ -97,7 +101,8 @@ def families_markdown() -> str:
         "weights are read. `features_only` models carry the same adapted weights; they run at any size where the",
         "family's feature path goes through the dynamic code.",
         "",
-        "| family | module | timm classes | example | " + " | ".join(changes)
+        "| family | module | timm classes | example | "
+        + " | ".join(changes)
         + " | any size at run time | features_only | export (dynamic H x W) |",
         "|---|---|---|---|" + "---|" * len(changes) + "---|---|---|",
     ]
@@ -112,9 +117,17 @@ def families_markdown() -> str:
             dyn += f"; `dynamic: false` refused for {changed}: {reason}"
         classes = ", ".join(c.__name__ for c in fam.classes)
         feats = "any size" if fam.dynamic_features else "the variant's size"
-        export = (f"no: {fam.export_note}" if fam.export_note
-                  else f"torch.export yes; ONNX no: {fam.onnx_note}" if fam.onnx_note else "yes")
-        lines.append(f"| {fam.name} | `families/{homes[fam.name]}.py` | {classes} | `{fam.example}` | "
-                     + " | ".join(cells) + f" | {dyn} | {feats} | {export} |")
+        export = (
+            f"no: {fam.export_note}"
+            if fam.export_note
+            else f"torch.export yes; ONNX no: {fam.onnx_note}"
+            if fam.onnx_note
+            else "yes"
+        )
+        lines.append(
+            f"| {fam.name} | `families/{homes[fam.name]}.py` | {classes} | `{fam.example}` | "
+            + " | ".join(cells)
+            + f" | {dyn} | {feats} | {export} |"
+        )
     lines += ["", "Changes: " + "; ".join(f"`{k}`: {v}" for k, v in GEOMETRY_CHANGES.items()) + ".", ""]
     return "\n".join(lines) + "\n"

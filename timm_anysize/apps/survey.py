@@ -18,12 +18,11 @@ from typing import Any, Optional
 import timm
 import torch
 
-from timm_anysize.core.errors import AdaptationError, AnysizeError, SpecError
-from timm_anysize.families import GEOMETRY_CHANGES
-from timm_anysize.core.meta import meta_device
-
 from timm_anysize.builder import build_variant
+from timm_anysize.core.errors import AdaptationError, AnysizeError, SpecError
+from timm_anysize.core.meta import meta_device
 from timm_anysize.core.spec import parse_variant
+from timm_anysize.families import GEOMETRY_CHANGES
 from timm_anysize.plan import make_plan
 
 __all__ = ["SURVEY_FILE", "example_model", "survey_module", "run_survey", "load_survey"]
@@ -31,8 +30,27 @@ __all__ = ["SURVEY_FILE", "example_model", "survey_module", "run_survey", "load_
 SURVEY_FILE = Path(__file__).with_name("survey.json")
 
 # Name fragments of small models, smallest first: the example of a module is its first model by this rank.
-_SMALL = ("test_", "atto", "femto", "pico", "nano", "xxs", "tiny", "xs", "mini", "small", "s0", "b0", "t0", "a0",
-          "_t", "_s", "18", "_0", "lite")
+_SMALL = (
+    "test_",
+    "atto",
+    "femto",
+    "pico",
+    "nano",
+    "xxs",
+    "tiny",
+    "xs",
+    "mini",
+    "small",
+    "s0",
+    "b0",
+    "t0",
+    "a0",
+    "_t",
+    "_s",
+    "18",
+    "_0",
+    "lite",
+)
 
 
 def example_model(module: str) -> str:
@@ -85,8 +103,11 @@ def _change_kwargs(change: str, size: tuple[int, int], patch: Optional[tuple[int
         if patch is None:
             return {"patch_size": 8}
         big = h if h % (2 * patch[0]) == 0 and w % (2 * patch[1]) == 0 else 2 * h
-        return ({"patch_size": patch[0] // 2, "img_size": [h, w]} if change == "patch_smaller"
-                else {"patch_size": 2 * patch[0], "img_size": [big, big]})
+        return (
+            {"patch_size": patch[0] // 2, "img_size": [h, w]}
+            if change == "patch_smaller"
+            else {"patch_size": 2 * patch[0], "img_size": [big, big]}
+        )
     return {
         "img_larger": {"img_size": [h + step, w + step]},
         "img_non_square": {"img_size": [h + step, w]},
@@ -108,7 +129,11 @@ def _runs_at_any_size(example: str, plan) -> str:
             model = build_variant(plan.spec).eval()
             for hw in ((h + step, w), (h, w + 2 * step)):
                 out = model(torch.empty(1, c, *hw))  # a model without a head gives its pooled features
-                if out.ndim != 2 or out.shape[0] != 1 or (plan.target.num_classes and out.shape[1] != plan.target.num_classes):
+                if (
+                    out.ndim != 2
+                    or out.shape[0] != 1
+                    or (plan.target.num_classes and out.shape[1] != plan.target.num_classes)
+                ):
                     return f"error: output {tuple(out.shape)} at {hw}"
     except Exception as e:  # whatever the forward raises is what the survey reports
         return f"error: {type(e).__name__}: {_short(e)}"
@@ -131,8 +156,12 @@ def survey_module(module: str) -> dict[str, Any]:
             warnings.simplefilter("ignore")
             plan = make_plan(_spec(example))
     except AnysizeError as e:
-        return {**out, "family": "", "cells": {c: f"error: {_short(e)}" for c in GEOMETRY_CHANGES},
-                "any_size": "error: the base itself does not build"}
+        return {
+            **out,
+            "family": "",
+            "cells": {c: f"error: {_short(e)}" for c in GEOMETRY_CHANGES},
+            "any_size": "error: the base itself does not build",
+        }
     out["family"] = "generic" if plan.family.generic else plan.family.name
     patch = plan.source.patch_size
     with warnings.catch_warnings():

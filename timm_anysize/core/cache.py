@@ -2,7 +2,6 @@
 and when not to: while tracing, compiling or exporting, or when a gradient must flow to the weights.
 """
 
-
 import threading
 import weakref
 from collections import OrderedDict
@@ -11,11 +10,14 @@ from typing import Any, Callable, List, Optional
 
 import torch
 import torch.nn as nn
-from timm.layers import register_notrace_function, resample_abs_pos_embed
+from timm.layers import register_notrace_function
 from timm.layers.helpers import is_exporting
 
-from timm_anysize.core.compat import compat_resample_pos_embed
-from timm_anysize.core.resample import resample_grid
+from timm_anysize.core.resample import resample_grid, resample_pos_tokens
+
+# The one resampling of token position embeddings lives in core.resample (shared with loads); this module's calls
+# are FX leaves too (fx.wrap patches the calling module's globals).
+torch.fx.wrap("resample_pos_tokens")
 
 __all__ = [
     "PosEmbedCache",
@@ -23,6 +25,7 @@ __all__ = [
     "DynamicOptions",
     "traced",
     "must_run_inline",
+    "cached_or_inline",
     "dynamic_pos_embed",
     "dynamic_image_pos_embed",
     "resample_pos_tokens",
@@ -93,8 +96,13 @@ class PosEmbedCache:
     def info(self) -> dict[str, int]:
         """Counters and size, e.g. ``{'hits': 3, 'misses': 1, 'invalidations': 0, 'size': 1, 'maxsize': 16}``."""
         with self._lock:
-            return dict(hits=self.hits, misses=self.misses, invalidations=self.invalidations,
-                        size=len(self._entries), maxsize=self.maxsize)
+            return dict(
+                hits=self.hits,
+                misses=self.misses,
+                invalidations=self.invalidations,
+                size=len(self._entries),
+                maxsize=self.maxsize,
+            )
 
     def __deepcopy__(self, memo: dict) -> "PosEmbedCache":
         return PosEmbedCache(self.maxsize)
@@ -108,28 +116,6 @@ class PosEmbedCache:
 
 # Leaf functions of the dynamic paths: TorchScript compiles them, FX records them as one node (timm's notrace registry,
 # and torch.fx.wrap so that they are leaves whichever module's forward calls them, as timm's resample_abs_pos_embed).
-@torch.fx.wrap
-@register_notrace_function
-def resample_pos_tokens(
-    pos_embed: torch.Tensor, grid: List[int], native: List[int], prefix: int, interpolation: str, antialias: bool,
-    compat: str = "timm",
-) -> torch.Tensor:
-    """A token position embedding ``[1, prefix + H*W, C]`` resampled from the ``native`` grid to ``grid`` (timm's
-    ``resample_abs_pos_embed``; the embedding itself at the native grid), or as the library ``compat`` does
-    (``adapt.pos_embed.compat``, :mod:`timm_anysize.core.compat`; it fixes the interpolation).
-
-    Example:
-        >>> resample_pos_tokens(torch.randn(1, 1 + 4 * 4, 8), [6, 2], [4, 4], 1, "bicubic", True).shape
-        torch.Size([1, 13, 8])
-    """
-    if compat != "timm":
-        return compat_resample_pos_embed(pos_embed, grid, native, prefix, compat)
-    return resample_abs_pos_embed(
-        pos_embed, new_size=grid, old_size=native, num_prefix_tokens=prefix, interpolation=interpolation,
-        antialias=antialias,
-    )
-
-
 @torch.fx.wrap
 @register_notrace_function
 def resample_image_pos(
@@ -160,8 +146,9 @@ def patch_grid(x: torch.Tensor, patch_size: List[int], pad: bool) -> List[int]:
 
 
 def _resample_tokens(pos_embed: torch.Tensor, grid: Any, native: Any, prefix: int, opts: "DynamicOptions"):
-    return resample_pos_tokens(pos_embed, [grid[0], grid[1]], list(native), prefix, opts.interpolation,
-                               opts.antialias, opts.compat)
+    return resample_pos_tokens(
+        pos_embed, [grid[0], grid[1]], list(native), prefix, opts.interpolation, opts.antialias, opts.compat
+    )
 
 
 def symbolic(value: Any) -> bool:
@@ -175,7 +162,36 @@ def traced() -> bool:
 
 
 def must_run_inline(pos_embed: torch.Tensor) -> bool:
+    """Whether what derives from ``pos_embed`` must be computed inline, not cached: while tracing, compiling or
+    exporting (no state in the graph), or when a gradient can flow to it."""
     return traced() or (torch.is_grad_enabled() and pos_embed.requires_grad)
+
+
+def cached_or_inline(
+    cache: Optional[PosEmbedCache], key: tuple, weight: torch.Tensor, compute: Callable[[], torch.Tensor]
+) -> torch.Tensor:
+    """``compute()``, a tensor derived from ``weight`` (a resampled embedding, a resized bias table or kernel):
+    cached under ``key`` (plus the weight's dtype and device and the inference mode), detached, while no gradient can
+    flow to ``weight``; inline where it must be (:func:`must_run_inline`) or there is no ``cache``.
+
+    Args:
+        cache: The cache of ``weight`` (each weight has its own, stamped by it); None: always inline.
+        key: What the value depends on besides the weight (a grid, a window, a patch size).
+        weight: The tensor the value derives from; a change of it invalidates the cache.
+        compute: Computes the value from ``weight`` (with the graph to it when a gradient can flow).
+
+    Example:
+        >>> cache, weight = PosEmbedCache(), torch.ones(3)
+        >>> with torch.no_grad():
+        ...     a = cached_or_inline(cache, ((2, 2),), weight, lambda: weight * 2)
+        ...     b = cached_or_inline(cache, ((2, 2),), weight, lambda: weight * 3)
+        >>> a is b, cache.info()["hits"]
+        (True, 1)
+    """
+    if cache is None or must_run_inline(weight):
+        return compute()
+    full_key = (*key, weight.dtype, weight.device, torch.is_inference_mode_enabled())
+    return cache.get_or_compute(full_key, weight, lambda: compute().detach())
 
 
 @dataclass(frozen=True)
@@ -192,7 +208,12 @@ def _cache_for(model: nn.Module, name: str) -> "PosEmbedCache":
     """The cache of one embedding (each has its own stamp): ``pos_embed``'s, or another named one's."""
     if name == "pos_embed":
         return model._anysize_pos_cache
-    return model._anysize_caches.setdefault(name, PosEmbedCache(model._anysize_pos_cache.maxsize))
+    cache = model._anysize_caches.get(name)  # built once (not on every inline forward), atomically
+    return (
+        cache
+        if cache is not None
+        else model._anysize_caches.setdefault(name, PosEmbedCache(model._anysize_pos_cache.maxsize))
+    )
 
 
 def dynamic_pos_embed(
@@ -225,10 +246,9 @@ def dynamic_pos_embed(
     def compute() -> torch.Tensor:
         return _resample_tokens(pos_embed, grid, native, prefix, opts)
 
-    if must_run_inline(pos_embed):
+    if traced():  # inline, before int() of a symbolic size would specialize the compiled or exported graph
         return compute()
-    key = (int(grid[0]), int(grid[1]), pos_embed.dtype, pos_embed.device, torch.is_inference_mode_enabled())
-    return _cache_for(model, name).get_or_compute(key, pos_embed, lambda: compute().detach())
+    return cached_or_inline(_cache_for(model, name), (int(grid[0]), int(grid[1])), pos_embed, compute)
 
 
 def dynamic_image_pos_embed(
@@ -248,8 +268,4 @@ def dynamic_image_pos_embed(
     def compute() -> torch.Tensor:
         return resample_image_pos(pos_embed, list(grid), opts.interpolation, opts.antialias, channels_last)
 
-    if must_run_inline(pos_embed):
-        return compute()
-    key = (grid, pos_embed.dtype, pos_embed.device, torch.is_inference_mode_enabled())
-    return _cache_for(model, name).get_or_compute(key, pos_embed, lambda: compute().detach())
-
+    return cached_or_inline(_cache_for(model, name), (grid,), pos_embed, compute)

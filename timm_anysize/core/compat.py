@@ -103,8 +103,10 @@ class PosEmbedCompat:
         """One line for reports, e.g. ``compat torchvision: bicubic, align_corners=True, antialias=False``."""
         how = f"scale_factor (n+{self.scale_offset})/M" if self.scale_offset is not None else "size"
         tables = ", bias tables bilinear" if self.rel_table == "bilinear" else ""
-        return (f"compat {self.name}: {self.mode}, align_corners={self.align_corners}, antialias={self.antialias}, "
-                f"{how}{tables}")
+        return (
+            f"compat {self.name}: {self.mode}, align_corners={self.align_corners}, antialias={self.antialias}, "
+            f"{how}{tables}"
+        )
 
 
 COMPAT_PRESETS: dict[str, PosEmbedCompat] = {
@@ -112,8 +114,10 @@ COMPAT_PRESETS: dict[str, PosEmbedCompat] = {
     for p in (
         PosEmbedCompat.named("timm", "timm.layers.resample_abs_pos_embed"),
         PosEmbedCompat.named("torchvision", "torchvision.models.vision_transformer.interpolate_embeddings"),
-        PosEmbedCompat.named("transformers", "transformers ViT/DeiT/Dinov2/Beit/Swin embeddings.interpolate_pos_encoding"
-                                             " and BeitRelativePositionBias"),
+        PosEmbedCompat.named(
+            "transformers",
+            "transformers ViT/DeiT/Dinov2/Beit/Swin embeddings.interpolate_pos_encoding and BeitRelativePositionBias",
+        ),
         PosEmbedCompat.named("mmpretrain", "mmpretrain.models.utils.resize_pos_embed"),
         PosEmbedCompat.named("dino", "facebookresearch/dino and dinov2 VisionTransformer.interpolate_pos_encoding"),
         PosEmbedCompat.named("big_vision", "big_vision models/vit.py resample_posemb (scipy.ndimage.zoom, order=1)"),
@@ -134,8 +138,9 @@ def compat_preset(name: str) -> PosEmbedCompat:
     try:
         return COMPAT_PRESETS[name]
     except KeyError:
-        raise ValueError(f"unknown position-embedding compat {name!r}; choose one of {', '.join(COMPAT_PRESETS)}") \
-            from None
+        raise ValueError(
+            f"unknown position-embedding compat {name!r}; choose one of {', '.join(COMPAT_PRESETS)}"
+        ) from None
 
 
 def compat_resample_pos_embed(
@@ -157,8 +162,14 @@ def compat_resample_pos_embed(
     """
     new_h, new_w, old_h, old_w = int(new_grid[0]), int(new_grid[1]), int(old_grid[0]), int(old_grid[1])
     if compat == "timm":
-        return resample_abs_pos_embed(pos_embed, new_size=[new_h, new_w], old_size=[old_h, old_w],
-                                      num_prefix_tokens=num_prefix_tokens, interpolation="bicubic", antialias=True)
+        return resample_abs_pos_embed(
+            pos_embed,
+            new_size=[new_h, new_w],
+            old_size=[old_h, old_w],
+            num_prefix_tokens=num_prefix_tokens,
+            interpolation="bicubic",
+            antialias=True,
+        )
     mode, antialias, align_corners, offset = compat_interpolation(compat)
     if new_h == old_h and new_w == old_w:
         return pos_embed
@@ -166,8 +177,13 @@ def compat_resample_pos_embed(
     dim = grid.shape[-1]
     img = grid.reshape(1, old_h, old_w, dim).permute(0, 3, 1, 2).float()
     if offset != 0.0:
-        out = F.interpolate(img, scale_factor=[(new_h + offset) / old_h, (new_w + offset) / old_w], mode=mode,
-                            align_corners=align_corners, antialias=antialias)
+        out = F.interpolate(
+            img,
+            scale_factor=[(new_h + offset) / old_h, (new_w + offset) / old_w],
+            mode=mode,
+            align_corners=align_corners,
+            antialias=antialias,
+        )
     else:
         out = F.interpolate(img, size=[new_h, new_w], mode=mode, align_corners=align_corners, antialias=antialias)
     if out.shape[-2] != new_h or out.shape[-1] != new_w:  # DINO's offset makes the floor land on the grid; guard
@@ -191,7 +207,7 @@ def compat_resize_rel_table(table: torch.Tensor, old_window: List[int], new_wind
     if old_h == new_h and old_w == new_w:
         return table
     heads = table.shape[-1]
-    sub = table[:old_h * old_w].reshape(1, old_w, old_h, heads).permute(0, 3, 1, 2)
+    sub = table[: old_h * old_w].reshape(1, old_w, old_h, heads).permute(0, 3, 1, 2)
     sub = F.interpolate(sub, size=[new_h, new_w], mode="bilinear", align_corners=False)
     sub = sub.permute(0, 2, 3, 1).reshape(new_h * new_w, heads)
-    return torch.cat([sub, table[old_h * old_w:]], dim=0)
+    return torch.cat([sub, table[old_h * old_w :]], dim=0)

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-__all__ = ["AnysizeError", "SpecError", "WeightsError", "AdaptationError", "RegistrationError", "InputNotDivisibleError"]
+__all__ = [
+    "AnysizeError",
+    "SpecError",
+    "WeightsError",
+    "AdaptationError",
+    "RegistrationError",
+    "InputNotDivisibleError",
+]
 
 
 class AnysizeError(ValueError):

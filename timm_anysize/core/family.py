@@ -18,6 +18,8 @@ from timm_anysize.core.spec import Size2
 __all__ = [
     "Family",
     "DynamicPath",
+    "TinyModel",
+    "gray_and_4ch",
     "TENSOR_KINDS",
     "GEOMETRY_CHANGES",
     "NO_CONV_PATCH",
@@ -74,6 +76,62 @@ class DynamicPath:
 
 
 @dataclass(frozen=True)
+class TinyModel:
+    """The tiny model of a family's ``example`` that the test suite checks the family at.
+
+    The family coverage matrix (tests/test_families.py), the TorchScript / FX / export modules
+    (tests/test_script_fx_*.py) and timm's own ``tests/test_models.py`` on the conformance variants
+    (tests/test_timm_conformance.py) all read it from the family's row: a new family's row is its test row too.
+
+    Attributes:
+        model_args: timm constructor arguments that shrink ``example`` to a few layers of width 16-64.
+        img_size: The (square) size its test checkpoint is built at.
+        step: By how much test sizes grow: a patch, or what the architecture's strides and windows need.
+        export_scale: The export test's size, in ``img_size`` units (1: plain timm runs at ``img_size`` only).
+        img_size_arg: timm's constructor takes ``img_size`` (False: a CNN that runs at any size takes none).
+        feature_indices: The ``out_indices`` of its ``features_only`` checks (as many levels as ``model_args``
+            leaves).
+        script_fx: The tests/test_script_fx_<script_fx>.py module that checks it under TorchScript, FX, compile and
+            export: ``"tokens"`` (position-embedding families), ``"windows"`` (window and stage families) or
+            ``"fsam"`` (SAM, TNT, ConViT); "": its own test module does, or its forward is timm's own (checked by
+            timm's tests on its conformance variants).
+        conformance: The variants timm's own ``tests/test_models.py`` runs on: spec fields besides ``base``
+            (``model_args`` defaults to the tiny model's; a deeper one where timm's feature tests want three
+            levels), usually :func:`gray_and_4ch`. Each is registered as
+            ``cf_<family>_[patch<p>_]<size>_<gray|<n>ch>``.
+
+    Example:
+        >>> tiny = TinyModel(dict(depth=2), conformance=gray_and_4ch((96, 160), 144, patch_size=12))
+        >>> tiny.img_size, tiny.step, [c["in_chans"] for c in tiny.conformance]
+        (64, 16, [1, 4])
+    """
+
+    model_args: dict[str, Any] = field(default_factory=dict)
+    img_size: int = 64
+    step: int = 16
+    export_scale: int = 2
+    img_size_arg: bool = True
+    feature_indices: tuple[int, ...] = (0, 1)
+    script_fx: str = ""
+    conformance: tuple[dict[str, Any], ...] = ()
+
+
+def gray_and_4ch(gray: int | Size2, four: int, patch_size: Optional[int] = None, **spec: Any) -> tuple[dict, dict]:
+    """The usual pair of conformance variants of a family: one channel at ``gray`` (non-square where the family
+    takes it), and four channels at ``four`` with ``patch_size`` where the family changes its patch (timm's tests
+    clamp its size to sizes that are not a multiple of the patch or stride). ``spec``: more fields for both (a
+    ``model_args`` of their own, a ``pretrained`` source size).
+
+    Example:
+        >>> gray_and_4ch((96, 160), 144, patch_size=12)
+        ({'img_size': [96, 160], 'in_chans': 1}, {'img_size': 144, 'in_chans': 4, 'patch_size': 12})
+    """
+    size = list(gray) if isinstance(gray, (tuple, list)) else gray
+    patch = {} if patch_size is None else {"patch_size": patch_size}
+    return dict(img_size=size, in_chans=1, **spec), dict(img_size=four, in_chans=4, **patch, **spec)
+
+
+@dataclass(frozen=True)
 class Family:
     """Geometry-dependent parts of one family of timm models.
 
@@ -115,11 +173,22 @@ class Family:
         onnx_note: Why its ``torch.export`` program, which runs, cannot go on to ONNX (onnxruntime) with dynamic
             H x W ("": it can, checked the same way).
         runtime: How :func:`timm_anysize.enable_dynamic` sets the family up (``dynamic="cached"``).
+        flexi_embed: Makes the family's patch embedding flexi (a run-time patch size, :mod:`timm_anysize.flexi`),
+            in place, and returns it: a family whose embedding is not a patch convolution (NaFlexViT's linear
+            projection) gives its own subclass of :class:`timm_anysize.core.flexi_embed.FlexiEmbed`; None: the
+            generic path (the model made dynamic, its patch convolution's kernel PI-resized per call).
+        flexi_mixin: On the generic path, the family's subclass of
+            :class:`timm_anysize.core.flexi_embed.FlexiPatchEmbedMixin`, for a layout after the projection other
+            than timm's ``PatchEmbed`` (SwinV2-CR: the norm over the channels of an NCHW map); None: the mixin itself.
+        card_note: A line for the model card of a variant of the family (what plain timm does differently at its
+            size), ``(model) -> str``, "" for none; None: no note.
         size_multiples: For architectures whose branches or stages need whole multiples at the model's own size:
             ``(model built at any size, img_size) -> ((what, size, multiple), ...)``, the sizes an ``img_size`` gives
             and what each must be a multiple of. Validation rejects a variant whose size breaks one, naming the
             nearest sizes that work.
         example: A timm model of the family, used by the coverage matrix and docs/families.md.
+        tiny: The tiny model of ``example`` the test suite checks the family at (tests/test_families.py fails for a
+            row without one); None: not a tested row (:func:`timm_anysize.families.generic_family`).
         matches: Extra test on the instance (e.g. a ViT whose stem is a hybrid CNN).
         generic: A family with no row of its own (:func:`timm_anysize.families.generic_family`): every tensor is
             copied unchanged except the first layer(s) and the classifier, and any other tensor whose shape depends
@@ -147,8 +216,12 @@ class Family:
     export_note: str = ""
     onnx_note: str = ""
     runtime: Optional[DynamicPath] = None
+    flexi_embed: Optional[Callable[[nn.Module], nn.Module]] = None
+    flexi_mixin: Optional[type] = None
+    card_note: Optional[Callable[[nn.Module], str]] = None
     size_multiples: Optional[Callable[[nn.Module, Size2], tuple[tuple[str, Size2, Size2], ...]]] = None
     example: str = ""
+    tiny: Optional[TinyModel] = None
     matches: Optional[Callable[[nn.Module], bool]] = None
     generic: bool = False
 

@@ -24,11 +24,37 @@ __all__ = ["meta_device", "build_meta", "create_meta_without_init"]
 
 # In-place ops that only write values: on a meta tensor each is the identity. Shape-changing in-place ops
 # (resize_, t_, squeeze_, set_ ...) are not listed and run as usual.
-_VALUE_ONLY_INPLACE = frozenset({
-    "uniform_", "normal_", "erfinv_", "clamp_", "clamp_min_", "clamp_max_", "mul_", "add_", "sub_", "div_",
-    "fill_", "zero_", "copy_", "exponential_", "bernoulli_", "random_", "log_normal_", "cauchy_", "geometric_",
-    "trunc_normal_", "fill_diagonal_", "masked_fill_", "exp_", "log_", "sqrt_", "neg_", "abs_",
-})
+_VALUE_ONLY_INPLACE = frozenset(
+    {
+        "uniform_",
+        "normal_",
+        "erfinv_",
+        "clamp_",
+        "clamp_min_",
+        "clamp_max_",
+        "mul_",
+        "add_",
+        "sub_",
+        "div_",
+        "fill_",
+        "zero_",
+        "copy_",
+        "exponential_",
+        "bernoulli_",
+        "random_",
+        "log_normal_",
+        "cauchy_",
+        "geometric_",
+        "trunc_normal_",
+        "fill_diagonal_",
+        "masked_fill_",
+        "exp_",
+        "log_",
+        "sqrt_",
+        "neg_",
+        "abs_",
+    }
+)
 
 
 class _SkipValueInit(TorchFunctionMode):

@@ -15,6 +15,7 @@ from typing import List, Sequence
 
 import torch
 import torch.nn.functional as F
+from timm.layers import register_notrace_function
 
 from timm_anysize.core.errors import InputNotDivisibleError
 
@@ -24,6 +25,9 @@ __all__ = ["pad_to_multiple", "check_multiple", "nearest_multiples", "PAD_HINT"]
 PAD_HINT = "turn padding on (pad: true in the variant's YAML, enable_dynamic(pad=True))"
 
 
+# FX: a leaf of timm's tracer wherever it is called; a module whose plain torch.fx traces need it as a leaf also
+# calls torch.fx.wrap("pad_to_multiple") after importing it (fx.wrap patches the calling module's globals).
+@register_notrace_function
 def pad_to_multiple(x: torch.Tensor, multiple: List[int], always: bool = False) -> torch.Tensor:
     """An image ``[B, C, H, W]`` zero-padded bottom/right to a multiple of ``multiple`` (``[mh, mw]``).
 
@@ -53,9 +57,7 @@ def nearest_multiples(size: int, multiple: int) -> List[int]:
     return [s for s in (below, above) if s > 0 and s != size]
 
 
-def check_multiple(
-    size: Sequence[int], multiple: Sequence[int], what: str = "the patch", hint: str = PAD_HINT
-) -> None:
+def check_multiple(size: Sequence[int], multiple: Sequence[int], what: str = "the patch", hint: str = PAD_HINT) -> None:
     """Raise :class:`InputNotDivisibleError` when an input ``size`` (H, W) is not a multiple of ``multiple``.
 
     Args:
@@ -84,5 +86,6 @@ padding is off; nearest sizes that work: 64x64 or 80x64; resize or crop to a mul
     raise InputNotDivisibleError(
         f"input {h}x{w} is not a multiple of {what} {mh}x{mw} and padding is off; nearest sizes that work: {near}; "
         f"resize or crop to a multiple of {mh}x{mw}, or {hint}",
-        size=(h, w), multiple=(mh, mw),
+        size=(h, w),
+        multiple=(mh, mw),
     )

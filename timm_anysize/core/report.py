@@ -114,7 +114,7 @@ def summarize_keys(keys: list[str], limit: int = 24) -> str:
     groups: dict[str, list[int]] = {}
     for key in keys:
         m = re.search(r"\.(\d+)\.", key)
-        pattern = key[: m.start()] + ".{}." + key[m.end():] if m else key
+        pattern = key[: m.start()] + ".{}." + key[m.end() :] if m else key
         groups.setdefault(pattern, []).append(int(m.group(1)) if m else -1)
     parts = []
     for pattern, idx in groups.items():

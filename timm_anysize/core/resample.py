@@ -5,15 +5,58 @@ paths (:mod:`timm_anysize.core.cache`, :mod:`timm_anysize.families.levit`, :mod:
 adapted to a size and a dynamic model run at that size compute the same tensors, bit for bit.
 """
 
-
 from typing import List
 
 import torch
 import torch.nn.functional as F
-from timm.layers import resample_abs_pos_embed_nhwc
+from timm.layers import register_notrace_function, resample_abs_pos_embed, resample_abs_pos_embed_nhwc
+
+from timm_anysize.core.compat import compat_resample_pos_embed
+
+__all__ = [
+    "resample_pos_tokens",
+    "resample_grid",
+    "resample_blocks",
+    "resize_bias_grid",
+    "resize_rel_axis",
+    "resize_rel_pos_table",
+]
 
 
-__all__ = ["resample_grid", "resample_blocks", "resize_bias_grid", "resize_rel_axis", "resize_rel_pos_table"]
+# The one resampling of token position embeddings: a load (adapt.resample_pos_embed) and the dynamic paths
+# (core.cache) call this function, so a loaded variant and a dynamic model at its size cannot drift. TorchScript
+# compiles it; FX records it as one node (timm's notrace registry for calls from a forward, torch.fx.wrap here and in
+# core.cache, whose helpers call it, as timm's resample_abs_pos_embed).
+@torch.fx.wrap
+@register_notrace_function
+def resample_pos_tokens(
+    pos_embed: torch.Tensor,
+    grid: List[int],
+    native: List[int],
+    prefix: int,
+    interpolation: str,
+    antialias: bool,
+    compat: str = "timm",
+) -> torch.Tensor:
+    """A token position embedding ``[1, prefix + H*W, C]`` resampled from the ``native`` grid to ``grid`` (timm's
+    ``resample_abs_pos_embed``; the embedding itself at the native grid), or as the library ``compat`` does
+    (``adapt.pos_embed.compat``, :mod:`timm_anysize.core.compat`; it fixes the interpolation). Prefix tokens
+    (class, distillation, registers) are kept aside; the grid is interpolated in float32.
+
+    Example:
+        >>> resample_pos_tokens(torch.randn(1, 1 + 4 * 4, 8), [6, 2], [4, 4], 1, "bicubic", True).shape
+        torch.Size([1, 13, 8])
+    """
+    if compat != "timm":
+        return compat_resample_pos_embed(pos_embed, grid, native, prefix, compat)
+    return resample_abs_pos_embed(
+        pos_embed,
+        new_size=grid,
+        old_size=native,
+        num_prefix_tokens=prefix,
+        interpolation=interpolation,
+        antialias=antialias,
+    )
 
 
 def resample_grid(
@@ -27,14 +70,13 @@ def resample_grid(
         torch.Size([1, 8, 8, 3])
     """
     nhwc = grid if channels_last else grid.permute(0, 2, 3, 1)
-    out = resample_abs_pos_embed_nhwc(nhwc, new_size=[new_grid[0], new_grid[1]], interpolation=interpolation,
-                                      antialias=antialias)
+    out = resample_abs_pos_embed_nhwc(
+        nhwc, new_size=[new_grid[0], new_grid[1]], interpolation=interpolation, antialias=antialias
+    )
     return out if channels_last else out.permute(0, 3, 1, 2).contiguous()
 
 
-def resample_blocks(
-    blocks: torch.Tensor, new_grid: List[int], interpolation: str, antialias: bool
-) -> torch.Tensor:
+def resample_blocks(blocks: torch.Tensor, new_grid: List[int], interpolation: str, antialias: bool) -> torch.Tensor:
     """Resample a position embedding laid out in blocks (NesT), ``[1, T, N, C]``: ``T`` blocks (``g x g``) of
     ``N`` positions each (a square block), to the grid ``new_grid`` cut into the same ``g x g`` blocks (each
     ``new_grid / g``). The blocks are put together into one image, resampled, and cut again -- timm's
@@ -45,14 +87,16 @@ def resample_blocks(
         torch.Size([1, 4, 20, 8])
     """
     _, t, n, c = blocks.shape
-    g, b = int(round(t ** 0.5)), int(round(n ** 0.5))
+    g, b = int(round(t**0.5)), int(round(n**0.5))
     image = blocks.reshape(1, g, g, b, b, c).transpose(2, 3).reshape(1, g * b, g * b, c)
     image = resample_grid(image, new_grid, interpolation, antialias, channels_last=True)
     bh, bw = new_grid[0] // g, new_grid[1] // g
     return image.reshape(1, g, bh, g, bw, c).transpose(2, 3).reshape(1, t, bh * bw, c)
 
 
-def resize_bias_grid(biases: torch.Tensor, old_grid: List[int], new_grid: List[int], interpolation: str) -> torch.Tensor:
+def resize_bias_grid(
+    biases: torch.Tensor, old_grid: List[int], new_grid: List[int], interpolation: str
+) -> torch.Tensor:
     """Resize attention biases indexed by ``|dy|, |dx|`` offsets (LeViT, EfficientFormer), ``[heads, H*W]``, between
     two grids (``(h, w)`` sequences). Scriptable: the dynamic LeViT path calls it at run time.
 
@@ -129,8 +173,9 @@ def _interp2d(points: List[torch.Tensor], values: torch.Tensor, targets: List[to
     return numerator / torch.prod(torch.stack(overalls), dim=0)
 
 
-def resize_rel_pos_table(table: torch.Tensor, old_window: List[int], new_window: List[int],
-                         flat: bool = True) -> torch.Tensor:
+def resize_rel_pos_table(
+    table: torch.Tensor, old_window: List[int], new_window: List[int], flat: bool = True
+) -> torch.Tensor:
     """timm's ``resize_rel_pos_bias_table`` (scipy off, no extra tokens), scriptable, bit for bit.
 
     Resizes a relative-position bias table between two attention windows: ``flat`` ``[(2h-1)*(2w-1), heads]``

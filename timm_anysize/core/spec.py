@@ -12,11 +12,21 @@ import difflib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Tuple, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
-from pydantic import field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from timm_anysize.core.errors import SpecError
 from timm_anysize.core.compat import COMPAT_PRESETS
+from timm_anysize.core.errors import SpecError
 
 __all__ = [
     "VariantSpec",
@@ -73,8 +83,9 @@ def _check_layout(value: str) -> str:
 
 
 # A checkpoint layout name (validated against the registered names; the JSON schema lists them).
-LayoutName = Annotated[StrictStr, AfterValidator(_check_layout),
-                       Field(json_schema_extra=lambda s: s.update(enum=list(_LAYOUT_NAMES)))]
+LayoutName = Annotated[
+    StrictStr, AfterValidator(_check_layout), Field(json_schema_extra=lambda s: s.update(enum=list(_LAYOUT_NAMES)))
+]
 # Position-embedding compat presets (timm_anysize.core.compat).
 CompatName = Literal[tuple(COMPAT_PRESETS)]  # type: ignore[valid-type]
 
@@ -111,7 +122,9 @@ def _check_plain_data(value: Any) -> None:
         elif isinstance(item, (list, tuple)):
             stack += [(x, depth + 1) for x in item]
         elif not (item is None or isinstance(item, (bool, int, float, str))):
-            raise ValueError(f"model_args values must be plain data (numbers, strings, lists), got {type(item).__name__}")
+            raise ValueError(
+                f"model_args values must be plain data (numbers, strings, lists), got {type(item).__name__}"
+            )
 
 
 class _Spec(BaseModel):
@@ -220,9 +233,7 @@ class WeightSource(_Spec):
     img_size: Optional[SizeField] = Field(
         default=None, description="Size the weights were trained at (default: base's)."
     )
-    patch_size: Optional[SizeField] = Field(
-        default=None, description="Patch size of the weights (default: base's)."
-    )
+    patch_size: Optional[SizeField] = Field(default=None, description="Patch size of the weights (default: base's).")
     in_chans: Optional[StrictInt] = Field(
         default=None, ge=1, le=MAX_CHANS, description="Input channels of the weights (default: base's)."
     )
@@ -247,11 +258,24 @@ class WeightSource(_Spec):
     @classmethod
     def _source_model_args(cls, v: dict[str, Any]) -> dict[str, Any]:
         _check_plain_data(v)
-        reserved = sorted(set(v) & {"img_size", "patch_size", "in_chans", "num_classes", "dynamic_img_size",
-                                    "dynamic_img_pad", "features_only", "pretrained"})
+        reserved = sorted(
+            set(v)
+            & {
+                "img_size",
+                "patch_size",
+                "in_chans",
+                "num_classes",
+                "dynamic_img_size",
+                "dynamic_img_pad",
+                "features_only",
+                "pretrained",
+            }
+        )
         if reserved:
-            raise ValueError(f"set {', '.join(reserved)} directly under pretrained (or at the top level), not in "
-                             f"pretrained.model_args")
+            raise ValueError(
+                f"set {', '.join(reserved)} directly under pretrained (or at the top level), not in "
+                f"pretrained.model_args"
+            )
         return v
 
     @field_validator("tag")
@@ -323,8 +347,10 @@ class FlexiOptions(_Spec):
     def _check_weights(self) -> "FlexiOptions":
         if self.weights is not None:
             if len(self.weights) != len(self.patch_sizes):
-                raise ValueError(f"weights has {len(self.weights)} entries but patch_sizes has "
-                                 f"{len(self.patch_sizes)}; give one weight per patch size")
+                raise ValueError(
+                    f"weights has {len(self.weights)} entries but patch_sizes has "
+                    f"{len(self.patch_sizes)}; give one weight per patch size"
+                )
             if not sum(self.weights) > 0:
                 raise ValueError("weights are all zero; give at least one positive weight")
         return self

@@ -1,8 +1,9 @@
 """The supported families of timm models, one module each (like timm's own one-module-per-architecture layout).
 
 Each module holds its family's :class:`~timm_anysize.core.family.Family` row(s) -- the geometry-dependent tensors, the
-changes it cannot take, how it runs at any size -- next to its run-time code (dynamic subclasses, cached tables).
-Adding a family is one new module here, named in ``_MODULES``, plus one row in tests/test_families.py's ``SETUP``.
+changes it cannot take, how it runs at any size, the tiny model it is tested at -- next to its run-time code (dynamic
+subclasses, cached tables). The modules are discovered: adding a family is one new module here (see CONTRIBUTING.md);
+the tests, timm's conformance variants and docs/families.md are derived from the rows.
 
 Example:
     >>> import timm
@@ -12,15 +13,14 @@ Example:
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+from types import ModuleType
 from typing import Optional
 
 import torch.nn as nn
 
 from timm_anysize.core.family import GEOMETRY_CHANGES, Family, classify_changes, tensor_layouts
-from timm_anysize.families import (
-    beit, cait, convit, crossvit, deit, efficientformer, efficientformer_v2, eva, gcvit, gemma4_vit, hiera, levit,
-    maxxvit, mlp_mixer, mvitv2, naflexvit, nest, pit, sam, swin, tnt, tresnet, twins, visformer, vit, volo, xcit,
-)
 from timm_anysize.families.generic import generic_family
 
 __all__ = [
@@ -35,10 +35,18 @@ __all__ = [
     "tensor_layouts",
 ]
 
-# The order is the lookup order of family_of (a ViT hybrid is told from a ViT by its row's ``matches``).
-FAMILY_MODULES = (vit, deit, eva, beit, cait, swin, pit, volo, levit, twins, xcit, hiera, mvitv2, crossvit, naflexvit,
-            maxxvit, gcvit, sam, tnt, convit, efficientformer, efficientformer_v2, nest, mlp_mixer, gemma4_vit,
-            tresnet, visformer)
+
+def _family_modules() -> tuple[ModuleType, ...]:
+    """Every module of this package that declares ``FAMILIES``, in name order (``_*`` modules are shared code)."""
+    names = sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+    modules = [importlib.import_module(f"{__name__}.{name}") for name in names]
+    return tuple(m for m in modules if hasattr(m, "FAMILIES"))
+
+
+# Discovered, in module-name order; a module's rows keep their own order. That is the lookup order of family_of,
+# which matters only between rows of one class: they live in one module and are told apart by ``matches`` (a ViT
+# hybrid from a ViT); tests/test_families.py checks that rows of different modules never share a class.
+FAMILY_MODULES = _family_modules()
 
 FAMILIES: tuple[Family, ...] = tuple(row for module in FAMILY_MODULES for row in module.FAMILIES)
 
@@ -51,8 +59,11 @@ def family_of(model: nn.Module) -> Optional[Family]:
     for exact in (True, False):
         for fam in FAMILIES:
             dynamic = fam.runtime.classes.values() if fam.runtime is not None else ()
-            hit = (any(cls is c for c in fam.classes) or cls in dynamic) if exact else \
-                any(cls.__bases__ == (c,) for c in fam.classes)
+            hit = (
+                (any(cls is c for c in fam.classes) or cls in dynamic)
+                if exact
+                else any(cls.__bases__ == (c,) for c in fam.classes)
+            )
             if hit and (fam.matches is None or fam.matches(model)):
                 return fam
     return None

@@ -13,22 +13,26 @@ timm's ``resize_rel_pos_bias_table`` / ``gen_relative_position_index`` that give
 (pinned by a test); eager forwards keep timm's own functions and the cache.
 """
 
-
-from typing import List, Optional, Tuple, Union
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_function, resize_rel_pos_bias_table
 from timm.layers.helpers import is_exporting
-from timm.models import beit
+from timm.models import beit, checkpoint
 
-from timm.models._features import feature_take_indices  # timm exports it from no public module
-from timm.models._manipulate import checkpoint  # timm's checkpoint wrapper (as its own BEiT forward)
-
-from timm_anysize.core.cache import PosEmbedCache, dynamic_pos_embed, must_run_inline, patch_grid, resample_pos_tokens, symbolic
-from timm_anysize.core.family import REL_TABLE, DynamicPath, Family
+from timm_anysize.core.cache import (
+    PosEmbedCache,
+    cached_or_inline,
+    dynamic_pos_embed,
+    patch_grid,
+    resample_pos_tokens,
+    symbolic,
+)
 from timm_anysize.core.compat import compat_rel_table, compat_resize_rel_table
+from timm_anysize.core.family import REL_TABLE, DynamicPath, Family, TinyModel, gray_and_4ch
+from timm_anysize.core.intermediates import PrefixTokenIntermediates, token_features
 from timm_anysize.core.resample import resize_rel_pos_table
 from timm_anysize.core.spec import Size2
 
@@ -39,10 +43,15 @@ def _rel_pos_index(grid: List[int], device: torch.device) -> torch.Tensor:
     """timm's ``beit.gen_relative_position_index`` (scriptable: no varargs grid helper)."""
     num_relative_distance = (2 * grid[0] - 1) * (2 * grid[1] - 1) + 3
     area = grid[0] * grid[1]
-    coords = torch.stack(torch.meshgrid(
-        [torch.arange(grid[0], device=device, dtype=torch.long), torch.arange(grid[1], device=device, dtype=torch.long)],
-        indexing="ij",
-    ))
+    coords = torch.stack(
+        torch.meshgrid(
+            [
+                torch.arange(grid[0], device=device, dtype=torch.long),
+                torch.arange(grid[1], device=device, dtype=torch.long),
+            ],
+            indexing="ij",
+        )
+    )
     coords_flatten = torch.flatten(coords, 1)
     relative_coords = coords_flatten[:, :, None] - coords_flatten[:, None, :]
     relative_coords = relative_coords.permute(1, 2, 0).contiguous()
@@ -105,10 +114,7 @@ def _bias_for_grid(module: nn.Module, grid: Size2) -> torch.Tensor:
         index = beit.gen_relative_position_index(grid, device=table.device)
         return resized[index.view(-1)].view(area + 1, area + 1, -1).permute(2, 0, 1).contiguous()
 
-    if must_run_inline(table):
-        return compute()
-    key = (grid, table.dtype, table.device, torch.is_inference_mode_enabled())
-    return module._anysize_bias_cache.get_or_compute(key, table, lambda: compute().detach())
+    return cached_or_inline(module._anysize_bias_cache, (grid,), table, compute)
 
 
 def _eager_bias(module: nn.Module, grid: Optional[List[int]]) -> Optional[torch.Tensor]:
@@ -140,8 +146,9 @@ def _cached_bias_outside_graph(module: nn.Module, grid: List[int]) -> torch.Tens
     bias = _cached_bias(module, grid)
     if bias is not None:
         return bias
-    return beit_rel_pos_bias(module.relative_position_bias_table, list(module.window_size), grid,
-                             module._anysize_compat)
+    return beit_rel_pos_bias(
+        module.relative_position_bias_table, list(module.window_size), grid, module._anysize_compat
+    )
 
 
 class DynamicBeitAttention(beit.Attention):
@@ -152,8 +159,9 @@ class DynamicBeitAttention(beit.Attention):
             window = self.window_size
             if grid is None or (grid[0] == window[0] and grid[1] == window[1]):
                 return self._get_rel_pos_bias()
-            return beit_rel_pos_bias(self.relative_position_bias_table, [window[0], window[1]], grid,
-                                     self._anysize_compat).unsqueeze(0)
+            return beit_rel_pos_bias(
+                self.relative_position_bias_table, [window[0], window[1]], grid, self._anysize_compat
+            ).unsqueeze(0)
         bias = self._eager_bias_at(grid)
         return self._get_rel_pos_bias() if bias is None else bias.unsqueeze(0)
 
@@ -186,7 +194,11 @@ class DynamicBeitAttention(beit.Attention):
             elif shared_rel_pos_bias is not None:
                 rel_pos_bias = shared_rel_pos_bias
             x = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=rel_pos_bias, dropout_p=self.attn_drop.p if self.training else 0.0,
+                q,
+                k,
+                v,
+                attn_mask=rel_pos_bias,
+                dropout_p=self.attn_drop.p if self.training else 0.0,
             )
         else:
             q = q * self.scale
@@ -215,7 +227,8 @@ class DynamicBeitBlock(beit.Block):
             x = x + self.drop_path2(self.mlp(self.norm2(x)))
         else:
             x = x + self.drop_path1(
-                self.gamma_1 * self.attn(self.norm1(x), shared_rel_pos_bias=shared_rel_pos_bias, grid=grid))
+                self.gamma_1 * self.attn(self.norm1(x), shared_rel_pos_bias=shared_rel_pos_bias, grid=grid)
+            )
             x = x + self.drop_path2(self.gamma_2 * self.mlp(self.norm2(x)))
         return x
 
@@ -227,14 +240,16 @@ class DynamicRelativePositionBias(beit.RelativePositionBias):
         if torch.jit.is_scripting():
             window = self.window_size
             if grid is not None and (grid[0] != window[0] or grid[1] != window[1]):
-                return beit_rel_pos_bias(self.relative_position_bias_table, [window[0], window[1]], grid,
-                                         self._anysize_compat)
+                return beit_rel_pos_bias(
+                    self.relative_position_bias_table, [window[0], window[1]], grid, self._anysize_compat
+                )
         else:
             bias = self._eager_bias_at(grid)
             if bias is not None:
                 return bias
         relative_position_bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(
-            self.window_area + 1, self.window_area + 1, -1)
+            self.window_area + 1, self.window_area + 1, -1
+        )
         return relative_position_bias.permute(2, 0, 1).contiguous()
 
     @torch.jit.unused
@@ -242,7 +257,7 @@ class DynamicRelativePositionBias(beit.RelativePositionBias):
         return _eager_bias(self, grid)
 
 
-class DynamicBeit(beit.Beit):
+class DynamicBeit(PrefixTokenIntermediates, beit.Beit):
     """timm's BEiT at any input size (set by :func:`timm_anysize.enable_dynamic`)."""
 
     def _anysize_tokens(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[int]]:
@@ -257,8 +272,15 @@ class DynamicBeit(beit.Beit):
         if self.pos_embed is not None:
             if torch.jit.is_scripting():
                 native = self.patch_embed.grid_size
-                x = x + resample_pos_tokens(self.pos_embed, grid, [native[0], native[1]], self.num_prefix_tokens,
-                                            self._anysize_interpolation, self._anysize_antialias, self._anysize_compat)
+                x = x + resample_pos_tokens(
+                    self.pos_embed,
+                    grid,
+                    [native[0], native[1]],
+                    self.num_prefix_tokens,
+                    self._anysize_interpolation,
+                    self._anysize_antialias,
+                    self._anysize_compat,
+                )
             else:
                 x = x + dynamic_pos_embed(self, grid)
         return self.pos_drop(x), grid
@@ -273,41 +295,22 @@ class DynamicBeit(beit.Beit):
                 x = blk(x, shared_rel_pos_bias=rel_pos_bias, grid=grid)
         return self.norm(x)
 
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: Optional[Union[int, List[int]]] = None,
-        return_prefix_tokens: bool = False,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """timm's ``forward_intermediates`` with the position embedding and bias tables of the input's grid (any
-        size)."""
-        assert output_fmt in ("NCHW", "NLC"), "Output format must be one of NCHW or NLC."
-        intermediates = []
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        B = x.shape[0]
+    def _intermediates_embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[List[int], Optional[torch.Tensor]]]:
         x, grid = self._anysize_tokens(x)
-        rel_pos_bias = self.rel_pos_bias(grid) if self.rel_pos_bias is not None else None
-        blocks = self.blocks if torch.jit.is_scripting() or not stop_early else self.blocks[:max_index + 1]
-        for i, blk in enumerate(blocks):
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint(blk, x, shared_rel_pos_bias=rel_pos_bias, grid=grid)
-            else:
-                x = blk(x, shared_rel_pos_bias=rel_pos_bias, grid=grid)
-            if i in take_indices:
-                intermediates.append(self.norm(x) if norm else x)
-        prefix_tokens = [y[:, 0:self.num_prefix_tokens] for y in intermediates]
-        intermediates = [y[:, self.num_prefix_tokens:] for y in intermediates]
-        if output_fmt == "NCHW":
-            intermediates = [y.reshape(B, grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
-        if not torch.jit.is_scripting() and return_prefix_tokens:
-            intermediates = list(zip(intermediates, prefix_tokens))
-        if intermediates_only:
-            return intermediates
-        return self.norm(x), intermediates
+        return x, (grid, self.rel_pos_bias(grid) if self.rel_pos_bias is not None else None)
+
+    def _intermediates_block(
+        self, i: int, blk: nn.Module, x: torch.Tensor, ctx: Tuple[List[int], Optional[torch.Tensor]]
+    ) -> Tuple[torch.Tensor, Tuple[List[int], Optional[torch.Tensor]]]:
+        grid, rel_pos_bias = ctx
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint(blk, x, shared_rel_pos_bias=rel_pos_bias, grid=grid), ctx
+        return blk(x, shared_rel_pos_bias=rel_pos_bias, grid=grid), ctx
+
+    def _intermediates_feature(
+        self, i: int, x: torch.Tensor, ctx: Tuple[List[int], Optional[torch.Tensor]], norm: bool, output_fmt: str
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        return token_features(self.norm(x) if norm else x, ctx[0], self.num_prefix_tokens, output_fmt)
 
 
 def enable_beit_dynamic(model: beit.Beit, cache_size: int) -> None:
@@ -337,8 +340,15 @@ FAMILIES = (
         dynamic_args=(),  # timm's BEiT has no dynamic-size arguments; enable_dynamic adds the path
         runtime=DynamicPath(classes={beit.Beit: DynamicBeit}, setup=enable_beit_dynamic, patch_layout="tokens"),
         export_note="the bias table is resized by timm's interpolation over an offset grid computed in Python from "
-                    "the patch grid, which torch.export specializes to the example input's grid (and ONNX stops on "
-                    "a view with a symbolic token count); torch.compile(dynamic=True) equals eager (tested)",
+        "the patch grid, which torch.export specializes to the example input's grid (and ONNX stops on "
+        "a view with a symbolic token count); torch.compile(dynamic=True) equals eager (tested)",
         example="beit_base_patch16_224",
+        tiny=TinyModel(
+            dict(embed_dim=64, depth=2, num_heads=2),
+            script_fx="tokens",
+            conformance=gray_and_4ch(
+                (96, 160), 144, patch_size=12, model_args=dict(embed_dim=64, depth=3, num_heads=2)
+            ),
+        ),
     ),
 )

@@ -9,15 +9,16 @@ that grid, square or not (the same numbers as timm's for a square grid), cached 
 resampled to the input's grid and cached. At the model's own size every step gives timm's outputs, bit for bit.
 """
 
-from typing import List, Optional, Tuple, Union
+from typing import List, Optional, Tuple
 
 import torch
+import torch.nn as nn
 from timm.layers import register_notrace_function, register_notrace_module
 from timm.models import convit
-from timm.models._features import feature_take_indices  # timm exports it from no public module
 
 from timm_anysize.core.cache import PosEmbedCache, dynamic_pos_embed, resample_pos_tokens, traced
-from timm_anysize.core.family import DynamicPath, Family
+from timm_anysize.core.family import DynamicPath, Family, TinyModel, gray_and_4ch
+from timm_anysize.core.intermediates import Intermediates, token_features
 
 __all__ = ["FAMILIES", "DynamicConVit", "gpsa_rel_indices"]
 
@@ -38,7 +39,7 @@ def gpsa_rel_indices(grid: List[int], like: torch.Tensor) -> torch.Tensor:
     ys, xs = row.to(torch.float32), (token - row * w).to(torch.float32)
     indx = xs[None, :] - xs[:, None]
     indy = ys[None, :] - ys[:, None]
-    rel = torch.stack([indx, indy, indx ** 2 + indy ** 2], dim=-1)[None]
+    rel = torch.stack([indx, indy, indx**2 + indy**2], dim=-1)[None]
     return rel.to(device=like.device, dtype=like.dtype)
 
 
@@ -49,7 +50,7 @@ class DynamicGPSA(convit.GPSA):
     def forward(self, x: torch.Tensor, grid: Optional[List[int]] = None) -> torch.Tensor:
         B, N, C = x.shape
         if grid is None:
-            side = int(N ** 0.5)
+            side = int(N**0.5)
             grid = [side, side]
         if torch.jit.is_scripting():
             rel_indices = gpsa_rel_indices(grid, self.qk.weight)
@@ -62,7 +63,7 @@ class DynamicGPSA(convit.GPSA):
         patch_score = patch_score.softmax(dim=-1)
         pos_score = pos_score.softmax(dim=-1)
         gating = self.gating_param.view(1, -1, 1, 1)
-        attn = (1. - torch.sigmoid(gating)) * patch_score + torch.sigmoid(gating) * pos_score
+        attn = (1.0 - torch.sigmoid(gating)) * patch_score + torch.sigmoid(gating) * pos_score
         attn = attn / attn.sum(dim=-1).unsqueeze(-1)
         attn = self.attn_drop(attn)
         v = self.v(x).reshape(B, N, self.num_heads, C // self.num_heads).permute(0, 2, 1, 3)
@@ -104,7 +105,7 @@ class DynamicBlock(convit.Block):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
-class DynamicConVit(convit.ConVit):
+class DynamicConVit(Intermediates, convit.ConVit):
     """timm's ConViT at any input size: position embedding and GPSA offsets for the input's patch grid."""
 
     def _anysize_embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[int]]:
@@ -116,8 +117,15 @@ class DynamicConVit(convit.ConVit):
         if self.use_pos_embed:
             if torch.jit.is_scripting():
                 native = self.patch_embed.grid_size
-                pos_embed = resample_pos_tokens(self.pos_embed, grid, [native[0], native[1]], 0,
-                                                self._anysize_interpolation, self._anysize_antialias, self._anysize_compat)
+                pos_embed = resample_pos_tokens(
+                    self.pos_embed,
+                    grid,
+                    [native[0], native[1]],
+                    0,
+                    self._anysize_interpolation,
+                    self._anysize_antialias,
+                    self._anysize_compat,
+                )
             else:
                 pos_embed = dynamic_pos_embed(self, grid, prefix=0)
             x = x + pos_embed
@@ -131,35 +139,21 @@ class DynamicConVit(convit.ConVit):
             x = blk(x, grid)
         return self.norm(x)
 
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: Optional[Union[int, List[int]]] = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """timm's ``forward_intermediates`` at the input's patch grid (any size)."""
-        assert output_fmt in ("NCHW", "NLC"), "Output format must be one of NCHW or NLC."
-        intermediates = []
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        B = x.shape[0]
-        x, grid = self._anysize_embed(x)
-        blocks = self.blocks if torch.jit.is_scripting() or not stop_early else self.blocks[:max_index + 1]
-        for i, blk in enumerate(blocks):
-            if i == self.local_up_to_layer and self.cls_token is not None:
-                x = torch.cat((self.cls_token.expand(B, -1, -1), x), dim=1)
-            x = blk(x, grid)
-            if i in take_indices:
-                y = self.norm(x) if norm else x
-                intermediates.append(y[:, 1:] if i >= self.local_up_to_layer else y)
-        if output_fmt == "NCHW":
-            intermediates = [y.reshape(B, grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous()
-                             for y in intermediates]
-        if intermediates_only:
-            return intermediates
-        return self.norm(x), intermediates
+    def _intermediates_embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[int]]:
+        return self._anysize_embed(x)
+
+    def _intermediates_block(
+        self, i: int, blk: nn.Module, x: torch.Tensor, grid: List[int]
+    ) -> Tuple[torch.Tensor, List[int]]:
+        if i == self.local_up_to_layer and self.cls_token is not None:
+            x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        return blk(x, grid), grid
+
+    def _intermediates_feature(
+        self, i: int, x: torch.Tensor, grid: List[int], norm: bool, output_fmt: str
+    ) -> torch.Tensor:
+        prefix = 1 if i >= self.local_up_to_layer else 0  # the class token, from the first non-local block on
+        return token_features(self.norm(x) if norm else x, grid, prefix, output_fmt)[0]
 
 
 _MODULES = {convit.GPSA: DynamicGPSA, convit.MHSA: DynamicMHSA, convit.Block: DynamicBlock}
@@ -183,12 +177,20 @@ FAMILIES = (
         dynamic_features=True,
         classes=(convit.ConVit,),
         pos_embed_prefix=0,  # patch tokens only: the class token joins after the GPSA blocks
-        static_unsupported={"img_non_square": "timm's ConViT computes its GPSA relative positions for a square "
-                                              "patch grid (its forward fails on another); the dynamic path computes "
-                                              "them per grid"},
+        static_unsupported={
+            "img_non_square": "timm's ConViT computes its GPSA relative positions for a square "
+            "patch grid (its forward fails on another); the dynamic path computes "
+            "them per grid"
+        },
         dynamic_args=(),  # timm's ConViT has no dynamic-size path; enable_dynamic adds it
-        runtime=DynamicPath(classes={convit.ConVit: DynamicConVit}, setup=enable_convit_dynamic,
-                            patch_layout="nhwc"),
+        runtime=DynamicPath(classes={convit.ConVit: DynamicConVit}, setup=enable_convit_dynamic, patch_layout="nhwc"),
         example="convit_tiny",
+        tiny=TinyModel(
+            dict(embed_dim=32, depth=2, num_heads=2, local_up_to_layer=1),  # embed_dim per head
+            script_fx="fsam",
+            conformance=gray_and_4ch(
+                (96, 160), 144, patch_size=12, model_args=dict(embed_dim=32, depth=3, num_heads=2, local_up_to_layer=2)
+            ),
+        ),
     ),
 )

@@ -4,27 +4,25 @@ being fixed, and each branch's token position embedding is resampled to its grid
 timm resizes the input to each branch's fixed size. At the model's own size the path is timm's own, bit for bit.
 """
 
-
 from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 from timm.layers import register_notrace_function
 from timm.models import crossvit
-from timm.models._features import feature_take_indices  # timm exports it from no public module
 
 from timm_anysize.core.cache import dynamic_pos_embed, resample_pos_tokens
-from timm_anysize.core.family import DynamicPath, Family, no_patch_change
+from timm_anysize.core.family import DynamicPath, Family, TinyModel, gray_and_4ch, no_patch_change
+from timm_anysize.core.intermediates import tokens_to_nchw
 from timm_anysize.core.spec import Size2
+from timm_anysize.core.timm_private import feature_take_indices
 
 __all__ = ["FAMILIES", "DynamicCrossVit", "crossvit_branch_size"]
 
 
 @torch.fx.wrap
 @register_notrace_function
-def crossvit_branch_size(
-    x: torch.Tensor, img_size: List[int], scaled: List[int], patch: List[int]
-) -> Tuple[int, int]:
+def crossvit_branch_size(x: torch.Tensor, img_size: List[int], scaled: List[int], patch: List[int]) -> Tuple[int, int]:
     """A CrossViT branch's input size for an image: the branch's ratio to the model's size, rounded to whole patches.
 
     Example:
@@ -34,8 +32,10 @@ def crossvit_branch_size(
     H, W = x.shape[-2], x.shape[-1]
     if H == img_size[0] and W == img_size[1]:  # timm's own sizes (the rounding below gives them when patches divide)
         return scaled[0], scaled[1]
-    return (max(patch[0], int(round(H * scaled[0] / img_size[0] / patch[0])) * patch[0]),
-            max(patch[1], int(round(W * scaled[1] / img_size[1] / patch[1])) * patch[1]))
+    return (
+        max(patch[0], int(round(H * scaled[0] / img_size[0] / patch[0])) * patch[0]),
+        max(patch[1], int(round(W * scaled[1] / img_size[1] / patch[1])) * patch[1]),
+    )
 
 
 class DynamicCrossVit(crossvit.CrossVit):
@@ -47,8 +47,7 @@ class DynamicCrossVit(crossvit.CrossVit):
         for i, patch_embed in enumerate(self.patch_embed):
             ps = patch_embed.patch_size
             scaled = self.img_size_scaled[i]
-            size = crossvit_branch_size(x, [self.img_size[0], self.img_size[1]], [scaled[0], scaled[1]],
-                                        [ps[0], ps[1]])
+            size = crossvit_branch_size(x, [self.img_size[0], self.img_size[1]], [scaled[0], scaled[1]], [ps[0], ps[1]])
             x_ = crossvit.scale_image(x, size, self.crop_scale)
             x_ = patch_embed.proj(x_)  # timm's PatchEmbed without its size assert
             grid = [x_.shape[-2], x_.shape[-1]]
@@ -57,8 +56,15 @@ class DynamicCrossVit(crossvit.CrossVit):
             pos_embed = self.pos_embed_0 if i == 0 else self.pos_embed_1  # hard-coded for torch jit script, as timm
             native = [scaled[0] // ps[0], scaled[1] // ps[1]]
             if torch.jit.is_scripting():
-                pos = resample_pos_tokens(pos_embed, grid, native, 1, self._anysize_interpolation,
-                                          self._anysize_antialias, self._anysize_compat)
+                pos = resample_pos_tokens(
+                    pos_embed,
+                    grid,
+                    native,
+                    1,
+                    self._anysize_interpolation,
+                    self._anysize_antialias,
+                    self._anysize_compat,
+                )
             else:
                 pos = dynamic_pos_embed(self, grid, prefix=1, name=f"pos_embed_{i}", native=tuple(native))
             xs.append(self.pos_drop(torch.cat((cls_tokens, x_), dim=1) + pos))
@@ -74,9 +80,16 @@ class DynamicCrossVit(crossvit.CrossVit):
         intermediates_only: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[List[torch.Tensor], List[torch.Tensor]]]:
         """timm's ``forward_intermediates``, reshaped to each branch's grid for this input (timm's reshape uses the
-        built size's grid)."""
-        out = super().forward_intermediates(x, indices=indices, norm=norm, stop_early=stop_early, output_fmt="NLC",
-                                            intermediates_only=intermediates_only)
+        built size's grid). Its own loop, not :class:`~timm_anysize.core.intermediates.Intermediates`: a feature
+        index names a (branch, block) pair, branch-major, each branch on its own grid."""
+        out = super().forward_intermediates(
+            x,
+            indices=indices,
+            norm=norm,
+            stop_early=stop_early,
+            output_fmt="NLC",
+            intermediates_only=intermediates_only,
+        )
         if output_fmt != "NCHW":
             return out
         tokens = out if intermediates_only else out[1]
@@ -84,11 +97,10 @@ class DynamicCrossVit(crossvit.CrossVit):
         reshaped = []
         for b, patch_embed in enumerate(self.patch_embed):  # intermediates are branch-major, as timm orders them
             ps, scaled = patch_embed.patch_size, self.img_size_scaled[b]
-            h, w = crossvit_branch_size(x, [self.img_size[0], self.img_size[1]], [scaled[0], scaled[1]],
-                                        [ps[0], ps[1]])
+            h, w = crossvit_branch_size(x, [self.img_size[0], self.img_size[1]], [scaled[0], scaled[1]], [ps[0], ps[1]])
             count = sum(1 for t in take_indices if t // self.num_feature_blocks == b)
-            for y in tokens[len(reshaped):len(reshaped) + count]:
-                reshaped.append(y.reshape(x.shape[0], h // ps[0], w // ps[1], -1).permute(0, 3, 1, 2).contiguous())
+            for y in tokens[len(reshaped) : len(reshaped) + count]:
+                reshaped.append(tokens_to_nchw(y, [h // ps[0], w // ps[1]]))
         return reshaped if intermediates_only else (out[0], reshaped)
 
 
@@ -111,14 +123,22 @@ FAMILIES = (
         tensors=(("pos_embed_0", "pos_tokens"), ("pos_embed_1", "pos_tokens")),
         pos_embed_prefix=1,  # each branch has its own class token (cls_token_0/1)
         patch_embeds=("patch_embed.0", "patch_embed.1"),
-        unsupported=no_patch_change(
-            "CrossViT has one patch size per branch, which a single patch_size cannot express"
-        ),
+        unsupported=no_patch_change("CrossViT has one patch size per branch, which a single patch_size cannot express"),
         export_note="each branch's size is rounded from the input size (Python round of a ratio), a guard that "
         "torch.export cannot keep symbolic; torch.compile recompiles per size instead",
         dynamic_args=(),  # enable_dynamic sizes each branch from the input
         runtime=DynamicPath(classes={crossvit.CrossVit: DynamicCrossVit}, patch_layout="none"),
         size_multiples=_crossvit_branch_sizes,
         example="crossvit_tiny_240",
+        tiny=TinyModel(
+            dict(embed_dim=[32, 64], depth=[[1, 1, 0]], num_heads=[1, 1]),
+            img_size=120,
+            step=120,
+            feature_indices=(0,),
+            script_fx="tokens",  # a block per branch
+            conformance=gray_and_4ch(
+                (120, 240), 360, model_args=dict(embed_dim=[32, 64], depth=[[1, 1, 0]] * 3, num_heads=[1, 1])
+            ),
+        ),  # timm wants 3 levels
     ),
 )

@@ -4,8 +4,8 @@ import torch
 from timm.models import deit, vision_transformer
 
 from timm_anysize.core.cache import dynamic_pos_embed, resample_pos_tokens
-from timm_anysize.core.family import DynamicPath, Family
-from timm_anysize.families.vit import add_pos_embed
+from timm_anysize.core.family import DynamicPath, Family, TinyModel, gray_and_4ch
+from timm_anysize.families._shared import add_pos_embed
 
 __all__ = ["FAMILIES", "DynamicVisionTransformerDistilled"]
 
@@ -21,8 +21,13 @@ class DynamicVisionTransformerDistilled(deit.VisionTransformerDistilled):
         if torch.jit.is_scripting():
             grid = self.patch_embed.grid_size
             pos_embed = resample_pos_tokens(
-                self.pos_embed, [H, W], [grid[0], grid[1]], 0 if self.no_embed_class else self.num_prefix_tokens,
-                self._anysize_interpolation, self._anysize_antialias, self._anysize_compat,
+                self.pos_embed,
+                [H, W],
+                [grid[0], grid[1]],
+                0 if self.no_embed_class else self.num_prefix_tokens,
+                self._anysize_interpolation,
+                self._anysize_antialias,
+                self._anysize_compat,
             )
         else:
             pos_embed = dynamic_pos_embed(self, (H, W))
@@ -38,5 +43,12 @@ FAMILIES = (
         checkpoint_filter=vision_transformer.checkpoint_filter_fn,
         runtime=DynamicPath(classes={deit.VisionTransformerDistilled: DynamicVisionTransformerDistilled}),
         example="deit_tiny_distilled_patch16_224",
+        tiny=TinyModel(
+            dict(embed_dim=64, depth=2, num_heads=2),
+            script_fx="tokens",
+            conformance=gray_and_4ch(
+                (96, 160), 144, patch_size=12, model_args=dict(embed_dim=64, depth=3, num_heads=2)
+            ),
+        ),
     ),
 )

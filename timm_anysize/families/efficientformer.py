@@ -10,21 +10,21 @@ At 7 x 7 every path is timm's own. An export runs in plain timm at 193 to 224 px
 """
 
 import math
-from typing import List, Optional, Tuple, Union
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 from timm.models import efficientformer as ef
-from timm.models._features import feature_take_indices  # timm exports it from no public module
 
 from timm_anysize.core.cache import PosEmbedCache
-from timm_anysize.core.family import NO_CONV_PATCH, DynamicPath, Family, no_patch_change
-from timm_anysize.families.levit import _Biases
+from timm_anysize.core.family import NO_CONV_PATCH, DynamicPath, Family, TinyModel, gray_and_4ch, no_patch_change
+from timm_anysize.core.intermediates import Intermediates
+from timm_anysize.families._shared import AttentionBiases
 
 __all__ = ["FAMILIES", "DynamicAttention", "DynamicEfficientFormer", "enable_efficientformer_dynamic"]
 
 
-class DynamicAttention(_Biases, ef.Attention):
+class DynamicAttention(AttentionBiases, ef.Attention):
     """timm's EfficientFormer attention over the tokens of a ``res`` grid (its own 7 x 7 when none)."""
 
     def forward(self, x: torch.Tensor, res: Optional[List[int]] = None) -> torch.Tensor:
@@ -72,43 +72,37 @@ class DynamicEfficientFormerStage(ef.EfficientFormerStage):
         return x
 
 
-class DynamicEfficientFormer(ef.EfficientFormer):
+class DynamicEfficientFormer(Intermediates, ef.EfficientFormer):
     """timm's EfficientFormer at any input size (set by :func:`timm_anysize.enable_dynamic`)."""
 
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: Optional[Union[int, List[int]]] = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """timm's ``forward_intermediates``, the last stage's tokens laid out on the grid they came from (timm
-        halves the previous stage's grid, which is wrong where it is odd)."""
-        assert output_fmt in ("NCHW",), "Output shape must be NCHW."
-        intermediates = []
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+    intermediates_formats = ("NCHW",)
+    intermediates_format_error = "Output shape must be NCHW."
+
+    def _intermediates_embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[int]]:
         x = self.stem(x)
-        B, H, W = x.shape[0], x.shape[-2], x.shape[-1]
-        last_idx = self.num_stages - 1
-        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
-        feat_idx = 0
-        for feat_idx, stage in enumerate(stages):
-            x = stage(x)
-            if feat_idx < last_idx:
-                H, W = x.shape[-2], x.shape[-1]
-            if feat_idx in take_indices:
-                if feat_idx == last_idx:
-                    x_inter = self.norm(x) if norm else x
-                    intermediates.append(x_inter.reshape(B, (H - 1) // 2 + 1, (W - 1) // 2 + 1, -1).permute(0, 3, 1, 2))
-                else:
-                    intermediates.append(x)
-        if intermediates_only:
-            return intermediates
-        if feat_idx == last_idx:
-            x = self.norm(x)
-        return x, intermediates
+        return x, [x.shape[-2], x.shape[-1]]  # the grid of the stage's input travels as the context
+
+    def _intermediates_blocks(self) -> nn.Sequential:
+        return self.stages
+
+    def _intermediates_block(
+        self, i: int, stage: nn.Module, x: torch.Tensor, grid: List[int]
+    ) -> Tuple[torch.Tensor, List[int]]:
+        x = stage(x)
+        return x, ([x.shape[-2], x.shape[-1]] if i < self.num_stages - 1 else grid)  # the last one: tokens
+
+    def _intermediates_feature(
+        self, i: int, x: torch.Tensor, grid: List[int], norm: bool, output_fmt: str
+    ) -> torch.Tensor:
+        """The last stage's tokens laid out on the grid they came from (its input's, halved by its downsample,
+        rounded up: timm halves the previous stage's grid, which is wrong where it is odd)."""
+        if i < self.num_stages - 1:
+            return x
+        x = self.norm(x) if norm else x
+        return x.reshape(x.shape[0], (grid[0] - 1) // 2 + 1, (grid[1] - 1) // 2 + 1, -1).permute(0, 3, 1, 2)
+
+    def _intermediates_final(self, x: torch.Tensor, grid: List[int], last: bool) -> torch.Tensor:
+        return self.norm(x) if last else x
 
 
 _MODULES = {
@@ -155,5 +149,12 @@ FAMILIES = (
             patch_layout="none",
         ),
         example="efficientformer_l1",
+        tiny=TinyModel(
+            dict(depths=(1, 1, 1, 2), embed_dims=(16, 16, 32, 32), num_vit=1),
+            img_size=224,
+            step=32,
+            export_scale=1,  # timm's own runs only at 193-224 px (7x7 attention tables whatever img_size)
+            conformance=gray_and_4ch((96, 160), 136),
+        ),
     ),
 )

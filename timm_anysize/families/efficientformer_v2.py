@@ -21,14 +21,14 @@ from timm.models import FeatureListNet
 from timm.models import efficientformer_v2 as efv2
 
 from timm_anysize.core.cache import DEFAULT_CACHE_SIZE, PosEmbedCache
-from timm_anysize.core.family import DynamicPath, Family, NO_CONV_PATCH, no_patch_change
+from timm_anysize.core.family import NO_CONV_PATCH, DynamicPath, Family, TinyModel, gray_and_4ch, no_patch_change
 from timm_anysize.core.spec import Size2
-from timm_anysize.families.levit import _Biases
+from timm_anysize.families._shared import AttentionBiases
 
 __all__ = ["FAMILIES", "DynamicAttention2d", "DynamicAttention2dDownsample", "enable_efficientformer_v2_dynamic"]
 
 
-class DynamicAttention2d(_Biases, efv2.Attention2d):
+class DynamicAttention2d(AttentionBiases, efv2.Attention2d):
     """timm's EfficientFormerV2 attention at the resolution of its input (its own biases at its own)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -58,7 +58,7 @@ class DynamicAttention2d(_Biases, efv2.Attention2d):
         return self.proj(x)
 
 
-class DynamicAttention2dDownsample(_Biases, efv2.Attention2dDownsample):
+class DynamicAttention2dDownsample(AttentionBiases, efv2.Attention2dDownsample):
     """timm's EfficientFormerV2 subsampling attention: keys at its input's resolution, queries at every 2nd."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -138,5 +138,10 @@ FAMILIES = (
         ),
         size_multiples=_strided_attention_sizes,
         example="efficientformerv2_s0",
+        tiny=TinyModel(
+            dict(depths=(1, 1, 2, 2), embed_dims=(16, 16, 32, 32), num_vit=1, mlp_ratios=2),
+            step=32,
+            conformance=gray_and_4ch((64, 96), 128),
+        ),  # attention in stages 2 and 3, stage 3's subsampling
     ),
 )

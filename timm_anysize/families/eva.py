@@ -7,8 +7,8 @@ import torch
 from timm.models import eva
 
 from timm_anysize.core.cache import dynamic_pos_embed, resample_pos_tokens
-from timm_anysize.core.family import DynamicPath, Family
-from timm_anysize.families.vit import add_pos_embed
+from timm_anysize.core.family import DynamicPath, Family, TinyModel, gray_and_4ch
+from timm_anysize.families._shared import add_pos_embed
 
 __all__ = ["FAMILIES", "DynamicEva"]
 
@@ -31,8 +31,13 @@ class DynamicEva(eva.Eva):
         if torch.jit.is_scripting():
             grid = self.patch_embed.grid_size
             pos_embed = resample_pos_tokens(
-                self.pos_embed, [H, W], [grid[0], grid[1]], 0 if self.no_embed_class else self.num_prefix_tokens,
-                self._anysize_interpolation, self._anysize_antialias, self._anysize_compat,
+                self.pos_embed,
+                [H, W],
+                [grid[0], grid[1]],
+                0 if self.no_embed_class else self.num_prefix_tokens,
+                self._anysize_interpolation,
+                self._anysize_antialias,
+                self._anysize_compat,
             )
         else:
             pos_embed = dynamic_pos_embed(self, (H, W))
@@ -48,5 +53,12 @@ FAMILIES = (
         checkpoint_filter=eva.checkpoint_filter_fn,
         runtime=DynamicPath(classes={eva.Eva: DynamicEva}),
         example="eva02_tiny_patch14_224",
+        tiny=TinyModel(
+            dict(embed_dim=64, depth=2, num_heads=2),
+            img_size=56,
+            step=14,
+            script_fx="tokens",
+            conformance=gray_and_4ch((112, 168), 154, model_args=dict(embed_dim=64, depth=3, num_heads=2)),
+        ),
     ),
 )

@@ -9,7 +9,7 @@ At run time (:func:`timm_anysize.enable_dynamic`) each block takes the window an
 (``size / window_ratio``, the ratio read off the built model: its feature size x stride / window; timm keeps no
 record of windows given explicitly, so one that is a whole fraction of the size scales like a derived one, and
 only one that is not stays fixed), and its attention the bias for that window (the table resized as a
-load resizes it, cached per window while the weights are unchanged, see :func:`~timm_anysize.families.maxxvit.
+load resizes it, cached per window while the weights are unchanged, see :func:`~timm_anysize.families._shared.
 rel_pos_bias_at`). The global query pools the map down to that window, as in a model built for the size: the
 outputs are equal. Inputs are padded (bottom/right) to a multiple of the stride and the ratios. TorchScript
 compiles the path (the tables resized by the scriptable port in :mod:`timm_anysize.core.resample`); FX records
@@ -17,7 +17,7 @@ each block as one leaf module.
 """
 
 import math
-from typing import List, Optional, Tuple, Union
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -25,10 +25,20 @@ from timm.layers import register_notrace_module
 from timm.layers.pos_embed_rel import RelPosBias  # timm exports it from no shorter path
 from timm.models import gcvit, maxxvit
 
-from timm_anysize.core.cache import PosEmbedCache
-from timm_anysize.core.family import NO_CONV_PATCH, REL_TABLE, DynamicPath, Family, no_patch_change
+from timm_anysize.core.cache import PosEmbedCache, symbolic
+from timm_anysize.core.family import (
+    NO_CONV_PATCH,
+    REL_TABLE,
+    DynamicPath,
+    Family,
+    TinyModel,
+    gray_and_4ch,
+    no_patch_change,
+)
+from timm_anysize.core.intermediates import TimmIntermediates
+from timm_anysize.core.padding import check_multiple, pad_to_multiple
 from timm_anysize.core.spec import Size2
-from timm_anysize.families.maxxvit import DynamicRelPosBias, pad_to_multiple
+from timm_anysize.families._shared import DynamicRelPosBias
 
 torch.fx.wrap("pad_to_multiple")  # a leaf of FX traces here too (fx.wrap patches this module's globals)
 
@@ -38,8 +48,9 @@ __all__ = ["FAMILIES", "DynamicGlobalContextVit", "enable_gcvit_dynamic", "gcvit
 class DynamicWindowAttentionGlobal(gcvit.WindowAttentionGlobal):
     """timm's GCViT window attention with the bias of the window it is given (its own when none)."""
 
-    def forward(self, x: torch.Tensor, q_global: Optional[torch.Tensor] = None,
-                window: Optional[List[int]] = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, q_global: Optional[torch.Tensor] = None, window: Optional[List[int]] = None
+    ) -> torch.Tensor:
         B, N, C = x.shape
         if self.use_global and q_global is not None:
             kv = self.qkv(x).reshape(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
@@ -63,8 +74,11 @@ class DynamicGlobalContextVitBlock(gcvit.GlobalContextVitBlock):
     def _window_attn(self, x: torch.Tensor, q_global: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, H, W, C = x.shape
         ratio = self._anysize_ratio
-        window = [H * self._anysize_stride // ratio[0], W * self._anysize_stride // ratio[1]] if ratio[0] else \
-            [self.window_size[0], self.window_size[1]]
+        window = (
+            [H * self._anysize_stride // ratio[0], W * self._anysize_stride // ratio[1]]
+            if ratio[0]
+            else [self.window_size[0], self.window_size[1]]
+        )
         # (timm's maxxvit partition functions: the same steps as gcvit's, typed for a window that is a list)
         x_win = maxxvit.window_partition(x, window).view(-1, window[0] * window[1], C)
         attn_win = self.attn(x_win, q_global, window)
@@ -99,34 +113,23 @@ def gcvit_size_multiple(model: nn.Module) -> int:
     return multiple
 
 
-class DynamicGlobalContextVit(gcvit.GlobalContextVit):
+class DynamicGlobalContextVit(TimmIntermediates, gcvit.GlobalContextVit):
     """timm's GCViT at any input size (set by :func:`timm_anysize.enable_dynamic`)."""
 
     def _anysize_input(self, x: torch.Tensor) -> torch.Tensor:
         multiple = self._anysize_multiple
-        if not self._anysize_pad and (x.shape[-2] % multiple or x.shape[-1] % multiple):
-            raise ValueError(
-                f"input {x.shape[-2]}x{x.shape[-1]} is not a multiple of {multiple}, which this GCViT's windows need, "
-                f"and padding is off; resize or crop to a multiple of {multiple}, or turn padding on (pad: true in "
-                f"the variant's YAML, enable_dynamic(pad=True))"
-            )
-        return pad_to_multiple(x, multiple)
+        if not self._anysize_pad and not torch.jit.is_scripting():
+            self._anysize_check(x, multiple)
+        return pad_to_multiple(x, [multiple, multiple])
+
+    @torch.jit.unused
+    def _anysize_check(self, x: torch.Tensor, multiple: int) -> None:
+        """Padding off: refuse an input off the windows (a scripted model pads; FX records no size check)."""
+        if not symbolic(x):
+            check_multiple(x.shape[-2:], (multiple, multiple), what="this GCViT's windows")
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.stages(self.stem(self._anysize_input(x)))
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: Optional[Union[int, List[int]]] = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """timm's ``forward_intermediates`` on the (padded) input, at any size."""
-        return super().forward_intermediates(self._anysize_input(x), indices, norm, stop_early, output_fmt,
-                                             intermediates_only)
 
 
 def enable_gcvit_dynamic(model: nn.Module, cache_size: int) -> None:
@@ -175,7 +178,12 @@ FAMILIES = (
         ),
         size_multiples=_size_multiples,
         export_note="each window's bias table is resized by timm's interpolation over an offset grid computed in "
-                    "Python from the window size, which torch.export specializes to the example input's size",
+        "Python from the window size, which torch.export specializes to the example input's size",
         example="gcvit_xxtiny",
+        tiny=TinyModel(
+            dict(embed_dim=16, mlp_ratio=1.0),
+            step=32,  # (gcvit_xxtiny fixes depths and heads)
+            conformance=gray_and_4ch((64, 96), 160),
+        ),
     ),
 )

@@ -4,7 +4,7 @@ any grid up to its size; timm's own forward runs at any size."""
 
 from timm.models import gemma4_vit
 
-from timm_anysize.core.family import Family
+from timm_anysize.core.family import Family, TinyModel, gray_and_4ch
 
 __all__ = ["FAMILIES"]
 
@@ -21,5 +21,11 @@ FAMILIES = (
         whole_patches=True,  # timm's forward neither pads nor crops
         dynamic_args=(),
         example="gemma4_vit_167m",
+        tiny=TinyModel(
+            dict(depth=2, embed_dim=64, num_heads=2, head_dim=32, intermediate_size=128),
+            img_size=96,
+            step=48,
+            conformance=gray_and_4ch((96, 144), 128, patch_size=8),
+        ),
     ),
 )

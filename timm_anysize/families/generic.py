@@ -48,7 +48,9 @@ def generic_family(model: nn.Module, base_cfg: Optional[dict] = None) -> Family:
         dynamic_args=(),
         dynamic_reason=(
             f"timm's pretrained cfg marks {cls.__name__} fixed_input_size (a tensor or reshape tied to the size it "
-            f"was built for)" if fixed else ""
+            f"was built for)"
+            if fixed
+            else ""
         ),
         unsupported=no_patch_change(
             f"{cls.__name__} has no patch kernel timm-anysize resizes (its first layer {first} is adapted for "

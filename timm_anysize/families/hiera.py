@@ -14,10 +14,11 @@ import torch
 import torch.nn.functional as F
 from timm.layers import register_notrace_function
 from timm.models import hiera
-from timm.models._features import feature_take_indices  # timm exports it from no public module
 
 from timm_anysize.core.cache import dynamic_pos_embed, resample_pos_tokens, symbolic, traced
-from timm_anysize.core.family import OVERLAPPING_STEM, DynamicPath, Family, no_patch_change
+from timm_anysize.core.family import OVERLAPPING_STEM, DynamicPath, Family, TinyModel, gray_and_4ch, no_patch_change
+from timm_anysize.core.intermediates import Intermediates
+from timm_anysize.core.padding import check_multiple, pad_to_multiple
 
 __all__ = ["FAMILIES", "DynamicHiera", "enable_hiera_dynamic", "unroll_tokens", "reroll_tokens"]
 
@@ -81,8 +82,9 @@ class _Reroll(hiera.Reroll):
     def forward(self, x: torch.Tensor, block_idx: int, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         if not torch.jit.is_scripting() and mask is not None:
             return super().forward(x, block_idx, mask=mask)
-        return reroll_tokens(x, self.size, self._anysize_schedule, block_idx, self._anysize_stage_ends,
-                             self._anysize_q_pool)
+        return reroll_tokens(
+            x, self.size, self._anysize_schedule, block_idx, self._anysize_stage_ends, self._anysize_q_pool
+        )
 
 
 def enable_hiera_dynamic(model: hiera.Hiera, cache_size: int) -> None:
@@ -94,12 +96,15 @@ def enable_hiera_dynamic(model: hiera.Hiera, cache_size: int) -> None:
     model.reroll._anysize_q_pool = int(model.q_pool)
 
 
-class DynamicHiera(hiera.Hiera):
+class DynamicHiera(Intermediates, hiera.Hiera):
     """timm's Hiera at any input size (set by :func:`timm_anysize.enable_dynamic`).
 
     Other sizes take the classification and intermediates paths: no masks (MAE-style), no separate space/time
     position embeddings (video); those raise a ``ValueError``.
     """
+
+    intermediates_formats = ("NCHW", "NHWC")
+    intermediates_format_error = "Output format must be one of NCHW, NHWC."
 
     def _unit(self) -> List[int]:
         """Input pixels per mask unit: what every size is padded to a multiple of."""
@@ -127,7 +132,7 @@ class DynamicHiera(hiera.Hiera):
         unit = self._unit()
         if not torch.jit.is_scripting():
             self._check_pad(x, unit)
-        x = F.pad(x, (0, (-x.shape[-1]) % unit[1], 0, (-x.shape[-2]) % unit[0]))
+        x = pad_to_multiple(x, unit, True)  # always: the graph takes no branch on the size
         grid = [x.shape[-2] // self.patch_stride[0], x.shape[-1] // self.patch_stride[1]]
         x = self.patch_embed(x)
         x = x + self._dynamic_pos_embed(grid)
@@ -140,11 +145,7 @@ class DynamicHiera(hiera.Hiera):
     def _check_pad(self, x: torch.Tensor, unit: List[int]) -> None:
         if symbolic(x) or traced() or self._anysize_dynamic.pad:
             return
-        if x.shape[-2] % unit[0] or x.shape[-1] % unit[1]:
-            raise ValueError(
-                f"input {x.shape[-2]}x{x.shape[-1]} is not a multiple of Hiera's mask unit ({unit[0]}x{unit[1]} px) "
-                f"and padding is off; resize to a multiple, or turn padding on (pad: true, enable_dynamic(pad=True))"
-            )
+        check_multiple(x.shape[-2:], unit, what="Hiera's mask unit (patch stride x mask unit size)")
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         if not torch.jit.is_scripting():
@@ -176,32 +177,37 @@ class DynamicHiera(hiera.Hiera):
         intermediates_only: bool = False,
         coarse: bool = True,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """timm's ``forward_intermediates`` with the unroll, reroll and position embedding of the input's grid."""
+        """timm's ``forward_intermediates`` (its signature: a mask, levels per stage when ``coarse``) with the unroll,
+        reroll and position embedding of the input's grid."""
         if not torch.jit.is_scripting() and self._timm_path(x, mask, False):
-            return super().forward_intermediates(
-                x, mask=mask, indices=indices, norm=norm, stop_early=stop_early, output_fmt=output_fmt,
-                intermediates_only=intermediates_only, coarse=coarse,
+            return hiera.Hiera.forward_intermediates(
+                self,
+                x,
+                mask=mask,
+                indices=indices,
+                norm=norm,
+                stop_early=stop_early,
+                output_fmt=output_fmt,
+                intermediates_only=intermediates_only,
+                coarse=coarse,
             )
         assert not norm, "normalization of features not supported"
-        assert output_fmt in ("NCHW", "NHWC"), "Output format must be one of NCHW, NHWC."
-        if coarse:
-            take_indices, max_index = feature_take_indices(len(self.stage_ends), indices)
-            take_indices = [self.stage_ends[i] for i in take_indices]
-            max_index = self.stage_ends[max_index]
-        else:
-            take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        x, grid = self._anysize_embed(x)
-        schedule = self._schedule()
-        intermediates = []
-        blocks = self.blocks if torch.jit.is_scripting() or not stop_early else self.blocks[:max_index + 1]
-        for i, blk in enumerate(blocks):
-            x = blk(x)
-            if i in take_indices:
-                x_int = reroll_tokens(x, grid, schedule, i, self.stage_ends, self.q_pool)
-                intermediates.append(x_int.permute(0, 3, 1, 2) if output_fmt == "NCHW" else x_int)
-        if intermediates_only:
-            return intermediates
-        return x, intermediates
+        final, features = self._forward_intermediates(
+            x, indices, norm, stop_early, output_fmt, intermediates_only, self.stage_ends if coarse else None
+        )
+        return features if intermediates_only else (final, features)
+
+    def _intermediates_embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[int]]:
+        return self._anysize_embed(x)
+
+    def _intermediates_feature(
+        self, i: int, x: torch.Tensor, grid: List[int], norm: bool, output_fmt: str
+    ) -> torch.Tensor:
+        x = reroll_tokens(x, grid, self._schedule(), i, self.stage_ends, self.q_pool)
+        return x.permute(0, 3, 1, 2) if output_fmt == "NCHW" else x
+
+    def _intermediates_final(self, x: torch.Tensor, grid: List[int], last: bool) -> torch.Tensor:
+        return x
 
     def _dynamic_pos_embed(self, grid: List[int]) -> torch.Tensor:
         if self.pos_embed_win is not None:  # absolute-window variant: timm's recipe at the grid's number of units
@@ -211,8 +217,15 @@ class DynamicHiera(hiera.Hiera):
             return (pos_embed + pos_embed_win).flatten(2).transpose(1, 2)
         if torch.jit.is_scripting():
             native = self.tokens_spatial_shape
-            return resample_pos_tokens(self.pos_embed, grid, [native[0], native[1]], 0, self._anysize_interpolation,
-                                       self._anysize_antialias, self._anysize_compat)
+            return resample_pos_tokens(
+                self.pos_embed,
+                grid,
+                [native[0], native[1]],
+                0,
+                self._anysize_interpolation,
+                self._anysize_antialias,
+                self._anysize_compat,
+            )
         return dynamic_pos_embed(self, grid, prefix=0, native=tuple(self.tokens_spatial_shape))
 
 
@@ -228,5 +241,11 @@ FAMILIES = (
         dynamic_args=(),  # enable_dynamic rebuilds the token unroll per size
         runtime=DynamicPath(classes={hiera.Hiera: DynamicHiera}, setup=enable_hiera_dynamic, patch_layout="none"),
         example="hiera_tiny_224",
+        tiny=TinyModel(
+            dict(embed_dim=32, num_heads=1, stages=(1, 1, 1, 1)),
+            step=32,
+            script_fx="tokens",
+            conformance=gray_and_4ch((64, 96), 160),
+        ),
     ),
 )

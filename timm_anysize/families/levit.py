@@ -9,82 +9,21 @@ the weights are unchanged (eager mode). A module called without a resolution wor
 input's). At the model's own size every path is timm's own.
 """
 
-from typing import List, Optional, Tuple, Union
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
-from timm.layers import register_notrace_function
 from timm.models import levit
-from timm.models._features import feature_take_indices  # timm exports it from no public module
 
-from timm_anysize.core.family import NO_CONV_PATCH, DynamicPath, Family, no_patch_change
-from timm_anysize.core.cache import PosEmbedCache, must_run_inline, traced
-from timm_anysize.core.resample import resize_bias_grid
+from timm_anysize.core.cache import PosEmbedCache
+from timm_anysize.core.family import NO_CONV_PATCH, DynamicPath, Family, TinyModel, gray_and_4ch, no_patch_change
+from timm_anysize.core.intermediates import Intermediates
+from timm_anysize.families._shared import AttentionBiases
 
-__all__ = ["FAMILIES", "DynamicLevit", "DynamicLevitDistilled", "enable_levit_dynamic", "levit_attention_biases"]
-
-
-def _bias_index(resolution: List[int], stride: int, device: torch.device) -> torch.Tensor:
-    """timm's index of |dy| * W + |dx| between query positions (every ``stride``-th) and key positions."""
-    k_pos = torch.stack(torch.meshgrid(torch.arange(resolution[0], device=device),
-                                       torch.arange(resolution[1], device=device), indexing="ij"))
-    q_pos = torch.stack(torch.meshgrid(torch.arange(0, resolution[0], stride, device=device),
-                                       torch.arange(0, resolution[1], stride, device=device), indexing="ij"))
-    rel = (q_pos.flatten(1)[..., :, None] - k_pos.flatten(1)[..., None, :]).abs()
-    return rel[0] * resolution[1] + rel[1]
+__all__ = ["FAMILIES", "DynamicLevit", "DynamicLevitDistilled", "enable_levit_dynamic"]
 
 
-@torch.fx.wrap
-@register_notrace_function
-def levit_attention_biases(
-    biases: torch.Tensor, native: List[int], resolution: List[int], stride: int, interpolation: str,
-    always_resize: bool,
-) -> torch.Tensor:
-    """An attention's biases ``[heads, N_q, N_k]`` at ``resolution``: its ``[heads, H*W]`` table over offsets
-    (laid out on the ``native`` grid) resized to the resolution, then indexed as timm indexes it. At the native
-    resolution the table itself, unless ``always_resize`` (compiling, exporting: no branch on the size).
-
-    Example:
-        >>> levit_attention_biases(torch.randn(2, 4 * 4), [4, 4], [6, 3], 2, "bicubic", False).shape
-        torch.Size([2, 6, 18])
-    """
-    if always_resize or resolution[0] != native[0] or resolution[1] != native[1]:
-        biases = resize_bias_grid(biases, native, resolution, interpolation)
-    return biases[:, _bias_index(resolution, stride, biases.device)]
-
-
-class _Biases:
-    """The biases of an attention at a resolution: timm's own at the module's, else resized (cached in eager mode)."""
-
-    def _anysize_biases(self, x: torch.Tensor, res: List[int], stride: int) -> torch.Tensor:
-        if torch.jit.is_scripting():
-            if res[0] == self.resolution[0] and res[1] == self.resolution[1]:
-                return self.get_attention_biases(x.device)
-            return levit_attention_biases(self.attention_biases, [self.resolution[0], self.resolution[1]], res,
-                                          stride, self._anysize_interpolation, False)
-        return self._eager_biases(x, res, stride)
-
-    @torch.jit.unused
-    def _eager_biases(self, x: torch.Tensor, res: List[int], stride: int) -> torch.Tensor:
-        native = [self.resolution[0], self.resolution[1]]
-        if isinstance(res[0], torch.fx.Proxy) or traced():  # FX: one node; compiling, exporting: no size branch
-            return levit_attention_biases(self.attention_biases, native, res, stride, self._anysize_interpolation,
-                                          traced())
-        key_res = (int(res[0]), int(res[1]))
-        if key_res == tuple(native):
-            return self.get_attention_biases(x.device)
-        biases = self.attention_biases
-
-        def compute() -> torch.Tensor:
-            return levit_attention_biases(biases, native, list(key_res), stride, self._anysize_interpolation, False)
-
-        if must_run_inline(biases):
-            return compute()
-        key = (key_res, biases.dtype, x.device, torch.is_inference_mode_enabled())
-        return self._anysize_bias_cache.get_or_compute(key, biases, lambda: compute().detach())
-
-
-class DynamicAttention(_Biases, levit.Attention):
+class DynamicAttention(AttentionBiases, levit.Attention):
     """timm's LeViT attention at the resolution it is given (its own when none)."""
 
     __constants__ = ["use_conv"]
@@ -93,16 +32,18 @@ class DynamicAttention(_Biases, levit.Attention):
         if self.use_conv:
             B, C, H, W = x.shape
             biases = self._anysize_biases(x, [H, W], 1)
-            q, k, v = self.qkv(x).view(
-                B, self.num_heads, -1, H * W).split([self.key_dim, self.key_dim, self.val_dim], dim=2)
+            q, k, v = (
+                self.qkv(x).view(B, self.num_heads, -1, H * W).split([self.key_dim, self.key_dim, self.val_dim], dim=2)
+            )
             attn = (q.transpose(-2, -1) @ k) * self.scale + biases
             attn = attn.softmax(dim=-1)
             x = (v @ attn.transpose(-2, -1)).view(B, -1, H, W)
         else:
             B, N, C = x.shape
             biases = self._anysize_biases(x, [self.resolution[0], self.resolution[1]] if res is None else res, 1)
-            q, k, v = self.qkv(x).view(
-                B, N, self.num_heads, -1).split([self.key_dim, self.key_dim, self.val_dim], dim=3)
+            q, k, v = (
+                self.qkv(x).view(B, N, self.num_heads, -1).split([self.key_dim, self.key_dim, self.val_dim], dim=3)
+            )
             q = q.permute(0, 2, 1, 3)
             k = k.permute(0, 2, 3, 1)
             v = v.permute(0, 2, 1, 3)
@@ -112,7 +53,7 @@ class DynamicAttention(_Biases, levit.Attention):
         return self.proj(x)
 
 
-class DynamicAttentionDownsample(_Biases, levit.AttentionDownsample):
+class DynamicAttentionDownsample(AttentionBiases, levit.AttentionDownsample):
     """timm's LeViT subsampling attention at the resolution it is given (its own when none)."""
 
     __constants__ = ["use_conv"]
@@ -152,7 +93,7 @@ class DynamicDownsample(levit.Downsample):
         if self.pool is not None:
             x = self.pool(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         else:
-            x = x[:, ::self.stride, ::self.stride]
+            x = x[:, :: self.stride, :: self.stride]
         return x.reshape(B, -1, C)
 
 
@@ -189,7 +130,12 @@ class DynamicLevitStage(levit.LevitStage):
         return x
 
 
-class _DynamicLevitFeatures:
+class _DynamicLevitFeatures(Intermediates):
+    """LeViT's features at the resolution of the input (and :class:`Intermediates`' hooks)."""
+
+    intermediates_formats = ("NCHW",)
+    intermediates_format_error = "Output shape must be NCHW."
+
     def _anysize_stem(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[int]]:
         x = self.stem(x)
         res = [x.shape[-2], x.shape[-1]]
@@ -205,34 +151,27 @@ class _DynamicLevitFeatures:
             res = [(res[0] - 1) // s + 1, (res[1] - 1) // s + 1]
         return x
 
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: Optional[Union[int, List[int]]] = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """timm's ``forward_intermediates`` with every stage at the resolution of the input (any size)."""
-        assert output_fmt in ("NCHW",), "Output shape must be NCHW."
-        intermediates = []
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        x, res = self._anysize_stem(x)
-        B = x.shape[0]
-        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
-        for feat_idx, stage in enumerate(stages):
-            x = stage(x, res)
-            s = stage._anysize_stride
-            res = [(res[0] - 1) // s + 1, (res[1] - 1) // s + 1]
-            if feat_idx in take_indices:
-                if self.use_conv:
-                    intermediates.append(x)
-                else:
-                    intermediates.append(x.reshape(B, res[0], res[1], -1).permute(0, 3, 1, 2))
-        if intermediates_only:
-            return intermediates
-        return x, intermediates
+    def _intermediates_embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[int]]:
+        return self._anysize_stem(x)  # the resolution travels as the context
+
+    def _intermediates_blocks(self) -> nn.Sequential:
+        return self.stages
+
+    def _intermediates_block(
+        self, i: int, stage: nn.Module, x: torch.Tensor, res: List[int]
+    ) -> Tuple[torch.Tensor, List[int]]:
+        x = stage(x, res)
+        s = stage._anysize_stride
+        return x, [(res[0] - 1) // s + 1, (res[1] - 1) // s + 1]
+
+    def _intermediates_feature(
+        self, i: int, x: torch.Tensor, res: List[int], norm: bool, output_fmt: str
+    ) -> torch.Tensor:
+        """The stage's output at its resolution (timm has no final norm to apply)."""
+        return x if self.use_conv else x.reshape(x.shape[0], res[0], res[1], -1).permute(0, 3, 1, 2)
+
+    def _intermediates_final(self, x: torch.Tensor, res: List[int], last: bool) -> torch.Tensor:
+        return x
 
 
 class DynamicLevit(_DynamicLevitFeatures, levit.Levit):
@@ -294,5 +233,10 @@ FAMILIES = (
         "the exported program refuses smaller inputs; torch.compile(dynamic=True) recompiles where a guard fails "
         "instead (tested at three sizes)",
         example="levit_128s",
+        tiny=TinyModel(
+            dict(embed_dim=(32, 48, 64), depth=(1, 1, 1), num_heads=(1, 1, 1), key_dim=8),
+            script_fx="windows",
+            conformance=gray_and_4ch((64, 96), 136),
+        ),
     ),
 )

@@ -15,213 +15,44 @@ the size with the resized weights. Sizes that do not split into whole windows ar
 nearest that do (``pad``); at the model's own size every path is timm's own.
 
 TorchScript compiles the same path, with scriptable ports of timm's table resize, index, lookup and log coordinates
-(:func:`table_bias`: the same values, bit for bit); FX records every partition attention (and CoAtNet's
-attentions) as one leaf module, whose window is read off its input, and the padding as one leaf function.
+(:func:`~timm_anysize.families._shared.table_bias`: the same values, bit for bit); FX records every partition
+attention (and CoAtNet's attentions) as one leaf module, whose window is read off its input, and the padding as
+one leaf function.
 """
 
 import math
-from functools import lru_cache
-from typing import List, Optional, Tuple, Union
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import (
-    register_notrace_function, register_notrace_module, resize_rel_pos_bias_table,
-)
-from timm.layers.pos_embed_rel import (  # timm exports these from no shorter path
-    RelPosBias, RelPosBiasTf, RelPosMlp, gen_relative_log_coords, gen_relative_position_index,
-    generate_lookup_tensor, reindex_2d_einsum_lookup,
-)
+from timm.layers import register_notrace_module
+from timm.layers.pos_embed_rel import RelPosBias, RelPosBiasTf, RelPosMlp  # timm exports these from no shorter path
 from timm.models import maxxvit
 
-from timm_anysize.core.cache import PosEmbedCache, must_run_inline
-from timm_anysize.core.family import NO_CONV_PATCH, REL_TABLE, DynamicPath, Family, no_patch_change
-from timm_anysize.core.resample import resize_rel_pos_table
+from timm_anysize.core.cache import PosEmbedCache, symbolic
+from timm_anysize.core.family import (
+    NO_CONV_PATCH,
+    REL_TABLE,
+    DynamicPath,
+    Family,
+    TinyModel,
+    gray_and_4ch,
+    no_patch_change,
+)
+from timm_anysize.core.intermediates import TimmIntermediates
+from timm_anysize.core.padding import check_multiple, pad_to_multiple
 from timm_anysize.core.spec import Size2
+from timm_anysize.families._shared import DynamicRelPosBias, DynamicRelPosBiasTf, DynamicRelPosMlp
+
+torch.fx.wrap("pad_to_multiple")  # a leaf of plain FX traces here too (fx.wrap patches this module's globals)
 
 __all__ = [
-    "FAMILIES", "DynamicMaxxVit", "enable_maxxvit_dynamic", "rel_pos_bias_at", "table_bias", "pad_to_multiple",
+    "FAMILIES",
+    "DynamicMaxxVit",
+    "enable_maxxvit_dynamic",
     "maxxvit_size_multiple",
 ]
-
-
-def _table_bias(rel_pos: nn.Module, window: Tuple[int, int]) -> torch.Tensor:
-    """A flat table's bias ``[1, heads, N, N]`` at ``window``: the table resized as a load resizes it, indexed as
-    timm's ``RelPosBias.get_bias`` indexes it."""
-    table = rel_pos.relative_position_bias_table
-    prefix = rel_pos.prefix_tokens
-    heads = table.shape[-1]
-    rows = (2 * window[0] - 1) * (2 * window[1] - 1) + 3 * prefix
-    table = resize_rel_pos_bias_table(table, new_window_size=window, new_bias_shape=(rows, heads),
-                                      old_window_size=tuple(rel_pos.window_size))
-    index = gen_relative_position_index(window, class_token=prefix > 0, device=table.device).view(-1)
-    area = window[0] * window[1] + prefix
-    return table[index].view(area, area, heads).permute(2, 0, 1).unsqueeze(0).contiguous()
-
-
-def _tf_bias(rel_pos: nn.Module, window: Tuple[int, int]) -> torch.Tensor:
-    """A TF-layout table's bias at ``window`` (``RelPosBiasTf.get_bias`` on the resized table)."""
-    table = rel_pos.relative_position_bias_table
-    shape = (table.shape[0], 2 * window[0] - 1, 2 * window[1] - 1)
-    table = resize_rel_pos_bias_table(table, new_window_size=window, new_bias_shape=shape)
-    dtype = rel_pos.height_lookup.dtype
-    h = generate_lookup_tensor(window[0], device=table.device, dtype=dtype)
-    w = generate_lookup_tensor(window[1], device=table.device, dtype=dtype)
-    return reindex_2d_einsum_lookup(table, window[0], window[1], h, w)
-
-
-@lru_cache(maxsize=64)
-def _log_coords(window: Tuple[int, int], pretrained: Tuple[int, int], mode: str, device: torch.device,
-                dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``RelPosMlp``'s buffers for a window (they depend on sizes only)."""
-    coords = gen_relative_log_coords(window, pretrained, mode=mode, device=device, dtype=dtype)
-    return coords, gen_relative_position_index(window, device=device).view(-1)
-
-
-def _mlp_bias(rel_pos: nn.Module, window: Tuple[int, int]) -> torch.Tensor:
-    """``RelPosMlp.get_bias`` at ``window``: the MLP over that window's log coordinates."""
-    coords, index = _log_coords(tuple(window), tuple(rel_pos.pretrained_window_size), rel_pos.mode,
-                                rel_pos.rel_coords_log.device, rel_pos.rel_coords_log.dtype)
-    area = window[0] * window[1]
-    bias = rel_pos.mlp(coords).view(-1, rel_pos.num_heads)[index].view(area, area, rel_pos.num_heads)
-    bias = rel_pos.bias_act(bias.permute(2, 0, 1))
-    if rel_pos.bias_gain is not None:
-        bias = rel_pos.bias_gain * bias
-    if rel_pos.prefix_tokens:
-        bias = F.pad(bias, [rel_pos.prefix_tokens, 0, rel_pos.prefix_tokens, 0])
-    return bias.unsqueeze(0).contiguous()
-
-
-def rel_pos_bias_at(rel_pos: nn.Module, window: List[int]) -> torch.Tensor:
-    """The additive attention bias ``[1, heads, N, N]`` one of timm's relative-position modules (``RelPosBias``,
-    ``RelPosBiasTf``, ``RelPosMlp``) gives at ``window``: its own at its window, else what a model built for that
-    window (with the table resized as a load resizes it) gives. Tables are cached per window in eager inference
-    (a module set up by :func:`enable_maxxvit_dynamic`).
-
-    Example:
-        >>> from timm.layers.pos_embed_rel import RelPosBias
-        >>> rel_pos = RelPosBias((2, 2), num_heads=3)
-        >>> torch.equal(rel_pos_bias_at(rel_pos, [2, 2]), rel_pos.get_bias())
-        True
-        >>> rel_pos_bias_at(rel_pos, [3, 2]).shape
-        torch.Size([1, 3, 6, 6])
-    """
-    key_window = (int(window[0]), int(window[1]))
-    if key_window == tuple(rel_pos.window_size):
-        return rel_pos.get_bias()
-    if isinstance(rel_pos, RelPosMlp):
-        return _mlp_bias(rel_pos, key_window)
-    compute = _tf_bias if isinstance(rel_pos, RelPosBiasTf) else _table_bias
-    table = rel_pos.relative_position_bias_table
-    cache = getattr(rel_pos, "_anysize_bias_cache", None)
-    if cache is None or must_run_inline(table):
-        return compute(rel_pos, key_window)
-    key = (key_window, table.dtype, table.device, torch.is_inference_mode_enabled())
-    return cache.get_or_compute(key, table, lambda: compute(rel_pos, key_window).detach())
-
-
-# TorchScript: the same values from scriptable ports of timm's functions (timm's take untyped devices / modes).
-
-def _window_index(window: List[int], device: torch.device) -> torch.Tensor:
-    """timm's ``gen_relative_position_index`` without class token, flattened."""
-    coords = torch.stack(torch.meshgrid([torch.arange(window[0], device=device),
-                                         torch.arange(window[1], device=device)], indexing="ij")).flatten(1)
-    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)
-    rel[:, :, 0] += window[0] - 1
-    rel[:, :, 1] += window[1] - 1
-    rel[:, :, 0] *= 2 * window[1] - 1
-    return rel.sum(-1).view(-1)
-
-
-def _lookup(length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """timm's ``generate_lookup_tensor``: ``ret[n, m, v] = 1`` where ``v = m - n + length - 1``."""
-    pos = torch.arange(length, device=device)
-    return F.one_hot(pos[None, :] - pos[:, None] + length - 1, 2 * length - 1).to(dtype)
-
-
-@torch.fx.wrap
-@register_notrace_function
-def table_bias(table: torch.Tensor, old: List[int], window: List[int], tf_layout: bool,
-               lookup_dtype: torch.dtype) -> torch.Tensor:
-    """The bias ``[1, heads, N, N]`` (``[heads, N, N]`` for a TF-layout table) a relative-position table laid out
-    for window ``old`` gives at ``window`` (scriptable; what :func:`rel_pos_bias_at` computes with timm's own
-    functions).
-
-    Example:
-        >>> table_bias(torch.randn(9, 2), [2, 2], [3, 2], False, torch.float32).shape
-        torch.Size([1, 2, 6, 6])
-    """
-    table = resize_rel_pos_table(table, old, window, not tf_layout)
-    if tf_layout:
-        h = _lookup(window[0], lookup_dtype, table.device)
-        w = _lookup(window[1], lookup_dtype, table.device)
-        return reindex_2d_einsum_lookup(table, window[0], window[1], h, w)
-    area = window[0] * window[1]
-    bias = table[_window_index(window, table.device)].view(area, area, -1)
-    return bias.permute(2, 0, 1).unsqueeze(0).contiguous()
-
-
-def _log_coords_script(window: List[int], pretrained: List[int], mode: str, device: torch.device,
-                       dtype: torch.dtype) -> torch.Tensor:
-    """timm's ``gen_relative_log_coords``."""
-    h = torch.arange(-(window[0] - 1), window[0], device=device).to(torch.float32)
-    w = torch.arange(-(window[1] - 1), window[1], device=device).to(torch.float32)
-    table = torch.stack(torch.meshgrid([h, w], indexing="ij")).permute(1, 2, 0).contiguous()
-    if mode == "swin":
-        if pretrained[0] > 0:
-            table[:, :, 0] /= (pretrained[0] - 1)
-            table[:, :, 1] /= (pretrained[1] - 1)
-        else:
-            table[:, :, 0] /= (window[0] - 1)
-            table[:, :, 1] /= (window[1] - 1)
-        table *= 8
-        table = torch.sign(table) * torch.log2(1.0 + table.abs()) / 3.0  # math.log2(8), exactly
-    else:
-        table = torch.sign(table) * torch.log(1.0 + table.abs())
-    return table.to(dtype)
-
-
-class _BiasAt:
-    """``bias_at(window)`` on timm's relative-position modules: timm's own bias at the module's window."""
-
-    def bias_at(self, window: List[int]) -> torch.Tensor:
-        if window[0] == self.window_size[0] and window[1] == self.window_size[1]:
-            return self.get_bias()
-        if torch.jit.is_scripting():
-            return self._script_bias(window)
-        return self._eager_bias(window)
-
-    @torch.jit.unused
-    def _eager_bias(self, window: List[int]) -> torch.Tensor:
-        return rel_pos_bias_at(self, window)
-
-
-class DynamicRelPosBias(_BiasAt, RelPosBias):
-    def _script_bias(self, window: List[int]) -> torch.Tensor:
-        old = [self.window_size[0], self.window_size[1]]
-        return table_bias(self.relative_position_bias_table, old, window, False, torch.float32)
-
-
-class DynamicRelPosBiasTf(_BiasAt, RelPosBiasTf):
-    def _script_bias(self, window: List[int]) -> torch.Tensor:
-        old = [self.window_size[0], self.window_size[1]]
-        return table_bias(self.relative_position_bias_table, old, window, True, self.height_lookup.dtype)
-
-
-class DynamicRelPosMlp(_BiasAt, RelPosMlp):
-    def _script_bias(self, window: List[int]) -> torch.Tensor:
-        pretrained = [self.pretrained_window_size[0], self.pretrained_window_size[1]]
-        coords = _log_coords_script(window, pretrained, self.mode, self.rel_coords_log.device,
-                                    self.rel_coords_log.dtype)
-        area = window[0] * window[1]
-        bias = self.mlp(coords).view(-1, self.num_heads)[_window_index(window, coords.device)]
-        bias = self.bias_act(bias.view(area, area, self.num_heads).permute(2, 0, 1))
-        if self.bias_gain is not None:
-            bias = self.bias_gain * bias
-        if self.prefix_tokens:
-            bias = F.pad(bias, [self.prefix_tokens, 0, self.prefix_tokens, 0])
-        return bias.unsqueeze(0).contiguous()
 
 
 _REL_POS = {RelPosBias: DynamicRelPosBias, RelPosBiasTf: DynamicRelPosBiasTf, RelPosMlp: DynamicRelPosMlp}
@@ -241,10 +72,17 @@ class DynamicAttention2d(maxxvit.Attention2d):
         if self.rel_pos is not None:
             bias = self.rel_pos.bias_at([H, W])
         if self.fused_attn:
-            x = F.scaled_dot_product_attention(
-                q.transpose(-1, -2).contiguous(), k.transpose(-1, -2).contiguous(), v.transpose(-1, -2).contiguous(),
-                attn_mask=bias, dropout_p=self.attn_drop.p if self.training else 0.,
-            ).transpose(-1, -2).reshape(B, -1, H, W)
+            x = (
+                F.scaled_dot_product_attention(
+                    q.transpose(-1, -2).contiguous(),
+                    k.transpose(-1, -2).contiguous(),
+                    v.transpose(-1, -2).contiguous(),
+                    attn_mask=bias,
+                    dropout_p=self.attn_drop.p if self.training else 0.0,
+                )
+                .transpose(-1, -2)
+                .reshape(B, -1, H, W)
+            )
         else:
             q = q * self.scale
             attn = q.transpose(-2, -1) @ k
@@ -269,8 +107,9 @@ class DynamicAttentionCl(maxxvit.AttentionCl):
         if self.rel_pos is not None:
             bias = self.rel_pos.bias_at([x.shape[1], x.shape[2]])
         if self.fused_attn:
-            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
-                                               dropout_p=self.attn_drop.p if self.training else 0.)
+            x = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=bias, dropout_p=self.attn_drop.p if self.training else 0.0
+            )
         else:
             q = q * self.scale
             attn = q @ k.transpose(-2, -1)
@@ -335,22 +174,6 @@ for _cls in (*_PARTITIONS.values(), *_ATTENTIONS.values()):
     register_notrace_module(_cls)  # FX: sizes are read off shapes inside; each is one leaf
 
 
-@torch.fx.wrap
-@register_notrace_function
-def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    """An image ``[B, C, H, W]`` zero-padded bottom/right to a multiple of ``multiple`` (no copy when it is one).
-
-    Example:
-        >>> pad_to_multiple(torch.zeros(1, 3, 64, 70), 32).shape
-        torch.Size([1, 3, 64, 96])
-    """
-    pad_h = (multiple - x.shape[-2] % multiple) % multiple
-    pad_w = (multiple - x.shape[-1] % multiple) % multiple
-    if pad_h > 0 or pad_w > 0:
-        x = F.pad(x, (0, pad_w, 0, pad_h))
-    return x
-
-
 def maxxvit_size_multiple(model: nn.Module) -> int:
     """What input sizes must be a multiple of: the model's total stride (its downsampling shortcuts and CoAtNet's
     whole-map tables need whole halvings), the partition ratio for partitions derived from the size, stride x
@@ -386,39 +209,28 @@ def _derived(model: nn.Module, module: nn.Module) -> bool:
     return tuple(module.partition_size) == tuple(s // ratio for s in model.img_size)
 
 
-class DynamicMaxxVit(maxxvit.MaxxVit):
+class DynamicMaxxVit(TimmIntermediates, maxxvit.MaxxVit):
     """timm's MaxxVit at any input size (set by :func:`timm_anysize.enable_dynamic`): the input padded to whole
     partitions where needed, every partition attention at its input's partition."""
 
     def _anysize_input(self, x: torch.Tensor) -> torch.Tensor:
         multiple = self._anysize_multiple
         if multiple > 1:
-            if not self._anysize_pad and (x.shape[-2] % multiple or x.shape[-1] % multiple):
-                raise ValueError(
-                    f"input {x.shape[-2]}x{x.shape[-1]} is not a multiple of {multiple}, which this MaxxViT's window "
-                    f"and grid partitions need, and padding is off; resize or crop to a multiple of {multiple}, or "
-                    f"turn padding on (pad: true in the variant's YAML, enable_dynamic(pad=True))"
-                )
-            x = pad_to_multiple(x, multiple)
+            if not self._anysize_pad and not torch.jit.is_scripting():
+                self._anysize_check(x, multiple)
+            x = pad_to_multiple(x, [multiple, multiple])
         return x
+
+    @torch.jit.unused
+    def _anysize_check(self, x: torch.Tensor, multiple: int) -> None:
+        """Padding off: refuse an input off the partitions (a scripted model pads; FX records no size check)."""
+        if not symbolic(x):
+            check_multiple(x.shape[-2:], (multiple, multiple), what="this MaxxViT's window and grid partitions")
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(self._anysize_input(x))
         x = self.stages(x)
         return self.norm(x)
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: Optional[Union[int, List[int]]] = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """timm's ``forward_intermediates`` on the (padded) input, at any size."""
-        return super().forward_intermediates(self._anysize_input(x), indices, norm, stop_early, output_fmt,
-                                             intermediates_only)
 
 
 def enable_maxxvit_dynamic(model: nn.Module, cache_size: int) -> None:
@@ -469,7 +281,12 @@ FAMILIES = (
         ),
         size_multiples=_size_multiples,
         export_note="each partition's bias table is resized by timm's interpolation over an offset grid computed in "
-                    "Python from the partition size, which torch.export specializes to the example input's size",
+        "Python from the partition size, which torch.export specializes to the example input's size",
         example="maxvit_nano_rw_256",
+        tiny=TinyModel(
+            dict(embed_dim=(16, 32, 48, 64), depths=(1, 1, 1, 1), stem_width=(16, 16), transformer_dim_head=16),
+            step=32,  # windows of img_size / 32: 2x2 at 64 px
+            conformance=gray_and_4ch((64, 96), 160),
+        ),
     ),
 )

@@ -3,7 +3,7 @@ change (declared at validation); the channels and the head can."""
 
 from timm.models import mlp_mixer
 
-from timm_anysize.core.family import Family
+from timm_anysize.core.family import Family, TinyModel, gray_and_4ch
 
 __all__ = ["FAMILIES"]
 
@@ -21,8 +21,10 @@ FAMILIES = (
         dynamic="",
         dynamic_args=(),
         dynamic_reason=f"{_TOKEN_MIXING.split(';')[0]}: one input size only",
-        unsupported={change: _TOKEN_MIXING for change in ("img_larger", "img_non_square", "patch_smaller",
-                                                           "patch_larger")},
+        unsupported={
+            change: _TOKEN_MIXING for change in ("img_larger", "img_non_square", "patch_smaller", "patch_larger")
+        },
         example="gmlp_ti16_224",
+        tiny=TinyModel(conformance=gray_and_4ch(64, 64, pretrained={"img_size": 64})),  # gMLP-Ti: 16 tokens
     ),
 )

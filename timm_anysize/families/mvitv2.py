@@ -18,11 +18,18 @@ from timm.layers import register_notrace_function, trunc_normal_tf_
 from timm.models import mvitv2
 from timm.models.mvitv2 import cal_rel_pos_type, reshape_post_pool, reshape_pre_pool
 
-from timm_anysize.core.family import OVERLAPPING_STEM, DynamicPath, Family, no_patch_change
-from timm_anysize.core.cache import PosEmbedCache, must_run_inline, traced
+from timm_anysize.core.cache import PosEmbedCache, cached_or_inline, traced
+from timm_anysize.core.family import OVERLAPPING_STEM, DynamicPath, Family, TinyModel, gray_and_4ch, no_patch_change
 from timm_anysize.core.spec import Size2
 
-__all__ = ["FAMILIES", "table_lengths", "enable_mvit_dynamic", "mvit_rel_table", "create_square_only", "fit_width_tables"]
+__all__ = [
+    "FAMILIES",
+    "table_lengths",
+    "enable_mvit_dynamic",
+    "mvit_rel_table",
+    "create_square_only",
+    "fit_width_tables",
+]
 
 
 def _pool_geometry(pool: Optional[nn.Module]) -> List[int]:
@@ -81,8 +88,10 @@ class _DynamicRelPos:
 
     def _anysize_tables(self, feat_size: List[int]) -> Tuple[torch.Tensor, torch.Tensor]:
         if torch.jit.is_scripting():
-            return (mvit_rel_table(self.rel_pos_h, feat_size[0], self._anysize_pool_q, self._anysize_pool_k, 0, False),
-                    mvit_rel_table(self.rel_pos_w, feat_size[1], self._anysize_pool_q, self._anysize_pool_k, 1, False))
+            return (
+                mvit_rel_table(self.rel_pos_h, feat_size[0], self._anysize_pool_q, self._anysize_pool_k, 0, False),
+                mvit_rel_table(self.rel_pos_w, feat_size[1], self._anysize_pool_q, self._anysize_pool_k, 1, False),
+            )
         return self._eager_table("rel_pos_h", feat_size[0], 0), self._eager_table("rel_pos_w", feat_size[1], 1)
 
     @torch.jit.unused
@@ -93,10 +102,9 @@ class _DynamicRelPos:
         length = table_lengths(self, (int(feat), int(feat)))[axis]
         if length == table.shape[0]:
             return table
-        if must_run_inline(table):
-            return _resize_axis(table, length, False)
-        key = (length, table.dtype, table.device, torch.is_inference_mode_enabled())
-        return self._anysize_caches[name].get_or_compute(key, table, lambda: _resize_axis(table, length, False).detach())
+        return cached_or_inline(
+            self._anysize_caches[name], (length,), table, lambda: _resize_axis(table, length, False)
+        )
 
 
 class DynamicMultiScaleAttention(_DynamicRelPos, mvitv2.MultiScaleAttention):
@@ -235,9 +243,7 @@ def square_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], Size2 | None]
 def fit_width_tables(model: nn.Module, img_size: Size2) -> None:
     """Give every attention of an MViTv2 built at H x H the ``rel_pos_w`` length its width needs at ``img_size``."""
     conv = model.patch_embed.proj
-    feat = tuple(
-        (s + 2 * conv.padding[a] - conv.kernel_size[a]) // conv.stride[a] + 1 for a, s in enumerate(img_size)
-    )
+    feat = tuple((s + 2 * conv.padding[a] - conv.kernel_size[a]) // conv.stride[a] + 1 for a, s in enumerate(img_size))
     for stage in model.stages:
         for block in stage.blocks:
             attn = block.attn
@@ -284,7 +290,13 @@ FAMILIES = (
             classes={mvitv2.MultiScaleVit: mvitv2.MultiScaleVit}, setup=enable_mvit_dynamic, patch_layout="none"
         ),
         onnx_note="timm's relative-position indexing multiplies by a Python float ratio of symbolic sizes "
-                  "(max(k / q, 1.0)), which the ONNX exporter cannot convert (torch 2.14)",
+        "(max(k / q, 1.0)), which the ONNX exporter cannot convert (torch 2.14)",
         example="mvitv2_tiny",
+        tiny=TinyModel(
+            step=32,
+            feature_indices=(0, 1, 2),
+            script_fx="windows",  # full width: no size args
+            conformance=gray_and_4ch((64, 96), 160),
+        ),
     ),
 )

@@ -18,12 +18,12 @@ from typing import List
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.layers import register_notrace_function
 from timm.models import FeatureListNet, nest
 
-from timm_anysize.core.cache import DEFAULT_CACHE_SIZE, PosEmbedCache, must_run_inline, symbolic, traced
-from timm_anysize.core.family import DynamicPath, Family
+from timm_anysize.core.cache import DEFAULT_CACHE_SIZE, PosEmbedCache, cached_or_inline, symbolic, traced
+from timm_anysize.core.family import DynamicPath, Family, TinyModel, gray_and_4ch
+from timm_anysize.core.padding import check_multiple, pad_to_multiple
 from timm_anysize.core.resample import resample_blocks
 
 __all__ = ["FAMILIES", "DynamicNestLevel", "DynamicNestPatchEmbed", "enable_nest_dynamic", "nest_pos_embed"]
@@ -33,8 +33,9 @@ _SQUARE = "timm builds NesT for square sizes only (its constructor asserts img_s
 
 @torch.fx.wrap
 @register_notrace_function
-def nest_pos_embed(pos_embed: torch.Tensor, grid: List[int], interpolation: str, antialias: bool,
-                   always_resample: bool) -> torch.Tensor:
+def nest_pos_embed(
+    pos_embed: torch.Tensor, grid: List[int], interpolation: str, antialias: bool, always_resample: bool
+) -> torch.Tensor:
     """A level's blocked position embedding for a ``grid`` feature map (the same blocks, each ``grid / g``): the
     embedding itself on its own grid, unless ``always_resample`` (compiling, exporting: no branch on the size).
 
@@ -91,14 +92,13 @@ class DynamicNestLevel(nest.NestLevel):
         if isinstance(grid[0], torch.fx.Proxy) or traced():  # FX: one node; compiling, exporting: no size branch
             return nest_pos_embed(pos, grid, interpolation, antialias, traced())
         key_grid = (int(grid[0]), int(grid[1]))
-        if must_run_inline(pos) or key_grid == (self._anysize_side,) * 2:
-            return nest_pos_embed(pos, list(key_grid), interpolation, antialias, False)
 
         def compute() -> torch.Tensor:
-            return nest_pos_embed(pos, list(key_grid), interpolation, antialias, False).detach()
+            return nest_pos_embed(pos, list(key_grid), interpolation, antialias, False)
 
-        key = (key_grid, pos.dtype, x.device, torch.is_inference_mode_enabled())
-        return self._anysize_pos_cache.get_or_compute(key, pos, compute)
+        if key_grid == (self._anysize_side,) * 2:  # its own grid: the embedding itself, nothing to cache
+            return compute()
+        return cached_or_inline(self._anysize_pos_cache, (key_grid,), pos, compute)
 
 
 class DynamicNestPatchEmbed(nest.PatchEmbed):
@@ -108,8 +108,7 @@ class DynamicNestPatchEmbed(nest.PatchEmbed):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._anysize_pad:
             if torch.jit.is_scripting() or self._must_pad(x):
-                m = self._anysize_multiple
-                x = F.pad(x, (0, (m - x.shape[-1] % m) % m, 0, (m - x.shape[-2] % m) % m))
+                x = pad_to_multiple(x, [self._anysize_multiple, self._anysize_multiple], True)
         elif not torch.jit.is_scripting():
             self._check_whole_blocks(x)
         return self.norm(self.proj(x))
@@ -122,13 +121,9 @@ class DynamicNestPatchEmbed(nest.PatchEmbed):
 
     @torch.jit.unused
     def _check_whole_blocks(self, x: torch.Tensor) -> None:
-        m = self._anysize_multiple
-        if not symbolic(x) and (x.shape[-2] % m or x.shape[-1] % m):
-            raise ValueError(
-                f"NesT: input {x.shape[-2]}x{x.shape[-1]} does not split into whole blocks at every level (a "
-                f"multiple of {m} px: patch x 2 ** (levels - 1)); resize or crop to a multiple of {m}, or turn "
-                f"padding on (pad: true in the variant's YAML, enable_dynamic(pad=True))"
-            )
+        if not symbolic(x):
+            m = self._anysize_multiple
+            check_multiple(x.shape[-2:], (m, m), what="NesT's whole blocks at every level (patch x 2 ** (levels - 1))")
 
 
 def _make_dynamic(model: nn.Module, interpolation: str, antialias: bool, pad: bool, cache_size: int) -> None:
@@ -136,7 +131,7 @@ def _make_dynamic(model: nn.Module, interpolation: str, antialias: bool, pad: bo
     for level in levels:
         level.__class__ = DynamicNestLevel
         t, n = level.pos_embed.shape[1:3]
-        level._anysize_blocks = int(round(t ** 0.5))
+        level._anysize_blocks = int(round(t**0.5))
         level._anysize_side = int(round((t * n) ** 0.5))
         level._anysize_interpolation, level._anysize_antialias = interpolation, antialias
         level._anysize_pos_cache = PosEmbedCache(cache_size)
@@ -172,11 +167,17 @@ FAMILIES = (
         tensors=(("levels.*.pos_embed", "pos_blocks"),),
         unsupported={"img_non_square": _SQUARE},
         onnx_note="ONNX stops on timm's own attention (plain timm's NesT too): a 5-D scaled_dot_product_attention "
-                  "over blocks x tokens, which onnxscript converts in 4-D only",
+        "over blocks x tokens, which onnxscript converts in 4-D only",
         dynamic_args=(),  # enable_dynamic swaps in levels that read their grid off their input
         dynamic_features=True,
-        runtime=DynamicPath(classes={nest.Nest: nest.Nest}, setup=enable_nest_dynamic, patch_layout="none",
-                            enable=_enable_features, claims=_claims),
+        runtime=DynamicPath(
+            classes={nest.Nest: nest.Nest},
+            setup=enable_nest_dynamic,
+            patch_layout="none",
+            enable=_enable_features,
+            claims=_claims,
+        ),
         example="nest_tiny",
+        tiny=TinyModel(conformance=gray_and_4ch(64, 128)),  # NesT-T (fixed widths): 4x4 blocks of 4x4 patches
     ),
 )

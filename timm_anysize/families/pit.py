@@ -4,27 +4,32 @@ The stem takes any input size, keeping whole output positions; timm adds a posit
 after it. At the model's own size the path is timm's own, bit for bit.
 """
 
-from typing import List, Optional, Tuple, Union
+from typing import Tuple
 
 import torch
+import torch.nn as nn
 from timm.models import pit
-from timm.models._features import feature_take_indices  # timm exports it from no public module
 
 from timm_anysize.core.cache import dynamic_image_pos_embed, resample_image_pos
-from timm_anysize.core.family import DynamicPath, Family, no_patch_change
+from timm_anysize.core.family import DynamicPath, Family, TinyModel, gray_and_4ch, no_patch_change
+from timm_anysize.core.intermediates import Intermediates
 
 __all__ = ["FAMILIES", "DynamicPit"]
 
 
-class DynamicPit(pit.PoolingVisionTransformer):
+class DynamicPit(Intermediates, pit.PoolingVisionTransformer):
     """timm's PiT with its ``[1, C, H, W]`` position embedding resampled to the stem's output grid."""
+
+    intermediates_formats = ("NCHW",)
+    intermediates_format_error = "Output shape must be NCHW."
 
     def _anysize_pos(self, x: torch.Tensor) -> torch.Tensor:
         """The stem's output plus the position embedding of its grid."""
         x = self.patch_embed(x)
         if torch.jit.is_scripting():
-            pos_embed = resample_image_pos(self.pos_embed, [x.shape[-2], x.shape[-1]], self._anysize_interpolation,
-                                           self._anysize_antialias, False)
+            pos_embed = resample_image_pos(
+                self.pos_embed, [x.shape[-2], x.shape[-1]], self._anysize_interpolation, self._anysize_antialias, False
+            )
         else:
             pos_embed = dynamic_image_pos_embed(self, x.shape[-2:], channels_last=False)
         return self.pos_drop(x + pos_embed)
@@ -35,33 +40,25 @@ class DynamicPit(pit.PoolingVisionTransformer):
         x, cls_tokens = self.transformers((x, cls_tokens))
         return self.norm(cls_tokens)
 
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: Optional[Union[int, List[int]]] = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """timm's ``forward_intermediates`` with the position embedding of the input's grid (any size)."""
-        assert output_fmt in ("NCHW",), "Output shape must be NCHW."
-        intermediates = []
-        take_indices, max_index = feature_take_indices(len(self.transformers), indices)
+    def _intermediates_embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         x = self._anysize_pos(x)
-        cls_tokens = self.cls_token.expand(x.shape[0], -1, -1)
-        last_idx = len(self.transformers) - 1
-        stages = self.transformers if torch.jit.is_scripting() or not stop_early else self.transformers[:max_index + 1]
-        feat_idx = 0
-        for feat_idx, stage in enumerate(stages):
-            x, cls_tokens = stage((x, cls_tokens))
-            if feat_idx in take_indices:
-                intermediates.append(x)
-        if intermediates_only:
-            return intermediates
-        if feat_idx == last_idx:
-            cls_tokens = self.norm(cls_tokens)
-        return cls_tokens, intermediates
+        return x, self.cls_token.expand(x.shape[0], -1, -1)  # the class tokens travel as the context
+
+    def _intermediates_blocks(self) -> nn.Sequential:
+        return self.transformers
+
+    def _intermediates_block(
+        self, i: int, stage: nn.Module, x: torch.Tensor, cls_tokens: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        return stage((x, cls_tokens))
+
+    def _intermediates_feature(
+        self, i: int, x: torch.Tensor, cls_tokens: torch.Tensor, norm: bool, output_fmt: str
+    ) -> torch.Tensor:
+        return x
+
+    def _intermediates_final(self, x: torch.Tensor, cls_tokens: torch.Tensor, last: bool) -> torch.Tensor:
+        return self.norm(cls_tokens) if last else cls_tokens
 
 
 FAMILIES = (
@@ -76,5 +73,6 @@ FAMILIES = (
         dynamic_args=(),  # conv stems take any size; enable_dynamic resamples the position embedding
         runtime=DynamicPath(classes={pit.PoolingVisionTransformer: DynamicPit}, patch_layout="none"),
         example="pit_ti_224",
+        tiny=TinyModel(dict(depth=(1, 1, 1)), script_fx="tokens", conformance=gray_and_4ch((64, 96), 136)),
     ),
 )

@@ -11,28 +11,33 @@ inputs that are not whole patches are padded (``pad``), and the global tables st
 per call: a few thousand numbers). At the model's own size every path is timm's own, bit for bit.
 """
 
-from typing import List, Optional, Tuple, Union
+from typing import Tuple
 
 import torch
+import torch.nn as nn
 from timm.models import checkpoint, checkpoint_seq, vision_transformer_sam
-from timm.models._features import feature_take_indices  # timm exports it from no public module
 
 from timm_anysize.core.cache import dynamic_image_pos_embed, resample_image_pos
-from timm_anysize.core.family import DynamicPath, Family
+from timm_anysize.core.family import DynamicPath, Family, TinyModel, gray_and_4ch
+from timm_anysize.core.intermediates import Intermediates
 
 __all__ = ["FAMILIES", "DynamicVisionTransformerSAM"]
 
 
-class DynamicVisionTransformerSAM(vision_transformer_sam.VisionTransformerSAM):
+class DynamicVisionTransformerSAM(Intermediates, vision_transformer_sam.VisionTransformerSAM):
     """timm's VisionTransformerSAM with its NHWC position embedding resampled to the input's grid (cached)."""
+
+    intermediates_formats = ("NCHW",)
+    intermediates_format_error = "Output shape for ViT-SAM must be NCHW."
 
     def _anysize_embed(self, x: torch.Tensor) -> torch.Tensor:
         """Patch embedding (padded to whole patches where ``pad``) plus the position embedding of its grid."""
         x = self.patch_embed(x)
         if self.pos_embed is not None:
             if torch.jit.is_scripting():
-                pos_embed = resample_image_pos(self.pos_embed, [x.shape[1], x.shape[2]], self._anysize_interpolation,
-                                               self._anysize_antialias, True)
+                pos_embed = resample_image_pos(
+                    self.pos_embed, [x.shape[1], x.shape[2]], self._anysize_interpolation, self._anysize_antialias, True
+                )
             else:
                 pos_embed = dynamic_image_pos_embed(self, x.shape[1:3], channels_last=True)
             x = x + pos_embed
@@ -48,32 +53,20 @@ class DynamicVisionTransformerSAM(vision_transformer_sam.VisionTransformerSAM):
             x = self.blocks(x)
         return self.neck(x.permute(0, 3, 1, 2))
 
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: Optional[Union[int, List[int]]] = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """timm's ``forward_intermediates`` with the position embedding of the input's grid (any size)."""
-        assert output_fmt == "NCHW", "Output shape for ViT-SAM must be NCHW."
-        intermediates = []
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        x = self._anysize_embed(x)
-        blocks = self.blocks if torch.jit.is_scripting() or not stop_early else self.blocks[:max_index + 1]
-        for i, blk in enumerate(blocks):
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint(blk, x)
-            else:
-                x = blk(x)
-            if i in take_indices:
-                # norm is intertwined with the neck's convs (timm applies both)
-                intermediates.append(self.neck(x.permute(0, 3, 1, 2)) if norm else x.permute(0, 3, 1, 2))
-        if intermediates_only:
-            return intermediates
-        return self.neck(x.permute(0, 3, 1, 2)), intermediates
+    def _intermediates_embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, None]:
+        return self._anysize_embed(x), None
+
+    def _intermediates_block(self, i: int, blk: nn.Module, x: torch.Tensor, ctx: None) -> Tuple[torch.Tensor, None]:
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint(blk, x), ctx
+        return blk(x), ctx
+
+    def _intermediates_feature(self, i: int, x: torch.Tensor, ctx: None, norm: bool, output_fmt: str) -> torch.Tensor:
+        # norm is intertwined with the neck's convs (timm applies both)
+        return self.neck(x.permute(0, 3, 1, 2)) if norm else x.permute(0, 3, 1, 2)
+
+    def _intermediates_final(self, x: torch.Tensor, ctx: None, last: bool) -> torch.Tensor:
+        return self.neck(x.permute(0, 3, 1, 2))
 
 
 FAMILIES = (
@@ -88,5 +81,17 @@ FAMILIES = (
         export_note="timm's window partition pads the grid to whole windows and views it by the padded size; "
         "torch.export cannot keep that symbolic in H and W (a guard fails)",
         example="samvit_base_patch16",
+        tiny=TinyModel(
+            dict(embed_dim=64, depth=2, num_heads=2, global_attn_indexes=[1], window_size=2, neck_chans=32),
+            script_fx="fsam",
+            conformance=gray_and_4ch(
+                (96, 160),
+                144,
+                patch_size=12,
+                model_args=dict(
+                    embed_dim=64, depth=3, num_heads=2, global_attn_indexes=[2], window_size=2, neck_chans=32
+                ),
+            ),
+        ),
     ),
 )

@@ -23,8 +23,12 @@ import torch.nn.functional as F
 from timm.layers import PatchEmbed, register_notrace_function
 from timm.models import FeatureListNet, swin_transformer, swin_transformer_v2, swin_transformer_v2_cr
 
-from timm_anysize.core.family import REL_TABLE, DynamicPath, Family
 from timm_anysize.core.cache import traced
+from timm_anysize.core.family import REL_TABLE, DynamicPath, Family, TinyModel, gray_and_4ch
+from timm_anysize.core.flexi_embed import FlexiPatchEmbedMixin
+from timm_anysize.core.padding import pad_to_multiple
+
+torch.fx.wrap("pad_to_multiple")  # a leaf of plain FX traces here too (fx.wrap patches this module's globals)
 
 __all__ = [
     "FAMILIES",
@@ -34,6 +38,7 @@ __all__ = [
     "window_merge",
     "enable_swin_dynamic",
     "pads_at_own_size",
+    "padding_card_note",
     "SWIN_BLOCKS",
 ]
 
@@ -49,7 +54,13 @@ def _bands(idx: torch.Tensor, n: int, window: int, shift: int) -> torch.Tensor:
 
 
 def _mask(
-    h: int, w: int, hp: int, wp: int, window: List[int], shift: List[int], device: Optional[torch.device],
+    h: int,
+    w: int,
+    hp: int,
+    wp: int,
+    window: List[int],
+    shift: List[int],
+    device: Optional[torch.device],
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """The additive mask ``[num_windows, area, area]`` from sizes alone (no shape branch)."""
@@ -66,7 +77,11 @@ def _mask(
 
 
 def shifted_window_mask(
-    size: List[int], padded: List[int], window: List[int], shift: List[int], device: Optional[torch.device] = None,
+    size: List[int],
+    padded: List[int],
+    window: List[int],
+    shift: List[int],
+    device: Optional[torch.device] = None,
     dtype: torch.dtype = torch.float32,
 ) -> Optional[torch.Tensor]:
     """The additive attention mask ``[num_windows, area, area]`` of one block, or None when nothing is masked.
@@ -89,8 +104,14 @@ def shifted_window_mask(
 
 
 @lru_cache(maxsize=64)
-def _cached_mask(size: Tuple[int, int], padded: Tuple[int, int], window: Tuple[int, int], shift: Tuple[int, int],
-                 device: torch.device, dtype: torch.dtype) -> Optional[torch.Tensor]:
+def _cached_mask(
+    size: Tuple[int, int],
+    padded: Tuple[int, int],
+    window: Tuple[int, int],
+    shift: Tuple[int, int],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> Optional[torch.Tensor]:
     return shifted_window_mask(size, padded, window, shift, device, dtype)
 
 
@@ -207,30 +228,22 @@ class DynamicSwinV2CrBlock(_WindowAttention, swin_transformer_v2_cr.SwinTransfor
         return self._window_attn(x)
 
 
-@torch.fx.wrap
-@register_notrace_function
-def pad_to_patch(x: torch.Tensor, patch_size: List[int], always_pad: bool) -> torch.Tensor:
-    """An image ``[B, C, H, W]`` padded bottom/right to whole patches, as timm's ``PatchEmbed`` pads.
-
-    Example:
-        >>> pad_to_patch(torch.zeros(1, 3, 30, 32), [4, 4], False).shape
-        torch.Size([1, 3, 32, 32])
-    """
-    pad_h = (patch_size[0] - x.shape[-2] % patch_size[0]) % patch_size[0]
-    pad_w = (patch_size[1] - x.shape[-1] % patch_size[1]) % patch_size[1]
-    if always_pad or pad_h > 0 or pad_w > 0:
-        x = F.pad(x, (0, pad_w, 0, pad_h))
-    return x
-
-
 class DynamicCrPatchEmbed(swin_transformer_v2_cr.PatchEmbed):
     """SwinV2-CR's patch embedding, which cannot pad, padding its input (``_anysize_pad``) as timm's PatchEmbed."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._anysize_pad:
-            x = pad_to_patch(x, [self.patch_size[0], self.patch_size[1]], not torch.jit.is_scripting() and traced())
+            x = pad_to_multiple(x, [self.patch_size[0], self.patch_size[1]], not torch.jit.is_scripting() and traced())
         x = self.proj(x)
         return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class FlexiCrPatchEmbedMixin(FlexiPatchEmbedMixin):
+    """SwinV2-CR's patch embedding at a run-time patch size (its row's ``flexi_mixin``): its norm runs over the
+    channels of the NCHW map the projection gives, where timm's ``PatchEmbed`` flattens to tokens first."""
+
+    def _anysize_layout(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # type: ignore[attr-defined]
 
 
 SWIN_BLOCKS: dict = {
@@ -274,6 +287,24 @@ def pads_at_own_size(model: nn.Module) -> bool:
     return False
 
 
+def padding_card_note(model: nn.Module) -> str:
+    """The model card's line for a Swin-family variant whose stages pad at its own size (:func:`pads_at_own_size`:
+    plain timm's outputs there differ slightly), else "" (the rows' ``card_note``).
+
+    Example:
+        >>> import timm
+        >>> padding_card_note(timm.create_model("swin_tiny_patch4_window7_224", depths=(1, 1, 1, 1)))
+        ''
+    """
+    if not pads_at_own_size(model):
+        return ""
+    return (
+        "At this size some Swin stages are padded to whole windows. timm-anysize masks the padding and the "
+        "wrap-around of the shifted windows exactly; timm 1.0.31 rolls before padding, so plain timm's outputs "
+        "here differ slightly from the ones this variant was evaluated with."
+    )
+
+
 def _claims(model: nn.Module) -> bool:
     """A Swin-family model, or a ``features_only`` wrapper holding Swin blocks (flattened into it by timm)."""
     if type(model) in SWIN_MODELS:
@@ -300,8 +331,16 @@ FAMILIES = (
         dynamic="cached",
         dynamic_args=_SWIN_DYNAMIC,
         runtime=_RUNTIME,
+        card_note=padding_card_note,
         export_note=_EXPORT_NOTE,
         example="swin_tiny_patch4_window7_224",
+        tiny=TinyModel(
+            dict(embed_dim=32, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1), window_size=4),
+            step=8,
+            feature_indices=(0, 1, 2),
+            script_fx="windows",
+            conformance=gray_and_4ch((64, 96), 136),
+        ),
     ),
     Family(
         name="swinv2",
@@ -311,18 +350,35 @@ FAMILIES = (
         dynamic="cached",
         dynamic_args=_SWIN_DYNAMIC,
         runtime=_RUNTIME,
+        card_note=padding_card_note,
         export_note=_EXPORT_NOTE,
         example="swinv2_tiny_window8_256",
+        tiny=TinyModel(
+            dict(embed_dim=32, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1), window_size=4),
+            step=8,
+            feature_indices=(0, 1, 2),
+            script_fx="windows",
+            conformance=gray_and_4ch((64, 96), 136),
+        ),
     ),
     Family(
         name="swinv2_cr",
+        flexi_mixin=FlexiCrPatchEmbedMixin,
         dynamic_features=True,
         classes=(swin_transformer_v2_cr.SwinTransformerV2Cr,),
         tensors=(),
         dynamic="cached",
         dynamic_args=_SWIN_DYNAMIC,
         runtime=_RUNTIME,
+        card_note=padding_card_note,
         export_note=_EXPORT_NOTE,
         example="swinv2_cr_tiny_224",
+        tiny=TinyModel(
+            dict(embed_dim=32, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1), window_size=4),
+            step=8,
+            feature_indices=(0, 1, 2),
+            script_fx="windows",
+            conformance=gray_and_4ch((64, 96), 136),
+        ),
     ),
 )

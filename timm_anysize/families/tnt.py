@@ -12,40 +12,24 @@ resampled to the input's grid and cached; the blocks are timm's own (they read t
 the model's own size every step is timm's, bit for bit.
 """
 
-from typing import List, Optional, Tuple, Union
+from typing import List, Tuple
 
 import torch
-import torch.nn.functional as F
-from timm.layers import register_notrace_function
+import torch.nn as nn
 from timm.models import checkpoint, tnt
-from timm.models._features import feature_take_indices  # timm exports it from no public module
 
 from timm_anysize.core.cache import dynamic_pos_embed, patch_grid, resample_pos_tokens, traced
-from timm_anysize.core.errors import InputNotDivisibleError
-from timm_anysize.core.family import DynamicPath, Family, no_patch_change
+from timm_anysize.core.family import DynamicPath, Family, TinyModel, gray_and_4ch, no_patch_change
+from timm_anysize.core.intermediates import PrefixTokenIntermediates, token_features
+from timm_anysize.core.padding import check_multiple, pad_to_multiple
 from timm_anysize.core.spec import Size2
 
-__all__ = ["FAMILIES", "DynamicTNT", "pad_to_patches"]
+torch.fx.wrap("pad_to_multiple")  # a leaf of plain FX traces here too (fx.wrap patches this module's globals)
+
+__all__ = ["FAMILIES", "DynamicTNT"]
 
 
-@torch.fx.wrap
-@register_notrace_function
-def pad_to_patches(x: torch.Tensor, patch_size: List[int], always: bool) -> torch.Tensor:
-    """An image ``[B, C, H, W]`` zero-padded bottom/right to whole patches (as timm's ``dynamic_img_pad``); the image
-    itself when it already is, unless ``always`` (scripting, compiling, exporting: no branch on the size).
-
-    Example:
-        >>> pad_to_patches(torch.ones(1, 3, 30, 32), [16, 16], False).shape
-        torch.Size([1, 3, 32, 32])
-    """
-    pad_h = (patch_size[0] - x.shape[-2] % patch_size[0]) % patch_size[0]
-    pad_w = (patch_size[1] - x.shape[-1] % patch_size[1]) % patch_size[1]
-    if not always and pad_h == 0 and pad_w == 0:
-        return x
-    return F.pad(x, (0, pad_w, 0, pad_h))
-
-
-class DynamicTNT(tnt.TNT):
+class DynamicTNT(PrefixTokenIntermediates, tnt.TNT):
     """timm's TNT at any input size: whole patches of the input, ``patch_pos`` resampled to its grid (cached)."""
 
     def _anysize_embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
@@ -54,7 +38,7 @@ class DynamicTNT(tnt.TNT):
         ps = [pe.patch_size[0], pe.patch_size[1]]
         pad = self._anysize_dynamic_pad
         if pad:  # scripting, compiling, exporting: always pad (no branch on the size)
-            x = pad_to_patches(x, ps, torch.jit.is_scripting() or self._anysize_traced())
+            x = pad_to_multiple(x, ps, torch.jit.is_scripting() or self._anysize_traced())
         elif not torch.jit.is_scripting():
             self._anysize_check_divisible(x, ps)
         grid = patch_grid(x, ps, False)
@@ -73,8 +57,15 @@ class DynamicTNT(tnt.TNT):
         patch_embed = torch.cat((self.cls_token.expand(B, -1, -1), patch_embed), dim=1)
         if torch.jit.is_scripting():
             native = pe.grid_size
-            pos = resample_pos_tokens(self.patch_pos, grid, [native[0], native[1]], 1, self._anysize_interpolation,
-                                      self._anysize_antialias, self._anysize_compat)
+            pos = resample_pos_tokens(
+                self.patch_pos,
+                grid,
+                [native[0], native[1]],
+                1,
+                self._anysize_interpolation,
+                self._anysize_antialias,
+                self._anysize_compat,
+            )
         else:
             pos = dynamic_pos_embed(self, grid, prefix=1, name="patch_pos", native=pe.grid_size)
         return pixel_embed, self.pos_drop(patch_embed + pos), grid
@@ -87,13 +78,7 @@ class DynamicTNT(tnt.TNT):
     def _anysize_check_divisible(self, x: torch.Tensor, ps: List[int]) -> None:
         if isinstance(x, torch.fx.Proxy) or traced():
             return
-        h, w = x.shape[-2:]
-        if h % ps[0] or w % ps[1]:
-            raise InputNotDivisibleError(
-                f"input {h}x{w} is not a multiple of the patch {ps[0]}x{ps[1]} and padding is off; resize or crop "
-                f"to a multiple of the patch, or turn padding on (pad: true in the variant's YAML, "
-                f"enable_dynamic(pad=True))"
-            )
+        check_multiple(x.shape[-2:], ps)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         pixel_embed, patch_embed, _ = self._anysize_embed(x)
@@ -104,40 +89,24 @@ class DynamicTNT(tnt.TNT):
                 pixel_embed, patch_embed = blk(pixel_embed, patch_embed)
         return self.norm(patch_embed)
 
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: Optional[Union[int, List[int]]] = None,
-        return_prefix_tokens: bool = False,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """timm's ``forward_intermediates`` at the input's patch grid (any size)."""
-        assert output_fmt in ("NCHW", "NLC"), "Output format must be one of NCHW or NLC."
-        intermediates = []
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        B = x.shape[0]
+    def _intermediates_embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[torch.Tensor, List[int]]]:
         pixel_embed, patch_embed, grid = self._anysize_embed(x)
-        blocks = self.blocks if torch.jit.is_scripting() or not stop_early else self.blocks[:max_index + 1]
-        for i, blk in enumerate(blocks):
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                pixel_embed, patch_embed = checkpoint(blk, pixel_embed, patch_embed)
-            else:
-                pixel_embed, patch_embed = blk(pixel_embed, patch_embed)
-            if i in take_indices:
-                intermediates.append(self.norm(patch_embed) if norm else patch_embed)
-        prefix_tokens = [y[:, 0:self.num_prefix_tokens] for y in intermediates]
-        intermediates = [y[:, self.num_prefix_tokens:] for y in intermediates]
-        if output_fmt == "NCHW":
-            intermediates = [y.reshape(B, grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous()
-                             for y in intermediates]
-        if not torch.jit.is_scripting() and return_prefix_tokens:
-            intermediates = list(zip(intermediates, prefix_tokens))
-        if intermediates_only:
-            return intermediates
-        return self.norm(patch_embed), intermediates
+        return patch_embed, (pixel_embed, grid)  # the inner (pixel) stream travels as the context
+
+    def _intermediates_block(
+        self, i: int, blk: nn.Module, patch_embed: torch.Tensor, ctx: Tuple[torch.Tensor, List[int]]
+    ) -> Tuple[torch.Tensor, Tuple[torch.Tensor, List[int]]]:
+        pixel_embed, grid = ctx
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            pixel_embed, patch_embed = checkpoint(blk, pixel_embed, patch_embed)
+        else:
+            pixel_embed, patch_embed = blk(pixel_embed, patch_embed)
+        return patch_embed, (pixel_embed, grid)
+
+    def _intermediates_feature(
+        self, i: int, x: torch.Tensor, ctx: Tuple[torch.Tensor, List[int]], norm: bool, output_fmt: str
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        return token_features(self.norm(x) if norm else x, ctx[1], self.num_prefix_tokens, output_fmt)
 
 
 def _setup(model: tnt.TNT, cache_size: int) -> None:
@@ -167,5 +136,14 @@ FAMILIES = (
         runtime=DynamicPath(classes={tnt.TNT: DynamicTNT}, setup=_setup, patch_layout="none"),
         size_multiples=_whole_patches,
         example="tnt_s_patch16_224",
+        tiny=TinyModel(
+            dict(embed_dim=64, depth=2, inner_dim=16, num_heads_inner=2, num_heads_outer=2),
+            script_fx="fsam",
+            conformance=gray_and_4ch(
+                (96, 160),
+                144,
+                model_args=dict(embed_dim=64, depth=3, inner_dim=16, num_heads_inner=2, num_heads_outer=2),
+            ),
+        ),
     ),
 )

@@ -3,7 +3,7 @@ channels; the channels are adapted per block offset. No tensor depends on the im
 
 from timm.models import tresnet
 
-from timm_anysize.core.family import Family, no_patch_change
+from timm_anysize.core.family import Family, TinyModel, gray_and_4ch, no_patch_change
 
 __all__ = ["FAMILIES"]
 
@@ -19,8 +19,16 @@ FAMILIES = (
         dynamic="native",
         whole_patches=True,  # timm's forward neither pads nor crops
         dynamic_args=(),
-        unsupported=no_patch_change("TResNet's stem is a fixed 4x4 space-to-depth followed by a 3x3 convolution; "
-                                    "there is no patch kernel to resize"),
+        unsupported=no_patch_change(
+            "TResNet's stem is a fixed 4x4 space-to-depth followed by a 3x3 convolution; "
+            "there is no patch kernel to resize"
+        ),
         example="tresnet_m",
+        tiny=TinyModel(
+            dict(layers=[1, 1, 1, 1], width_factor=0.25),
+            step=32,
+            img_size_arg=False,
+            conformance=gray_and_4ch((96, 160), 128),
+        ),
     ),
 )

@@ -3,7 +3,7 @@ size."""
 
 from timm.models import twins
 
-from timm_anysize.core.family import Family
+from timm_anysize.core.family import Family, TinyModel, gray_and_4ch
 
 __all__ = ["FAMILIES"]
 
@@ -18,8 +18,15 @@ FAMILIES = (
         dynamic="native",
         dynamic_args=(),
         export_note="torch.export takes symbolic sizes to be at least 2, so the program refuses inputs where a stage "
-                    "has a single row or column of attention windows; ONNX also stops on timm's own 5-D "
-                    "scaled_dot_product_attention (as NesT's); torch.compile(dynamic=True) equals eager (tested)",
+        "has a single row or column of attention windows; ONNX also stops on timm's own 5-D "
+        "scaled_dot_product_attention (as NesT's); torch.compile(dynamic=True) equals eager (tested)",
         example="twins_svt_small",
+        tiny=TinyModel(
+            dict(embed_dims=(32, 64, 128, 256), depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8)),
+            step=32,
+            feature_indices=(0, 1, 2),
+            script_fx="windows",
+            conformance=gray_and_4ch((64, 96), 160),
+        ),
     ),
 )

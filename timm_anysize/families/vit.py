@@ -15,23 +15,15 @@ from timm.layers import HybridEmbed
 from timm.models import vision_transformer
 
 from timm_anysize.core.cache import dynamic_pos_embed, resample_pos_tokens
-from timm_anysize.core.family import DynamicPath, Family, no_patch_change
+from timm_anysize.core.family import DynamicPath, Family, TinyModel, gray_and_4ch, no_patch_change
+from timm_anysize.families._shared import add_pos_embed
 
-__all__ = ["FAMILIES", "DynamicVisionTransformer", "add_pos_embed"]
-
-
-def add_pos_embed(x: torch.Tensor, pos_embed: torch.Tensor, prefix: List[torch.Tensor], no_embed_class: bool):
-    """timm's token layout: add then concat prefix tokens (no_embed_class), or concat then add."""
-    if no_embed_class:
-        x = x + pos_embed
-        return torch.cat(prefix + [x], dim=1) if len(prefix) > 0 else x
-    if len(prefix) > 0:
-        x = torch.cat(prefix + [x], dim=1)
-    return x + pos_embed
+__all__ = ["FAMILIES", "DynamicVisionTransformer"]
 
 
 # TorchScript compiles the branches under ``torch.jit.is_scripting()``: the same resampling (function and options)
 # as the eager path, without its cache. Eager code (the cache, ``super()``) sits behind ``not is_scripting()``.
+
 
 class DynamicVisionTransformer(vision_transformer.VisionTransformer):
     """timm's VisionTransformer with a cached dynamic position embedding (set by :func:`enable_dynamic`)."""
@@ -48,8 +40,13 @@ class DynamicVisionTransformer(vision_transformer.VisionTransformer):
         if torch.jit.is_scripting():
             grid = self.patch_embed.grid_size
             pos_embed = resample_pos_tokens(
-                self.pos_embed, [H, W], [grid[0], grid[1]], 0 if self.no_embed_class else self.num_prefix_tokens,
-                self._anysize_interpolation, self._anysize_antialias, self._anysize_compat,
+                self.pos_embed,
+                [H, W],
+                [grid[0], grid[1]],
+                0 if self.no_embed_class else self.num_prefix_tokens,
+                self._anysize_interpolation,
+                self._anysize_antialias,
+                self._anysize_compat,
             )
         else:
             pos_embed = dynamic_pos_embed(self, (H, W))
@@ -72,6 +69,11 @@ FAMILIES = (
         checkpoint_filter=partial(vision_transformer.checkpoint_filter_fn, adapt_layer_scale=True),
         runtime=_RUNTIME,
         example="test_vit",
+        tiny=TinyModel(
+            img_size=160,
+            script_fx="tokens",  # test_vit is already tiny
+            conformance=gray_and_4ch((96, 160), 144, patch_size=12),
+        ),
         matches=lambda m: not _is_hybrid(m),
     ),
     Family(
@@ -84,6 +86,12 @@ FAMILIES = (
         ),
         runtime=_RUNTIME,
         example="vitamin_small_224",
+        tiny=TinyModel(
+            dict(depth=1),
+            feature_indices=(0,),
+            script_fx="tokens",  # depth 1: one feature level
+            conformance=gray_and_4ch((64, 96), 144),
+        ),
         matches=_is_hybrid,
     ),
 )

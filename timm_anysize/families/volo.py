@@ -3,25 +3,30 @@
 The strided conv stem takes any input size; at the model's own size the path is timm's own, bit for bit.
 """
 
-from typing import List, Optional, Tuple, Union
+from typing import List, Tuple
 
 import torch
+import torch.nn as nn
 from timm.models import volo
-from timm.models._features import feature_take_indices  # timm exports it from no public module
 
 from timm_anysize.core.cache import dynamic_image_pos_embed, resample_image_pos
-from timm_anysize.core.family import NO_CONV_PATCH, DynamicPath, Family, no_patch_change
+from timm_anysize.core.family import NO_CONV_PATCH, DynamicPath, Family, TinyModel, gray_and_4ch, no_patch_change
+from timm_anysize.core.intermediates import Intermediates
 
 __all__ = ["FAMILIES", "DynamicVolo"]
 
 
-class DynamicVolo(volo.VOLO):
+class DynamicVolo(Intermediates, volo.VOLO):
     """timm's VOLO with its ``[1, H, W, C]`` position embedding resampled to the grid after the outlookers."""
+
+    intermediates_formats = ("NCHW",)
+    intermediates_format_error = "Output format must be NCHW."
 
     def _anysize_pos(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
-            pos_embed = resample_image_pos(self.pos_embed, [x.shape[1], x.shape[2]], self._anysize_interpolation,
-                                           self._anysize_antialias, True)
+            pos_embed = resample_image_pos(
+                self.pos_embed, [x.shape[1], x.shape[2]], self._anysize_interpolation, self._anysize_antialias, True
+            )
         else:
             pos_embed = dynamic_image_pos_embed(self, x.shape[1:3], channels_last=True)
         return self.pos_drop(x + pos_embed)
@@ -34,41 +39,31 @@ class DynamicVolo(volo.VOLO):
         B, H, W, C = x.shape
         return x.reshape(B, -1, C)
 
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: Optional[Union[int, List[int]]] = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """timm's ``forward_intermediates`` with the position embedding of the input's grid (any size)."""
-        assert output_fmt in ("NCHW",), "Output format must be NCHW."
-        intermediates = []
-        take_indices, max_index = feature_take_indices(len(self.stage_ends), indices)
-        take_indices = [self.stage_ends[i] for i in take_indices]
-        max_index = self.stage_ends[max_index]
-        x = self.patch_embed(x).permute(0, 2, 3, 1)  # B,C,H,W-> B,H,W,C
-        network = self.network if torch.jit.is_scripting() or not stop_early else self.network[:max_index + 1]
-        last_idx = len(self.network) - 1
-        idx = 0
-        for idx, block in enumerate(network):
-            if idx == 2 and self.pos_embed is not None:
-                x = self._anysize_pos(x)
-            x = block(x)
-            if idx in take_indices:
-                x_inter = self.norm(x) if norm and idx >= 2 else x
-                intermediates.append(x_inter.permute(0, 3, 1, 2))
-        if intermediates_only:
-            return intermediates
-        if idx == last_idx:
-            B, H, W, C = x.shape
-            x = x.reshape(B, -1, C)
-            if self.post_network is not None:
-                x = self.forward_cls(x)
-            x = self.norm(x)
-        return x, intermediates
+    def _intermediates_embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, None]:
+        return self.patch_embed(x).permute(0, 2, 3, 1), None  # B,C,H,W-> B,H,W,C
+
+    def _intermediates_blocks(self) -> nn.ModuleList:
+        return self.network
+
+    def _intermediates_ends(self) -> List[int]:
+        return self.stage_ends
+
+    def _intermediates_block(self, i: int, block: nn.Module, x: torch.Tensor, ctx: None) -> Tuple[torch.Tensor, None]:
+        if i == 2 and self.pos_embed is not None:  # where timm adds it: after the outlooker stage
+            x = self._anysize_pos(x)
+        return block(x), ctx
+
+    def _intermediates_feature(self, i: int, x: torch.Tensor, ctx: None, norm: bool, output_fmt: str) -> torch.Tensor:
+        return (self.norm(x) if norm and i >= 2 else x).permute(0, 3, 1, 2)
+
+    def _intermediates_final(self, x: torch.Tensor, ctx: None, last: bool) -> torch.Tensor:
+        if not last:
+            return x
+        B, H, W, C = x.shape
+        x = x.reshape(B, -1, C)
+        if self.post_network is not None:
+            x = self.forward_cls(x)
+        return self.norm(x)
 
 
 FAMILIES = (
@@ -81,5 +76,6 @@ FAMILIES = (
         dynamic_args=(),  # conv stems take any size; enable_dynamic resamples the position embedding
         runtime=DynamicPath(classes={volo.VOLO: DynamicVolo}, patch_layout="none"),
         example="volo_d1_224",
+        tiny=TinyModel(script_fx="tokens", conformance=gray_and_4ch((64, 96), 136)),  # full width: no size args
     ),
 )

@@ -2,7 +2,7 @@
 
 from timm.models import xcit
 
-from timm_anysize.core.family import NO_CONV_PATCH, Family, no_patch_change
+from timm_anysize.core.family import NO_CONV_PATCH, Family, TinyModel, gray_and_4ch, no_patch_change
 
 __all__ = ["FAMILIES"]
 
@@ -17,5 +17,8 @@ FAMILIES = (
         dynamic="native",
         dynamic_args=(),
         example="xcit_nano_12_p16_224",
+        tiny=TinyModel(
+            dict(depth=2), script_fx="windows", conformance=gray_and_4ch((64, 96), 144, model_args=dict(depth=3))
+        ),
     ),
 )

@@ -13,12 +13,11 @@ from typing import Any, Optional
 
 import torch
 
+from timm_anysize.core.compat import COMPAT_PRESETS, compat_preset, compat_resample_pos_embed
 from timm_anysize.core.errors import WeightsError
-from timm_anysize.core.meta import build_meta
 from timm_anysize.core.report import summarize_keys
 from timm_anysize.core.spec import SELECT, register_layout_names
 from timm_anysize.origins import dino, mmpretrain, torchvision, transformers
-from timm_anysize.core.compat import COMPAT_PRESETS, compat_preset, compat_resample_pos_embed
 from timm_anysize.origins.mapping import Conversion, Layout
 
 __all__ = [
@@ -35,12 +34,11 @@ __all__ = [
     "compat_resample_pos_embed",
     "config_geometry",
     "reads_transformers_config",
+    "model_numerics",
 ]
 
 LAYOUTS: dict[str, Layout] = {
-    layout.name: layout
-    for module in (torchvision, transformers, mmpretrain, dino)
-    for layout in module.LAYOUTS
+    layout.name: layout for module in (torchvision, transformers, mmpretrain, dino) for layout in module.LAYOUTS
 }
 # What pretrained.layout accepts: auto, timm, an origin (any of its layouts) or one layout by its full name.
 ORIGINS = ("auto", "timm", *dict.fromkeys(layout.origin for layout in LAYOUTS.values()), *LAYOUTS)
@@ -61,7 +59,7 @@ def get_layout(name: str) -> Layout:
 
 def _strip(state_dict: dict[str, torch.Tensor], prefix: str) -> Optional[dict[str, torch.Tensor]]:
     if state_dict and all(k.startswith(prefix) for k in state_dict):
-        return {k[len(prefix):]: v for k, v in state_dict.items()}
+        return {k[len(prefix) :]: v for k, v in state_dict.items()}
     return None
 
 
@@ -89,8 +87,10 @@ def unwrap_checkpoint(obj: Any, select: str = "teacher", where: str = "checkpoin
             break
         if "teacher" in obj or "student" in obj:
             if not isinstance(obj.get(select), dict):
-                raise WeightsError(f"{where}: a teacher/student checkpoint without a {select!r} entry "
-                                   f"(has {', '.join(map(str, obj))}); set pretrained.select")
+                raise WeightsError(
+                    f"{where}: a teacher/student checkpoint without a {select!r} entry "
+                    f"(has {', '.join(map(str, obj))}); set pretrained.select"
+                )
             obj = obj[select]
             wrappers.append(f"{select!r} of a teacher/student checkpoint (select: {select})")
             continue
@@ -113,10 +113,11 @@ def unwrap_checkpoint(obj: Any, select: str = "teacher", where: str = "checkpoin
         roles = {k.split(".", 1)[0] for k in sd}
         if roles <= set(SELECT) and len(roles) >= 1 and all("." in k for k in sd):
             if select not in roles:
-                raise WeightsError(f"{where}: keys are prefixed {sorted(roles)}, none with {select!r}; "
-                                   f"set pretrained.select")
+                raise WeightsError(
+                    f"{where}: keys are prefixed {sorted(roles)}, none with {select!r}; set pretrained.select"
+                )
             dropped = len([k for k in sd if not k.startswith(select + ".")])
-            sd = {k[len(select) + 1:]: v for k, v in sd.items() if k.startswith(select + ".")}
+            sd = {k[len(select) + 1 :]: v for k, v in sd.items() if k.startswith(select + ".")}
             wrappers.append(f"'{select}.' prefix (select: {select}; {dropped} other tensors not read)")
     return sd, wrappers
 
@@ -143,7 +144,9 @@ def _describe(conv: Conversion) -> str:
 
 
 def detect_layout(
-    state_dict: dict[str, torch.Tensor], origin: str = "auto", where: str = "checkpoint",
+    state_dict: dict[str, torch.Tensor],
+    origin: str = "auto",
+    where: str = "checkpoint",
     config: Optional[dict] = None,
 ) -> Optional[Conversion]:
     """Find the layout ``state_dict`` is in and convert it; None when ``origin`` is ``auto`` and no foreign layout
@@ -174,15 +177,17 @@ def detect_layout(
     if len(fits) == 1:
         return fits[0]
     if len(fits) > 1:
-        raise WeightsError(f"{where}: the keys fit several layouts ({', '.join(c.layout for c in fits)}); name one "
-                           f"with pretrained.layout")
+        raise WeightsError(
+            f"{where}: the keys fit several layouts ({', '.join(c.layout for c in fits)}); name one "
+            f"with pretrained.layout"
+        )
     if origin == "auto" and not convs:
         return None
     # The closest: the layout that explains the most keys.
     scored = convs or {layout.name: layout.convert(state_dict) for layout in tried}
     best = min(scored.values(), key=lambda c: len(c.unexpected) + len(c.missing))
     raise WeightsError(
-        f"{where}: no known layout fits the checkpoint's {len(keys)} keys (tried: {', '.join(l.name for l in tried)}"
+        f"{where}: no known layout fits the checkpoint's {len(keys)} keys (tried: {', '.join(t.name for t in tried)}"
         f"); closest: {best.layout} ({_describe(best)}). Set pretrained.layout to the library it was saved by "
         f"(one of {', '.join(ORIGINS)}), or convert it to timm's names"
     )
@@ -257,24 +262,43 @@ def _act_name(module: torch.nn.Module) -> str:
     return "gelu_tanh" if approx == "tanh" or "Tanh" in type(module).__name__ else "gelu"
 
 
-def _check_numerics(conv: Conversion, plan: Any, name: str) -> None:
-    """LayerNorm eps and activation of the origin against the timm model the variant builds."""
+def model_numerics(model: torch.nn.Module) -> dict[str, tuple]:
+    """What a timm model computes that an origin's config may state otherwise: its GELU approximations
+    (``gelu`` / ``gelu_tanh``) and its LayerNorm eps values. The plan records them off the source model it builds.
 
-    model = build_meta(plan.spec, plan.source_kwargs, "source (pretrained)")
+    Example:
+        >>> import timm
+        >>> model_numerics(timm.create_model("test_vit"))
+        {'activations': ('gelu',), 'layer_norm_eps': (1e-06,)}
+    """
+    acts = {_act_name(m) for m in model.modules() if "GELU" in type(m).__name__.upper()}
+    eps = {m.eps for m in model.modules() if isinstance(m, torch.nn.LayerNorm)}
+    return {"activations": tuple(sorted(acts)), "layer_norm_eps": tuple(sorted(eps))}
+
+
+def _check_numerics(conv: Conversion, plan: Any, name: str) -> None:
+    """LayerNorm eps and activation of the origin against the timm model the variant builds (``plan.source_numerics``,
+    read off the source model when the plan was made)."""
+
+    numerics = plan.source_numerics
     act = conv.numerics.get("hidden_act")
     if act is not None:
         want = _ACTS.get(act)
-        used = {_act_name(m) for m in model.modules() if "GELU" in type(m).__name__.upper()}
+        used = set(numerics["activations"])
         if want is None:
-            raise WeightsError(f"{name}: {conv.layout} weights use the activation {act!r}, which timm-anysize does "
-                               f"not map to a timm activation; use another checkpoint or convert it yourself")
+            raise WeightsError(
+                f"{name}: {conv.layout} weights use the activation {act!r}, which timm-anysize does "
+                f"not map to a timm activation; use another checkpoint or convert it yourself"
+            )
         if used and used != {want}:
-            raise WeightsError(f"{name}: {conv.layout} weights use {act!r} ({want}), the timm model computes "
-                               f"{'/'.join(sorted(used))}; add `act_layer: {want}` to model_args (and "
-                               f"pretrained.model_args)")
+            raise WeightsError(
+                f"{name}: {conv.layout} weights use {act!r} ({want}), the timm model computes "
+                f"{'/'.join(sorted(used))}; add `act_layer: {want}` to model_args (and "
+                f"pretrained.model_args)"
+            )
     eps = conv.numerics.get("layer_norm_eps")
     if eps is not None:
-        ours = sorted({m.eps for m in model.modules() if isinstance(m, torch.nn.LayerNorm)})
+        ours = list(numerics["layer_norm_eps"])
         if ours and ours != [eps]:
             conv.notes.append(
                 f"LayerNorm eps {eps:g} in the origin, {'/'.join(f'{e:g}' for e in ours)} in timm's model (timm's "
@@ -294,8 +318,10 @@ def check_against_plan(conv: Conversion, plan: Any, config: Optional[dict], wher
     layout, spec = get_layout(conv.layout), plan.spec
     name = spec.where
     if plan.family.name not in layout.families:
-        raise WeightsError(f"{name}: {where} is a {layout.name} checkpoint (timm family {'/'.join(layout.families)})"
-                           f", but base {spec.arch} is of family {plan.family.name}; pick a base of that family")
+        raise WeightsError(
+            f"{name}: {where} is a {layout.name} checkpoint (timm family {'/'.join(layout.families)})"
+            f", but base {spec.arch} is of family {plan.family.name}; pick a base of that family"
+        )
     for key, want in conv.model_args.items():
         for what, kwargs in (("pretrained.model_args", plan.source_kwargs), ("model_args", plan.target_kwargs)):
             if kwargs.get(key) != want:
@@ -316,11 +342,15 @@ def check_against_plan(conv: Conversion, plan: Any, config: Optional[dict], wher
                     f"it in"
                 )
         if stated.get("in_chans") not in (None, s.in_chans):
-            raise WeightsError(f"{name}: config.json beside {where} says num_channels {stated['in_chans']}, the "
-                               f"variant's source has {s.in_chans}; set pretrained.in_chans: {stated['in_chans']}")
+            raise WeightsError(
+                f"{name}: config.json beside {where} says num_channels {stated['in_chans']}, the "
+                f"variant's source has {s.in_chans}; set pretrained.in_chans: {stated['in_chans']}"
+            )
     if conv.head_unusable and plan.target.num_classes and plan.source.num_classes == plan.target.num_classes:
-        raise WeightsError(f"{name}: {conv.head_unusable}; give the variant a new head (num_classes other than "
-                           f"{plan.source.num_classes}) or none (num_classes: 0)")
+        raise WeightsError(
+            f"{name}: {conv.head_unusable}; give the variant a new head (num_classes other than "
+            f"{plan.source.num_classes}) or none (num_classes: 0)"
+        )
 
 
 def layout_hint(state_dict: dict[str, torch.Tensor]) -> str:
@@ -333,5 +363,7 @@ def layout_hint(state_dict: dict[str, torch.Tensor]) -> str:
     """
     convs = [layout.convert(state_dict) for layout in LAYOUTS.values()]
     best = min(convs, key=lambda c: len(c.unexpected) + len(c.missing) + (0 if c.state_dict else 10**9))
-    return (f"checkpoint layouts tried: timm, {', '.join(LAYOUTS)}; closest other than timm: {best.layout} "
-            f"({_describe(best)}); name the library in pretrained.layout if it saved the weights")
+    return (
+        f"checkpoint layouts tried: timm, {', '.join(LAYOUTS)}; closest other than timm: {best.layout} "
+        f"({_describe(best)}); name the library in pretrained.layout if it saved the weights"
+    )

@@ -147,12 +147,13 @@ def apply_rules(state_dict: dict[str, torch.Tensor], rules: Sequence[Rule], labe
             else:
                 n = value.shape[0]
                 for target, num, start, end, why in rule.pieces:
-                    piece = value[n * start // num: n * end // num]
+                    piece = value[n * start // num : n * end // num]
                     if target is None:
                         conv.dropped.setdefault(key, why)
                     else:
-                        conv.put(_target(target, m), piece.clone(),
-                                 f"{label} {key!r} [{start}/{num}:{end}/{num}] ({why})")
+                        conv.put(
+                            _target(target, m), piece.clone(), f"{label} {key!r} [{start}/{num}:{end}/{num}] ({why})"
+                        )
             break
         else:
             conv.unexpected.append(key)
@@ -164,8 +165,11 @@ def apply_rules(state_dict: dict[str, torch.Tensor], rules: Sequence[Rule], labe
             conv.missing.append(f"{target} (has {', '.join(have)}; needs {len(rule.parts)} parts)")
             continue
         keys = [found[i][0] for i in range(len(rule.parts))]
-        conv.put(target, torch.cat([found[i][1] for i in range(len(rule.parts))], dim=rule.dim),
-                 f"{label} {rule.note} from {', '.join(repr(k) for k in keys)}")
+        conv.put(
+            target,
+            torch.cat([found[i][1] for i in range(len(rule.parts))], dim=rule.dim),
+            f"{label} {rule.note} from {', '.join(repr(k) for k in keys)}",
+        )
     return conv
 
 

@@ -23,8 +23,10 @@ def _vit_finish(conv: Conversion, config: dict) -> None:
         for key in [k for k in conv.state_dict if k.startswith("head")]:
             conv.dropped[conv.origin.pop(key).split("'")[1]] = "classifier behind head.layers.pre_logits"
             del conv.state_dict[key]
-        conv.head_unusable = ("MMPretrain's head.layers.pre_logits (Linear + Tanh before the classifier) has no "
-                              "place in timm's ViT, so the classifier behind it cannot be carried over")
+        conv.head_unusable = (
+            "MMPretrain's head.layers.pre_logits (Linear + Tanh before the classifier) has no "
+            "place in timm's ViT, so the classifier behind it cannot be carried over"
+        )
 
 
 VIT = Layout(
@@ -76,9 +78,12 @@ SWIN = Layout(
         Drop(_S + r"attn\.w_msa\.relative_position_index", "derived buffer: timm recomputes it from the window"),
         Rename(_S + r"ffn\.layers\.0\.0\." + _P, _blk("mlp.fc1.{p}")),
         Rename(_S + r"ffn\.layers\.1\." + _P, _blk("mlp.fc2.{p}")),
-        Rename(r"backbone\.stages\.(?P<s>\d+)\.downsample\.(?P<m>norm|reduction)\." + _P,
-               lambda m: f"layers.{int(m['s']) + 1}.downsample.{m['m']}.{m['p']}", transform=_unfold_to_timm,
-               note="nn.Unfold channel order -> timm's"),
+        Rename(
+            r"backbone\.stages\.(?P<s>\d+)\.downsample\.(?P<m>norm|reduction)\." + _P,
+            lambda m: f"layers.{int(m['s']) + 1}.downsample.{m['m']}.{m['p']}",
+            transform=_unfold_to_timm,
+            note="nn.Unfold channel order -> timm's",
+        ),
         Rename(r"backbone\.norm3\." + _P, "norm.{p}"),
         Drop(r"backbone\.norm[012]\." + _P, "norm of an intermediate output (out_indices), unused by the classifier"),
         Rename(r"head\.fc\." + _P, "head.fc.{p}"),

@@ -72,19 +72,24 @@ def _swin_rules(v2: bool) -> tuple:
         Rename(blk + r"mlp\.0\." + _P, block("mlp.fc1.{p}")),
         Rename(blk + r"mlp\.3\." + _P, block("mlp.fc2.{p}")),
         Drop(blk + r"attn\.relative_position_index", "derived buffer: timm recomputes it from the window"),
-        Rename(r"features\.(?P<n>\d*[02468])\.(?P<m>reduction|norm)\.(?P<p>weight|bias)",
-               lambda m: f"layers.{int(m['n']) // 2}.downsample.{m['m']}.{m['p']}"),
+        Rename(
+            r"features\.(?P<n>\d*[02468])\.(?P<m>reduction|norm)\.(?P<p>weight|bias)",
+            lambda m: f"layers.{int(m['n']) // 2}.downsample.{m['m']}.{m['p']}",
+        ),
         Rename(r"norm\." + _P, "norm.{p}"),
         Rename(r"head\." + _P, "head.fc.{p}"),
     ]
     if v2:
         rules += [
             Rename(blk + r"attn\.(?P<m>logit_scale|cpb_mlp\.\d\.(?:weight|bias))", block("attn.{m}")),
-            Split(blk + r"attn\.qkv\.bias", (
-                (block("attn.q_bias"), 3, 0, 1, "query bias"),
-                (None, 3, 1, 2, "key bias: torchvision zeroes it at every forward, timm has none"),
-                (block("attn.v_bias"), 3, 2, 3, "value bias"),
-            )),
+            Split(
+                blk + r"attn\.qkv\.bias",
+                (
+                    (block("attn.q_bias"), 3, 0, 1, "query bias"),
+                    (None, 3, 1, 2, "key bias: torchvision zeroes it at every forward, timm has none"),
+                    (block("attn.v_bias"), 3, 2, 3, "value bias"),
+                ),
+            ),
             Drop(blk + r"attn\.relative_coords_table", "derived buffer: timm recomputes it from the window"),
         ]
     else:

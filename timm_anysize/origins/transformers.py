@@ -29,6 +29,7 @@ def _config_numerics(default_eps: float):
     def finish(conv: Conversion, config: dict) -> None:
         conv.numerics["layer_norm_eps"] = float(config.get("layer_norm_eps", default_eps))
         conv.numerics["hidden_act"] = str(config.get("hidden_act", "gelu"))
+
     return finish
 
 
@@ -55,8 +56,10 @@ VIT = Layout(
     name="transformers.vit",
     origin="transformers",
     families=("vit",),
-    signature=(r"(?:vit\.)?embeddings\.patch_embeddings\.projection\.weight",
-               r"(?:vit\.)?(?:encoder\.layer|layers)\.0\.layernorm_before\.weight"),
+    signature=(
+        r"(?:vit\.)?embeddings\.patch_embeddings\.projection\.weight",
+        r"(?:vit\.)?(?:encoder\.layer|layers)\.0\.layernorm_before\.weight",
+    ),
     rules=_vit_rules(r"vit\.", (Rename(r"classifier\." + _P, "head.{p}"),)),
     compat="transformers",
     finish=_config_numerics(1e-12),
@@ -66,8 +69,10 @@ VIT = Layout(
 def _deit_finish(conv: Conversion, config: dict) -> None:
     _config_numerics(1e-12)(conv, config)
     if "head.weight" in conv.state_dict and "head_dist.weight" not in conv.state_dict:
-        conv.head_unusable = ("DeiTForImageClassification's classifier reads the class token only, timm's distilled "
-                              "DeiT averages a class and a distillation head")
+        conv.head_unusable = (
+            "DeiTForImageClassification's classifier reads the class token only, timm's distilled "
+            "DeiT averages a class and a distillation head"
+        )
 
 
 DEIT = Layout(
@@ -91,8 +96,10 @@ def _dinov2_finish(conv: Conversion, config: dict) -> None:
     if "reg_token" in conv.state_dict:
         fold_class_position(conv)
     if "head.weight" in conv.state_dict:
-        conv.head_unusable = ("Dinov2ForImageClassification's classifier reads the class token concatenated with "
-                              "the mean patch token, which timm's ViT head does not")
+        conv.head_unusable = (
+            "Dinov2ForImageClassification's classifier reads the class token concatenated with "
+            "the mean patch token, which timm's ViT head does not"
+        )
 
 
 def _dinov2_rules() -> tuple:
@@ -120,16 +127,29 @@ DINOV2 = Layout(
 def _beit_rules() -> tuple:
     L = _layer(r"beit\.")
     return (
-        Fuse((rf"{L}attention\.(?:attention\.query|q_proj)\.weight", rf"{L}attention\.(?:attention\.key|k_proj)\.weight",
-              rf"{L}attention\.(?:attention\.value|v_proj)\.weight"), "blocks.{i}.attn.qkv.weight", note="q/k/v fused"),
+        Fuse(
+            (
+                rf"{L}attention\.(?:attention\.query|q_proj)\.weight",
+                rf"{L}attention\.(?:attention\.key|k_proj)\.weight",
+                rf"{L}attention\.(?:attention\.value|v_proj)\.weight",
+            ),
+            "blocks.{i}.attn.qkv.weight",
+            note="q/k/v fused",
+        ),
         Rename(rf"{L}attention\.(?:attention\.query|q_proj)\.bias", "blocks.{i}.attn.q_bias"),
         Rename(rf"{L}attention\.(?:attention\.value|v_proj)\.bias", "blocks.{i}.attn.v_bias"),
-        Rename(rf"{L}(?:attention\.attention\.)?relative_position_bias\.relative_position_bias_table",
-               "blocks.{i}.attn.relative_position_bias_table"),
-        Drop(rf"{L}(?:attention\.attention\.)?relative_position_bias\.relative_position_index",
-             "derived buffer: timm recomputes it from the window"),
-        Rename(r"(?:beit\.)?encoder\.relative_position_bias\.relative_position_bias_table",
-               "rel_pos_bias.relative_position_bias_table"),
+        Rename(
+            rf"{L}(?:attention\.attention\.)?relative_position_bias\.relative_position_bias_table",
+            "blocks.{i}.attn.relative_position_bias_table",
+        ),
+        Drop(
+            rf"{L}(?:attention\.attention\.)?relative_position_bias\.relative_position_index",
+            "derived buffer: timm recomputes it from the window",
+        ),
+        Rename(
+            r"(?:beit\.)?encoder\.relative_position_bias\.relative_position_bias_table",
+            "rel_pos_bias.relative_position_bias_table",
+        ),
         Rename(rf"{L}lambda_(?P<n>[12])", lambda m: f"blocks.{m['i']}.gamma_{m['n']}"),
         Rename(r"(?:beit\.)?pooler\.layernorm\." + _P, "fc_norm.{p}"),
         Rename(r"classifier\." + _P, "head.{p}"),
@@ -160,8 +180,10 @@ def _swin_rules() -> tuple:
         Rename(r"(?:swin\.)?embeddings\.norm\." + _P, "patch_embed.norm.{p}"),
         Drop(r"(?:swin\.)?embeddings\.mask_token", "mask token of masked-image-modelling pre-training"),
         Fuse(qkv.parts, lambda m: _swin_block(m, f"attn.qkv.{m['p']}"), note="q/k/v fused"),
-        Rename(B + r"attention\.(?:self\.)?relative_position_bias_table",
-               lambda m: _swin_block(m, "attn.relative_position_bias_table")),
+        Rename(
+            B + r"attention\.(?:self\.)?relative_position_bias_table",
+            lambda m: _swin_block(m, "attn.relative_position_bias_table"),
+        ),
         Drop(B + r"attention\.(?:self\.)?relative_position_index", "derived buffer: timm recomputes it"),
         Rename(B + r"attention\.(?:output\.dense|o_proj)\." + _P, lambda m: _swin_block(m, f"attn.proj.{m['p']}")),
         Rename(B + r"layernorm_before\." + _P, lambda m: _swin_block(m, f"norm1.{m['p']}")),
@@ -169,8 +191,10 @@ def _swin_rules() -> tuple:
         Rename(B + r"(?:intermediate\.dense|mlp\.fc1)\." + _P, lambda m: _swin_block(m, f"mlp.fc1.{m['p']}")),
         Rename(B + r"(?:output\.dense|mlp\.fc2)\." + _P, lambda m: _swin_block(m, f"mlp.fc2.{m['p']}")),
         # transformers merges at the end of a stage, timm at the start of the next
-        Rename(r"(?:swin\.)?encoder\.layers\.(?P<s>\d+)\.downsample\.(?P<m>reduction|norm)\." + _P,
-               lambda m: f"layers.{int(m['s']) + 1}.downsample.{m['m']}.{m['p']}"),
+        Rename(
+            r"(?:swin\.)?encoder\.layers\.(?P<s>\d+)\.downsample\.(?P<m>reduction|norm)\." + _P,
+            lambda m: f"layers.{int(m['s']) + 1}.downsample.{m['m']}.{m['p']}",
+        ),
         Rename(r"(?:swin\.)?layernorm\." + _P, "norm.{p}"),
         Rename(r"classifier\." + _P, "head.fc.{p}"),
     )

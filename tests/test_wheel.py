@@ -1,0 +1,52 @@
+"""The package as users get it: the wheel built from this checkout, installed (not editable) in a fresh virtual
+environment, runs ``timm-anysize demo --quick`` and carries its data files (configs, templates, py.typed)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(cmd: list[str], cwd: Path, env: dict | None = None) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def test_wheel_installs_and_runs_the_demo(tmp_path: Path) -> None:
+    dist = tmp_path / "dist"
+    _run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(ROOT)],
+        cwd=tmp_path,
+    )
+    (wheel,) = dist.glob("timm_anysize-*.whl")
+    venv = tmp_path / "venv"
+    _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], cwd=tmp_path)
+    py = venv / "bin" / "python"
+    site = Path(
+        _run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=tmp_path).strip()
+    )
+    # The dependencies (torch, timm, ...) come from this environment, appended after the venv's own site-packages;
+    # its .pth files (an editable install of this checkout) are not processed, so only the wheel provides the package.
+    (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    _run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target", str(site), str(wheel)],
+        cwd=tmp_path,
+    )
+    where = _run(
+        [str(py), "-c", "import timm_anysize, os; print(os.path.dirname(timm_anysize.__file__))"], cwd=tmp_path
+    ).strip()
+    assert Path(where) == site / "timm_anysize"
+    for data in ("py.typed", "templates/modelcard.md", "configs/vit.yaml", "configs/anysize.schema.json"):
+        assert (site / "timm_anysize" / data).is_file(), data
+    out = _run(
+        [str(py), "-m", "timm_anysize", "--quiet", "demo", "--quick", "--out", str(tmp_path / "demo")],
+        cwd=tmp_path,
+        env={"PYTHONPATH": ""},
+    )
+    assert "vit_digits" in out
