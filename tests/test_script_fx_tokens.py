@@ -62,7 +62,10 @@ def test_forward_intermediates_at_another_size_equal_a_model_built_for_it(fam, c
     assert len(inter) == len(inter_built) > 0 and all(torch.equal(a, b) for a, b in zip(inter, inter_built))
 
 
-# torch.compile(dynamic=True), torch.export with dynamic H/W and ONNX: three sizes each.
+# torch.compile(dynamic=True), torch.export with dynamic H/W and ONNX: three sizes each. Visformer's two cells are the
+# slowest of the suite after the conformance chunks (about 90 s and 100 s under -n 2 on 2 cores, CI of 2026-12-02):
+# its stages each resample their own [1, C, H, W] position embedding on the symbolic size, so the capture goes
+# through one resample per stage where the ViT family has one in all.
 
 
 @pytest.mark.parametrize("fam", [f for f in FAMS if f.name != "hiera"], ids=lambda f: f.name)  # see its export_note
