@@ -21,6 +21,17 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT") and not os.environ.get("OMP_NUM_T
     torch.set_num_threads(_threads)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _hypothesis_storage_in_a_temporary_folder(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Hypothesis keeps caches (and, unless a test says ``database=None``, examples) in ``./.hypothesis``, fixed
+    when it is imported (in the checkout): a folder of this session's instead."""
+    try:
+        from hypothesis.configuration import set_hypothesis_home_dir
+    except ImportError:
+        return
+    set_hypothesis_home_dir(tmp_path_factory.mktemp("hypothesis"))
+
+
 @pytest.fixture(autouse=True)
 def _own_working_and_temporary_folder(
     tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch

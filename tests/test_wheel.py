@@ -4,6 +4,7 @@ environment, runs ``timm-anysize demo --quick`` and carries its data files (conf
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -19,9 +20,25 @@ def _run(cmd: list[str], cwd: Path, env: dict | None = None) -> str:
 
 
 def test_wheel_installs_and_runs_the_demo(tmp_path: Path) -> None:
+    # Built from a copy: setuptools writes build/ and *.egg-info/ beside the sources, never in the checkout.
+    src = tmp_path / "src"
+    skip = (
+        ".git",
+        ".ci-venv",
+        ".venv",
+        "venv",
+        "build",
+        "dist",
+        "anysize-demo",
+        "__pycache__",
+        "*.egg-info",
+        ".*_cache",
+        ".hypothesis",
+    )
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(*skip))
     dist = tmp_path / "dist"
     _run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(src)],
         cwd=tmp_path,
     )
     (wheel,) = dist.glob("timm_anysize-*.whl")
