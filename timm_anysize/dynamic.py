@@ -7,7 +7,7 @@ any change of the weights (``load_state_dict``, an optimizer step, ``.to()``) in
 flow, or while scripting, tracing, compiling or exporting, the resampling runs inline.
 """
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -17,7 +17,8 @@ from timm.layers.helpers import is_exporting
 from timm_anysize.core.cache import DEFAULT_CACHE_SIZE, DynamicOptions, PosEmbedCache, symbolic, traced
 from timm_anysize.core.compat import compat_preset
 from timm_anysize.core.errors import InputNotDivisibleError
-from timm_anysize.core.family import DynamicPath
+from timm_anysize.core.family import DynamicPath, Family
+from timm_anysize.core.input_size import guard_input_size
 from timm_anysize.core.padding import check_multiple, pad_to_multiple
 from timm_anysize.families import FAMILIES
 
@@ -31,6 +32,7 @@ __all__ = [
     "DEFAULT_CACHE_SIZE",
     "DynamicPatchEmbed",
     "InputNotDivisibleError",
+    "guard_run_time_size",
 ]
 
 
@@ -182,6 +184,45 @@ def enable_dynamic(
     if not pad:
         model._anysize_pad_hooks.append(pe.register_forward_pre_hook(_check_divisible))
     return model
+
+
+def guard_run_time_size(
+    model: nn.Module, family: Family, own: Sequence[int], pad: bool, first_conv: str = "", fixed: bool = False
+) -> nn.Module:
+    """Check each run-time input size before any layer runs, in place (:mod:`timm_anysize.core.input_size`): an
+    input below the smallest the model's stem and strides take, off its stem's multiple (``Family.stem_multiple``;
+    padded instead where the family's stem pads and ``pad``), or, ``fixed``, any size but ``own`` raises
+    :class:`~timm_anysize.InputSizeError` naming the nearest sizes that work.
+
+    Args:
+        model: The model (dynamic, or built for ``own`` only).
+        family: Its family row.
+        own: The size it was built for.
+        pad: The variant pads (``pad: true``).
+        first_conv: The first layer the input meets (where the check goes; "": the model).
+        fixed: It runs at ``own`` only (``dynamic: false``).
+
+    Returns:
+        The same model; :func:`timm_anysize.input_limits` reads what it runs at.
+
+    Example:
+        >>> import timm
+        >>> from timm_anysize.families import family_of
+        >>> m = enable_dynamic(timm.create_model("pit_ti_224").eval())
+        >>> m = guard_run_time_size(m, family_of(m), (224, 224), pad=True, first_conv="patch_embed.conv")
+        >>> m(torch.zeros(1, 3, 9, 9))
+        Traceback (most recent call last):
+        ...
+        timm_anysize.core.errors.InputSizeError: input 9x9 is smaller than the smallest input this model runs at, \
+16x16 (its stem and strides); nearest sizes that work: 16x16; resize or pad the image to at least 16x16
+    """
+    if fixed:
+        return guard_input_size(model, own, fixed=True, first_conv=first_conv)
+    what = f"{family.name}'s {'space-to-depth block' if family.space_to_depth else 'patch'}"
+    if not family.whole_patches:
+        what = f"{family.name}'s stem and stage patches"
+    multiple = family.stem_multiple(model, pad)
+    return guard_input_size(model, own, multiple, pad=pad and family.stem_pad, what=what, first_conv=first_conv)
 
 
 def _cache(model: nn.Module) -> Optional[PosEmbedCache]:

@@ -101,22 +101,36 @@ def families_markdown() -> str:
         "weights are read. `features_only` models carry the same adapted weights; they run at any size where the",
         "family's feature path goes through the dynamic code.",
         "",
+        "`smallest input` and `multiple` are the family's tiny model's (`Family.tiny`, checked by",
+        "`tests/test_runtime_sizes.py`): the smallest square input it runs at with `pad: true` (its stem and stride",
+        "chain), and what each side must be a multiple of with `pad: false`. Any model's own are",
+        "`timm_anysize.input_limits(model)`; a smaller or non-dividing input raises `timm_anysize.InputSizeError`",
+        "(`InputNotDivisibleError` for a multiple) naming the size, the minimum or multiple and the nearest sizes",
+        "that work, before any layer runs.",
+        "",
         "| family | module | timm classes | example | "
         + " | ".join(changes)
-        + " | any size at run time | features_only | export (dynamic H x W) |",
-        "|---|---|---|---|" + "---|" * len(changes) + "---|---|---|",
+        + " | any size at run time | smallest input | multiple | features_only | export (dynamic H x W) |",
+        "|---|---|---|---|" + "---|" * len(changes) + "---|---|---|---|---|",
     ]
     homes = {fam.name: module.__name__.rsplit(".", 1)[-1] for module in FAMILY_MODULES for fam in module.FAMILIES}
     for fam in FAMILIES:
         cells = [UNSUPPORTED.get((fam.name, c), "yes") for c in changes]
         dyn = {"cached": "yes (cached)", "native": "yes (timm's own)"}.get(fam.dynamic, f"no: {fam.dynamic_reason}")
         if fam.whole_patches:
-            dyn += ", sizes its stem divides (not padded)"
+            dyn += ", sizes its stem divides " + (
+                "(padded to one with `pad: true`)" if fam.stem_pad else "(not padded)"
+            )
         for reason in dict.fromkeys(fam.static_unsupported.values()):  # the sizes only the dynamic path runs
             changed = "/".join(f"`{c}`" for c, r in fam.static_unsupported.items() if r == reason)
             dyn += f"; `dynamic: false` refused for {changed}: {reason}"
         classes = ", ".join(c.__name__ for c in fam.classes)
         feats = "any size" if fam.dynamic_features else "the variant's size"
+        tiny = fam.tiny
+        smallest = f"{tiny.min_input} px" if tiny is not None and fam.dynamic else "its own size"
+        multiple = str(tiny.multiple) if tiny is not None and fam.dynamic else "-"
+        if fam.whole_patches:
+            multiple += " (padded with `pad: true`)" if fam.stem_pad else " (always: not padded)"
         export = (
             f"no: {fam.export_note}"
             if fam.export_note
@@ -127,7 +141,7 @@ def families_markdown() -> str:
         lines.append(
             f"| {fam.name} | `families/{homes[fam.name]}.py` | {classes} | `{fam.example}` | "
             + " | ".join(cells)
-            + f" | {dyn} | {feats} | {export} |"
+            + f" | {dyn} | {smallest} | {multiple} | {feats} | {export} |"
         )
     lines += ["", "Changes: " + "; ".join(f"`{k}`: {v}" for k, v in GEOMETRY_CHANGES.items()) + ".", ""]
     return "\n".join(lines) + "\n"

@@ -8,6 +8,7 @@ __all__ = [
     "WeightsError",
     "AdaptationError",
     "RegistrationError",
+    "InputSizeError",
     "InputNotDivisibleError",
 ]
 
@@ -36,9 +37,38 @@ class AdaptationError(AnysizeError):
     """Source weights cannot be mapped onto the target model with every tensor accounted for."""
 
 
-class InputNotDivisibleError(ValueError):
+class InputSizeError(AnysizeError):
+    """A run-time input size the model cannot run at: smaller than its smallest input (its stem and stride chain),
+    not a multiple of what it needs (:class:`InputNotDivisibleError`), or, for a variant built with
+    ``dynamic: false``, any size but its own. Raised before any layer runs, through
+    :func:`timm_anysize.core.padding.check_input_size`, whose message names the input size, the minimum or the
+    multiple and the nearest sizes that work. A ``ValueError``, so ``except ValueError`` catches it.
+
+    Attributes:
+        size: The input's (H, W).
+        minimum: The smallest (H, W) the model runs at.
+        multiple: What each side must be a multiple of ((1, 1): anything).
+        nearest: The nearest sizes (H, W) that work.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        size: tuple[int, int] = (0, 0),
+        minimum: tuple[int, int] = (1, 1),
+        multiple: tuple[int, int] = (1, 1),
+        nearest: tuple[tuple[int, int], ...] = (),
+    ) -> None:
+        super().__init__(message)
+        self.size = size
+        self.minimum = minimum
+        self.multiple = multiple
+        self.nearest = nearest
+
+
+class InputNotDivisibleError(InputSizeError):
     """A run-time input size is not a multiple of what the model needs (its patch, windows, mask units) and padding
-    is off. A ``ValueError``, so ``except ValueError`` catches it; raised through
+    is off. An :class:`InputSizeError` (a ``ValueError``, so ``except ValueError`` catches it); raised through
     :func:`timm_anysize.core.padding.check_multiple`, whose message names the size, the multiple and the nearest sizes
     that work.
 
@@ -46,8 +76,3 @@ class InputNotDivisibleError(ValueError):
         size: The input's (H, W).
         multiple: What each side must be a multiple of.
     """
-
-    def __init__(self, message: str, size: tuple[int, int] = (0, 0), multiple: tuple[int, int] = (1, 1)) -> None:
-        super().__init__(message)
-        self.size = size
-        self.multiple = multiple

@@ -95,6 +95,11 @@ class TinyModel:
             export: ``"tokens"`` (position-embedding families), ``"windows"`` (window and stage families) or
             ``"fsam"`` (SAM, TNT, ConViT); "": its own test module does, or its forward is timm's own (checked by
             timm's tests on its conformance variants).
+        min_input: The smallest square input (px) the tiny model runs at with ``pad: true``, as
+            :func:`timm_anysize.input_limits` finds it (its stem and stride chain); tests/test_runtime_sizes.py checks
+            it and docs/families.md shows it.
+        multiple: What each input side of the tiny model must be a multiple of with ``pad: false`` (its patch,
+            windows, space-to-depth block; 1: any size); checked and shown the same way.
         conformance: The variants timm's own ``tests/test_models.py`` runs on: spec fields besides ``base``
             (``model_args`` defaults to the tiny model's; a deeper one where timm's feature tests want three
             levels), usually :func:`gray_and_4ch`. Each is registered as
@@ -113,6 +118,8 @@ class TinyModel:
     img_size_arg: bool = True
     feature_indices: tuple[int, ...] = (0, 1)
     script_fx: str = ""
+    min_input: int = 1
+    multiple: int = 1
     conformance: tuple[dict[str, Any], ...] = ()
 
 
@@ -157,7 +164,15 @@ class Family:
             ``dynamic_reason`` says why).
         dynamic_args: timm constructor arguments that switch on the family's own dynamic size (``native``).
         whole_patches: The run-time forward (timm's own) takes only input sizes its stem divides: whole patches
-            (Gemma 4's ViT) or space-to-depth blocks (TResNet); it neither pads nor crops the others.
+            (Gemma 4's ViT) or space-to-depth blocks (TResNet); it neither pads nor crops the others. A non-multiple
+            input raises :class:`~timm_anysize.core.errors.InputNotDivisibleError` before any layer runs, or is
+            padded where ``stem_pad``.
+        stem_pad: With ``pad: true`` (the default), an input that is not whole blocks of a ``whole_patches`` stem is
+            zero-padded bottom/right to a multiple (as the patch families pad to whole patches) instead of refused.
+        unpadded_multiple: With ``pad: false``, what each side of a run-time input must be a multiple of where the
+            family's own forward would otherwise fail deep inside (Visformer's stage patch embeddings assert whole
+            patches), ``(model) -> (mh, mw)``; checked before any layer runs. None: the family's patch embedding
+            checks its own input (or it takes any size).
         dynamic_features: A ``features_only`` model of the family runs at any size too (its feature path goes
             through the dynamic code); False: feature models take the variant's own size.
         square_only: timm's constructor takes square sizes only; a non-square variant is built square with its
@@ -208,6 +223,8 @@ class Family:
     dynamic_args: tuple[str, ...] = ("dynamic_img_size", "dynamic_img_pad")
     dynamic_reason: str = ""
     whole_patches: bool = False
+    stem_pad: bool = False
+    unpadded_multiple: Optional[Callable[[nn.Module], Size2]] = None
     dynamic_features: bool = False
     square_only: bool = False
     build: Optional[Callable[[Callable[..., nn.Module], dict[str, Any]], nn.Module]] = None
@@ -264,6 +281,25 @@ class Family:
         if isinstance(size, int):
             return (size, size)
         return (int(size[0]), int(size[1]))
+
+    def stem_multiple(self, model: nn.Module, pad: bool = True) -> Size2:
+        """What each side of a run-time input must be a multiple of, checked before any layer runs: a
+        ``whole_patches`` stem's block (the space-to-depth block, or the patch), or with padding off the family's
+        ``unpadded_multiple``; (1, 1) for the others, whose patch embedding pads (or, with padding off, refuses with
+        the same error) where their own forward needs it.
+
+        Example:
+            >>> from timm.models import tresnet
+            >>> Family("t", (tresnet.TResNet,), space_to_depth=4, whole_patches=True).stem_multiple(None)
+            (4, 4)
+        """
+        if self.whole_patches:
+            if self.space_to_depth:
+                return (self.space_to_depth, self.space_to_depth)
+            return self.patch_size(model) or (1, 1)
+        if not pad and self.unpadded_multiple is not None:
+            return self.unpadded_multiple(model)
+        return (1, 1)
 
     def num_prefix_tokens(self, model: nn.Module) -> int:
         """Tokens before the patch tokens (class, distillation, registers)."""

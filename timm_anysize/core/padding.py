@@ -1,9 +1,11 @@
-"""The one home of padding an input to a multiple and of refusing one that is not a multiple.
+"""The one home of padding an input to a multiple and of refusing an input size a model cannot run at.
 
 Every family that needs whole patches, windows or mask units pads through :func:`pad_to_multiple` (bottom/right
 zeros, as timm's ``dynamic_img_pad``) and refuses through :func:`check_multiple`, which raises the one documented
 :class:`~timm_anysize.core.errors.InputNotDivisibleError` naming the input size, the multiple and the nearest sizes
-that work.
+that work. :func:`check_input_size` also refuses an input smaller than the model's smallest (its stem and stride
+chain) with the same error's base class, :class:`~timm_anysize.core.errors.InputSizeError`, and
+:func:`check_fixed_size` any size but its own for a model that runs at one size only.
 
 Both are TorchScript-friendly: :func:`pad_to_multiple` compiles; :func:`check_multiple` is called from
 ``@torch.jit.unused`` checks (a scripted model pads or trusts its input, as timm's own).
@@ -17,9 +19,16 @@ import torch
 import torch.nn.functional as F
 from timm.layers import register_notrace_function
 
-from timm_anysize.core.errors import InputNotDivisibleError
+from timm_anysize.core.errors import InputNotDivisibleError, InputSizeError
 
-__all__ = ["pad_to_multiple", "check_multiple", "nearest_multiples", "PAD_HINT"]
+__all__ = [
+    "pad_to_multiple",
+    "check_multiple",
+    "check_input_size",
+    "check_fixed_size",
+    "nearest_multiples",
+    "PAD_HINT",
+]
 
 # How to make a non-multiple input work, for every message that refuses one.
 PAD_HINT = "turn padding on (pad: true in the variant's YAML, enable_dynamic(pad=True))"
@@ -75,17 +84,105 @@ def check_multiple(size: Sequence[int], multiple: Sequence[int], what: str = "th
 padding is off; nearest sizes that work: 64x64 or 80x64; resize or crop to a multiple of 16x16, or turn padding on \
 (pad: true in the variant's YAML, enable_dynamic(pad=True))
     """
+    check_input_size(size, (1, 1), multiple, what=what, hint=hint)
+
+
+def _nearest_on_axis(n: int, smallest: int, multiple: int) -> List[int]:
+    """The sizes nearest to ``n`` on one axis that are multiples of ``multiple`` and at least ``smallest`` (itself a
+    multiple): ``[n]`` when ``n`` is one."""
+    if n >= smallest and n % multiple == 0:
+        return [n]
+    if n < smallest:
+        return [smallest]
+    below = n // multiple * multiple
+    return [s for s in (below, below + multiple) if s >= smallest]
+
+
+def _pairs(heights: List[int], widths: List[int]) -> List[tuple[int, int]]:
+    """(H, W) pairs of the nearest heights and widths, in order, without repeats."""
+    return list(dict.fromkeys(zip(heights + heights[-1:], widths + widths[-1:])))
+
+
+def check_input_size(
+    size: Sequence[int],
+    minimum: Sequence[int],
+    multiple: Sequence[int] = (1, 1),
+    what: str = "the patch",
+    hint: str = PAD_HINT,
+) -> None:
+    """Raise the documented error when a model cannot run at an input ``size`` (H, W): smaller than ``minimum``
+    (:class:`InputSizeError`) or not a multiple of ``multiple`` (:class:`InputNotDivisibleError`, a subclass).
+
+    The message names the input size, the minimum or the multiple and the nearest sizes that work (multiples of
+    ``multiple`` at least ``minimum``); the error carries them as attributes.
+
+    Args:
+        size: The input's (H, W).
+        minimum: The smallest (H, W) the model runs at (its stem and stride chain).
+        multiple: What each side must be a multiple of ((1, 1): anything).
+        what: What needs the multiple, for the message ("the patch", "TResNet's 4x4 space-to-depth", ...).
+        hint: How to make a non-multiple work besides resizing or cropping.
+
+    Example:
+        >>> check_input_size((64, 48), (16, 16))
+        >>> check_input_size((9, 64), (16, 16))
+        Traceback (most recent call last):
+        ...
+        timm_anysize.core.errors.InputSizeError: input 9x64 is smaller than the smallest input this model runs at, \
+16x16 (its stem and strides); nearest sizes that work: 16x64; resize or pad the image to at least 16x16
+        >>> check_input_size((70, 70), (20, 20), (4, 4), what="the space-to-depth")
+        Traceback (most recent call last):
+        ...
+        timm_anysize.core.errors.InputNotDivisibleError: input 70x70 is not a multiple of the space-to-depth 4x4 and \
+padding is off; nearest sizes that work: 68x68 or 72x72; resize or crop to a multiple of 4x4, or turn padding on \
+(pad: true in the variant's YAML, enable_dynamic(pad=True))
+    """
     h, w = int(size[0]), int(size[1])
     mh, mw = int(multiple[0]), int(multiple[1])
-    if h % mh == 0 and w % mw == 0:
+    low_h, low_w = int(minimum[0]), int(minimum[1])
+    if h >= low_h and w >= low_w and h % mh == 0 and w % mw == 0:
         return
-    heights = nearest_multiples(h, mh) if h % mh else [h]
-    widths = nearest_multiples(w, mw) if w % mw else [w]
-    near = " or ".join(f"{a}x{b}" for a, b in zip(heights + heights[-1:], widths + widths[-1:]))
-    near = " or ".join(dict.fromkeys(near.split(" or ")))
+    # the smallest size that works on each axis: the minimum rounded up to the multiple
+    first_h, first_w = -(-max(low_h, 1) // mh) * mh, -(-max(low_w, 1) // mw) * mw
+    near = _pairs(_nearest_on_axis(h, first_h, mh), _nearest_on_axis(w, first_w, mw))
+    names = " or ".join(f"{a}x{b}" for a, b in near)
+    fields = dict(size=(h, w), minimum=(low_h, low_w), multiple=(mh, mw), nearest=tuple(near))
+    if h < low_h or w < low_w:
+        of = f" (a multiple of {mh}x{mw})" if (mh, mw) != (1, 1) else ""
+        raise InputSizeError(
+            f"input {h}x{w} is smaller than the smallest input this model runs at, {first_h}x{first_w}{of} (its "
+            f"stem and strides); nearest sizes that work: {names}; resize or pad the image to at least "
+            f"{first_h}x{first_w}",
+            **fields,
+        )
     raise InputNotDivisibleError(
-        f"input {h}x{w} is not a multiple of {what} {mh}x{mw} and padding is off; nearest sizes that work: {near}; "
+        f"input {h}x{w} is not a multiple of {what} {mh}x{mw} and padding is off; nearest sizes that work: {names}; "
         f"resize or crop to a multiple of {mh}x{mw}, or {hint}",
+        **fields,
+    )
+
+
+def check_fixed_size(size: Sequence[int], own: Sequence[int]) -> None:
+    """Raise :class:`InputSizeError` when a model that runs at its own size only (a variant built with
+    ``dynamic: false``) gets another input ``size`` (H, W).
+
+    Example:
+        >>> check_fixed_size((64, 64), (64, 64))
+        >>> check_fixed_size((96, 64), (64, 64))
+        Traceback (most recent call last):
+        ...
+        timm_anysize.core.errors.InputSizeError: input 96x64: this model runs at its own size 64x64 only (dynamic: \
+false); nearest sizes that work: 64x64; resize or crop to 64x64, or build the variant with dynamic: true to run at \
+any size
+    """
+    h, w, oh, ow = int(size[0]), int(size[1]), int(own[0]), int(own[1])
+    if (h, w) == (oh, ow):
+        return
+    raise InputSizeError(
+        f"input {h}x{w}: this model runs at its own size {oh}x{ow} only (dynamic: false); nearest sizes that work: "
+        f"{oh}x{ow}; resize or crop to {oh}x{ow}, or build the variant with dynamic: true to run at any size",
         size=(h, w),
-        multiple=(mh, mw),
+        minimum=(oh, ow),
+        multiple=(oh, ow),
+        nearest=((oh, ow),),
     )

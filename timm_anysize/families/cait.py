@@ -82,6 +82,7 @@ FAMILIES = (
             conformance=gray_and_4ch(
                 (96, 160), 144, patch_size=12, model_args=dict(embed_dim=64, depth=3, num_heads=2, depth_token_only=1)
             ),
+            multiple=16,
         ),
     ),
 )

@@ -191,6 +191,7 @@ FAMILIES = (
             conformance=gray_and_4ch(
                 (96, 160), 144, patch_size=12, model_args=dict(embed_dim=32, depth=3, num_heads=2, local_up_to_layer=2)
             ),
+            multiple=16,
         ),
     ),
 )

@@ -49,6 +49,7 @@ FAMILIES = (
             conformance=gray_and_4ch(
                 (96, 160), 144, patch_size=12, model_args=dict(embed_dim=64, depth=3, num_heads=2)
             ),
+            multiple=16,
         ),
     ),
 )

@@ -59,6 +59,7 @@ FAMILIES = (
             step=14,
             script_fx="tokens",
             conformance=gray_and_4ch((112, 168), 154, model_args=dict(embed_dim=64, depth=3, num_heads=2)),
+            multiple=14,
         ),
     ),
 )

@@ -184,6 +184,7 @@ FAMILIES = (
             dict(embed_dim=16, mlp_ratio=1.0),
             step=32,  # (gcvit_xxtiny fixes depths and heads)
             conformance=gray_and_4ch((64, 96), 160),
+            multiple=32,
         ),
     ),
 )

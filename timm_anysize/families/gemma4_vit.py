@@ -26,6 +26,8 @@ FAMILIES = (
             img_size=96,
             step=48,
             conformance=gray_and_4ch((96, 144), 128, patch_size=8),
+            min_input=16,
+            multiple=16,
         ),
     ),
 )

@@ -246,6 +246,7 @@ FAMILIES = (
             step=32,
             script_fx="tokens",
             conformance=gray_and_4ch((64, 96), 160),
+            multiple=32,
         ),
     ),
 )

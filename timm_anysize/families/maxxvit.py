@@ -287,6 +287,7 @@ FAMILIES = (
             dict(embed_dim=(16, 32, 48, 64), depths=(1, 1, 1, 1), stem_width=(16, 16), transformer_dim_head=16),
             step=32,  # windows of img_size / 32: 2x2 at 64 px
             conformance=gray_and_4ch((64, 96), 160),
+            multiple=32,
         ),
     ),
 )

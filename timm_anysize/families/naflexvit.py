@@ -2,7 +2,7 @@
 when the patch or the channels change); timm's own path runs at any size and pads with ``dynamic_img_pad``."""
 
 import copy
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -81,6 +81,12 @@ def flexi_naflex(embeds: nn.Module) -> nn.Module:
     return make_flexi(embeds, _FlexiNaFlexEmbeds)
 
 
+def _whole_patches(model: nn.Module) -> Tuple[int, int]:
+    """With padding off, the patch: timm's NaFlexViT patchifies by a reshape that fails deep inside otherwise."""
+    p = model.embeds.patch_size
+    return (int(p[0]), int(p[1]))
+
+
 FAMILIES = (
     Family(
         name="naflexvit",
@@ -91,6 +97,7 @@ FAMILIES = (
         linear_patch="hwc",
         flexi_embed=flexi_naflex,
         first_conv="embeds.proj",
+        unpadded_multiple=_whole_patches,  # pad: false: refused at the input, not by timm's patchify reshape
         dynamic="native",
         dynamic_args=("dynamic_img_pad",),  # NaFlexViT runs at any size; padding is its own option
         export_note="timm's patch embedding pads only inputs that are not whole patches, a branch torch.export "
@@ -103,6 +110,7 @@ FAMILIES = (
             conformance=gray_and_4ch(
                 (96, 160), 144, patch_size=12, model_args=dict(embed_dim=64, depth=3, num_heads=2)
             ),
+            multiple=16,
         ),
     ),
 )

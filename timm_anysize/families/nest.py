@@ -178,6 +178,8 @@ FAMILIES = (
             claims=_claims,
         ),
         example="nest_tiny",
-        tiny=TinyModel(conformance=gray_and_4ch(64, 128)),  # NesT-T (fixed widths): 4x4 blocks of 4x4 patches
+        tiny=TinyModel(
+            conformance=gray_and_4ch(64, 128), multiple=16
+        ),  # NesT-T (fixed widths): 4x4 blocks of 4x4 patches
     ),
 )

@@ -73,6 +73,8 @@ FAMILIES = (
         dynamic_args=(),  # conv stems take any size; enable_dynamic resamples the position embedding
         runtime=DynamicPath(classes={pit.PoolingVisionTransformer: DynamicPit}, patch_layout="none"),
         example="pit_ti_224",
-        tiny=TinyModel(dict(depth=(1, 1, 1)), script_fx="tokens", conformance=gray_and_4ch((64, 96), 136)),
+        tiny=TinyModel(
+            dict(depth=(1, 1, 1)), script_fx="tokens", conformance=gray_and_4ch((64, 96), 136), min_input=16
+        ),
     ),
 )

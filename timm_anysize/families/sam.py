@@ -92,6 +92,7 @@ FAMILIES = (
                     embed_dim=64, depth=3, num_heads=2, global_attn_indexes=[2], window_size=2, neck_chans=32
                 ),
             ),
+            multiple=16,
         ),
     ),
 )

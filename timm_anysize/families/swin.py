@@ -340,6 +340,7 @@ FAMILIES = (
             feature_indices=(0, 1, 2),
             script_fx="windows",
             conformance=gray_and_4ch((64, 96), 136),
+            multiple=4,
         ),
     ),
     Family(
@@ -359,6 +360,7 @@ FAMILIES = (
             feature_indices=(0, 1, 2),
             script_fx="windows",
             conformance=gray_and_4ch((64, 96), 136),
+            multiple=4,
         ),
     ),
     Family(
@@ -379,6 +381,7 @@ FAMILIES = (
             feature_indices=(0, 1, 2),
             script_fx="windows",
             conformance=gray_and_4ch((64, 96), 136),
+            multiple=4,
         ),
     ),
 )

@@ -144,6 +144,7 @@ FAMILIES = (
                 144,
                 model_args=dict(embed_dim=64, depth=3, inner_dim=16, num_heads_inner=2, num_heads_outer=2),
             ),
+            multiple=16,
         ),
     ),
 )

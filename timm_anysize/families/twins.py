@@ -27,6 +27,7 @@ FAMILIES = (
             feature_indices=(0, 1, 2),
             script_fx="windows",
             conformance=gray_and_4ch((64, 96), 160),
+            min_input=32,
         ),
     ),
 )

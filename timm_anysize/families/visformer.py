@@ -101,6 +101,13 @@ def enable_visformer_dynamic(model: nn.Module, cache_size: int) -> None:
             pe.dynamic_img_pad = model._anysize_dynamic.pad
 
 
+def _whole_stage_patches(model: nn.Module) -> Tuple[int, int]:
+    """With padding off, the input multiple its stage patch embeddings need: the stem stride times their patches
+    (the model's last reduction, 32 for timm's Visformers)."""
+    r = int(model.feature_info[-1]["reduction"])
+    return (r, r)
+
+
 FAMILIES = (
     Family(
         name="visformer",
@@ -116,12 +123,14 @@ FAMILIES = (
         runtime=DynamicPath(
             classes={visformer.Visformer: DynamicVisformer}, setup=enable_visformer_dynamic, patch_layout="none"
         ),
+        unpadded_multiple=_whole_stage_patches,  # pad: false: refused at the input, not by a stage's assert
         example="visformer_tiny",
         tiny=TinyModel(
             dict(embed_dim=48, depth=(1, 1, 1), num_heads=2, init_channels=16),
             step=32,
             script_fx="tokens",
             conformance=gray_and_4ch((96, 160), 144),
+            multiple=32,
         ),
     ),
 )

@@ -73,6 +73,7 @@ FAMILIES = (
             img_size=160,
             script_fx="tokens",  # test_vit is already tiny
             conformance=gray_and_4ch((96, 160), 144, patch_size=12),
+            multiple=16,
         ),
         matches=lambda m: not _is_hybrid(m),
     ),

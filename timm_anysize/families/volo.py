@@ -76,6 +76,8 @@ FAMILIES = (
         dynamic_args=(),  # conv stems take any size; enable_dynamic resamples the position embedding
         runtime=DynamicPath(classes={volo.VOLO: DynamicVolo}, patch_layout="none"),
         example="volo_d1_224",
-        tiny=TinyModel(script_fx="tokens", conformance=gray_and_4ch((64, 96), 136)),  # full width: no size args
+        tiny=TinyModel(
+            script_fx="tokens", conformance=gray_and_4ch((64, 96), 136), min_input=15
+        ),  # full width: no size args
     ),
 )
