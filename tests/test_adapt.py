@@ -189,14 +189,19 @@ def test_distilled_new_heads_are_both_initialized(make_checkpoint):
     assert sorted(report.dropped) == ["head.bias", "head.weight", "head_dist.bias", "head_dist.weight"]
 
 
-def test_new_head_is_the_models_own_fresh_init(make_checkpoint):
-    path, _ = make_checkpoint("test_vit")
+def test_new_head_is_freshly_initialised_alone_and_seeded(make_checkpoint):
+    # Only the tensors the checkpoint does not cover are initialised, as reset_classifier leaves a new head
+    # (PyTorch's reset_parameters): the same seed gives the same head; every other tensor is the checkpoint's.
+    path, base = make_checkpoint("test_vit")
     name = variant("test_vit", path, num_classes=10)
     torch.manual_seed(123)
-    fresh = timm.create_model(name)
+    a = timm.create_model(name, pretrained=True)
     torch.manual_seed(123)
-    m = timm.create_model(name, pretrained=True)
-    assert torch.equal(m.head.weight, fresh.head.weight) and torch.equal(m.head.bias, fresh.head.bias)
+    b = timm.create_model(name, pretrained=True)
+    assert torch.equal(a.head.weight, b.head.weight) and torch.equal(a.head.bias, b.head.bias)
+    bound = 1 / a.head.weight.shape[1] ** 0.5  # nn.Linear's init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    assert a.head.weight.abs().max() <= bound and a.head.weight.std() > bound / 4
+    assert all(torch.equal(a.state_dict()[k], v) for k, v in base.state_dict().items() if not k.startswith("head."))
 
 
 def test_declared_init_and_drop_keys(make_checkpoint):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-from typing import Optional
+from typing import Iterator, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -199,7 +199,7 @@ def _adapt_kernel(src: torch.Tensor, tgt: torch.Tensor, plan: VariantPlan) -> tu
     return value, "; ".join(steps)
 
 
-def _layout_hint(source_sd: StateDict, conversion, missing: list, unused: list) -> str:
+def _layout_hint(source_sd: Mapping[str, torch.Tensor], conversion, missing: list, unused: list) -> str:
     """When the keys do not fit at all, say which other libraries' layouts were tried and the closest."""
     if conversion is not None or not (missing or unused):
         return ""
@@ -210,10 +210,10 @@ def _layout_hint(source_sd: StateDict, conversion, missing: list, unused: list) 
 PROGRESS_MIN_BYTES = 256 * 2**20
 
 
-def _progress(target_sd: StateDict, source_sd: StateDict, name: str):
+def _progress(target_sd: StateDict, name: str):
     """Iterate the target keys, with a progress bar for large checkpoints (silenced by ``--quiet`` /
     ``huggingface_hub.utils.disable_progress_bars()`` / ``HF_HUB_DISABLE_PROGRESS_BARS=1``)."""
-    size = sum(t.numel() * t.element_size() for t in source_sd.values())
+    size = sum(t.numel() * t.element_size() for t in target_sd.values())  # meta tensors too: read nothing
     if size < PROGRESS_MIN_BYTES:
         return target_sd.items()
     from huggingface_hub.utils import tqdm
@@ -239,10 +239,26 @@ def adapt_state_dict(
         AdaptationError: A target key has no source, a source key is left unused without being declared, or a
             shape cannot be mapped; all offending keys are listed.
     """
+    report = AdaptationReport(plan.spec.name, source_desc, plan.source.describe(), plan.target.describe())
+    return dict(iter_adapted(source_sd, target_sd, plan, report)), report
+
+
+def iter_adapted(
+    source_sd: Mapping[str, torch.Tensor], target_sd: StateDict, plan: VariantPlan, report: AdaptationReport
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """:func:`adapt_state_dict` one tensor at a time, in the target's key order, filling ``report`` as it goes.
+
+    Each source tensor is read (``source_sd`` may be lazy: :class:`~timm_anysize.core.safetensors_io.LazySafetensors`)
+    and adapted when its target key comes, so a consumer that writes each tensor out holds one at a time. The
+    accounting errors are raised after the last tensor (a streaming writer then discards what it wrote).
+
+    Raises:
+        AdaptationError: As :func:`adapt_state_dict`, once every key has been seen.
+    """
     spec, s, t = plan.spec, plan.source, plan.target
-    report = AdaptationReport(spec.name, source_desc, s.describe(), t.describe())
+    source_desc = report.source
     conversion = getattr(source_sd, "conversion", None)  # another library's layout (weights.SourceStateDict)
-    out: StateDict = {}
+    out: list[tuple[str, torch.Tensor]] = []  # what record() made for the current key, yielded at once
     used: set[str] = set()
     missing, mismatched = [], []
     new_head = s.num_classes != t.num_classes
@@ -250,7 +266,7 @@ def adapt_state_dict(
     def record(key: str, action: str, detail: str, src: Optional[torch.Tensor], value: torch.Tensor) -> None:
         if conversion is not None and key in conversion.origin and src is not None:
             detail = "; ".join(filter(None, (f"from {conversion.origin[key]}", detail)))
-        out[key] = value
+        out.append((key, value))
         report.entries[key] = KeyAdaptation(
             key,
             action,
@@ -261,7 +277,9 @@ def adapt_state_dict(
         if action != "copied":
             _logger.info("%s: %s %s: %s", spec.name, key, action, detail)
 
-    for key, tgt in _progress(target_sd, source_sd, spec.name):
+    for key, tgt in _progress(target_sd, spec.name):
+        yield from out
+        out.clear()
         src = source_sd.get(key)
         declared = _matches(key, spec.adapt.init_keys)
         if declared:
@@ -298,6 +316,8 @@ def adapt_state_dict(
             mismatched.append(f"{key}: checkpoint {tuple(src.shape)} vs model {tuple(tgt.shape)}")
             continue
         record(key, "copied", "", src, src)
+    yield from out
+    out.clear()
 
     unused = []
     for key in source_sd:
@@ -335,4 +355,3 @@ def adapt_state_dict(
             "purpose can be declared in adapt.drop_keys / adapt.init_keys."
             + _layout_hint(source_sd, conversion, missing, unused)
         )
-    return out, report

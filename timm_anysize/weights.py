@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import zipfile
@@ -43,6 +44,7 @@ __all__ = [
     "download_url_weights",
 ]
 
+_logger = logging.getLogger(__name__)
 StateDict = dict[str, torch.Tensor]
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
 HUB_FILENAMES = ("model.safetensors", "pytorch_model.bin")
@@ -140,13 +142,26 @@ def read_checkpoint(path: Union[str, os.PathLike]) -> Any:
     try:
         # DINO's training checkpoints carry their argparse.Namespace; it holds plain values and runs no code.
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(p, map_location="cpu", weights_only=True)
+            return _torch_load(p)
     except Exception as e:  # UnpicklingError for refused globals, RuntimeError/EOFError for truncated files
         raise WeightsError(
             f"{p}: cannot be read as a PyTorch state dict with weights_only=True ({type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else ''}); timm-anysize never unpickles code: re-save the "
             f"weights with torch.save(model.state_dict()) or safetensors"
         ) from e
+
+
+def _torch_load(path: Path) -> Any:
+    """``torch.load(weights_only=True)``, memory-mapped (``mmap=True``): tensors are read from the page cache as they
+    are used, and the model takes their storage, so loading holds the weights once. Legacy (pre-zip, PyTorch < 1.6)
+    files cannot be mapped and are read whole."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e) and "zipfile" not in str(e):
+            raise
+        _logger.info("%s: a legacy (non-zip) torch.save file: read whole (re-save it to load memory-mapped)", path)
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def read_state_dict(path: Union[str, os.PathLike]) -> StateDict:

@@ -9,7 +9,7 @@ the in-place value-filling ops on meta tensors (they cannot change a meta tensor
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import timm
 import torch
@@ -20,7 +20,7 @@ from timm_anysize.core.errors import SpecError
 from timm_anysize.core.family import Family
 from timm_anysize.core.spec import VariantSpec
 
-__all__ = ["meta_device", "build_meta", "create_meta_without_init"]
+__all__ = ["meta_device", "parameters_uninitialised", "initialize_fresh", "build_meta", "create_meta_without_init"]
 
 # In-place ops that only write values: on a meta tensor each is the identity. Shape-changing in-place ops
 # (resize_, t_, squeeze_, set_ ...) are not listed and run as usual.
@@ -53,6 +53,18 @@ _VALUE_ONLY_INPLACE = frozenset(
         "sqrt_",
         "neg_",
         "abs_",
+        # torch.nn.init's functions reach a TorchFunctionMode whole (their in-place ops then run inside it, unseen)
+        "kaiming_uniform_",
+        "kaiming_normal_",
+        "xavier_uniform_",
+        "xavier_normal_",
+        "constant_",
+        "ones_",
+        "zeros_",
+        "orthogonal_",
+        "eye_",
+        "dirac_",
+        "sparse_",
     }
 )
 
@@ -80,6 +92,100 @@ def meta_device() -> Iterator[None]:
     """
     with torch.device("meta"), _SkipValueInit():
         yield
+
+
+class _SkipParameterInit(TorchFunctionMode):
+    """Makes the value-only in-place ops no-ops on the storage of parameters registered while it is active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.params: list[torch.Tensor] = []  # held, so no storage is freed and reused during the build
+        self.storages: set[int] = set()
+
+    def add(self, param: torch.Tensor) -> None:
+        if param.numel() and not param.is_meta:
+            self.params.append(param)
+            self.storages.add(param.untyped_storage().data_ptr())
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
+        t = args[0] if args else (kwargs or {}).get("tensor")
+        if getattr(func, "__name__", "") in _VALUE_ONLY_INPLACE and isinstance(t, torch.Tensor):
+            if t.is_meta or (t.numel() and t.untyped_storage().data_ptr() in self.storages):
+                return t
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def parameters_uninitialised() -> Iterator[None]:
+    """Build a model whose parameters are allocated but never written (their pages never touched), buffers as usual.
+
+    For a model about to be loaded with ``load_state_dict(..., assign=True)``: the checkpoint's (memory-mapped)
+    tensors take the parameters' place, so the untouched allocations never become resident memory and loading holds
+    the weights once. Buffers (relative-position indices, attention masks) are computed by the constructor on the
+    model's device as usual, which a meta-device build cannot do (Swin derives its mask's device from a parameter).
+    Weight init writes nothing to the parameters: the ones no checkpoint tensor replaces must be initialised after
+    (:func:`initialize_fresh`). Not thread-safe: it patches ``nn.Module.register_parameter`` while the block runs.
+
+    Example:
+        >>> import timm
+        >>> with parameters_uninitialised():
+        ...     model = timm.create_model("test_vit")
+        >>> model.pos_embed.is_meta, tuple(model.blocks[0].attn.qkv.weight.shape)
+        (False, (192, 64))
+    """
+    register = nn.Module.register_parameter
+    mode = _SkipParameterInit()
+
+    def register_tracked(module: nn.Module, name: str, param: Optional[nn.Parameter]) -> None:
+        register(module, name, param)
+        if param is not None:
+            mode.add(param)
+
+    nn.Module.register_parameter = register_tracked  # type: ignore[method-assign]
+    try:
+        with mode:
+            yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def initialize_fresh(model: nn.Module, keys: Iterable[str]) -> None:
+    """Initialise the named tensors of a model built by :func:`parameters_uninitialised`: the ones no checkpoint
+    tensor replaced (a new head, a declared fresh init).
+
+    A module whose every parameter is fresh is reset as ``reset_classifier`` leaves a new head: PyTorch's own
+    ``reset_parameters`` (nn.Linear, nn.Conv2d, nn.LayerNorm ...). A lone tensor gets timm's usual init: 1-D
+    ``weight`` ones, ``bias`` zeros, anything else ``trunc_normal_(std=0.02)``.
+
+    Example:
+        >>> import timm
+        >>> with parameters_uninitialised():
+        ...     model = timm.create_model("test_vit", num_classes=3)
+        >>> initialize_fresh(model, ["head.weight", "head.bias", "norm.weight"])
+        >>> float(model.norm.weight.sum()), bool(model.head.weight.abs().max() <= 1 / 64**0.5)
+        (64.0, True)
+    """
+    by_module: dict[str, list[str]] = {}
+    for key in keys:
+        owner, _, name = key.rpartition(".")
+        by_module.setdefault(owner, []).append(name)
+    with torch.no_grad():
+        for owner, names in by_module.items():
+            module = model.get_submodule(owner)
+            if any(getattr(module, n).is_meta for n in names):
+                continue  # a model placed on meta (device="meta") holds shapes only
+            own = {n for n, _ in module.named_parameters(recurse=False)}
+            if own <= set(names) and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+                continue
+            for name in names:
+                t = getattr(module, name)
+                if name == "bias" or not t.is_floating_point():
+                    t.zero_()
+                elif name == "weight" and t.ndim == 1:
+                    t.fill_(1.0)
+                else:
+                    nn.init.trunc_normal_(t, std=0.02)
 
 
 # Placement kwargs would pull a meta build onto a real device.

@@ -1,0 +1,189 @@
+"""Safetensors one tensor at a time: a lazy reader and a streaming, atomic writer.
+
+Both keep at most one tensor in memory, so converting a checkpoint larger than the machine's memory peaks at a few
+of its largest tensors. The format (https://huggingface.co/docs/safetensors) is an 8-byte little-endian header
+length, a JSON header naming each tensor's dtype, shape and byte range, then the data: a writer that knows every
+tensor's dtype and shape up front writes the header first and streams the data after it. Files written here are
+read by ``safetensors.torch.load_file`` and are identical in layout to what it writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Iterable, Iterator, Optional, Sequence, Union
+
+import torch
+
+from timm_anysize.core.errors import WeightsError
+
+__all__ = ["LazySafetensors", "write_safetensors", "SAFETENSORS_DTYPES"]
+
+SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
+_TORCH_DTYPES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+
+class LazySafetensors(Mapping):
+    """A safetensors file as a read-only mapping whose tensors are read from disk when asked for, one at a time.
+
+    Nothing is cached or memory-mapped: each lookup reads that tensor's bytes into its own memory, which is freed
+    when the caller lets go of it (``safetensors.safe_open`` keeps the whole file mapped, and resident, while open).
+
+    Example:
+        >>> import tempfile, torch
+        >>> from safetensors.torch import save_file
+        >>> p = tempfile.mkdtemp() + "/w.safetensors"
+        >>> save_file({"a": torch.arange(4.0), "b": torch.ones(2, 2, dtype=torch.bfloat16)}, p)
+        >>> sd = LazySafetensors(p)
+        >>> sorted(sd), sd.shape("b"), sd["a"].tolist()
+        (['a', 'b'], (2, 2), [0.0, 1.0, 2.0, 3.0])
+    """
+
+    def __init__(self, path: Union[str, os.PathLike]) -> None:
+        self.path = Path(path)
+        try:
+            with self.path.open("rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+        except (OSError, ValueError, struct.error) as e:
+            raise WeightsError(f"{self.path}: not a readable safetensors file ({e}); re-save it") from e
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        self._entries: dict[str, dict] = header
+        self._data_start = 8 + n
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """The shape of a tensor, from the header (nothing read)."""
+        return tuple(self._entries[key]["shape"])
+
+    def dtype(self, key: str) -> torch.dtype:
+        """The dtype of a tensor, from the header (nothing read)."""
+        return _TORCH_DTYPES[self._entries[key]["dtype"]]
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        entry = self._entries[key]
+        begin, end = entry["data_offsets"]
+        dtype = _TORCH_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise WeightsError(
+                f"{self.path}: tensor {key!r} has dtype {entry['dtype']}, which timm-anysize cannot read"
+            )
+        buf = bytearray(end - begin)
+        with self.path.open("rb") as f:
+            f.seek(self._data_start + begin)
+            if f.readinto(buf) != len(buf):
+                raise WeightsError(f"{self.path}: truncated at tensor {key!r}; re-download or re-save the file")
+        if not buf:
+            return torch.empty(entry["shape"], dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(entry["shape"])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def write_safetensors(
+    path: Union[str, os.PathLike],
+    entries: Sequence[tuple[str, torch.dtype, Sequence[int]]],
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    metadata: Optional[dict[str, str]] = None,
+) -> Path:
+    """Write a safetensors file tensor by tensor, atomically.
+
+    The header is written from ``entries`` first; each tensor of ``tensors`` (in the same order, with the declared
+    dtype and shape) is then written and can be freed by its producer before the next is made. The file is written
+    under a temporary name beside ``path`` and renamed into place only when every tensor is written: on any error
+    (including one raised by the producer of ``tensors``) nothing is left behind and an existing ``path`` is kept.
+
+    Args:
+        path: The output file.
+        entries: ``(name, dtype, shape)`` of every tensor, in the order they will come.
+        tensors: ``(name, tensor)`` pairs, lazily produced.
+        metadata: String metadata for the header's ``__metadata__`` (``{"format": "pt"}`` by default).
+
+    Returns:
+        The written path.
+
+    Raises:
+        ValueError: A tensor comes out of order or with another dtype or shape than declared, or some are missing.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from safetensors.torch import load_file
+        >>> p = tempfile.mkdtemp() + "/out.safetensors"
+        >>> t = {"w": torch.randn(3, 2), "n": torch.tensor([1, 2])}
+        >>> _ = write_safetensors(p, [(k, v.dtype, v.shape) for k, v in t.items()], iter(t.items()))
+        >>> all(torch.equal(load_file(p)[k], v) for k, v in t.items())
+        True
+    """
+    final = Path(path)
+    header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    expected: list[tuple[str, torch.dtype, tuple[int, ...], int]] = []
+    for name, dtype, shape in entries:
+        nbytes = _numel(shape) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {
+            "dtype": SAFETENSORS_DTYPES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        expected.append((name, dtype, tuple(shape), nbytes))
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            it = iter(tensors)
+            for name, dtype, shape, nbytes in expected:
+                got = next(it, None)
+                if got is None:
+                    raise ValueError(f"{final}: tensor {name!r} was declared but never came")
+                key, tensor = got
+                if key != name or tensor.dtype != dtype or tuple(tensor.shape) != shape:
+                    raise ValueError(
+                        f"{final}: expected {name!r} {dtype} {list(shape)}, got {key!r} {tensor.dtype} "
+                        f"{list(tensor.shape)}"
+                    )
+                if nbytes:
+                    data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+                    f.write(memoryview(data.numpy()))
+                del got, tensor
+            if next(it, None) is not None:
+                raise ValueError(f"{final}: more tensors than declared")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return final
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
