@@ -25,6 +25,43 @@ def test_show_prints_spec_and_plan(capsys):
     assert "adapt input channels 3 -> 1" in out and "head.weight: new head: num_classes 1000 -> 10" in out
 
 
+def test_show_is_the_variant_as_written_plus_what_it_resolves_to(capsys):
+    """Only the keys the YAML sets (a square size as one number), then the resolved geometries, the dynamic choice,
+    the memory estimate and the plan; no unset option printed as null."""
+    assert main(["show", "vit_tiny_patch4_64"]) == 0
+    out = capsys.readouterr().out
+    spec, resolved = out.split("# resolved (no weights read)")
+    assert spec.splitlines()[1:7] == [
+        "vit_tiny_patch4_64:",
+        "  base: vit_tiny_patch16_224.augreg_in21k_ft_in1k",
+        "  img_size: 64",
+        "  patch_size: 4",
+        "  in_chans: 1",
+        "  num_classes: 10",
+    ]
+    assert "null" not in spec and "model_args" not in spec and "pad:" not in spec
+    lines = resolved.strip().splitlines()
+    assert lines[:4] == [
+        "family: vit",
+        "source: 224x224 px, patch 16x16, grid 14x14 (+1 prefix), 3 ch, 1000 classes",
+        "target: 64x64 px, patch 4x4, grid 16x16 (+1 prefix), 1 ch, 10 classes",
+        "dynamic: yes: any input size",
+    ]
+    assert (
+        lines[4].startswith("memory: ~")
+        and "at 257 tokens: weights " in lines[4]
+        and "(3 heads, one image)" in lines[4]
+    )
+    assert lines[5] == "adaptation:" and lines[-1] == "  every other tensor: copied"
+
+
+def test_show_all_prints_every_field(capsys):
+    assert main(["show", "--all", "vit_tiny_patch4_64"]) == 0
+    out = capsys.readouterr().out
+    assert "  img_size:\n  - 64\n  - 64\n" in out and "  dynamic: null\n" in out and "  pad: true\n" in out
+    assert "memory: ~" in out and "pos_embed: resample grid 14x14 -> 16x16" in out
+
+
 def test_show_unknown_name_is_one_line(capsys):
     assert main(["show", "vit_tiny_patch4_46"]) == 1
     err = capsys.readouterr().err

@@ -308,3 +308,19 @@ def test_the_first_create_model_completes_the_registered_cfg(tmp_path):
     assert registered.pool_size == model.pretrained_cfg["pool_size"] == (2, 2)
     assert registered.description == model.pretrained_cfg["description"]
     assert timm.list_models(name) == [name] and timm.list_pretrained(name + "*") == [f"{name}.anysize"]
+
+
+def test_the_registered_cfg_never_has_sizes_the_plan_would_change(tmp_path):
+    # Gemma 4's base cfg has a min_input_size; the spec leaves the patch to the base, so whole-patch sizes wait for
+    # the plan: before it they are absent (never rounded to 1 px), after validate_variant they are the model's.
+    args = {"depth": 1, "embed_dim": 64, "num_heads": 2, "head_dim": 32, "intermediate_size": 128}
+    spec = timm_anysize.core.spec.parse_variant(
+        unique_name(), {"base": "gemma4_vit_167m", "img_size": [96, 144], "in_chans": 1, "model_args": args}
+    )
+    (name,) = timm_anysize.register_specs([spec], validate=False)
+    assert timm.models.get_pretrained_cfg(name).min_input_size is None
+    timm_anysize.validate_variant(name)
+    planned = timm.models.get_pretrained_cfg(name)
+    assert planned.min_input_size == variant_pretrained_cfg(make_plan(spec))["min_input_size"]
+    assert all(s % 16 == 0 for s in planned.min_input_size[1:]), planned.min_input_size
+    assert timm.create_model(name).pretrained_cfg["min_input_size"] == planned.min_input_size

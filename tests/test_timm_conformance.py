@@ -142,9 +142,9 @@ def run_conformance(
         HF_HUB_OFFLINE="1",
         PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     )
-    # timm's test_models.py in its own order (pytest-randomly off in the child): its cells read the registered cfg, which
-    # the first create_model of a variant completes (pool_size), so a shuffled order must not decide what they see.
-    cmd = [sys.executable, "-m", "pytest", "-p", "no:randomly", "-q", "-rN", "--tb=line", "test_models.py", *extra_args]
+    # Shuffled by pytest-randomly, as the suite is (the conftest plans every variant first, so no cell depends on
+    # which ran before it); the seed is in the log.
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rN", "--tb=line", "test_models.py", *extra_args]
     log = workdir / "pytest.log"  # streamed, so a long run can be followed with tail -f
     with log.open("w") as f:
         code = subprocess.run(cmd, cwd=workdir, env=env, stdout=f, stderr=subprocess.STDOUT).returncode

@@ -17,21 +17,31 @@ from timm_anysize.core.errors import (
     AdaptationError,
     AnysizeError,
     InputNotDivisibleError,
+    InputSizeError,
     RegistrationError,
     SpecError,
     WeightsError,
 )
+from timm_anysize.core.input_size import InputLimits, input_limits
 from timm_anysize.core.report import AdaptationReport, adaptation_report
 from timm_anysize.core.spec import VariantSpec
 from timm_anysize.core.version import __version__
 from timm_anysize.dynamic import clear_dynamic_cache, dynamic_cache_info, enable_dynamic, is_dynamic
 from timm_anysize.flexi import enable_flexi, flexi_cache_info, get_patch_size, patch_size, set_patch_size
 from timm_anysize.hub import ExportError, Metric, build_model_card, export, push_to_hub
-from timm_anysize.registry import get_variant, list_variants, register_specs, register_variant, register_yaml
+from timm_anysize.registry import (
+    get_variant,
+    list_variants,
+    register_specs,
+    register_variant,
+    register_yaml,
+    validate_variant,
+)
 
 __all__ = [
     "__version__",
     "register_yaml",
+    "validate_variant",
     "register_variant",
     "register_specs",
     "list_variants",
@@ -59,6 +69,9 @@ __all__ = [
     "AdaptationError",
     "RegistrationError",
     "InputNotDivisibleError",
+    "InputSizeError",
+    "InputLimits",
+    "input_limits",
 ]
 
 from timm_anysize.registry import register_shipped_configs as _register_shipped_configs

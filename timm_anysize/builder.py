@@ -10,6 +10,7 @@ feature wrapper).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from functools import partial
@@ -24,12 +25,12 @@ from timm.models import FeatureGraphNet, resolve_pretrained_cfg
 from timm_anysize.adapt import adapt_state_dict
 from timm_anysize.core.errors import WeightsError
 from timm_anysize.core.family import Family
-from timm_anysize.core.meta import create_meta_without_init
+from timm_anysize.core.meta import initialize_fresh, parameters_uninitialised
 from timm_anysize.core.report import AdaptationReport, summarize_keys
 from timm_anysize.core.spec import VariantSpec
-from timm_anysize.dynamic import enable_dynamic
+from timm_anysize.dynamic import enable_dynamic, guard_run_time_size
 from timm_anysize.flexi import apply_flexi
-from timm_anysize.plan import Geometry, VariantPlan, make_plan, resolve_base_cfg, spec_target
+from timm_anysize.plan import Geometry, VariantPlan, make_plan, patch_from_model, resolve_base_cfg, spec_target
 from timm_anysize.weights import load_source_state_dict
 
 __all__ = ["build_variant", "variant_pretrained_cfg", "spec_pretrained_cfg", "stats_for_channels", "default_tag"]
@@ -107,7 +108,8 @@ def spec_pretrained_cfg(spec: VariantSpec, base_cfg: Optional[Mapping[str, Any]]
     """The pretrained cfg a variant registers before its plan is made: :func:`variant_pretrained_cfg`'s fields from
     the spec and the base's pretrained cfg alone (:func:`timm_anysize.plan.spec_target`), no model built.
 
-    What only a built model tells -- ``pool_size`` (a forward at the variant's size), the grid in the description,
+    What only a built model tells -- ``pool_size`` (a forward at the variant's size), ``test_input_size`` and
+    ``min_input_size`` (whole patches) when the spec leaves the patch to the base, the grid in the description,
     defaults of the base's constructor the spec does not restate -- is filled in when the plan is made.
 
     Raises:
@@ -121,7 +123,11 @@ def spec_pretrained_cfg(spec: VariantSpec, base_cfg: Optional[Mapping[str, Any]]
     """
     base_cfg = resolve_base_cfg(spec) if base_cfg is None else base_cfg
     target, dynamic = spec_target(spec, base_cfg)
-    return _variant_cfg(spec, base_cfg, target, dynamic, None, None)
+    cfg = _variant_cfg(spec, base_cfg, target, dynamic, None, None)
+    if patch_from_model(spec):  # scaled sizes are whole patches: the base's patch is known once the model is
+        for key in ("test_input_size", "min_input_size", "test_crop_pct"):
+            cfg.pop(key, None)
+    return cfg
 
 
 def _variant_cfg(
@@ -216,11 +222,11 @@ def build_variant(
     plan = make_plan(spec, kwargs, weights=resolved if pretrained else None, cache_dir=cache_dir)
     # 2. The weights, read from their source and mapped to timm's names from their origin, checked against the plan.
     source = load_source_state_dict(plan, resolved, cache_dir) if pretrained else None
-    # 3. The model at the variant's geometry. When the load overwrites every tensor (no new head, no declared fresh
-    #    init), timm's random init is wasted work (most of the load time); ViT-family constructors can skip it.
-    skip_init = pretrained and plan.source.num_classes == plan.target.num_classes and not plan.spec.adapt.init_keys
-    model = _create(plan.spec.base, {**plan.target_kwargs, **plan.dynamic_kwargs}, skip_init, plan.family)
-    # 4. The weights adapted to it and loaded.
+    # 3. The model at the variant's geometry. To be loaded, its parameters are allocated but never written (no init,
+    #    never resident): 4. the weights adapted to it take their place one tensor at a time, in the model's dtype and on
+    #    its device, and only the tensors the load does not cover (a new head, a declared init) are initialised.
+    model_kwargs = {**plan.target_kwargs, **plan.dynamic_kwargs}
+    model = _create(plan.spec.base, model_kwargs, source is not None, plan.family)
     if source is not None:
         model._anysize_report = _load_adapted(model, plan, *source)
     weights = {k: resolved.get(k) for k in ("url", "file", "hf_hub_id", "hf_hub_filename")}
@@ -232,6 +238,9 @@ def build_variant(
     # 5. Run-time features: any input size, a flexi patch size, timm's feature wrapper.
     if plan.dynamic and not features_only:  # a feature model makes its own inner model dynamic
         _make_dynamic(plan, model)
+    elif not features_only:  # its own size only (a native family's model runs at any size, as timm's)
+        first = plan.patch_key.removesuffix(".weight")
+        guard_run_time_size(model, plan.family, plan.target.img_size, False, first, plan.family.dynamic != "native")
     apply_flexi(model, plan.spec)  # the YAML flexi key: a patch size drawn per training forward (timm_anysize.flexi)
     if features_only:
         model = _as_feature_model(plan.spec, plan, model, feature_cfg, cfg)
@@ -239,12 +248,32 @@ def build_variant(
 
 
 def _load_adapted(
-    model: nn.Module, plan: VariantPlan, source_sd: dict[str, torch.Tensor], source_desc: str
+    model: nn.Module,
+    plan: VariantPlan,
+    source_sd: dict[str, torch.Tensor],
+    source_desc: str,
 ) -> AdaptationReport:
-    """Adapt the source weights to the model's tensors (refusing non-finite ones) and load them, strictly."""
+    """Adapt the source weights to the model's tensors (refusing non-finite ones) and load them, strictly.
+
+    The model's parameters were never written (:func:`_create`): each adapted tensor is cast to the model's
+    dtype and moved to its device one at a time (a no-op, keeping the checkpoint's memory-mapped storage, where
+    both already match) and assigned in their place; the source dict lets go of each tensor as it is placed, so a resampled or cast
+    tensor replaces its source instead of adding to it. Tensors no checkpoint key covers are initialised last.
+    """
     _refuse_non_finite(source_sd, source_desc, {k for k, _ in model.named_buffers()})
-    state_dict, report = adapt_state_dict(source_sd, model.state_dict(), plan, source_desc)
-    model.load_state_dict(state_dict, strict=True)
+    target_sd = model.state_dict()
+    state_dict, report = adapt_state_dict(source_sd, target_sd, plan, source_desc)
+    source_sd.clear()  # the adapted dict holds what is used; the rest (dropped keys, replaced sources) goes now
+    fresh = report.by_action("initialized")  # the model's own (uninitialised) tensors: initialised below
+    for key in list(state_dict):
+        like, value = target_sd[key], state_dict.pop(key)
+        if key not in fresh:  # an adapted tensor can be a strided view (a channel map): the model's are contiguous
+            value = value.to(device=like.device, dtype=like.dtype).contiguous()
+        state_dict[key] = value
+    del target_sd
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    del state_dict
+    initialize_fresh(model, fresh)
     _logger.info(
         "%s: loaded from %s (%d copied, %d not copied)",
         plan.spec.name,
@@ -255,23 +284,16 @@ def _load_adapted(
     return report
 
 
-def _create(base: str, kwargs: dict[str, Any], skip_init: bool, family: Family) -> nn.Module:
-    """Build the target model; with ``skip_init``, without spending time on an init the load will overwrite.
+def _create(base: str, kwargs: dict[str, Any], for_load: bool, family: Family) -> nn.Module:
+    """Build the target model; ``for_load``: with its parameters allocated but not initialised (never resident),
+    for an assigning load.
 
-    The model is built on the meta device and given uninitialised memory (``to_empty``); that is only safe when the
-    strict load that follows writes every tensor, i.e. when the model has no non-persistent buffers (those would
-    stay uninitialised), so otherwise it is built normally. A family with its own ``build`` (MViTv2) builds it.
+    A family with its own ``build`` (MViTv2) builds it. Buffers are always real (computed by the constructor).
     """
-    if family.build is not None:
-        return family.create(partial(timm.create_model, base, pretrained=False), kwargs)
-    if skip_init:
-        device = kwargs.get("device") or "cpu"
-        model = create_meta_without_init(base, {k: v for k, v in kwargs.items() if k != "device"})
-        if model is not None:
-            persistent = set(model.state_dict())
-            if all(name in persistent for name, _ in model.named_buffers()):
-                return model.to_empty(device=device)
-    return timm.create_model(base, pretrained=False, **kwargs)
+    create = partial(timm.create_model, base, pretrained=False)
+    context = parameters_uninitialised() if for_load else contextlib.nullcontext()
+    with context:
+        return family.create(create, kwargs)
 
 
 def _refuse_non_finite(state_dict: dict[str, torch.Tensor], source_desc: str, buffers: set[str]) -> None:
@@ -300,10 +322,14 @@ def _make_dynamic(plan: VariantPlan, model: nn.Module) -> None:
     spec = plan.spec
     if plan.family.dynamic == "native":  # timm's constructor arguments did it (plan.dynamic_kwargs)
         model._anysize_native_dynamic = True
-        return
-    pe = spec.adapt.pos_embed
-    # compat: run-time sizes resample as the origin library does (timm_anysize.core.compat)
-    enable_dynamic(model, pad=spec.pad, interpolation=pe.interpolation, antialias=pe.use_antialias, compat=pe.compat)
+    else:
+        pe = spec.adapt.pos_embed
+        # compat: run-time sizes resample as the origin library does (timm_anysize.core.compat)
+        enable_dynamic(
+            model, pad=spec.pad, interpolation=pe.interpolation, antialias=pe.use_antialias, compat=pe.compat
+        )
+    # a size below the smallest its stem and strides take, or off its stem's blocks: the documented error, first
+    guard_run_time_size(model, plan.family, plan.target.img_size, spec.pad, plan.patch_key.removesuffix(".weight"))
 
 
 def _feature_key_map(wrapper_keys: list[str], full_keys: list[str]) -> dict[str, str]:

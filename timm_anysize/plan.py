@@ -19,6 +19,7 @@ import fnmatch
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Union
 
@@ -120,6 +121,8 @@ class VariantPlan:
     config: Optional[dict[str, Any]] = field(default=None, repr=False, compare=False)
     # What the source model computes (origins.model_numerics): checked against an origin's stated numerics.
     source_numerics: dict[str, tuple] = field(default_factory=dict, repr=False)
+    # What the target model costs in memory (parameters, every buffer, the largest attention map of one image).
+    cost: Optional[CostEstimate] = field(default=None, repr=False, compare=False)
 
     @property
     def dynamic_kwargs(self) -> dict[str, bool]:
@@ -284,6 +287,23 @@ def _rows_of_arch(arch: str) -> Optional[tuple[Family, ...]]:
     return tuple(row for row in FAMILIES if returns in row.classes)
 
 
+def patch_from_model(spec: VariantSpec) -> bool:
+    """Whether the variant's patch size is only known once its model is built: the spec leaves it to the base, and
+    the base's family embeds patches (or its entrypoint names no class to tell).
+
+    Example:
+        >>> from timm_anysize.core.spec import parse_variant
+        >>> patch_from_model(parse_variant("v", {"base": "vit_tiny_patch16_224"}))
+        True
+        >>> patch_from_model(parse_variant("v", {"base": "convnext_atto"}))
+        False
+    """
+    if spec.patch_size is not None:
+        return False
+    rows = _rows_of_arch(spec.arch)
+    return rows is None or any(row.patch_embeds for row in rows)
+
+
 def spec_target(spec: VariantSpec, base_cfg: Mapping[str, Any]) -> tuple[Geometry, bool]:
     """The target geometry and the dynamic choice a spec asks for, from its own fields and the base's pretrained cfg
     alone (no model built): what a variant registers until its plan is made.
@@ -329,27 +349,269 @@ def _geometry_kwargs(img_size: Any, patch_size: Any, in_chans: Any, num_classes:
 
 
 MEMORY_BUDGET_ENV = "TIMM_ANYSIZE_MAX_BYTES"
-DEFAULT_MEMORY_BUDGET = 64 * 2**30
+# Without TIMM_ANYSIZE_MAX_BYTES: this share of the machine's physical memory (64 GiB where it cannot be read).
+MEMORY_BUDGET_SHARE = 0.75
+FALLBACK_MEMORY_BUDGET = 64 * 2**30
+
+_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
 
 
-def estimate_bytes(model: nn.Module, geometry: Geometry) -> tuple[int, int]:
-    """(parameter bytes, bytes of one attention map for one image) of a meta-device model, in float32."""
-    params = sum(t.numel() for t in model.state_dict().values()) * 4
-    return params, geometry.num_tokens**2 * 4
+def format_bytes(n: float) -> str:
+    """A byte count for people: ``1.5 GiB``, ``512 B``.
+
+    Example:
+        >>> format_bytes(3 * 2**29), format_bytes(512)
+        ('1.5 GiB', '512 B')
+    """
+    unit = 0
+    while abs(n) >= 1024 and unit < len(_UNITS) - 1:
+        n, unit = n / 1024, unit + 1
+    return f"{n:,.0f} B" if unit == 0 else f"{n:,.1f} {_UNITS[unit]}"
 
 
-def _check_memory(spec: VariantSpec, model: nn.Module, geometry: Geometry, key: str) -> None:
-    """Reject geometries whose weights plus one attention map exceed the budget, before anything is allocated."""
-    budget = int(os.environ.get(MEMORY_BUDGET_ENV, DEFAULT_MEMORY_BUDGET))
-    params, attn = estimate_bytes(model, geometry)
-    if params + attn > budget:
-        gib = 2**30
-        raise SpecError(
-            f"{spec.where}.{key}: {geometry.describe()} needs an estimated {(params + attn) / gib:,.1f} GiB "
-            f"(weights {params / gib:,.1f} GiB + one attention map {attn / gib:,.1f} GiB), over the "
-            f"{budget / gib:,.0f} GiB budget; use a smaller img_size or a larger patch_size "
-            f"(or raise {MEMORY_BUDGET_ENV})"
+def physical_memory() -> Optional[int]:
+    """The machine's physical memory in bytes, or None where the OS does not say."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def memory_budget() -> tuple[int, str]:
+    """The bytes a variant's geometry may cost, and where that figure comes from: ``TIMM_ANYSIZE_MAX_BYTES``, else
+    75 % of the machine's physical memory (64 GiB where the OS does not say).
+
+    Raises:
+        SpecError: ``TIMM_ANYSIZE_MAX_BYTES`` is not a whole number of bytes.
+
+    Example:
+        >>> import os
+        >>> os.environ["TIMM_ANYSIZE_MAX_BYTES"] = str(2**30)
+        >>> memory_budget()
+        (1073741824, 'TIMM_ANYSIZE_MAX_BYTES')
+        >>> del os.environ["TIMM_ANYSIZE_MAX_BYTES"]
+    """
+    raw = os.environ.get(MEMORY_BUDGET_ENV, "").strip()
+    if raw:
+        try:
+            value = int(raw)
+        except ValueError:
+            value = -1
+        if value <= 0:
+            raise SpecError(
+                f"{MEMORY_BUDGET_ENV}={raw!r}: not a positive whole number of bytes; set it to e.g. "
+                f"{16 * 2**30} (16 GiB), or unset it for 75% of this machine's memory"
+            )
+        return value, MEMORY_BUDGET_ENV
+    total = physical_memory()
+    if total is None:
+        return FALLBACK_MEMORY_BUDGET, f"the default; this OS does not say its memory; {MEMORY_BUDGET_ENV} sets it"
+    return int(total * MEMORY_BUDGET_SHARE), f"75% of this machine's {format_bytes(total)}; {MEMORY_BUDGET_ENV} sets it"
+
+
+@dataclass(frozen=True)
+class CostEstimate:
+    """What a model at one geometry costs in memory, from its meta-device build: every parameter and every buffer
+    (persistent or not, each at its own dtype) plus the largest attention map of one image.
+
+    ``largest`` names the biggest tensors, as (what, bytes), biggest first; ``scaling`` splits the total into the
+    bytes that stay, grow with the tokens and grow with their square: what :meth:`at_tokens` scales by.
+    """
+
+    params_bytes: int
+    buffers_bytes: int
+    attention_bytes: int
+    tokens: int
+    heads: int
+    largest: tuple[tuple[str, int], ...] = ()
+    scaling: tuple[int, int, int] = (0, 0, 0)
+
+    @property
+    def total(self) -> int:
+        """Parameters, buffers and the attention map, in bytes."""
+        return self.params_bytes + self.buffers_bytes + self.attention_bytes
+
+    def at_tokens(self, tokens: int) -> float:
+        """The estimate at another token count, every tensor scaled by how it grows with the tokens."""
+        r = tokens / max(self.tokens, 1)
+        fixed, linear, square = self.scaling
+        return fixed + linear * r + square * r * r
+
+    def describe(self) -> str:
+        """One line, e.g. ``~846 KiB at 17 tokens: weights 839 KiB, buffers 5.0 KiB, attention map 2.1 KiB (2 heads,
+        one image); largest: ...``."""
+        attention = (
+            f"attention map {format_bytes(self.attention_bytes)} ({self.heads} head{'s' if self.heads != 1 else ''}, "
+            f"one image)"
+            if self.attention_bytes
+            else "no attention map"
         )
+        line = (
+            f"~{format_bytes(self.total)} at {self.tokens:,} tokens: weights {format_bytes(self.params_bytes)}, "
+            f"buffers {format_bytes(self.buffers_bytes)}, {attention}"
+        )
+        return line + (f"; largest: {self.largest[0][0]} = {format_bytes(self.largest[0][1])}" if self.largest else "")
+
+
+def _shape_words(shape: tuple[int, ...]) -> str:
+    """``50,177²`` for a square matrix, else ``[2, 3, 4]``."""
+    if len(shape) == 2 and shape[0] == shape[1]:
+        return f"{shape[0]:,}²"
+    return "[" + ", ".join(f"{d:,}" for d in shape) + "]"
+
+
+_TENSOR_WORDS = (
+    ("relative_position_index", "relative-position index"),
+    ("relative_position_bias_table", "relative-position table"),
+    ("attention_bias_idxs", "attention-bias index"),
+    ("attention_biases", "attention-bias grid"),
+    ("rel_pos", "relative-position axis"),
+    ("pos_embed", "position embedding"),
+    ("attn_mask", "attention mask"),
+)
+
+
+def _what(name: str, t: torch.Tensor, buffer: bool, count: int) -> str:
+    """``relative-position index `blocks.0.attn.relative_position_index` (50,177², int64, in 2 modules)``."""
+    kind = next((w for k, w in _TENSOR_WORDS if k in name), "buffer" if buffer else "parameter")
+    dtype = str(t.dtype).replace("torch.", "")
+    each = f", {count} of them" if count > 1 else ""
+    return f"{kind} `{name}` ({_shape_words(tuple(t.shape))} entries, {dtype}{each})"
+
+
+def _token_power(shape: tuple[int, ...], grid_tokens: int, has_grid: bool) -> int:
+    """How a tensor grows with the tokens (0, 1 or 2): how many of its dimensions are token-sized (between a 64th
+    (no patch grid: stages at up to 8x the first stage's stride) or a quarter of the grid's tokens and 8x them), read
+    only at 1,024 grid tokens or more, where no weight matrix's width is near the token count."""
+    if grid_tokens < 1024:
+        return 0
+    low = grid_tokens / (64 if not has_grid else 4)
+    return min(2, sum(1 for d in shape if low <= d <= 8 * grid_tokens))
+
+
+def _attention(model: nn.Module, tokens: int, grid_tokens: int, has_grid: bool) -> tuple[int, int, int]:
+    """(bytes, heads, token power) of the largest attention map of one image, float32: tokens² x heads of the first
+    global attention (the first stage sees the most tokens), tokens x window of the first windowed one, its own
+    resolution's of one that keeps it (LeViT); tokens² of one head for a model with a patch grid whose attention
+    names no heads; none without either."""
+    best, heads_seen, power, seen = 0, 0, 0, set()
+    for module in model.modules():
+        heads = getattr(module, "num_heads", getattr(module, "heads", None))
+        if not isinstance(heads, int) or isinstance(heads, bool) or heads <= 0:
+            continue
+        window, resolution = getattr(module, "window_size", None), getattr(module, "resolution", None)
+        if isinstance(resolution, (int, tuple, list)) and resolution:
+            n = math.prod(resolution) if not isinstance(resolution, int) else resolution * resolution
+            size, p = n * n * heads * 4, 2
+        elif "window" in seen and "global" in seen:
+            continue
+        elif isinstance(window, (int, tuple, list)) and window:
+            if "window" in seen:
+                continue
+            seen.add("window")
+            keys = math.prod(window) if not isinstance(window, int) else window * window
+            keys = tokens if keys >= grid_tokens else keys  # a window the size of the grid (BEiT): global
+            size, p = tokens * keys * heads * 4, 1 if keys < tokens else 2
+        elif "global" not in seen:
+            seen.add("global")
+            size, p = tokens * tokens * heads * 4, 2
+        else:
+            continue
+        if size > best:
+            best, heads_seen, power = size, heads, p
+    if not best and has_grid:
+        return tokens * tokens * 4, 1, 2
+    return best, heads_seen, power
+
+
+def estimate_cost(model: nn.Module, geometry: Geometry, family: Optional[Family] = None) -> CostEstimate:
+    """What a (meta-device) model at ``geometry`` costs: its parameters and all its buffers, persistent or not, at
+    their own dtypes, plus the largest attention map of one image at its tokens (see :class:`CostEstimate`).
+
+    ``family``: its geometry-dependent parameters (position embeddings, relative-position tables) are the ones that
+    grow with the tokens; without it, only buffers may.
+
+    Example:
+        >>> import timm
+        >>> from timm_anysize.core.meta import meta_device
+        >>> from timm_anysize.families import family_of
+        >>> with meta_device():
+        ...     m = timm.create_model("test_vit", img_size=64, patch_size=16)
+        >>> cost = estimate_cost(m, geometry_of(m, family_of(m)))
+        >>> cost.tokens, cost.heads, cost.attention_bytes == 17 * 17 * 2 * 4
+        (17, 2, True)
+    """
+    tokens = geometry.num_tokens
+    grid_tokens = max(tokens - geometry.num_prefix_tokens, 1)
+    has_grid = geometry.grid_size is not None
+    layouts = tensor_layouts(family, [n for n, _ in model.named_parameters()]) if family is not None else {}
+    scaling = [0, 0, 0]
+    groups: dict[tuple[str, tuple[int, ...]], list[Any]] = {}  # the same tensor in every block: one entry
+    sizes = {"params": 0, "buffers": 0}
+    for kind, named in (("params", model.named_parameters()), ("buffers", model.named_buffers())):
+        for name, t in named:
+            size = t.numel() * t.element_size()
+            sizes[kind] += size
+            grows = kind == "buffers" or name in layouts
+            scaling[_token_power(tuple(t.shape), grid_tokens, has_grid) if grows else 0] += size
+            group = groups.setdefault((re.sub(r"\.\d+\.", ".*.", name), tuple(t.shape)), [name, t, kind, 0, 0])
+            group[3] += size
+            group[4] += 1
+    attn, heads, power = _attention(model, tokens, grid_tokens, has_grid)
+    scaling[power] += attn
+    entries = [(_what(name, t, kind == "buffers", count), size) for name, t, kind, size, count in groups.values()]
+    if attn:
+        entries.append((f"one attention map ({tokens:,} tokens, {heads} heads, float32)", attn))
+    largest = tuple(sorted(entries, key=lambda e: -e[1])[:3])
+    return CostEstimate(sizes["params"], sizes["buffers"], attn, tokens, heads, largest, tuple(scaling))  # type: ignore[arg-type]
+
+
+def _fitting_geometries(cost: CostEstimate, geometry: Geometry, budget: int) -> list[str]:
+    """The nearest geometries whose estimate (scaled from ``cost`` by their tokens) fits ``budget``: the largest
+    img_size at the same patch (same aspect), and the smallest larger patch that divides the img_size."""
+    prefix = geometry.num_prefix_tokens
+    (h, w), patch = geometry.img_size, geometry.patch_size
+    step = patch or (32, 32)
+    stride = patch or (4, 4)
+
+    def fits(img: Size2, p: Size2) -> bool:
+        return cost.at_tokens((img[0] // p[0]) * (img[1] // p[1]) + prefix) <= budget
+
+    def scaled(rows: int) -> Size2:  # ``rows`` steps down the height, the width in the same aspect
+        return (rows * step[0], max(1, round(rows * step[0] * w / h / step[1])) * step[1])
+
+    out = []
+    lo, hi = 0, h // step[0]  # the most rows that fit
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(scaled(mid), stride) else (lo, mid - 1)
+    if lo and scaled(lo) != (h, w):
+        out.append(f"img_size {list(scaled(lo))}")
+    if patch is not None:
+        for k in range(2, max(h // patch[0], w // patch[1]) + 1):
+            p = (patch[0] * k, patch[1] * k)
+            if h % p[0] == 0 and w % p[1] == 0 and fits((h, w), p):
+                out.append(f"patch_size {p[0] if p[0] == p[1] else list(p)} at img_size {[h, w]}")
+                break
+    return out
+
+
+def _check_memory(spec: VariantSpec, model: nn.Module, geometry: Geometry, key: str, family: Family) -> CostEstimate:
+    """Reject a geometry whose estimate (:func:`estimate_cost`) exceeds the budget (:func:`memory_budget`) before
+    anything is allocated, naming what makes it large and the nearest geometry that fits."""
+    budget, where = memory_budget()
+    cost = estimate_cost(model, geometry, family)
+    if cost.total > budget:
+        big = "; ".join(f"{what} = {format_bytes(size)}" for what, size in cost.largest[:2])
+        near = _fitting_geometries(cost, geometry, budget)
+        fix = f"nearest that fit: {' or '.join(near)}; " if near else "no smaller geometry helps (the weights alone); "
+        raise SpecError(
+            f"{spec.where}.{key}: {geometry.describe()} needs an estimated {format_bytes(cost.total)} "
+            f"(weights {format_bytes(cost.params_bytes)}, buffers {format_bytes(cost.buffers_bytes)}, one attention "
+            f"map {format_bytes(cost.attention_bytes)} at {cost.tokens:,} tokens), over the {format_bytes(budget)} "
+            f"budget ({where}); what makes it large: {big}; {fix}or raise {MEMORY_BUDGET_ENV}"
+        )
+    return cost
 
 
 _default_plans: dict[str, VariantPlan] = {}
@@ -547,7 +809,7 @@ def _make_plan(spec: VariantSpec, overrides: dict[str, Any], config: Optional[di
                 f"{list(target.img_size)}, which cannot run it: {reason}; leave dynamic on (the default)"
             )
     for model, geo, key in ((source_model, source, "pretrained.img_size"), (target_model, target, "img_size")):
-        _check_memory(spec, model, geo, key)
+        cost = _check_memory(spec, model, geo, key, family)  # the target's, last, is the plan's
     for geo, what, key in ((source, "source", "pretrained.img_size"), (target, "target", "img_size")):
         patch = geo.patch_size or (1, 1)
         for i, p in zip(geo.img_size, patch):
@@ -568,6 +830,8 @@ def _make_plan(spec: VariantSpec, overrides: dict[str, Any], config: Optional[di
                 f"{spec.where}.adapt.channels.map: source channel {bad[0]} does not exist; the weights have "
                 f"{source.in_chans} channels (0..{source.in_chans - 1}), or null for zeros"
             )
+    if not dynamic:
+        _check_static_runs(spec, family, (source_model, source), (target_model, target), target_kwargs)
     plan = VariantPlan(
         spec=spec,
         family=family,
@@ -582,6 +846,7 @@ def _make_plan(spec: VariantSpec, overrides: dict[str, Any], config: Optional[di
         feature_size=_target_feature_size(spec, base_cfg, target_model, target),
         config=config,
         source_numerics=model_numerics(source_model),
+        cost=cost,
     )
     if family.generic:
         _refuse_geometry_bound(plan, {k: tuple(v.shape) for k, v in target_model.state_dict().items()})
@@ -660,6 +925,97 @@ def _check_size_multiples(spec: VariantSpec, family: Family, model: nn.Module, i
                     f"{list(got)} px, and its {name} {got[axis]} is not a multiple of its patch {mult[axis]}; "
                     f"nearest {name}s that work: {near}"
                 )
+
+
+# Exceptions a forward raises when the input size does not fit the model (timm's asserts, reshapes, broadcasts).
+_SHAPE_ERRORS = (RuntimeError, AssertionError, ValueError, IndexError, TypeError)
+
+
+def _meta_forward(model: nn.Module, in_chans: int, img_size: Size2) -> Optional[Exception]:
+    """Run one forward of a meta-device model on a meta image of ``img_size``: None where it runs, the error where
+    it fails on the shapes, and :data:`_UNKNOWN` where the meta device cannot say (an op without a meta kernel, or
+    any other error)."""
+    x = torch.empty(1, in_chans, *img_size, device="meta")
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    except NotImplementedError:  # an op with no meta kernel: no answer, not a refusal
+        return _UNKNOWN
+    except _SHAPE_ERRORS as e:
+        return e
+    except Exception:  # anything else says nothing about the size
+        return _UNKNOWN
+    finally:
+        model.train(was_training)
+    return None
+
+
+_UNKNOWN = NotImplementedError("the meta device cannot tell")
+
+
+def _static_model(spec: VariantSpec, family: Family, model: nn.Module, kwargs: dict[str, Any]) -> nn.Module:
+    """The model ``dynamic: false`` builds: the plan's own, unless the family's dynamic arguments (said explicitly
+    at build time, :attr:`VariantPlan.dynamic_kwargs`) differ from what it was built with."""
+    static = family.dynamic_kwargs(False, spec.pad)
+    if all(getattr(model, k, v) == v for k, v in static.items()):
+        return model
+    return build_meta(spec, {**kwargs, **static}, "target", family)
+
+
+def _sizes_that_run(
+    spec: VariantSpec, family: Family, model: nn.Module, kwargs: dict[str, Any], in_chans: int, size: Size2
+) -> list[Size2]:
+    """Up to two sizes near ``size`` at which timm's own model runs: both sides at the multiples of 16, 32 or 64
+    around them, nearest first, at most 10 probed (each a meta build and a meta forward)."""
+
+    def sides(v: int, m: int) -> set[int]:  # v if a multiple of m, else the multiples of m either side
+        return {c for c in (v // m * m, -(-v // m) * m) if c > 0}
+
+    near = {(a, b) for m in (16, 32, 64) for a in sides(size[0], m) for b in sides(size[1], m)} - {tuple(size)}
+    candidates = sorted(near, key=lambda c: (abs(c[0] - size[0]) + abs(c[1] - size[1]), c))
+    static = family.dynamic_kwargs(False, spec.pad)
+    found: list[Size2] = []
+    for cand in candidates[:10]:
+        if "img_size" in kwargs:  # timm builds the model for its size, as dynamic: false builds it
+            try:
+                probe = build_meta(spec, {**kwargs, "img_size": cand, **static}, "probe", family)
+            except SpecError:
+                continue
+        else:
+            probe = model
+        if _meta_forward(probe, in_chans, cand) is None:
+            found.append(cand)
+            if len(found) == 2:
+                break
+    return found
+
+
+def _check_static_runs(
+    spec: VariantSpec,
+    family: Family,
+    source: tuple[nn.Module, Geometry],
+    target: tuple[nn.Module, Geometry],
+    kwargs: dict[str, Any],
+) -> None:
+    """``dynamic: false``: timm's own model at the variant's size must run it. One forward on the meta device (shapes
+    only); refused with timm's error and the nearest sizes that run. Not refused where the meta device cannot tell
+    (an op without a meta kernel, or a forward that fails at the weights' own size too)."""
+    (source_model, source_geo), (target_model, target_geo) = source, target
+    model = _static_model(spec, family, target_model, kwargs)
+    error = _meta_forward(model, target_geo.in_chans, target_geo.img_size)
+    if error is None or error is _UNKNOWN:
+        return
+    if _meta_forward(source_model, source_geo.in_chans, source_geo.img_size) is not None:
+        return  # the forward fails at the weights' own size too: the meta device cannot judge this model
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    near = _sizes_that_run(spec, family, model, kwargs, target_geo.in_chans, target_geo.img_size)
+    sizes = f"nearest sizes that run: {', '.join(str(list(s)) for s in near)}; or " if near else ""
+    raise SpecError(
+        f"{spec.where}.img_size: dynamic: false builds timm's own {family.name} model at "
+        f"{list(target_geo.img_size)}, which cannot run it: {first}; {sizes}"
+        + ("leave dynamic on" if family.supports_dynamic else "pick another img_size")
+    )
 
 
 def _target_feature_size(spec: VariantSpec, base_cfg: dict[str, Any], model: nn.Module, geometry: Geometry):

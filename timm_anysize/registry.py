@@ -189,6 +189,25 @@ def register_variant(name: str, **spec: Any) -> str:
     return register_specs([parse_variant(name, spec)])[0]
 
 
+def validate_variant(name: str) -> None:
+    """Plan a registered variant now: what its first ``timm.create_model`` would do for one registered unplanned
+    (``validate=False``, as the shipped configs are), raising the same :class:`~timm_anysize.SpecError`. Its
+    registered pretrained cfg then has what only the plan knows (``pool_size``, ``min_input_size``), so
+    ``timm.get_pretrained_cfg(name)`` no longer depends on whether the model was created first. Cached: a second
+    call, or one for a variant registered validated, returns at once.
+
+    Raises:
+        KeyError: ``name`` is not a registered variant.
+        SpecError: The geometry cannot be built.
+
+    Example:
+        >>> validate_variant("vit_tiny_patch4_64")
+        >>> timm.get_pretrained_cfg("vit_tiny_patch4_64").pool_size
+        (16, 16)
+    """
+    _plan_registered(get_variant(name))
+
+
 def list_variants() -> list[str]:
     """Names of the registered variants, sorted.
 

@@ -60,6 +60,10 @@ def _arch(name: str) -> str:
 
 
 _BASES = {v: timm_anysize.get_variant(v).arch for v in _variants()}
+# Planned before timm's module collects: a cell reads the registered cfg (min_input_size, pool_size) by name,
+# before or after the cell that creates the model first, and must see the same cfg either way.
+for _variant in _BASES:
+    timm_anysize.validate_variant(_variant)
 
 
 def _family(arch: str) -> str:

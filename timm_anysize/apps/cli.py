@@ -11,7 +11,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import timm_anysize
 from timm_anysize import register_yaml
@@ -20,7 +20,9 @@ from timm_anysize.apps.digits import train_digits_base
 from timm_anysize.apps.docs import families_markdown
 from timm_anysize.apps.launcher import run_script
 from timm_anysize.apps.survey import run_survey
+from timm_anysize.convert import convert_checkpoint
 from timm_anysize.core.errors import AnysizeError
+from timm_anysize.core.spec import parse_variant
 from timm_anysize.hub import export, push_to_hub
 from timm_anysize.origins import config_geometry, detect_layout, unwrap_checkpoint
 from timm_anysize.plan import make_plan
@@ -58,24 +60,57 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _as_written(value: object, key: str = "") -> object:
+    """A spec dump as one would write it: a square ``img_size``/``patch_size`` pair as one number."""
+    if isinstance(value, dict):
+        return {k: _as_written(v, k) for k, v in value.items()}
+    if key in ("img_size", "patch_size") and isinstance(value, list) and len(value) == 2 and value[0] == value[1]:
+        return value[0]
+    return value
+
+
+def _written_dumper(yaml: Any) -> type:
+    """A safe YAML dumper that writes mappings as blocks and lists inline (``img_size: [224, 320]``)."""
+
+    class Dumper(yaml.SafeDumper):
+        pass
+
+    Dumper.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
+    return Dumper
+
+
 def _cmd_show(args: argparse.Namespace) -> int:
     import yaml
 
     spec = timm_anysize.get_variant(args.name)
     plan = make_plan(spec)
-    data = json.loads(spec.model_dump_json(exclude_defaults=False))
+    if args.all:  # every field, defaults included
+        data = json.loads(spec.model_dump_json(exclude_defaults=False))
+    else:  # the keys the variant sets, as its YAML (or register_variant call) said them
+        data = _as_written(spec.model_dump(mode="json", exclude_unset=True))
     data.pop("name", None)
-    print(f"# {spec.name}  (from {spec.origin})")
-    print(yaml.safe_dump({spec.name: data}, sort_keys=False).rstrip())
-    print("\n# adaptation plan (no weights read)")
+    print(f"# {spec.name}  (from {spec.origin or 'Python: register_variant'})")
+    if args.all:
+        print(yaml.safe_dump({spec.name: data}, sort_keys=False).rstrip())
+    else:
+        print(yaml.dump({spec.name: data}, Dumper=_written_dumper(yaml), sort_keys=False, width=1000).rstrip())
+    print("\n# resolved (no weights read)")
+    print(f"family: {plan.family.name}")
     print(f"source: {plan.source.describe()}")
     print(f"target: {plan.target.describe()}")
+    (h, w) = plan.target.img_size
+    fixed = f"no: timm's own model, at {h}x{w} only"
+    print(f"dynamic: {'yes: any input size' if plan.dynamic else fixed}")
+    if plan.cost is not None:
+        print(f"memory: {plan.cost.describe()}")
+    print("adaptation:")
     steps = plan.steps()
     for key, what in steps:
         print(f"  {key}: {what}")
     if not steps:
         print("  every tensor copied (same geometry)")
-    print("  every other tensor: copied")
+    else:
+        print("  every other tensor: copied")
     _print_layout(spec)
     return 0
 
@@ -100,9 +135,6 @@ def _print_layout(spec) -> None:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    import safetensors.torch
-    import timm
-
     file = Path(args.file).resolve()
     state_dict, _ = unwrap_checkpoint(read_checkpoint(file), args.select, str(file))
     conv = detect_layout(state_dict, args.layout, str(file))
@@ -122,19 +154,19 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         if value:
             source[key] = value
     geometry = {k: source[k] for k in ("img_size", "patch_size", "num_classes") if k in source}
-    name = f"convert_{abs(hash(str(file))) % 10**8}"
-    timm_anysize.register_variant(
-        name,
-        base=args.base,
-        pretrained=source,
-        dynamic=False,
-        model_args=json.loads(args.model_args or "{}"),
-        **geometry,
+    del state_dict, sd, head, conv  # only shapes were read; the conversion streams the file tensor by tensor
+    spec = parse_variant(
+        f"convert_{abs(hash(str(file))) % 10**8}",
+        dict(
+            base=args.base,
+            pretrained=source,
+            dynamic=False,
+            model_args=json.loads(args.model_args or "{}"),
+            **geometry,
+        ),
     )
-    model = timm.create_model(name, pretrained=True)
-    report = timm_anysize.adaptation_report(model)
     out = Path(args.to or file.with_name(file.stem + "_timm.safetensors"))
-    safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out))
+    report = convert_checkpoint(spec, out)
     out.with_suffix(".report.json").write_text(json.dumps(report.to_dict(), indent=2))
     print(report.summary())
     print(
@@ -240,8 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="registered variants with base, geometry and weight source")
-    p = sub.add_parser("show", help="a variant's full spec and its adaptation plan (no weights read)")
+    p = sub.add_parser(
+        "show", help="a variant as written, its geometries, memory estimate and adaptation plan (no weights read)"
+    )
     p.add_argument("name")
+    p.add_argument("--all", action="store_true", help="every field of the spec, defaults included")
     p = sub.add_parser("check", help="validate YAML files; non-zero exit with the errors")
     p.add_argument("files", nargs="+")
     p = sub.add_parser("demo", help="adapt a digits ViT to many geometries and print the fidelity table")

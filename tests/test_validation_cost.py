@@ -1,0 +1,111 @@
+"""Nothing that validation accepts may fail later (issue 21): the memory a geometry costs, every buffer included,
+and timm's own model run at a ``dynamic: false`` size, both checked when the variant is registered."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+import timm
+
+import timm_anysize
+from conftest import unique_name
+from timm_anysize.core.meta import meta_device
+from timm_anysize.core.spec import parse_variant
+from timm_anysize.families import generic_family
+from timm_anysize.plan import estimate_cost, format_bytes, geometry_of, make_plan, memory_budget, physical_memory
+
+TINY_BEIT = dict(base="beit_base_patch16_224", model_args={"depth": 2, "embed_dim": 64, "num_heads": 2})
+
+
+# --- memory ------------------------------------------------------------------------------------------------------
+
+
+def test_a_non_persistent_relative_position_index_too_large_is_refused_at_registration(monkeypatch):
+    """BEiT at patch 1 builds a 50,177² int64 relative-position index in each block: a buffer outside the state
+    dict that the old estimate (state dict + one attention map) missed, so loading died asking for 40 GB."""
+    monkeypatch.setenv("TIMM_ANYSIZE_MAX_BYTES", str(16 * 2**30))  # the same answer on any machine
+    start = time.perf_counter()
+    with pytest.raises(timm_anysize.SpecError) as err:
+        timm_anysize.register_variant(unique_name(), patch_size=1, img_size=224, **TINY_BEIT)
+    assert time.perf_counter() - start < 10  # meta builds only: nothing allocated
+    msg = str(err.value)
+    assert ".img_size: 224x224 px, patch 1x1" in msg and "over the 16.0 GiB budget (TIMM_ANYSIZE_MAX_BYTES)" in msg
+    assert "relative-position index `blocks.0.attn.relative_position_index` (50,177² entries, int64, 2 of them)" in msg
+    assert "= 37.5 GiB" in msg  # 2 x 50,177² x 8 bytes
+    # the nearest geometries that fit, both checked by the same estimate
+    assert "nearest that fit: img_size [" in msg and "patch_size 2 at img_size [224, 224]" in msg
+    timm_anysize.register_variant(unique_name(), patch_size=2, img_size=224, **TINY_BEIT)
+
+
+def test_a_small_geometry_is_accepted_and_its_estimate_counts_non_persistent_buffers():
+    plan = make_plan(parse_variant(unique_name(), {**TINY_BEIT, "img_size": 64}))
+    cost = plan.cost
+    assert cost is not None and cost.tokens == 4 * 4 + 1 and cost.heads == 2
+    model = timm.create_model("beit_base_patch16_224", img_size=64, **TINY_BEIT["model_args"])
+    assert "blocks.0.attn.relative_position_index" not in model.state_dict()  # non-persistent ...
+    assert tuple(model.blocks[0].attn.relative_position_index.shape) == (17, 17)  # ... int64, one per block
+    tensors = [*model.parameters(), *model.buffers()]
+    assert cost.params_bytes + cost.buffers_bytes == sum(t.numel() * t.element_size() for t in tensors)
+    assert cost.buffers_bytes >= 2 * 17 * 17 * 8
+    assert cost.attention_bytes == 17 * 17 * 2 * 4
+    assert cost.total == cost.params_bytes + cost.buffers_bytes + cost.attention_bytes
+    line = cost.describe()
+    assert line.startswith(f"~{format_bytes(cost.total)} at 17 tokens: weights ") and "(2 heads, one image)" in line
+
+
+def test_a_model_without_attention_costs_its_tensors_only():
+    with meta_device():
+        model = timm.create_model("resnet18")
+    cost = estimate_cost(model, geometry_of(model, generic_family(model, {}), img_size=224))
+    assert cost.attention_bytes == 0 and "no attention map" in cost.describe()
+    assert cost.buffers_bytes == sum(b.numel() * b.element_size() for b in model.buffers())  # int64 counters too
+
+
+def test_the_default_budget_is_three_quarters_of_the_machine(monkeypatch):
+    monkeypatch.delenv("TIMM_ANYSIZE_MAX_BYTES", raising=False)
+    budget, where = memory_budget()
+    total = physical_memory()
+    assert total is None or budget == int(total * 0.75)
+    assert "TIMM_ANYSIZE_MAX_BYTES" in where
+
+
+def test_a_budget_that_is_not_a_number_names_the_variable(monkeypatch):
+    monkeypatch.setenv("TIMM_ANYSIZE_MAX_BYTES", "64G")
+    with pytest.raises(timm_anysize.SpecError, match=r"TIMM_ANYSIZE_MAX_BYTES='64G': not a positive whole number"):
+        timm_anysize.register_variant(unique_name(), base="test_vit", img_size=64)
+
+
+# --- dynamic: false runs timm's own model ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "spec, error, near",
+    [
+        (
+            dict(base="levit_128s", img_size=[185, 48]),
+            r"must match|broadcast",
+            "nearest sizes that run: [192, 48], [176, 48]",
+        ),
+        (dict(base="hiera_tiny_224", img_size=40, in_chans=4), r"shape '\[.*\]' is invalid", "[32, 32]"),
+    ],
+)
+def test_a_static_size_timms_own_model_cannot_run_is_refused_with_the_sizes_that_run(spec, error, near):
+    name = unique_name()
+    with pytest.raises(timm_anysize.SpecError) as err:
+        timm_anysize.register_variant(name, dynamic=False, **spec)
+    msg = str(err.value)
+    size = spec["img_size"] if isinstance(spec["img_size"], list) else [spec["img_size"]] * 2
+    assert f"{name}.img_size: dynamic: false builds timm's own " in msg
+    assert f"model at {size}, which cannot run it: " in msg and msg.endswith("or leave dynamic on")
+    assert near in msg
+    assert re.search(error, msg)
+    # the same spec on the dynamic path (the default) registers
+    timm_anysize.register_variant(unique_name(), **spec)
+
+
+def test_a_suggested_static_size_runs():
+    name = timm_anysize.register_variant(unique_name(), base="levit_128s", img_size=[192, 48], dynamic=False)
+    plan = make_plan(timm_anysize.get_variant(name))
+    assert not plan.dynamic and plan.target.img_size == (192, 48)
