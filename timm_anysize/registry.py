@@ -202,8 +202,8 @@ def validate_variant(name: str) -> None:
 
     Example:
         >>> validate_variant("vit_tiny_patch4_64")
-        >>> timm.get_pretrained_cfg("vit_tiny_patch4_64").pool_size
-        (16, 16)
+        >>> timm.get_pretrained_cfg("vit_tiny_patch4_64").input_size
+        (1, 64, 64)
     """
     _plan_registered(get_variant(name))
 

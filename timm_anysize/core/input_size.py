@@ -117,6 +117,10 @@ def probe_minimum(model: nn.Module, own: Size2, multiple: Size2 = (1, 1), like: 
     out = [int(multiple[0]), int(multiple[1])]
     previous = getattr(_probing, "active", False)
     _probing.active = True
+    # In training mode: timm's eval-mode caches (EfficientFormer-V2's attention biases) would keep a meta tensor
+    # with a graph (unpicklable, un-deep-copyable); each module's own mode is restored after.
+    modes = [(m, m.training) for m in model.modules()]
+    model.train()
     try:
         if not _runs(model, state, own, like):
             return out[0], out[1]
@@ -134,6 +138,8 @@ def probe_minimum(model: nn.Module, own: Size2, multiple: Size2 = (1, 1), like: 
             out[axis] = lo * m
     finally:
         _probing.active = previous
+        for m, training in modes:
+            m.training = training
     return out[0], out[1]
 
 
@@ -200,6 +206,8 @@ def _first_module(model: nn.Module, first_conv: str) -> nn.Module:
         if len(params) == 1 and params[0].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD:
             found = module
             break
+        if params and params[0].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD:
+            break  # it takes the image with more arguments (TNT's pixel embed): what is inside sees pieces of it
     return found if found is not None else model
 
 
