@@ -9,11 +9,12 @@ For each family's tiny model (its row's ``tiny``), a random geometry (size, squa
     :class:`~timm_anysize.InputSizeError` -- never another exception.
 
 CI runs a few derandomized examples per family (the same ones every run); ``pytest --fuzz-long`` hunts with many
-more, randomly.
+more, randomly (``$TIMM_ANYSIZE_FUZZ_EXAMPLES`` sets how many per family).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -43,8 +44,9 @@ run_sizes = st.lists(st.tuples(st.integers(1, 100), st.integers(1, 100)), min_si
 
 def _settings(pytestconfig: pytest.Config) -> settings:
     long = pytestconfig.getoption("--fuzz-long")
+    count = int(os.environ.get("TIMM_ANYSIZE_FUZZ_EXAMPLES", 0)) or (60 if long else 4)
     return settings(
-        max_examples=60 if long else 4,
+        max_examples=count,
         derandomize=not long,  # CI: the same examples every run
         deadline=None,
         database=None,

@@ -30,9 +30,10 @@ from timm.layers import get_spatial_dim
 from timm.models import get_pretrained_cfg, model_entrypoint
 
 from timm_anysize.core.errors import AdaptationError, SpecError
-from timm_anysize.core.meta import build_meta
+from timm_anysize.core.meta import build_meta, no_empty_outputs
 from timm_anysize.core.report import summarize_keys
 from timm_anysize.core.spec import Size2, VariantSpec
+from timm_anysize.dynamic import enable_dynamic
 from timm_anysize.families import FAMILIES, Family, classify_changes, family_of, generic_family, tensor_layouts
 from timm_anysize.origins import config_geometry, model_numerics
 from timm_anysize.weights import source_config
@@ -830,8 +831,7 @@ def _make_plan(spec: VariantSpec, overrides: dict[str, Any], config: Optional[di
                 f"{spec.where}.adapt.channels.map: source channel {bad[0]} does not exist; the weights have "
                 f"{source.in_chans} channels (0..{source.in_chans - 1}), or null for zeros"
             )
-    if not dynamic:
-        _check_static_runs(spec, family, (source_model, source), (target_model, target), target_kwargs)
+    _check_runs_at_own_size(spec, family, (source_model, source), (target_model, target), target_kwargs, dynamic)
     plan = VariantPlan(
         spec=spec,
         family=family,
@@ -938,7 +938,7 @@ def _meta_forward(model: nn.Module, in_chans: int, img_size: Size2) -> Optional[
     x = torch.empty(1, in_chans, *img_size, device="meta")
     was_training = model.training
     try:
-        with torch.no_grad():
+        with torch.no_grad(), no_empty_outputs():
             model.eval()(x)
     except NotImplementedError:  # an op with no meta kernel: no answer, not a refusal
         return _UNKNOWN
@@ -952,6 +952,15 @@ def _meta_forward(model: nn.Module, in_chans: int, img_size: Size2) -> Optional[
 
 
 _UNKNOWN = NotImplementedError("the meta device cannot tell")
+
+
+def _dynamic_meta_model(spec: VariantSpec, family: Family, kwargs: dict[str, Any]) -> nn.Module:
+    """The model a dynamic variant runs, on the meta device: built with the family's dynamic arguments and made
+    dynamic as :func:`timm_anysize.builder.build_variant` makes it (its run-time path, not timm's fixed-size one)."""
+    model = build_meta(spec, {**kwargs, **family.dynamic_kwargs(True, spec.pad)}, "target", family)
+    if family.dynamic != "native":
+        enable_dynamic(model, pad=spec.pad)
+    return model
 
 
 def _static_model(spec: VariantSpec, family: Family, model: nn.Module, kwargs: dict[str, Any]) -> nn.Module:
@@ -991,18 +1000,21 @@ def _sizes_that_run(
     return found
 
 
-def _check_static_runs(
+def _check_runs_at_own_size(
     spec: VariantSpec,
     family: Family,
     source: tuple[nn.Module, Geometry],
     target: tuple[nn.Module, Geometry],
     kwargs: dict[str, Any],
+    dynamic: bool,
 ) -> None:
-    """``dynamic: false``: timm's own model at the variant's size must run it. One forward on the meta device (shapes
-    only); refused with timm's error and the nearest sizes that run. Not refused where the meta device cannot tell
-    (an op without a meta kernel, or a forward that fails at the weights' own size too)."""
+    """timm's model at the variant's size must run it: one forward on the meta device (shapes only); refused with
+    timm's error and the nearest sizes that run. ``dynamic: false`` checks the model it builds (the family's static
+    arguments); a dynamic variant, the model at its own size (an image too small for the stem and strides). Not
+    refused where the meta device cannot tell (an op without a meta kernel, or a forward that fails at the weights'
+    own size too)."""
     (source_model, source_geo), (target_model, target_geo) = source, target
-    model = _static_model(spec, family, target_model, kwargs)
+    model = _dynamic_meta_model(spec, family, kwargs) if dynamic else _static_model(spec, family, target_model, kwargs)
     error = _meta_forward(model, target_geo.in_chans, target_geo.img_size)
     if error is None or error is _UNKNOWN:
         return
@@ -1010,11 +1022,16 @@ def _check_static_runs(
         return  # the forward fails at the weights' own size too: the meta device cannot judge this model
     first = (str(error).strip().splitlines() or [type(error).__name__])[0]
     near = _sizes_that_run(spec, family, model, kwargs, target_geo.in_chans, target_geo.img_size)
-    sizes = f"nearest sizes that run: {', '.join(str(list(s)) for s in near)}; or " if near else ""
+    sizes = f"nearest sizes that run: {', '.join(str(list(s)) for s in near)}; " if near else ""
+    if dynamic:
+        raise SpecError(
+            f"{spec.where}.img_size: timm's {family.name} model cannot run at the variant's own size "
+            f"{list(target_geo.img_size)}: {first}; {sizes}pick another img_size"
+        )
     raise SpecError(
         f"{spec.where}.img_size: dynamic: false builds timm's own {family.name} model at "
         f"{list(target_geo.img_size)}, which cannot run it: {first}; {sizes}"
-        + ("leave dynamic on" if family.supports_dynamic else "pick another img_size")
+        + ("or leave dynamic on" if family.supports_dynamic else "pick another img_size")
     )
 
 

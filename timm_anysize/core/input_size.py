@@ -28,6 +28,7 @@ from torch.func import functional_call
 
 from timm_anysize.core.cache import symbolic, traced
 from timm_anysize.core.errors import InputNotDivisibleError
+from timm_anysize.core.meta import no_empty_outputs
 from timm_anysize.core.padding import check_fixed_size, check_input_size, pad_to_multiple
 from timm_anysize.core.spec import Size2
 
@@ -78,7 +79,7 @@ def _runs(model: nn.Module, state: dict, size: Size2, like: torch.Tensor) -> boo
     multiple counts as large enough: only size is asked)."""
     x = torch.empty((2, like.shape[1], *size), dtype=like.dtype, device="meta")
     try:
-        with torch.enable_grad():  # a gradient can flow to the meta weights: caches stand aside (computed inline)
+        with torch.enable_grad(), no_empty_outputs():  # with a gradient, caches stand aside (computed inline)
             functional_call(model, state, (x,), strict=False)
     except InputNotDivisibleError:
         return True

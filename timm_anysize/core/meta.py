@@ -20,7 +20,14 @@ from timm_anysize.core.errors import SpecError
 from timm_anysize.core.family import Family
 from timm_anysize.core.spec import VariantSpec
 
-__all__ = ["meta_device", "parameters_uninitialised", "initialize_fresh", "build_meta", "create_meta_without_init"]
+__all__ = [
+    "meta_device",
+    "parameters_uninitialised",
+    "initialize_fresh",
+    "no_empty_outputs",
+    "build_meta",
+    "create_meta_without_init",
+]
 
 # In-place ops that only write values: on a meta tensor each is the identity. Shape-changing in-place ops
 # (resize_, t_, squeeze_, set_ ...) are not listed and run as usual.
@@ -186,6 +193,36 @@ def initialize_fresh(model: nn.Module, keys: Iterable[str]) -> None:
                     t.fill_(1.0)
                 else:
                     nn.init.trunc_normal_(t, std=0.02)
+
+
+class EmptyOutputError(RuntimeError):
+    """A layer's output has a zero-size dimension: the input was too small for the layers before it."""
+
+
+def _refuse_empty(module: nn.Module, args: Any, output: Any) -> None:
+    if isinstance(output, torch.Tensor) and output.is_meta and output.ndim >= 3 and 0 in output.shape[2:]:
+        raise EmptyOutputError(f"{type(module).__name__} gives an empty output {tuple(output.shape)}")
+
+
+@contextlib.contextmanager
+def no_empty_outputs() -> Iterator[None]:
+    """While a model runs on the meta device: a layer whose output has a zero-size spatial or token dimension raises
+    :class:`EmptyOutputError`. The meta device checks shapes but not every size rule (an interpolation to 0x0, a
+    pooling to nothing run without complaint there), so a probe that an input is large enough needs this.
+
+    Example:
+        >>> pool = nn.AdaptiveAvgPool2d((0, 0))
+        >>> with no_empty_outputs():
+        ...     pool(torch.empty(1, 3, 4, 4, device="meta"))
+        Traceback (most recent call last):
+        ...
+        timm_anysize.core.meta.EmptyOutputError: AdaptiveAvgPool2d gives an empty output (1, 3, 0, 0)
+    """
+    handle = nn.modules.module.register_module_forward_hook(_refuse_empty)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 # Placement kwargs would pull a meta build onto a real device.
