@@ -30,7 +30,7 @@ from timm.layers import get_spatial_dim
 from timm.models import get_pretrained_cfg, model_entrypoint
 
 from timm_anysize.core.errors import AdaptationError, SpecError
-from timm_anysize.core.meta import build_meta, no_empty_outputs
+from timm_anysize.core.meta import EmptyOutputError, build_meta, no_empty_outputs
 from timm_anysize.core.report import summarize_keys
 from timm_anysize.core.spec import Size2, VariantSpec
 from timm_anysize.dynamic import enable_dynamic
@@ -1015,7 +1015,15 @@ def _check_runs_at_own_size(
     own size too)."""
     (source_model, source_geo), (target_model, target_geo) = source, target
     model = _dynamic_meta_model(spec, family, kwargs) if dynamic else _static_model(spec, family, target_model, kwargs)
-    error = _meta_forward(model, target_geo.in_chans, target_geo.img_size)
+    source_sd = source_model.state_dict()
+    # A tensor the weights have that comes out empty at this size (LeViT's attention biases of a stage whose
+    # resolution rounds to 0): the image is too small for the stages; the meta device would not notice.
+    empty = [k for k, v in model.state_dict().items() if v.numel() == 0 and k in source_sd and source_sd[k].numel()]
+    error = (
+        EmptyOutputError(f"{empty[0]} is empty at this size ({len(empty)} tensors): too small for its stages")
+        if empty
+        else _meta_forward(model, target_geo.in_chans, target_geo.img_size)
+    )
     if error is None or error is _UNKNOWN:
         return
     if _meta_forward(source_model, source_geo.in_chans, source_geo.img_size) is not None:

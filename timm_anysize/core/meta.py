@@ -25,6 +25,7 @@ __all__ = [
     "parameters_uninitialised",
     "initialize_fresh",
     "no_empty_outputs",
+    "EmptyOutputError",
     "build_meta",
     "create_meta_without_init",
 ]
@@ -200,13 +201,14 @@ class EmptyOutputError(RuntimeError):
 
 
 def _refuse_empty(module: nn.Module, args: Any, output: Any) -> None:
-    if isinstance(output, torch.Tensor) and output.is_meta and output.ndim >= 3 and 0 in output.shape[2:]:
+    if isinstance(output, torch.Tensor) and output.is_meta and output.ndim >= 2 and 0 in output.shape[1:]:
         raise EmptyOutputError(f"{type(module).__name__} gives an empty output {tuple(output.shape)}")
 
 
 @contextlib.contextmanager
 def no_empty_outputs() -> Iterator[None]:
-    """While a model runs on the meta device: a layer whose output has a zero-size spatial or token dimension raises
+    """While a model runs on the meta device: a layer whose output has a zero-size dimension (tokens, channels,
+    height or width; the batch aside) raises
     :class:`EmptyOutputError`. The meta device checks shapes but not every size rule (an interpolation to 0x0, a
     pooling to nothing run without complaint there), so a probe that an input is large enough needs this.
 
