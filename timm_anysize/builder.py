@@ -222,9 +222,10 @@ def build_variant(
     plan = make_plan(spec, kwargs, weights=resolved if pretrained else None, cache_dir=cache_dir)
     # 2. The weights, read from their source and mapped to timm's names from their origin, checked against the plan.
     source = load_source_state_dict(plan, resolved, cache_dir) if pretrained else None
-    # 3. The model at the variant's geometry. To be loaded, its parameters are allocated but never written (no init,
-    #    never resident): 4. the weights adapted to it take their place one tensor at a time, in the model's dtype and on
-    #    its device, and only the tensors the load does not cover (a new head, a declared init) are initialised.
+    # 3. The model at the variant's geometry. To be loaded, its parameters are allocated but never written (no
+    #    init, never resident): 4. the weights adapted to it take their place one tensor at a time, in the model's
+    #    dtype and on its device; only the tensors the load does not cover (a new head, a declared init) are
+    #    initialised.
     model_kwargs = {**plan.target_kwargs, **plan.dynamic_kwargs}
     model = _create(plan.spec.base, model_kwargs, source is not None, plan.family)
     if source is not None:
@@ -255,10 +256,10 @@ def _load_adapted(
 ) -> AdaptationReport:
     """Adapt the source weights to the model's tensors (refusing non-finite ones) and load them, strictly.
 
-    The model's parameters were never written (:func:`_create`): each adapted tensor is cast to the model's
-    dtype and moved to its device one at a time (a no-op, keeping the checkpoint's memory-mapped storage, where
-    both already match) and assigned in their place; the source dict lets go of each tensor as it is placed, so a resampled or cast
-    tensor replaces its source instead of adding to it. Tensors no checkpoint key covers are initialised last.
+    The model's parameters were never written (:func:`_create`): each adapted tensor is cast to the model's dtype
+    and moved to its device one at a time (a no-op, keeping the checkpoint's memory-mapped storage, where both
+    already match) and assigned in their place. The source dict is emptied once adapted, so a source a resampled
+    tensor replaces is freed before the load. Tensors no checkpoint key covers are initialised last.
     """
     _refuse_non_finite(source_sd, source_desc, {k for k, _ in model.named_buffers()})
     target_sd = model.state_dict()

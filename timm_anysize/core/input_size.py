@@ -207,8 +207,10 @@ def _first_module(model: nn.Module, first_conv: str) -> nn.Module:
         if len(params) == 1 and params[0].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD:
             found = module
             break
-        if params and params[0].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD:
-            break  # it takes the image with more arguments (TNT's pixel embed): what is inside sees pieces of it
+        if any(p.default is inspect.Parameter.empty for p in params[1:]):
+            # it needs more than the image (TNT's pixel embed takes pixel positions): what is inside sees pieces of
+            # it; optional extra arguments (Hiera's mask) leave the image whole for the layers inside
+            break
     return found if found is not None else model
 
 
