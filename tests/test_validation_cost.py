@@ -8,6 +8,8 @@ import time
 
 import pytest
 import timm
+import torch
+from safetensors.torch import save_file
 
 import timm_anysize
 from conftest import unique_name
@@ -53,6 +55,32 @@ def test_a_small_geometry_is_accepted_and_its_estimate_counts_non_persistent_buf
     assert cost.total == cost.params_bytes + cost.buffers_bytes + cost.attention_bytes
     line = cost.describe()
     assert line.startswith(f"~{format_bytes(cost.total)} at 17 tokens: weights ") and "(2 heads, one image)" in line
+
+
+def test_a_geometry_that_fits_only_in_half_precision_is_accepted_and_built_only_in_it(monkeypatch, tmp_path):
+    """A 7B ViT is 25 GiB in float32 and 12.5 GiB in bfloat16: registration (which does not know the dtype) accepts
+    it; create_model refuses float32 before allocating anything, naming the dtype that fits, and builds bfloat16."""
+    spec = dict(base="test_vit", img_size=64, patch_size=8)
+    cost = make_plan(parse_variant(unique_name(), spec)).cost
+    assert cost is not None and cost.total_in(torch.float32) == cost.total
+    half = cost.total_in(torch.bfloat16)
+    assert cost.total // 2 <= half < cost.total  # floating tensors halve; integer buffers stay
+    source = timm.create_model("test_vit")
+    file = tmp_path / "test_vit.safetensors"
+    save_file(source.state_dict(), str(file))
+    monkeypatch.setenv("TIMM_ANYSIZE_MAX_BYTES", str((half + cost.total) // 2))
+    name = timm_anysize.register_variant(unique_name(), pretrained={"file": str(file)}, **spec)
+    with pytest.raises(timm_anysize.SpecError) as err:
+        timm.create_model(name, pretrained=True)
+    msg = str(err.value)
+    assert f"{name}: built in float32 at 64x64 px, patch 8x8" in msg and "over the" in msg
+    assert f"timm.create_model('{name}', dtype=torch.bfloat16) needs ~{format_bytes(half)}" in msg
+    model = timm.create_model(name, pretrained=True, dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert torch.equal(model.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight.bfloat16())
+    monkeypatch.setenv("TIMM_ANYSIZE_MAX_BYTES", str(half - 1))  # not even in half precision: refused up front
+    with pytest.raises(timm_anysize.SpecError, match=r"\.pretrained\.img_size: 160x160 px.* in bfloat16\), over the"):
+        timm_anysize.register_variant(unique_name(), **spec)
 
 
 def test_a_model_without_attention_costs_its_tensors_only():

@@ -30,7 +30,15 @@ from timm_anysize.core.report import AdaptationReport, summarize_keys
 from timm_anysize.core.spec import VariantSpec
 from timm_anysize.dynamic import enable_dynamic, guard_run_time_size
 from timm_anysize.flexi import apply_flexi
-from timm_anysize.plan import Geometry, VariantPlan, make_plan, patch_from_model, resolve_base_cfg, spec_target
+from timm_anysize.plan import (
+    Geometry,
+    VariantPlan,
+    check_build_memory,
+    make_plan,
+    patch_from_model,
+    resolve_base_cfg,
+    spec_target,
+)
 from timm_anysize.weights import load_source_state_dict
 
 __all__ = ["build_variant", "variant_pretrained_cfg", "spec_pretrained_cfg", "stats_for_channels", "default_tag"]
@@ -220,6 +228,8 @@ def build_variant(
     resolved = {f.name: getattr(cfg_obj, f.name) for f in dataclasses.fields(cfg_obj)}
     # 1. The plan: both geometries, and the config.json that speaks for the weights to be read (read once, here).
     plan = make_plan(spec, kwargs, weights=resolved if pretrained else None, cache_dir=cache_dir)
+    if str(kwargs.get("device", "")) != "meta":  # the plan accepted the geometry in some dtype: this one must fit
+        check_build_memory(plan, kwargs.get("dtype"))
     # 2. The weights, read from their source and mapped to timm's names from their origin, checked against the plan.
     source = load_source_state_dict(plan, resolved, cache_dir) if pretrained else None
     # 3. The model at the variant's geometry. To be loaded, its parameters are allocated but never written (no

@@ -44,6 +44,7 @@ __all__ = [
     "VariantPlan",
     "tensor_resamples",
     "make_plan",
+    "check_build_memory",
     "resolve_base_cfg",
     "spec_target",
     "with_config_geometry",
@@ -426,11 +427,19 @@ class CostEstimate:
     heads: int
     largest: tuple[tuple[str, int], ...] = ()
     scaling: tuple[int, int, int] = (0, 0, 0)
+    # (floating-point entries, their bytes): the part a model built in another dtype scales (integer indices stay).
+    floating: tuple[int, int] = (0, 0)
 
     @property
     def total(self) -> int:
         """Parameters, buffers and the attention map, in bytes."""
         return self.params_bytes + self.buffers_bytes + self.attention_bytes
+
+    def total_in(self, dtype: torch.dtype) -> int:
+        """The total for the model built in ``dtype`` (``timm.create_model(..., dtype=...)``): its floating-point
+        tensors and the attention map at that dtype's size, integer buffers as they are."""
+        entries, size = self.floating
+        return self.total - size + entries * dtype.itemsize
 
     def at_tokens(self, tokens: int) -> float:
         """The estimate at another token count, every tensor scaled by how it grows with the tokens."""
@@ -549,10 +558,14 @@ def estimate_cost(model: nn.Module, geometry: Geometry, family: Optional[Family]
     scaling = [0, 0, 0]
     groups: dict[tuple[str, tuple[int, ...]], list[Any]] = {}  # the same tensor in every block: one entry
     sizes = {"params": 0, "buffers": 0}
+    floating = [0, 0]
     for kind, named in (("params", model.named_parameters()), ("buffers", model.named_buffers())):
         for name, t in named:
             size = t.numel() * t.element_size()
             sizes[kind] += size
+            if t.is_floating_point():
+                floating[0] += t.numel()
+                floating[1] += size
             grows = kind == "buffers" or name in layouts
             scaling[_token_power(tuple(t.shape), grid_tokens, has_grid) if grows else 0] += size
             group = groups.setdefault((re.sub(r"\.\d+\.", ".*.", name), tuple(t.shape)), [name, t, kind, 0, 0])
@@ -560,11 +573,22 @@ def estimate_cost(model: nn.Module, geometry: Geometry, family: Optional[Family]
             group[4] += 1
     attn, heads, power = _attention(model, tokens, grid_tokens, has_grid)
     scaling[power] += attn
+    floating[0] += attn // 4
+    floating[1] += attn
     entries = [(_what(name, t, kind == "buffers", count), size) for name, t, kind, size, count in groups.values()]
     if attn:
         entries.append((f"one attention map ({tokens:,} tokens, {heads} heads, float32)", attn))
     largest = tuple(sorted(entries, key=lambda e: -e[1])[:3])
-    return CostEstimate(sizes["params"], sizes["buffers"], attn, tokens, heads, largest, tuple(scaling))  # type: ignore[arg-type]
+    return CostEstimate(
+        sizes["params"],
+        sizes["buffers"],
+        attn,
+        tokens,
+        heads,
+        largest,
+        tuple(scaling),
+        tuple(floating),  # type: ignore[arg-type]
+    )
 
 
 def _fitting_geometries(cost: CostEstimate, geometry: Geometry, budget: int) -> list[str]:
@@ -598,21 +622,62 @@ def _fitting_geometries(cost: CostEstimate, geometry: Geometry, budget: int) -> 
 
 
 def _check_memory(spec: VariantSpec, model: nn.Module, geometry: Geometry, key: str, family: Family) -> CostEstimate:
-    """Reject a geometry whose estimate (:func:`estimate_cost`) exceeds the budget (:func:`memory_budget`) before
-    anything is allocated, naming what makes it large and the nearest geometry that fits."""
+    """Reject a geometry whose estimate (:func:`estimate_cost`) exceeds the budget (:func:`memory_budget`) even in
+    half precision, before anything is allocated, naming what makes it large and the nearest geometry that fits.
+
+    The plan does not know the dtype the model will be built in: a geometry that fits in bfloat16 (a 7B ViT on a
+    24 GB machine) is accepted here, and :func:`check_build_memory` refuses the build in a dtype that does not fit.
+    """
     budget, where = memory_budget()
     cost = estimate_cost(model, geometry, family)
-    if cost.total > budget:
+    if cost.total > budget and cost.total_in(torch.bfloat16) > budget:
         big = "; ".join(f"{what} = {format_bytes(size)}" for what, size in cost.largest[:2])
         near = _fitting_geometries(cost, geometry, budget)
         fix = f"nearest that fit: {' or '.join(near)}; " if near else "no smaller geometry helps (the weights alone); "
         raise SpecError(
             f"{spec.where}.{key}: {geometry.describe()} needs an estimated {format_bytes(cost.total)} "
             f"(weights {format_bytes(cost.params_bytes)}, buffers {format_bytes(cost.buffers_bytes)}, one attention "
-            f"map {format_bytes(cost.attention_bytes)} at {cost.tokens:,} tokens), over the {format_bytes(budget)} "
+            f"map {format_bytes(cost.attention_bytes)} at {cost.tokens:,} tokens; "
+            f"~{format_bytes(cost.total_in(torch.bfloat16))} in bfloat16), over the {format_bytes(budget)} "
             f"budget ({where}); what makes it large: {big}; {fix}or raise {MEMORY_BUDGET_ENV}"
         )
     return cost
+
+
+def check_build_memory(plan: VariantPlan, dtype: Optional[torch.dtype] = None) -> None:
+    """Refuse to build a variant in a dtype whose estimate exceeds the budget (:func:`memory_budget`), before any
+    tensor is allocated; the error says which dtype fits.
+
+    Args:
+        plan: The variant's plan (its :attr:`VariantPlan.cost`).
+        dtype: The dtype the model will be built in (``timm.create_model``'s ``dtype``); None: torch's default.
+
+    Raises:
+        SpecError: The model in ``dtype`` would not fit.
+
+    Example:
+        >>> from timm_anysize.core.spec import parse_variant
+        >>> check_build_memory(make_plan(parse_variant("v", {"base": "test_vit", "img_size": 64})), torch.float32)
+    """
+    if plan.cost is None:
+        return
+    dtype = dtype or torch.get_default_dtype()
+    budget, where = memory_budget()
+    need = plan.cost.total_in(dtype)
+    if need <= budget:
+        return
+    half = plan.cost.total_in(torch.bfloat16)
+    fix = (
+        f"build it in half precision: timm.create_model({plan.spec.name!r}, dtype=torch.bfloat16) needs "
+        f"~{format_bytes(half)}; "
+        if dtype.itemsize > 2 and half <= budget
+        else ""
+    )
+    raise SpecError(
+        f"{plan.spec.where}: built in {str(dtype).replace('torch.', '')} at {plan.target.describe()} it needs an "
+        f"estimated {format_bytes(need)}, over the {format_bytes(budget)} budget ({where}); {fix}"
+        f"or raise {MEMORY_BUDGET_ENV}"
+    )
 
 
 _default_plans: dict[str, VariantPlan] = {}
