@@ -4,6 +4,7 @@ resident memory (VmHWM, reset just before) as JSON.
     python load_memory_child.py make FILE BASE DTYPE        # a random checkpoint (.safetensors streamed, or .pth)
     python load_memory_child.py load FILE BASE GEOMETRY_JSON
     python load_memory_child.py convert FILE BASE GEOMETRY_JSON OUT
+    python load_memory_child.py forward - BASE GEOMETRY_JSON     # build (random init) and one forward at its size
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from timm_anysize.convert import convert_checkpoint
 from timm_anysize.core.meta import meta_device
 from timm_anysize.core.safetensors_io import write_safetensors
 from timm_anysize.core.spec import parse_variant
+from timm_anysize.plan import make_plan
 
 
 def rss() -> int:
@@ -62,6 +64,15 @@ def main(argv: list[str]) -> dict:
         reset_peak()
         report = convert_checkpoint(spec, argv[4])
         return dict(added=peak() - before, resampled=report.by_action("resampled"))
+    if mode == "forward":
+        name = timm_anysize.register_variant("mem_forward", base=base, **geometry)
+        cost = make_plan(timm_anysize.get_variant(name)).cost
+        before = rss()
+        reset_peak()
+        model = timm.create_model(name).eval()
+        with torch.no_grad():
+            model(torch.randn(1, *model.pretrained_cfg["input_size"]))
+        return dict(added=peak() - before, estimate=cost.total, describe=cost.describe())
     timm_anysize.register_variant("mem_variant", base=base, pretrained={"file": str(file)}, **geometry)
     before = rss()
     reset_peak()

@@ -3,8 +3,12 @@ and timm's own model run at a ``dynamic: false`` size, both checked when the var
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import timm
@@ -15,10 +19,21 @@ import timm_anysize
 from conftest import unique_name
 from timm_anysize.core.meta import meta_device
 from timm_anysize.core.spec import parse_variant
-from timm_anysize.families import generic_family
+from timm_anysize.families import FAMILIES, generic_family
 from timm_anysize.plan import estimate_cost, format_bytes, geometry_of, make_plan, memory_budget, physical_memory
 
+CHILD = Path(__file__).with_name("load_memory_child.py")
 TINY_BEIT = dict(base="beit_base_patch16_224", model_args={"depth": 2, "embed_dim": 64, "num_heads": 2})
+
+
+def _child(*args: str) -> dict:
+    done = subprocess.run([sys.executable, str(CHILD), *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def family_row(name: str):
+    return next(f for f in FAMILIES if f.name == name)
 
 
 # --- memory ------------------------------------------------------------------------------------------------------
@@ -51,10 +66,13 @@ def test_a_small_geometry_is_accepted_and_its_estimate_counts_non_persistent_buf
     tensors = [*model.parameters(), *model.buffers()]
     assert cost.params_bytes + cost.buffers_bytes == sum(t.numel() * t.element_size() for t in tensors)
     assert cost.buffers_bytes >= 2 * 17 * 17 * 8
-    assert cost.attention_bytes == 17 * 17 * 2 * 4
+    assert cost.attention_maps == 4 and cost.attention_bytes == 4 * 17 * 17 * 2 * 4  # scores, bias, softmax, temp
     assert cost.total == cost.params_bytes + cost.buffers_bytes + cost.attention_bytes
     line = cost.describe()
-    assert line.startswith(f"~{format_bytes(cost.total)} at 17 tokens: weights ") and "(2 heads, one image)" in line
+    assert (
+        line.startswith(f"~{format_bytes(cost.total)} at 17 tokens: weights ")
+        and "(4 maps of 2 heads, one image)" in line
+    )
 
 
 def test_a_geometry_that_fits_only_in_half_precision_is_accepted_and_built_only_in_it(monkeypatch, tmp_path):
@@ -81,6 +99,18 @@ def test_a_geometry_that_fits_only_in_half_precision_is_accepted_and_built_only_
     monkeypatch.setenv("TIMM_ANYSIZE_MAX_BYTES", str(half - 1))  # not even in half precision: refused up front
     with pytest.raises(timm_anysize.SpecError, match=r"\.pretrained\.img_size: 160x160 px.* in bfloat16\), over the"):
         timm_anysize.register_variant(unique_name(), **spec)
+
+
+@pytest.mark.parametrize("family", ["beit", "cait", "convit"])
+def test_the_estimate_bounds_what_a_forward_at_the_variants_size_takes(family):
+    """Measured in a fresh process (peak resident memory while building and running one image at patch 4, 3,137
+    tokens): attention that materialises its scores holds several maps at once (BEiT's bias, CaiT's talking heads,
+    ConViT's position scores); an estimate of one map let through a load 1.7-3x its figure."""
+    row = family_row(family)
+    geometry = dict(patch_size=4, model_args=row.tiny.model_args)
+    out = _child("forward", "-", row.example, json.dumps(geometry))
+    assert out["added"] <= out["estimate"] + 64 * 2**20, (out["added"] / 2**20, out["describe"])
+    assert out["added"] > out["estimate"] / 4  # and it is a bound, not a guess far above
 
 
 def test_a_model_without_attention_costs_its_tensors_only():

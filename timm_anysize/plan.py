@@ -80,8 +80,10 @@ class Geometry:
 
     @property
     def num_tokens(self) -> int:
-        """Tokens at the first stage: patches (at stride 4 where the family has no patch grid) plus prefix tokens."""
-        gh, gw = self.grid_size or (self.img_size[0] // 4, self.img_size[1] // 4)
+        """Tokens at the first stage: patches (of the patch size where the model keeps no grid, at stride 4 where it
+        has neither) plus prefix tokens."""
+        ph, pw = self.patch_size or (4, 4)
+        gh, gw = self.grid_size or (self.img_size[0] // ph, self.img_size[1] // pw)
         return gh * gw + self.num_prefix_tokens
 
 
@@ -414,7 +416,9 @@ def memory_budget() -> tuple[int, str]:
 @dataclass(frozen=True)
 class CostEstimate:
     """What a model at one geometry costs in memory, from its meta-device build: every parameter and every buffer
-    (persistent or not, each at its own dtype) plus the largest attention map of one image.
+    (persistent or not, each at its own dtype) plus the largest attention of one image: its map, times the maps alive
+    at once (``attention_maps``: 1 for timm's fused attention, 4 where the scores are materialised: scores, a bias or
+    mask of their size, the softmax and a temporary; measured on BEiT and CaiT at 12,545 tokens, 3.1 and 3.0).
 
     ``largest`` names the biggest tensors, as (what, bytes), biggest first; ``scaling`` splits the total into the
     bytes that stay, grow with the tokens and grow with their square: what :meth:`at_tokens` scales by.
@@ -429,6 +433,7 @@ class CostEstimate:
     scaling: tuple[int, int, int] = (0, 0, 0)
     # (floating-point entries, their bytes): the part a model built in another dtype scales (integer indices stay).
     floating: tuple[int, int] = (0, 0)
+    attention_maps: int = 1  # attention_bytes is this many maps
 
     @property
     def total(self) -> int:
@@ -450,9 +455,10 @@ class CostEstimate:
     def describe(self) -> str:
         """One line, e.g. ``~846 KiB at 17 tokens: weights 839 KiB, buffers 5.0 KiB, attention map 2.1 KiB (2 heads,
         one image); largest: ...``."""
+        maps = f"{self.attention_maps} maps of " if self.attention_maps > 1 else ""
         attention = (
-            f"attention map {format_bytes(self.attention_bytes)} ({self.heads} head{'s' if self.heads != 1 else ''}, "
-            f"one image)"
+            f"attention map {format_bytes(self.attention_bytes)} ({maps}{self.heads} head{'s' if self.heads != 1 else ''}"
+            f", one image)"
             if self.attention_bytes
             else "no attention map"
         )
@@ -499,12 +505,26 @@ def _token_power(shape: tuple[int, ...], grid_tokens: int, has_grid: bool) -> in
     return min(2, sum(1 for d in shape if low <= d <= 8 * grid_tokens))
 
 
-def _attention(model: nn.Module, tokens: int, grid_tokens: int, has_grid: bool) -> tuple[int, int, int]:
-    """(bytes, heads, token power) of the largest attention map of one image, float32: tokens² x heads of the first
+_BIAS_ATTRS = ("relative_position_bias_table", "relative_position_index", "rel_pos_h", "attention_biases", "rel_pos")
+
+
+def _maps_alive(module: nn.Module) -> int:
+    """How many attention maps an attention module holds at once: 1 for timm's fused attention
+    (``scaled_dot_product_attention`` without a mask), else 4 (scores, a bias of their size, softmax, a temporary)."""
+    fused = getattr(module, "fused_attn", False) is True
+    biased = any(getattr(module, a, None) is not None for a in _BIAS_ATTRS)
+    return 1 if fused and not biased else 4
+
+
+def _attention(
+    model: nn.Module, tokens: int, grid_tokens: int, has_grid: bool, maps_alive: Optional[int] = None
+) -> tuple[int, int, int, int]:
+    """(bytes, heads, token power, maps) of the largest attention of one image, float32: tokens² x heads of the first
     global attention (the first stage sees the most tokens), tokens x window of the first windowed one, its own
     resolution's of one that keeps it (LeViT); tokens² of one head for a model with a patch grid whose attention
-    names no heads; none without either."""
-    best, heads_seen, power, seen = 0, 0, 0, set()
+    names no heads; none without either. The bytes are ``maps`` maps: ``maps_alive`` (the family's
+    ``attention_maps``), else :func:`_maps_alive`."""
+    best, heads_seen, power, seen, maps = 0, 0, 0, set(), 1
     for module in model.modules():
         heads = getattr(module, "num_heads", getattr(module, "heads", None))
         if not isinstance(heads, int) or isinstance(heads, bool) or heads <= 0:
@@ -527,11 +547,13 @@ def _attention(model: nn.Module, tokens: int, grid_tokens: int, has_grid: bool) 
             size, p = tokens * tokens * heads * 4, 2
         else:
             continue
+        alive = maps_alive or _maps_alive(module)
+        size *= alive
         if size > best:
-            best, heads_seen, power = size, heads, p
+            best, heads_seen, power, maps = size, heads, p, alive
     if not best and has_grid:
-        return tokens * tokens * 4, 1, 2
-    return best, heads_seen, power
+        return tokens * tokens * 4, 1, 2, 1
+    return best, heads_seen, power, maps
 
 
 def estimate_cost(model: nn.Module, geometry: Geometry, family: Optional[Family] = None) -> CostEstimate:
@@ -571,13 +593,15 @@ def estimate_cost(model: nn.Module, geometry: Geometry, family: Optional[Family]
             group = groups.setdefault((re.sub(r"\.\d+\.", ".*.", name), tuple(t.shape)), [name, t, kind, 0, 0])
             group[3] += size
             group[4] += 1
-    attn, heads, power = _attention(model, tokens, grid_tokens, has_grid)
+    family_maps = family.attention_maps if family is not None else None
+    attn, heads, power, maps = _attention(model, tokens, grid_tokens, has_grid, family_maps)
     scaling[power] += attn
     floating[0] += attn // 4
     floating[1] += attn
     entries = [(_what(name, t, kind == "buffers", count), size) for name, t, kind, size, count in groups.values()]
     if attn:
-        entries.append((f"one attention map ({tokens:,} tokens, {heads} heads, float32)", attn))
+        times = f"{maps} maps alive at once, " if maps > 1 else ""
+        entries.append((f"the attention of one image ({tokens:,} tokens, {heads} heads, {times}float32)", attn))
     largest = tuple(sorted(entries, key=lambda e: -e[1])[:3])
     return CostEstimate(
         sizes["params"],
@@ -588,6 +612,7 @@ def estimate_cost(model: nn.Module, geometry: Geometry, family: Optional[Family]
         largest,
         tuple(scaling),
         tuple(floating),  # type: ignore[arg-type]
+        maps,
     )
 
 
@@ -636,8 +661,8 @@ def _check_memory(spec: VariantSpec, model: nn.Module, geometry: Geometry, key: 
         fix = f"nearest that fit: {' or '.join(near)}; " if near else "no smaller geometry helps (the weights alone); "
         raise SpecError(
             f"{spec.where}.{key}: {geometry.describe()} needs an estimated {format_bytes(cost.total)} "
-            f"(weights {format_bytes(cost.params_bytes)}, buffers {format_bytes(cost.buffers_bytes)}, one attention "
-            f"map {format_bytes(cost.attention_bytes)} at {cost.tokens:,} tokens; "
+            f"(weights {format_bytes(cost.params_bytes)}, buffers {format_bytes(cost.buffers_bytes)}, the attention of "
+            f"one image {format_bytes(cost.attention_bytes)} at {cost.tokens:,} tokens; "
             f"~{format_bytes(cost.total_in(torch.bfloat16))} in bfloat16), over the {format_bytes(budget)} "
             f"budget ({where}); what makes it large: {big}; {fix}or raise {MEMORY_BUDGET_ENV}"
         )

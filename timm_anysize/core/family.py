@@ -201,6 +201,10 @@ class Family:
             ``(model built at any size, img_size) -> ((what, size, multiple), ...)``, the sizes an ``img_size`` gives
             and what each must be a multiple of. Validation rejects a variant whose size breaks one, naming the
             nearest sizes that work.
+        attention_maps: How many attention maps of one image its attention holds at once, for the memory estimate
+            (``timm_anysize.plan.estimate_cost``), where the attention module does not show it (a mask passed at
+            call time, extra position scores); None: 1 for timm's fused attention, 4 where the scores are
+            materialised.
         example: A timm model of the family, used by the coverage matrix and docs/families.md.
         tiny: The tiny model of ``example`` the test suite checks the family at (tests/test_families.py fails for a
             row without one); None: not a tested row (:func:`timm_anysize.families.generic_family`).
@@ -237,6 +241,7 @@ class Family:
     flexi_mixin: Optional[type] = None
     card_note: Optional[Callable[[nn.Module], str]] = None
     size_multiples: Optional[Callable[[nn.Module, Size2], tuple[tuple[str, Size2, Size2], ...]]] = None
+    attention_maps: Optional[int] = None
     example: str = ""
     tiny: Optional[TinyModel] = None
     matches: Optional[Callable[[nn.Module], bool]] = None

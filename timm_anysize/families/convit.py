@@ -184,6 +184,7 @@ FAMILIES = (
         },
         dynamic_args=(),  # timm's ConViT has no dynamic-size path; enable_dynamic adds it
         runtime=DynamicPath(classes={convit.ConVit: DynamicConVit}, setup=enable_convit_dynamic, patch_layout="nhwc"),
+        attention_maps=8,  # GPSA: patch scores, position scores, both softmaxes, their gated sum (measured 6.7)
         example="convit_tiny",
         tiny=TinyModel(
             dict(embed_dim=32, depth=2, num_heads=2, local_up_to_layer=1),  # embed_dim per head

@@ -20,6 +20,7 @@ FAMILIES = (
         dynamic="native",
         whole_patches=True,  # timm's forward neither pads nor crops
         dynamic_args=(),
+        attention_maps=4,  # timm passes a padding mask: scaled_dot_product_attention materialises the scores
         example="gemma4_vit_167m",
         tiny=TinyModel(
             dict(depth=2, embed_dim=64, num_heads=2, head_dim=32, intermediate_size=128),
