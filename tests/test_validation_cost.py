@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 import timm_anysize
 from conftest import unique_name
+from timm_anysize.apps.cli import main as cli_main
 from timm_anysize.core.meta import meta_device
 from timm_anysize.core.spec import parse_variant
 from timm_anysize.families import FAMILIES, generic_family
@@ -75,7 +76,7 @@ def test_a_small_geometry_is_accepted_and_its_estimate_counts_non_persistent_buf
     )
 
 
-def test_a_geometry_that_fits_only_in_half_precision_is_accepted_and_built_only_in_it(monkeypatch, tmp_path):
+def test_a_geometry_that_fits_only_in_half_precision_is_accepted_and_built_only_in_it(monkeypatch, tmp_path, capsys):
     """A 7B ViT is 25 GiB in float32 and 12.5 GiB in bfloat16: registration (which does not know the dtype) accepts
     it; create_model refuses float32 before allocating anything, naming the dtype that fits, and builds bfloat16."""
     spec = dict(base="test_vit", img_size=64, patch_size=8)
@@ -88,6 +89,9 @@ def test_a_geometry_that_fits_only_in_half_precision_is_accepted_and_built_only_
     save_file(source.state_dict(), str(file))
     monkeypatch.setenv("TIMM_ANYSIZE_MAX_BYTES", str((half + cost.total) // 2))
     name = timm_anysize.register_variant(unique_name(), pretrained={"file": str(file)}, **spec)
+    assert cli_main(["show", name]) == 0
+    shown = capsys.readouterr().out
+    assert f"over this machine's budget in float32: build it with dtype=torch.bfloat16 (~{format_bytes(half)})" in shown
     with pytest.raises(timm_anysize.SpecError) as err:
         timm.create_model(name, pretrained=True)
     msg = str(err.value)

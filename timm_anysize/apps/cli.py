@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+import torch
+
 import timm_anysize
 from timm_anysize import register_yaml
 from timm_anysize.apps.demo import metrics_from_demo, register_demo_variants, run_demo
@@ -25,7 +27,7 @@ from timm_anysize.core.errors import AnysizeError
 from timm_anysize.core.spec import parse_variant
 from timm_anysize.hub import export, push_to_hub
 from timm_anysize.origins import config_geometry, detect_layout, unwrap_checkpoint
-from timm_anysize.plan import make_plan
+from timm_anysize.plan import format_bytes, make_plan, memory_budget
 from timm_anysize.registry import check_name
 from timm_anysize.schema import yaml_json_schema, yaml_reference_markdown
 from timm_anysize.weights import detect_format, read_checkpoint, transformers_config
@@ -103,6 +105,10 @@ def _cmd_show(args: argparse.Namespace) -> int:
     print(f"dynamic: {'yes: any input size' if plan.dynamic else fixed}")
     if plan.cost is not None:
         print(f"memory: {plan.cost.describe()}")
+        budget, _ = memory_budget()
+        if plan.cost.total > budget:  # accepted because it fits in half precision
+            half = format_bytes(plan.cost.total_in(torch.bfloat16))
+            print(f"  over this machine's budget in float32: build it with dtype=torch.bfloat16 (~{half})")
     print("adaptation:")
     steps = plan.steps()
     for key, what in steps:
