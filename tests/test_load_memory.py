@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from safetensors.torch import load_file, save_file
 import timm_anysize
 from conftest import unique_name
 from timm_anysize.convert import convert_checkpoint
+from timm_anysize.core.meta import parameters_uninitialised
 
 CHILD = Path(__file__).with_name("load_memory_child.py")
 BASE = "vit_base_patch16_224"  # 86M parameters: 330 MB in float32
@@ -128,3 +130,43 @@ def test_device_kwarg_places_the_model(tmp_path: Path) -> None:
     shapes_only = timm.create_model(name, pretrained=True, device="meta")
     assert {t.device.type for t in shapes_only.parameters()} == {"meta"}
     assert shapes_only.pos_embed.shape == model.pos_embed.shape
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def test_uninitialised_builds_in_two_threads_leave_each_other_and_torch_intact() -> None:
+    """Thread A enters, thread B enters, A leaves, then B builds: B's parameters are still never written (a 64 MiB
+    weight adds no resident memory), and once both have left ``nn.Module.register_parameter`` is torch's again."""
+    original = torch.nn.Module.register_parameter
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    grown: list[int] = []
+
+    def thread_a() -> None:
+        with parameters_uninitialised():
+            a_in.set()
+            b_in.wait(30)
+        a_out.set()
+
+    def thread_b() -> None:
+        a_in.wait(30)
+        with parameters_uninitialised():
+            b_in.set()
+            a_out.wait(30)
+            before = _rss()
+            layer = torch.nn.Linear(4096, 4096, bias=False)  # 64 MiB, its init skipped: pages never touched
+            grown.append(_rss() - before)
+            del layer
+
+    threads = [threading.Thread(target=thread_a), threading.Thread(target=thread_b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert grown and grown[0] < 16 * 2**20, grown
+    assert torch.nn.Module.register_parameter is original
+    before = _rss()
+    layer = torch.nn.Linear(4096, 4096, bias=False)  # outside any build: initialised as usual
+    assert _rss() - before > 48 * 2**20 and bool(layer.weight.abs().sum() > 0)

@@ -9,6 +9,7 @@ the in-place value-filling ops on meta tensors (they cannot change a meta tensor
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Any, Iterable, Iterator, Optional
 
 import timm
@@ -123,6 +124,22 @@ class _SkipParameterInit(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+# nn.Module.register_parameter is patched while any thread builds under parameters_uninitialised (counted, under a
+# lock); each parameter goes to the innermost build of the thread that registers it, so concurrent builds in other
+# threads, and models built outside one, are untouched.
+_register_lock = threading.Lock()
+_register_users = 0
+_register_original = nn.Module.register_parameter
+_building = threading.local()
+
+
+def _register_tracked(module: nn.Module, name: str, param: Optional[nn.Parameter]) -> None:
+    _register_original(module, name, param)
+    modes = getattr(_building, "modes", None)
+    if param is not None and modes:
+        modes[-1].add(param)
+
+
 @contextlib.contextmanager
 def parameters_uninitialised() -> Iterator[None]:
     """Build a model whose parameters are allocated but never written (their pages never touched), buffers as usual.
@@ -132,7 +149,8 @@ def parameters_uninitialised() -> Iterator[None]:
     the weights once. Buffers (relative-position indices, attention masks) are computed by the constructor on the
     model's device as usual, which a meta-device build cannot do (Swin derives its mask's device from a parameter).
     Weight init writes nothing to the parameters: the ones no checkpoint tensor replaces must be initialised after
-    (:func:`initialize_fresh`). Not thread-safe: it patches ``nn.Module.register_parameter`` while the block runs.
+    (:func:`initialize_fresh`). Thread-safe: only the parameters the calling thread registers inside the block are
+    affected (``nn.Module.register_parameter`` is wrapped while any thread is inside one).
 
     Example:
         >>> import timm
@@ -141,20 +159,23 @@ def parameters_uninitialised() -> Iterator[None]:
         >>> model.pos_embed.is_meta, tuple(model.blocks[0].attn.qkv.weight.shape)
         (False, (192, 64))
     """
-    register = nn.Module.register_parameter
+    global _register_users
     mode = _SkipParameterInit()
-
-    def register_tracked(module: nn.Module, name: str, param: Optional[nn.Parameter]) -> None:
-        register(module, name, param)
-        if param is not None:
-            mode.add(param)
-
-    nn.Module.register_parameter = register_tracked  # type: ignore[method-assign]
+    with _register_lock:
+        if _register_users == 0:
+            nn.Module.register_parameter = _register_tracked  # type: ignore[method-assign]
+        _register_users += 1
+    modes = _building.__dict__.setdefault("modes", [])
+    modes.append(mode)
     try:
         with mode:
             yield
     finally:
-        nn.Module.register_parameter = register  # type: ignore[method-assign]
+        modes.pop()
+        with _register_lock:
+            _register_users -= 1
+            if _register_users == 0:
+                nn.Module.register_parameter = _register_original  # type: ignore[method-assign]
 
 
 def initialize_fresh(model: nn.Module, keys: Iterable[str]) -> None:
