@@ -177,3 +177,15 @@ def test_a_suggested_static_size_runs():
     name = timm_anysize.register_variant(unique_name(), base="levit_128s", img_size=[192, 48], dynamic=False)
     plan = make_plan(timm_anysize.get_variant(name))
     assert not plan.dynamic and plan.target.img_size == (192, 48)
+
+
+def test_a_static_size_the_meta_device_cannot_judge_is_refused_by_the_familys_multiple():
+    """timm's MViTv2 at 48 px sizes its stage tables for 48 // 8 = 6 tokens while its pooling gives 7: an index out
+    of bounds on real tensors, which the meta device does not check (found by the property test's long run)."""
+    with pytest.raises(timm_anysize.SpecError) as err:
+        timm_anysize.register_variant(unique_name(), base="mvitv2_tiny", img_size=48, dynamic=False)
+    assert "which runs only at sizes that are multiples of 32; nearest sides: 32 or 64" in str(err.value)
+    with pytest.raises(IndexError):  # what it guards against: timm's own model at that size
+        timm.create_model("mvitv2_tiny", img_size=48)(torch.randn(1, 3, 48, 48))
+    name = timm_anysize.register_variant(unique_name(), base="mvitv2_tiny", img_size=64, dynamic=False)
+    assert timm.create_model(name)(torch.randn(1, 3, 64, 64)).shape == (1, 1000)

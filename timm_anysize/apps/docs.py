@@ -124,6 +124,8 @@ def families_markdown() -> str:
         for reason in dict.fromkeys(fam.static_unsupported.values()):  # the sizes only the dynamic path runs
             changed = "/".join(f"`{c}`" for c, r in fam.static_unsupported.items() if r == reason)
             dyn += f"; `dynamic: false` refused for {changed}: {reason}"
+        if fam.static_multiple is not None:
+            dyn += "; `dynamic: false` only at multiples of its total stride"
         classes = ", ".join(c.__name__ for c in fam.classes)
         feats = "any size" if fam.dynamic_features else "the variant's size"
         tiny = fam.tiny

@@ -183,6 +183,11 @@ class Family:
         unsupported: Geometry change -> why the architecture cannot take it; such specs are rejected at validation.
         static_unsupported: Geometry change -> why timm's own model cannot run it, so that only the dynamic path
             does; a variant with ``dynamic: false`` and such a change is rejected at validation.
+        static_multiple: ``(model) -> multiple``: timm's own (fixed-size) model runs only at img_sizes that are
+            multiples of it, for a reason its forward on the meta device cannot show (MViTv2: each stage's tables
+            are sized for the floor of the size over its stride, its strided convolutions give the ceiling, and the
+            meta device does not check the index that then overflows); a ``dynamic: false`` variant at another size
+            is rejected at validation with the nearest multiples. None: no such constraint.
         export_note: Why the family's dynamic model cannot go through ``torch.export`` with dynamic H x W
             ("": it can; the tests/test_script_fx_*.py modules check it at three sizes).
         onnx_note: Why its ``torch.export`` program, which runs, cannot go on to ONNX (onnxruntime) with dynamic
@@ -234,6 +239,7 @@ class Family:
     build: Optional[Callable[[Callable[..., nn.Module], dict[str, Any]], nn.Module]] = None
     unsupported: dict[str, str] = field(default_factory=dict)
     static_unsupported: dict[str, str] = field(default_factory=dict)
+    static_multiple: Optional[Callable[[nn.Module], int]] = None
     export_note: str = ""
     onnx_note: str = ""
     runtime: Optional[DynamicPath] = None

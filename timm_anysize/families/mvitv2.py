@@ -276,6 +276,12 @@ def create_square_only(create: Callable[..., nn.Module], kwargs: dict[str, Any])
     return model
 
 
+def _total_stride(model: nn.Module) -> int:
+    """timm's tables are sized for ``img // stride`` tokens at each stage; the stem and pooling convolutions give
+    ``ceil(img / stride)``: the two agree (and timm's own model runs) only at multiples of the total stride."""
+    return int(model.feature_info[-1]["reduction"])
+
+
 FAMILIES = (
     Family(
         name="mvitv2",
@@ -284,6 +290,7 @@ FAMILIES = (
         tensors=(("*.rel_pos_h", "rel_axis"), ("*.rel_pos_w", "rel_axis")),
         unsupported=no_patch_change(OVERLAPPING_STEM.format(name="MViTv2")),
         square_only=True,  # timm asserts a square size; non-square variants get per-axis tables
+        static_multiple=_total_stride,
         build=create_square_only,
         dynamic_args=(),  # enable_dynamic resizes the tables per feature size
         runtime=DynamicPath(  # the model class stays; its attentions change
