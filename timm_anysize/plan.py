@@ -418,7 +418,8 @@ class CostEstimate:
     """What a model at one geometry costs in memory, from its meta-device build: every parameter and every buffer
     (persistent or not, each at its own dtype) plus the largest attention of one image: its map, times the maps alive
     at once (``attention_maps``: 1 for timm's fused attention, 4 where the scores are materialised: scores, a bias or
-    mask of their size, the softmax and a temporary; measured on BEiT and CaiT at 12,545 tokens, 3.1 and 3.0).
+    mask of their size, the softmax and a temporary; measured on BEiT and CaiT at 12,545 tokens, 3.1 and 3.0), and
+    what the family holds per token besides (``Family.token_bytes``), counted in ``attention_bytes``.
 
     ``largest`` names the biggest tensors, as (what, bytes), biggest first; ``scaling`` splits the total into the
     bytes that stay, grow with the tokens and grow with their square: what :meth:`at_tokens` scales by.
@@ -598,10 +599,15 @@ def estimate_cost(model: nn.Module, geometry: Geometry, family: Optional[Family]
     scaling[power] += attn
     floating[0] += attn // 4
     floating[1] += attn
+    per_token = family.token_bytes(model) if family is not None and family.token_bytes is not None else 0
+    if per_token:  # activations the family holds per token besides the maps: counted with them, growing linearly
+        attn += tokens * per_token
+        scaling[1] += tokens * per_token
     entries = [(_what(name, t, kind == "buffers", count), size) for name, t, kind, size, count in groups.values()]
     if attn:
         times = f"{maps} maps alive at once, " if maps > 1 else ""
-        entries.append((f"the attention of one image ({tokens:,} tokens, {heads} heads, {times}float32)", attn))
+        what = "the attention and per-token activations" if per_token else "the attention"
+        entries.append((f"{what} of one image ({tokens:,} tokens, {heads} heads, {times}float32)", attn))
     largest = tuple(sorted(entries, key=lambda e: -e[1])[:3])
     return CostEstimate(
         sizes["params"],

@@ -210,6 +210,9 @@ class Family:
             (``timm_anysize.plan.estimate_cost``), where the attention module does not show it (a mask passed at
             call time, extra position scores); None: 1 for timm's fused attention, 4 where the scores are
             materialised.
+        token_bytes: ``(model) -> bytes``: what the family's forward holds per token of one image besides the
+            attention maps, where that is large enough to matter for the memory estimate (Gemma 4's position
+            one-hot: 2 x 10,240 entries per token); None: nothing counted.
         example: A timm model of the family, used by the coverage matrix and docs/families.md.
         tiny: The tiny model of ``example`` the test suite checks the family at (tests/test_families.py fails for a
             row without one); None: not a tested row (:func:`timm_anysize.families.generic_family`).
@@ -248,6 +251,7 @@ class Family:
     card_note: Optional[Callable[[nn.Module], str]] = None
     size_multiples: Optional[Callable[[nn.Module, Size2], tuple[tuple[str, Size2, Size2], ...]]] = None
     attention_maps: Optional[int] = None
+    token_bytes: Optional[Callable[[nn.Module], int]] = None
     example: str = ""
     tiny: Optional[TinyModel] = None
     matches: Optional[Callable[[nn.Module], bool]] = None
