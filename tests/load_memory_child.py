@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -23,6 +24,13 @@ from timm_anysize.core.meta import meta_device
 from timm_anysize.core.safetensors_io import write_safetensors
 from timm_anysize.core.spec import parse_variant
 from timm_anysize.plan import make_plan
+
+
+def run_child(*args: str) -> dict:
+    """Run this script with ``args`` in a fresh process; what it printed, as JSON."""
+    done = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])
 
 
 def rss() -> int:

@@ -8,14 +8,13 @@ allocations (torch's first kernels, the adaptation's small resampled tensors).
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
 import pytest
 import timm
 import torch
+from load_memory_child import rss, run_child
 from safetensors.torch import load_file, save_file
 
 import timm_anysize
@@ -23,16 +22,9 @@ from conftest import unique_name
 from timm_anysize.convert import convert_checkpoint
 from timm_anysize.core.meta import parameters_uninitialised
 
-CHILD = Path(__file__).with_name("load_memory_child.py")
 BASE = "vit_base_patch16_224"  # 86M parameters: 330 MB in float32
 GEOMETRY = dict(img_size=98, patch_size=14, in_chans=4)  # every geometry change at once
 SLACK = 48 * 2**20
-
-
-def _child(*args: str) -> dict:
-    done = subprocess.run([sys.executable, str(CHILD), *args], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
@@ -40,14 +32,14 @@ def vit_b_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("vit_b")
     files = {"safetensors": folder / "w.safetensors", "pth": folder / "w.pth"}
     for path in files.values():
-        _child("make", str(path), BASE, "float32")
+        run_child("make", str(path), BASE, "float32")
     return files
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "pth"])
 def test_loading_adds_about_the_model_once(vit_b_files: dict[str, Path], fmt: str) -> None:
     # Parameters built on meta take the memory-mapped checkpoint's tensors (assign); timm's own load adds 2x.
-    got = _child("load", str(vit_b_files[fmt]), BASE, json.dumps(GEOMETRY))
+    got = run_child("load", str(vit_b_files[fmt]), BASE, json.dumps(GEOMETRY))
     bound = 1.1 * got["model_bytes"] + got["largest"] + SLACK
     assert got["model_bytes"] > 300 * 2**20
     assert got["added"] <= bound, f"{fmt}: added {got['added'] / 2**20:.0f} MiB > bound {bound / 2**20:.0f} MiB"
@@ -56,7 +48,7 @@ def test_loading_adds_about_the_model_once(vit_b_files: dict[str, Path], fmt: st
 
 def test_streaming_convert_holds_a_few_tensors(vit_b_files: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "out.safetensors"
-    got = _child("convert", str(vit_b_files["safetensors"]), BASE, json.dumps(GEOMETRY), str(out))
+    got = run_child("convert", str(vit_b_files["safetensors"]), BASE, json.dumps(GEOMETRY), str(out))
     largest = 4 * 768 * 3072  # an MLP matrix in float32, 9 MiB
     assert got["added"] <= 4 * largest + SLACK, f"convert added {got['added'] / 2**20:.0f} MiB"
     assert "pos_embed" in got["resampled"]
@@ -132,11 +124,6 @@ def test_device_kwarg_places_the_model(tmp_path: Path) -> None:
     assert shapes_only.pos_embed.shape == model.pos_embed.shape
 
 
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
-
-
 def test_uninitialised_builds_in_two_threads_leave_each_other_and_torch_intact() -> None:
     """Thread A enters, thread B enters, A leaves, then B builds: B's parameters are still never written (a 64 MiB
     weight adds no resident memory), and once both have left ``nn.Module.register_parameter`` is torch's again."""
@@ -155,9 +142,9 @@ def test_uninitialised_builds_in_two_threads_leave_each_other_and_torch_intact()
         with parameters_uninitialised():
             b_in.set()
             a_out.wait(30)
-            before = _rss()
+            before = rss()
             layer = torch.nn.Linear(4096, 4096, bias=False)  # 64 MiB, its init skipped: pages never touched
-            grown.append(_rss() - before)
+            grown.append(rss() - before)
             del layer
 
     threads = [threading.Thread(target=thread_a), threading.Thread(target=thread_b)]
@@ -167,6 +154,6 @@ def test_uninitialised_builds_in_two_threads_leave_each_other_and_torch_intact()
         t.join(60)
     assert grown and grown[0] < 16 * 2**20, grown
     assert torch.nn.Module.register_parameter is original
-    before = _rss()
+    before = rss()
     layer = torch.nn.Linear(4096, 4096, bias=False)  # outside any build: initialised as usual
-    assert _rss() - before > 48 * 2**20 and bool(layer.weight.abs().sum() > 0)
+    assert rss() - before > 48 * 2**20 and bool(layer.weight.abs().sum() > 0)

@@ -5,36 +5,24 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import timm
 import torch
+from load_memory_child import run_child
 from safetensors.torch import save_file
+from script_fx import family as family_row
 
 import timm_anysize
 from conftest import unique_name
 from timm_anysize.apps.cli import main as cli_main
 from timm_anysize.core.meta import meta_device
 from timm_anysize.core.spec import parse_variant
-from timm_anysize.families import FAMILIES, generic_family
+from timm_anysize.families import generic_family
 from timm_anysize.plan import estimate_cost, format_bytes, geometry_of, make_plan, memory_budget, physical_memory
 
-CHILD = Path(__file__).with_name("load_memory_child.py")
 TINY_BEIT = dict(base="beit_base_patch16_224", model_args={"depth": 2, "embed_dim": 64, "num_heads": 2})
-
-
-def _child(*args: str) -> dict:
-    done = subprocess.run([sys.executable, str(CHILD), *args], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.splitlines()[-1])
-
-
-def family_row(name: str):
-    return next(f for f in FAMILIES if f.name == name)
 
 
 # --- memory ------------------------------------------------------------------------------------------------------
@@ -113,7 +101,7 @@ def test_the_estimate_bounds_what_a_forward_at_the_variants_size_takes(family, p
     1.7-3x its figure."""
     row = family_row(family)
     geometry = dict(patch_size=patch, model_args=row.tiny.model_args)
-    out = _child("forward", "-", row.example, json.dumps(geometry))
+    out = run_child("forward", "-", row.example, json.dumps(geometry))
     assert out["added"] <= out["estimate"] + 64 * 2**20, (out["added"] / 2**20, out["describe"])
     assert out["added"] > out["estimate"] / 4  # and it is a bound, not a guess far above
 

@@ -906,13 +906,16 @@ def _make_plan(spec: VariantSpec, overrides: dict[str, Any], config: Optional[di
                 f"{list(target.img_size)}, which cannot run it: {reason}; leave dynamic on (the default)"
             )
     m = family.static_multiple(target_model) if family.static_multiple is not None else 1
+
+    def multiple(axis: int, candidate: int) -> bool:
+        return candidate % m == 0
+
     if not dynamic and any(side % m for side in target.img_size):
-        near = sorted(
-            {max(m, side // m * m) for side in target.img_size} | {-(-side // m) * m for side in target.img_size}
-        )
+        near = sorted({c for i, side in enumerate(target.img_size) if side % m for c in _nearest(side, i, multiple)})
         raise SpecError(
             f"{spec.where}.img_size: dynamic: false builds timm's own {family.name} model at "
-            f"{list(target.img_size)}, which runs only at sizes that are multiples of {m}; nearest sides: {' or '.join(map(str, near))}; or leave dynamic on (the default)"
+            f"{list(target.img_size)}, which runs only at sizes that are multiples of {m}; nearest sides: "
+            f"{' or '.join(map(str, near))}; or leave dynamic on (the default)"
         )
     for model, geo, key in ((source_model, source, "pretrained.img_size"), (target_model, target, "img_size")):
         cost = _check_memory(spec, model, geo, key, family)  # the target's, last, is the plan's
