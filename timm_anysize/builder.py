@@ -27,6 +27,7 @@ from timm_anysize.core.errors import WeightsError
 from timm_anysize.core.family import Family
 from timm_anysize.core.meta import initialize_fresh, parameters_uninitialised
 from timm_anysize.core.report import AdaptationReport, summarize_keys
+from timm_anysize.core.safetensors_io import owned_aligned
 from timm_anysize.core.spec import VariantSpec
 from timm_anysize.dynamic import enable_dynamic, guard_run_time_size
 from timm_anysize.flexi import apply_flexi
@@ -279,7 +280,8 @@ def _load_adapted(
     for key in list(state_dict):
         like, value = target_sd[key], state_dict.pop(key)
         if key not in fresh:  # an adapted tensor can be a strided view (a channel map): the model's are contiguous
-            value = value.to(device=like.device, dtype=like.dtype).contiguous()
+            # and aligned as torch allocates them (a tensor taken from a file at an odd offset computes other bits)
+            value = owned_aligned(value.to(device=like.device, dtype=like.dtype).contiguous())
         state_dict[key] = value
     del target_sd
     model.load_state_dict(state_dict, strict=True, assign=True)

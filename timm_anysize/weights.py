@@ -26,6 +26,7 @@ import torch.nn as nn
 
 from timm_anysize.core.errors import AnysizeError, WeightsError
 from timm_anysize.core.meta import build_meta
+from timm_anysize.core.safetensors_io import read_safetensors
 from timm_anysize.core.spec import VariantSpec
 from timm_anysize.core.version import __version__
 from timm_anysize.origins import check_against_plan, detect_layout, reads_transformers_config, unwrap_checkpoint
@@ -133,12 +134,7 @@ def read_checkpoint(path: Union[str, os.PathLike]) -> Any:
     if fmt == "npz":
         raise WeightsError(f"{p}: .npz weights need the model layout; use read_npz_state_dict")
     if fmt == "safetensors":
-        import safetensors.torch
-
-        try:
-            return dict(safetensors.torch.load_file(str(p), device="cpu"))
-        except Exception as e:  # safetensors raises its own SafetensorError, OSError or RuntimeError
-            raise WeightsError(f"{p}: not a readable safetensors file ({e}); re-save it or check the download") from e
+        return read_safetensors(p)
     try:
         # DINO's training checkpoints carry their argparse.Namespace; it holds plain values and runs no code.
         with torch.serialization.safe_globals([argparse.Namespace]):
