@@ -248,20 +248,17 @@ def _shipped_config_files() -> list[Path]:
     return sorted(Path(str(p)) for p in root.iterdir() if p.name.endswith(".yaml"))
 
 
-def register_shipped_configs(
-    env: Optional[str] = None, errors: Optional[list[AnysizeError]] = None
-) -> list[str]:
+def register_shipped_configs(env: Optional[str] = None) -> list[str]:
     """Register the configs shipped in the package, then the files listed in ``$TIMM_ANYSIZE_CONFIGS``.
 
     Called on ``import timm_anysize``; safe to call again (identical specs are skipped). Builds no model: the files
     are parsed and validated, and each variant is planned by its first ``timm.create_model`` (``validate=False``).
     A broken file of ``$TIMM_ANYSIZE_CONFIGS`` does not break the import (nor the command line's ``--help``): none
-    of its variants is registered, the others are, and its error (naming the file and the key) is logged as one
-    warning line, or appended to ``errors`` when given (``timm-anysize check`` reports it and exits 1).
+    of its variants is registered, the other files' are, and its error (naming the file and the key) is logged as
+    one warning line; ``timm-anysize check`` reports it again and exits 1.
 
     Args:
         env: The ``os.pathsep``-separated files (None: ``$TIMM_ANYSIZE_CONFIGS``).
-        errors: Where the errors of broken ``env`` files go (None: logged as warnings).
 
     Returns:
         The registered names.
@@ -269,10 +266,8 @@ def register_shipped_configs(
     Example:
         >>> "vit_tiny_patch4_64" in register_shipped_configs(env="")
         True
-        >>> errors = []
-        >>> _ = register_shipped_configs(env="/nonexistent/mine.yaml", errors=errors)
-        >>> print(errors[0])
-        /nonexistent/mine.yaml: no such file (resolved to /nonexistent/mine.yaml)
+        >>> "vit_tiny_patch4_64" in register_shipped_configs(env="/nonexistent/mine.yaml")  # logged, skipped
+        True
     """
     names: list[str] = []
     for path in _shipped_config_files():
@@ -282,8 +277,5 @@ def register_shipped_configs(
         try:
             names += register_yaml(path, validate=False)
         except AnysizeError as e:  # the user's file: the rest of the package (and the CLI's --help) still works
-            if errors is None:
-                _log.warning("$%s: %s (its variants are not registered)", CONFIGS_ENV, one_line(e))
-            else:
-                errors.append(e)
+            _log.warning("$%s: %s (its variants are not registered)", CONFIGS_ENV, one_line(e))
     return names
