@@ -458,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--version", action="version", version=f"{PROG} {timm_anysize.__version__}", help="print the version"
     )
     _global_flags(parser)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="one of:")
 
     def command(name: str, help: str, config: bool = False) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help[:1].upper() + help[1:] + ".")
@@ -522,6 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
         "convert",
         "map another library's checkpoint (torchvision, transformers, MMPretrain, DINO) to timm's names and "
         "write it as safetensors, with the report",
+        config=True,
     )
     p.add_argument("file", metavar="FILE", help="the checkpoint, or a transformers save_pretrained folder")
     p.add_argument("--base", required=True, help="timm architecture the weights map onto, e.g. vit_base_patch16_224")
