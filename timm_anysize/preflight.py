@@ -63,7 +63,10 @@ def _config_contradictions(where: str, config: dict | None, plan: VariantPlan) -
     spec left a field unset, so a difference is a field the spec sets otherwise)."""
     stated, source = config_geometry(config), plan.source
     problems = []
-    for key, field, ours in (("img_size", "image_size", source.img_size), ("patch_size", "patch_size", source.patch_size)):
+    for key, field, ours in (
+        ("img_size", "image_size", source.img_size),
+        ("patch_size", "patch_size", source.patch_size),
+    ):
         theirs = stated.get(key)
         if theirs is not None and ours is not None and tuple(ours) != tuple(theirs):
             problems.append(

@@ -132,9 +132,7 @@ class _WrittenDumper(yaml.SafeDumper):
     """A safe YAML dumper that writes mappings as blocks and lists inline (``img_size: [224, 320]``)."""
 
 
-_WrittenDumper.add_representer(
-    list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True)
-)
+_WrittenDumper.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
 
 
 def _layout(spec: VariantSpec) -> Optional[dict[str, Any]]:
@@ -429,9 +427,7 @@ def _global_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars or INFO logs"
     )
-    group.add_argument(
-        "--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error"
-    )
+    group.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
 
 
 def _config_flag(parser: argparse.ArgumentParser) -> None:
@@ -492,9 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_positive, default=2, help="fine-tune and scratch epochs per variant")
     p.add_argument("--quick", action="store_true", help="fewer variants and data (a smoke run)")
     p = command("train-digits-base", "reproduce the shipped digits base weights (deterministic)")
-    p.add_argument(
-        "--out", default="configs/weights/vit_digits_patch4_32.safetensors", help="the weight file to write"
-    )
+    p.add_argument("--out", default="configs/weights/vit_digits_patch4_32.safetensors", help="the weight file to write")
     p.add_argument("--epochs", type=_positive, default=40, help="training epochs")
     p.add_argument("--seed", type=int, default=0, help="the random seed")
     p = command("export", "write a Hub-style folder (config.json, model.safetensors, README.md)", config=True)
