@@ -80,7 +80,7 @@ def _geometry(g: Geometry) -> dict[str, Any]:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    rows = []
+    rows, table = [], []
     for name in timm_anysize.list_variants():
         spec = timm_anysize.get_variant(name)
         try:
@@ -88,6 +88,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
             error = None
         except AnysizeError as e:  # registered unplanned (validate=False): its error is for `check`, not the listing
             plan, error = None, one_line(e)
+        weights = _weights(spec)
         rows.append(
             {
                 "name": name,
@@ -95,23 +96,18 @@ def _cmd_list(args: argparse.Namespace) -> int:
                 "origin": spec.origin,
                 "geometry": _geometry(plan.target) if plan else None,
                 "dynamic": plan.dynamic if plan else None,
-                "weights": _weights(spec),
+                "weights": weights,
                 "error": error,
             }
         )
+        invalid = f"invalid ({PROG} check {spec.origin})" if spec.origin else "invalid"
+        where = (
+            f"base tag ({spec.base})" if weights["source"] == "base" else f"{weights['source']} {weights['location']}"
+        )
+        table.append((name, spec.base, plan.target.compact() if plan else invalid, where))
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    table = []
-    for row, name in zip(rows, timm_anysize.list_variants()):
-        spec = timm_anysize.get_variant(name)
-        if row["error"] is None:
-            geometry = make_plan(spec).target.compact()
-        else:
-            geometry = f"invalid ({PROG} check {spec.origin})" if spec.origin else "invalid"
-        w = row["weights"]
-        where = f"base tag ({spec.base})" if w["source"] == "base" else f"{w['source']} {w['location']}"
-        table.append((name, spec.base, geometry, where))
     widths = [max(len(r[i]) for r in table + [("name", "base", "geometry", "weights")]) for i in range(3)]
     print(f"{'name':<{widths[0]}}  {'base':<{widths[1]}}  {'geometry':<{widths[2]}}  weights")
     for r in table:
