@@ -14,6 +14,7 @@ import pytest
 import timm_anysize
 from conftest import unique_name
 from timm_anysize.apps.cli import _COMMANDS, build_parser, main
+from timm_anysize.apps.digits import DEMO_CONFIG
 
 
 def test_list(capsys):
@@ -182,3 +183,14 @@ def test_list_shows_no_variant_it_was_not_asked_for(capsys):
     """The demo's digits variants only with the demo's YAML: `list` is what list_variants() is in this process."""
     assert main(["list", "--json"]) == 0
     assert [r["name"] for r in json.loads(capsys.readouterr().out)] == timm_anysize.list_variants()
+
+
+def test_an_unknown_name_says_how_to_register_ones_own_yaml(capsys):
+    assert main(["export", "mine_gray_48", "out"]) == 1
+    assert capsys.readouterr().err.endswith(
+        "(a variant of your own YAML: -c FILE.yaml, or list the file in $TIMM_ANYSIZE_CONFIGS)\n"
+    )
+    if "vit_digits_patch4_24" in timm_anysize.list_variants():
+        pytest.skip("this worker registered the demo's variants (another test did)")
+    assert main(["show", "vit_digits_patch4_24"]) == 1
+    assert capsys.readouterr().err.endswith(f"(the demo's digits variants: -c {DEMO_CONFIG})\n")

@@ -49,7 +49,7 @@ def _variant(name: str) -> VariantSpec:
     """A registered variant; an unknown name says how to register one's own YAML."""
     try:
         return timm_anysize.get_variant(name)
-    except KeyError as e:
+    except (KeyError, AnysizeError) as e:  # KeyError today; an AnysizeError subclass would say the same
         hint = f"a variant of your own YAML: -c FILE.yaml, or list the file in ${CONFIGS_ENV}"
         if name.startswith("vit_digits_"):
             hint = f"the demo's digits variants: -c {DEMO_CONFIG}"
