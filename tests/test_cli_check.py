@@ -66,3 +66,14 @@ def test_check_with_nothing_to_check_is_a_usage_error(monkeypatch, capsys):
         "timm-anysize check: error: name YAML files or variants to check (or list files in $TIMM_ANYSIZE_CONFIGS) "
         "(see timm-anysize check --help)\n"
     )
+
+
+def test_a_file_with_several_bad_variants_is_one_line_each(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "variants:\n  a_bad:\n    base: test_vit\n    img_sise: 3\n  b_bad:\n    base: test_vit\n    pad: 3\n"
+    )
+    assert main(["check", str(bad)]) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2 and lines[0].startswith(f"{bad}: a_bad.img_sise: unknown key; did you mean 'img_size'?")
+    assert lines[1].startswith(f"{bad}: b_bad.pad: ")

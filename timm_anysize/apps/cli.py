@@ -315,7 +315,10 @@ def _cmd_check(args: argparse.Namespace) -> int:
             specs = load_yaml_specs(target) if is_file else [_variant(target)]
         except AnysizeError as e:
             failed += 1
-            print(f"{one_line(e)}" + (f" (from ${CONFIGS_ENV})" if target in env else ""), file=sys.stderr)
+            lines = str(e).splitlines()  # one per variant with a problem, each naming the file; else one in all
+            lines = lines if all(line.startswith(f"{target}: ") for line in lines) else [one_line(e)]
+            suffix = f" (from ${CONFIGS_ENV})" if target in env else ""
+            print("\n".join(line + suffix for line in lines), file=sys.stderr)
             continue
         problems = _check_specs(specs)
         if problems:
