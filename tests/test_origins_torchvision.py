@@ -172,7 +172,7 @@ def tv_swin(v2: bool, seed: int = 0) -> SwinTransformer:
     )
 
 
-@pytest.mark.parametrize("v2", [False, True], ids=["swin", "swin_v2"])
+@pytest.mark.parametrize("v2", [False, True], ids=["swin", "swin_v2"])  # not family rows: torchvision's models
 def test_swin(tmp_path, v2):
     src = tv_swin(v2)
     path = tmp_path / "swin.safetensors"
