@@ -23,7 +23,14 @@ from safetensors import safe_open
 
 from timm_anysize.core.errors import WeightsError
 
-__all__ = ["LazySafetensors", "write_safetensors", "read_safetensors", "owned_aligned", "SAFETENSORS_DTYPES", "ALIGNMENT"]
+__all__ = [
+    "LazySafetensors",
+    "write_safetensors",
+    "read_safetensors",
+    "owned_aligned",
+    "SAFETENSORS_DTYPES",
+    "ALIGNMENT",
+]
 
 SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
     torch.float64: "F64",
