@@ -257,7 +257,7 @@ def iter_adapted(
     """
     spec, s, t = plan.spec, plan.source, plan.target
     source_desc = report.source
-    conversion = getattr(source_sd, "conversion", None)  # another library's layout (weights.SourceStateDict)
+    conversion = getattr(source_sd, "conversion", None)  # another library's layout (source_weights.SourceStateDict)
     out: list[tuple[str, torch.Tensor]] = []  # what record() made for the current key, yielded at once
     used: set[str] = set()
     missing, mismatched = [], []
