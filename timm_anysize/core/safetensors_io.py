@@ -96,8 +96,13 @@ class LazySafetensors(Mapping):
         try:
             with self.path.open("rb") as f:
                 (n,) = struct.unpack("<Q", f.read(8))
+                if n > os.fstat(f.fileno()).st_size - 8:
+                    raise ValueError(f"the header claims {n} bytes, more than the file holds")
                 header = json.loads(f.read(n))
-        except (OSError, ValueError, struct.error) as e:
+            # safetensors' own check of the header: every tensor's byte range inside the file, the data covered
+            with safe_open(str(self.path), framework="pt", device="cpu"):
+                pass
+        except Exception as e:  # OSError, ValueError, struct.error, safetensors' SafetensorError
             raise WeightsError(f"{self.path}: not a readable safetensors file ({e}); re-save it") from e
         self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
         self._entries: dict[str, dict] = header
