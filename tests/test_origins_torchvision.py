@@ -267,7 +267,8 @@ def test_unknown_layout_lists_the_closest(tmp_path):
 
     with pytest.raises(
         AdaptationError,
-        match=r"checkpoint layouts tried: timm, torchvision.vit.*closest other than "
+        match=r"checkpoint layouts tried: timm, dino.vit, mmpretrain.vit, mmpretrain.swin, torchvision.vit.*closest "
+        r"other than "
         r"timm: torchvision.vit",
     ):
         timm.create_model(variant(path, 32, patch_size=8), pretrained=True)
