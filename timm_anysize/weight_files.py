@@ -177,14 +177,15 @@ def read_npz_state_dict(path: Union[str, os.PathLike], build_source_model: Calla
     if not p.is_file():
         raise WeightsError(f"{p}: weight file not found (resolved to {p.resolve()}); check pretrained.file")
     model = build_source_model()
-    if not hasattr(model, "load_pretrained"):
+    load_pretrained = getattr(model, "load_pretrained", None)  # timm's npz reader, a method of the model class
+    if not callable(load_pretrained):
         raise WeightsError(f"{p}: {type(model).__name__} cannot read .npz weights; convert them to safetensors")
     with torch.no_grad():
         for t in model.state_dict().values():
             if t.is_floating_point():
                 t.fill_(math.nan)
     try:
-        model.load_pretrained(str(p))
+        load_pretrained(str(p))
     except Exception as e:  # timm raises KeyError/ValueError/zipfile errors on foreign layouts
         raise WeightsError(
             f"{p}: not a JAX/big_vision checkpoint that {type(model).__name__}.load_pretrained can read "
