@@ -20,7 +20,6 @@ from typing import Any, Mapping, NamedTuple, Optional
 
 import torch
 
-from timm_anysize.core.compat import COMPAT_PRESETS, compat_preset, compat_resample_pos_embed
 from timm_anysize.core.errors import WeightsError
 from timm_anysize.core.report import summarize_keys
 from timm_anysize.core.spec import SELECT, register_layout_names
@@ -40,9 +39,6 @@ __all__ = [
     "read_layout",
     "unwrap_checkpoint",
     "unwrap_state_dict",
-    "COMPAT_PRESETS",
-    "compat_preset",
-    "compat_resample_pos_embed",
     "config_geometry",
     "reads_transformers_config",
     "model_numerics",
