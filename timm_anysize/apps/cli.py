@@ -32,12 +32,12 @@ from timm_anysize.convert import convert_checkpoint
 from timm_anysize.core.errors import AnysizeError, one_line
 from timm_anysize.core.spec import VariantSpec, parse_variant
 from timm_anysize.hub import export, push_to_hub
-from timm_anysize.origins import config_geometry, detect_layout, unwrap_checkpoint
+from timm_anysize.origins import config_geometry, read_layout
 from timm_anysize.plan import Geometry, VariantPlan, format_bytes, make_plan, memory_budget
 from timm_anysize.preflight import weight_source_problems
 from timm_anysize.registry import CONFIGS_ENV, check_name, register_yaml
 from timm_anysize.schema import yaml_json_schema, yaml_reference_markdown
-from timm_anysize.weights import detect_format, read_checkpoint, transformers_config
+from timm_anysize.weight_files import detect_format, read_checkpoint, transformers_config
 from timm_anysize.yaml_config import load_yaml_specs
 
 __all__ = ["main", "build_parser"]
@@ -136,8 +136,7 @@ def _layout(spec: VariantSpec) -> Optional[dict[str, Any]]:
     file = spec.pretrained.file
     if file is None or not file.exists() or detect_format(file) == "npz":
         return None
-    state_dict, wrappers = unwrap_checkpoint(read_checkpoint(file), spec.pretrained.select, str(file))
-    conv = detect_layout(state_dict, spec.pretrained.layout, str(file))
+    _, wrappers, conv = read_layout(read_checkpoint(file), spec.pretrained.layout, spec.pretrained.select, str(file))
     return {
         "layout": conv.layout if conv else "timm",
         "unwrapped": list(wrappers),
@@ -253,9 +252,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         raise AnysizeError(f"--model-args: a JSON object of timm model arguments, got {args.model_args}")
     name = "convert_" + re.sub(r"[^a-z0-9_]", "_", file.stem.lower())  # what the adaptation's log lines say
     try:
-        state_dict, _ = unwrap_checkpoint(read_checkpoint(file), args.select, str(file))
-        conv = detect_layout(state_dict, args.layout, str(file))
-        sd = conv.state_dict if conv is not None else state_dict
+        sd = read_layout(read_checkpoint(file), args.layout, args.select, str(file)).state_dict
         head = sd.get("head.weight", sd.get("head.fc.weight"))
         stated = config_geometry(transformers_config(file))
         source: dict = {
@@ -271,7 +268,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
             if value:
                 source[key] = value
         geometry = {k: source[k] for k in ("img_size", "patch_size", "num_classes") if k in source}
-        del state_dict, sd, head, conv  # only shapes were read; the conversion streams the file tensor by tensor
+        del sd, head  # only shapes were read; the conversion streams the file tensor by tensor
         spec = parse_variant(
             name, dict(base=args.base, pretrained=source, dynamic=False, model_args=model_args, **geometry)
         )

@@ -23,7 +23,14 @@ from safetensors import safe_open
 
 from timm_anysize.core.errors import WeightsError
 
-__all__ = ["LazySafetensors", "write_safetensors", "read_safetensors", "owned_aligned", "SAFETENSORS_DTYPES", "ALIGNMENT"]
+__all__ = [
+    "LazySafetensors",
+    "write_safetensors",
+    "read_safetensors",
+    "owned_aligned",
+    "SAFETENSORS_DTYPES",
+    "ALIGNMENT",
+]
 
 SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
     torch.float64: "F64",
@@ -89,8 +96,13 @@ class LazySafetensors(Mapping):
         try:
             with self.path.open("rb") as f:
                 (n,) = struct.unpack("<Q", f.read(8))
+                if n > os.fstat(f.fileno()).st_size - 8:
+                    raise ValueError(f"the header claims {n} bytes, more than the file holds")
                 header = json.loads(f.read(n))
-        except (OSError, ValueError, struct.error) as e:
+            # safetensors' own check of the header: every tensor's byte range inside the file, the data covered
+            with safe_open(str(self.path), framework="pt", device="cpu"):
+                pass
+        except Exception as e:  # OSError, ValueError, struct.error, safetensors' SafetensorError
             raise WeightsError(f"{self.path}: not a readable safetensors file ({e}); re-save it") from e
         self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
         self._entries: dict[str, dict] = header
