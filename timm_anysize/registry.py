@@ -33,10 +33,11 @@ import torch.nn as nn
 from timm.models import generate_default_cfgs, register_model
 
 from timm_anysize import variants as _variants_module
-from timm_anysize.builder import build_variant, default_tag, spec_pretrained_cfg, variant_pretrained_cfg
+from timm_anysize.builder import build_variant
 from timm_anysize.core.errors import RegistrationError
 from timm_anysize.core.spec import VariantSpec, parse_variant
 from timm_anysize.plan import make_plan
+from timm_anysize.pretrained_cfg import default_tag, spec_pretrained_cfg, variant_pretrained_cfg
 from timm_anysize.yaml_config import load_yaml_specs
 
 __all__ = [
