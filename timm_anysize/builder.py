@@ -20,7 +20,7 @@ from typing import Any, Optional, Union
 import timm
 import torch
 import torch.nn as nn
-from timm.models import FeatureGraphNet, resolve_pretrained_cfg
+from timm.models import resolve_pretrained_cfg
 
 from timm_anysize.adapt import adapt_state_dict
 from timm_anysize.core.errors import WeightsError
@@ -29,6 +29,16 @@ from timm_anysize.core.meta import initialize_fresh, parameters_uninitialised
 from timm_anysize.core.report import AdaptationReport, summarize_keys
 from timm_anysize.core.spec import VariantSpec
 from timm_anysize.dynamic import enable_dynamic, guard_run_time_size
+from timm_anysize.features import (
+    PRUNED,
+    FeatureRequest,
+    fx_feature_model,
+    fx_out_indices,
+    inner_model,
+    model_key_map,
+    pruned_keys,
+    wrap_up,
+)
 from timm_anysize.flexi import apply_flexi
 from timm_anysize.plan import (
     VariantPlan,
@@ -68,8 +78,7 @@ def build_variant(
         The model; ``model.pretrained_cfg`` describes the variant, and ``timm_anysize.adaptation_report(model)``
         says how each tensor was obtained.
     """
-    features_only = kwargs.pop("features_only", False)
-    feature_cfg = {k: kwargs.pop(k) for k in ("out_indices", "feature_cls") if k in kwargs}
+    features = FeatureRequest.pop(kwargs)
     cfg_obj = resolve_pretrained_cfg(spec.name, pretrained_cfg, pretrained_cfg_overlay)
     # Read the fields directly: PretrainedCfg.to_dict() would deep-copy an in-memory state_dict.
     resolved = {f.name: getattr(cfg_obj, f.name) for f in dataclasses.fields(cfg_obj)}
@@ -79,29 +88,47 @@ def build_variant(
         check_build_memory(plan, kwargs.get("dtype"))
     # 2. The weights, read from their source and mapped to timm's names from their origin, checked against the plan.
     source = load_source_state_dict(plan, resolved, cache_dir) if pretrained else None
-    # 3. The model at the variant's geometry. To be loaded, its parameters are allocated but never written (no
-    #    init, never resident): 4. the weights adapted to it take their place one tensor at a time, in the model's
-    #    dtype and on its device; only the tensors the load does not cover (a new head, a declared init) are
-    #    initialised.
-    model_kwargs = {**plan.target_kwargs, **plan.dynamic_kwargs}
-    model = _create(plan.spec.base, model_kwargs, source is not None, plan.family)
+    # 3. The model at the variant's geometry, built once. To be loaded, its parameters are allocated but never
+    #    written (no init, never resident): 4. the weights adapted to it take their place one tensor at a time, in
+    #    the model's dtype and on its device; only the tensors the load does not cover (a new head, a declared init)
+    #    are initialised. features_only: timm builds it and wraps it (pruning what the features do not use) as for
+    #    its own models; the weights are loaded into the wrapper, under its names.
+    wrapped = features if features is not None and not features.fx else None  # timm wraps the model it builds
+    model_kwargs = (
+        features.model_kwargs(plan) if features is not None else {**plan.target_kwargs, **plan.dynamic_kwargs}
+    )
+    timm_kwargs = dict(features_only=True, **wrapped.timm_kwargs) if wrapped is not None else {}
+    model = _create(plan.spec.base, model_kwargs, source is not None, plan.family, timm_kwargs)
+    report = None
     if source is not None:
-        model._anysize_report = _load_adapted(model, plan, *source)
+        names = model_key_map(model, plan) if wrapped is not None else None
+        report = _load_adapted(model, plan, *source, names)
     weights = {k: resolved.get(k) for k in ("url", "file", "hf_hub_id", "hf_hub_filename")}
     cfg = variant_pretrained_cfg(plan, weights)
     cfg["tag"] = resolved.get("tag") or cfg["tag"]
+    # 5. Run-time features: any input size, a flexi patch size, timm's feature wrapper.
+    if wrapped is not None:  # the model the wrapper holds runs at any size where its family's features do
+        dynamic = wrapped.dynamic(plan)
+        if dynamic:
+            inner = inner_model(model)
+            _make_dynamic(plan, inner if inner is not None else model)
+        return wrap_up(model, cfg, report, dynamic)
+    if report is not None:
+        model._anysize_report = report
     model._anysize_plan = plan  # what export needs: base arch, model args, geometries
     model.pretrained_cfg = cfg
     model.default_cfg = cfg
-    # 5. Run-time features: any input size, a flexi patch size, timm's feature wrapper.
-    if plan.dynamic and not features_only:  # a feature model makes its own inner model dynamic
+    if plan.dynamic and features is None:  # the FX wrapper makes it dynamic after flexi, before tracing it
         _make_dynamic(plan, model)
-    elif not features_only:  # its own size only (a native family's model runs at any size, as timm's)
+    elif features is None:  # its own size only (a native family's model runs at any size, as timm's)
         first = plan.patch_key.removesuffix(".weight")
         guard_run_time_size(model, plan.family, plan.target.img_size, False, first, plan.family.dynamic != "native")
     apply_flexi(model, plan.spec)  # the YAML flexi key: a patch size drawn per training forward (timm_anysize.flexi)
-    if features_only:
-        model = _as_feature_model(plan.spec, plan, model, feature_cfg, cfg)
+    if features is not None:  # feature_cls='fx': timm's FX wrapper traced from the loaded (dynamic) model
+        out_indices = fx_out_indices(plan, features)
+        if plan.dynamic:
+            _make_dynamic(plan, model)
+        return fx_feature_model(plan, model, out_indices, cfg)
     return model
 
 
@@ -110,6 +137,7 @@ def _load_adapted(
     plan: VariantPlan,
     source_sd: dict[str, torch.Tensor],
     source_desc: str,
+    names: Optional[dict[str, str]] = None,
 ) -> AdaptationReport:
     """Adapt the source weights to the model's tensors (refusing non-finite ones) and load them, strictly.
 
@@ -117,21 +145,34 @@ def _load_adapted(
     and moved to its device one at a time (a no-op, keeping the checkpoint's memory-mapped storage, where both
     already match) and assigned in their place. The source dict is emptied once adapted, so a source a resampled
     tensor replaces is freed before the load. Tensors no checkpoint key covers are initialised last.
+
+    ``names``: ``model`` is timm's feature wrapper of the variant's model, whose key ``k`` is ``names[k]`` in the
+    variant's model (the weights are adapted under those); what the wrapper pruned is reported so, not read.
     """
-    _refuse_non_finite(source_sd, source_desc, {k for k, _ in model.named_buffers()})
-    target_sd = model.state_dict()
+    own = model.state_dict()
+    to_model = names if names is not None else {k: k for k in own}
+    to_own = {v: k for k, v in to_model.items()}
+    buffers = {to_model.get(k, k) for k, _ in model.named_buffers()}
+    pruned = pruned_keys(plan, set(to_own)) & source_sd.keys() if names is not None else set()
+    for key in pruned:
+        del source_sd[key]
+    _refuse_non_finite(source_sd, source_desc, buffers)
+    target_sd = {to_model[k]: v for k, v in own.items()}
+    del own
     state_dict, report = adapt_state_dict(source_sd, target_sd, plan, source_desc)
+    for key in sorted(pruned):
+        report.dropped[key] = PRUNED
     source_sd.clear()  # the adapted dict holds what is used; the rest (dropped keys, replaced sources) goes now
     fresh = report.by_action("initialized")  # the model's own (uninitialised) tensors: initialised below
     for key in list(state_dict):
         like, value = target_sd[key], state_dict.pop(key)
         if key not in fresh:  # an adapted tensor can be a strided view (a channel map): the model's are contiguous
             value = value.to(device=like.device, dtype=like.dtype).contiguous()
-        state_dict[key] = value
+        state_dict[to_own[key]] = value
     del target_sd
     model.load_state_dict(state_dict, strict=True, assign=True)
     del state_dict
-    initialize_fresh(model, fresh)
+    initialize_fresh(model, [to_own[k] for k in fresh])
     _logger.info(
         "%s: loaded from %s (%d copied, %d not copied)",
         plan.spec.name,
@@ -142,13 +183,16 @@ def _load_adapted(
     return report
 
 
-def _create(base: str, kwargs: dict[str, Any], for_load: bool, family: Family) -> nn.Module:
+def _create(
+    base: str, kwargs: dict[str, Any], for_load: bool, family: Family, timm_kwargs: Optional[dict[str, Any]] = None
+) -> nn.Module:
     """Build the target model; ``for_load``: with its parameters allocated but not initialised (never resident),
-    for an assigning load.
+    for an assigning load. ``timm_kwargs``: ``timm.create_model`` arguments that are not the model's
+    (``features_only``, ``out_indices``, ``feature_cls``).
 
     A family with its own ``build`` (MViTv2) builds it. Buffers are always real (computed by the constructor).
     """
-    create = partial(timm.create_model, base, pretrained=False)
+    create = partial(timm.create_model, base, pretrained=False, **(timm_kwargs or {}))
     context = parameters_uninitialised() if for_load else contextlib.nullcontext()
     with context:
         return family.create(create, kwargs)
@@ -188,96 +232,3 @@ def _make_dynamic(plan: VariantPlan, model: nn.Module) -> None:
         )
     # a size below the smallest its stem and strides take, or off its stem's blocks: the documented error, first
     guard_run_time_size(model, plan.family, plan.target.img_size, spec.pad, plan.patch_key.removesuffix(".weight"))
-
-
-def _feature_key_map(wrapper_keys: list[str], full_keys: list[str]) -> dict[str, str]:
-    """Wrapper key -> model key for timm's feature wrappers: ``model.`` (FeatureGetterNet) / ``body.``
-    (FeatureHookNet) prefixes, and FeatureListNet's flattened module names (``layers_0.blocks...`` for
-    ``layers.0.blocks...``)."""
-    flattened: dict[str, str] = {}
-    for key in full_keys:
-        parts = key.split(".")
-        for i in range(1, len(parts)):
-            flattened.setdefault("_".join(parts[:i]) + "." + ".".join(parts[i:]), key)
-    out = {}
-    for wk in wrapper_keys:
-        key = wk.split(".", 1)[1] if wk.startswith(("model.", "body.")) else wk
-        out[wk] = key if key in full_keys else flattened.get(key, "")
-    return out
-
-
-def _as_fx_feature_model(
-    plan: VariantPlan, model: nn.Module, timm_wrapper: nn.Module, cfg: dict[str, Any]
-) -> nn.Module:
-    """``feature_cls='fx'``: timm's FX feature wrapper traced from the adapted model itself (made dynamic first, so
-    the graph records the dynamic path); ``timm_wrapper`` (the family's default feature wrapper) gives the
-    indices."""
-    if plan.dynamic:
-        _make_dynamic(plan, model)
-    wrapper = FeatureGraphNet(
-        model, out_indices=tuple(timm_wrapper.feature_info.out_indices), output_fmt=getattr(model, "output_fmt", "NCHW")
-    )
-    report = getattr(model, "_anysize_report", None)
-    if report is not None:
-        kept = {k.split(".", 1)[1] for k in wrapper.state_dict()}
-        for key in model.state_dict().keys() - kept:
-            report.dropped[key] = "pruned by features_only"
-        wrapper._anysize_report = report
-    features_cfg = {k: v for k, v in cfg.items() if k not in ("num_classes", "classifier", "global_pool")}
-    features_cfg["fixed_input_size"] = not plan.dynamic
-    wrapper.pretrained_cfg = wrapper.default_cfg = features_cfg
-    return wrapper
-
-
-def _as_feature_model(
-    spec: VariantSpec, plan: VariantPlan, model: nn.Module, feature_cfg: dict[str, Any], cfg: dict[str, Any]
-) -> nn.Module:
-    """timm's feature wrapper (``features_only=True``) holding the adapted weights; built through create_model.
-
-    Every tensor of the wrapper is taken from the adapted model under the wrapper's naming; what the wrapper prunes
-    is recorded as dropped. Families whose feature path runs through timm-anysize's dynamic code stay dynamic;
-    the others take the variant's own size.
-    """
-    dynamic = plan.dynamic and plan.family.dynamic_features
-    kwargs = plan.family.dynamic_kwargs(dynamic, spec.pad) if dynamic else {}
-    create = partial(timm.create_model, spec.base, pretrained=False, features_only=True, **feature_cfg)
-    all_kwargs = {**plan.target_kwargs, **kwargs}
-    fx = feature_cfg.get("feature_cls") in ("fx", FeatureGraphNet)
-    if fx:  # timm would trace the model it builds; the graph must record the adapted, dynamic model instead
-        create = partial(
-            timm.create_model,
-            spec.base,
-            pretrained=False,
-            features_only=True,
-            **{k: v for k, v in feature_cfg.items() if k != "feature_cls"},
-        )
-    wrapper = plan.family.create(create, all_kwargs)
-    if fx:
-        return _as_fx_feature_model(plan, model, wrapper, cfg)
-    full, kept = model.state_dict(), wrapper.state_dict()
-    names = _feature_key_map(list(kept), list(full))
-    unmapped = [k for k, v in names.items() if not v or full[v].shape != kept[k].shape]
-    if unmapped:
-        raise WeightsError(
-            f"{spec.name}: features_only: cannot match the feature wrapper's {unmapped[:4]} to the "
-            f"model's tensors; create the full model and use forward_intermediates instead"
-        )
-    wrapper.load_state_dict({k: full[v] for k, v in names.items()}, strict=True)
-    report = getattr(model, "_anysize_report", None)
-    if report is not None:
-        for key in full.keys() - set(names.values()):
-            report.dropped[key] = "pruned by features_only"
-        wrapper._anysize_report = report
-    inner = getattr(wrapper, "model", None)
-    if inner is None and isinstance(getattr(wrapper, "body", None), nn.Module):  # FeatureHookNet(no_rewrite): PiT
-        inner = wrapper.body
-    if dynamic:
-        _make_dynamic(plan, inner if inner is not None else wrapper)
-    if inner is not None:
-        inner.pretrained_cfg = inner.default_cfg = cfg
-        inner._anysize_report = report
-    # As timm's pretrained_cfg_for_features: a feature model has no classifier.
-    features_cfg = {k: v for k, v in cfg.items() if k not in ("num_classes", "classifier", "global_pool")}
-    features_cfg["fixed_input_size"] = not dynamic
-    wrapper.pretrained_cfg = wrapper.default_cfg = features_cfg
-    return wrapper

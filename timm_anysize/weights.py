@@ -445,8 +445,11 @@ def _read_file(plan: Any, path: Union[str, os.PathLike]) -> StateDict:
         return state_dict
     if state_dict.keys() <= plan.source_shapes.keys() or getattr(state_dict, "conversion", None):
         return state_dict  # already timm's layout: nothing for the filter to rename
-    # timm's filters take the model the weights are for (they read its shapes): one at the source geometry, on meta.
-    source_model = build_meta(plan.spec, plan.source_kwargs, "source (pretrained)")
+    # timm's filters take the model the weights are for (they read its shapes): the plan's, at the source geometry, on
+    # meta (built when the plan was made).
+    source_model = plan.source_model
+    if source_model is None:
+        source_model = build_meta(plan.spec, plan.source_kwargs, "source (pretrained)")
     # timm's filter renames foreign layouts, but it also resamples (guessing square grids) when a shape differs
     # from the model's; hold the geometry tensors aside so only adapt_state_dict changes them, from known sizes.
     held = {k: state_dict.pop(k) for k in (*plan.resamples, *plan.patch_keys) if k in state_dict}
