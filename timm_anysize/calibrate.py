@@ -39,8 +39,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from tqdm.auto import tqdm
 
+from timm_anysize.builder import stats_for_channels
 from timm_anysize.core.errors import AnysizeError
 from timm_anysize.core.meta import initialize_fresh, parameters_uninitialised
 from timm_anysize.flexi import patch_size as flexi_patch_size
@@ -184,7 +186,8 @@ class _Render:
 
 
 def default_channel_map(x: torch.Tensor, in_chans: int) -> torch.Tensor:
-    """An image's channels as a model with ``in_chans`` expects them, by the rule the adapted stem assumes: gray
+    """An image's channels as a model with ``in_chans`` expects them, by the rule the adapted stem assumes (and
+    :func:`~timm_anysize.builder.stats_for_channels` for the mean and std): gray
     repeated to RGB, RGB averaged to gray, extra channels repeating the first ones (timm's ``adapt_input_conv``
     repeats the RGB kernel cyclically), fewer channels the first ones.
 
@@ -204,30 +207,27 @@ def default_channel_map(x: torch.Tensor, in_chans: int) -> torch.Tensor:
     return x[:, :in_chans]
 
 
-def _stats(values: Sequence[float], in_chans: int) -> tuple[float, ...]:
-    """Per-channel stats for ``in_chans`` channels, by the same rule as :func:`default_channel_map`."""
-    values = tuple(float(v) for v in values)
-    if len(values) == in_chans:
-        return values
-    if in_chans == 1:
-        return (sum(values) / len(values),)
-    return tuple(values[i % len(values)] for i in range(in_chans))
-
-
 def _render_of(model: nn.Module, img_size: Optional[tuple[int, int]] = None) -> _Render:
     cfg = timm.data.resolve_data_config(model=model)
     c, h, w = cfg["input_size"]
-    return _Render(img_size or (h, w), c, _stats(cfg["mean"], c), _stats(cfg["std"], c), cfg["interpolation"])
+    return _Render(
+        img_size or (h, w),
+        c,
+        stats_for_channels(cfg["mean"], c),
+        stats_for_channels(cfg["std"], c),
+        cfg["interpolation"],
+    )
 
 
 def _teacher_render(model: nn.Module, teacher: nn.Module, plan: Any, user_teacher: bool) -> _Render:
     if user_teacher:
         return _render_of(teacher)
-    # The source's data config: the variant's normalisation (what its weights were trained with), at the source's
-    # size and channels, with its interpolation.
+    # The source's data config: the normalisation its weights expect (the variant's `data:` stats, else the base's,
+    # at the source's channel count, as the variant's own cfg derives them), its size, the variant's interpolation.
     student = _render_of(model)
-    c = plan.source.in_chans
-    mean, std = _stats(student.mean, c), _stats(student.std, c)
+    c, data, base = plan.source.in_chans, plan.spec.data, plan.base_cfg
+    mean = stats_for_channels(data.mean or base.get("mean", IMAGENET_DEFAULT_MEAN), c)
+    std = stats_for_channels(data.std or base.get("std", IMAGENET_DEFAULT_STD), c)
     return _Render(tuple(plan.source.img_size), c, mean, std, student.interpolation)
 
 
@@ -257,7 +257,9 @@ def _as_images(images: ImagesArg, size: tuple[int, int]) -> torch.Tensor:
     if isinstance(images, (str, os.PathLike)):
         folder = Path(images)
         if not folder.is_dir():
-            raise CalibrationError(f"{folder}: not a folder of images; pass a folder, a tensor or an iterable of batches")
+            raise CalibrationError(
+                f"{folder}: not a folder of images; pass a folder, a tensor or an iterable of batches"
+            )
         return _folder_images(folder, size)
     if isinstance(images, torch.Tensor):
         batches: list[torch.Tensor] = [images]
@@ -266,7 +268,9 @@ def _as_images(images: ImagesArg, size: tuple[int, int]) -> torch.Tensor:
         for batch in images:
             x = batch[0] if isinstance(batch, (tuple, list)) else batch
             if not isinstance(x, torch.Tensor):
-                raise CalibrationError(f"an image batch is a {type(x).__name__}; batches are float tensors [B, C, H, W]")
+                raise CalibrationError(
+                    f"an image batch is a {type(x).__name__}; batches are float tensors [B, C, H, W]"
+                )
             batches.append(x)
     for x in batches:
         if x.dim() != 4 or not x.is_floating_point():
@@ -458,7 +462,9 @@ def calibrate(
     channel_map = channel_map or default_channel_map
     own = _render_of(model)
     sizes = [own.img_size] if not img_sizes else [_pair(s, "img_sizes") for s in img_sizes]
-    patches: list[Optional[tuple[int, int]]] = [None] if not patch_sizes else [_pair(p, "patch_sizes") for p in patch_sizes]
+    patches: list[Optional[tuple[int, int]]] = (
+        [None] if not patch_sizes else [_pair(p, "patch_sizes") for p in patch_sizes]
+    )
     geometries = [(s, p) for s in sizes for p in patches]
     labels = [_describe(s, p) for s, p in geometries]
     teacher_render = _teacher_render(model, teacher, plan, user_teacher)
