@@ -42,11 +42,12 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from tqdm.auto import tqdm
 
-from timm_anysize.builder import stats_for_channels
 from timm_anysize.core.errors import AnysizeError
 from timm_anysize.core.meta import initialize_fresh, parameters_uninitialised
 from timm_anysize.flexi import patch_size as flexi_patch_size
-from timm_anysize.weights import load_source_state_dict
+from timm_anysize.plan import source_read
+from timm_anysize.pretrained_cfg import stats_for_channels
+from timm_anysize.source_weights import load_source_state_dict
 
 __all__ = ["calibrate", "CalibrationReport", "CalibrationError", "build_teacher", "geometry_bound_parameters"]
 
@@ -141,7 +142,7 @@ def build_teacher(model: nn.Module) -> nn.Module:
         ((16, 16), False)
     """
     plan = _plan_of(model)
-    source_sd, _ = load_source_state_dict(plan, _weights_cfg(model))
+    source_sd, _ = load_source_state_dict(source_read(plan), _weights_cfg(model))
     with parameters_uninitialised():
         teacher = plan.family.create(partial(timm.create_model, plan.spec.base, pretrained=False), plan.source_kwargs)
     own = set(teacher.state_dict())
@@ -187,7 +188,7 @@ class _Render:
 
 def default_channel_map(x: torch.Tensor, in_chans: int) -> torch.Tensor:
     """An image's channels as a model with ``in_chans`` expects them, by the rule the adapted stem assumes (and
-    :func:`~timm_anysize.builder.stats_for_channels` for the mean and std): gray
+    :func:`~timm_anysize.pretrained_cfg.stats_for_channels` for the mean and std): gray
     repeated to RGB, RGB averaged to gray, extra channels repeating the first ones (timm's ``adapt_input_conv``
     repeats the RGB kernel cyclically), fewer channels the first ones.
 

@@ -16,7 +16,7 @@ from PIL import Image
 import timm_anysize
 from conftest import save_checkpoint, unique_name
 from timm_anysize.apps.digits import load_digits_split, register_demo_variants
-from timm_anysize.calibrate import (
+from timm_anysize.calibration import (
     CalibrationError,
     build_teacher,
     calibrate,
