@@ -4,6 +4,7 @@ and never leaves a half-applied step."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 
@@ -12,6 +13,7 @@ import pytest
 import timm
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 import timm_anysize
 from conftest import save_checkpoint, unique_name
@@ -193,3 +195,30 @@ def test_the_default_channel_map_is_the_adapted_stems_rule():
     assert torch.equal(default_channel_map(x, 4), torch.cat([x, x[:, :1]], 1))
     assert torch.equal(default_channel_map(x, 1), x.mean(1, keepdim=True))
     assert torch.equal(default_channel_map(x[:, :1], 3), x[:, :1].expand(-1, 3, -1, -1))
+
+
+def test_the_command_line_writes_weights_that_load_back_as_the_variant(trained_vit, tmp_path, capsys):
+    from timm_anysize.apps.cli import main
+
+    path, _ = trained_vit
+    name = _variant(path, img_size=48, patch_size=8)
+    gen = np.random.default_rng(0)
+    (tmp_path / "imgs" / "a").mkdir(parents=True)
+    for i in range(16):
+        Image.fromarray(gen.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(tmp_path / "imgs" / "a" / f"{i}.png")
+    out = tmp_path / "calibrated.safetensors"
+    argv = ["calibrate", name, "--images", str(tmp_path / "imgs"), "--steps", "2", "--batch-size", "4", "-q"]
+    assert main([*argv, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    side = tmp_path / "calibrated.calibration.json"
+    assert out.is_file() and side.is_file() and str(tmp_path) not in side.read_text()
+    line = next(x for x in printed.splitlines() if x.strip().startswith("pretrained:"))
+    pretrained = json.loads(line.split("pretrained:", 1)[1])
+    pretrained["file"] = str(out)
+    again = timm_anysize.register_variant(
+        unique_name("cal"), base="test_vit", img_size=48, patch_size=8, num_classes=10, pretrained=pretrained
+    )
+    loaded = timm.create_model(again, pretrained=True).eval()
+    assert timm_anysize.adaptation_report(loaded).non_copied() == []
+    calibrated = load_file(out)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in calibrated.items())

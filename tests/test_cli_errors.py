@@ -51,6 +51,11 @@ BAD_INPUT = {
         2,
         "timm-anysize train-digits-base: error: argument --epochs: a positive integer, got 'x'",
     ),
+    "calibrate": (
+        ["calibrate", "nosuch_variant", "--images", "{tmp}", "--out", "{tmp}/w.safetensors"],
+        1,
+        "timm-anysize calibrate: error: 'nosuch_variant' is not a timm-anysize variant",
+    ),
     "export": (
         ["export", "nosuch_variant", "{tmp}/out"],
         1,

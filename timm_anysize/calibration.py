@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import signal
@@ -44,12 +45,20 @@ from tqdm.auto import tqdm
 
 from timm_anysize.core.errors import AnysizeError
 from timm_anysize.core.meta import initialize_fresh, parameters_uninitialised
+from timm_anysize.core.safetensors_io import write_safetensors
 from timm_anysize.flexi import patch_size as flexi_patch_size
 from timm_anysize.plan import source_read
 from timm_anysize.pretrained_cfg import stats_for_channels
 from timm_anysize.source_weights import load_source_state_dict
 
-__all__ = ["calibrate", "CalibrationReport", "CalibrationError", "build_teacher", "geometry_bound_parameters"]
+__all__ = [
+    "calibrate",
+    "CalibrationReport",
+    "CalibrationError",
+    "build_teacher",
+    "geometry_bound_parameters",
+    "save_calibrated",
+]
 
 ImagesArg = Union[torch.Tensor, str, os.PathLike, Iterable[Any]]
 ChannelMap = Callable[[torch.Tensor, int], torch.Tensor]
@@ -590,3 +599,47 @@ def _pair(v: Union[int, Sequence[int]], what: str) -> tuple[int, int]:
 
 def _progress(total: int, desc: str, enabled: bool) -> Any:
     return tqdm(total=total, desc=f"calibrate {desc}", disable=not enabled, leave=False)
+
+
+def save_calibrated(model: nn.Module, report: CalibrationReport, out: Union[str, os.PathLike]) -> Path:
+    """Write a calibrated variant's weights to ``out`` (safetensors, atomically) and the report beside them
+    (``<out>.calibration.json``, no local paths in either).
+
+    The file holds the weights at the variant's geometry: a variant whose ``pretrained`` names it with that geometry
+    (``file``, ``img_size``, ``patch_size``, ``in_chans``, ``num_classes`` of the variant) loads it with every tensor
+    copied. Its metadata names the variant and the geometry.
+
+    Returns:
+        The weight file.
+
+    Example:
+        >>> import tempfile, timm, torch, timm_anysize
+        >>> from safetensors.torch import save_file
+        >>> d = tempfile.mkdtemp()
+        >>> save_file(timm.create_model("test_vit").state_dict(), d + "/w.safetensors")
+        >>> name = timm_anysize.register_variant("calib_doc_save", base="test_vit", img_size=48,
+        ...                                      pretrained={"file": d + "/w.safetensors"})
+        >>> model = timm.create_model(name, pretrained=True)
+        >>> report = calibrate(model, torch.rand(40, 3, 48, 48), steps=1, batch_size=4, progress=False)
+        >>> save_calibrated(model, report, d + "/calibrated.safetensors").name
+        'calibrated.safetensors'
+    """
+    plan = _plan_of(model)
+    path = Path(out)
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    t = plan.target
+    geometry = {"img_size": list(t.img_size), "in_chans": t.in_chans, "num_classes": t.num_classes}
+    if t.patch_size is not None:
+        geometry["patch_size"] = list(t.patch_size)
+    metadata = {
+        "format": "pt",
+        "timm_anysize.variant": plan.spec.name,
+        "timm_anysize.geometry": json.dumps(geometry),
+        "timm_anysize.calibration": json.dumps({k: getattr(report, k) for k in ("teacher", "steps", "images")}),
+    }
+    write_safetensors(path, [(k, v.dtype, tuple(v.shape)) for k, v in sd.items()], iter(sd.items()), metadata)
+    side = path.with_name(path.name.removesuffix(".safetensors") + ".calibration.json")
+    tmp = side.with_name(f".{side.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps({**report.to_dict(), "geometry": geometry}, indent=2))
+    os.replace(tmp, side)
+    return path

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, NoReturn, Optional, Sequence
 
+import timm
 import torch
 import yaml
 
@@ -28,6 +29,7 @@ from timm_anysize.apps.digits import DEMO_CONFIG, train_digits_base
 from timm_anysize.apps.docs import families_markdown
 from timm_anysize.apps.launcher import run_script, script_path
 from timm_anysize.apps.survey import run_survey
+from timm_anysize.calibration import calibrate, save_calibrated
 from timm_anysize.convert import convert_checkpoint
 from timm_anysize.core.errors import AnysizeError, one_line
 from timm_anysize.core.spec import VariantSpec, parse_variant
@@ -339,6 +341,40 @@ def _cmd_train_digits_base(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    spec = _variant(args.name)
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise AnysizeError(
+            f"--out {args.out}: the calibrated weights are written as safetensors; end it in .safetensors"
+        )
+    images = Path(args.images)
+    if not images.is_dir():
+        raise AnysizeError(f"--images {args.images}: no such folder; pass a folder of image files (any nesting)")
+    model = timm.create_model(spec.name, pretrained=True)
+    report = calibrate(
+        model,
+        images,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        patch_sizes=args.patch_sizes,
+        img_sizes=args.img_sizes,
+        trainable=args.trainable,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    save_calibrated(model, report, out)
+    print(report.summary())
+    t = make_plan(spec).target
+    pretrained = {"file": out.name, "img_size": list(t.img_size), "in_chans": t.in_chans, "num_classes": t.num_classes}
+    if t.patch_size is not None:
+        pretrained["patch_size"] = list(t.patch_size)
+    print(f"wrote {out} and its report; to load it, give the variant (beside the file):")
+    print(f"  pretrained: {json.dumps(pretrained)}")
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     _variant(args.name)
     metrics = metrics_from_demo(args.demo_results, args.name)
@@ -487,6 +523,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="configs/weights/vit_digits_patch4_32.safetensors", help="the weight file to write")
     p.add_argument("--epochs", type=_positive, default=40, help="training epochs")
     p.add_argument("--seed", type=int, default=0, help="the random seed")
+    p = command(
+        "calibrate",
+        "distil a variant's source model into it from unlabelled images (no labels needed) and write the weights",
+        config=True,
+    )
+    p.add_argument("name", help="a registered variant name")
+    p.add_argument("--images", required=True, help="a folder of image files, any nesting (labels are not read)")
+    p.add_argument("--out", required=True, help="the calibrated weights to write, FILE.safetensors (report beside it)")
+    p.add_argument("--steps", type=_positive, default=300, help="optimiser steps")
+    p.add_argument("--batch-size", type=_positive, default=64, help="images per step")
+    p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (AdamW, cosine schedule)")
+    p.add_argument("--patch-sizes", type=_positive, nargs="+", help="run-time patch sizes to calibrate for")
+    p.add_argument("--img-sizes", type=_positive, nargs="+", help="input sizes to calibrate for")
+    p.add_argument("--trainable", choices=("all", "geometry"), default="all", help="which parameters learn")
+    p.add_argument("--seed", type=int, default=0, help="the seed of the batch and geometry draws")
     p = command("export", "write a Hub-style folder (config.json, model.safetensors, README.md)", config=True)
     p.add_argument("name", help="a registered variant name")
     p.add_argument("out_dir", metavar="OUT_DIR", help="the folder to write (it must not exist, or be empty)")
@@ -539,6 +590,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "check": _cmd_check,
     "demo": _cmd_demo,
     "train-digits-base": _cmd_train_digits_base,
+    "calibrate": _cmd_calibrate,
     "export": _cmd_export,
     "push": _cmd_push,
     "run": _cmd_run,
