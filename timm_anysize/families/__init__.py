@@ -20,7 +20,8 @@ from typing import Optional
 
 import torch.nn as nn
 
-from timm_anysize.core.family import GEOMETRY_CHANGES, Family, classify_changes, tensor_layouts
+from timm_anysize.core.family import GEOMETRY_CHANGES, Family, tensor_layouts
+from timm_anysize.core.geometry import classify_changes
 from timm_anysize.families.generic import generic_family
 
 __all__ = [
