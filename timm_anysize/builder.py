@@ -25,20 +25,16 @@ from timm.models import FeatureGraphNet, resolve_pretrained_cfg
 from timm_anysize.adapt import adapt_state_dict
 from timm_anysize.core.errors import WeightsError
 from timm_anysize.core.family import Family
+from timm_anysize.core.geometry import Geometry
+from timm_anysize.core.memory import check_build_memory
 from timm_anysize.core.meta import initialize_fresh, parameters_uninitialised
 from timm_anysize.core.report import AdaptationReport, summarize_keys
 from timm_anysize.core.spec import VariantSpec
+from timm_anysize.core.variant_plan import VariantPlan
 from timm_anysize.dynamic import enable_dynamic, guard_run_time_size
 from timm_anysize.flexi import apply_flexi
-from timm_anysize.plan import (
-    Geometry,
-    VariantPlan,
-    check_build_memory,
-    make_plan,
-    patch_from_model,
-    resolve_base_cfg,
-    spec_target,
-)
+from timm_anysize.plan import make_plan
+from timm_anysize.timm_geometry import patch_from_model, resolve_base_cfg, spec_target
 from timm_anysize.weights import load_source_state_dict
 
 __all__ = ["build_variant", "variant_pretrained_cfg", "spec_pretrained_cfg", "stats_for_channels", "default_tag"]

@@ -24,7 +24,8 @@ from timm_anysize.core.meta import build_meta
 from timm_anysize.core.report import AdaptationReport
 from timm_anysize.core.safetensors_io import LazySafetensors, write_safetensors
 from timm_anysize.core.spec import VariantSpec
-from timm_anysize.plan import VariantPlan, make_plan
+from timm_anysize.core.variant_plan import VariantPlan
+from timm_anysize.plan import make_plan
 from timm_anysize.weights import detect_format, load_source_state_dict
 
 __all__ = ["convert_checkpoint"]

@@ -279,7 +279,7 @@ def read_source_state_dict(path: Union[str, os.PathLike], plan: Any) -> StateDic
 
     Args:
         path: Weight file, or a transformers ``save_pretrained`` folder.
-        plan: The variant's :class:`~timm_anysize.plan.VariantPlan`.
+        plan: The variant's :class:`~timm_anysize.core.variant_plan.VariantPlan`.
 
     Returns:
         A :class:`SourceStateDict`; its ``conversion`` says where each tensor came from.
@@ -462,7 +462,7 @@ def load_source_state_dict(
     """Fetch and read the source weights named by a resolved pretrained cfg: state_dict > file > Hub > url.
 
     Args:
-        plan: The variant's :class:`~timm_anysize.plan.VariantPlan`, made for these weights (its ``config``).
+        plan: The variant's :class:`~timm_anysize.core.variant_plan.VariantPlan`, made for these weights (its ``config``).
         cfg: The resolved pretrained cfg's fields (``state_dict``, ``file``, ``hf_hub_id``, ``hf_hub_filename``,
             ``url``).
         cache_dir: Cache folder for Hub and URL downloads.

@@ -24,10 +24,11 @@ from timm_anysize.apps.launcher import run_script
 from timm_anysize.apps.survey import run_survey
 from timm_anysize.convert import convert_checkpoint
 from timm_anysize.core.errors import AnysizeError
+from timm_anysize.core.memory import format_bytes, memory_budget
 from timm_anysize.core.spec import parse_variant
 from timm_anysize.hub import export, push_to_hub
 from timm_anysize.origins import config_geometry, detect_layout, unwrap_checkpoint
-from timm_anysize.plan import format_bytes, make_plan, memory_budget
+from timm_anysize.plan import make_plan
 from timm_anysize.registry import check_name
 from timm_anysize.schema import yaml_json_schema, yaml_reference_markdown
 from timm_anysize.weights import detect_format, read_checkpoint, transformers_config

@@ -384,6 +384,9 @@ def check_geometry_memory(
     """Reject a geometry whose estimate (:func:`estimate_cost`) exceeds the budget (:func:`memory_budget`) even in
     half precision, before anything is allocated, naming what makes it large and the nearest geometry that fits.
 
+    The plan does not know the dtype the model will be built in: a geometry that fits in bfloat16 (a 7B ViT on a
+    24 GB machine) is accepted here, and :func:`check_build_memory` refuses the build in a dtype that does not fit.
+
     Args:
         spec: The variant (named in the error).
         model: The variant's model at ``geometry``, on the meta device.
@@ -396,9 +399,6 @@ def check_geometry_memory(
 
     Raises:
         SpecError: The geometry does not fit the budget in bfloat16 either.
-
-    The plan does not know the dtype the model will be built in: a geometry that fits in bfloat16 (a 7B ViT on a
-    24 GB machine) is accepted here, and :func:`check_build_memory` refuses the build in a dtype that does not fit.
 
     Example:
         >>> import timm
