@@ -82,6 +82,20 @@ def check_requested(
 
     Raises:
         SpecError: The family cannot take a change, its stages the size, or it cannot run at any size.
+
+    Example:
+        >>> import timm
+        >>> from timm_anysize.core.meta import meta_device
+        >>> from timm_anysize.core.spec import parse_variant
+        >>> from timm_anysize.families import family_of
+        >>> from timm_anysize.timm_geometry import geometry_of
+        >>> with meta_device():
+        ...     model = timm.create_model("mixer_s16_224")
+        >>> mixer, spec = family_of(model), parse_variant("v", {"base": "mixer_s16_224", "img_size": 64})
+        >>> check_requested(spec, mixer, geometry_of(model, mixer), model, {"img_size": 64})  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        timm_anysize.core.errors.SpecError: <dict>: v: the mlp_mixer family cannot take img_larger: its token-mixing...
     """
     refuse_unsupported(spec, family, _requested_changes(spec, source, target_kwargs))
     check_size_multiples(spec, family, source_model, target_kwargs.get("img_size"))
@@ -103,7 +117,21 @@ def check_size_multiples(
     spec: VariantSpec, family: Family, model: nn.Module, img_size: Union[int, Sequence[int], None]
 ) -> None:
     """Reject an img_size whose branches/stages cannot run at it (``Family.size_multiples``), naming the
-    constraint and the nearest sizes that work."""
+    constraint and the nearest sizes that work.
+
+    Example:
+        >>> import timm
+        >>> from timm_anysize.core.meta import meta_device
+        >>> from timm_anysize.core.spec import parse_variant
+        >>> from timm_anysize.families import family_of
+        >>> with meta_device():
+        ...     model = timm.create_model("tnt_s_patch16_224", img_size=64)
+        >>> check_size_multiples(parse_variant("v", {"base": "tnt_s_patch16_224"}), family_of(model), model, (70, 64))
+        Traceback (most recent call last):
+        ...
+        timm_anysize.core.errors.SpecError: <dict>: v.img_size: tnt cannot run at [70, 64]: the pixel embedding gets \
+[70, 64] px, and its height 70 is not a multiple of its patch 16; nearest heights that work: 64 or 80
+    """
     if family.size_multiples is None or img_size is None:
         return
     size: Size2 = (img_size, img_size) if isinstance(img_size, int) else (img_size[0], img_size[1])
@@ -286,7 +314,26 @@ def check_runs_at_own_size(
     timm's error and the nearest sizes that run. ``dynamic: false`` checks the model it builds (the family's static
     arguments); a dynamic variant, the model at its own size (an image too small for the stem and strides). Not
     refused where the meta device cannot tell (an op without a meta kernel, or a forward that fails at the weights'
-    own size too)."""
+    own size too).
+
+    Example:
+        >>> import timm
+        >>> from timm_anysize.core.meta import meta_device
+        >>> from timm_anysize.core.spec import parse_variant
+        >>> from timm_anysize.families import family_of
+        >>> from timm_anysize.timm_geometry import geometry_of
+        >>> with meta_device():
+        ...     source, target = timm.create_model("test_vit"), timm.create_model("test_vit", img_size=8)
+        >>> vit = family_of(source)
+        >>> spec = parse_variant("v", {"base": "test_vit", "img_size": 8, "dynamic": False})
+        >>> check_runs_at_own_size(
+        ...     spec, vit, (source, geometry_of(source, vit)), (target, geometry_of(target, vit)), {"img_size": 8}, False
+        ... )  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        timm_anysize.core.errors.SpecError: <dict>: v.img_size: dynamic: false builds timm's own vit model at [8, 8], \
+which cannot run it: ...; nearest sizes that run: [16, 16], [32, 32]; or leave dynamic on
+    """
     (source_model, source_geo), (target_model, target_geo) = source, target
     model = _dynamic_meta_model(spec, family, kwargs) if dynamic else _static_model(spec, family, target_model, kwargs)
     source_sd = source_model.state_dict()
