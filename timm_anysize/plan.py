@@ -5,9 +5,10 @@ read) -- and the cache of the plans of specs without call-time overrides.
 The first step of loading a variant (:func:`timm_anysize.builder.build_variant`): the
 :class:`~timm_anysize.core.variant_plan.VariantPlan` is everything the later steps need -- the geometries, the kwargs
 of both models, the layout of every geometry-dependent tensor, what the model costs, and the transformers
-``config.json`` that speaks for the weights (read once here, by :func:`timm_anysize.weights.source_config`, and
-carried on to the weights' read). Reading geometry off timm lives in :mod:`timm_anysize.timm_geometry`, the checks
-in :mod:`timm_anysize.validation`, the memory model in :mod:`timm_anysize.core.memory`.
+``config.json`` that speaks for the weights (read once here, by :func:`timm_anysize.source_weights.source_config`,
+and carried on to the weights' read: :func:`source_read`). Reading geometry off timm lives in
+:mod:`timm_anysize.timm_geometry`, the checks in :mod:`timm_anysize.validation`, the memory model in
+:mod:`timm_anysize.core.memory`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from timm_anysize.core.meta import build_meta
 from timm_anysize.core.spec import VariantSpec
 from timm_anysize.core.variant_plan import VariantPlan
 from timm_anysize.families import family_of, generic_family
-from timm_anysize.origins import model_numerics
+from timm_anysize.origins import ConversionCheck, model_numerics
+from timm_anysize.source_weights import SourceRead, source_config
 from timm_anysize.timm_geometry import (
     geometry_of,
     resolve_base_cfg,
@@ -40,9 +42,8 @@ from timm_anysize.validation import (
     check_target,
     refuse_geometry_bound,
 )
-from timm_anysize.weights import source_config
 
-__all__ = ["make_plan"]
+__all__ = ["make_plan", "source_read"]
 
 
 def _geometry_kwargs(img_size: Any, patch_size: Any, in_chans: Any, num_classes: Any) -> dict[str, Any]:
@@ -96,6 +97,41 @@ def make_plan(
             plan = _default_plans[key] = _make_plan(spec, {}, config)
         return plan
     return _make_plan(spec, dict(overrides), config)
+
+
+def source_read(plan: VariantPlan) -> SourceRead:
+    """What the weights' read needs of a plan (:func:`timm_anysize.source_weights.load_source_state_dict`).
+
+    Example:
+        >>> from timm_anysize.core.spec import parse_variant
+        >>> source_read(make_plan(parse_variant("v", {"base": "test_vit", "img_size": 64}))).check.img_size
+        (160, 160)
+    """
+    spec, s = plan.spec, plan.source
+    check = ConversionCheck(
+        variant=spec.where,
+        arch=spec.arch,
+        family=plan.family.name,
+        source_kwargs=plan.source_kwargs,
+        target_kwargs=plan.target_kwargs,
+        source_numerics=plan.source_numerics,
+        img_size=s.img_size,
+        patch_size=s.patch_size,
+        in_chans=s.in_chans,
+        num_classes=s.num_classes,
+        target_num_classes=plan.target.num_classes,
+        config=plan.config,
+    )
+    return SourceRead(
+        pretrained=spec.pretrained,
+        base=spec.base,
+        source_kwargs=plan.source_kwargs,
+        source_shapes=plan.source_shapes,
+        held_keys=(*plan.resamples, *plan.patch_keys),
+        checkpoint_filter=plan.family.checkpoint_filter,
+        source_model=lambda: build_meta(spec, plan.source_kwargs, "source (pretrained)"),
+        check=check,
+    )
 
 
 def _call_error(spec: VariantSpec, overrides: dict[str, Any], err: SpecError) -> Exception:
