@@ -17,10 +17,19 @@ from script_fx import family as family_row
 import timm_anysize
 from conftest import unique_name
 from timm_anysize.apps.cli import main as cli_main
+from timm_anysize.core import memory as core_memory
+from timm_anysize.core.memory import (
+    cgroup_memory_limit,
+    estimate_cost,
+    format_bytes,
+    memory_budget,
+    physical_memory,
+)
 from timm_anysize.core.meta import meta_device
 from timm_anysize.core.spec import parse_variant
 from timm_anysize.families import generic_family
-from timm_anysize.plan import estimate_cost, format_bytes, geometry_of, make_plan, memory_budget, physical_memory
+from timm_anysize.plan import make_plan
+from timm_anysize.timm_geometry import geometry_of
 
 TINY_BEIT = dict(base="beit_base_patch16_224", model_args={"depth": 2, "embed_dim": 64, "num_heads": 2})
 
@@ -116,10 +125,51 @@ def test_a_model_without_attention_costs_its_tensors_only():
 
 def test_the_default_budget_is_three_quarters_of_the_machine(monkeypatch):
     monkeypatch.delenv("TIMM_ANYSIZE_MAX_BYTES", raising=False)
-    budget, where = memory_budget()
+    budget, where = memory_budget(cgroup_files=())  # outside any container
     total = physical_memory()
     assert total is None or budget == int(total * 0.75)
     assert "TIMM_ANYSIZE_MAX_BYTES" in where
+
+
+@pytest.mark.parametrize("version", ["memory.max", "memory.limit_in_bytes"])
+def test_a_container_limit_below_the_machine_is_the_budget(monkeypatch, tmp_path, version):
+    """In a container the machine's memory is not what the process may use: the cgroup's limit (v2 or v1) is."""
+    monkeypatch.delenv("TIMM_ANYSIZE_MAX_BYTES", raising=False)
+    limit = tmp_path / version
+    limit.write_text(f"{2**30}\n")
+    assert cgroup_memory_limit([tmp_path / "absent", limit]) == 2**30  # the first file that exists says
+    budget, where = memory_budget(cgroup_files=[limit])
+    assert budget == int(2**30 * 0.75)
+    assert where == "75% of this container's 1.0 GiB memory limit (cgroup); TIMM_ANYSIZE_MAX_BYTES sets it"
+
+
+@pytest.mark.parametrize("no_limit", ["max", "9223372036854771712", str(2**50)])
+def test_no_container_limit_or_one_above_the_machine_leaves_the_machine(monkeypatch, tmp_path, no_limit):
+    """cgroup v2 says ``max``, v1 a huge number when there is no limit; a limit above the machine's memory is none."""
+    monkeypatch.delenv("TIMM_ANYSIZE_MAX_BYTES", raising=False)
+    limit = tmp_path / "memory.max"
+    limit.write_text(no_limit + "\n")
+    assert memory_budget(cgroup_files=[limit]) == memory_budget(cgroup_files=())
+
+
+def test_the_variable_overrides_the_container_limit(monkeypatch, tmp_path):
+    limit = tmp_path / "memory.max"
+    limit.write_text(f"{2**30}\n")
+    monkeypatch.setenv("TIMM_ANYSIZE_MAX_BYTES", str(2**34))
+    assert memory_budget(cgroup_files=[limit]) == (2**34, "TIMM_ANYSIZE_MAX_BYTES")
+
+
+def test_validation_refuses_what_the_container_cannot_hold(monkeypatch, tmp_path):
+    """The cgroup files the budget reads by default are the module's constant: pointed at a 512 KiB limit, test_vit
+    (~1.4 MiB in float32, ~0.7 in bfloat16) is refused at registration, the container's limit named."""
+    monkeypatch.delenv("TIMM_ANYSIZE_MAX_BYTES", raising=False)
+    limit = tmp_path / "memory.max"
+    limit.write_text(f"{2**19}\n")
+    monkeypatch.setattr(core_memory, "CGROUP_MEMORY_FILES", (str(limit),))
+    with pytest.raises(
+        timm_anysize.SpecError, match=r"over the 384\.0 KiB budget \(75% of this container's 512\.0 KiB"
+    ):
+        timm_anysize.register_variant(unique_name(), base="test_vit", img_size=64)
 
 
 def test_a_budget_that_is_not_a_number_names_the_variable(monkeypatch):

@@ -17,6 +17,7 @@ from timm.models import adapt_input_conv
 
 from timm_anysize.core.compat import compat_rel_table, compat_resize_rel_table
 from timm_anysize.core.errors import AdaptationError
+from timm_anysize.core.geometry import TensorResample
 from timm_anysize.core.report import AdaptationReport, KeyAdaptation, summarize_keys
 from timm_anysize.core.resample import (
     resample_blocks,
@@ -26,8 +27,8 @@ from timm_anysize.core.resample import (
     resize_rel_axis,
 )
 from timm_anysize.core.spec import ChannelOptions, PatchEmbedOptions, PosEmbedOptions, Size2
+from timm_anysize.core.variant_plan import VariantPlan
 from timm_anysize.origins import Conversion, layout_hint
-from timm_anysize.plan import TensorResample, VariantPlan
 from timm_anysize.source_weights import SourceStateDict
 
 __all__ = [

@@ -24,10 +24,12 @@ from timm.models import resolve_pretrained_cfg
 
 from timm_anysize.adapt import adapt_state_dict
 from timm_anysize.core.family import Family
+from timm_anysize.core.memory import check_build_memory
 from timm_anysize.core.meta import initialize_fresh, parameters_uninitialised
 from timm_anysize.core.report import AdaptationReport
 from timm_anysize.core.safetensors_io import owned_aligned
 from timm_anysize.core.spec import VariantSpec
+from timm_anysize.core.variant_plan import VariantPlan
 from timm_anysize.dynamic import enable_dynamic, guard_run_time_size
 from timm_anysize.features import (
     PRUNED,
@@ -40,12 +42,7 @@ from timm_anysize.features import (
     wrap_up,
 )
 from timm_anysize.flexi import apply_flexi
-from timm_anysize.plan import (
-    VariantPlan,
-    check_build_memory,
-    make_plan,
-    source_read,
-)
+from timm_anysize.plan import make_plan, source_read
 from timm_anysize.pretrained_cfg import variant_pretrained_cfg
 from timm_anysize.source_weights import load_source_state_dict, refuse_non_finite
 

@@ -24,7 +24,8 @@ from timm_anysize.core.meta import build_meta
 from timm_anysize.core.report import AdaptationReport
 from timm_anysize.core.safetensors_io import LazySafetensors, write_safetensors
 from timm_anysize.core.spec import VariantSpec
-from timm_anysize.plan import VariantPlan, make_plan, source_read
+from timm_anysize.core.variant_plan import VariantPlan
+from timm_anysize.plan import make_plan, source_read
 from timm_anysize.source_weights import load_source_state_dict, refuse_non_finite
 from timm_anysize.weight_files import detect_format
 

@@ -19,7 +19,7 @@ from timm.models import FeatureGraphNet
 from timm_anysize.core.errors import WeightsError
 from timm_anysize.core.meta import build_meta
 from timm_anysize.core.report import AdaptationReport
-from timm_anysize.plan import VariantPlan
+from timm_anysize.core.variant_plan import VariantPlan
 
 __all__ = [
     "FeatureRequest",

@@ -21,8 +21,8 @@ import torch.nn as nn
 
 from timm_anysize.core.atomic import atomic_folder
 from timm_anysize.core.errors import AnysizeError
+from timm_anysize.core.variant_plan import VariantPlan
 from timm_anysize.core.version import __version__
-from timm_anysize.plan import VariantPlan
 from timm_anysize.registry import get_variant
 
 __all__ = ["export", "push_to_hub", "build_model_card", "Metric", "ExportError"]

@@ -13,8 +13,8 @@ from huggingface_hub.utils import validate_repo_id
 
 from timm_anysize.core.errors import AnysizeError, one_line
 from timm_anysize.core.spec import VariantSpec
+from timm_anysize.core.variant_plan import VariantPlan
 from timm_anysize.origins import config_geometry, reads_transformers_config
-from timm_anysize.plan import VariantPlan
 from timm_anysize.weight_files import transformers_config
 
 __all__ = ["weight_source_problems"]

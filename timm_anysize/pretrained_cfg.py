@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional, Sequence
 
+from timm_anysize.core.geometry import Geometry
 from timm_anysize.core.spec import VariantSpec
-from timm_anysize.plan import Geometry, VariantPlan, patch_from_model, resolve_base_cfg, spec_target
+from timm_anysize.core.variant_plan import VariantPlan
+from timm_anysize.timm_geometry import patch_from_model, resolve_base_cfg, spec_target
 
 __all__ = ["variant_pretrained_cfg", "spec_pretrained_cfg", "stats_for_channels", "default_tag"]
 

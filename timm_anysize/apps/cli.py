@@ -32,10 +32,13 @@ from timm_anysize.apps.survey import run_survey
 from timm_anysize.calibration import calibrate, save_calibrated
 from timm_anysize.convert import convert_checkpoint
 from timm_anysize.core.errors import AnysizeError, one_line
+from timm_anysize.core.geometry import Geometry
+from timm_anysize.core.memory import format_bytes, memory_budget
 from timm_anysize.core.spec import VariantSpec, parse_variant
+from timm_anysize.core.variant_plan import VariantPlan
 from timm_anysize.hub import export, push_to_hub
 from timm_anysize.origins import config_geometry, read_layout
-from timm_anysize.plan import Geometry, VariantPlan, format_bytes, make_plan, memory_budget
+from timm_anysize.plan import make_plan
 from timm_anysize.preflight import weight_source_problems
 from timm_anysize.registry import CONFIGS_ENV, check_name, register_yaml
 from timm_anysize.schema import yaml_json_schema, yaml_reference_markdown

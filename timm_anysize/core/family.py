@@ -26,7 +26,6 @@ __all__ = [
     "REL_TABLE",
     "OVERLAPPING_STEM",
     "no_patch_change",
-    "classify_changes",
     "tensor_layouts",
 ]
 
@@ -211,7 +210,8 @@ class Family:
         dynamic_features: A ``features_only`` model of the family runs at any size too (its feature path goes
             through the dynamic code); False: feature models take the variant's own size.
         square_only: timm's constructor takes square sizes only; a non-square variant is built square with its
-            width tables refitted (:mod:`timm_anysize.families._square_build`), and cannot be exported for plain timm.
+            width tables refitted (:func:`timm_anysize.families.mvitv2.create_square_only`), and cannot be exported
+            for plain timm.
         build: How a model of the family is built at a target geometry timm's constructor does not take as it is,
             ``(create, kwargs) -> model`` where ``create(**kwargs)`` is timm's constructor (MViTv2: a non-square size
             is built square and its width tables refitted); None: ``create(**kwargs)``.
@@ -242,7 +242,7 @@ class Family:
             and what each must be a multiple of. Validation rejects a variant whose size breaks one, naming the
             nearest sizes that work.
         attention_maps: How many attention maps of one image its attention holds at once, for the memory estimate
-            (``timm_anysize.plan.estimate_cost``), where the attention module does not show it (a mask passed at
+            (``timm_anysize.core.memory.estimate_cost``), where the attention module does not show it (a mask passed at
             call time, extra position scores); None: 1 for timm's fused attention, 4 where the scores are
             materialised.
         token_bytes: ``(model) -> bytes``: what the family's forward holds per token of one image besides the
@@ -401,16 +401,3 @@ GEOMETRY_CHANGES: dict[str, str] = {
     "in_chans_1": "1 input channel",
     "in_chans_4": "4 input channels",
 }
-
-
-def classify_changes(source, target) -> list[str]:
-    """The GEOMETRY_CHANGES a source -> target geometry makes (``source``/``target`` are plan Geometries)."""
-    out = []
-    if target.img_size != source.img_size:
-        out.append("img_non_square" if target.img_size[0] != target.img_size[1] else "img_larger")
-    if target.patch_size is not None and target.patch_size != source.patch_size:
-        smaller = source.patch_size is not None and target.patch_size[0] < source.patch_size[0]
-        out.append("patch_smaller" if smaller else "patch_larger")
-    if target.in_chans != source.in_chans:
-        out.append("in_chans_1" if target.in_chans == 1 else "in_chans_4")
-    return out

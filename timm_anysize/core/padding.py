@@ -13,7 +13,7 @@ Both are TorchScript-friendly: :func:`pad_to_multiple` compiles; :func:`check_mu
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -54,16 +54,22 @@ def pad_to_multiple(x: torch.Tensor, multiple: List[int], always: bool = False) 
     return F.pad(x, (0, pad_w, 0, pad_h))
 
 
-def nearest_multiples(size: int, multiple: int) -> List[int]:
-    """The multiples of ``multiple`` nearest to ``size``: the one below (when positive) and the one above.
+def nearest_multiples(size: int, multiple: int, smallest: Optional[int] = None) -> List[int]:
+    """The sizes nearest to ``size`` that are multiples of ``multiple`` and at least ``smallest`` (itself a multiple;
+    None: ``multiple``): ``[size]`` when it is one, ``[smallest]`` when ``size`` is below it, else the one below and
+    the one above.
 
     Example:
-        >>> nearest_multiples(70, 16), nearest_multiples(5, 16)
-        ([64, 80], [16])
+        >>> nearest_multiples(70, 16), nearest_multiples(5, 16), nearest_multiples(64, 16), nearest_multiples(20, 4, 24)
+        ([64, 80], [16], [64], [24])
     """
+    smallest = multiple if smallest is None else smallest
+    if size >= smallest and size % multiple == 0:
+        return [size]
+    if size < smallest:
+        return [smallest]
     below = size // multiple * multiple
-    above = below + multiple
-    return [s for s in (below, above) if s > 0 and s != size]
+    return [s for s in (below, below + multiple) if s >= smallest]
 
 
 def check_multiple(size: Sequence[int], multiple: Sequence[int], what: str = "the patch", hint: str = PAD_HINT) -> None:
@@ -85,17 +91,6 @@ padding is off; nearest sizes that work: 64x64 or 80x64; resize or crop to a mul
 (pad: true in the variant's YAML, enable_dynamic(pad=True))
     """
     check_input_size(size, (1, 1), multiple, what=what, hint=hint)
-
-
-def _nearest_on_axis(n: int, smallest: int, multiple: int) -> List[int]:
-    """The sizes nearest to ``n`` on one axis that are multiples of ``multiple`` and at least ``smallest`` (itself a
-    multiple): ``[n]`` when ``n`` is one."""
-    if n >= smallest and n % multiple == 0:
-        return [n]
-    if n < smallest:
-        return [smallest]
-    below = n // multiple * multiple
-    return [s for s in (below, below + multiple) if s >= smallest]
 
 
 def _pairs(heights: List[int], widths: List[int]) -> List[tuple[int, int]]:
@@ -144,7 +139,7 @@ padding is off; nearest sizes that work: 68x68 or 72x72; resize or crop to a mul
         return
     # the smallest size that works on each axis: the minimum rounded up to the multiple
     first_h, first_w = -(-max(low_h, 1) // mh) * mh, -(-max(low_w, 1) // mw) * mw
-    near = _pairs(_nearest_on_axis(h, first_h, mh), _nearest_on_axis(w, first_w, mw))
+    near = _pairs(nearest_multiples(h, mh, first_h), nearest_multiples(w, mw, first_w))
     names = " or ".join(f"{a}x{b}" for a, b in near)
     fields = dict(size=(h, w), minimum=(low_h, low_w), multiple=(mh, mw), nearest=tuple(near))
     if h < low_h or w < low_w:

@@ -3,7 +3,7 @@
 A :class:`VariantSpec` says what the *model* should be (base architecture, geometry, constructor args) and where
 its *weights* come from (:class:`WeightSource`, which also declares the geometry the weights were trained at when
 it differs from the base's). Parsing only checks what can be checked without timm; checks that need the base
-architecture (does the patch divide the image?) live in :mod:`timm_anysize.plan`.
+architecture (does the patch divide the image?) live in :mod:`timm_anysize.validation`.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch.nn as nn
 
-from timm_anysize.core.family import GEOMETRY_CHANGES, Family, classify_changes, tensor_layouts
+from timm_anysize.core.family import GEOMETRY_CHANGES, Family, tensor_layouts
 from timm_anysize.families.generic import generic_family
 
 __all__ = [
@@ -31,7 +31,6 @@ __all__ = [
     "generic_family",
     "GEOMETRY_CHANGES",
     "UNSUPPORTED",
-    "classify_changes",
     "tensor_layouts",
 ]
 
