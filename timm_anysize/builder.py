@@ -31,6 +31,7 @@ from timm_anysize.core.safetensors_io import owned_aligned
 from timm_anysize.core.spec import VariantSpec
 from timm_anysize.dynamic import enable_dynamic, guard_run_time_size
 from timm_anysize.flexi import apply_flexi
+from timm_anysize.naflex import to_naflex
 from timm_anysize.plan import (
     Geometry,
     VariantPlan,
@@ -223,6 +224,7 @@ def build_variant(
         says how each tensor was obtained.
     """
     features_only = kwargs.pop("features_only", False)
+    use_naflex = kwargs.pop("use_naflex", False)  # built as the variant, then converted (timm_anysize.naflex)
     feature_cfg = {k: kwargs.pop(k) for k in ("out_indices", "feature_cls") if k in kwargs}
     cfg_obj = resolve_pretrained_cfg(spec.name, pretrained_cfg, pretrained_cfg_overlay)
     # Read the fields directly: PretrainedCfg.to_dict() would deep-copy an in-memory state_dict.
@@ -254,6 +256,8 @@ def build_variant(
         first = plan.patch_key.removesuffix(".weight")
         guard_run_time_size(model, plan.family, plan.target.img_size, False, first, plan.family.dynamic != "native")
     apply_flexi(model, plan.spec)  # the YAML flexi key: a patch size drawn per training forward (timm_anysize.flexi)
+    if use_naflex:
+        model = to_naflex(model)
     if features_only:
         model = _as_feature_model(plan.spec, plan, model, feature_cfg, cfg)
     return model
