@@ -23,6 +23,7 @@ import torch.nn as nn
 from timm.models import resolve_pretrained_cfg
 
 from timm_anysize.adapt import adapt_state_dict
+from timm_anysize.core.errors import SpecError
 from timm_anysize.core.family import Family
 from timm_anysize.core.memory import check_build_memory
 from timm_anysize.core.meta import initialize_fresh, parameters_uninitialised
@@ -42,6 +43,7 @@ from timm_anysize.features import (
     wrap_up,
 )
 from timm_anysize.flexi import apply_flexi
+from timm_anysize.naflex import to_naflex
 from timm_anysize.plan import make_plan, source_read
 from timm_anysize.pretrained_cfg import variant_pretrained_cfg
 from timm_anysize.source_weights import load_source_state_dict, refuse_non_finite
@@ -77,6 +79,9 @@ def build_variant(
         says how each tensor was obtained.
     """
     features = FeatureRequest.pop(kwargs)
+    use_naflex = kwargs.pop("use_naflex", False)  # built as the variant, then converted (timm_anysize.naflex)
+    if use_naflex and features is not None:
+        raise SpecError(f"{spec.where}: use_naflex=True with features_only=True is not supported; pass one of them")
     cfg_obj = resolve_pretrained_cfg(spec.name, pretrained_cfg, pretrained_cfg_overlay)
     # Read the fields directly: PretrainedCfg.to_dict() would deep-copy an in-memory state_dict.
     resolved = {f.name: getattr(cfg_obj, f.name) for f in dataclasses.fields(cfg_obj)}
@@ -127,6 +132,8 @@ def build_variant(
         if plan.dynamic:
             _make_dynamic(plan, model)
         return fx_feature_model(plan, model, out_indices, cfg)
+    if use_naflex:
+        model = to_naflex(model)
     return model
 
 

@@ -2,6 +2,7 @@
 and when not to: while tracing, compiling or exporting, or when a gradient must flow to the weights.
 """
 
+import logging
 import threading
 import weakref
 from collections import OrderedDict
@@ -35,6 +36,8 @@ __all__ = [
 ]
 
 DEFAULT_CACHE_SIZE = 16
+
+_logger = logging.getLogger(__name__)
 
 
 class PosEmbedCache:
@@ -81,6 +84,17 @@ class PosEmbedCache:
                 self.hits += 1
                 return value
             self.misses += 1
+            if _logger.isEnabledFor(logging.DEBUG):  # a miss is a new size (or new weights): rare, and worth a line
+                lookups = self.hits + self.misses
+                _logger.debug(
+                    "size cache miss for %s: hit rate %d/%d (%.0f%%), %d of %d entries",
+                    key,
+                    self.hits,
+                    lookups,
+                    100.0 * self.hits / lookups,
+                    len(self._entries) + 1,
+                    self.maxsize,
+                )
             value = compute()
             self._entries[key] = value
             while len(self._entries) > self.maxsize:

@@ -1,0 +1,141 @@
+"""A variant as timm's NaFlexVit: ``timm.create_model(variant, pretrained=True, use_naflex=True)``.
+
+timm converts its own ViT and EVA models with ``use_naflex=True`` (``naflexvit._create_naflexvit_from_classic`` /
+``_from_eva``): the same blocks behind NaFlexVit's embeddings, which take pre-patchified NaFlex batches (``patches``,
+``patch_coord``, ``patch_valid``) as well as images. A variant of such a family is built as always (weights read from
+any origin, adapted to its patch size, channels and grid), then its state dict is handed to the NaFlexVit of the same
+configuration: the class / register tokens' position entries move into the tokens themselves (NaFlexVit adds no
+position to prefix tokens), the position embedding becomes a ``[1, H, W, C]`` grid on the variant's own grid, and
+timm's ``naflexvit.checkpoint_filter_fn`` maps the remaining keys (the patch kernel to its linear layout). NaFlexVit
+then resamples the grid per image as the variant's run-time forward does: the same interpolation, antialiasing and
+corner alignment (the ``timm``, ``torchvision``, ``transformers``, ``mmpretrain`` and ``big_vision`` presets of
+:mod:`timm_anysize.core.compat`); DINO's scale-factor offset has no NaFlexVit equivalent and is refused.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import timm
+import torch
+import torch.nn as nn
+from timm.models import naflexvit
+
+from timm_anysize.core.compat import compat_interpolation
+from timm_anysize.core.errors import SpecError
+
+__all__ = ["NAFLEX_FAMILIES", "naflex_pos_embed_kwargs", "naflex_state_dict", "to_naflex"]
+
+# Families timm builds as NaFlexVit with use_naflex=True (naflexvit: it is one already).
+NAFLEX_FAMILIES = ("vit", "eva", "naflexvit")
+
+
+def naflex_pos_embed_kwargs(compat: str, interpolation: str, antialias: bool) -> dict[str, Any]:
+    """NaFlexVit's position-embedding options that resample its grid as a variant's run-time forward does.
+
+    Args:
+        compat: The variant's ``adapt.pos_embed.compat`` preset.
+        interpolation: Its ``adapt.pos_embed.interpolation`` (read for the ``timm`` preset only).
+        antialias: Its antialiasing (``timm`` preset only).
+
+    Raises:
+        SpecError: The preset scales the grid by a factor (DINO), which NaFlexVit's size-based resampling cannot.
+
+    Example:
+        >>> naflex_pos_embed_kwargs("big_vision", "bicubic", True)
+        {'pos_embed_interp_mode': 'bilinear', 'pos_embed_antialias': False, 'pos_embed_align_corners': True}
+    """
+    if compat == "timm":
+        mode, aa, corners = interpolation, antialias, False
+    else:
+        mode, aa, corners, offset = compat_interpolation(compat)
+        if offset:
+            raise SpecError(
+                f"use_naflex=True: the {compat!r} position-embedding compat resamples with scale_factor=(n + {offset})"
+                f" / M, which NaFlexVit's size-based resampling cannot reproduce; use the dynamic forward (no "
+                f"use_naflex) or adapt.pos_embed.compat: timm"
+            )
+    return dict(pos_embed_interp_mode=mode, pos_embed_antialias=aa, pos_embed_align_corners=corners)
+
+
+def naflex_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module, prefix: int) -> dict[str, torch.Tensor]:
+    """A ViT / EVA state dict in NaFlexVit's layout, for ``model`` (the NaFlexVit); ``state_dict`` is not modified.
+
+    Args:
+        state_dict: The classic model's state dict (its ``pos_embed`` ``[1, prefix + H*W, C]`` on the NaFlexVit's
+            ``embeds.pos_embed`` grid).
+        model: The NaFlexVit it is for.
+        prefix: Leading ``pos_embed`` entries that belong to the class and register tokens (0: ``no_embed_class``).
+
+    Example:
+        >>> m = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1, use_naflex=True)
+        >>> sd = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1).state_dict()
+        >>> naflex_state_dict(sd, m, prefix=1)["embeds.pos_embed"].shape
+        torch.Size([1, 2, 2, 192])
+    """
+    # Copies: timm's filter adds the class token's position into the cls_token it is given, in place.
+    sd = {k: v.detach().clone() for k, v in state_dict.items()}
+    pos = sd.pop("pos_embed", None)
+    if pos is not None:
+        grid = model.embeds.pos_embed.shape[1:3]
+        tokens = [k for k in ("cls_token", "reg_token") if k in sd]
+        at = 0
+        for key in tokens:  # ViT order: the class token, then the registers, each with its own position entries
+            n = sd[key].shape[1]
+            if at + n <= prefix:
+                sd[key] = sd[key] + pos[:, at : at + n]
+                at += n
+        sd["pos_embed"] = pos[:, prefix:].reshape(1, grid[0], grid[1], pos.shape[-1])
+    return naflexvit.checkpoint_filter_fn(sd, model)
+
+
+def to_naflex(model: nn.Module) -> nn.Module:
+    """The NaFlexVit form of a built variant (``use_naflex=True``): the same configuration and weights.
+
+    Args:
+        model: A variant built by timm-anysize (its plan names the base, family and geometry).
+
+    Returns:
+        A NaFlexVit carrying the variant's ``pretrained_cfg``; the model itself where it is one already.
+
+    Raises:
+        SpecError: The family has no NaFlexVit form (the message names those that have), or its run-time
+            resampling cannot be expressed (:func:`naflex_pos_embed_kwargs`).
+
+    Example:
+        >>> import timm_anysize
+        >>> name = timm_anysize.register_variant("naflex_doc_vit", base="test_vit", img_size=48)
+        >>> type(timm.create_model(name, use_naflex=True)).__name__
+        'NaFlexVit'
+    """
+    plan = model._anysize_plan
+    family = plan.family
+    if family.name == "naflexvit" or isinstance(model, naflexvit.NaFlexVit):
+        return model
+    if family.name not in NAFLEX_FAMILIES:
+        raise SpecError(
+            f"{plan.spec.name}: use_naflex=True: timm has no NaFlexVit form of the {family.name} family "
+            f"({plan.spec.base}); families it converts: {', '.join(NAFLEX_FAMILIES)}"
+        )
+    if getattr(model, "dist_token", None) is not None or getattr(model, "attn_pool", None) is not None:
+        raise SpecError(
+            f"{plan.spec.name}: use_naflex=True: a distillation token or attention-pool head has no "
+            f"NaFlexVit form in timm; families it converts: {', '.join(NAFLEX_FAMILIES)}"
+        )
+    pe = plan.spec.adapt.pos_embed
+    kwargs = {k: v for k, v in plan.target_kwargs.items() if k not in ("dynamic_img_size", "dynamic_img_pad")}
+    kwargs.update(naflex_pos_embed_kwargs(pe.compat, pe.interpolation, pe.use_antialias))
+    param = next(model.parameters())
+    with torch.device(param.device):
+        naflex = timm.create_model(
+            plan.spec.base, pretrained=False, use_naflex=True, dynamic_img_pad=plan.spec.pad, **kwargs
+        )
+    naflex.to(dtype=param.dtype)
+    prefix = family.pos_embed_prefix_tokens(model)
+    naflex.load_state_dict(naflex_state_dict(model.state_dict(), naflex, prefix), strict=True)
+    naflex.train(model.training)
+    naflex.pretrained_cfg = naflex.default_cfg = model.pretrained_cfg
+    report = getattr(model, "_anysize_report", None)
+    if report is not None:
+        naflex._anysize_report = report
+    return naflex
