@@ -41,3 +41,16 @@ def test_family_bench_tiny_runs_and_reports_ratios(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     assert set(data) == {case[0] for case in importlib.import_module("family_bench").TINY_CASES}
     assert all(row["ratio"] > 0 and len(row["size"]) == 2 for rows in data.values() for row in rows)
+
+
+def test_calibration_bench_tiny_runs_and_reports_ratios(tmp_path):
+    out = tmp_path / "calibration.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_calibration.py"), "--tiny", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "calib img/s" in proc.stdout
+    (row,) = json.loads(out.read_text()).values()
+    assert row["ratio"] > 0 and row["calibration_images_per_s"] > 0 and row["calibration_peak_mb"] >= 0
