@@ -48,7 +48,7 @@ class Metric:
 
 def _resolve_model(model_or_name: Union[str, nn.Module], file: Optional[str]) -> nn.Module:
     if isinstance(model_or_name, str):
-        get_variant(model_or_name)  # a clear KeyError for names that are not variants
+        get_variant(model_or_name)  # a RegistrationError with a did-you-mean for names that are not variants
         overlay = dict(file=str(file)) if file else None
         model = timm.create_model(model_or_name, pretrained=True, pretrained_cfg_overlay=overlay)
         _check_plain_timm_can_build(model._anysize_plan)
