@@ -117,7 +117,9 @@ def test_an_unknown_name_is_a_registration_error_with_a_did_you_mean(tmp_path):
         timm_anysize.get_variant("vit_tiny_patch4_46")
     expected = str(info.value)
     assert expected.startswith("'vit_tiny_patch4_46' is not a timm-anysize variant; did you mean vit_tiny_patch4_64")
-    assert expected.endswith("? (see list_variants(); your own YAML registers with register_yaml or $TIMM_ANYSIZE_CONFIGS)")
+    assert expected.endswith(
+        "? (see list_variants(); your own YAML registers with register_yaml or $TIMM_ANYSIZE_CONFIGS)"
+    )
     with pytest.raises(timm_anysize.RegistrationError) as info:  # before anything is built or written
         timm_anysize.export("vit_tiny_patch4_46", tmp_path / "out")
     assert str(info.value) == expected and not (tmp_path / "out").exists()
@@ -166,10 +168,7 @@ def test_overwrite_still_refuses_timm_models_and_two_specs_of_one_name():
     with pytest.raises(timm_anysize.RegistrationError, match="collides with timm's built-in model 'test_vit'"):
         timm_anysize.register_variant("test_vit", base="test_vit", img_size=32, overwrite=True)
     name = unique_name()
-    specs = [
-        parse_variant(name, {"base": "test_vit", "img_size": size})
-        for size in (32, 48)
-    ]
+    specs = [parse_variant(name, {"base": "test_vit", "img_size": size}) for size in (32, 48)]
     with pytest.raises(timm_anysize.RegistrationError, match="the name is given twice with different specs"):
         timm_anysize.register_specs(specs, overwrite=True)
     assert name not in timm_anysize.list_variants()
