@@ -233,6 +233,8 @@ def _cmd_push(args: argparse.Namespace) -> int:
         print(f"dry run: would create {'private ' if args.private else ''}repo {args.repo_id} and upload:")
         for name in result["files"]:
             print(f"  {name}")
+        if not result["weights_loaded"]:
+            print(f"weights: {result['weights']}, not downloaded in a dry run (the card lists the planned steps)")
         print("\n--- README.md ---")
         print(result["card"])
     else:
@@ -290,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=2, help="fine-tune and scratch epochs per variant")
     p.add_argument("--quick", action="store_true", help="fewer variants and data (a smoke run)")
     p = sub.add_parser("train-digits-base", help="reproduce the shipped digits base weights (deterministic)")
-    p.add_argument("--out", default="configs/weights/vit_digits_patch4_32.safetensors")
+    p.add_argument("--out", required=True, metavar="FILE.safetensors", help="where to save the weights")
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("export", help="write a Hub-style folder (config.json, model.safetensors, README.md)")
@@ -300,8 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty folder")
     p.add_argument(
         "--demo-results",
-        default="anysize-demo/results.json",
-        help="the demo's results.json; its numbers for this variant go into the model card (if present)",
+        metavar="RESULTS.json",
+        help="a results.json of `timm-anysize demo`; its numbers for this variant go into the model card",
     )
     p = sub.add_parser("push", help="export and upload to a Hugging Face Hub repo")
     p.add_argument("name")
