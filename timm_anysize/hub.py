@@ -21,7 +21,6 @@ import torch.nn as nn
 
 from timm_anysize.core.atomic import atomic_folder, check_folder_free
 from timm_anysize.core.errors import AnysizeError
-from timm_anysize.core.report import shareable_source
 from timm_anysize.core.version import __version__
 from timm_anysize.registry import get_variant
 
@@ -118,9 +117,7 @@ def build_model_card(
     return _model_card(model, repo_id, metrics)
 
 
-def _model_card(
-    model: nn.Module, repo_id: Optional[str], metrics: Any, planned_source: Optional[str] = None
-) -> Any:
+def _model_card(model: nn.Module, repo_id: Optional[str], metrics: Any, planned_source: Optional[str] = None) -> Any:
     """:func:`build_model_card`; ``planned_source`` names the weights of a model built without them (a dry run)."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 

@@ -88,7 +88,6 @@ def atomic_folder(path: Union[str, os.PathLike], overwrite: bool = False) -> Ite
         raise
 
 
-
 def _files_as_umask(folder: Path) -> None:
     """Give every file in ``folder`` the permissions of a file the user makes (0666 less the umask): a writer that
     saves through a private temporary file (0600, as safetensors' does) would otherwise leave it unreadable to the
