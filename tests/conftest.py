@@ -53,6 +53,32 @@ def _seed_torch(request: pytest.FixtureRequest) -> None:
     torch.manual_seed((int(seed) + zlib.crc32(request.node.nodeid.encode())) % 2**63)
 
 
+def _torch_global_state() -> dict[str, Any]:
+    """The process-wide settings that decide which kernels run (and so the last bits of an output)."""
+    return {
+        "threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
+        "default_dtype": torch.get_default_dtype(),
+        "grad_enabled": torch.is_grad_enabled(),
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
+        "matmul_precision": torch.get_float32_matmul_precision(),
+        "mkldnn": torch.backends.mkldnn.enabled,
+        "timm_fused_attn": timm.layers.use_fused_attn(),
+        "timm_fused_attn_experimental": timm.layers.use_fused_attn(experimental=True),
+    }
+
+
+@pytest.fixture(autouse=True)
+def _torch_global_state_is_restored(request: pytest.FixtureRequest):
+    """A test that changes a global torch or timm setting restores it: the next test in the worker (any order, any
+    worker) computes with the same kernels, so bit-identity checks hold whatever ran before them."""
+    before = _torch_global_state()
+    yield
+    after = _torch_global_state()
+    changed = {k: (before[k], after[k]) for k in before if before[k] != after[k]}
+    assert not changed, f"{request.node.nodeid} changed global torch state and did not restore it: {changed}"
+
+
 @pytest.fixture(scope="module")
 def ckpt_dir(tmp_path_factory) -> str:
     """A folder for one test module's checkpoints (tests/script_fx.py writes each family's once)."""

@@ -9,8 +9,9 @@ The checks compare each to its eager self, bit for bit where the operations are 
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Callable, Optional
 
+import pytest
 import timm
 import torch
 from timm.layers import get_notrace_functions, get_notrace_modules
@@ -18,6 +19,7 @@ from torchvision.models.feature_extraction import create_feature_extractor, get_
 
 import timm_anysize
 from conftest import unique_name
+from timm_anysize.apps.docs import families_markdown
 from timm_anysize.core.family import Family
 from timm_anysize.families import FAMILIES
 
@@ -26,13 +28,24 @@ def family(name: str) -> Family:
     return next(f for f in FAMILIES if f.name == name)
 
 
+def group(script_fx: str) -> list[Family]:
+    """The rows that tests/test_script_fx_<script_fx>.py checks (``TinyModel.script_fx``)."""
+    return [f for f in FAMILIES if f.tiny is not None and f.tiny.script_fx == script_fx]
+
+
+def cells(fams: list[Family], skip: Callable[[Family], str] = lambda f: "") -> list:
+    """One test cell per row, skipped with the row's reason where ``skip(row)`` gives one."""
+    return [pytest.param(f, id=f.name, marks=[pytest.mark.skip(reason=skip(f))] if skip(f) else []) for f in fams]
+
+
 def sizes(name: str) -> list[tuple[int, int]]:
     """The variant's (non-square) size, then two other non-square sizes (the last not whole patches where the
-    family pads; for Swin the windows of the first stages need padding at every one)."""
+    family pads; for Swin the windows of the first stages need padding at every one), or the row's
+    ``other_sizes``."""
     s = family(name).tiny
     own = (s.img_size + s.step, s.img_size)
-    if name == "crossvit":  # branch sizes follow the input: any size runs
-        return [own, (360, 240), (200, 280)]
+    if s.other_sizes:
+        return [own, *s.other_sizes]
     return [own, (own[0] + 2 * s.step, own[1] + s.step), (own[0] - s.step, own[1] + 2 * s.step + 1)]
 
 
@@ -93,6 +106,13 @@ def fx_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def assert_scripted_equals_eager(name: str, ckpt_dir: str, n: int = 2) -> None:
+    """The scripted models equal eager at the first ``n`` of :func:`sizes`; where the row's ``script_error`` says
+    timm's own model does not script, TorchScript raises that on it."""
+    error = family(name).tiny.script_error
+    if error:
+        with pytest.raises(torch.jit.frontend.NotSupportedError, match=error):
+            torch.jit.script(models(name, ckpt_dir)[1])
+        return
     for model in models(name, ckpt_dir):
         scripted = torch.jit.script(model)
         with torch.no_grad():
@@ -159,22 +179,44 @@ def dynamic_and_built(name: str, ckpt_dir: str, other: tuple[int, int]) -> tuple
     return dynamic, built
 
 
-def assert_compiled_equals_eager(
-    name: str,
-    ckpt_dir: str,
-    dynamic: bool = True,
-    rtol: float = 1e-4,
-    at: Optional[list[tuple[int, int]]] = None,
-    graphs: Optional[int] = None,
-) -> None:
-    """``torch.compile`` (the eager backend: the graph capture is what is checked) at three sizes (default: those of
-    :func:`sizes`; ``at``: others), each output equal to eager; ``graphs``: exactly that many graphs captured."""
+def assert_equals_built_at_another_size(name: str, ckpt_dir: str) -> None:
+    """At a size other than the variant's (square where the family's ``static_unsupported`` refuses non-square
+    sizes), the dynamic model's outputs, ``forward_intermediates`` (one per ``feature_info`` level) and
+    ``features_only`` model (every level) equal those of a timm model built at that size with the variant's weights resampled to
+    it (a static variant of them at that size), bit for bit."""
+    other = sizes(name)[1]
+    # ConViT: timm's GPSA takes a square grid from the token count
+    if "img_non_square" in family(name).static_unsupported:
+        other = (other[0], other[0])
+    dynamic, built = dynamic_and_built(name, ckpt_dir, other)
+    x = torch.randn(2, 3, *other)
+    with torch.no_grad():
+        (final, inter), (final_built, inter_built) = dynamic.forward_intermediates(x), built.forward_intermediates(x)
+        assert torch.equal(dynamic(x), built(x))
+    finals = zip([final], [final_built]) if isinstance(final, torch.Tensor) else zip(final, final_built)  # CrossViT
+    assert all(torch.equal(a, b) for a, b in finals)
+    assert len(inter) == len(inter_built) == len(dynamic.feature_info) > 0
+    assert all(torch.equal(a, b) for a, b in zip(inter, inter_built))
+    indices = tuple(range(len(inter)))  # every level
+    feats = timm.create_model(variant(name, ckpt_dir), pretrained=True, features_only=True, out_indices=indices)
+    with torch.no_grad():
+        got = feats.eval()(x)
+    assert len(got) == len(indices) and all(torch.equal(f, inter[i]) for f, i in zip(got, indices))
+
+
+def assert_compiled_equals_eager(name: str, ckpt_dir: str, rtol: float = 1e-4) -> None:
+    """``torch.compile`` (the eager backend: the graph capture is what is checked) at three sizes, each output equal
+    to eager: with symbolic sizes, or one graph per size where the row's ``compile_static`` says why; at the sizes
+    of :func:`sizes`, or at the row's ``compile_sizes`` in exactly one graph."""
     from torch._dynamo.utils import counters
 
+    tiny = family(name).tiny
+    at: Optional[tuple[tuple[int, int], ...]] = tiny.compile_sizes or None
+    graphs = 1 if at else None
     model = models(name, ckpt_dir)[0]
     torch._dynamo.reset()
     counters.clear()
-    compiled = torch.compile(model, dynamic=dynamic, backend="eager")
+    compiled = torch.compile(model, dynamic=not tiny.compile_static, backend="eager")
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for x in inputs(name, 3) if at is None else [torch.randn(2, 3, *hw, generator=gen) for hw in at]:
@@ -212,3 +254,16 @@ def assert_exports_equal_eager(name: str, ckpt_dir: str, onnx_path=None, rtol: f
             if session is not None:
                 out = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
                 torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def assert_notes_are_documented_and_errors_raised(fams: list[Family], ckpt_dir: str) -> None:
+    """Each row left out of the export checks has its reason in docs/families.md, and where the row names the
+    error ``torch.export`` stops with (``export_error``), it does."""
+    table = families_markdown()
+    assert all(f"no: {f.export_note}" in table for f in fams if f.export_note)
+    assert all(f"torch.export yes; ONNX no: {f.onnx_note}" in table for f in fams if f.onnx_note)
+    assert all(f.export_note for f in fams if f.tiny.export_error)
+    for fam in fams:
+        if fam.tiny.export_error:
+            with pytest.raises(torch._dynamo.exc.UserError, match=fam.tiny.export_error):
+                exported(models(fam.name, ckpt_dir)[0], fam.name)

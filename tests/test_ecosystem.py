@@ -182,6 +182,8 @@ def test_torchrun_ddp_through_the_launcher(tmp_path):
         "-m",
         "timm_anysize",
         "run",
+        "-c",
+        str(DEMO_CONFIG),  # the demo's variants: registered only where asked for
         str(tmp_path / "ddp.py"),
         "vit_digits_patch4_32",
         str(out),
@@ -241,7 +243,8 @@ def test_cli_errors_are_one_line_and_debug_shows_the_traceback(tmp_path):
 
 def test_quiet_silences_progress(tmp_path):
     # in tmp_path: the export reads the demo's results from ./anysize-demo/ by default
-    loud = cli("export", "vit_digits_patch4_24", str(tmp_path / "a"), cwd=str(tmp_path))
-    quiet = cli("--quiet", "export", "vit_digits_patch4_24", str(tmp_path / "b"), cwd=str(tmp_path))
+    demo = ("-c", str(DEMO_CONFIG))  # the demo's variants: registered only where asked for
+    loud = cli("export", *demo, "vit_digits_patch4_24", str(tmp_path / "a"), cwd=str(tmp_path))
+    quiet = cli("--quiet", "export", *demo, "vit_digits_patch4_24", str(tmp_path / "b"), cwd=str(tmp_path))
     assert loud.returncode == quiet.returncode == 0
     assert "pos_embed resampled" in loud.stderr and quiet.stderr == ""

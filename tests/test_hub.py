@@ -17,6 +17,7 @@ from hub_standin import HubStandIn
 
 import timm_anysize
 from conftest import run_python, unique_name
+from timm_anysize.apps.digits import DEMO_CONFIG
 from timm_anysize.core.atomic import FolderExistsError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -363,6 +364,8 @@ def test_export_cli_puts_the_demos_numbers_in_the_card(tmp_path):
             "timm_anysize",
             "--quiet",
             "export",
+            "-c",
+            str(DEMO_CONFIG),  # the demo's variants: registered only where asked for
             "vit_digits_patch8_64",
             str(tmp_path / "out"),
             "--demo-results",

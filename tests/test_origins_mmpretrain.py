@@ -47,18 +47,18 @@ def variant(path, img_size, base, model_args=VIT_ARGS, **kw):
             "file": str(path),
             "img_size": kw.pop("src", 32),
             "num_classes": 10,
-            **({"patch_size": 8} if "swin" not in base else {}),
+            **({"patch_size": 8} if "swin" not in base else {}),  # not family rows: timm architecture names
         },
-        **({"patch_size": 8} if "swin" not in base else {}),
+        **({"patch_size": 8} if "swin" not in base else {}),  # not family rows: timm architecture names
         **kw,
     )
     return name
 
 
-@pytest.mark.parametrize("kind", ["vit", "deit"])
+@pytest.mark.parametrize("kind", ["vit", "deit"])  # not family rows: MMPretrain's model kinds
 def test_vit_and_deit_with_compat(tmp_path, kind):
     backbone, head, base = {
-        "vit": ("VisionTransformer", "VisionTransformerClsHead", "vit_base_patch16_224"),
+        "vit": ("VisionTransformer", "VisionTransformerClsHead", "vit_base_patch16_224"),  # not family rows: kinds
         "deit": ("DistilledVisionTransformer", "DeiTClsHead", "deit_base_distilled_patch16_224"),
     }[kind]
     src = build(backbone, head)

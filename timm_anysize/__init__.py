@@ -3,7 +3,10 @@
 Importing the package registers the shipped variant configs (and those in ``$TIMM_ANYSIZE_CONFIGS``) as timm
 models, so ``timm.create_model(name, pretrained=True)`` builds them with adapted weights. The import builds no model:
 the YAML is parsed and schema-checked at once, and each variant is planned by its first ``timm.create_model``
-(:mod:`timm_anysize.registry`).
+(:mod:`timm_anysize.registry`). A broken ``$TIMM_ANYSIZE_CONFIGS`` file is logged as one warning line and skipped.
+
+Every error raised for bad input is an :class:`AnysizeError` (a ``ValueError``); the subclasses below say which
+input (a spec, weights, an adaptation, a registration, an input size, an export, an output folder).
 
 Example:
     >>> import timm, timm_anysize
@@ -13,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+from timm_anysize.core.atomic import FolderExistsError
 from timm_anysize.core.errors import (
     AdaptationError,
     AnysizeError,
@@ -72,6 +76,7 @@ __all__ = [
     "RegistrationError",
     "InputNotDivisibleError",
     "InputSizeError",
+    "FolderExistsError",
     "InputLimits",
     "input_limits",
 ]

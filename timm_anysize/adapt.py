@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-from typing import Iterator, Mapping, Optional
+from typing import Iterable, Iterator, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -26,8 +26,9 @@ from timm_anysize.core.resample import (
     resize_rel_axis,
 )
 from timm_anysize.core.spec import ChannelOptions, PatchEmbedOptions, PosEmbedOptions, Size2
-from timm_anysize.origins import layout_hint
+from timm_anysize.origins import Conversion, layout_hint
 from timm_anysize.plan import TensorResample, VariantPlan
+from timm_anysize.source_weights import SourceStateDict
 
 __all__ = [
     "adapt_state_dict",
@@ -199,7 +200,9 @@ def _adapt_kernel(src: torch.Tensor, tgt: torch.Tensor, plan: VariantPlan) -> tu
     return value, "; ".join(steps)
 
 
-def _layout_hint(source_sd: Mapping[str, torch.Tensor], conversion, missing: list, unused: list) -> str:
+def _layout_hint(
+    source_sd: Mapping[str, torch.Tensor], conversion: Optional[Conversion], missing: list[str], unused: list[str]
+) -> str:
     """When the keys do not fit at all, say which other libraries' layouts were tried and the closest."""
     if conversion is not None or not (missing or unused):
         return ""
@@ -210,7 +213,7 @@ def _layout_hint(source_sd: Mapping[str, torch.Tensor], conversion, missing: lis
 PROGRESS_MIN_BYTES = 256 * 2**20
 
 
-def _progress(target_sd: StateDict, name: str):
+def _progress(target_sd: StateDict, name: str) -> Iterable[tuple[str, torch.Tensor]]:
     """Iterate the target keys, with a progress bar for large checkpoints (silenced by ``--quiet`` /
     ``huggingface_hub.utils.disable_progress_bars()`` / ``HF_HUB_DISABLE_PROGRESS_BARS=1``)."""
     size = sum(t.numel() * t.element_size() for t in target_sd.values())  # meta tensors too: read nothing
@@ -257,7 +260,8 @@ def iter_adapted(
     """
     spec, s, t = plan.spec, plan.source, plan.target
     source_desc = report.source
-    conversion = getattr(source_sd, "conversion", None)  # another library's layout (weights.SourceStateDict)
+    # another library's layout, mapped to timm's names when it was read
+    conversion = source_sd.conversion if isinstance(source_sd, SourceStateDict) else None
     out: list[tuple[str, torch.Tensor]] = []  # what record() made for the current key, yielded at once
     used: set[str] = set()
     missing, mismatched = [], []

@@ -3,7 +3,7 @@
 This is what a registered entrypoint runs when ``timm.create_model(variant_name, ...)`` is called. It reads as one
 pass, each step taking what the previous one returned: the spec is planned (:mod:`timm_anysize.plan`: geometry and
 weight source resolved, a transformers ``config.json`` read once), the weights are read and mapped to timm's names
-from their origin (:mod:`timm_anysize.weights`), the model is built, the weights adapted to it
+from their origin (:mod:`timm_anysize.source_weights`), the model is built, the weights adapted to it
 (:mod:`timm_anysize.adapt`) and loaded, and the run-time features switched on (dynamic sizes, flexi patches, the
 feature wrapper).
 """
@@ -26,7 +26,8 @@ from timm_anysize.adapt import adapt_state_dict
 from timm_anysize.core.errors import WeightsError
 from timm_anysize.core.family import Family
 from timm_anysize.core.meta import initialize_fresh, parameters_uninitialised
-from timm_anysize.core.report import AdaptationReport, summarize_keys
+from timm_anysize.core.report import AdaptationReport
+from timm_anysize.core.safetensors_io import owned_aligned
 from timm_anysize.core.spec import VariantSpec
 from timm_anysize.dynamic import enable_dynamic, guard_run_time_size
 from timm_anysize.flexi import apply_flexi
@@ -37,9 +38,10 @@ from timm_anysize.plan import (
     make_plan,
     patch_from_model,
     resolve_base_cfg,
+    source_read,
     spec_target,
 )
-from timm_anysize.weights import load_source_state_dict
+from timm_anysize.source_weights import load_source_state_dict, refuse_non_finite
 
 __all__ = ["build_variant", "variant_pretrained_cfg", "spec_pretrained_cfg", "stats_for_channels", "default_tag"]
 
@@ -231,7 +233,7 @@ def build_variant(
     if str(kwargs.get("device", "")) != "meta":  # the plan accepted the geometry in some dtype: this one must fit
         check_build_memory(plan, kwargs.get("dtype"))
     # 2. The weights, read from their source and mapped to timm's names from their origin, checked against the plan.
-    source = load_source_state_dict(plan, resolved, cache_dir) if pretrained else None
+    source = load_source_state_dict(source_read(plan), resolved, cache_dir) if pretrained else None
     # 3. The model at the variant's geometry. To be loaded, its parameters are allocated but never written (no
     #    init, never resident): 4. the weights adapted to it take their place one tensor at a time, in the model's
     #    dtype and on its device; only the tensors the load does not cover (a new head, a declared init) are
@@ -271,7 +273,7 @@ def _load_adapted(
     already match) and assigned in their place. The source dict is emptied once adapted, so a source a resampled
     tensor replaces is freed before the load. Tensors no checkpoint key covers are initialised last.
     """
-    _refuse_non_finite(source_sd, source_desc, {k for k, _ in model.named_buffers()})
+    refuse_non_finite(source_sd, source_desc, {k for k, _ in model.named_buffers()})
     target_sd = model.state_dict()
     state_dict, report = adapt_state_dict(source_sd, target_sd, plan, source_desc)
     source_sd.clear()  # the adapted dict holds what is used; the rest (dropped keys, replaced sources) goes now
@@ -279,7 +281,8 @@ def _load_adapted(
     for key in list(state_dict):
         like, value = target_sd[key], state_dict.pop(key)
         if key not in fresh:  # an adapted tensor can be a strided view (a channel map): the model's are contiguous
-            value = value.to(device=like.device, dtype=like.dtype).contiguous()
+            # and aligned as torch allocates them (a tensor taken from a file at an odd offset computes other bits)
+            value = owned_aligned(value.to(device=like.device, dtype=like.dtype).contiguous())
         state_dict[key] = value
     del target_sd
     model.load_state_dict(state_dict, strict=True, assign=True)
@@ -305,28 +308,6 @@ def _create(base: str, kwargs: dict[str, Any], for_load: bool, family: Family) -
     context = parameters_uninitialised() if for_load else contextlib.nullcontext()
     with context:
         return family.create(create, kwargs)
-
-
-def _refuse_non_finite(state_dict: dict[str, torch.Tensor], source_desc: str, buffers: set[str]) -> None:
-    """NaN or Inf weights only ever produce NaN outputs; refuse them instead of loading a broken model. An infinite
-    *buffer* is a bound, not a weight (Gemma 4's clipped linears keep +-inf limits when clipping is off): only NaN
-    is refused there."""
-
-    def finite(v: torch.Tensor) -> bool:
-        # NaN and Inf propagate through a sum, so one reduction clears a tensor; only a non-finite sum (which an
-        # overflow could also cause) needs the exact element-wise check.
-        return bool(torch.isfinite(v.sum(dtype=torch.float32))) or bool(torch.isfinite(v).all())
-
-    bad = [
-        k
-        for k, v in state_dict.items()
-        if v.is_floating_point() and not finite(v) and (k not in buffers or bool(torch.isnan(v).any()))
-    ]
-    if bad:
-        raise WeightsError(
-            f"{source_desc}: tensors with NaN or Inf values: {summarize_keys(bad)}; timm-anysize refuses "
-            f"non-finite weights (they give NaN outputs): fix or re-export the checkpoint"
-        )
 
 
 def _make_dynamic(plan: VariantPlan, model: nn.Module) -> None:

@@ -24,8 +24,9 @@ from timm_anysize.core.meta import build_meta
 from timm_anysize.core.report import AdaptationReport
 from timm_anysize.core.safetensors_io import LazySafetensors, write_safetensors
 from timm_anysize.core.spec import VariantSpec
-from timm_anysize.plan import VariantPlan, make_plan
-from timm_anysize.weights import detect_format, load_source_state_dict
+from timm_anysize.plan import VariantPlan, make_plan, source_read
+from timm_anysize.source_weights import load_source_state_dict, refuse_non_finite
+from timm_anysize.weight_files import detect_format
 
 __all__ = ["convert_checkpoint"]
 
@@ -87,7 +88,7 @@ def _source(plan: VariantPlan, file: Path) -> tuple[Mapping[str, torch.Tensor], 
         lazy = LazySafetensors(file)
         if lazy.keys() <= plan.source_shapes.keys() and all(lazy.shape(k) == plan.source_shapes[k] for k in lazy):
             return lazy, desc
-    state_dict, desc = load_source_state_dict(plan, {"file": str(file)})
+    state_dict, desc = load_source_state_dict(source_read(plan), {"file": str(file)})
     return state_dict, desc
 
 
@@ -101,10 +102,5 @@ def _checked(
                 f"{desc}: {key} would be freshly initialised (a new head or adapt.init_keys); convert writes "
                 f"the checkpoint's weights only: keep num_classes, or create the model and save it instead"
             )
-        if value.is_floating_point() and not bool(torch.isfinite(value.sum(dtype=torch.float32))):
-            if not bool(torch.isfinite(value).all()):
-                raise WeightsError(
-                    f"{desc}: {key} has NaN or Inf values; timm-anysize refuses non-finite weights: fix or "
-                    f"re-export the checkpoint"
-                )
+        refuse_non_finite({key: value}, desc)
         yield key, value.to(dtypes[key])

@@ -22,6 +22,7 @@ import torch.nn as nn
 from timm_anysize.core.atomic import atomic_folder, check_folder_free
 from timm_anysize.core.errors import AnysizeError
 from timm_anysize.core.version import __version__
+from timm_anysize.plan import VariantPlan
 from timm_anysize.registry import get_variant
 
 __all__ = ["export", "push_to_hub", "build_model_card", "Metric", "ExportError"]
@@ -64,7 +65,7 @@ def _resolve_model(model_or_name: Union[str, nn.Module], file: Optional[str]) ->
     return model_or_name
 
 
-def _check_plain_timm_can_build(plan: Any) -> None:
+def _check_plain_timm_can_build(plan: VariantPlan) -> None:
     """An export is for plain timm; refuse geometries its constructor cannot build, before anything is written."""
     (h, w) = plan.target.img_size
     if plan.family.square_only and h != w:
@@ -198,7 +199,7 @@ def _model_card(model: nn.Module, repo_id: Optional[str], metrics: Any, planned_
 _PIL_MODES = {1: "L", 4: "RGBA"}
 
 
-def _plain_timm_dynamic(plan: Any) -> bool:
+def _plain_timm_dynamic(plan: VariantPlan) -> bool:
     """Whether the exported model runs at any size in plain timm (timm's own dynamic path, not ours)."""
     return plan.dynamic and plan.family.timm_dynamic
 

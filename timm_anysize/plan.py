@@ -3,8 +3,9 @@ of the model, all read off models built on the ``meta`` device (no memory, no we
 
 The first step of loading a variant (:func:`timm_anysize.builder.build_variant`): the plan is everything the later
 steps need -- the geometries, the kwargs of both models, the layout of every geometry-dependent tensor, and the
-transformers ``config.json`` that speaks for the weights (read once here, by :func:`timm_anysize.weights.source_config`,
-and carried on to the weights' read). A plan of a spec without call-time overrides is made once and reused.
+transformers ``config.json`` that speaks for the weights (read once here, by
+:func:`timm_anysize.source_weights.source_config`, and carried on to the weights' read: :func:`source_read`).
+A plan of a spec without call-time overrides is made once and reused.
 
 :func:`spec_target` is what the spec asks for without building anything: what a variant registers before its plan
 is made (``import timm_anysize`` builds no model).
@@ -35,8 +36,8 @@ from timm_anysize.core.report import summarize_keys
 from timm_anysize.core.spec import Size2, VariantSpec
 from timm_anysize.dynamic import enable_dynamic
 from timm_anysize.families import FAMILIES, Family, classify_changes, family_of, generic_family, tensor_layouts
-from timm_anysize.origins import config_geometry, model_numerics
-from timm_anysize.weights import source_config
+from timm_anysize.origins import ConversionCheck, config_geometry, model_numerics
+from timm_anysize.source_weights import SourceRead, source_config
 
 __all__ = [
     "Geometry",
@@ -44,6 +45,7 @@ __all__ = [
     "VariantPlan",
     "tensor_resamples",
     "make_plan",
+    "source_read",
     "check_build_memory",
     "resolve_base_cfg",
     "spec_target",
@@ -755,6 +757,41 @@ def make_plan(
             plan = _default_plans[key] = _make_plan(spec, {}, config)
         return plan
     return _make_plan(spec, dict(overrides), config)
+
+
+def source_read(plan: VariantPlan) -> SourceRead:
+    """What the weights' read needs of a plan (:func:`timm_anysize.source_weights.load_source_state_dict`).
+
+    Example:
+        >>> from timm_anysize.core.spec import parse_variant
+        >>> source_read(make_plan(parse_variant("v", {"base": "test_vit", "img_size": 64}))).check.img_size
+        (160, 160)
+    """
+    spec, s = plan.spec, plan.source
+    check = ConversionCheck(
+        variant=spec.where,
+        arch=spec.arch,
+        family=plan.family.name,
+        source_kwargs=plan.source_kwargs,
+        target_kwargs=plan.target_kwargs,
+        source_numerics=plan.source_numerics,
+        img_size=s.img_size,
+        patch_size=s.patch_size,
+        in_chans=s.in_chans,
+        num_classes=s.num_classes,
+        target_num_classes=plan.target.num_classes,
+        config=plan.config,
+    )
+    return SourceRead(
+        pretrained=spec.pretrained,
+        base=spec.base,
+        source_kwargs=plan.source_kwargs,
+        source_shapes=plan.source_shapes,
+        held_keys=(*plan.resamples, *plan.patch_keys),
+        checkpoint_filter=plan.family.checkpoint_filter,
+        source_model=lambda: build_meta(spec, plan.source_kwargs, "source (pretrained)"),
+        check=check,
+    )
 
 
 def _requested_changes(spec: VariantSpec, source: Geometry, target_kwargs: dict[str, Any]) -> list[str]:

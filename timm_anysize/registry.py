@@ -24,6 +24,7 @@ When a variant is checked:
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import threading
 import warnings
@@ -37,7 +38,7 @@ from timm.models import generate_default_cfgs, register_model
 
 from timm_anysize import variants as _variants_module
 from timm_anysize.builder import build_variant, default_tag, spec_pretrained_cfg, variant_pretrained_cfg
-from timm_anysize.core.errors import RegistrationError
+from timm_anysize.core.errors import AnysizeError, RegistrationError, one_line
 from timm_anysize.core.spec import VariantSpec, parse_variant
 from timm_anysize.core.timm_private import unregister_model
 from timm_anysize.plan import make_plan
@@ -55,6 +56,7 @@ __all__ = [
 ]
 
 CONFIGS_ENV = "TIMM_ANYSIZE_CONFIGS"
+_log = logging.getLogger(__name__)
 _lock = threading.RLock()
 _specs: dict[str, VariantSpec] = {}
 _unplanned: set[str] = set()  # registered with validate=False: planned (and their cfg completed) on first use
@@ -293,9 +295,8 @@ def get_variant(name: str) -> VariantSpec:
             return spec
         close = difflib.get_close_matches(name, list(_specs), n=3)
         raise RegistrationError(
-            f"{name!r} is not a timm-anysize variant"
-            + (f"; did you mean {' or '.join(close)}?" if close else "")
-            + f" (see list_variants(); your own YAML registers with register_yaml or ${CONFIGS_ENV})"
+            f"{name!r} is not a timm-anysize variant; "
+            + (f"did you mean {' or '.join(close)}?" if close else "list_variants() names them")
         )
 
 
@@ -308,11 +309,21 @@ def register_shipped_configs(env: Optional[str] = None) -> list[str]:
     """Register the configs shipped in the package, then the files listed in ``$TIMM_ANYSIZE_CONFIGS``.
 
     Called on ``import timm_anysize``; safe to call again (identical specs are skipped). Builds no model: the files
-    are parsed and validated (a schema error raises, naming the file and the key), and each variant is planned by
-    its first ``timm.create_model`` (``validate=False``).
+    are parsed and validated, and each variant is planned by its first ``timm.create_model`` (``validate=False``).
+    A broken file of ``$TIMM_ANYSIZE_CONFIGS`` does not break the import (nor the command line's ``--help``): none
+    of its variants is registered, the other files' are, and its error (naming the file and the key) is logged as
+    one warning line; ``timm-anysize check`` reports it again and exits 1.
+
+    Args:
+        env: The ``os.pathsep``-separated files (None: ``$TIMM_ANYSIZE_CONFIGS``).
+
+    Returns:
+        The registered names.
 
     Example:
         >>> "vit_tiny_patch4_64" in register_shipped_configs(env="")
+        True
+        >>> "vit_tiny_patch4_64" in register_shipped_configs(env="/nonexistent/mine.yaml")  # logged, skipped
         True
     """
     names: list[str] = []
@@ -320,5 +331,8 @@ def register_shipped_configs(env: Optional[str] = None) -> list[str]:
         names += register_yaml(path, validate=False)
     env = os.environ.get(CONFIGS_ENV, "") if env is None else env
     for path in filter(None, env.split(os.pathsep)):
-        names += register_yaml(path, validate=False)
+        try:
+            names += register_yaml(path, validate=False)
+        except AnysizeError as e:  # the user's file: the rest of the package (and the CLI's --help) still works
+            _log.warning("$%s: %s (its variants are not registered)", CONFIGS_ENV, one_line(e))
     return names

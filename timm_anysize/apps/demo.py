@@ -34,7 +34,7 @@ from timm_anysize.apps.digits import (
     train,
 )
 from timm_anysize.hub import ExportError, Metric
-from timm_anysize.weights import read_state_dict
+from timm_anysize.weight_files import read_state_dict
 
 __all__ = [
     "DemoRow",

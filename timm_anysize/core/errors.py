@@ -10,6 +10,7 @@ __all__ = [
     "RegistrationError",
     "InputSizeError",
     "InputNotDivisibleError",
+    "one_line",
 ]
 
 
@@ -76,3 +77,17 @@ class InputNotDivisibleError(InputSizeError):
         size: The input's (H, W).
         multiple: What each side must be a multiple of.
     """
+
+
+def one_line(error: BaseException) -> str:
+    """An error's message as one line: the lines of a message that lists several problems (a YAML file with two bad
+    variants), or of a library's multi-line message (a YAML syntax error), joined with ``"; "``.
+
+    Example:
+        >>> one_line(SpecError("a.yaml: x.img_size: must be positive\\nb.yaml: y: unknown base"))
+        'a.yaml: x.img_size: must be positive; b.yaml: y: unknown base'
+        >>> one_line(KeyError("'nope' is not a timm-anysize variant"))
+        "'nope' is not a timm-anysize variant"
+    """
+    message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+    return "; ".join(line.strip() for line in str(message).splitlines() if line.strip()) or type(error).__name__

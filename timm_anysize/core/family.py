@@ -91,10 +91,35 @@ class TinyModel:
         img_size_arg: timm's constructor takes ``img_size`` (False: a CNN that runs at any size takes none).
         feature_indices: The ``out_indices`` of its ``features_only`` checks (as many levels as ``model_args``
             leaves).
-        script_fx: The tests/test_script_fx_<script_fx>.py module that checks it under TorchScript, FX, compile and
-            export: ``"tokens"`` (position-embedding families), ``"windows"`` (window and stage families) or
-            ``"fsam"`` (SAM, TNT, ConViT); "": its own test module does, or its forward is timm's own (checked by
-            timm's tests on its conformance variants).
+        script_fx: The tests/test_script_fx_<script_fx>.py module that checks it under TorchScript, FX,
+            ``forward_intermediates``, compile and export: ``"tokens"`` (the default: position-embedding families),
+            ``"windows"`` (window and stage families) or ``"fsam"`` (SAM, TNT, ConViT); "" only with
+            ``script_fx_note``. Each module runs every check on every row of its group; the fields below opt a row
+            out of one check, each with its reason.
+        script_fx_note: Why no script/FX module checks the family (``script_fx=""``): its own test module does, or
+            its forward is timm's own (checked by timm's tests on its conformance variants).
+        other_sizes: The two sizes the script/FX module checks it at besides the variant's own, where the step rule
+            (two larger non-square sizes, the last not whole patches) does not fit; (): that rule.
+        script_error: What TorchScript raises on timm's own model of the family, which cannot be scripted (the
+            module checks it raises that); "": it scripts, and the scripted models equal eager.
+        fx_features_note: Why timm's FX feature extractor (``features_only=True, feature_cls="fx"``) cannot build a
+            feature model of the family, plain timm's included ("": it can; each feature is checked equal to the
+            eager model's module output).
+        built_note: Why the dynamic model at another size is not compared with a timm model built at that size (its
+            outputs, ``forward_intermediates`` and ``features_only``), "": it is, bit for bit. A row whose
+            ``static_unsupported`` refuses non-square sizes is compared at a square size.
+        compile_static: Why ``torch.compile(dynamic=True)`` cannot capture the dynamic model with a symbolic size;
+            the compile check then uses ``dynamic=False`` (one graph per size). "": symbolic, one graph.
+        compile_sizes: The sizes the compile check runs at instead of the module's three, asserting one graph
+            (where a guard at those recompiles at each).
+        compile_skip: Why the suite does not run the compile check (it compiles, too slowly for CI's budget); "": it
+            does.
+        export_error: What ``torch.export`` with a dynamic height and width raises on the dynamic model where the
+            family's ``export_note`` says it stops with an error (checked); "": not checked (it exports, or takes too
+            long to fail).
+        timm_runs_off_multiple: Why timm's own model runs a size that breaks the family's ``size_multiples`` instead
+            of failing (TNT: its unfold drops the pixels past the last whole patch); "": its forward fails there
+            (checked).
         min_input: The smallest square input (px) the tiny model runs at with ``pad: true``, as
             :func:`timm_anysize.input_limits` finds it (its stem and stride chain); tests/test_runtime_sizes.py checks
             it and docs/families.md shows it.
@@ -117,7 +142,17 @@ class TinyModel:
     export_scale: int = 2
     img_size_arg: bool = True
     feature_indices: tuple[int, ...] = (0, 1)
-    script_fx: str = ""
+    script_fx: str = "tokens"
+    script_fx_note: str = ""
+    other_sizes: tuple[Size2, ...] = ()
+    script_error: str = ""
+    fx_features_note: str = ""
+    built_note: str = ""
+    compile_static: str = ""
+    compile_sizes: tuple[Size2, ...] = ()
+    compile_skip: str = ""
+    export_error: str = ""
+    timm_runs_off_multiple: str = ""
     min_input: int = 1
     multiple: int = 1
     conformance: tuple[dict[str, Any], ...] = ()

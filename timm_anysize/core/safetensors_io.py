@@ -1,6 +1,7 @@
 """Safetensors one tensor at a time: a lazy reader and a streaming, atomic writer.
 
-Both keep at most one tensor in memory, so converting a checkpoint larger than the machine's memory peaks at a few
+Both keep at most one tensor in memory (the reader's tensors in memory of their own, 64-byte aligned: see
+:func:`owned_aligned`), so converting a checkpoint larger than the machine's memory peaks at a few
 of its largest tensors. The format (https://huggingface.co/docs/safetensors) is an 8-byte little-endian header
 length, a JSON header naming each tensor's dtype, shape and byte range, then the data: a writer that knows every
 tensor's dtype and shape up front writes the header first and streams the data after it. Files written here are
@@ -18,33 +19,67 @@ from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import torch
+from safetensors import safe_open
 
 from timm_anysize.core.errors import WeightsError
 
-__all__ = ["LazySafetensors", "write_safetensors", "SAFETENSORS_DTYPES"]
+__all__ = [
+    "LazySafetensors",
+    "write_safetensors",
+    "read_safetensors",
+    "owned_aligned",
+    "SAFETENSORS_DTYPES",
+    "ALIGNMENT",
+]
 
 SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
     torch.float64: "F64",
     torch.float32: "F32",
     torch.float16: "F16",
     torch.bfloat16: "BF16",
+    torch.complex64: "C64",
     torch.int64: "I64",
     torch.int32: "I32",
     torch.int16: "I16",
     torch.int8: "I8",
+    torch.uint64: "U64",
+    torch.uint32: "U32",
+    torch.uint16: "U16",
     torch.uint8: "U8",
     torch.bool: "BOOL",
     torch.float8_e4m3fn: "F8_E4M3",
     torch.float8_e5m2: "F8_E5M2",
+    torch.float8_e8m0fnu: "F8_E8M0",
 }
 _TORCH_DTYPES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+# torch's CPU allocator aligns every block to 64 bytes. A tensor memory-mapped from a safetensors file is only
+# 8-byte aligned (its data starts wherever the header ends), and on that memory BLAS kernels take other code paths
+# (with one thread, PyTorch runs 1x1 convolutions through im2col + sgemm): the same weights then give outputs that
+# differ in the last bits from a model holding them in its own memory.
+ALIGNMENT = 64
+
+
+def owned_aligned(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` itself where its data is 64-byte aligned, else a copy in fresh (aligned) memory.
+
+    Example:
+        >>> t = torch.arange(10.0)
+        >>> owned_aligned(t) is t, owned_aligned(t[1:]).data_ptr() % ALIGNMENT
+        (True, 0)
+    """
+    if tensor.device.type != "cpu" or tensor.data_ptr() % ALIGNMENT == 0:
+        return tensor
+    return tensor.clone(memory_format=torch.preserve_format)
 
 
 class LazySafetensors(Mapping):
     """A safetensors file as a read-only mapping whose tensors are read from disk when asked for, one at a time.
 
-    Nothing is cached or memory-mapped: each lookup reads that tensor's bytes into its own memory, which is freed
-    when the caller lets go of it (``safetensors.safe_open`` keeps the whole file mapped, and resident, while open).
+    Every dtype the format defines is read (through ``safetensors.safe_open``). Nothing is cached: each lookup
+    returns that tensor in memory of its own (64-byte aligned, like any tensor torch allocates, see
+    :func:`owned_aligned`), and the file's pages it was copied from are page cache, not the process's: converting
+    or loading a file larger than memory holds one tensor at a time.
 
     Example:
         >>> import tempfile, torch
@@ -61,12 +96,16 @@ class LazySafetensors(Mapping):
         try:
             with self.path.open("rb") as f:
                 (n,) = struct.unpack("<Q", f.read(8))
+                if n > os.fstat(f.fileno()).st_size - 8:
+                    raise ValueError(f"the header claims {n} bytes, more than the file holds")
                 header = json.loads(f.read(n))
-        except (OSError, ValueError, struct.error) as e:
+            # safetensors' own check of the header: every tensor's byte range inside the file, the data covered
+            with safe_open(str(self.path), framework="pt", device="cpu"):
+                pass
+        except Exception as e:  # OSError, ValueError, struct.error, safetensors' SafetensorError
             raise WeightsError(f"{self.path}: not a readable safetensors file ({e}); re-save it") from e
         self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
         self._entries: dict[str, dict] = header
-        self._data_start = 8 + n
 
     def shape(self, key: str) -> tuple[int, ...]:
         """The shape of a tensor, from the header (nothing read)."""
@@ -74,30 +113,56 @@ class LazySafetensors(Mapping):
 
     def dtype(self, key: str) -> torch.dtype:
         """The dtype of a tensor, from the header (nothing read)."""
-        return _TORCH_DTYPES[self._entries[key]["dtype"]]
+        name = self._entries[key]["dtype"]
+        if name not in _TORCH_DTYPES:
+            raise WeightsError(
+                f"{self.path}: tensor {key!r} has dtype {name}, which this PyTorch cannot hold; re-save it as "
+                f"one of {', '.join(sorted(_TORCH_DTYPES))}"
+            )
+        return _TORCH_DTYPES[name]
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        entry = self._entries[key]
-        begin, end = entry["data_offsets"]
-        dtype = _TORCH_DTYPES.get(entry["dtype"])
-        if dtype is None:
+        if key not in self._entries:
+            raise KeyError(key)
+        self.dtype(key)  # an unknown dtype is refused by name, before safetensors' own message
+        try:
+            with safe_open(str(self.path), framework="pt", device="cpu") as f:
+                tensor = f.get_tensor(key)
+        except Exception as e:  # safetensors raises its own SafetensorError (truncated or corrupt file)
             raise WeightsError(
-                f"{self.path}: tensor {key!r} has dtype {entry['dtype']}, which timm-anysize cannot read"
-            )
-        buf = bytearray(end - begin)
-        with self.path.open("rb") as f:
-            f.seek(self._data_start + begin)
-            if f.readinto(buf) != len(buf):
-                raise WeightsError(f"{self.path}: truncated at tensor {key!r}; re-download or re-save the file")
-        if not buf:
-            return torch.empty(entry["shape"], dtype=dtype)
-        return torch.frombuffer(buf, dtype=dtype).reshape(entry["shape"])
+                f"{self.path}: tensor {key!r} cannot be read ({e}); re-download or re-save the file"
+            ) from e
+        # safe_open's tensor views the file's mapping at its (8-byte aligned) offset: a copy of our own instead
+        return tensor.clone() if tensor.numel() else tensor
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def read_safetensors(path: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, each in memory of its own (see :class:`LazySafetensors`).
+
+    Unlike ``safetensors.torch.load_file``, whose tensors view the file's mapping at 8-byte aligned offsets, a model
+    that takes these tensors (``load_state_dict(assign=True)``) computes bit for bit what it computes with weights
+    copied into its own parameters.
+
+    Raises:
+        WeightsError: The file is not a readable safetensors file, or holds a dtype PyTorch cannot hold.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from safetensors.torch import save_file
+        >>> p = tempfile.mkdtemp() + "/w.safetensors"
+        >>> save_file({"a": torch.arange(3.0), "b": torch.zeros(2, dtype=torch.uint16)}, p)
+        >>> sd = read_safetensors(p)
+        >>> sd["a"].tolist(), sd["b"].dtype, all(t.data_ptr() % ALIGNMENT == 0 for t in sd.values())
+        ([0.0, 1.0, 2.0], torch.uint16, True)
+    """
+    lazy = LazySafetensors(path)
+    return {key: lazy[key] for key in lazy}
 
 
 def write_safetensors(

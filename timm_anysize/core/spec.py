@@ -229,7 +229,10 @@ class WeightSource(_Spec):
         default=None, description="File in the Hub repo (default: model.safetensors, then pytorch_model.bin)."
     )
     revision: Optional[StrictStr] = Field(default=None, description="Hub revision (branch, tag or commit).")
-    url: Optional[StrictStr] = Field(default=None, description="Weights URL (cached in torch's hub folder).")
+    url: Optional[StrictStr] = Field(
+        default=None,
+        description="Weights URL (cached by URL in torch's hub folder; a name-<sha256 prefix>.ext file is checked).",
+    )
     img_size: Optional[SizeField] = Field(
         default=None, description="Size the weights were trained at (default: base's)."
     )

@@ -136,6 +136,8 @@ FAMILIES = (
             step=120,
             feature_indices=(0,),
             script_fx="tokens",  # a block per branch
+            other_sizes=((360, 240), (200, 280)),  # branch sizes follow the input: any size runs
+            export_error="Constraints violated",  # see export_note
             conformance=gray_and_4ch(
                 (120, 240), 360, model_args=dict(embed_dim=[32, 64], depth=[[1, 1, 0]] * 3, num_heads=[1, 1])
             ),

@@ -155,6 +155,8 @@ FAMILIES = (
             step=32,
             export_scale=1,  # timm's own runs only at 193-224 px (7x7 attention tables whatever img_size)
             conformance=gray_and_4ch((96, 160), 136),
+            script_fx="",
+            script_fx_note="its own module checks TorchScript, FX and export: tests/test_efficientformer_nest.py",
         ),
     ),
 )

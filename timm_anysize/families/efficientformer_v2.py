@@ -142,6 +142,8 @@ FAMILIES = (
             dict(depths=(1, 1, 2, 2), embed_dims=(16, 16, 32, 32), num_vit=1, mlp_ratios=2),
             step=32,
             conformance=gray_and_4ch((64, 96), 128),
+            script_fx="",
+            script_fx_note="its own module checks TorchScript, FX and export: tests/test_efficientformer_nest.py",
         ),  # attention in stages 2 and 3, stage 3's subsampling
     ),
 )

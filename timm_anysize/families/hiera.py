@@ -245,6 +245,8 @@ FAMILIES = (
             dict(embed_dim=32, num_heads=1, stages=(1, 1, 1, 1)),
             step=32,
             script_fx="tokens",
+            compile_skip="torch.compile(dynamic=True) does not finish (see export_note); dynamic=False equals eager at "
+            "the three sizes (checked once) but takes about 30 s on 2 cores",
             conformance=gray_and_4ch((64, 96), 160),
             multiple=32,
         ),

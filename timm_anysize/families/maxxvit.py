@@ -288,6 +288,8 @@ FAMILIES = (
             step=32,  # windows of img_size / 32: 2x2 at 64 px
             conformance=gray_and_4ch((64, 96), 160),
             multiple=32,
+            script_fx="",
+            script_fx_note="its own module checks TorchScript, FX and export: tests/test_family_maxxvit_gcvit.py",
         ),
     ),
 )

@@ -25,6 +25,11 @@ FAMILIES = (
             change: _TOKEN_MIXING for change in ("img_larger", "img_non_square", "patch_smaller", "patch_larger")
         },
         example="gmlp_ti16_224",
-        tiny=TinyModel(conformance=gray_and_4ch(64, 64, pretrained={"img_size": 64})),  # gMLP-Ti: 16 tokens
+        tiny=TinyModel(
+            conformance=gray_and_4ch(64, 64, pretrained={"img_size": 64}),  # gMLP-Ti: 16 tokens
+            script_fx="",
+            script_fx_note="it runs at its own size only, through timm's own forward: timm's tests check it on the "
+            "conformance variants",
+        ),
     ),
 )

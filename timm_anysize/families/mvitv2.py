@@ -303,6 +303,10 @@ FAMILIES = (
             step=32,
             feature_indices=(0, 1, 2),
             script_fx="windows",  # full width: no size args
+            fx_features_note="timm names its feature modules 'block.k' (the modules are 'stages.k'): plain timm's fx "
+            "and hook feature extractors fail on them too",
+            built_note="timm builds MViTv2 square only, so no timm model takes the variant's non-square weights as "
+            "its source (tests/test_families.py checks a non-square variant's per-axis tables)",
             conformance=gray_and_4ch((64, 96), 160),
         ),
     ),

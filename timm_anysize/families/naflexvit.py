@@ -107,6 +107,7 @@ FAMILIES = (
         tiny=TinyModel(
             dict(embed_dim=64, depth=2, num_heads=2),
             script_fx="windows",
+            script_error="keyword-arg expansion",  # timm's own NaFlexViT does not script (timm's tests skip '*naflex*')
             conformance=gray_and_4ch(
                 (96, 160), 144, patch_size=12, model_args=dict(embed_dim=64, depth=3, num_heads=2)
             ),

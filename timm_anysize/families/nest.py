@@ -179,7 +179,10 @@ FAMILIES = (
         ),
         example="nest_tiny",
         tiny=TinyModel(
-            conformance=gray_and_4ch(64, 128), multiple=16
+            conformance=gray_and_4ch(64, 128),
+            multiple=16,
+            script_fx="",
+            script_fx_note="its own module checks TorchScript, FX and export: tests/test_efficientformer_nest.py",
         ),  # NesT-T (fixed widths): 4x4 blocks of 4x4 patches
     ),
 )

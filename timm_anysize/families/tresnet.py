@@ -38,6 +38,8 @@ FAMILIES = (
             conformance=gray_and_4ch((96, 160), 128),
             min_input=20,
             multiple=4,
+            script_fx="",
+            script_fx_note="its forward is timm's own (a CNN): timm's tests check it on the conformance variants",
         ),
     ),
 )

@@ -26,6 +26,12 @@ FAMILIES = (
             step=32,
             feature_indices=(0, 1, 2),
             script_fx="windows",
+            fx_features_note="timm names its feature modules 'block.k' (the modules are 'blocks.k'): plain timm's fx "
+            "and hook feature extractors fail on them too",
+            # one symbolic graph takes about a minute of a core to capture, and the local attention's window count
+            # (7x7 windows, padded) is a guard: at the module's sizes it recompiled at each (3 minutes); three sizes
+            # of one window count instead (the own size, a larger one, one that is not whole patches)
+            compile_sizes=((96, 64), (112, 80), (90, 70)),
             conformance=gray_and_4ch((64, 96), 160),
             min_input=32,
         ),

@@ -1,45 +1,62 @@
 """Checkpoints saved by other libraries, mapped onto timm's names: one module per origin, detected from the keys.
 
-Each origin module (:mod:`.torchvision`, :mod:`.transformers`, :mod:`.mmpretrain`, :mod:`.dino`) declares its
-:class:`~.mapping.Layout` s: a key mapping plus the few tensor transforms it needs. This module strips the training
-wrappers (``state_dict`` / ``model`` / ``teacher`` / ``student`` / ``module.``), finds the one layout the keys fit,
-and converts; the :class:`~.mapping.Conversion` says where each timm tensor came from and why each other source
-tensor was dropped, and ends up in the variant's adaptation report.
+Each origin module (:mod:`.torchvision`, :mod:`.transformers`, :mod:`.mmpretrain`, :mod:`.dino`, ...) declares
+its :class:`~.mapping.Layout` s: a key mapping plus the few tensor transforms it needs. The modules are discovered,
+like the families: adding an origin is one new module here that defines ``LAYOUTS`` (``mapping`` is their shared
+engine). :func:`read_layout` strips the training wrappers (``state_dict`` / ``model`` / ``teacher`` / ``student`` /
+``module.``), finds the one layout the keys fit, and converts; the :class:`~.mapping.Conversion` says where each timm
+tensor came from and why each other source tensor was dropped, and ends up in the variant's adaptation report.
+:func:`check_conversion` then refuses what the variant cannot reproduce (:class:`ConversionCheck`: what it is
+checked against).
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, Mapping, NamedTuple, Optional
 
 import torch
 
-from timm_anysize.core.compat import COMPAT_PRESETS, compat_preset, compat_resample_pos_embed
 from timm_anysize.core.errors import WeightsError
 from timm_anysize.core.report import summarize_keys
 from timm_anysize.core.spec import SELECT, register_layout_names
-from timm_anysize.origins import dino, mmpretrain, torchvision, transformers
 from timm_anysize.origins.mapping import Conversion, Layout
 
 __all__ = [
     "LAYOUTS",
     "ORIGINS",
+    "ORIGIN_MODULES",
     "Conversion",
+    "ConversionCheck",
+    "CheckpointLayout",
     "Layout",
+    "check_conversion",
     "detect_layout",
     "get_layout",
+    "read_layout",
     "unwrap_checkpoint",
-    "convert_checkpoint",
-    "COMPAT_PRESETS",
-    "compat_preset",
-    "compat_resample_pos_embed",
+    "unwrap_state_dict",
     "config_geometry",
     "reads_transformers_config",
     "model_numerics",
 ]
 
-LAYOUTS: dict[str, Layout] = {
-    layout.name: layout for module in (torchvision, transformers, mmpretrain, dino) for layout in module.LAYOUTS
-}
+
+def _origin_modules() -> tuple[ModuleType, ...]:
+    """Every module of this package that declares ``LAYOUTS``, in name order (``mapping`` and ``_*`` modules are
+    shared code, not origins)."""
+    names = sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+    modules = [importlib.import_module(f"{__name__}.{name}") for name in names]
+    return tuple(m for m in modules if hasattr(m, "LAYOUTS"))
+
+
+# Discovered, in module-name order: the order detect_layout tries them and error messages list them.
+ORIGIN_MODULES = _origin_modules()
+
+LAYOUTS: dict[str, Layout] = {layout.name: layout for module in ORIGIN_MODULES for layout in module.LAYOUTS}
 # What pretrained.layout accepts: auto, timm, an origin (any of its layouts) or one layout by its full name.
 ORIGINS = ("auto", "timm", *dict.fromkeys(layout.origin for layout in LAYOUTS.values()), *LAYOUTS)
 register_layout_names(ORIGINS)
@@ -61,6 +78,35 @@ def _strip(state_dict: dict[str, torch.Tensor], prefix: str) -> Optional[dict[st
     if state_dict and all(k.startswith(prefix) for k in state_dict):
         return {k[len(prefix) :]: v for k, v in state_dict.items()}
     return None
+
+
+def unwrap_state_dict(obj: Any, where: str = "checkpoint") -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The tensors of a checkpoint in timm's own layout (``state_dict``/``model`` wrappers, DDP's ``module.``
+    prefix), and the wrappers removed to reach them.
+
+    Raises:
+        WeightsError: It holds no state dict, or entries that are not tensors; names ``where`` and the entries.
+
+    Example:
+        >>> import torch
+        >>> sd, how = unwrap_state_dict({"state_dict": {"module.w": torch.ones(1)}})
+        >>> list(sd), how
+        (['w'], ["'state_dict' entry", "'module.' prefix (DistributedDataParallel)"])
+    """
+    wrappers: list[str] = []
+    for key in ("state_dict", "model", "module"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            wrappers.append(f"{key!r} entry")
+    if not isinstance(obj, dict) or not obj:
+        raise WeightsError(f"{where}: holds {type(obj).__name__}, not a state dict of tensors")
+    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise WeightsError(f"{where}: entries that are not tensors: {', '.join(map(str, bad[:5]))}; save a state dict")
+    stripped = _strip(obj, "module.")
+    if stripped is not None:
+        return stripped, [*wrappers, "'module.' prefix (DistributedDataParallel)"]
+    return obj, wrappers
 
 
 def unwrap_checkpoint(obj: Any, select: str = "teacher", where: str = "checkpoint") -> tuple[dict, list[str]]:
@@ -193,27 +239,51 @@ def detect_layout(
     )
 
 
-def convert_checkpoint(
-    obj: Any, origin: str = "auto", select: str = "teacher", config: Optional[dict] = None, where: str = "checkpoint"
-) -> tuple[dict[str, torch.Tensor], Optional[Conversion]]:
-    """Unwrap a loaded checkpoint and, unless it is in timm's own layout, convert it to timm's names.
+class CheckpointLayout(NamedTuple):
+    """A loaded checkpoint in timm's names: what :func:`read_layout` found."""
 
-    Returns:
-        The state dict (timm's names when a layout was found) and the conversion (None for timm's layout).
+    state_dict: dict[str, torch.Tensor]  # timm's names (converted where another library's layout was found)
+    wrappers: list[str]  # the containers and prefixes removed to reach the tensors
+    conversion: Optional[Conversion]  # how it was converted; None for timm's own layout
+
+
+def read_layout(
+    obj: Any, layout: str = "auto", select: str = "teacher", where: str = "checkpoint", config: Optional[dict] = None
+) -> CheckpointLayout:
+    """Unwrap a loaded checkpoint and, unless it is in timm's own layout, convert it to timm's names: the one place
+    that decides how a checkpoint is read, for loading, ``convert`` and ``show`` alike.
+
+    Args:
+        obj: The checkpoint as saved (:func:`timm_anysize.weight_files.read_checkpoint`).
+        layout: ``pretrained.layout``: ``auto`` (detected from the keys), ``timm``, an origin or one layout.
+        select: ``pretrained.select``: the model of a teacher/student checkpoint.
+        where: The file, for messages.
+        config: The transformers ``config.json`` that speaks for the weights, if any.
+
+    Raises:
+        WeightsError: No state dict of tensors; ambiguous or unknown layout (see :func:`detect_layout`).
 
     Example:
         >>> import torchvision
         >>> m = torchvision.models.VisionTransformer(32, 8, 1, 2, 16, 32)
-        >>> sd, conv = convert_checkpoint({"model": m.state_dict(), "epoch": 3})
-        >>> conv.layout, conv.origin["cls_token"], conv.wrappers
+        >>> found = read_layout({"model": m.state_dict(), "epoch": 3})
+        >>> found.conversion.layout, found.conversion.origin["cls_token"], found.wrappers
         ('torchvision.vit', "torchvision 'class_token'", ["'model' entry (ignored: epoch)"])
     """
-    sd, wrappers = unwrap_checkpoint(obj, select, where)
-    conv = detect_layout(sd, origin, where, config)
+    if layout == "timm":
+        return CheckpointLayout(*unwrap_state_dict(obj, where), None)
+    try:
+        state_dict, wrappers = unwrap_checkpoint(obj, select, where)
+    except WeightsError:
+        if layout != "auto":
+            raise
+        # not a foreign checkpoint either: timm's reader says why
+        return CheckpointLayout(*unwrap_state_dict(obj, where), None)
+    conv = detect_layout(state_dict, layout, where, config)
     if conv is None:
-        return sd, None
+        return CheckpointLayout(state_dict, wrappers, None)
     conv.wrappers = wrappers
-    return conv.state_dict, conv
+    return CheckpointLayout(conv.state_dict, wrappers, conv)
 
 
 def _pair(v: Any) -> Optional[tuple[int, int]]:
@@ -224,7 +294,7 @@ def _pair(v: Any) -> Optional[tuple[int, int]]:
     return None  # absent or not a size: nothing to fill in or check
 
 
-def config_geometry(config: Optional[dict]) -> dict[str, Any]:
+def config_geometry(config: Optional[Mapping[str, Any]]) -> dict[str, Any]:
     """The source geometry a transformers ``config.json`` states, as ``pretrained`` fields (those it states).
 
     Example:
@@ -276,11 +346,29 @@ def model_numerics(model: torch.nn.Module) -> dict[str, tuple]:
     return {"activations": tuple(sorted(acts)), "layer_norm_eps": tuple(sorted(eps))}
 
 
-def _check_numerics(conv: Conversion, plan: Any, name: str) -> None:
-    """LayerNorm eps and activation of the origin against the timm model the variant builds (``plan.source_numerics``,
-    read off the source model when the plan was made)."""
+@dataclass(frozen=True)
+class ConversionCheck:
+    """What a checkpoint converted from another library is checked against: the variant's models, as its plan
+    resolved them (the pipeline makes one from the plan; :func:`check_conversion` reads nothing else)."""
 
-    numerics = plan.source_numerics
+    variant: str  # the variant, for messages (``configs/x.yaml: name``)
+    arch: str  # the base architecture
+    family: str  # the base's family
+    source_kwargs: Mapping[str, Any]  # what the model at the weights' geometry is built with
+    target_kwargs: Mapping[str, Any]  # what the variant's model is built with
+    source_numerics: Mapping[str, tuple]  # model_numerics of the source model
+    img_size: Optional[tuple[int, int]]  # the source geometry
+    patch_size: Optional[tuple[int, int]]
+    in_chans: int
+    num_classes: int  # of the source head
+    target_num_classes: int  # of the variant's head
+    config: Optional[dict[str, Any]] = None  # the transformers config.json that speaks for the weights
+
+
+def _check_numerics(conv: Conversion, numerics: Mapping[str, tuple], name: str) -> None:
+    """LayerNorm eps and activation of the origin against the timm model the variant builds (``numerics``, read off
+    the source model when the plan was made)."""
+
     act = conv.numerics.get("hidden_act")
     if act is not None:
         want = _ACTS.get(act)
@@ -307,33 +395,45 @@ def _check_numerics(conv: Conversion, plan: Any, name: str) -> None:
             )
 
 
-def check_against_plan(conv: Conversion, plan: Any, config: Optional[dict], where: str) -> None:
+def check_conversion(conv: Conversion, check: ConversionCheck, where: str) -> None:
     """Refuse a converted checkpoint the variant cannot reproduce: another family, numerics the variant's
     ``model_args`` do not carry, a ``config.json`` geometry other than the variant's source geometry, or a
     classifier that cannot be kept.
 
     Raises:
         WeightsError: Naming the difference and the fix.
+
+    Example:
+        >>> import torchvision
+        >>> conv = detect_layout(torchvision.models.VisionTransformer(32, 8, 1, 2, 16, 32).state_dict())
+        >>> check = ConversionCheck("v", "swin_tiny_patch4_window7_224", "swin", {}, {}, {}, (32, 32), (8, 8), 3,
+        ...                         1000, 1000)
+        >>> check_conversion(conv, check, "w.pth")
+        Traceback (most recent call last):
+        ...
+        timm_anysize.core.errors.WeightsError: v: w.pth is a torchvision.vit checkpoint (timm family vit), but base swin_tiny_patch4_window7_224 is of family swin; pick a base of that family
     """
-    layout, spec = get_layout(conv.layout), plan.spec
-    name = spec.where
-    if plan.family.name not in layout.families:
+    layout, name = get_layout(conv.layout), check.variant
+    if check.family not in layout.families:
         raise WeightsError(
             f"{name}: {where} is a {layout.name} checkpoint (timm family {'/'.join(layout.families)})"
-            f", but base {spec.arch} is of family {plan.family.name}; pick a base of that family"
+            f", but base {check.arch} is of family {check.family}; pick a base of that family"
         )
     for key, want in conv.model_args.items():
-        for what, kwargs in (("pretrained.model_args", plan.source_kwargs), ("model_args", plan.target_kwargs)):
+        for what, kwargs in (("pretrained.model_args", check.source_kwargs), ("model_args", check.target_kwargs)):
             if kwargs.get(key) != want:
                 raise WeightsError(
-                    f"{name}: {layout.name} weights compute with {key}={want!r} (timm's {spec.arch} default differs"
-                    f"); add `{key}: {want!r}` to {what} so the variant computes what the origin did"
+                    f"{name}: {layout.name} weights compute with {key}={want!r} (timm's {check.arch} default "
+                    f"differs); add `{key}: {want!r}` to {what} so the variant computes what the origin did"
                 )
     if conv.numerics:
-        _check_numerics(conv, plan, name)
-    if config:
-        s, stated = plan.source, config_geometry(config)  # the fields with_config_geometry fills in
-        for key, field, ours in (("img_size", "image_size", s.img_size), ("patch_size", "patch_size", s.patch_size)):
+        _check_numerics(conv, check.source_numerics, name)
+    if check.config:
+        stated = config_geometry(check.config)  # the fields with_config_geometry fills in
+        for key, field, ours in (
+            ("img_size", "image_size", check.img_size),
+            ("patch_size", "patch_size", check.patch_size),
+        ):
             theirs = stated.get(key)
             if theirs is not None and ours is not None and tuple(ours) != theirs:
                 raise WeightsError(
@@ -341,15 +441,15 @@ def check_against_plan(conv: Conversion, plan: Any, config: Optional[dict], wher
                     f"is {list(ours)}; set pretrained.{key}: {list(theirs)}, or leave it out and config.json fills "
                     f"it in"
                 )
-        if stated.get("in_chans") not in (None, s.in_chans):
+        if stated.get("in_chans") not in (None, check.in_chans):
             raise WeightsError(
                 f"{name}: config.json beside {where} says num_channels {stated['in_chans']}, the "
-                f"variant's source has {s.in_chans}; set pretrained.in_chans: {stated['in_chans']}"
+                f"variant's source has {check.in_chans}; set pretrained.in_chans: {stated['in_chans']}"
             )
-    if conv.head_unusable and plan.target.num_classes and plan.source.num_classes == plan.target.num_classes:
+    if conv.head_unusable and check.target_num_classes and check.num_classes == check.target_num_classes:
         raise WeightsError(
             f"{name}: {conv.head_unusable}; give the variant a new head (num_classes other than "
-            f"{plan.source.num_classes}) or none (num_classes: 0)"
+            f"{check.num_classes}) or none (num_classes: 0)"
         )
 
 
