@@ -3,6 +3,7 @@ resident memory (VmHWM, reset just before) as JSON.
 
     python load_memory_child.py make FILE BASE DTYPE        # a random checkpoint (.safetensors streamed, or .pth)
     python load_memory_child.py load FILE BASE GEOMETRY_JSON
+    python load_memory_child.py features FILE BASE GEOMETRY_JSON    # the load, with features_only=True
     python load_memory_child.py convert FILE BASE GEOMETRY_JSON OUT
     python load_memory_child.py forward - BASE GEOMETRY_JSON     # build (random init) and one forward at its size
 """
@@ -84,7 +85,7 @@ def main(argv: list[str]) -> dict:
     timm_anysize.register_variant("mem_variant", base=base, pretrained={"file": str(file)}, **geometry)
     before = rss()
     reset_peak()
-    model = timm.create_model("mem_variant", pretrained=True)
+    model = timm.create_model("mem_variant", pretrained=True, features_only=mode == "features")
     added = peak() - before
     sd = model.state_dict()
     return dict(

@@ -17,9 +17,13 @@ import torch
 import timm_anysize
 from conftest import unique_name
 from timm_anysize.apps.demo import register_demo_variants
+<<<<<<< HEAD
 from timm_anysize.builder import spec_pretrained_cfg, variant_pretrained_cfg
 from timm_anysize.core.spec import parse_variant
+=======
+>>>>>>> main
 from timm_anysize.plan import make_plan
+from timm_anysize.pretrained_cfg import spec_pretrained_cfg, variant_pretrained_cfg
 from timm_anysize.registry import _shipped_config_files
 
 SEED = "vit_tiny_patch4_64"
@@ -238,7 +242,7 @@ def test_pool_size_follows_a_call_time_img_size():
 
 def test_test_and_min_input_size_are_scaled_to_the_variant():
     """No supported base has them in timm today, so the plan's base cfg is given them."""
-    from timm_anysize.builder import variant_pretrained_cfg
+    from timm_anysize.pretrained_cfg import variant_pretrained_cfg
 
     name = unique_name()
     spec = timm_anysize.core.spec.parse_variant(

@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 from timm_anysize.core.atomic import FolderExistsError
+from timm_anysize.calibration import CalibrationError, CalibrationReport, calibrate
 from timm_anysize.core.errors import (
     AdaptationError,
     AnysizeError,
@@ -62,6 +63,9 @@ __all__ = [
     "get_patch_size",
     "enable_flexi",
     "flexi_cache_info",
+    "calibrate",
+    "CalibrationReport",
+    "CalibrationError",
     "export",
     "push_to_hub",
     "build_model_card",

@@ -129,6 +129,8 @@ class VariantPlan:
     source_numerics: dict[str, tuple] = field(default_factory=dict, repr=False)
     # What the target model costs in memory (parameters, every buffer, the largest attention map of one image).
     cost: Optional[CostEstimate] = field(default=None, repr=False, compare=False)
+    # The model at the source geometry, on meta, as the plan built it: timm's checkpoint filters read its shapes.
+    source_model: Optional[nn.Module] = field(default=None, repr=False, compare=False)
 
     @property
     def dynamic_kwargs(self) -> dict[str, bool]:
@@ -749,9 +751,8 @@ def make_plan(
     """
     config = source_config(spec, weights, cache_dir)
     if not overrides:
-        # The plan of a spec without overrides never changes; each create_model of a variant reuses it. The origin is
-        # excluded from dumps but named in errors; a config.json is part of what the plan was made from.
-        key = f"{spec.origin}|{spec.model_dump_json()}|{json.dumps(config, sort_keys=True, default=str)}"
+        # The plan of a spec without overrides never changes; each create_model of a variant reuses it.
+        key = _plan_key(spec, config)
         plan = _default_plans.get(key)
         if plan is None:
             plan = _default_plans[key] = _make_plan(spec, {}, config)
@@ -789,9 +790,31 @@ def source_read(plan: VariantPlan) -> SourceRead:
         source_shapes=plan.source_shapes,
         held_keys=(*plan.resamples, *plan.patch_keys),
         checkpoint_filter=plan.family.checkpoint_filter,
-        source_model=lambda: build_meta(spec, plan.source_kwargs, "source (pretrained)"),
+        # the meta model the plan built at the weights' geometry, else (a plan made before it kept one) a new one
+        source_model=lambda: plan.source_model or build_meta(spec, plan.source_kwargs, "source (pretrained)"),
         check=check,
     )
+
+
+def made_plan(spec: VariantSpec) -> Optional[VariantPlan]:
+    """``make_plan(spec)`` where it was made already (by a ``create_model`` without overrides whose weights bring no
+    other ``config.json``), else None: nothing is built.
+
+    Example:
+        >>> from timm_anysize.core.spec import parse_variant
+        >>> spec = parse_variant("doc_made_plan", {"base": "test_vit", "img_size": 48})
+        >>> made_plan(spec) is None
+        True
+        >>> plan = make_plan(spec)
+        >>> made_plan(spec) is plan
+        True
+    """
+    return _default_plans.get(_plan_key(spec, source_config(spec)))
+
+
+def _plan_key(spec: VariantSpec, config: Optional[dict[str, Any]]) -> str:
+    # The origin is excluded from dumps but named in errors; a config.json is part of what the plan was made from.
+    return f"{spec.origin}|{spec.model_dump_json()}|{json.dumps(config, sort_keys=True, default=str)}"
 
 
 def _requested_changes(spec: VariantSpec, source: Geometry, target_kwargs: dict[str, Any]) -> list[str]:
@@ -992,6 +1015,7 @@ def _make_plan(spec: VariantSpec, overrides: dict[str, Any], config: Optional[di
         config=config,
         source_numerics=model_numerics(source_model),
         cost=cost,
+        source_model=source_model,
     )
     if family.generic:
         _refuse_geometry_bound(plan, {k: tuple(v.shape) for k, v in target_model.state_dict().items()})

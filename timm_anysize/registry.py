@@ -37,11 +37,12 @@ import torch.nn as nn
 from timm.models import generate_default_cfgs, register_model
 
 from timm_anysize import variants as _variants_module
-from timm_anysize.builder import build_variant, default_tag, spec_pretrained_cfg, variant_pretrained_cfg
+from timm_anysize.builder import build_variant
 from timm_anysize.core.errors import AnysizeError, RegistrationError, one_line
 from timm_anysize.core.spec import VariantSpec, parse_variant
 from timm_anysize.core.timm_private import unregister_model
-from timm_anysize.plan import make_plan
+from timm_anysize.plan import made_plan, make_plan
+from timm_anysize.pretrained_cfg import default_tag, spec_pretrained_cfg, variant_pretrained_cfg
 from timm_anysize.yaml_config import load_yaml_specs
 
 __all__ = [
@@ -64,8 +65,9 @@ _unplanned: set[str] = set()  # registered with validate=False: planned (and the
 
 def _entrypoint(spec: VariantSpec) -> Callable[..., nn.Module]:
     def entrypoint(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-        _plan_registered(spec)
-        return build_variant(spec, pretrained=pretrained, **kwargs)
+        model = build_variant(spec, pretrained=pretrained, **kwargs)  # plans the variant: a bad spec raises here
+        _plan_registered(spec, made_only=True)  # its registered cfg completed where that plan was the spec's own
+        return model
 
     entrypoint.__name__ = entrypoint.__qualname__ = spec.name
     entrypoint.__module__ = _variants_module.__name__
@@ -113,12 +115,16 @@ def _publish(spec: VariantSpec, cfg: dict[str, Any], fn: Optional[Callable[..., 
         register_model(fn)
 
 
-def _plan_registered(spec: VariantSpec) -> None:
+def _plan_registered(spec: VariantSpec, made_only: bool = False) -> None:
     """The plan of a variant registered unplanned (``validate=False``): made (and cached) on its first use, raising
-    what registration would have; its registered pretrained cfg then gets what only the plan knows."""
+    what registration would have; its registered pretrained cfg then gets what only the plan knows. ``made_only``:
+    only where a ``create_model`` made that plan already (one without overrides or other weights' config.json)."""
     if spec.name not in _unplanned:
         return
-    cfg = variant_pretrained_cfg(make_plan(spec))  # SpecError: the same as a validating registration raises
+    plan = made_plan(spec) if made_only else make_plan(spec)  # SpecError: as a validating registration raises
+    if plan is None:
+        return
+    cfg = variant_pretrained_cfg(plan)
     with _lock:
         if spec.name in _unplanned and _specs.get(spec.name) is spec:
             if cfg != spec_pretrained_cfg(spec):

@@ -1,0 +1,592 @@
+"""Calibration without labels: a re-sized variant learns from its own source model, from unlabelled images.
+
+A variant's weights were trained at the source geometry (img_size, patch_size, in_chans); at the new one they work,
+but lose accuracy until fine-tuned, and most users who re-size a checkpoint have images and no labels. The source
+model itself knows the answers: the same checkpoint at its own geometry is the teacher, the variant is the student
+(FlexiViT trains its flexible models exactly so: distillation from a fixed-patch teacher). :func:`calibrate` renders
+each batch once per geometry -- with the variant's data config for the student and the source's for the teacher --
+and distils the teacher's logits (KL with temperature, as timm's ``LogitDistillationTask``) or, where the two heads
+differ or there is none, its pooled features (cosine).
+
+Example:
+    >>> import tempfile, timm, torch, timm_anysize
+    >>> from safetensors.torch import save_file
+    >>> path = tempfile.mkdtemp() + "/w.safetensors"
+    >>> save_file(timm.create_model("test_vit").state_dict(), path)
+    >>> name = timm_anysize.register_variant("calib_doc_vit48", base="test_vit", img_size=48,
+    ...                                      pretrained={"file": path})
+    >>> model = timm.create_model(name, pretrained=True)
+    >>> report = calibrate(model, torch.rand(40, 3, 48, 48), steps=2, batch_size=8, progress=False)
+    >>> report.steps, report.target, len(report.losses)
+    (2, 'logits', 2)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
+
+import timm
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from tqdm.auto import tqdm
+
+from timm_anysize.core.errors import AnysizeError
+from timm_anysize.core.meta import initialize_fresh, parameters_uninitialised
+from timm_anysize.flexi import patch_size as flexi_patch_size
+from timm_anysize.plan import source_read
+from timm_anysize.pretrained_cfg import stats_for_channels
+from timm_anysize.source_weights import load_source_state_dict
+
+__all__ = ["calibrate", "CalibrationReport", "CalibrationError", "build_teacher", "geometry_bound_parameters"]
+
+ImagesArg = Union[torch.Tensor, str, os.PathLike, Iterable[Any]]
+ChannelMap = Callable[[torch.Tensor, int], torch.Tensor]
+_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+class CalibrationError(AnysizeError):
+    """The model is not a variant, or the images are empty or unreadable."""
+
+
+@dataclass
+class CalibrationReport:
+    """What one :func:`calibrate` run did: its steps and time, the loss per step, and how well the student agrees
+    with the teacher on held-aside images before and after, per geometry (``metric``: top-1 agreement in percent
+    for logits, mean cosine similarity of pooled features for features).
+    """
+
+    variant: str
+    teacher: str
+    target: str  # "logits" or "features"
+    metric: str
+    trainable: str
+    steps: int
+    batch_size: int
+    lr: float
+    images: int
+    held_out: int
+    seconds: float
+    geometries: list[str]
+    losses: list[float] = field(default_factory=list)
+    agreement_before: dict[str, float] = field(default_factory=dict)
+    agreement_after: dict[str, float] = field(default_factory=dict)
+    loss_before: dict[str, float] = field(default_factory=dict)  # the distillation loss on the held-aside images
+    loss_after: dict[str, float] = field(default_factory=dict)
+    completed: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (the report written beside calibrated weights)."""
+        return asdict(self)
+
+    def summary(self) -> str:
+        """One line per geometry: the agreement before -> after."""
+        unit = "%" if self.target == "logits" else ""
+        lines = [
+            f"{self.variant}: {self.steps} steps on {self.images} unlabelled images in {self.seconds:.1f} s "
+            f"(teacher: {self.teacher}; {self.metric})"
+        ]
+        for g in self.geometries:
+            lines.append(f"  {g}: {self.agreement_before[g]:.3f}{unit} -> {self.agreement_after[g]:.3f}{unit}")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The teacher: the variant's source weights at their own geometry
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _plan_of(model: nn.Module) -> Any:
+    plan = getattr(model, "_anysize_plan", None)
+    if plan is None:
+        raise CalibrationError(
+            f"{type(model).__name__}: not a timm-anysize variant built with pretrained=True; calibrate a model "
+            f"from timm.create_model(VARIANT, pretrained=True)"
+        )
+    return plan
+
+
+def _weights_cfg(model: nn.Module) -> dict[str, Any]:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return {k: cfg.get(k) for k in ("url", "file", "hf_hub_id", "hf_hub_filename")}
+
+
+def build_teacher(model: nn.Module) -> nn.Module:
+    """The variant's source model: the same checkpoint at its own img_size / patch_size / in_chans, frozen, in eval
+    mode, in the variant's dtype and on its device (Hub and URL weights come from the download cache).
+
+    Raises:
+        CalibrationError: ``model`` is not a variant, or its source weights do not cover the source model.
+
+    Example:
+        >>> import tempfile, timm, torch, timm_anysize
+        >>> from safetensors.torch import save_file
+        >>> path = tempfile.mkdtemp() + "/w.safetensors"
+        >>> save_file(timm.create_model("test_vit").state_dict(), path)
+        >>> name = timm_anysize.register_variant("calib_doc_teacher", base="test_vit", img_size=64, patch_size=8,
+        ...                                      pretrained={"file": path})
+        >>> teacher = build_teacher(timm.create_model(name, pretrained=True))
+        >>> tuple(teacher.patch_embed.patch_size), teacher.training
+        ((16, 16), False)
+    """
+    plan = _plan_of(model)
+    source_sd, _ = load_source_state_dict(source_read(plan), _weights_cfg(model))
+    with parameters_uninitialised():
+        teacher = plan.family.create(partial(timm.create_model, plan.spec.base, pretrained=False), plan.source_kwargs)
+    own = set(teacher.state_dict())
+    missing = sorted(own - set(source_sd))
+    headless = set(missing) <= {k for k in own if any(k.startswith(c.rsplit(".", 1)[0]) for c in plan.classifier_keys)}
+    if missing and not headless:
+        raise CalibrationError(
+            f"{plan.spec.name}: the source weights do not cover the source model ({', '.join(missing[:4])}...); "
+            f"pass teacher=MODEL to calibrate"
+        )
+    teacher.load_state_dict({k: v for k, v in source_sd.items() if k in own}, strict=False, assign=True)
+    initialize_fresh(teacher, missing)
+    teacher._anysize_headless = bool(missing)  # the source's head is not in the checkpoint: distil features
+    like = next(model.parameters())
+    return teacher.to(device=like.device, dtype=like.dtype).eval().requires_grad_(False)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Images: unlabelled, in [0, 1], rendered once per geometry
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Render:
+    """How one model sees an image: its size, channels, normalisation and resize interpolation."""
+
+    img_size: tuple[int, int]
+    in_chans: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str
+
+    def __call__(self, x: torch.Tensor, channel_map: ChannelMap) -> torch.Tensor:
+        mode = self.interpolation if self.interpolation in ("nearest", "bilinear", "bicubic") else "bilinear"
+        if tuple(x.shape[-2:]) != self.img_size:
+            align = None if mode == "nearest" else False
+            x = F.interpolate(x, size=self.img_size, mode=mode, align_corners=align, antialias=mode != "nearest")
+        x = channel_map(x, self.in_chans)
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        return ((x - mean) / std).contiguous()
+
+
+def default_channel_map(x: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """An image's channels as a model with ``in_chans`` expects them, by the rule the adapted stem assumes (and
+    :func:`~timm_anysize.pretrained_cfg.stats_for_channels` for the mean and std): gray
+    repeated to RGB, RGB averaged to gray, extra channels repeating the first ones (timm's ``adapt_input_conv``
+    repeats the RGB kernel cyclically), fewer channels the first ones.
+
+    Example:
+        >>> default_channel_map(torch.ones(1, 1, 2, 2), 3).shape, default_channel_map(torch.rand(1, 3, 2, 2), 1).shape
+        (torch.Size([1, 3, 2, 2]), torch.Size([1, 1, 2, 2]))
+    """
+    c = x.shape[1]
+    if c == in_chans:
+        return x
+    if in_chans == 1:
+        return x.mean(dim=1, keepdim=True)
+    if c == 1:
+        return x.expand(-1, in_chans, -1, -1)
+    if in_chans > c:
+        return x[:, [i % c for i in range(in_chans)]]
+    return x[:, :in_chans]
+
+
+def _render_of(model: nn.Module, img_size: Optional[tuple[int, int]] = None) -> _Render:
+    cfg = timm.data.resolve_data_config(model=model)
+    c, h, w = cfg["input_size"]
+    return _Render(
+        img_size or (h, w),
+        c,
+        stats_for_channels(cfg["mean"], c),
+        stats_for_channels(cfg["std"], c),
+        cfg["interpolation"],
+    )
+
+
+def _teacher_render(model: nn.Module, teacher: nn.Module, plan: Any, user_teacher: bool) -> _Render:
+    if user_teacher:
+        return _render_of(teacher)
+    # The source's data config: the normalisation its weights expect (the variant's `data:` stats, else the base's,
+    # at the source's channel count, as the variant's own cfg derives them), its size, the variant's interpolation.
+    student = _render_of(model)
+    c, data, base = plan.source.in_chans, plan.spec.data, plan.base_cfg
+    mean = stats_for_channels(data.mean or base.get("mean", IMAGENET_DEFAULT_MEAN), c)
+    std = stats_for_channels(data.std or base.get("std", IMAGENET_DEFAULT_STD), c)
+    return _Render(tuple(plan.source.img_size), c, mean, std, student.interpolation)
+
+
+def _folder_images(folder: Path, size: tuple[int, int]) -> torch.Tensor:
+    """Every image file under ``folder`` (any nesting), read with timm's dataset and resized to ``size``, in [0, 1]."""
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise CalibrationError(f"{folder}: no image files ({', '.join(IMAGE_SUFFIXES)}) in it or below it")
+    transform = timm.data.create_transform(
+        input_size=(3, *size), interpolation="bicubic", crop_pct=1.0, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)
+    )
+    dataset = timm.data.ImageDataset(str(folder), transform=transform)
+    out = []
+    for i in range(len(dataset)):
+        try:
+            out.append(dataset[i][0])
+        except Exception as e:  # PIL's UnidentifiedImageError, OSError for truncated files
+            path = dataset.filename(i, absolute=True)
+            raise CalibrationError(f"{path}: cannot be read as an image ({e}); remove or replace it") from e
+    if not out:
+        raise CalibrationError(f"{folder}: no image files in it or below it")
+    return torch.stack(out)
+
+
+def _as_images(images: ImagesArg, size: tuple[int, int]) -> torch.Tensor:
+    """The images as one float tensor ``[N, C, H, W]`` in [0, 1] (batches of other sizes resized to ``size``)."""
+    if isinstance(images, (str, os.PathLike)):
+        folder = Path(images)
+        if not folder.is_dir():
+            raise CalibrationError(
+                f"{folder}: not a folder of images; pass a folder, a tensor or an iterable of batches"
+            )
+        return _folder_images(folder, size)
+    if isinstance(images, torch.Tensor):
+        batches: list[torch.Tensor] = [images]
+    else:
+        batches = []
+        for batch in images:
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            if not isinstance(x, torch.Tensor):
+                raise CalibrationError(
+                    f"an image batch is a {type(x).__name__}; batches are float tensors [B, C, H, W]"
+                )
+            batches.append(x)
+    for x in batches:
+        if x.dim() != 4 or not x.is_floating_point():
+            raise CalibrationError(
+                f"images of shape {list(x.shape)} and dtype {x.dtype}: pass float tensors [N, C, H, W] in [0, 1]"
+            )
+    batches = [
+        x if tuple(x.shape[-2:]) == tuple(batches[0].shape[-2:]) else F.interpolate(x, size=size, mode="bilinear")
+        for x in batches
+        if len(x)
+    ]
+    if not batches:
+        raise CalibrationError("no images: pass at least one unlabelled image")
+    if len({x.shape[1] for x in batches}) > 1:
+        raise CalibrationError(f"batches with {sorted({x.shape[1] for x in batches})} channels: use one count")
+    if len({tuple(x.shape[-2:]) for x in batches}) > 1:
+        batches = [F.interpolate(x, size=size, mode="bilinear") for x in batches]
+    return torch.cat(batches).float()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# What learns, and what it learns
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def geometry_bound_parameters(model: nn.Module) -> list[str]:
+    """The names of a variant's parameters bound to its geometry: position embeddings and relative-position tables
+    (every tensor the plan resamples), the patch kernel(s), and every norm's affine parameters.
+
+    Example:
+        >>> import timm, timm_anysize
+        >>> name = timm_anysize.register_variant("calib_doc_geo", base="test_vit", img_size=48)
+        >>> names = geometry_bound_parameters(timm.create_model(name))
+        >>> "pos_embed" in names, "patch_embed.proj.weight" in names, "blocks.0.attn.qkv.weight" in names
+        (True, True, False)
+    """
+    plan = _plan_of(model)
+    keys = set(plan.resamples) | set(plan.patch_keys) | {k.removesuffix(".weight") + ".bias" for k in plan.patch_keys}
+    norms = {f"{n}.{p}" for n, m in model.named_modules() if isinstance(m, _NORMS) for p, _ in m.named_parameters()}
+    names = [n for n, _ in model.named_parameters()]
+    return [n for n in names if n in keys or n in norms]
+
+
+@contextlib.contextmanager
+def _geometry(model: nn.Module, patch: Optional[tuple[int, int]]) -> Iterator[None]:
+    if patch is None:
+        yield
+    else:
+        with flexi_patch_size(model, patch):
+            yield
+
+
+def _describe(img_size: tuple[int, int], patch: Optional[tuple[int, int]]) -> str:
+    where = f"{img_size[0]}x{img_size[1]} px"
+    return where + (f", patch {patch[0]}x{patch[1]}" if patch is not None else "")
+
+
+def _pooled(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Pooled features (pre-logits) where the model has timm's two-step forward, else its output."""
+    if hasattr(model, "forward_features") and hasattr(model, "forward_head"):
+        return model.forward_head(model.forward_features(x), pre_logits=True)
+    out = model(x)
+    return out[-1].flatten(2).mean(-1) if isinstance(out, (list, tuple)) else out
+
+
+def _targets(model: nn.Module, teacher: nn.Module) -> str:
+    student_classes = getattr(model, "num_classes", 0)
+    if getattr(teacher, "_anysize_headless", False) or not student_classes:
+        return "features"
+    return "logits" if student_classes == getattr(teacher, "num_classes", -1) else "features"
+
+
+def _outputs(model: nn.Module, x: torch.Tensor, target: str) -> torch.Tensor:
+    return model(x) if target == "logits" else _pooled(model, x)
+
+
+def _loss_per_image(student: torch.Tensor, teacher: torch.Tensor, target: str, temperature: float) -> torch.Tensor:
+    if target == "logits":  # KL(teacher || student) at a temperature, scaled by T^2 (Hinton et al.; timm's KD task)
+        t = F.log_softmax(teacher.float() / temperature, dim=-1)
+        s = F.log_softmax(student.float() / temperature, dim=-1)
+        return (t.exp() * (t - s)).sum(-1) * temperature**2
+    return 1.0 - F.cosine_similarity(student.float(), teacher.float(), dim=-1)
+
+
+@torch.no_grad()
+def _agreement(student: torch.Tensor, teacher: torch.Tensor, target: str) -> torch.Tensor:
+    if target == "logits":
+        return (student.argmax(-1) == teacher.argmax(-1)).float() * 100.0
+    return F.cosine_similarity(student.float(), teacher.float(), dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Cancelling between steps
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Ctrl-C during the block is raised when it ends: an optimiser step is never left half-applied."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[Any] = []
+    previous = signal.signal(signal.SIGINT, lambda *a: pending.append(a))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pending:
+        raise KeyboardInterrupt
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# calibrate
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def calibrate(
+    model: nn.Module,
+    images: ImagesArg,
+    *,
+    steps: int = 300,
+    batch_size: int = 64,
+    lr: float = 2e-4,
+    patch_sizes: Optional[Sequence[Union[int, Sequence[int]]]] = None,
+    img_sizes: Optional[Sequence[Union[int, Sequence[int]]]] = None,
+    teacher: Optional[nn.Module] = None,
+    trainable: str = "all",
+    temperature: float = 1.0,
+    held_out: Optional[int] = None,
+    channel_map: Optional[ChannelMap] = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> CalibrationReport:
+    """Distil a variant's source model (at its own geometry) into the variant, from unlabelled images, in place.
+
+    Each step draws ``batch_size`` images and one geometry (an img_size of ``img_sizes`` and a patch size of
+    ``patch_sizes``, FlexiViT-style, so one set of weights learns them all), renders the batch for the student at
+    that geometry and for the teacher at the source's, and takes one AdamW step (cosine schedule, 5% warm-up) on the
+    KL divergence of the logits (same head) or the cosine distance of the pooled features (a new head, or none).
+    Under ``torch.distributed`` (DDP, any backend) the global batch is split over the ranks and the gradients
+    averaged: the same weights as one process with the same ``batch_size``. Ctrl-C stops between steps (the weights
+    change only when a step completes) and returns the report so far (``completed=False``).
+
+    Args:
+        model: A variant built with ``pretrained=True`` (updated in place; its train/eval mode is restored).
+        images: Unlabelled images: a float tensor ``[N, C, H, W]`` in [0, 1] at any size, a folder of image files
+            (any nesting), or an iterable (a DataLoader) of such batches (``(images, ...)`` tuples too).
+        steps: Optimiser steps.
+        batch_size: Images per step (the global batch under DDP).
+        lr: Peak learning rate.
+        patch_sizes: Run-time patch sizes to calibrate for (None: the variant's own).
+        img_sizes: Input sizes to calibrate for (None: the variant's own).
+        teacher: Another teacher (any model taking the source's input); by default the variant's source model.
+        trainable: ``"all"`` parameters, or ``"geometry"``: only those bound to the geometry
+            (:func:`geometry_bound_parameters`).
+        temperature: Softmax temperature of the logit distillation.
+        held_out: Images set aside to measure the agreement before and after (default: 10%, 32 to 512).
+        channel_map: ``f(images, in_chans)`` giving the images at a model's channel count (default:
+            :func:`default_channel_map`).
+        seed: Seed of the batch, geometry and held-out draws.
+        progress: Show a progress bar.
+
+    Returns:
+        The report: steps, time, losses and agreement with the teacher per geometry before and after.
+
+    Raises:
+        CalibrationError: Not a variant, no images, unreadable images, or a bad argument.
+    """
+    started = time.perf_counter()
+    plan = _plan_of(model)
+    if steps < 0 or batch_size < 1 or lr <= 0 or temperature <= 0:
+        raise CalibrationError(
+            f"steps={steps}, batch_size={batch_size}, lr={lr}, temperature={temperature}: steps >= 0, batch_size >= "
+            f"1, lr > 0 and temperature > 0"
+        )
+    if trainable not in ("all", "geometry"):
+        raise CalibrationError(f"trainable={trainable!r}: use 'all' or 'geometry'")
+    rank, world = _world()
+    user_teacher = teacher is not None
+    teacher = teacher if teacher is not None else build_teacher(model)
+    teacher.eval().requires_grad_(False)
+    channel_map = channel_map or default_channel_map
+    own = _render_of(model)
+    sizes = [own.img_size] if not img_sizes else [_pair(s, "img_sizes") for s in img_sizes]
+    patches: list[Optional[tuple[int, int]]] = (
+        [None] if not patch_sizes else [_pair(p, "patch_sizes") for p in patch_sizes]
+    )
+    geometries = [(s, p) for s in sizes for p in patches]
+    labels = [_describe(s, p) for s, p in geometries]
+    teacher_render = _teacher_render(model, teacher, plan, user_teacher)
+    raw_size = (
+        max([teacher_render.img_size[0], *(s[0] for s in sizes)]),
+        max([teacher_render.img_size[1], *(s[1] for s in sizes)]),
+    )
+    data = _as_images(images, raw_size)
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(data), generator=gen)
+    n_held = held_out if held_out is not None else min(512, max(32, len(data) // 10))
+    n_held = min(n_held, max(len(data) - 1, 1))
+    held, pool = data[order[:n_held]], data[order[n_held:]] if len(data) > n_held else data[order[:n_held]]
+    target = _targets(model, teacher)
+    like = next(model.parameters())
+    device, dtype = like.device, like.dtype
+
+    def forward_pair(x: torch.Tensor, geometry: tuple[tuple[int, int], Optional[tuple[int, int]]]):
+        size, patch = geometry
+        s_in = _Render(size, own.in_chans, own.mean, own.std, own.interpolation)(x, channel_map)
+        t_in = teacher_render(x, channel_map)
+        with torch.no_grad():
+            t_out = _outputs(teacher, t_in.to(device=device, dtype=dtype), target)
+        with _geometry(model, patch):
+            s_out = _outputs(model, s_in.to(device=device, dtype=dtype), target)
+        return s_out, t_out
+
+    @torch.no_grad()
+    def agreement() -> tuple[dict[str, float], dict[str, float]]:
+        was = model.training
+        model.eval()
+        scores, losses = {}, {}
+        for label, g in zip(labels, geometries):
+            pairs = [forward_pair(held[i : i + 128], g) for i in range(0, len(held), 128)]
+            scores[label] = round(float(torch.cat([_agreement(s, t, target) for s, t in pairs]).mean()), 4)
+            per_image = [_loss_per_image(s, t, target, temperature) for s, t in pairs]
+            losses[label] = round(float(torch.cat(per_image).mean()), 6)
+        model.train(was)
+        return scores, losses
+
+    before, loss_before = agreement()
+    names = geometry_bound_parameters(model) if trainable == "geometry" else [n for n, _ in model.named_parameters()]
+    params = dict(model.named_parameters())
+    learn = [params[n] for n in names if params[n].is_floating_point()]
+    frozen = {n: p.requires_grad for n, p in params.items()}
+    for n, p in params.items():
+        p.requires_grad_(n in names)
+    opt = torch.optim.AdamW(learn, lr=lr, weight_decay=0.0)
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(i, steps) / max(steps, 1)))
+    )
+    losses: list[float] = []
+    completed = True
+    was_training = model.training
+    model.train()
+    bar = _progress(steps, plan.spec.name, progress and rank == 0)
+    try:
+        for _ in range(steps):
+            pick = torch.randint(len(pool), (batch_size,), generator=gen)
+            geometry = geometries[int(torch.randint(len(geometries), (1,), generator=gen))]
+            local = pick[rank::world]  # this rank's share of the global batch
+            opt.zero_grad(set_to_none=True)
+            if len(local):
+                s_out, t_out = forward_pair(pool[local], geometry)
+                loss = _loss_per_image(s_out, t_out, target, temperature).sum() / batch_size
+                loss.backward()
+                value = loss.detach().float()
+            else:
+                value = torch.zeros((), device=device)
+            if world > 1:
+                for p in learn:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    dist.all_reduce(p.grad)
+                dist.all_reduce(value)
+            with _sigint_deferred():
+                torch.nn.utils.clip_grad_norm_(learn, 1.0)
+                opt.step()
+                sched.step()
+            losses.append(round(float(value), 6))
+            bar.update(1)
+            bar.set_postfix_str(f"loss {losses[-1]:.4f}")
+    except KeyboardInterrupt:
+        completed = False
+    finally:
+        bar.close()
+        for n, p in params.items():
+            p.requires_grad_(frozen[n])
+        model.train(was_training)
+    after, loss_after = agreement()
+    return CalibrationReport(
+        variant=plan.spec.name,
+        teacher=(
+            type(teacher).__name__ if user_teacher else f"{plan.spec.base} at {plan.source.describe()} (its weights)"
+        ),
+        target=target,
+        metric="top-1 agreement (%)" if target == "logits" else "pooled-feature cosine",
+        trainable=trainable,
+        steps=len(losses),
+        batch_size=batch_size,
+        lr=lr,
+        images=len(pool),
+        held_out=len(held),
+        seconds=round(time.perf_counter() - started, 2),
+        geometries=labels,
+        losses=losses,
+        agreement_before=before,
+        agreement_after=after,
+        loss_before=loss_before,
+        loss_after=loss_after,
+        completed=completed,
+    )
+
+
+def _pair(v: Union[int, Sequence[int]], what: str) -> tuple[int, int]:
+    pair = (int(v), int(v)) if isinstance(v, int) else tuple(int(x) for x in v)
+    if len(pair) != 2 or min(pair) < 1:
+        raise CalibrationError(f"{what}: {v!r} is not a size; use an int or (height, width)")
+    return pair  # type: ignore[return-value]
+
+
+def _progress(total: int, desc: str, enabled: bool) -> Any:
+    return tqdm(total=total, desc=f"calibrate {desc}", disable=not enabled, leave=False)
