@@ -17,12 +17,8 @@ import torch
 import timm_anysize
 from conftest import unique_name
 from timm_anysize.apps.demo import register_demo_variants
-<<<<<<< HEAD
-from timm_anysize.builder import spec_pretrained_cfg, variant_pretrained_cfg
 from timm_anysize.core.spec import parse_variant
-=======
->>>>>>> main
-from timm_anysize.plan import make_plan
+from timm_anysize.plan import made_plan, make_plan
 from timm_anysize.pretrained_cfg import spec_pretrained_cfg, variant_pretrained_cfg
 from timm_anysize.registry import _shipped_config_files
 
@@ -145,7 +141,10 @@ def test_a_changed_spec_is_refused_by_default_and_replaced_with_overwrite():
         "or pass overwrite=True to replace it"
     )
     assert _grid(name) == (8, 8)  # the refusal changed nothing
+    old = timm_anysize.get_variant(name)
+    assert made_plan(old) is not None
     assert timm_anysize.register_variant(name, base="test_vit", img_size=64, patch_size=16, overwrite=True) == name
+    assert made_plan(old) is None  # the replaced spec's cached plan is dropped
     assert timm_anysize.get_variant(name).patch_size == (16, 16)
     assert _grid(name) == (4, 4)  # timm's entrypoint builds the new spec
     assert timm.models.get_pretrained_cfg(name).input_size == (3, 64, 64)
@@ -182,8 +181,9 @@ def test_overwrite_still_refuses_timm_models_and_two_specs_of_one_name():
 def test_unregister_removes_the_variant_from_timm():
     name = timm_anysize.register_variant(unique_name(), base="test_vit", img_size=32, patch_size=8)
     assert timm.list_models(name) == [name] and timm.list_pretrained(f"{name}*")
+    spec = timm_anysize.get_variant(name)
     timm_anysize.unregister(name)
-    assert name not in timm_anysize.list_variants()
+    assert name not in timm_anysize.list_variants() and made_plan(spec) is None
     assert timm.list_models(name) == [] and timm.list_pretrained(f"{name}*") == [] and not timm.is_model(name)
     with pytest.raises(RuntimeError, match=f"Unknown model \\({name}\\)"):
         timm.create_model(name)

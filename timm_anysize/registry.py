@@ -41,7 +41,7 @@ from timm_anysize.builder import build_variant
 from timm_anysize.core.errors import AnysizeError, RegistrationError, one_line
 from timm_anysize.core.spec import VariantSpec, parse_variant
 from timm_anysize.core.timm_private import unregister_model
-from timm_anysize.plan import made_plan, make_plan
+from timm_anysize.plan import forget_plans, made_plan, make_plan
 from timm_anysize.pretrained_cfg import default_tag, spec_pretrained_cfg, variant_pretrained_cfg
 from timm_anysize.yaml_config import load_yaml_specs
 
@@ -170,6 +170,9 @@ def register_specs(specs: Iterable[VariantSpec], validate: bool = True, overwrit
             elif validate and spec.name in _unplanned:
                 _plan_registered(_specs[spec.name])  # registered unplanned before: validated now
         for spec, cfg in ready:
+            replaced = _specs.get(spec.name)
+            if replaced is not None:  # overwrite: the old spec's plans go with it
+                forget_plans(replaced)
             _publish(spec, cfg)
             _specs[spec.name] = spec
             if validate:
@@ -245,6 +248,7 @@ def unregister(name: str) -> None:
     """
     with _lock:
         spec = get_variant(name)
+        forget_plans(spec)
         unregister_model(spec.name)
         del _specs[spec.name]
         _unplanned.discard(spec.name)
