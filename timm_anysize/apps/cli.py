@@ -276,7 +276,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         report = convert_checkpoint(spec, out)
     except AnysizeError as e:
         raise type(e)(_convert_error(str(e), name, args.file)) from e
-    out.with_suffix(".report.json").write_text(json.dumps(report.to_dict(), indent=2))
+    out.with_suffix(".report.json").write_text(json.dumps(report.shareable().to_dict(), indent=2))  # no local path
     print(report.summary())
     print(
         f"wrote {out} and {out.with_suffix('.report.json')} (plain timm: timm.create_model({args.base!r}, "
