@@ -76,7 +76,7 @@ def test_show_unknown_name_is_one_line(capsys):
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1
     assert err.startswith(
-        "timm-anysize show: error: 'vit_tiny_patch4_46' is not a timm-anysize variant; close: vit_tiny_patch4_64"
+        "timm-anysize show: error: 'vit_tiny_patch4_46' is not a timm-anysize variant; did you mean vit_tiny_patch4_64"
     )
 
 

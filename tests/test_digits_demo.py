@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import safetensors.torch
@@ -10,6 +11,7 @@ import timm
 import torch
 
 import timm_anysize
+from conftest import unique_name
 from timm_anysize.apps.digits import (
     BASE_VARIANT,
     evaluate,
@@ -97,3 +99,46 @@ def test_demo_quick(tmp_path, capsys):
         if not r["naive"]:
             assert r["finetuned"] > r["scratch"]  # adapted + fine-tune beats scratch with the same budget
     assert "kernel 4x4 -> 8x8 (PI-resize" in pi["non_copied"]["patch_embed.proj.weight"]
+
+
+def test_train_digits_base_needs_an_output_path(capsys):
+    """Run from the repository root, no default path may overwrite the tracked configs/weights file: --out is asked."""
+    from timm_anysize.apps.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["train-digits-base", "--epochs", "1"])
+    assert info.value.code == 2
+    assert "error: the following arguments are required: --out" in capsys.readouterr().err
+
+
+def test_the_card_does_not_depend_on_the_working_directory(make_checkpoint, tmp_path, capsys):
+    """A results.json in the folder a command runs in goes into no card: only one named by --demo-results does,
+    and a named file that is missing is an error, not a card without its numbers."""
+    from huggingface_hub import ModelCard
+
+    from timm_anysize.apps.cli import main
+    from timm_anysize.apps.demo import metrics_from_demo
+
+    path, _ = make_checkpoint("test_vit")
+    name = timm_anysize.register_variant(
+        unique_name("demo"), base="test_vit", img_size=32, pretrained={"file": str(path)}
+    )
+    results = {"rows": [{"variant": name, "naive": False, "zero_shot": 90.0, "finetuned": 95.0, "scratch": 20.0}]}
+    (tmp_path / "anysize-demo").mkdir()
+    (tmp_path / "anysize-demo" / "results.json").write_text(json.dumps(results))
+    (Path.cwd() / "anysize-demo").mkdir()  # where the old default (relative to the working directory) looked
+    (Path.cwd() / "anysize-demo" / "results.json").write_text(json.dumps(results))
+    assert main(["--quiet", "export", name, str(tmp_path / "plain")]) == 0
+    assert ModelCard.load(tmp_path / "plain" / "README.md").data.eval_results is None
+    named = str(tmp_path / "anysize-demo" / "results.json")
+    assert main(["--quiet", "export", name, str(tmp_path / "named"), "--demo-results", named]) == 0
+    card = ModelCard.load(tmp_path / "named" / "README.md")
+    assert [r.metric_value for r in card.data.eval_results] == [90.0, 95.0, 20.0]
+    capsys.readouterr()
+    missing = tmp_path / "nosuch.json"
+    assert main(["--quiet", "export", name, str(tmp_path / "x"), "--demo-results", str(missing)]) == 1
+    assert capsys.readouterr().err == (
+        f"timm-anysize export: error: {missing}: no such file; --demo-results names a results.json written by "
+        "`timm-anysize demo`\n"
+    )
+    assert metrics_from_demo(None, name) == [] and not (tmp_path / "x").exists()

@@ -124,6 +124,59 @@ def test_export_refuses_to_overwrite_and_is_atomic(variant, tmp_path, monkeypatc
     assert sorted(p.name for p in exports.iterdir()) == ["export"]  # no half-written folder or temp left
 
 
+def test_what_is_shared_names_the_weights_by_file_name_not_by_a_local_path(variant, tmp_path):
+    """The card, anysize_report.json and every other exported file name the weights by file name: no trace of the
+    folder they sit in, the home folder or the working directory; by name and with file= alike."""
+    name, path = variant
+    other = tmp_path / "elsewhere" / "other weights.safetensors"  # a space: the path is not cut at it
+    other.parent.mkdir()
+    other.write_bytes(path.read_bytes())
+    for out, file in ((tmp_path / "by-name", None), (tmp_path / "with-file", other)):
+        timm_anysize.export(name, out, file=file, repo_id="me/variant")
+        weights = Path(file or path).name
+        report = json.loads((out / "anysize_report.json").read_text())
+        assert report["source"] == f"file {weights}"
+        assert f"From `file {weights}`:" in (out / "README.md").read_text()
+        local = {str(path.parent), str(other.parent), str(Path.home()), os.getcwd()}
+        for exported in out.iterdir():
+            data = exported.read_bytes()
+            assert not [p for p in local if p.encode() in data], exported.name
+    in_memory = timm.create_model(name, pretrained=True)
+    assert timm_anysize.adaptation_report(in_memory).source == f"file {path}"  # locally, the full path helps
+
+
+def test_export_folders_take_the_users_umask(variant, tmp_path):
+    name, _ = variant
+    model = timm.create_model(name)
+    old = os.umask(0o022)
+    try:
+        for umask in (0o022, 0o027):
+            os.umask(umask)
+            out = timm_anysize.export(model, tmp_path / f"export-{umask:o}" / "out")
+            assert oct(out.stat().st_mode & 0o777) == oct(0o777 & ~umask)
+            assert oct(out.parent.stat().st_mode & 0o777) == oct(0o777 & ~umask)
+            assert {oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == {oct(0o666 & ~umask)}
+    finally:
+        os.umask(old)
+
+
+def test_export_refuses_an_existing_folder_before_reading_any_weights(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a checkpoint")
+    name = timm_anysize.register_variant(
+        unique_name("hub"), base="test_vit", img_size=32, patch_size=8, pretrained={"file": str(bad)}
+    )
+    with pytest.raises(timm_anysize.WeightsError):  # the weights are unreadable ...
+        timm_anysize.export(name, tmp_path / "fresh")
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("mine")
+    with pytest.raises(FolderExistsError) as info:  # ... yet an occupied folder is what is refused
+        timm_anysize.export(name, existing)
+    assert str(info.value) == f"{existing}: exists and is not empty; pass overwrite=True (--overwrite) to replace it"
+    assert [p.name for p in existing.iterdir()] == ["keep.txt"] and not (tmp_path / "fresh").exists()
+
+
 def test_export_rejects_models_not_built_by_timm_anysize(tmp_path):
     with pytest.raises(timm_anysize.ExportError, match="was not built by timm-anysize"):
         timm_anysize.export(timm.create_model("test_vit"), tmp_path / "x")
@@ -156,6 +209,53 @@ def test_push_dry_run_needs_no_network(variant, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "dry run: would create repo me/repo" in proc.stdout
     assert "  model.safetensors" in proc.stdout and "library_name: timm" in proc.stdout
+
+
+@pytest.mark.parametrize("offline", ["0", "1"])
+def test_push_dry_run_of_hub_weights_downloads_nothing_and_writes_nothing(tmp_path, offline):
+    """A variant whose weights are on the Hub: the dry run asks the Hub for nothing (the stand-in counts every
+    request), writes nothing in the working directory or the Hugging Face cache, and says what it would upload."""
+    name = unique_name("hub")
+    timm_anysize.register_variant(
+        name,
+        base="test_vit",
+        img_size=48,
+        patch_size=8,
+        in_chans=1,
+        pretrained={"hf_hub_id": "org/remote-weights", "img_size": 64, "patch_size": 8, "num_classes": 5},
+    )
+    configs = _variant_yaml(name, tmp_path)
+    cwd, hf_home = tmp_path / "cwd", tmp_path / "hf"
+    cwd.mkdir()
+    with HubStandIn() as hub:
+        proc = subprocess.run(
+            [sys.executable, "-m", "timm_anysize", "--quiet", "push", name, "me/repo", "--dry-run"],
+            capture_output=True,
+            text=True,
+            cwd=cwd,
+            env={
+                **os.environ,
+                "HF_ENDPOINT": hub.url,
+                "HF_HUB_OFFLINE": offline,
+                "HF_HOME": str(hf_home),
+                "TIMM_ANYSIZE_CONFIGS": configs,
+            },
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert hub.state.requests == []
+    lines = proc.stdout.splitlines()
+    assert lines[:6] == [
+        "dry run: would create repo me/repo and upload:",
+        "  README.md",
+        "  anysize_report.json",
+        "  config.json",
+        "  model.safetensors",
+        "weights: hf-hub org/remote-weights, not downloaded in a dry run (the card lists the planned steps)",
+    ]
+    assert "base_model: org/remote-weights" in proc.stdout and 'timm.create_model("hf-hub:me/repo"' in proc.stdout
+    assert "From `hf-hub org/remote-weights (not downloaded: dry run)`:" in proc.stdout
+    assert "| `pos_embed` | planned (weights not loaded): resample grid 8x8 -> 6x6" in proc.stdout
+    assert list(cwd.iterdir()) == [] and not hf_home.exists()
 
 
 def _variant_yaml(name: str, folder: Path) -> str:

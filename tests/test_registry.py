@@ -17,7 +17,8 @@ import torch
 import timm_anysize
 from conftest import unique_name
 from timm_anysize.apps.demo import register_demo_variants
-from timm_anysize.plan import make_plan
+from timm_anysize.core.spec import parse_variant
+from timm_anysize.plan import made_plan, make_plan
 from timm_anysize.pretrained_cfg import spec_pretrained_cfg, variant_pretrained_cfg
 from timm_anysize.registry import _shipped_config_files
 
@@ -111,9 +112,86 @@ def test_env_var_configs_register_on_import(tmp_path):
     assert out.stdout.strip() == "(3, 32, 32) True"
 
 
-def test_get_variant_unknown_name():
-    with pytest.raises(KeyError, match="not a timm-anysize variant; close: vit_tiny_patch4_64"):
+def test_an_unknown_name_is_a_registration_error_with_a_did_you_mean(tmp_path):
+    with pytest.raises(timm_anysize.RegistrationError) as info:
         timm_anysize.get_variant("vit_tiny_patch4_46")
+    expected = str(info.value)
+    assert expected.startswith("'vit_tiny_patch4_46' is not a timm-anysize variant; did you mean vit_tiny_patch4_64")
+    assert expected.endswith("?")
+    with pytest.raises(timm_anysize.RegistrationError) as info:  # before anything is built or written
+        timm_anysize.export("vit_tiny_patch4_46", tmp_path / "out")
+    assert str(info.value) == expected and not (tmp_path / "out").exists()
+    with pytest.raises(timm_anysize.RegistrationError) as info:
+        timm_anysize.get_variant("zzzz")
+    assert str(info.value) == "'zzzz' is not a timm-anysize variant; list_variants() names them"
+
+
+def _grid(name: str) -> tuple[int, int]:
+    with torch.device("meta"):
+        return timm.create_model(name).patch_embed.grid_size
+
+
+def test_a_changed_spec_is_refused_by_default_and_replaced_with_overwrite():
+    name = timm_anysize.register_variant(unique_name(), base="test_vit", img_size=64, patch_size=8)
+    assert _grid(name) == (8, 8)
+    with pytest.raises(timm_anysize.RegistrationError) as info:
+        timm_anysize.register_variant(name, base="test_vit", img_size=64, patch_size=16)
+    assert str(info.value) == (
+        f"<dict>: {name}: the name is already registered with a different spec (from <dict>); rename one of them, "
+        "or pass overwrite=True to replace it"
+    )
+    assert _grid(name) == (8, 8)  # the refusal changed nothing
+    old = timm_anysize.get_variant(name)
+    assert made_plan(old) is not None
+    assert timm_anysize.register_variant(name, base="test_vit", img_size=64, patch_size=16, overwrite=True) == name
+    assert made_plan(old) is None  # the replaced spec's cached plan is dropped
+    assert timm_anysize.get_variant(name).patch_size == (16, 16)
+    assert _grid(name) == (4, 4)  # timm's entrypoint builds the new spec
+    assert timm.models.get_pretrained_cfg(name).input_size == (3, 64, 64)
+    assert timm_anysize.list_variants().count(name) == 1 and timm.list_models(name) == [name]
+
+
+def test_register_yaml_overwrite_replaces_registered_unplanned_and_its_cfg(tmp_path):
+    """A file registered unplanned (as $TIMM_ANYSIZE_CONFIGS is), edited and registered again with overwrite: the
+    new spec's cfg is timm's, and its first create_model plans the new spec (no stale plan or cfg)."""
+    name = unique_name()
+    path = tmp_path / "v.yaml"
+    path.write_text(f"variants:\n  {name}:\n    base: test_vit\n    img_size: 32\n    in_chans: 1\n")
+    timm_anysize.register_yaml(path, validate=False)
+    assert timm.models.get_pretrained_cfg(name).input_size == (1, 32, 32)
+    path.write_text(f"variants:\n  {name}:\n    base: test_vit\n    img_size: 48\n    in_chans: 2\n")
+    with pytest.raises(timm_anysize.RegistrationError, match="pass overwrite=True to replace it"):
+        timm_anysize.register_yaml(path)
+    assert timm_anysize.register_yaml(path, overwrite=True) == [name]
+    assert timm.models.get_pretrained_cfg(name).input_size == (2, 48, 48)
+    m = timm.create_model(name)
+    assert m.pretrained_cfg["input_size"] == (2, 48, 48) and m.patch_embed.grid_size == (3, 3)
+
+
+def test_overwrite_still_refuses_timm_models_and_two_specs_of_one_name():
+    with pytest.raises(timm_anysize.RegistrationError, match="collides with timm's built-in model 'test_vit'"):
+        timm_anysize.register_variant("test_vit", base="test_vit", img_size=32, overwrite=True)
+    name = unique_name()
+    specs = [parse_variant(name, {"base": "test_vit", "img_size": size}) for size in (32, 48)]
+    with pytest.raises(timm_anysize.RegistrationError, match="the name is given twice with different specs"):
+        timm_anysize.register_specs(specs, overwrite=True)
+    assert name not in timm_anysize.list_variants()
+
+
+def test_unregister_removes_the_variant_from_timm():
+    name = timm_anysize.register_variant(unique_name(), base="test_vit", img_size=32, patch_size=8)
+    assert timm.list_models(name) == [name] and timm.list_pretrained(f"{name}*")
+    spec = timm_anysize.get_variant(name)
+    timm_anysize.unregister(name)
+    assert name not in timm_anysize.list_variants() and made_plan(spec) is None
+    assert timm.list_models(name) == [] and timm.list_pretrained(f"{name}*") == [] and not timm.is_model(name)
+    with pytest.raises(RuntimeError, match=f"Unknown model \\({name}\\)"):
+        timm.create_model(name)
+    with pytest.raises(timm_anysize.RegistrationError, match=f"{name!r} is not a timm-anysize variant"):
+        timm_anysize.unregister(name)
+    # the name is free again: registering it anew is not a change of spec
+    assert timm_anysize.register_variant(name, base="test_vit", img_size=48, patch_size=8) == name
+    assert _grid(name) == (6, 6)
 
 
 def test_an_unknown_create_model_kwarg_is_a_type_error_as_for_timm_models():

@@ -4,6 +4,7 @@ environment, runs ``timm-anysize demo --quick`` and carries its data files (conf
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -61,6 +62,19 @@ def test_wheel_installs_and_runs_the_demo(tmp_path: Path) -> None:
     assert Path(where) == site / "timm_anysize"
     for data in ("py.typed", "templates/modelcard.md", "configs/vit.yaml", "configs/anysize.schema.json"):
         assert (site / "timm_anysize" / data).is_file(), data
+    # The metadata of a published package: an SPDX license with its text, the project's links, one version.
+    (info,) = site.glob("timm_anysize-*.dist-info")
+    meta = (info / "METADATA").read_text()
+    assert "License-Expression: Apache-2.0\n" in meta and "License-File: LICENSE\n" in meta
+    assert (info / "licenses" / "LICENSE").read_text() == (ROOT / "LICENSE").read_text()
+    links = {"Homepage", "Documentation", "Issues", "Changelog"}
+    assert {
+        line.split(": ", 1)[1].split(",")[0] for line in meta.splitlines() if line.startswith("Project-URL:")
+    } == links
+    (version,) = re.findall(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.MULTILINE)
+    assert f"Version: {version}\n" in meta
+    code = "import timm_anysize; print(timm_anysize.__version__)"
+    assert _run([str(py), "-c", code], cwd=tmp_path, env={"PYTHONPATH": ""}).strip() == version
     out = _run(
         [str(py), "-m", "timm_anysize", "--quiet", "demo", "--quick", "--out", str(tmp_path / "demo")],
         cwd=tmp_path,

@@ -40,6 +40,7 @@ from timm_anysize.registry import (
     register_specs,
     register_variant,
     register_yaml,
+    unregister,
     validate_variant,
 )
 
@@ -49,6 +50,7 @@ __all__ = [
     "validate_variant",
     "register_variant",
     "register_specs",
+    "unregister",
     "list_variants",
     "get_variant",
     "adaptation_report",

@@ -19,7 +19,7 @@ from typing import Any, Optional, Sequence, Union
 import timm
 import torch.nn as nn
 
-from timm_anysize.core.atomic import atomic_folder
+from timm_anysize.core.atomic import atomic_folder, check_folder_free
 from timm_anysize.core.errors import AnysizeError
 from timm_anysize.core.variant_plan import VariantPlan
 from timm_anysize.core.version import __version__
@@ -49,7 +49,7 @@ class Metric:
 
 def _resolve_model(model_or_name: Union[str, nn.Module], file: Optional[str]) -> nn.Module:
     if isinstance(model_or_name, str):
-        get_variant(model_or_name)  # a clear KeyError for names that are not variants
+        get_variant(model_or_name)  # a RegistrationError with a did-you-mean for names that are not variants
         overlay = dict(file=str(file)) if file else None
         model = timm.create_model(model_or_name, pretrained=True, pretrained_cfg_overlay=overlay)
         _check_plain_timm_can_build(model._anysize_plan)
@@ -102,6 +102,8 @@ def build_model_card(
 ):
     """The model card (a ``huggingface_hub.ModelCard``) of a variant model.
 
+    It names the weights the variant was adapted from by Hub id, URL or file name, never by a local path.
+
     Args:
         model: A model built by ``timm.create_model(<variant>)``.
         repo_id: The Hub repo it will live in (for the title and the usage snippet).
@@ -113,6 +115,11 @@ def build_model_card(
         >>> card.data.library_name, "timm-anysize" in card.data.tags
         ('timm', True)
     """
+    return _model_card(model, repo_id, metrics)
+
+
+def _model_card(model: nn.Module, repo_id: Optional[str], metrics: Any, planned_source: Optional[str] = None) -> Any:
+    """:func:`build_model_card`; ``planned_source`` names the weights of a model built without them (a dry run)."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     plan, cfg = model._anysize_plan, model.pretrained_cfg
@@ -144,6 +151,7 @@ def build_model_card(
         eval_results=eval_results,
     )
     if report is not None:
+        report = report.shareable()
         changes = [(e.key, f"{e.action}: {e.detail}") for e in report.non_copied()]
         source, source_geo, target_geo = report.source, report.source_geometry, report.target_geometry
         num_copied, num_total, dropped = (
@@ -153,7 +161,8 @@ def build_model_card(
         )
     else:
         changes = [(k, f"planned (weights not loaded): {what}") for k, what in plan.steps()]
-        source, source_geo, target_geo = f"{spec.base} (not loaded)", plan.source.describe(), plan.target.describe()
+        source = planned_source or f"{spec.base} (not loaded)"
+        source_geo, target_geo = plan.source.describe(), plan.target.describe()
         num_total = len(model.state_dict())
         num_copied, dropped = num_total - len(changes), []
     return ModelCard.from_template(
@@ -232,7 +241,7 @@ def _write_export(model: nn.Module, folder: Path, repo_id: Optional[str], metric
     _clean_config(folder / "config.json")
     report = getattr(model, "_anysize_report", None)
     if report is not None:  # the full per-tensor account, for tools; the card has the summary
-        (folder / "anysize_report.json").write_text(json.dumps(report.to_dict(), indent=2))
+        (folder / "anysize_report.json").write_text(json.dumps(report.shareable().to_dict(), indent=2))
     build_model_card(model, repo_id, metrics).save(str(folder / "README.md"))
 
 
@@ -247,7 +256,8 @@ def export(
     """Export a variant to a Hub-style folder that plain timm loads with ``timm.create_model('local-dir:...')``.
 
     The folder is written atomically: on any failure nothing is left behind, and an existing export is only
-    replaced (after the new one is complete) when ``overwrite`` is True.
+    replaced (after the new one is complete) when ``overwrite`` is True. An existing folder is refused before any
+    weights are read. The files name the source weights by Hub id, URL or file name, never by a local path.
 
     Args:
         model_or_name: A variant name (loaded with ``pretrained=True``) or a model built from one.
@@ -260,6 +270,11 @@ def export(
     Returns:
         The folder.
 
+    Raises:
+        FolderExistsError: ``out_dir`` exists and is not empty, and ``overwrite`` is False.
+        RegistrationError: ``model_or_name`` is a name that is not a registered variant.
+        ExportError: The model cannot be exported for plain timm.
+
     Example:
         >>> import tempfile, timm
         >>> out = export(timm.create_model("vit_tiny_patch4_64"), tempfile.mkdtemp() + "/vit64")
@@ -268,8 +283,9 @@ def export(
         >>> timm.create_model(f"local-dir:{out}", pretrained=True).pretrained_cfg["input_size"]
         (1, 64, 64)
     """
-    model = _resolve_model(model_or_name, str(file) if file else None)
+    check_folder_free(out_dir, overwrite)  # before the weights are read: refusing takes no time, and fails nothing
     metrics = _metrics(metrics)  # validated before anything is written
+    model = _resolve_model(model_or_name, str(file) if file else None)
     with atomic_folder(out_dir, overwrite=overwrite) as tmp:
         _write_export(model, tmp, repo_id, metrics)
     return Path(out_dir).absolute()
@@ -287,17 +303,39 @@ def push_to_hub(
 ) -> dict[str, Any]:
     """Export a variant and upload it to a Hub repo through ``huggingface_hub.HfApi`` (create_repo + upload_folder).
 
-    Requests are tagged with timm-anysize's name and version. With ``dry_run`` nothing touches the network.
+    Requests are tagged with timm-anysize's name and version.
+
+    A dry run touches no network and writes nothing outside a temporary folder: it says which files would be
+    uploaded and renders the card. Weights in a local file (the variant's ``pretrained.file``, or ``file``), or a
+    model passed in, are exported for real into a temporary folder; a variant whose weights are on the Hub or at a
+    URL is not downloaded: its card is rendered from the plan (the steps adaptation will take), built on the
+    ``meta`` device, and ``weights`` names what a real push would download.
 
     Returns:
-        ``{"repo_id", "files", "card", "commit_url"}`` (``commit_url`` is None for a dry run).
+        ``{"repo_id", "files", "card", "commit_url", "weights", "weights_loaded"}``: ``commit_url`` is None for a
+        dry run; ``weights`` names the source weights (a Hub id, URL or file name; None without pretrained weights)
+        and ``weights_loaded`` says whether they were read (False only in a dry run of a remote source).
+
+    Example:
+        >>> r = push_to_hub("vit_tiny_patch4_64", "me/vit-tiny-64", dry_run=True)  # its weights are on the Hub
+        >>> r["files"], r["weights"], r["weights_loaded"]
+        (['README.md', 'anysize_report.json', 'config.json', 'model.safetensors'], 'hf-hub timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k', False)
     """
     from huggingface_hub import HfApi
 
+    if dry_run and isinstance(model_or_name, str):
+        planned = _plan_only(model_or_name, file)
+        if planned is not None:
+            model, weights = planned
+            card = str(_model_card(model, repo_id, _metrics(metrics), f"{weights} (not downloaded: dry run)"))
+            files = ["README.md", "anysize_report.json", "config.json", "model.safetensors"]
+            return dict(repo_id=repo_id, files=files, card=card, commit_url=None, weights=weights, weights_loaded=False)
     with tempfile.TemporaryDirectory() as tmp:
         folder = export(model_or_name, Path(tmp) / "export", file=file, metrics=metrics, repo_id=repo_id)
         files = sorted(p.name for p in folder.iterdir())
         card = (folder / "README.md").read_text()
+        report_path = folder / "anysize_report.json"
+        weights = json.loads(report_path.read_text())["source"] if report_path.exists() else None
         commit_url = None
         if not dry_run:
             api = HfApi(token=token, library_name=LIBRARY_NAME, library_version=__version__)
@@ -309,4 +347,21 @@ def push_to_hub(
                 commit_message=commit_message or f"Upload {repo_id} (timm-anysize {__version__})",
             )
             commit_url = getattr(info, "commit_url", None) or str(info)
-    return {"repo_id": repo_id, "files": files, "card": card, "commit_url": commit_url}
+    return dict(repo_id=repo_id, files=files, card=card, commit_url=commit_url, weights=weights, weights_loaded=True)
+
+
+def _plan_only(name: str, file: Optional[Union[str, os.PathLike]]) -> Optional[tuple[nn.Module, str]]:
+    """For a dry run: the variant built on the ``meta`` device (no weights read, nothing allocated) and where its
+    weights would come from, when that is the Hub or a URL; None when they are local (read them: no network)."""
+    get_variant(name)  # a RegistrationError with a did-you-mean for names that are not variants
+    overlay = dict(file=str(file)) if file else None
+    model = timm.create_model(name, pretrained_cfg_overlay=overlay, device="meta")
+    _check_plain_timm_can_build(model._anysize_plan)
+    cfg = model.pretrained_cfg
+    if cfg.get("file") or cfg.get("state_dict") is not None:
+        return None
+    if cfg.get("hf_hub_id"):
+        return model, f"hf-hub {cfg['hf_hub_id']}"
+    if cfg.get("url"):
+        return model, f"url {cfg['url']}"
+    return None  # no pretrained weights at all: nothing to download

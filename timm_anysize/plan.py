@@ -150,6 +150,23 @@ def made_plan(spec: VariantSpec) -> Optional[VariantPlan]:
     return _default_plans.get(_plan_key(spec, source_config(spec)))
 
 
+def forget_plans(spec: VariantSpec) -> None:
+    """Drop the cached plans of ``spec`` (every ``config.json`` it was made with): the variant was replaced or
+    unregistered (:func:`timm_anysize.unregister`), so nothing keeps them alive.
+
+    Example:
+        >>> from timm_anysize.core.spec import parse_variant
+        >>> spec = parse_variant("doc_forget_plans", {"base": "test_vit", "img_size": 48})
+        >>> _ = make_plan(spec)
+        >>> forget_plans(spec)
+        >>> made_plan(spec) is None
+        True
+    """
+    prefix = _plan_key(spec, None).rsplit("|", 1)[0] + "|"
+    for key in [k for k in _default_plans if k.startswith(prefix)]:
+        del _default_plans[key]
+
+
 def _plan_key(spec: VariantSpec, config: Optional[dict[str, Any]]) -> str:
     # The origin is excluded from dumps but named in errors; a config.json is part of what the plan was made from.
     return f"{spec.origin}|{spec.model_dump_json()}|{json.dumps(config, sort_keys=True, default=str)}"

@@ -1,7 +1,9 @@
 """Registering variant specs as real timm models (entrypoint + pretrained cfg), through timm's public
 ``register_model`` and ``generate_default_cfgs``.
 
-Registration is all-or-nothing per call, idempotent for an identical spec, and thread-safe.
+Registration is all-or-nothing per call, idempotent for an identical spec, and thread-safe. A name registered with
+a different spec is refused unless ``overwrite=True`` asks to replace it (a notebook cell run again after an edit);
+:func:`unregister` removes a variant from timm-anysize and from timm's registry.
 
 When a variant is checked:
 
@@ -21,6 +23,7 @@ When a variant is checked:
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import threading
@@ -37,7 +40,8 @@ from timm_anysize import variants as _variants_module
 from timm_anysize.builder import build_variant
 from timm_anysize.core.errors import AnysizeError, RegistrationError, one_line
 from timm_anysize.core.spec import VariantSpec, parse_variant
-from timm_anysize.plan import made_plan, make_plan
+from timm_anysize.core.timm_private import unregister_model
+from timm_anysize.plan import forget_plans, made_plan, make_plan
 from timm_anysize.pretrained_cfg import default_tag, spec_pretrained_cfg, variant_pretrained_cfg
 from timm_anysize.yaml_config import load_yaml_specs
 
@@ -45,6 +49,7 @@ __all__ = [
     "register_yaml",
     "register_variant",
     "register_specs",
+    "unregister",
     "list_variants",
     "get_variant",
     "register_shipped_configs",
@@ -70,16 +75,28 @@ def _entrypoint(spec: VariantSpec) -> Callable[..., nn.Module]:
     return entrypoint
 
 
-def check_name(spec: VariantSpec, batch: dict[str, VariantSpec]) -> bool:
-    """True if the spec needs registering; False if the identical spec already is. Raises on a conflict."""
+def check_name(spec: VariantSpec, batch: dict[str, VariantSpec], overwrite: bool = False) -> bool:
+    """True if the spec needs registering; False if the identical spec already is. Raises on a conflict.
+
+    With ``overwrite``, a variant registered earlier under the name with a different spec is to be replaced (True);
+    two different specs of one name in the same batch, or a name of timm's own models, are still refused.
+    """
     where = spec.where
+    if spec.name in batch and not batch[spec.name].same_as(spec):
+        other = batch[spec.name]
+        raise RegistrationError(
+            f"{where}: the name is given twice with different specs (also in {other.origin or '<dict>'}); "
+            f"rename one of them"
+        )
     other = _specs.get(spec.name) or batch.get(spec.name)
     if other is not None:
         if other.same_as(spec):
             return False
+        if overwrite and spec.name in _specs:
+            return True
         raise RegistrationError(
             f"{where}: the name is already registered with a different spec (from {other.origin or '<dict>'}); "
-            f"rename one of them"
+            f"rename one of them, or pass overwrite=True to replace it"
         )
     if timm.is_model(spec.name):
         raise RegistrationError(f"{where}: the name collides with timm's built-in model {spec.name!r}; rename it")
@@ -87,13 +104,12 @@ def check_name(spec: VariantSpec, batch: dict[str, VariantSpec]) -> bool:
 
 
 def _publish(spec: VariantSpec, cfg: dict[str, Any], fn: Optional[Callable[..., nn.Module]] = None) -> None:
-    """Register (or re-register, with a completed cfg) the entrypoint and pretrained cfg of a variant with timm."""
+    """Register (or re-register: a completed cfg, or a replaced spec) the entrypoint and pretrained cfg of a variant
+    with timm. Without ``fn`` a new entrypoint is made for ``spec``."""
     _variants_module.default_cfgs.update(generate_default_cfgs({f"{spec.name}.{default_tag(spec)}": cfg}))
     if fn is None:
         fn = _entrypoint(spec)
         setattr(_variants_module, spec.name, fn)
-        register_model(fn)
-        return
     with warnings.catch_warnings():  # timm overwrites a registration and its cfgs, and says so
         warnings.filterwarnings("ignore", message=f"Overwriting {spec.name} in registry", category=UserWarning)
         register_model(fn)
@@ -116,7 +132,7 @@ def _plan_registered(spec: VariantSpec, made_only: bool = False) -> None:
             _unplanned.discard(spec.name)
 
 
-def register_specs(specs: Iterable[VariantSpec], validate: bool = True) -> list[str]:
+def register_specs(specs: Iterable[VariantSpec], validate: bool = True, overwrite: bool = False) -> list[str]:
     """Register validated specs as timm models. Either all are registered or none is.
 
     Args:
@@ -125,12 +141,15 @@ def register_specs(specs: Iterable[VariantSpec], validate: bool = True) -> list[
             build raises here. False: register from the spec and the base's pretrained cfg alone (no model built);
             the plan is made, with the same errors, by the variant's first ``timm.create_model`` (what
             ``import timm_anysize`` does for the shipped variants).
+        overwrite: Replace a variant registered earlier under the same name with a different spec: timm's
+            registration and pretrained cfg become the new spec's, and its plan is made again. False (the default)
+            refuses a silent change.
 
     Returns:
         The names, in order (including any that were already registered with the identical spec).
 
     Raises:
-        RegistrationError: A name collides with a timm model or with a different spec.
+        RegistrationError: A name collides with a timm model, or with a different spec (without ``overwrite``).
         SpecError: A spec cannot be resolved against timm (unknown base or tag; with ``validate``, also an
             impossible geometry or bad ``model_args``).
 
@@ -144,21 +163,26 @@ def register_specs(specs: Iterable[VariantSpec], validate: bool = True) -> list[
         batch: dict[str, VariantSpec] = {}
         ready: list[tuple[VariantSpec, dict[str, Any]]] = []
         for spec in specs:  # everything that can fail happens here, before anything is registered
-            if check_name(spec, batch):
+            if check_name(spec, batch, overwrite):
                 batch[spec.name] = spec
                 cfg = variant_pretrained_cfg(make_plan(spec)) if validate else spec_pretrained_cfg(spec)
                 ready.append((spec, cfg))
             elif validate and spec.name in _unplanned:
                 _plan_registered(_specs[spec.name])  # registered unplanned before: validated now
         for spec, cfg in ready:
+            replaced = _specs.get(spec.name)
+            if replaced is not None:  # overwrite: the old spec's plans go with it
+                forget_plans(replaced)
             _publish(spec, cfg)
             _specs[spec.name] = spec
-            if not validate:
+            if validate:
+                _unplanned.discard(spec.name)  # a replaced spec registered unplanned before
+            else:
                 _unplanned.add(spec.name)
     return [s.name for s in specs]
 
 
-def register_yaml(path: Union[str, os.PathLike], validate: bool = True) -> list[str]:
+def register_yaml(path: Union[str, os.PathLike], validate: bool = True, overwrite: bool = False) -> list[str]:
     """Register every variant of a YAML file as a timm model.
 
     The file is parsed and validated at once; with ``validate`` (the default) every variant is also planned at once,
@@ -167,6 +191,8 @@ def register_yaml(path: Union[str, os.PathLike], validate: bool = True) -> list[
     Args:
         path: A YAML file with a ``variants:`` mapping. Relative weight paths resolve against its folder.
         validate: Plan every variant now (see :func:`register_specs`); False builds no model.
+        overwrite: Replace variants registered earlier under the same names with different specs (a file edited
+            and registered again, in a notebook); False refuses a changed spec.
 
     Returns:
         The registered names.
@@ -184,17 +210,53 @@ def register_yaml(path: Union[str, os.PathLike], validate: bool = True) -> list[
         >>> timm.create_model("doc_vit_48").pretrained_cfg["input_size"]
         (3, 48, 48)
     """
-    return register_specs(load_yaml_specs(path), validate=validate)
+    return register_specs(load_yaml_specs(path), validate=validate, overwrite=overwrite)
 
 
-def register_variant(name: str, **spec: Any) -> str:
+def register_variant(name: str, overwrite: bool = False, **spec: Any) -> str:
     """Register one variant from keyword arguments (the same keys as in YAML), planned at once (errors raise here).
+
+    Args:
+        name: The variant's name.
+        overwrite: Replace a variant registered earlier under ``name`` with a different spec (a notebook cell run
+            again after an edit); False (the default) raises :class:`~timm_anysize.RegistrationError` instead.
+        **spec: The spec's keys (``base``, ``img_size``, ``patch_size``, ``in_chans``, ``pretrained``, ...).
 
     Example:
         >>> register_variant("doc_vit_64_gray", base="test_vit", img_size=64, patch_size=8, in_chans=1)
         'doc_vit_64_gray'
+        >>> register_variant("doc_vit_64_gray", base="test_vit", img_size=64, patch_size=16, in_chans=1, overwrite=True)
+        'doc_vit_64_gray'
+        >>> timm.create_model("doc_vit_64_gray").patch_embed.grid_size
+        (4, 4)
     """
-    return register_specs([parse_variant(name, spec)])[0]
+    return register_specs([parse_variant(name, spec)], overwrite=overwrite)[0]
+
+
+def unregister(name: str) -> None:
+    """Remove a variant: from timm-anysize (``list_variants``) and from timm's registry (``timm.list_models``,
+    ``timm.create_model`` and its pretrained cfgs). Models built from it before keep working.
+
+    Raises:
+        RegistrationError: ``name`` is not a registered variant (the message lists close names).
+
+    Example:
+        >>> _ = register_variant("doc_vit_gone", base="test_vit", img_size=32, patch_size=8)
+        >>> unregister("doc_vit_gone")
+        >>> "doc_vit_gone" in list_variants(), timm.is_model("doc_vit_gone")
+        (False, False)
+    """
+    with _lock:
+        spec = get_variant(name)
+        forget_plans(spec)
+        unregister_model(spec.name)
+        del _specs[spec.name]
+        _unplanned.discard(spec.name)
+        if hasattr(_variants_module, spec.name):
+            delattr(_variants_module, spec.name)
+        if spec.name in _variants_module.__all__:
+            _variants_module.__all__.remove(spec.name)
+        _variants_module.default_cfgs.pop(spec.name, None)
 
 
 def validate_variant(name: str) -> None:
@@ -205,7 +267,7 @@ def validate_variant(name: str) -> None:
     call, or one for a variant registered validated, returns at once.
 
     Raises:
-        KeyError: ``name`` is not a registered variant.
+        RegistrationError: ``name`` is not a registered variant.
         SpecError: The geometry cannot be built.
 
     Example:
@@ -231,22 +293,21 @@ def get_variant(name: str) -> VariantSpec:
     """The spec a variant was registered with (immutable).
 
     Raises:
-        KeyError: ``name`` is not a registered variant; the message lists close names.
+        RegistrationError: ``name`` is not a registered variant; the message lists close names.
 
     Example:
         >>> get_variant("vit_tiny_patch4_64").patch_size
         (4, 4)
     """
     with _lock:
-        try:
-            return _specs[timm.models.get_arch_name(name)]
-        except KeyError:
-            import difflib
-
-            close = difflib.get_close_matches(name, list(_specs), n=3)
-            raise KeyError(
-                f"{name!r} is not a timm-anysize variant" + (f"; close: {', '.join(close)}" if close else "")
-            ) from None
+        spec = _specs.get(timm.models.get_arch_name(name))
+        if spec is not None:
+            return spec
+        close = difflib.get_close_matches(name, list(_specs), n=3)
+        raise RegistrationError(
+            f"{name!r} is not a timm-anysize variant; "
+            + (f"did you mean {' or '.join(close)}?" if close else "list_variants() names them")
+        )
 
 
 def _shipped_config_files() -> list[Path]:

@@ -281,7 +281,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         report = convert_checkpoint(spec, out)
     except AnysizeError as e:
         raise type(e)(_convert_error(str(e), name, args.file)) from e
-    out.with_suffix(".report.json").write_text(json.dumps(report.to_dict(), indent=2))
+    out.with_suffix(".report.json").write_text(json.dumps(report.shareable().to_dict(), indent=2))  # no local path
     print(report.summary())
     print(
         f"wrote {out} and {out.with_suffix('.report.json')} (plain timm: timm.create_model({args.base!r}, "
@@ -396,6 +396,8 @@ def _cmd_push(args: argparse.Namespace) -> int:
         print(f"dry run: would create {'private ' if args.private else ''}repo {args.repo_id} and upload:")
         for name in result["files"]:
             print(f"  {name}")
+        if not result["weights_loaded"]:
+            print(f"weights: {result['weights']}, not downloaded in a dry run (the card lists the planned steps)")
         print("\n--- README.md ---")
         print(result["card"])
     else:
@@ -523,7 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_positive, default=2, help="fine-tune and scratch epochs per variant")
     p.add_argument("--quick", action="store_true", help="fewer variants and data (a smoke run)")
     p = command("train-digits-base", "reproduce the shipped digits base weights (deterministic)")
-    p.add_argument("--out", default="configs/weights/vit_digits_patch4_32.safetensors", help="the weight file to write")
+    p.add_argument("--out", required=True, metavar="FILE.safetensors", help="the weight file to write")
     p.add_argument("--epochs", type=_positive, default=40, help="training epochs")
     p.add_argument("--seed", type=int, default=0, help="the random seed")
     p = command(
@@ -548,8 +550,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty folder")
     p.add_argument(
         "--demo-results",
-        default="anysize-demo/results.json",
-        help="the demo's results.json; its numbers for this variant go into the model card (if present)",
+        metavar="RESULTS.json",
+        help="a results.json of `timm-anysize demo`; its numbers for this variant go into the model card",
     )
     p = command("push", "export and upload to a Hugging Face Hub repo", config=True)
     p.add_argument("name", help="a registered variant name")

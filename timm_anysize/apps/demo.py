@@ -240,18 +240,27 @@ def run_demo(
     return results
 
 
-def metrics_from_demo(results: Union[str, os.PathLike], variant: str) -> list[Metric]:
+def metrics_from_demo(results: Optional[Union[str, os.PathLike]], variant: str) -> list[Metric]:
     """The fidelity numbers ``timm-anysize demo`` measured for ``variant`` (from its ``results.json``), as metrics.
 
-    Returns an empty list when the demo did not measure that variant.
+    The file is named explicitly (``export --demo-results``): what goes into a card never depends on the folder a
+    command runs in.
+
+    Returns:
+        The metrics; an empty list without a file (None), or when the demo did not measure that variant.
+
+    Raises:
+        ExportError: The file does not exist or is not a demo's results.json.
 
     Example:
-        >>> metrics_from_demo("/nonexistent/results.json", "vit_digits_patch8_64")
+        >>> metrics_from_demo(None, "vit_digits_patch8_64")
         []
     """
+    if results is None:
+        return []
     path = Path(results)
     if not path.is_file():
-        return []
+        raise ExportError(f"{path}: no such file; --demo-results names a results.json written by `timm-anysize demo`")
     try:
         rows = json.loads(path.read_text())["rows"]
     except (ValueError, KeyError, TypeError) as e:

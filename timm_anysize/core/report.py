@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 import torch.nn as nn
 
-__all__ = ["KeyAdaptation", "AdaptationReport", "adaptation_report", "summarize_keys"]
+__all__ = ["KeyAdaptation", "AdaptationReport", "adaptation_report", "shareable_source", "summarize_keys"]
 
 Action = Literal["copied", "resampled", "adapted", "initialized"]
 
@@ -71,6 +72,13 @@ class AdaptationReport:
         lines += [f"  {k}: dropped: {why}" for k, why in self.dropped.items()]
         return "\n".join(lines)
 
+    def shareable(self) -> "AdaptationReport":
+        """A copy to share (an export's card and ``anysize_report.json``): a local weight file is named by its file
+        name, never by the folder it sits in on this machine (see :func:`shareable_source`)."""
+        return dataclasses.replace(
+            self, source=shareable_source(self.source), entries=dict(self.entries), dropped=dict(self.dropped)
+        )
+
     def to_dict(self) -> dict:
         """A JSON-ready dict (for exports and model cards)."""
         return {
@@ -102,6 +110,27 @@ def adaptation_report(model: nn.Module) -> Optional[AdaptationReport]:
         True
     """
     return getattr(model, "_anysize_report", None)
+
+
+# "file PATH", optionally followed by what adapt adds for another library's layout: " (L layout, mapped to ...)".
+_FILE_SOURCE = re.compile(r"file (?P<path>.+?)(?P<rest> \([^()]* layout, mapped to timm's names\))?")
+
+
+def shareable_source(source: str) -> str:
+    """A report's ``source`` as what is shared may say it: a local file by its file name (the folder it sits in on
+    this machine is nobody else's business); Hub ids, URLs and anything else unchanged.
+
+    Example:
+        >>> shareable_source("file /home/me/ckpt/vit.pth (torchvision.vit layout, mapped to timm's names)")
+        "file vit.pth (torchvision.vit layout, mapped to timm's names)"
+        >>> shareable_source("hf-hub timm/vit_tiny_patch16_224.augreg_in21k")
+        'hf-hub timm/vit_tiny_patch16_224.augreg_in21k'
+    """
+    m = _FILE_SOURCE.fullmatch(source)
+    if m is None:
+        return source
+    name = re.split(r"[\\/]", m.group("path"))[-1]  # POSIX or Windows separators
+    return f"file {name}{m.group('rest') or ''}"
 
 
 def summarize_keys(keys: list[str], limit: int = 24) -> str:
