@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import timm_anysize
 from conftest import unique_name
 from timm_anysize import dynamic_cache_info, enable_dynamic
+from timm_anysize.core.runtime_options import cache_for
 
 SMALL = dict(embed_dim=64, depth=2, num_heads=2)
 FAMILIES = [
@@ -212,7 +213,7 @@ def test_threads_share_one_model_and_cache():
     sizes = [(64, 64), (96, 128), (80, 48), (112, 112), (70, 90)]
     inputs = {hw: torch.randn(2, 3, *hw) for hw in sizes}
     expected = {hw: dyn(x) for hw, x in inputs.items()}
-    dyn._anysize_pos_cache.clear()
+    cache_for(dyn, "pos_embed").clear()
     errors = []
 
     def worker(seed: int) -> None:

@@ -30,11 +30,12 @@ from timm.layers import get_spatial_dim
 from timm.models import get_pretrained_cfg, model_entrypoint
 
 from timm_anysize.core.errors import AdaptationError, SpecError
+from timm_anysize.core.family import Family, classify_changes, tensor_layouts
 from timm_anysize.core.meta import EmptyOutputError, build_meta, no_empty_outputs
 from timm_anysize.core.report import summarize_keys
 from timm_anysize.core.spec import Size2, VariantSpec
 from timm_anysize.dynamic import enable_dynamic
-from timm_anysize.families import FAMILIES, Family, classify_changes, family_of, generic_family, tensor_layouts
+from timm_anysize.families import FAMILIES, family_of, generic_family
 from timm_anysize.origins import config_geometry, model_numerics
 from timm_anysize.weights import source_config
 

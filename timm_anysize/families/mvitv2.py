@@ -18,8 +18,9 @@ from timm.layers import register_notrace_function, trunc_normal_tf_
 from timm.models import mvitv2
 from timm.models.mvitv2 import cal_rel_pos_type, reshape_post_pool, reshape_pre_pool
 
-from timm_anysize.core.cache import PosEmbedCache, cached_or_inline, traced
+from timm_anysize.core.cache import cached_or_inline, traced
 from timm_anysize.core.family import OVERLAPPING_STEM, DynamicPath, Family, TinyModel, gray_and_4ch, no_patch_change
+from timm_anysize.core.runtime_options import RuntimeOptions, cache_for, runtime_options, set_runtime_options
 from timm_anysize.core.spec import Size2
 
 __all__ = [
@@ -102,9 +103,7 @@ class _DynamicRelPos:
         length = table_lengths(self, (int(feat), int(feat)))[axis]
         if length == table.shape[0]:
             return table
-        return cached_or_inline(
-            self._anysize_caches[name], (length,), table, lambda: _resize_axis(table, length, False)
-        )
+        return cached_or_inline(cache_for(self, name), (length,), table, lambda: _resize_axis(table, length, False))
 
 
 class DynamicMultiScaleAttention(_DynamicRelPos, mvitv2.MultiScaleAttention):
@@ -211,13 +210,14 @@ _MODULES = {
 
 def enable_mvit_dynamic(model: nn.Module, cache_size: int) -> None:
     """Swap in the attention classes whose tables follow the feature size."""
+    options = runtime_options(model) or RuntimeOptions(cache_size=cache_size)
     for module in model.modules():
         dynamic_cls = _MODULES.get(type(module))
         if dynamic_cls is not None and getattr(module, "rel_pos_type", "") == "spatial":
             module.__class__ = dynamic_cls
             module._anysize_pool_q = _pool_geometry(module.pool_q)
             module._anysize_pool_k = _pool_geometry(module.pool_k)
-            module._anysize_caches = {n: PosEmbedCache(cache_size) for n in ("rel_pos_h", "rel_pos_w")}
+            set_runtime_options(module, options)  # a cache per axis table (cache_for)
 
 
 # Building at a non-square size, which timm's constructor refuses (it asserts a square feature map because it sizes

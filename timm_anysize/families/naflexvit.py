@@ -39,7 +39,7 @@ class _FlexiNaFlexEmbeds(FlexiEmbed, naflexvit.NaFlexEmbeds):
     def kernel(self, p: Size2) -> torch.Tensor:
         """The stored linear weight PI-resized to ``p``, flattened as timm patchifies (cached like the others)."""
         weight = self.proj.weight
-        interpolation, antialias = self._anysize_resample
+        interpolation, antialias = self.kernel_resampling()
         (ph, pw), c = self.patch_size, self.in_chans
 
         def compute() -> torch.Tensor:
