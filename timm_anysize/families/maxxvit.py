@@ -56,7 +56,7 @@ __all__ = [
 ]
 
 
-_REL_POS = {RelPosBias: DynamicRelPosBias, RelPosBiasTf: DynamicRelPosBiasTf, RelPosMlp: DynamicRelPosMlp}
+_REL_POS: dict[type, type] = {RelPosBias: DynamicRelPosBias, RelPosBiasTf: DynamicRelPosBiasTf, RelPosMlp: DynamicRelPosMlp}
 
 
 class DynamicAttention2d(maxxvit.Attention2d):
@@ -165,12 +165,12 @@ class DynamicParallelPartitionAttention(_Partition, maxxvit.ParallelPartitionAtt
         return torch.cat([x_window, x_grid], dim=-1)
 
 
-_PARTITIONS = {
+_PARTITIONS: dict[type, type] = {
     maxxvit.PartitionAttentionCl: DynamicPartitionAttentionCl,
     maxxvit.PartitionAttention2d: DynamicPartitionAttention2d,
     maxxvit.ParallelPartitionAttention: DynamicParallelPartitionAttention,
 }
-_ATTENTIONS = {maxxvit.Attention2d: DynamicAttention2d, maxxvit.AttentionCl: DynamicAttentionCl}
+_ATTENTIONS: dict[type, type] = {maxxvit.Attention2d: DynamicAttention2d, maxxvit.AttentionCl: DynamicAttentionCl}
 for _cls in (*_PARTITIONS.values(), *_ATTENTIONS.values()):
     register_notrace_module(_cls)  # FX: sizes are read off shapes inside; each is one leaf
 
