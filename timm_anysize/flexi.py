@@ -47,6 +47,7 @@ from timm_anysize.core.flexi_embed import (
     set_kernel_resampling,
 )
 from timm_anysize.core.runtime_options import RuntimeOptions, runtime_options, set_runtime_options
+from timm_anysize.core.spec import as_pair
 from timm_anysize.dynamic import enable_dynamic, is_dynamic
 from timm_anysize.families import FAMILIES, family_of
 
@@ -66,7 +67,7 @@ _HOOK_STACK = threading.local()  # contexts saved by the training pre-hook, rest
 
 
 def _size2(p: PatchSizeArg, what: str = "patch size") -> Size2:
-    pair = (p, p) if isinstance(p, int) else tuple(p)
+    pair = as_pair(p)
     if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in pair):
         raise ValueError(f"{what} must be a positive int or (height, width) of positive ints, got {p!r}")
     return (int(pair[0]), int(pair[1]))

@@ -56,7 +56,11 @@ __all__ = [
 ]
 
 
-_REL_POS: dict[type, type] = {RelPosBias: DynamicRelPosBias, RelPosBiasTf: DynamicRelPosBiasTf, RelPosMlp: DynamicRelPosMlp}
+_REL_POS: dict[type, type] = {
+    RelPosBias: DynamicRelPosBias,
+    RelPosBiasTf: DynamicRelPosBiasTf,
+    RelPosMlp: DynamicRelPosMlp,
+}
 
 
 class DynamicAttention2d(maxxvit.Attention2d):

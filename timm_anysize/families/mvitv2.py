@@ -21,7 +21,7 @@ from timm.models.mvitv2 import cal_rel_pos_type, reshape_post_pool, reshape_pre_
 from timm_anysize.core.cache import cached_or_inline, traced
 from timm_anysize.core.family import OVERLAPPING_STEM, DynamicPath, Family, TinyModel, gray_and_4ch, no_patch_change
 from timm_anysize.core.runtime_options import RuntimeOptions, cache_for, runtime_options, set_runtime_options
-from timm_anysize.core.spec import Size2
+from timm_anysize.core.spec import Size2, as_pair
 
 __all__ = [
     "FAMILIES",
@@ -40,7 +40,7 @@ def _pool_geometry(pool: Optional[nn.Module]) -> List[int]:
     out: List[int] = []
     for name in ("kernel_size", "stride", "padding"):
         value = getattr(pool, name)
-        out += [int(value), int(value)] if isinstance(value, int) else [int(value[0]), int(value[1])]
+        out += [int(v) for v in as_pair(value)]
     return out
 
 
@@ -227,16 +227,12 @@ def enable_mvit_dynamic(model: nn.Module, cache_size: int) -> None:
 # each axis to its own length.
 
 
-def _size2(value: Any) -> Size2:
-    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
-
-
 def square_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], Size2 | None]:
     """``kwargs`` with a non-square ``img_size`` replaced by its square H x H, and the requested size (or None)."""
     img = kwargs.get("img_size")
-    if img is None or _size2(img)[0] == _size2(img)[1]:
+    if img is None or as_pair(img)[0] == as_pair(img)[1]:
         return kwargs, None
-    h, w = _size2(img)
+    h, w = (int(v) for v in as_pair(img))
     return {**kwargs, "img_size": (h, h)}, (h, w)
 
 
