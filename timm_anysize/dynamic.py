@@ -2,7 +2,8 @@
 
 This is the shared machinery; each family's run-time code (its dynamic subclass, the tables it caches) lives in its
 module of :mod:`timm_anysize.families`, and its row's :class:`~timm_anysize.core.family.DynamicPath` says how
-:func:`enable_dynamic` sets it up. Caches are stamped by the weights they derive from (:mod:`timm_anysize.core.cache`):
+:func:`enable_dynamic` sets it up. What is decided here (interpolation, antialias, compat, padding, cache size)
+reaches the family's code as one :class:`~timm_anysize.core.runtime_options.RuntimeOptions`. Caches are stamped by the weights they derive from (:mod:`timm_anysize.core.cache`):
 any change of the weights (``load_state_dict``, an optimizer step, ``.to()``) invalidates them; when a gradient can
 flow, or while scripting, tracing, compiling or exporting, the resampling runs inline.
 """

@@ -318,7 +318,7 @@ def flexi_cache_info(model: nn.Module) -> dict[str, int]:
     pe = _embed_module(model)
     if not isinstance(pe, FlexiEmbed):
         raise ValueError(f"{type(model).__name__} is not flexi; call set_patch_size or patch_size first")
-    return pe._anysize_kernel_cache.info()
+    return pe.kernel_cache().info()
 
 
 def apply_flexi(model: nn.Module, spec: Any) -> nn.Module:

@@ -35,7 +35,7 @@ ACTIVE: contextvars.ContextVar[dict[int, Size2]] = contextvars.ContextVar(
 
 class FlexiEmbed:
     """Base of every flexi patch embedding: the patch size of the call and the cache of its resized kernel
-    (``_anysize_kernel_cache``, through :func:`timm_anysize.core.cache.cached_or_inline`).
+    (:meth:`FlexiEmbed.kernel_cache`, through :func:`timm_anysize.core.cache.cached_or_inline`).
 
     The patch size, first match wins: the call's context (:data:`ACTIVE`, set by ``timm_anysize.patch_size`` and the
     training draws), the sticky one (``_anysize_sticky``, ``set_patch_size``), the module's own ``patch_size``.
@@ -52,6 +52,10 @@ class FlexiEmbed:
         if p is None:
             p = self._anysize_sticky
         return own if p is None else p  # type: ignore[return-value]
+
+    def kernel_cache(self) -> PosEmbedCache:
+        """The cache of the resized kernel (one entry per patch size)."""
+        return self._anysize_kernel_cache
 
     def kernel_resampling(self) -> tuple[str, bool]:
         """The interpolation and antialias of the kernel's resize (:func:`set_kernel_resampling`)."""
@@ -84,7 +88,7 @@ class FlexiPatchEmbedMixin(FlexiEmbed):
         weight = self.proj.weight  # type: ignore[attr-defined]
         interpolation, antialias = self.kernel_resampling()
         return cached_or_inline(
-            self._anysize_kernel_cache,
+            self.kernel_cache(),
             (p,),
             weight,
             lambda: resample_patch_embed(weight, list(p), interpolation=interpolation, antialias=antialias),
