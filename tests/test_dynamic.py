@@ -3,9 +3,11 @@ APIs, threads, copies, torch.compile, torch.export and ONNX."""
 
 from __future__ import annotations
 
+import ast
 import copy
 import pickle
 import threading
+from pathlib import Path
 
 import pytest
 import timm
@@ -318,3 +320,34 @@ def test_onnx_export_dynamic_axes(tmp_path):
             x = torch.randn(3, 3, *hw)
             out = torch.from_numpy(sess.run(None, {name: x.numpy()})[0])
             torch.testing.assert_close(out, dyn(x), rtol=1e-4, atol=1e-5)
+
+
+def _anysize_attributes(path, store: bool) -> set[str]:
+    """The ``_anysize_*`` attributes a module of the package assigns (``store``) or reads, by name (also through
+    ``getattr`` / ``setattr`` with a literal name)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_anysize_"):
+            if isinstance(node.ctx, ast.Store) == store:
+                found.add(node.attr)
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and len(node.args) > 1:
+            name = node.args[1]
+            if isinstance(name, ast.Constant) and str(name.value).startswith("_anysize_"):
+                if (node.func.id == "setattr") == store and node.func.id in ("getattr", "setattr", "hasattr"):
+                    found.add(name.value)
+    return found
+
+
+def test_families_read_no_attribute_the_pipeline_sets():
+    """What the pipeline decides at run time reaches a family through core.runtime_options, never through an
+    attribute a pipeline module sets by name; the options' own attributes are named in core.runtime_options only."""
+    package = Path(timm_anysize.__file__).parent
+    pipeline_set = set().union(*(_anysize_attributes(p, store=True) for p in package.glob("*.py")))
+    assert "_anysize_plan" in pipeline_set  # the scan sees what the pipeline sets (builder.py)
+    for path in sorted((package / "families").glob("*.py")):
+        read = _anysize_attributes(path, store=False) | _anysize_attributes(path, store=True)
+        assert not read & pipeline_set, (path.name, sorted(read & pipeline_set))
+    core_names = {"_anysize_options", "_anysize_caches"}
+    for path in sorted(package.rglob("*.py")):
+        if path.name != "runtime_options.py":
+            assert not any(name in path.read_text() for name in core_names), path
