@@ -11,7 +11,7 @@ pos_tokens_at`, :meth:`RuntimeOptionsMixin.image_pos_at`) and the class swap of 
 (:func:`swap_classes`) live here too.
 """
 
-from typing import List, Mapping, NamedTuple, Optional
+from typing import Callable, List, Mapping, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -239,10 +239,14 @@ class RuntimeOptionsMixin:
 
 
 def swap_classes(
-    model: nn.Module, classes: Mapping[type, type], options: Optional[RuntimeOptions] = None
+    model: nn.Module,
+    classes: Mapping[type, type],
+    options: Optional[RuntimeOptions] = None,
+    where: Optional[Callable[[nn.Module], bool]] = None,
 ) -> List[nn.Module]:
-    """Give each module of ``model`` (itself included) whose class is a key of ``classes`` the class it maps to, in
-    place (a family's dynamic subclasses of timm's modules), and ``options`` (:func:`set_runtime_options`) if given.
+    """Give each module of ``model`` (itself included) whose class is a key of ``classes`` (and, given ``where``, for
+    which it is true) the class it maps to, in place (a family's dynamic subclasses of timm's modules), and
+    ``options`` (:func:`set_runtime_options`) if given.
 
     Returns:
         The modules swapped, in ``model.modules()`` order.
@@ -257,7 +261,7 @@ def swap_classes(
     swapped = []
     for module in list(model.modules()):
         cls = classes.get(type(module))
-        if cls is not None:
+        if cls is not None and (where is None or where(module)):
             module.__class__ = cls
             if options is not None:
                 set_runtime_options(module, options)

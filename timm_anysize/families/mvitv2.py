@@ -20,7 +20,7 @@ from timm.models.mvitv2 import cal_rel_pos_type, reshape_post_pool, reshape_pre_
 
 from timm_anysize.core.cache import cached_or_inline, traced
 from timm_anysize.core.family import OVERLAPPING_STEM, DynamicPath, Family, TinyModel, gray_and_4ch, no_patch_change
-from timm_anysize.core.runtime_options import RuntimeOptions, cache_for, runtime_options, set_runtime_options
+from timm_anysize.core.runtime_options import RuntimeOptions, cache_for, runtime_options, swap_classes
 from timm_anysize.core.spec import Size2, as_pair
 
 __all__ = [
@@ -210,14 +210,10 @@ _MODULES = {
 
 def enable_mvit_dynamic(model: nn.Module, cache_size: int) -> None:
     """Swap in the attention classes whose tables follow the feature size."""
-    options = runtime_options(model) or RuntimeOptions(cache_size=cache_size)
-    for module in model.modules():
-        dynamic_cls = _MODULES.get(type(module))
-        if dynamic_cls is not None and getattr(module, "rel_pos_type", "") == "spatial":
-            module.__class__ = dynamic_cls
-            module._anysize_pool_q = _pool_geometry(module.pool_q)
-            module._anysize_pool_k = _pool_geometry(module.pool_k)
-            set_runtime_options(module, options)  # a cache per axis table (cache_for)
+    options = runtime_options(model) or RuntimeOptions(cache_size=cache_size)  # a cache per axis table (cache_for)
+    for module in swap_classes(model, _MODULES, options, where=lambda m: getattr(m, "rel_pos_type", "") == "spatial"):
+        module._anysize_pool_q = _pool_geometry(module.pool_q)
+        module._anysize_pool_k = _pool_geometry(module.pool_k)
 
 
 # Building at a non-square size, which timm's constructor refuses (it asserts a square feature map because it sizes

@@ -27,7 +27,13 @@ from timm_anysize.core.cache import traced
 from timm_anysize.core.family import REL_TABLE, DynamicPath, Family, TinyModel, gray_and_4ch
 from timm_anysize.core.flexi_embed import FlexiPatchEmbedMixin
 from timm_anysize.core.padding import pad_to_multiple
-from timm_anysize.core.runtime_options import RuntimeOptions, RuntimeOptionsMixin, runtime_options, set_runtime_options
+from timm_anysize.core.runtime_options import (
+    RuntimeOptions,
+    RuntimeOptionsMixin,
+    runtime_options,
+    set_runtime_options,
+    swap_classes,
+)
 
 torch.fx.wrap("pad_to_multiple")  # a leaf of plain FX traces here too (fx.wrap patches this module's globals)
 
@@ -262,12 +268,9 @@ SWIN_MODELS = (
 
 def enable_swin_dynamic(model: nn.Module, pad: bool) -> None:
     """Make a Swin-family model run at any input size, in place: patch padding (``pad``) and correct masks."""
-    for module in model.modules():
-        dynamic_cls = SWIN_BLOCKS.get(type(module))
-        if dynamic_cls is not None:
-            module.__class__ = dynamic_cls
-            module.dynamic_mask = True
-            module.attn_mask = None  # the fixed-size mask is never used again
+    for module in swap_classes(model, SWIN_BLOCKS):
+        module.dynamic_mask = True
+        module.attn_mask = None  # the fixed-size mask is never used again
     model.dynamic_img_size = True  # (on a feature wrapper of a Swin model, its flattened modules)
     pe = model.patch_embed
     pe.strict_img_size = False
