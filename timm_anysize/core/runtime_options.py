@@ -27,9 +27,10 @@ from timm_anysize.core.cache import (
 )
 from timm_anysize.core.resample import resample_pos_tokens
 
-# The one resampling of token position embeddings lives in core.resample (shared with loads); its calls here are FX
-# leaves too (fx.wrap patches the calling module's globals).
+# The one resampling of token position embeddings lives in core.resample (shared with loads), that of image-laid-out
+# ones in core.cache; their calls here are FX leaves too (fx.wrap patches the calling module's globals).
 torch.fx.wrap("resample_pos_tokens")
+torch.fx.wrap("resample_image_pos")
 
 __all__ = [
     "RuntimeOptions",
