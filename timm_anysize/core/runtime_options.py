@@ -206,6 +206,16 @@ class RuntimeOptionsMixin:
 
     _anysize_options: RuntimeOptions  # declared for TorchScript (set by set_runtime_options)
 
+    def __init_subclass__(cls, **kwargs) -> None:
+        """Declare the annotations of every base to TorchScript, not this mixin's alone: it reads the first class
+        in the MRO that has any (timm's modules declare theirs: ``Final`` constants, ``Dict[str, Tensor]`` caches)."""
+        super().__init_subclass__(**kwargs)
+        merged: dict = {}
+        for base in reversed(cls.__mro__):
+            if base not in (object, nn.Module):
+                merged.update(base.__dict__.get("__annotations__", {}))
+        cls.__annotations__ = merged
+
     def anysize_options(self) -> RuntimeOptions:
         """This module's run-time options (:func:`set_runtime_options`)."""
         return self._anysize_options
