@@ -286,14 +286,14 @@ def test_scriptable_rel_pos_table_resize_is_timms_bit_for_bit(old, new, flat):
 
 
 def test_load_and_run_time_resample_position_embeddings_through_one_function(make_checkpoint, monkeypatch):
-    """A load (``adapt.resample_pos_embed``) and the dynamic paths (``core.cache``) resample token position
+    """A load (``adapt.resample_pos_embed``) and the dynamic paths (``core.runtime_options``) resample token position
     embeddings with the one ``core.resample.resample_pos_tokens``: the same function object, bit-identical results
     on a grid change with prefix tokens, and a loaded variant's embedding is the dynamic model's at its grid."""
     from timm_anysize import adapt
-    from timm_anysize.core import cache, resample
+    from timm_anysize.core import resample, runtime_options
     from timm_anysize.core.spec import PosEmbedOptions
 
-    assert cache.resample_pos_tokens is resample.resample_pos_tokens is adapt.resample_pos_tokens
+    assert runtime_options.resample_pos_tokens is resample.resample_pos_tokens is adapt.resample_pos_tokens
     calls = []
 
     def spy(*args, **kwargs):
@@ -303,7 +303,7 @@ def test_load_and_run_time_resample_position_embeddings_through_one_function(mak
     pe = torch.randn(1, 3 + 4 * 6, 16)  # class + 2 registers
     for compat in ("timm", "dino"):
         options = PosEmbedOptions(compat=compat)
-        runtime = cache.resample_pos_tokens(
+        runtime = runtime_options.resample_pos_tokens(
             pe, [7, 3], [4, 6], 3, options.interpolation, options.use_antialias, options.compat
         )
         with monkeypatch.context() as m:
@@ -315,4 +315,4 @@ def test_load_and_run_time_resample_position_embeddings_through_one_function(mak
     path, base = make_checkpoint("test_vit")  # 160 px, patch 16: a 10x10 grid and a class token
     loaded = timm.create_model(variant("test_vit", path, img_size=[96, 128]), pretrained=True)
     dynamic = timm_anysize.enable_dynamic(base)
-    assert torch.equal(loaded.pos_embed, cache.dynamic_pos_embed(dynamic, (6, 8)))
+    assert torch.equal(loaded.pos_embed, runtime_options.dynamic_pos_embed(dynamic, (6, 8)))

@@ -3,9 +3,11 @@ APIs, threads, copies, torch.compile, torch.export and ONNX."""
 
 from __future__ import annotations
 
+import ast
 import copy
 import pickle
 import threading
+from pathlib import Path
 
 import pytest
 import timm
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 import timm_anysize
 from conftest import unique_name
 from timm_anysize import dynamic_cache_info, enable_dynamic
+from timm_anysize.core.runtime_options import cache_for
 
 SMALL = dict(embed_dim=64, depth=2, num_heads=2)
 FAMILIES = [
@@ -212,7 +215,7 @@ def test_threads_share_one_model_and_cache():
     sizes = [(64, 64), (96, 128), (80, 48), (112, 112), (70, 90)]
     inputs = {hw: torch.randn(2, 3, *hw) for hw in sizes}
     expected = {hw: dyn(x) for hw, x in inputs.items()}
-    dyn._anysize_pos_cache.clear()
+    cache_for(dyn, "pos_embed").clear()
     errors = []
 
     def worker(seed: int) -> None:
@@ -317,3 +320,34 @@ def test_onnx_export_dynamic_axes(tmp_path):
             x = torch.randn(3, 3, *hw)
             out = torch.from_numpy(sess.run(None, {name: x.numpy()})[0])
             torch.testing.assert_close(out, dyn(x), rtol=1e-4, atol=1e-5)
+
+
+def _anysize_attributes(path, store: bool) -> set[str]:
+    """The ``_anysize_*`` attributes a module of the package assigns (``store``) or reads, by name (also through
+    ``getattr`` / ``setattr`` with a literal name)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_anysize_"):
+            if isinstance(node.ctx, ast.Store) == store:
+                found.add(node.attr)
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and len(node.args) > 1:
+            name = node.args[1]
+            if isinstance(name, ast.Constant) and str(name.value).startswith("_anysize_"):
+                if (node.func.id == "setattr") == store and node.func.id in ("getattr", "setattr", "hasattr"):
+                    found.add(name.value)
+    return found
+
+
+def test_families_read_no_attribute_the_pipeline_sets():
+    """What the pipeline decides at run time reaches a family through core.runtime_options, never through an
+    attribute a pipeline module sets by name; the options' own attributes are named in core.runtime_options only."""
+    package = Path(timm_anysize.__file__).parent
+    pipeline_set = set().union(*(_anysize_attributes(p, store=True) for p in package.glob("*.py")))
+    assert "_anysize_plan" in pipeline_set  # the scan sees what the pipeline sets (builder.py)
+    for path in sorted((package / "families").glob("*.py")):
+        read = _anysize_attributes(path, store=False) | _anysize_attributes(path, store=True)
+        assert not read & pipeline_set, (path.name, sorted(read & pipeline_set))
+    core_names = {"_anysize_options", "_anysize_caches"}
+    for path in sorted(package.rglob("*.py")):
+        if path.name != "runtime_options.py":
+            assert not any(name in path.read_text() for name in core_names), path

@@ -11,6 +11,7 @@ import timm
 import torch
 
 import timm_anysize
+from timm_anysize.core.runtime_options import cache_for
 
 SMALL = dict(embed_dim=64, depth=2, num_heads=2, img_size=64)
 
@@ -43,10 +44,10 @@ def test_tables_are_cached_per_grid_and_follow_the_weights():
     with torch.no_grad():
         a = model(torch.randn(1, 3, 96, 80))
         model(torch.randn(1, 3, 96, 80))
-        assert attn._anysize_bias_cache.info()["hits"] == 1
+        assert cache_for(attn, "relative_position_bias_table").info()["hits"] == 1
         attn.relative_position_bias_table.add_(1.0)  # an in-place write: the cached table is stale
         b = model(torch.randn(1, 3, 96, 80))
-    assert attn._anysize_bias_cache.info()["invalidations"] == 1 and not torch.equal(a, b)
+    assert cache_for(attn, "relative_position_bias_table").info()["invalidations"] == 1 and not torch.equal(a, b)
 
 
 def test_gradients_reach_the_table_at_other_sizes():

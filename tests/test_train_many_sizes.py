@@ -23,7 +23,8 @@ from timm.data import ImageDataset, create_loader
 import timm_anysize
 from conftest import unique_name
 from timm_anysize.core.cache import PosEmbedCache
-from timm_anysize.families import FAMILIES, Family, tensor_layouts
+from timm_anysize.core.family import Family, tensor_layouts
+from timm_anysize.families import FAMILIES
 
 DYNAMIC = [f for f in FAMILIES if f.supports_dynamic and f.tiny is not None]
 STEPS = 2  # batches per size

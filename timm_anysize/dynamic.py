@@ -2,7 +2,8 @@
 
 This is the shared machinery; each family's run-time code (its dynamic subclass, the tables it caches) lives in its
 module of :mod:`timm_anysize.families`, and its row's :class:`~timm_anysize.core.family.DynamicPath` says how
-:func:`enable_dynamic` sets it up. Caches are stamped by the weights they derive from (:mod:`timm_anysize.core.cache`):
+:func:`enable_dynamic` sets it up. What is decided here (interpolation, antialias, compat, padding, cache size)
+reaches the family's code as one :class:`~timm_anysize.core.runtime_options.RuntimeOptions`. Caches are stamped by the weights they derive from (:mod:`timm_anysize.core.cache`):
 any change of the weights (``load_state_dict``, an optimizer step, ``.to()``) invalidates them; when a gradient can
 flow, or while scripting, tracing, compiling or exporting, the resampling runs inline.
 """
@@ -14,12 +15,18 @@ import torch.nn as nn
 from timm.layers import Format, PatchEmbed, nchw_to
 from timm.layers.helpers import is_exporting
 
-from timm_anysize.core.cache import DEFAULT_CACHE_SIZE, DynamicOptions, PosEmbedCache, symbolic, traced
+from timm_anysize.core.cache import DEFAULT_CACHE_SIZE, symbolic, traced
 from timm_anysize.core.compat import compat_preset
-from timm_anysize.core.errors import InputNotDivisibleError
 from timm_anysize.core.family import DynamicPath, Family
 from timm_anysize.core.input_size import guard_input_size
 from timm_anysize.core.padding import check_multiple, pad_to_multiple
+from timm_anysize.core.runtime_options import (
+    RuntimeOptions,
+    cache_for,
+    runtime_caches,
+    runtime_options,
+    set_runtime_options,
+)
 from timm_anysize.families import FAMILIES
 
 __all__ = [
@@ -27,11 +34,7 @@ __all__ = [
     "is_dynamic",
     "clear_dynamic_cache",
     "dynamic_cache_info",
-    "PosEmbedCache",
-    "DynamicOptions",
-    "DEFAULT_CACHE_SIZE",
     "DynamicPatchEmbed",
-    "InputNotDivisibleError",
     "guard_run_time_size",
 ]
 
@@ -87,7 +90,7 @@ def is_dynamic(model: nn.Module) -> bool:
     dynamic_type = any(
         type(model) in r.classes.values() or (r.claims is not None and r.claims(model)) for r in _runtimes()
     )
-    has_options = getattr(model, "_anysize_dynamic", None) is not None
+    has_options = runtime_options(model) is not None
     return dynamic_type and has_options and bool(getattr(model, "dynamic_img_size", False))
 
 
@@ -113,8 +116,8 @@ def enable_dynamic(
     Args:
         model: The model; changed in place (its class becomes a subclass with the cached path).
         pad: Pad inputs that are not a multiple of the patch (bottom/right, as timm's ``dynamic_img_pad``); when
-            False such inputs raise :class:`InputNotDivisibleError` (a ``ValueError``) naming the size, the multiple
-            and the nearest sizes that work.
+            False such inputs raise :class:`~timm_anysize.core.errors.InputNotDivisibleError` (a ``ValueError``)
+            naming the size, the multiple and the nearest sizes that work.
         interpolation: Resampling mode of the position embedding (``set_input_size`` uses bicubic).
         antialias: Anti-alias when the grid shrinks.
         cache_size: Grids kept in the LRU cache.
@@ -135,16 +138,17 @@ def enable_dynamic(
         torch.Size([1, 1000])
     """
     compat_preset(compat)  # an unknown name fails here, naming the presets
+    options = RuntimeOptions(interpolation, antialias, pad, compat, cache_size)
     cls = type(model)
     for handle in getattr(model, "_anysize_pad_hooks", ()):
         handle.remove()
     model._anysize_pad_hooks = []
     for runtime in _runtimes():  # a family with its own enabler (Swin: its blocks, also in a feature wrapper)
         if runtime.enable is not None and runtime.claims is not None and runtime.claims(model):
+            set_runtime_options(model, options)
             runtime.enable(model, pad)
             if not pad:
                 model._anysize_pad_hooks.append(model.patch_embed.register_forward_pre_hook(_check_divisible))
-            model._anysize_dynamic = DynamicOptions(interpolation, antialias, pad, compat)
             return model
     found = _dynamic_class(cls)
     if found is None:
@@ -164,11 +168,8 @@ def enable_dynamic(
         )
     model.__class__ = dynamic_cls
     model.dynamic_img_size = True
-    model._anysize_dynamic = DynamicOptions(interpolation, antialias, pad, compat)
-    # the same options as attributes TorchScript can read
-    model._anysize_interpolation, model._anysize_antialias, model._anysize_compat = interpolation, antialias, compat
-    model._anysize_pos_cache = PosEmbedCache(cache_size)
-    model._anysize_caches = {}
+    set_runtime_options(model, options)  # what the family's run-time code reads (core.runtime_options)
+    cache_for(model, "pos_embed")  # made now: dynamic_cache_info reports it before the first forward
     if runtime.setup is not None:
         runtime.setup(model, cache_size)
     if runtime.patch_layout == "none":  # a stem that takes any size (Hiera pads to whole mask units itself)
@@ -225,20 +226,11 @@ def guard_run_time_size(
     return guard_input_size(model, own, multiple, pad=pad and family.stem_pad, what=what, first_conv=first_conv)
 
 
-def _cache(model: nn.Module) -> Optional[PosEmbedCache]:
-    return getattr(model, "_anysize_pos_cache", None)
-
-
 def clear_dynamic_cache(model: nn.Module) -> None:
     """Drop the cached position embeddings and bias tables (needed only after writing weights through ``.data``)."""
     for module in model.modules():
-        for cache in (
-            getattr(module, "_anysize_pos_cache", None),
-            getattr(module, "_anysize_bias_cache", None),
-            *getattr(module, "_anysize_caches", {}).values(),
-        ):
-            if cache is not None:
-                cache.clear()
+        for cache in runtime_caches(module):
+            cache.clear()
 
 
 def dynamic_cache_info(model: nn.Module) -> dict[str, int]:
@@ -252,7 +244,7 @@ def dynamic_cache_info(model: nn.Module) -> dict[str, int]:
         >>> dynamic_cache_info(m)["hits"]
         1
     """
-    cache = _cache(model)
+    cache = cache_for(model, "pos_embed", make=False)
     if cache is None:
         raise ValueError(f"{type(model).__name__} is not dynamic; call enable_dynamic(model) first")
     return cache.info()

@@ -27,6 +27,7 @@ The per-call machinery (the active patch size, the kernel cache, the patch-convo
 from __future__ import annotations
 
 import contextlib
+import functools
 import random
 import threading
 from dataclasses import dataclass
@@ -36,9 +37,19 @@ import torch
 import torch.nn as nn
 
 from timm_anysize.core.errors import SpecError
-from timm_anysize.core.flexi_embed import ACTIVE, FlexiEmbed, FlexiPatchEmbedMixin, Size2, make_flexi
+from timm_anysize.core.family import Family
+from timm_anysize.core.flexi_embed import (
+    ACTIVE,
+    FlexiEmbed,
+    FlexiPatchEmbedMixin,
+    Size2,
+    make_flexi,
+    set_kernel_resampling,
+)
+from timm_anysize.core.runtime_options import RuntimeOptions, runtime_options, set_runtime_options
+from timm_anysize.core.spec import as_pair
 from timm_anysize.dynamic import enable_dynamic, is_dynamic
-from timm_anysize.families import FAMILIES, Family, family_of
+from timm_anysize.families import FAMILIES, family_of
 
 __all__ = [
     "patch_size",
@@ -47,7 +58,6 @@ __all__ = [
     "enable_flexi",
     "FlexiSchedule",
     "flexi_cache_info",
-    "flexi_from_spec",
     "apply_flexi",
 ]
 
@@ -57,7 +67,7 @@ _HOOK_STACK = threading.local()  # contexts saved by the training pre-hook, rest
 
 
 def _size2(p: PatchSizeArg, what: str = "patch size") -> Size2:
-    pair = (p, p) if isinstance(p, int) else tuple(p)
+    pair = as_pair(p)
     if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in pair):
         raise ValueError(f"{what} must be a positive int or (height, width) of positive ints, got {p!r}")
     return (int(pair[0]), int(pair[1]))
@@ -113,9 +123,9 @@ def _family(model: nn.Module) -> Optional[Family]:
 
 
 def _embed_module(model: nn.Module) -> Optional[nn.Module]:
-    """The module that embeds patches: ``patch_embed``, or NaFlexViT's ``embeds``."""
-    pe = getattr(model, "patch_embed", None)
-    return pe if pe is not None else getattr(model, "embeds", None)
+    """The module that embeds patches, as the model's family row names it (``patch_embed``; NaFlexViT's ``embeds``)."""
+    fam = _family(model)
+    return fam.patch_embed(model) if fam is not None else None
 
 
 def _patch_embed(model: nn.Module) -> nn.Module:
@@ -141,9 +151,9 @@ def _patch_embed(model: nn.Module) -> nn.Module:
         )
     if not is_dynamic(model):
         enable_dynamic(model)  # the grid changes with the patch: the position embedding must follow it
-    pad = bool(getattr(model, "_anysize_dynamic", None) and model._anysize_dynamic.pad)
+    options = runtime_options(model)
     make_flexi(pe, _flexi_class(type(pe), fam.flexi_mixin or FlexiPatchEmbedMixin))
-    pe._anysize_pad = pad
+    set_runtime_options(pe, options if options is not None else RuntimeOptions(pad=False))  # pads as the model does
     return pe
 
 
@@ -222,8 +232,7 @@ def patch_size(model: nn.Module, p: PatchSizeArg) -> Iterator[nn.Module]:
 # ---------------------------------------------------------------------------------------------- training (flexi)
 
 
-def _pre_forward(model: nn.Module, args: tuple) -> None:
-    pe = _embed_module(model)
+def _pre_forward(pe: nn.Module, model: nn.Module, args: tuple) -> None:
     stack = getattr(_HOOK_STACK, "stack", None)
     if stack is None:
         stack = _HOOK_STACK.stack = []
@@ -282,14 +291,14 @@ def enable_flexi(
                 f"enable_flexi: weights {list(weights)} must be one non-negative number per patch size "
                 f"({len(sizes)}), not all zero"
             )
-    _patch_embed(model)
+    pe = _patch_embed(model)
     for handle in getattr(model, "_anysize_flexi_hooks", ()):
         handle.remove()
     model._anysize_flexi = FlexiSchedule(sizes, weights, seed)
     model._anysize_flexi_step = 0
     model._anysize_flexi_seen = {}
     model._anysize_flexi_hooks = [
-        model.register_forward_pre_hook(_pre_forward),
+        model.register_forward_pre_hook(functools.partial(_pre_forward, pe)),
         model.register_forward_hook(_post_forward, always_call=True),
     ]
     return model
@@ -309,7 +318,7 @@ def flexi_cache_info(model: nn.Module) -> dict[str, int]:
     pe = _embed_module(model)
     if not isinstance(pe, FlexiEmbed):
         raise ValueError(f"{type(model).__name__} is not flexi; call set_patch_size or patch_size first")
-    return pe._anysize_kernel_cache.info()
+    return pe.kernel_cache().info()
 
 
 def apply_flexi(model: nn.Module, spec: Any) -> nn.Module:
@@ -325,13 +334,5 @@ def apply_flexi(model: nn.Module, spec: Any) -> nn.Module:
         pe = _patch_embed(model)
     except TypeError as e:
         raise SpecError(f"{spec.where}.flexi: {e}; remove the flexi key") from None
-    pe._anysize_resample = (spec.adapt.patch_embed.interpolation, spec.adapt.patch_embed.antialias)
+    set_kernel_resampling(pe, spec.adapt.patch_embed.interpolation, spec.adapt.patch_embed.antialias)
     return enable_flexi(model, flexi.patch_sizes, flexi.weights, flexi.seed)
-
-
-def flexi_from_spec(spec: Any) -> Optional[FlexiSchedule]:
-    """The schedule a variant's ``flexi`` key describes, or None."""
-    flexi = getattr(spec, "flexi", None)
-    if flexi is None:
-        return None
-    return FlexiSchedule(tuple(flexi.patch_sizes), flexi.weights, flexi.seed)

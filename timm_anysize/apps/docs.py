@@ -8,7 +8,8 @@ Example:
 from __future__ import annotations
 
 from timm_anysize.apps.survey import SURVEY_FILE, load_survey
-from timm_anysize.families import FAMILIES, FAMILY_MODULES, GEOMETRY_CHANGES, UNSUPPORTED
+from timm_anysize.core.family import GEOMETRY_CHANGES
+from timm_anysize.families import FAMILIES, FAMILY_MODULES, UNSUPPORTED
 
 __all__ = ["families_markdown"]
 

@@ -20,9 +20,9 @@ import torch
 
 from timm_anysize.builder import build_variant
 from timm_anysize.core.errors import AdaptationError, AnysizeError, SpecError
+from timm_anysize.core.family import GEOMETRY_CHANGES
 from timm_anysize.core.meta import meta_device
 from timm_anysize.core.spec import parse_variant
-from timm_anysize.families import GEOMETRY_CHANGES
 from timm_anysize.plan import make_plan
 
 __all__ = ["SURVEY_FILE", "example_model", "survey_module", "run_survey", "load_survey"]

@@ -6,30 +6,20 @@ import logging
 import threading
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Any, Callable, List, Optional
 
 import torch
-import torch.nn as nn
 from timm.layers import register_notrace_function
 from timm.layers.helpers import is_exporting
 
-from timm_anysize.core.resample import resample_grid, resample_pos_tokens
-
-# The one resampling of token position embeddings lives in core.resample (shared with loads); this module's calls
-# are FX leaves too (fx.wrap patches the calling module's globals).
-torch.fx.wrap("resample_pos_tokens")
+from timm_anysize.core.resample import resample_grid
 
 __all__ = [
     "PosEmbedCache",
     "DEFAULT_CACHE_SIZE",
-    "DynamicOptions",
     "traced",
     "must_run_inline",
     "cached_or_inline",
-    "dynamic_pos_embed",
-    "dynamic_image_pos_embed",
-    "resample_pos_tokens",
     "resample_image_pos",
     "patch_grid",
     "symbolic",
@@ -159,12 +149,6 @@ def patch_grid(x: torch.Tensor, patch_size: List[int], pad: bool) -> List[int]:
     return [h // patch_size[0], w // patch_size[1]]
 
 
-def _resample_tokens(pos_embed: torch.Tensor, grid: Any, native: Any, prefix: int, opts: "DynamicOptions"):
-    return resample_pos_tokens(
-        pos_embed, [grid[0], grid[1]], list(native), prefix, opts.interpolation, opts.antialias, opts.compat
-    )
-
-
 def symbolic(value: Any) -> bool:
     """An FX symbolic trace is recording: sizes are Proxies, so only leaf functions may look at them."""
     return isinstance(value, torch.fx.Proxy)
@@ -206,80 +190,3 @@ def cached_or_inline(
         return compute()
     full_key = (*key, weight.dtype, weight.device, torch.is_inference_mode_enabled())
     return cache.get_or_compute(full_key, weight, lambda: compute().detach())
-
-
-@dataclass(frozen=True)
-class DynamicOptions:
-    """How a dynamic model resamples its position embedding at run time, and whether it pads."""
-
-    interpolation: str = "bicubic"
-    antialias: bool = True
-    pad: bool = True
-    compat: str = "timm"  # another library's exact resampling: timm_anysize.core.compat
-
-
-def _cache_for(model: nn.Module, name: str) -> "PosEmbedCache":
-    """The cache of one embedding (each has its own stamp): ``pos_embed``'s, or another named one's."""
-    if name == "pos_embed":
-        return model._anysize_pos_cache
-    cache = model._anysize_caches.get(name)  # built once (not on every inline forward), atomically
-    return (
-        cache
-        if cache is not None
-        else model._anysize_caches.setdefault(name, PosEmbedCache(model._anysize_pos_cache.maxsize))
-    )
-
-
-def dynamic_pos_embed(
-    model: nn.Module,
-    grid: tuple[int, int],
-    prefix: Optional[int] = None,
-    name: str = "pos_embed",
-    native: Optional[tuple[int, int]] = None,
-) -> torch.Tensor:
-    """A token position embedding ``[1, prefix + H*W, C]`` for a patch grid: the model's own at the native grid,
-    else resampled (cached).
-
-    Args:
-        model: A model set up by ``enable_dynamic``.
-        grid: The patch grid of this forward.
-        prefix: Leading entries that belong to prefix tokens (default: the model's, none with ``no_embed_class``).
-        name: The embedding's attribute (CrossViT has one per branch).
-        native: The grid the embedding is laid out on (default: the patch embedding's).
-    """
-    pos_embed = getattr(model, name)
-    native = tuple(native or model.patch_embed.grid_size)
-    opts: DynamicOptions = model._anysize_dynamic
-    if prefix is None:
-        prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
-    if symbolic(grid) or symbolic(grid[0]):  # FX: one leaf node, resampled on every call of the graph
-        return _resample_tokens(pos_embed, grid, native, prefix, opts)
-    if not is_exporting() and not torch.compiler.is_compiling() and tuple(grid) == native:
-        return pos_embed
-
-    def compute() -> torch.Tensor:
-        return _resample_tokens(pos_embed, grid, native, prefix, opts)
-
-    if traced():  # inline, before int() of a symbolic size would specialize the compiled or exported graph
-        return compute()
-    return cached_or_inline(_cache_for(model, name), (int(grid[0]), int(grid[1])), pos_embed, compute)
-
-
-def dynamic_image_pos_embed(
-    model: nn.Module, grid: tuple[int, int], channels_last: bool, name: str = "pos_embed"
-) -> torch.Tensor:
-    """A position embedding laid out as an image, ``[1, C, H, W]`` (PiT, Visformer's per stage: ``name``) or
-    ``[1, H, W, C]`` (VOLO), for a grid: the model's own at its native grid, else resampled (cached)."""
-    pos_embed = getattr(model, name)
-    opts: DynamicOptions = model._anysize_dynamic
-    if symbolic(grid) or symbolic(grid[0]) or traced():  # FX (one leaf node), compiling, exporting: no shape branch
-        return resample_image_pos(pos_embed, [grid[0], grid[1]], opts.interpolation, opts.antialias, channels_last)
-    native = tuple(pos_embed.shape[1:3] if channels_last else pos_embed.shape[2:4])
-    grid = (int(grid[0]), int(grid[1]))
-    if grid == native:
-        return pos_embed
-
-    def compute() -> torch.Tensor:
-        return resample_image_pos(pos_embed, list(grid), opts.interpolation, opts.antialias, channels_last)
-
-    return cached_or_inline(_cache_for(model, name), (grid,), pos_embed, compute)

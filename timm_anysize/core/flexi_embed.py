@@ -20,8 +20,9 @@ from timm.layers.format import nchw_to
 
 from timm_anysize.core.cache import DEFAULT_CACHE_SIZE, PosEmbedCache, cached_or_inline
 from timm_anysize.core.padding import check_multiple, pad_to_multiple
+from timm_anysize.core.runtime_options import runtime_options
 
-__all__ = ["ACTIVE", "FlexiEmbed", "FlexiPatchEmbedMixin", "make_flexi", "Size2"]
+__all__ = ["ACTIVE", "FlexiEmbed", "FlexiPatchEmbedMixin", "make_flexi", "set_kernel_resampling", "Size2"]
 
 Size2 = tuple[int, int]
 
@@ -34,7 +35,7 @@ ACTIVE: contextvars.ContextVar[dict[int, Size2]] = contextvars.ContextVar(
 
 class FlexiEmbed:
     """Base of every flexi patch embedding: the patch size of the call and the cache of its resized kernel
-    (``_anysize_kernel_cache``, through :func:`timm_anysize.core.cache.cached_or_inline`).
+    (:meth:`FlexiEmbed.kernel_cache`, through :func:`timm_anysize.core.cache.cached_or_inline`).
 
     The patch size, first match wins: the call's context (:data:`ACTIVE`, set by ``timm_anysize.patch_size`` and the
     training draws), the sticky one (``_anysize_sticky``, ``set_patch_size``), the module's own ``patch_size``.
@@ -51,6 +52,14 @@ class FlexiEmbed:
         if p is None:
             p = self._anysize_sticky
         return own if p is None else p  # type: ignore[return-value]
+
+    def kernel_cache(self) -> PosEmbedCache:
+        """The cache of the resized kernel (one entry per patch size)."""
+        return self._anysize_kernel_cache
+
+    def kernel_resampling(self) -> tuple[str, bool]:
+        """The interpolation and antialias of the kernel's resize (:func:`set_kernel_resampling`)."""
+        return self._anysize_resample
 
 
 class FlexiPatchEmbedMixin(FlexiEmbed):
@@ -71,14 +80,15 @@ class FlexiPatchEmbedMixin(FlexiEmbed):
     def _anysize_pads(self) -> bool:
         if hasattr(self, "dynamic_img_pad"):  # timm's PatchEmbed: enable_dynamic(pad=...) sets it
             return bool(self.dynamic_img_pad)
-        return bool(getattr(self, "_anysize_pad", False))  # a family's own patch embedding: the model's pad option
+        options = runtime_options(self)  # a family's own patch embedding: the model's pad option
+        return options is not None and options.pad
 
     def kernel(self, p: Size2) -> torch.Tensor:
         """The stored kernel PI-resized to ``p`` (cached while no gradient can flow to it)."""
         weight = self.proj.weight  # type: ignore[attr-defined]
-        interpolation, antialias = self._anysize_resample
+        interpolation, antialias = self.kernel_resampling()
         return cached_or_inline(
-            self._anysize_kernel_cache,
+            self.kernel_cache(),
             (p,),
             weight,
             lambda: resample_patch_embed(weight, list(p), interpolation=interpolation, antialias=antialias),
@@ -127,5 +137,20 @@ def make_flexi(module: nn.Module, cls: type) -> nn.Module:
     module.__class__ = cls
     module._anysize_kernel_cache = PosEmbedCache(DEFAULT_CACHE_SIZE)
     module._anysize_sticky = None
-    module._anysize_resample = ("bicubic", True)  # timm's set_input_size(patch_size=...)
+    set_kernel_resampling(module, "bicubic", True)  # timm's set_input_size(patch_size=...)
     return module
+
+
+def set_kernel_resampling(module: nn.Module, interpolation: str, antialias: bool) -> None:
+    """Resize the kernel of a flexi patch embedding with ``interpolation`` and ``antialias`` (a variant's
+    ``adapt.patch_embed``, as at load time); :func:`make_flexi` starts with timm's ``bicubic`` with antialias.
+
+    Example:
+        >>> import timm
+        >>> pe = timm.create_model("test_vit", img_size=32, patch_size=8).patch_embed
+        >>> pe = make_flexi(pe, type("FlexiPatchEmbed", (FlexiPatchEmbedMixin, type(pe)), {}))
+        >>> set_kernel_resampling(pe, "bilinear", False)
+        >>> pe.kernel_resampling()
+        ('bilinear', False)
+    """
+    module._anysize_resample = (interpolation, antialias)

@@ -24,9 +24,9 @@ __all__ = [
 
 
 # The one resampling of token position embeddings: a load (adapt.resample_pos_embed) and the dynamic paths
-# (core.cache) call this function, so a loaded variant and a dynamic model at its size cannot drift. TorchScript
+# (core.runtime_options) call this function, so a loaded variant and a dynamic model at its size cannot drift. TorchScript
 # compiles it; FX records it as one node (timm's notrace registry for calls from a forward, torch.fx.wrap here and in
-# core.cache, whose helpers call it, as timm's resample_abs_pos_embed).
+# core.runtime_options, whose helpers call it, as timm's resample_abs_pos_embed).
 @torch.fx.wrap
 @register_notrace_function
 def resample_pos_tokens(

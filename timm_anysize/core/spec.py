@@ -40,6 +40,7 @@ __all__ = [
     "FlexiOptions",
     "parse_variant",
     "format_spec_error",
+    "as_pair",
 ]
 
 # Sanity caps for single values; what a geometry costs in memory is checked against a budget in plan.py.
@@ -50,6 +51,19 @@ MAX_MODEL_ARGS_ITEMS = 1000
 MAX_MODEL_ARGS_DEPTH = 8
 
 Size2 = Tuple[int, int]
+
+
+def as_pair(value: Any) -> tuple:
+    """``(value, value)`` for an int, else ``tuple(value)``: the one spelling of "a size may be one int or (H, W)"
+    (callers check the values; ``bool`` is an int here, as in Python).
+
+    Example:
+        >>> as_pair(16), as_pair([12, 8])
+        ((16, 16), (12, 8))
+    """
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
 _SizeIn = Union[StrictInt, Tuple[StrictInt, StrictInt]]
 _Number = Union[StrictInt, float]
 VARIANT_NAME_PATTERN = r"^[a-z][a-z0-9_]*$"
@@ -93,7 +107,7 @@ CompatName = Literal[tuple(COMPAT_PRESETS)]  # type: ignore[valid-type]
 def _to_size2(value: Any, upper: int) -> Optional[Size2]:
     if value is None:
         return None
-    pair = (value, value) if isinstance(value, int) else tuple(value)
+    pair = as_pair(value)
     for v in pair:
         if v < 1 or v > upper:
             raise ValueError(f"each side must be between 1 and {upper}, got {value!r}")

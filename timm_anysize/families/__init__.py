@@ -20,19 +20,10 @@ from typing import Optional
 
 import torch.nn as nn
 
-from timm_anysize.core.family import GEOMETRY_CHANGES, Family, tensor_layouts
-from timm_anysize.families.generic import generic_family
+from timm_anysize.core.family import Family
+from timm_anysize.families._generic import generic_family
 
-__all__ = [
-    "Family",
-    "FAMILIES",
-    "FAMILY_MODULES",
-    "family_of",
-    "generic_family",
-    "GEOMETRY_CHANGES",
-    "UNSUPPORTED",
-    "tensor_layouts",
-]
+__all__ = ["FAMILIES", "FAMILY_MODULES", "family_of", "generic_family", "UNSUPPORTED"]
 
 
 def _family_modules() -> tuple[ModuleType, ...]:

@@ -28,6 +28,7 @@ from timm.layers.pos_embed_rel import (  # timm exports these from no shorter pa
 
 from timm_anysize.core.cache import cached_or_inline, traced
 from timm_anysize.core.resample import resize_bias_grid, resize_rel_pos_table
+from timm_anysize.core.runtime_options import RuntimeOptionsMixin, cache_for
 
 __all__ = [
     "add_pos_embed",
@@ -98,8 +99,9 @@ def levit_attention_biases(
     return biases[:, _bias_index(resolution, stride, biases.device)]
 
 
-class AttentionBiases:
-    """The biases of an attention at a resolution: timm's own at the module's, else resized (cached in eager mode)."""
+class AttentionBiases(RuntimeOptionsMixin):
+    """The biases of an attention at a resolution: timm's own at the module's, else resized (cached in eager mode)
+    with the interpolation of its run-time options (its family's setup gives it the model's)."""
 
     def _anysize_biases(self, x: torch.Tensor, res: List[int], stride: int) -> torch.Tensor:
         if torch.jit.is_scripting():
@@ -110,7 +112,7 @@ class AttentionBiases:
                 [self.resolution[0], self.resolution[1]],
                 res,
                 stride,
-                self._anysize_interpolation,
+                self.anysize_options().interpolation,
                 False,
             )
         return self._eager_biases(x, res, stride)
@@ -118,19 +120,18 @@ class AttentionBiases:
     @torch.jit.unused
     def _eager_biases(self, x: torch.Tensor, res: List[int], stride: int) -> torch.Tensor:
         native = [self.resolution[0], self.resolution[1]]
+        interpolation = self.anysize_options().interpolation
         if isinstance(res[0], torch.fx.Proxy) or traced():  # FX: one node; compiling, exporting: no size branch
-            return levit_attention_biases(
-                self.attention_biases, native, res, stride, self._anysize_interpolation, traced()
-            )
+            return levit_attention_biases(self.attention_biases, native, res, stride, interpolation, traced())
         key_res = (int(res[0]), int(res[1]))
         if key_res == tuple(native):
             return self.get_attention_biases(x.device)
         biases = self.attention_biases
 
         def compute() -> torch.Tensor:
-            return levit_attention_biases(biases, native, list(key_res), stride, self._anysize_interpolation, False)
+            return levit_attention_biases(biases, native, list(key_res), stride, interpolation, False)
 
-        return cached_or_inline(self._anysize_bias_cache, (key_res,), biases, compute)
+        return cached_or_inline(cache_for(self, "attention_biases"), (key_res,), biases, compute)
 
 
 # timm's relative-position modules at any window (MaxxViT, GCViT).
@@ -194,7 +195,8 @@ def rel_pos_bias_at(rel_pos: nn.Module, window: List[int]) -> torch.Tensor:
     """The additive attention bias ``[1, heads, N, N]`` one of timm's relative-position modules (``RelPosBias``,
     ``RelPosBiasTf``, ``RelPosMlp``) gives at ``window``: its own at its window, else what a model built for that
     window (with the table resized as a load resizes it) gives. Tables are cached per window in eager inference
-    (a module given an ``_anysize_bias_cache`` by its family's setup: MaxxViT, GCViT).
+    (a module its family's setup gave run-time options, :func:`~timm_anysize.core.runtime_options.cache_for`:
+    MaxxViT, GCViT).
 
     Example:
         >>> from timm.layers.pos_embed_rel import RelPosBias
@@ -211,7 +213,7 @@ def rel_pos_bias_at(rel_pos: nn.Module, window: List[int]) -> torch.Tensor:
         return _mlp_bias(rel_pos, key_window)
     compute = _tf_bias if isinstance(rel_pos, RelPosBiasTf) else _table_bias
     table = rel_pos.relative_position_bias_table
-    cache = getattr(rel_pos, "_anysize_bias_cache", None)
+    cache = cache_for(rel_pos, "relative_position_bias_table")
     return cached_or_inline(cache, (key_window,), table, lambda: compute(rel_pos, key_window))
 
 

@@ -22,18 +22,18 @@ from timm.layers import register_notrace_function, resize_rel_pos_bias_table
 from timm.layers.helpers import is_exporting
 from timm.models import beit, checkpoint
 
-from timm_anysize.core.cache import (
-    PosEmbedCache,
-    cached_or_inline,
-    dynamic_pos_embed,
-    patch_grid,
-    resample_pos_tokens,
-    symbolic,
-)
+from timm_anysize.core.cache import cached_or_inline, patch_grid, symbolic
 from timm_anysize.core.compat import compat_rel_table, compat_resize_rel_table
 from timm_anysize.core.family import REL_TABLE, DynamicPath, Family, TinyModel, gray_and_4ch
 from timm_anysize.core.intermediates import PrefixTokenIntermediates, token_features
 from timm_anysize.core.resample import resize_rel_pos_table
+from timm_anysize.core.runtime_options import (
+    RuntimeOptionsMixin,
+    cache_for,
+    runtime_options,
+    set_runtime_options,
+    swap_classes,
+)
 from timm_anysize.core.spec import Size2
 
 __all__ = ["FAMILIES", "DynamicBeit", "enable_beit_dynamic", "beit_rel_pos_bias"]
@@ -101,7 +101,7 @@ def _bias_for_grid(module: nn.Module, grid: Size2) -> torch.Tensor:
     num_heads = table.shape[-1]
 
     def compute() -> torch.Tensor:
-        if compat_rel_table(module._anysize_compat) == "bilinear":
+        if compat_rel_table(_compat(module)) == "bilinear":
             resized = compat_resize_rel_table(table, list(module.window_size), list(grid))
         else:
             resized = resize_rel_pos_bias_table(
@@ -114,7 +114,13 @@ def _bias_for_grid(module: nn.Module, grid: Size2) -> torch.Tensor:
         index = beit.gen_relative_position_index(grid, device=table.device)
         return resized[index.view(-1)].view(area + 1, area + 1, -1).permute(2, 0, 1).contiguous()
 
-    return cached_or_inline(module._anysize_bias_cache, (grid,), table, compute)
+    return cached_or_inline(cache_for(module, "relative_position_bias_table"), (grid,), table, compute)
+
+
+def _compat(module: nn.Module) -> str:
+    """How the module's table is resized per grid (its run-time options' ``compat``)."""
+    options = runtime_options(module)
+    return "timm" if options is None else options.compat
 
 
 def _eager_bias(module: nn.Module, grid: Optional[List[int]]) -> Optional[torch.Tensor]:
@@ -123,7 +129,7 @@ def _eager_bias(module: nn.Module, grid: Optional[List[int]]) -> Optional[torch.
     window = [module.window_size[0], module.window_size[1]]
     if grid is None:
         return None
-    compat = module._anysize_compat
+    compat = _compat(module)
     if symbolic(grid) or symbolic(grid[0]):  # FX: one leaf node, computed on every call of the graph
         return beit_rel_pos_bias(module.relative_position_bias_table, window, [grid[0], grid[1]], compat)
     if is_exporting():  # no shape branch, no cache
@@ -146,12 +152,10 @@ def _cached_bias_outside_graph(module: nn.Module, grid: List[int]) -> torch.Tens
     bias = _cached_bias(module, grid)
     if bias is not None:
         return bias
-    return beit_rel_pos_bias(
-        module.relative_position_bias_table, list(module.window_size), grid, module._anysize_compat
-    )
+    return beit_rel_pos_bias(module.relative_position_bias_table, list(module.window_size), grid, _compat(module))
 
 
-class DynamicBeitAttention(beit.Attention):
+class DynamicBeitAttention(RuntimeOptionsMixin, beit.Attention):
     """timm's BEiT attention with the bias of the forward's patch grid (``grid``; None: the module's window)."""
 
     def _bias_at(self, grid: Optional[List[int]]) -> torch.Tensor:
@@ -160,7 +164,7 @@ class DynamicBeitAttention(beit.Attention):
             if grid is None or (grid[0] == window[0] and grid[1] == window[1]):
                 return self._get_rel_pos_bias()
             return beit_rel_pos_bias(
-                self.relative_position_bias_table, [window[0], window[1]], grid, self._anysize_compat
+                self.relative_position_bias_table, [window[0], window[1]], grid, self.anysize_options().compat
             ).unsqueeze(0)
         bias = self._eager_bias_at(grid)
         return self._get_rel_pos_bias() if bias is None else bias.unsqueeze(0)
@@ -233,7 +237,7 @@ class DynamicBeitBlock(beit.Block):
         return x
 
 
-class DynamicRelativePositionBias(beit.RelativePositionBias):
+class DynamicRelativePositionBias(RuntimeOptionsMixin, beit.RelativePositionBias):
     """timm's shared BEiT bias for the forward's patch grid (None: its own window)."""
 
     def forward(self, grid: Optional[List[int]] = None) -> torch.Tensor:
@@ -241,7 +245,7 @@ class DynamicRelativePositionBias(beit.RelativePositionBias):
             window = self.window_size
             if grid is not None and (grid[0] != window[0] or grid[1] != window[1]):
                 return beit_rel_pos_bias(
-                    self.relative_position_bias_table, [window[0], window[1]], grid, self._anysize_compat
+                    self.relative_position_bias_table, [window[0], window[1]], grid, self.anysize_options().compat
                 )
         else:
             bias = self._eager_bias_at(grid)
@@ -257,7 +261,7 @@ class DynamicRelativePositionBias(beit.RelativePositionBias):
         return _eager_bias(self, grid)
 
 
-class DynamicBeit(PrefixTokenIntermediates, beit.Beit):
+class DynamicBeit(RuntimeOptionsMixin, PrefixTokenIntermediates, beit.Beit):
     """timm's BEiT at any input size (set by :func:`timm_anysize.enable_dynamic`)."""
 
     def _anysize_tokens(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[int]]:
@@ -270,19 +274,8 @@ class DynamicBeit(PrefixTokenIntermediates, beit.Beit):
         x = self.patch_embed(x)  # tokens, as timm lays them out
         x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
         if self.pos_embed is not None:
-            if torch.jit.is_scripting():
-                native = self.patch_embed.grid_size
-                x = x + resample_pos_tokens(
-                    self.pos_embed,
-                    grid,
-                    [native[0], native[1]],
-                    self.num_prefix_tokens,
-                    self._anysize_interpolation,
-                    self._anysize_antialias,
-                    self._anysize_compat,
-                )
-            else:
-                x = x + dynamic_pos_embed(self, grid)
+            native = self.patch_embed.grid_size
+            x = x + self.pos_tokens_at(self.pos_embed, grid, [native[0], native[1]], self.num_prefix_tokens)
         return self.pos_drop(x), grid
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -313,21 +306,21 @@ class DynamicBeit(PrefixTokenIntermediates, beit.Beit):
         return token_features(self.norm(x) if norm else x, ctx[0], self.num_prefix_tokens, output_fmt)
 
 
+_MODULES = {
+    beit.Block: DynamicBeitBlock,
+    beit.Attention: DynamicBeitAttention,
+    beit.RelativePositionBias: DynamicRelativePositionBias,
+}
+
+
 def enable_beit_dynamic(model: beit.Beit, cache_size: int) -> None:
-    """Swap in the dynamic classes, in place (the patch embedding is set up by the caller)."""
+    """Swap in the dynamic classes, in place (the patch embedding is set up by the caller); the attentions and the
+    shared bias take the model's run-time options (how a table is resized per grid: ``compat``; its cache)."""
     model.__class__ = DynamicBeit
-    for module in model.modules():
-        if type(module) is beit.Block:
-            module.__class__ = DynamicBeitBlock
-        elif type(module) is beit.Attention:
-            module.__class__ = DynamicBeitAttention
-            if module.relative_position_bias_table is not None:
-                module._anysize_bias_cache = PosEmbedCache(cache_size)
-        elif type(module) is beit.RelativePositionBias:
-            module.__class__ = DynamicRelativePositionBias
-            module._anysize_bias_cache = PosEmbedCache(cache_size)
-        if isinstance(module, (DynamicBeitAttention, DynamicRelativePositionBias)):
-            module._anysize_compat = model._anysize_dynamic.compat  # how its table is resized per grid
+    options = runtime_options(model)
+    for module in swap_classes(model, _MODULES):
+        if options is not None and isinstance(module, (DynamicBeitAttention, DynamicRelativePositionBias)):
+            set_runtime_options(module, options)
 
 
 FAMILIES = (

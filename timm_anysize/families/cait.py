@@ -6,14 +6,15 @@ from typing import List, Tuple
 import torch
 from timm.models import cait
 
-from timm_anysize.core.cache import dynamic_pos_embed, patch_grid, resample_pos_tokens
+from timm_anysize.core.cache import patch_grid
 from timm_anysize.core.family import DynamicPath, Family, TinyModel, gray_and_4ch
 from timm_anysize.core.intermediates import Intermediates, token_features
+from timm_anysize.core.runtime_options import RuntimeOptionsMixin
 
 __all__ = ["FAMILIES", "DynamicCait"]
 
 
-class DynamicCait(Intermediates, cait.Cait):
+class DynamicCait(RuntimeOptionsMixin, Intermediates, cait.Cait):
     """timm's CaiT with a cached dynamic position embedding (patch tokens only: the class token joins later)."""
 
     def _anysize_patch(self) -> List[int]:
@@ -28,19 +29,8 @@ class DynamicCait(Intermediates, cait.Cait):
         """Patch tokens plus the position embedding of the input's grid (``x``: the image)."""
         grid = patch_grid(x, self._anysize_patch(), self.patch_embed.dynamic_img_pad)
         x = self.patch_embed(x)  # tokens, as timm lays them out
-        if torch.jit.is_scripting():
-            native = self.patch_embed.grid_size
-            pos_embed = resample_pos_tokens(
-                self.pos_embed,
-                grid,
-                [native[0], native[1]],
-                0,
-                self._anysize_interpolation,
-                self._anysize_antialias,
-                self._anysize_compat,
-            )
-        else:
-            pos_embed = dynamic_pos_embed(self, grid, prefix=0)
+        native = self.patch_embed.grid_size
+        pos_embed = self.pos_tokens_at(self.pos_embed, grid, [native[0], native[1]], 0)
         return self.pos_drop(x + pos_embed)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

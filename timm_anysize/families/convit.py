@@ -16,9 +16,10 @@ import torch.nn as nn
 from timm.layers import register_notrace_function, register_notrace_module
 from timm.models import convit
 
-from timm_anysize.core.cache import PosEmbedCache, dynamic_pos_embed, resample_pos_tokens, traced
+from timm_anysize.core.cache import PosEmbedCache, traced
 from timm_anysize.core.family import DynamicPath, Family, TinyModel, gray_and_4ch
 from timm_anysize.core.intermediates import Intermediates, token_features
+from timm_anysize.core.runtime_options import RuntimeOptionsMixin, swap_classes
 
 __all__ = ["FAMILIES", "DynamicConVit", "gpsa_rel_indices"]
 
@@ -105,7 +106,7 @@ class DynamicBlock(convit.Block):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
-class DynamicConVit(Intermediates, convit.ConVit):
+class DynamicConVit(RuntimeOptionsMixin, Intermediates, convit.ConVit):
     """timm's ConViT at any input size: position embedding and GPSA offsets for the input's patch grid."""
 
     def _anysize_embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[int]]:
@@ -115,20 +116,8 @@ class DynamicConVit(Intermediates, convit.ConVit):
         grid = [H, W]
         x = x.reshape(B, H * W, C)
         if self.use_pos_embed:
-            if torch.jit.is_scripting():
-                native = self.patch_embed.grid_size
-                pos_embed = resample_pos_tokens(
-                    self.pos_embed,
-                    grid,
-                    [native[0], native[1]],
-                    0,
-                    self._anysize_interpolation,
-                    self._anysize_antialias,
-                    self._anysize_compat,
-                )
-            else:
-                pos_embed = dynamic_pos_embed(self, grid, prefix=0)
-            x = x + pos_embed
+            native = self.patch_embed.grid_size
+            x = x + self.pos_tokens_at(self.pos_embed, grid, [native[0], native[1]], 0)
         return self.pos_drop(x), grid
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -161,12 +150,8 @@ _MODULES = {convit.GPSA: DynamicGPSA, convit.MHSA: DynamicMHSA, convit.Block: Dy
 
 def enable_convit_dynamic(model: convit.ConVit, cache_size: int) -> None:
     """Swap in the blocks and attentions that take the patch grid."""
-    for module in model.modules():
-        dynamic_cls = _MODULES.get(type(module))
-        if dynamic_cls is None:
-            continue
-        module.__class__ = dynamic_cls
-        if dynamic_cls is DynamicGPSA:
+    for module in swap_classes(model, _MODULES):
+        if isinstance(module, DynamicGPSA):
             module._anysize_rel_cache = PosEmbedCache(cache_size)
             module._anysize_stamp = torch.zeros(0)
 

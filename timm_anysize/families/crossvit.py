@@ -11,9 +11,9 @@ import torch.nn as nn
 from timm.layers import register_notrace_function
 from timm.models import crossvit
 
-from timm_anysize.core.cache import dynamic_pos_embed, resample_pos_tokens
 from timm_anysize.core.family import DynamicPath, Family, TinyModel, gray_and_4ch, no_patch_change
 from timm_anysize.core.intermediates import tokens_to_nchw
+from timm_anysize.core.runtime_options import RuntimeOptionsMixin
 from timm_anysize.core.spec import Size2
 from timm_anysize.core.timm_private import feature_take_indices
 
@@ -38,7 +38,7 @@ def crossvit_branch_size(x: torch.Tensor, img_size: List[int], scaled: List[int]
     )
 
 
-class DynamicCrossVit(crossvit.CrossVit):
+class DynamicCrossVit(RuntimeOptionsMixin, crossvit.CrossVit):
     """timm's CrossViT with each branch at a size that follows the input, and its position embedding resampled."""
 
     def _embed(self, x: torch.Tensor) -> List[torch.Tensor]:
@@ -55,18 +55,7 @@ class DynamicCrossVit(crossvit.CrossVit):
             cls_tokens = (self.cls_token_0 if i == 0 else self.cls_token_1).expand(B, -1, -1)
             pos_embed = self.pos_embed_0 if i == 0 else self.pos_embed_1  # hard-coded for torch jit script, as timm
             native = [scaled[0] // ps[0], scaled[1] // ps[1]]
-            if torch.jit.is_scripting():
-                pos = resample_pos_tokens(
-                    pos_embed,
-                    grid,
-                    native,
-                    1,
-                    self._anysize_interpolation,
-                    self._anysize_antialias,
-                    self._anysize_compat,
-                )
-            else:
-                pos = dynamic_pos_embed(self, grid, prefix=1, name=f"pos_embed_{i}", native=tuple(native))
+            pos = self.pos_tokens_at(pos_embed, grid, native, 1, "pos_embed_0" if i == 0 else "pos_embed_1")
             xs.append(self.pos_drop(torch.cat((cls_tokens, x_), dim=1) + pos))
         return xs
 

@@ -3,14 +3,14 @@
 import torch
 from timm.models import deit, vision_transformer
 
-from timm_anysize.core.cache import dynamic_pos_embed, resample_pos_tokens
 from timm_anysize.core.family import DynamicPath, Family, TinyModel, gray_and_4ch
+from timm_anysize.core.runtime_options import RuntimeOptionsMixin
 from timm_anysize.families._shared import add_pos_embed
 
 __all__ = ["FAMILIES", "DynamicVisionTransformerDistilled"]
 
 
-class DynamicVisionTransformerDistilled(deit.VisionTransformerDistilled):
+class DynamicVisionTransformerDistilled(RuntimeOptionsMixin, deit.VisionTransformerDistilled):
     """timm's distilled DeiT with a cached dynamic position embedding."""
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -18,19 +18,9 @@ class DynamicVisionTransformerDistilled(deit.VisionTransformerDistilled):
             return super()._pos_embed(x)
         B, H, W, C = x.shape
         prefix = [self.cls_token.expand(B, -1, -1), self.dist_token.expand(B, -1, -1)]
-        if torch.jit.is_scripting():
-            grid = self.patch_embed.grid_size
-            pos_embed = resample_pos_tokens(
-                self.pos_embed,
-                [H, W],
-                [grid[0], grid[1]],
-                0 if self.no_embed_class else self.num_prefix_tokens,
-                self._anysize_interpolation,
-                self._anysize_antialias,
-                self._anysize_compat,
-            )
-        else:
-            pos_embed = dynamic_pos_embed(self, (H, W))
+        grid = self.patch_embed.grid_size
+        prefix_len = 0 if self.no_embed_class else self.num_prefix_tokens
+        pos_embed = self.pos_tokens_at(self.pos_embed, [H, W], [grid[0], grid[1]], prefix_len)
         x = add_pos_embed(x.view(B, -1, C), pos_embed, prefix, self.no_embed_class)
         return self.pos_drop(x)
 

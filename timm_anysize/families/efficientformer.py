@@ -16,9 +16,9 @@ import torch
 import torch.nn as nn
 from timm.models import efficientformer as ef
 
-from timm_anysize.core.cache import PosEmbedCache
 from timm_anysize.core.family import NO_CONV_PATCH, DynamicPath, Family, TinyModel, gray_and_4ch, no_patch_change
 from timm_anysize.core.intermediates import Intermediates
+from timm_anysize.core.runtime_options import runtime_options, set_runtime_options, swap_classes
 from timm_anysize.families._shared import AttentionBiases
 
 __all__ = ["FAMILIES", "DynamicAttention", "DynamicEfficientFormer", "enable_efficientformer_dynamic"]
@@ -116,17 +116,13 @@ _MODULES = {
 
 def enable_efficientformer_dynamic(model: nn.Module, cache_size: int) -> None:
     """Swap in the stage that passes its grid down and the blocks and attentions that take it."""
-    interpolation = model._anysize_dynamic.interpolation
-    for module in model.modules():
-        dynamic_cls = _MODULES.get(type(module))
-        if dynamic_cls is None:
-            continue
-        module.__class__ = dynamic_cls
-        if dynamic_cls is DynamicAttention:
+    options = runtime_options(model)
+    for module in swap_classes(model, _MODULES):
+        if isinstance(module, DynamicAttention):
             side = math.isqrt(module.attention_biases.shape[1])  # timm keeps no resolution: 7, from the table
             module.resolution = (side, side)
-            module._anysize_interpolation = interpolation
-            module._anysize_bias_cache = PosEmbedCache(cache_size)
+            if options is not None:
+                set_runtime_options(module, options)  # its interpolation and bias cache
 
 
 FAMILIES = (

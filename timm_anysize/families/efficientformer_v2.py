@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from timm.models import FeatureListNet
 from timm.models import efficientformer_v2 as efv2
 
-from timm_anysize.core.cache import DEFAULT_CACHE_SIZE, PosEmbedCache
 from timm_anysize.core.family import NO_CONV_PATCH, DynamicPath, Family, TinyModel, gray_and_4ch, no_patch_change
+from timm_anysize.core.runtime_options import RuntimeOptions, runtime_options, swap_classes
 from timm_anysize.core.spec import Size2
 from timm_anysize.families._shared import AttentionBiases
 
@@ -85,24 +85,16 @@ class DynamicAttention2dDownsample(AttentionBiases, efv2.Attention2dDownsample):
 _MODULES = {efv2.Attention2d: DynamicAttention2d, efv2.Attention2dDownsample: DynamicAttention2dDownsample}
 
 
-def _swap_attentions(model: nn.Module, interpolation: str, cache_size: int) -> None:
-    for module in model.modules():
-        dynamic_cls = _MODULES.get(type(module))
-        if dynamic_cls is not None:
-            module.__class__ = dynamic_cls
-            module._anysize_interpolation = interpolation
-            module._anysize_bias_cache = PosEmbedCache(cache_size)
-
-
 def enable_efficientformer_v2_dynamic(model: nn.Module, cache_size: int) -> None:
-    """Swap in the attentions that read their resolution off their input, each with its own bias cache."""
-    _swap_attentions(model, model._anysize_dynamic.interpolation, cache_size)
+    """Swap in the attentions that read their resolution off their input, each with the model's run-time options
+    (interpolation) and its own bias cache."""
+    swap_classes(model, _MODULES, runtime_options(model))
 
 
 def _enable_features(model: nn.Module, pad: bool) -> None:
     """A ``features_only`` wrapper (timm flattens the stages into it): the same attentions, bicubic (the default
     interpolation: timm's enabler interface passes none), the default cache size. ``pad``: nothing to pad."""
-    _swap_attentions(model, "bicubic", DEFAULT_CACHE_SIZE)
+    swap_classes(model, _MODULES, RuntimeOptions(pad=pad))
     model.dynamic_img_size = True
 
 

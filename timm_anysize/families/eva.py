@@ -6,14 +6,14 @@ from typing import List, Optional, Tuple
 import torch
 from timm.models import eva
 
-from timm_anysize.core.cache import dynamic_pos_embed, resample_pos_tokens
 from timm_anysize.core.family import DynamicPath, Family, TinyModel, gray_and_4ch
+from timm_anysize.core.runtime_options import RuntimeOptionsMixin
 from timm_anysize.families._shared import add_pos_embed
 
 __all__ = ["FAMILIES", "DynamicEva"]
 
 
-class DynamicEva(eva.Eva):
+class DynamicEva(RuntimeOptionsMixin, eva.Eva):
     """timm's EVA with a cached dynamic absolute position embedding (RoPE is generated for the grid by timm)."""
 
     def _pos_embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -28,19 +28,9 @@ class DynamicEva(eva.Eva):
             prefix.append(self.cls_token.expand(B, -1, -1))
         if self.reg_token is not None:
             prefix.append(self.reg_token.expand(B, -1, -1))
-        if torch.jit.is_scripting():
-            grid = self.patch_embed.grid_size
-            pos_embed = resample_pos_tokens(
-                self.pos_embed,
-                [H, W],
-                [grid[0], grid[1]],
-                0 if self.no_embed_class else self.num_prefix_tokens,
-                self._anysize_interpolation,
-                self._anysize_antialias,
-                self._anysize_compat,
-            )
-        else:
-            pos_embed = dynamic_pos_embed(self, (H, W))
+        grid = self.patch_embed.grid_size
+        prefix_len = 0 if self.no_embed_class else self.num_prefix_tokens
+        pos_embed = self.pos_tokens_at(self.pos_embed, [H, W], [grid[0], grid[1]], prefix_len)
         x = add_pos_embed(x.view(B, -1, C), pos_embed, prefix, self.no_embed_class)
         return self.pos_drop(x), rot_pos_embed
 

@@ -25,7 +25,7 @@ from timm.layers import register_notrace_module
 from timm.layers.pos_embed_rel import RelPosBias  # timm exports it from no shorter path
 from timm.models import gcvit, maxxvit
 
-from timm_anysize.core.cache import PosEmbedCache, symbolic
+from timm_anysize.core.cache import symbolic
 from timm_anysize.core.family import (
     NO_CONV_PATCH,
     REL_TABLE,
@@ -37,6 +37,7 @@ from timm_anysize.core.family import (
 )
 from timm_anysize.core.intermediates import TimmIntermediates
 from timm_anysize.core.padding import check_multiple, pad_to_multiple
+from timm_anysize.core.runtime_options import RuntimeOptionsMixin, runtime_options, swap_classes
 from timm_anysize.core.spec import Size2
 from timm_anysize.families._shared import DynamicRelPosBias
 
@@ -113,12 +114,12 @@ def gcvit_size_multiple(model: nn.Module) -> int:
     return multiple
 
 
-class DynamicGlobalContextVit(TimmIntermediates, gcvit.GlobalContextVit):
+class DynamicGlobalContextVit(RuntimeOptionsMixin, TimmIntermediates, gcvit.GlobalContextVit):
     """timm's GCViT at any input size (set by :func:`timm_anysize.enable_dynamic`)."""
 
     def _anysize_input(self, x: torch.Tensor) -> torch.Tensor:
         multiple = self._anysize_multiple
-        if not self._anysize_pad and not torch.jit.is_scripting():
+        if not self.anysize_options().pad and not torch.jit.is_scripting():
             self._anysize_check(x, multiple)
         return pad_to_multiple(x, [multiple, multiple])
 
@@ -143,7 +144,6 @@ def enable_gcvit_dynamic(model: nn.Module, cache_size: int) -> None:
         torch.Size([1, 1000])
     """
     model._anysize_multiple = gcvit_size_multiple(model)
-    model._anysize_pad = model._anysize_dynamic.pad
     for i, stage in enumerate(model.stages):
         stride = int(model.feature_info[i]["reduction"])
         for block in stage.blocks:
@@ -152,10 +152,7 @@ def enable_gcvit_dynamic(model: nn.Module, cache_size: int) -> None:
                 block.__class__ = DynamicGlobalContextVitBlock
             if type(block.attn) is gcvit.WindowAttentionGlobal:
                 block.attn.__class__ = DynamicWindowAttentionGlobal
-    for module in model.modules():
-        if type(module) is RelPosBias:
-            module.__class__ = DynamicRelPosBias
-            module._anysize_bias_cache = PosEmbedCache(cache_size)
+    swap_classes(model, {RelPosBias: DynamicRelPosBias}, runtime_options(model))  # with a table cache each
 
 
 def _size_multiples(model: nn.Module, img_size: Size2) -> Tuple[Tuple[str, Size2, Size2], ...]:

@@ -15,10 +15,11 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_function
 from timm.models import hiera
 
-from timm_anysize.core.cache import dynamic_pos_embed, resample_pos_tokens, symbolic, traced
+from timm_anysize.core.cache import symbolic, traced
 from timm_anysize.core.family import OVERLAPPING_STEM, DynamicPath, Family, TinyModel, gray_and_4ch, no_patch_change
 from timm_anysize.core.intermediates import Intermediates
 from timm_anysize.core.padding import check_multiple, pad_to_multiple
+from timm_anysize.core.runtime_options import RuntimeOptionsMixin
 
 __all__ = ["FAMILIES", "DynamicHiera", "enable_hiera_dynamic", "unroll_tokens", "reroll_tokens"]
 
@@ -96,7 +97,7 @@ def enable_hiera_dynamic(model: hiera.Hiera, cache_size: int) -> None:
     model.reroll._anysize_q_pool = int(model.q_pool)
 
 
-class DynamicHiera(Intermediates, hiera.Hiera):
+class DynamicHiera(RuntimeOptionsMixin, Intermediates, hiera.Hiera):
     """timm's Hiera at any input size (set by :func:`timm_anysize.enable_dynamic`).
 
     Other sizes take the classification and intermediates paths: no masks (MAE-style), no separate space/time
@@ -143,7 +144,7 @@ class DynamicHiera(Intermediates, hiera.Hiera):
 
     @torch.jit.unused
     def _check_pad(self, x: torch.Tensor, unit: List[int]) -> None:
-        if symbolic(x) or traced() or self._anysize_dynamic.pad:
+        if symbolic(x) or traced() or self.anysize_options().pad:
             return
         check_multiple(x.shape[-2:], unit, what="Hiera's mask unit (patch stride x mask unit size)")
 
@@ -215,18 +216,8 @@ class DynamicHiera(Intermediates, hiera.Hiera):
             pos_embed_win = self.pos_embed_win.tile(units)
             pos_embed = F.interpolate(self.pos_embed, size=pos_embed_win.shape[-2:], mode="bicubic", antialias=True)
             return (pos_embed + pos_embed_win).flatten(2).transpose(1, 2)
-        if torch.jit.is_scripting():
-            native = self.tokens_spatial_shape
-            return resample_pos_tokens(
-                self.pos_embed,
-                grid,
-                [native[0], native[1]],
-                0,
-                self._anysize_interpolation,
-                self._anysize_antialias,
-                self._anysize_compat,
-            )
-        return dynamic_pos_embed(self, grid, prefix=0, native=tuple(self.tokens_spatial_shape))
+        native = self.tokens_spatial_shape
+        return self.pos_tokens_at(self.pos_embed, grid, [native[0], native[1]], 0)
 
 
 FAMILIES = (

@@ -15,9 +15,9 @@ import torch
 import torch.nn as nn
 from timm.models import levit
 
-from timm_anysize.core.cache import PosEmbedCache
 from timm_anysize.core.family import NO_CONV_PATCH, DynamicPath, Family, TinyModel, gray_and_4ch, no_patch_change
 from timm_anysize.core.intermediates import Intermediates
+from timm_anysize.core.runtime_options import runtime_options, set_runtime_options, swap_classes
 from timm_anysize.families._shared import AttentionBiases
 
 __all__ = ["FAMILIES", "DynamicLevit", "DynamicLevitDistilled", "enable_levit_dynamic"]
@@ -194,15 +194,10 @@ _MODULES = {
 
 def enable_levit_dynamic(model: nn.Module, cache_size: int) -> None:
     """Swap in the module classes that take a resolution, and give each stage its own (for calls without one)."""
-    interpolation = model._anysize_dynamic.interpolation
-    for module in model.modules():
-        dynamic_cls = _MODULES.get(type(module))
-        if dynamic_cls is None:
-            continue
-        module.__class__ = dynamic_cls
-        if hasattr(module, "attention_biases"):
-            module._anysize_interpolation = interpolation
-            module._anysize_bias_cache = PosEmbedCache(cache_size)
+    options = runtime_options(model)
+    for module in swap_classes(model, _MODULES):
+        if hasattr(module, "attention_biases") and options is not None:
+            set_runtime_options(module, options)  # its interpolation and bias cache
     for stage in model.stages:
         down = stage.downsample
         if type(down) is nn.Identity:

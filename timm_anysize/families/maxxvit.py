@@ -30,7 +30,7 @@ from timm.layers import register_notrace_module
 from timm.layers.pos_embed_rel import RelPosBias, RelPosBiasTf, RelPosMlp  # timm exports these from no shorter path
 from timm.models import maxxvit
 
-from timm_anysize.core.cache import PosEmbedCache, symbolic
+from timm_anysize.core.cache import symbolic
 from timm_anysize.core.family import (
     NO_CONV_PATCH,
     REL_TABLE,
@@ -42,6 +42,7 @@ from timm_anysize.core.family import (
 )
 from timm_anysize.core.intermediates import TimmIntermediates
 from timm_anysize.core.padding import check_multiple, pad_to_multiple
+from timm_anysize.core.runtime_options import RuntimeOptionsMixin, runtime_options, set_runtime_options, swap_classes
 from timm_anysize.core.spec import Size2
 from timm_anysize.families._shared import DynamicRelPosBias, DynamicRelPosBiasTf, DynamicRelPosMlp
 
@@ -55,7 +56,11 @@ __all__ = [
 ]
 
 
-_REL_POS = {RelPosBias: DynamicRelPosBias, RelPosBiasTf: DynamicRelPosBiasTf, RelPosMlp: DynamicRelPosMlp}
+_REL_POS: dict[type, type] = {
+    RelPosBias: DynamicRelPosBias,
+    RelPosBiasTf: DynamicRelPosBiasTf,
+    RelPosMlp: DynamicRelPosMlp,
+}
 
 
 class DynamicAttention2d(maxxvit.Attention2d):
@@ -164,12 +169,12 @@ class DynamicParallelPartitionAttention(_Partition, maxxvit.ParallelPartitionAtt
         return torch.cat([x_window, x_grid], dim=-1)
 
 
-_PARTITIONS = {
+_PARTITIONS: dict[type, type] = {
     maxxvit.PartitionAttentionCl: DynamicPartitionAttentionCl,
     maxxvit.PartitionAttention2d: DynamicPartitionAttention2d,
     maxxvit.ParallelPartitionAttention: DynamicParallelPartitionAttention,
 }
-_ATTENTIONS = {maxxvit.Attention2d: DynamicAttention2d, maxxvit.AttentionCl: DynamicAttentionCl}
+_ATTENTIONS: dict[type, type] = {maxxvit.Attention2d: DynamicAttention2d, maxxvit.AttentionCl: DynamicAttentionCl}
 for _cls in (*_PARTITIONS.values(), *_ATTENTIONS.values()):
     register_notrace_module(_cls)  # FX: sizes are read off shapes inside; each is one leaf
 
@@ -209,14 +214,14 @@ def _derived(model: nn.Module, module: nn.Module) -> bool:
     return tuple(module.partition_size) == tuple(s // ratio for s in model.img_size)
 
 
-class DynamicMaxxVit(TimmIntermediates, maxxvit.MaxxVit):
+class DynamicMaxxVit(RuntimeOptionsMixin, TimmIntermediates, maxxvit.MaxxVit):
     """timm's MaxxVit at any input size (set by :func:`timm_anysize.enable_dynamic`): the input padded to whole
     partitions where needed, every partition attention at its input's partition."""
 
     def _anysize_input(self, x: torch.Tensor) -> torch.Tensor:
         multiple = self._anysize_multiple
         if multiple > 1:
-            if not self._anysize_pad and not torch.jit.is_scripting():
+            if not self.anysize_options().pad and not torch.jit.is_scripting():
                 self._anysize_check(x, multiple)
             x = pad_to_multiple(x, [multiple, multiple])
         return x
@@ -243,21 +248,14 @@ def enable_maxxvit_dynamic(model: nn.Module, cache_size: int) -> None:
         >>> m(torch.randn(1, 3, 96, 64)).shape
         torch.Size([1, 1000])
     """
-    for module in list(model.modules()):
-        partition_cls = _PARTITIONS.get(type(module))
-        if partition_cls is not None:
+    options = runtime_options(model)
+    for module in swap_classes(model, {**_PARTITIONS, **_ATTENTIONS, **_REL_POS}):
+        if isinstance(module, _Partition):
             module._anysize_stride = _module_stride(model, module)
             module._anysize_ratio = int(model.partition_ratio) if _derived(model, module) else 0
-            module.__class__ = partition_cls
-        attention_cls = _ATTENTIONS.get(type(module))
-        if attention_cls is not None:
-            module.__class__ = attention_cls
-        rel_pos_cls = _REL_POS.get(type(module))
-        if rel_pos_cls is not None:
-            module.__class__ = rel_pos_cls
-            module._anysize_bias_cache = PosEmbedCache(cache_size)
+        elif isinstance(module, tuple(_REL_POS.values())) and options is not None:
+            set_runtime_options(module, options)  # a table cache per window
     model._anysize_multiple = maxxvit_size_multiple(model)
-    model._anysize_pad = model._anysize_dynamic.pad
 
 
 def _size_multiples(model: nn.Module, img_size: Size2) -> Tuple[Tuple[str, Size2, Size2], ...]:

@@ -18,9 +18,10 @@ from timm.layers import register_notrace_function, trunc_normal_tf_
 from timm.models import mvitv2
 from timm.models.mvitv2 import cal_rel_pos_type, reshape_post_pool, reshape_pre_pool
 
-from timm_anysize.core.cache import PosEmbedCache, cached_or_inline, traced
+from timm_anysize.core.cache import cached_or_inline, traced
 from timm_anysize.core.family import OVERLAPPING_STEM, DynamicPath, Family, TinyModel, gray_and_4ch, no_patch_change
-from timm_anysize.core.spec import Size2
+from timm_anysize.core.runtime_options import RuntimeOptions, cache_for, runtime_options, swap_classes
+from timm_anysize.core.spec import Size2, as_pair
 
 __all__ = [
     "FAMILIES",
@@ -39,7 +40,7 @@ def _pool_geometry(pool: Optional[nn.Module]) -> List[int]:
     out: List[int] = []
     for name in ("kernel_size", "stride", "padding"):
         value = getattr(pool, name)
-        out += [int(value), int(value)] if isinstance(value, int) else [int(value[0]), int(value[1])]
+        out += [int(v) for v in as_pair(value)]
     return out
 
 
@@ -102,9 +103,7 @@ class _DynamicRelPos:
         length = table_lengths(self, (int(feat), int(feat)))[axis]
         if length == table.shape[0]:
             return table
-        return cached_or_inline(
-            self._anysize_caches[name], (length,), table, lambda: _resize_axis(table, length, False)
-        )
+        return cached_or_inline(cache_for(self, name), (length,), table, lambda: _resize_axis(table, length, False))
 
 
 class DynamicMultiScaleAttention(_DynamicRelPos, mvitv2.MultiScaleAttention):
@@ -211,13 +210,10 @@ _MODULES = {
 
 def enable_mvit_dynamic(model: nn.Module, cache_size: int) -> None:
     """Swap in the attention classes whose tables follow the feature size."""
-    for module in model.modules():
-        dynamic_cls = _MODULES.get(type(module))
-        if dynamic_cls is not None and getattr(module, "rel_pos_type", "") == "spatial":
-            module.__class__ = dynamic_cls
-            module._anysize_pool_q = _pool_geometry(module.pool_q)
-            module._anysize_pool_k = _pool_geometry(module.pool_k)
-            module._anysize_caches = {n: PosEmbedCache(cache_size) for n in ("rel_pos_h", "rel_pos_w")}
+    options = runtime_options(model) or RuntimeOptions(cache_size=cache_size)  # a cache per axis table (cache_for)
+    for module in swap_classes(model, _MODULES, options, where=lambda m: getattr(m, "rel_pos_type", "") == "spatial"):
+        module._anysize_pool_q = _pool_geometry(module.pool_q)
+        module._anysize_pool_k = _pool_geometry(module.pool_k)
 
 
 # Building at a non-square size, which timm's constructor refuses (it asserts a square feature map because it sizes
@@ -227,16 +223,12 @@ def enable_mvit_dynamic(model: nn.Module, cache_size: int) -> None:
 # each axis to its own length.
 
 
-def _size2(value: Any) -> Size2:
-    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
-
-
 def square_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], Size2 | None]:
     """``kwargs`` with a non-square ``img_size`` replaced by its square H x H, and the requested size (or None)."""
     img = kwargs.get("img_size")
-    if img is None or _size2(img)[0] == _size2(img)[1]:
+    if img is None or as_pair(img)[0] == as_pair(img)[1]:
         return kwargs, None
-    h, w = _size2(img)
+    h, w = (int(v) for v in as_pair(img))
     return {**kwargs, "img_size": (h, h)}, (h, w)
 
 

@@ -39,7 +39,7 @@ class _FlexiNaFlexEmbeds(FlexiEmbed, naflexvit.NaFlexEmbeds):
     def kernel(self, p: Size2) -> torch.Tensor:
         """The stored linear weight PI-resized to ``p``, flattened as timm patchifies (cached like the others)."""
         weight = self.proj.weight
-        interpolation, antialias = self._anysize_resample
+        interpolation, antialias = self.kernel_resampling()
         (ph, pw), c = self.patch_size, self.in_chans
 
         def compute() -> torch.Tensor:
@@ -50,7 +50,7 @@ class _FlexiNaFlexEmbeds(FlexiEmbed, naflexvit.NaFlexEmbeds):
             conv = resample_patch_embed(conv, list(p), interpolation=interpolation, antialias=antialias)
             return (conv.permute(0, 2, 3, 1) if self.channels_last else conv).reshape(d, -1)
 
-        return cached_or_inline(self._anysize_kernel_cache, (p,), weight, compute)
+        return cached_or_inline(self.kernel_cache(), (p,), weight, compute)
 
     def forward(
         self, x: torch.Tensor, patch_coord: Optional[torch.Tensor] = None, patch_valid: Optional[torch.Tensor] = None

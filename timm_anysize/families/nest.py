@@ -21,10 +21,17 @@ import torch.nn as nn
 from timm.layers import register_notrace_function
 from timm.models import FeatureListNet, nest
 
-from timm_anysize.core.cache import DEFAULT_CACHE_SIZE, PosEmbedCache, cached_or_inline, symbolic, traced
+from timm_anysize.core.cache import cached_or_inline, symbolic, traced
 from timm_anysize.core.family import DynamicPath, Family, TinyModel, gray_and_4ch
 from timm_anysize.core.padding import check_multiple, pad_to_multiple
 from timm_anysize.core.resample import resample_blocks
+from timm_anysize.core.runtime_options import (
+    RuntimeOptions,
+    RuntimeOptionsMixin,
+    cache_for,
+    runtime_options,
+    set_runtime_options,
+)
 
 __all__ = ["FAMILIES", "DynamicNestLevel", "DynamicNestPatchEmbed", "enable_nest_dynamic", "nest_pos_embed"]
 
@@ -67,7 +74,7 @@ def deblockify_hw(x: torch.Tensor, blocks: int, height: int, width: int) -> torc
     return x.transpose(2, 3).reshape(B, height, width, C)
 
 
-class DynamicNestLevel(nest.NestLevel):
+class DynamicNestLevel(RuntimeOptionsMixin, nest.NestLevel):
     """timm's NesT level at the grid of its input: its blocks (as many as timm's) sized by it."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -82,13 +89,14 @@ class DynamicNestLevel(nest.NestLevel):
 
     def _anysize_pos(self, x: torch.Tensor, grid: List[int]) -> torch.Tensor:
         if torch.jit.is_scripting():
-            return nest_pos_embed(self.pos_embed, grid, self._anysize_interpolation, self._anysize_antialias, False)
+            options = self.anysize_options()
+            return nest_pos_embed(self.pos_embed, grid, options.interpolation, options.antialias, False)
         return self._eager_pos(x, grid)
 
     @torch.jit.unused
     def _eager_pos(self, x: torch.Tensor, grid: List[int]) -> torch.Tensor:
         pos = self.pos_embed
-        interpolation, antialias = self._anysize_interpolation, self._anysize_antialias
+        interpolation, antialias = self.anysize_options().interpolation, self.anysize_options().antialias
         if isinstance(grid[0], torch.fx.Proxy) or traced():  # FX: one node; compiling, exporting: no size branch
             return nest_pos_embed(pos, grid, interpolation, antialias, traced())
         key_grid = (int(grid[0]), int(grid[1]))
@@ -98,15 +106,15 @@ class DynamicNestLevel(nest.NestLevel):
 
         if key_grid == (self._anysize_side,) * 2:  # its own grid: the embedding itself, nothing to cache
             return compute()
-        return cached_or_inline(self._anysize_pos_cache, (key_grid,), pos, compute)
+        return cached_or_inline(cache_for(self, "pos_embed"), (key_grid,), pos, compute)
 
 
-class DynamicNestPatchEmbed(nest.PatchEmbed):
+class DynamicNestPatchEmbed(RuntimeOptionsMixin, nest.PatchEmbed):
     """timm's patch embedding (``flatten=False``) at any size, padding bottom/right to whole blocks where asked
     (while scripting, tracing, compiling or exporting: always, so the graph has no shape branch)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._anysize_pad:
+        if self.anysize_options().pad:
             if torch.jit.is_scripting() or self._must_pad(x):
                 x = pad_to_multiple(x, [self._anysize_multiple, self._anysize_multiple], True)
         elif not torch.jit.is_scripting():
@@ -126,32 +134,32 @@ class DynamicNestPatchEmbed(nest.PatchEmbed):
             check_multiple(x.shape[-2:], (m, m), what="NesT's whole blocks at every level (patch x 2 ** (levels - 1))")
 
 
-def _make_dynamic(model: nn.Module, interpolation: str, antialias: bool, pad: bool, cache_size: int) -> None:
+def _make_dynamic(model: nn.Module, options: RuntimeOptions) -> None:
+    """The levels (resampling and a cache each) and the patch embedding (padding) with ``options``."""
     levels = [m for m in model.children() if isinstance(m, nest.NestLevel)] or list(model.levels)
     for level in levels:
         level.__class__ = DynamicNestLevel
         t, n = level.pos_embed.shape[1:3]
         level._anysize_blocks = int(round(t**0.5))
         level._anysize_side = int(round((t * n) ** 0.5))
-        level._anysize_interpolation, level._anysize_antialias = interpolation, antialias
-        level._anysize_pos_cache = PosEmbedCache(cache_size)
+        set_runtime_options(level, options)
     pe = model.patch_embed
     pe.__class__ = DynamicNestPatchEmbed
     pe.strict_img_size = False
     pe._anysize_multiple = pe.patch_size[0] * levels[0]._anysize_blocks  # whole blocks at the first level
-    pe._anysize_pad = pad
+    set_runtime_options(pe, options)
 
 
 def enable_nest_dynamic(model: nn.Module, cache_size: int) -> None:
     """Swap in the levels that read their grid off their input, and a patch embedding that takes any size."""
-    opts = model._anysize_dynamic
-    _make_dynamic(model, opts.interpolation, opts.antialias, opts.pad, cache_size)
+    options = runtime_options(model)
+    _make_dynamic(model, options if options is not None else RuntimeOptions(cache_size=cache_size))
 
 
 def _enable_features(model: nn.Module, pad: bool) -> None:
     """A ``features_only`` wrapper (timm flattens the levels into it): the same levels, resampling bicubic with
     antialias (the defaults: timm-anysize's enabler interface passes no interpolation), the default cache size."""
-    _make_dynamic(model, "bicubic", True, pad, DEFAULT_CACHE_SIZE)
+    _make_dynamic(model, RuntimeOptions(pad=pad))
     model.dynamic_img_size = True
 
 

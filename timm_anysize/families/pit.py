@@ -10,14 +10,14 @@ import torch
 import torch.nn as nn
 from timm.models import pit
 
-from timm_anysize.core.cache import dynamic_image_pos_embed, resample_image_pos
 from timm_anysize.core.family import DynamicPath, Family, TinyModel, gray_and_4ch, no_patch_change
 from timm_anysize.core.intermediates import Intermediates
+from timm_anysize.core.runtime_options import RuntimeOptionsMixin
 
 __all__ = ["FAMILIES", "DynamicPit"]
 
 
-class DynamicPit(Intermediates, pit.PoolingVisionTransformer):
+class DynamicPit(RuntimeOptionsMixin, Intermediates, pit.PoolingVisionTransformer):
     """timm's PiT with its ``[1, C, H, W]`` position embedding resampled to the stem's output grid."""
 
     intermediates_formats = ("NCHW",)
@@ -26,13 +26,7 @@ class DynamicPit(Intermediates, pit.PoolingVisionTransformer):
     def _anysize_pos(self, x: torch.Tensor) -> torch.Tensor:
         """The stem's output plus the position embedding of its grid."""
         x = self.patch_embed(x)
-        if torch.jit.is_scripting():
-            pos_embed = resample_image_pos(
-                self.pos_embed, [x.shape[-2], x.shape[-1]], self._anysize_interpolation, self._anysize_antialias, False
-            )
-        else:
-            pos_embed = dynamic_image_pos_embed(self, x.shape[-2:], channels_last=False)
-        return self.pos_drop(x + pos_embed)
+        return self.pos_drop(x + self.image_pos_at(self.pos_embed, [x.shape[-2], x.shape[-1]], False))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self._anysize_pos(x)

@@ -17,14 +17,14 @@ import torch
 import torch.nn as nn
 from timm.models import checkpoint, checkpoint_seq, vision_transformer_sam
 
-from timm_anysize.core.cache import dynamic_image_pos_embed, resample_image_pos
 from timm_anysize.core.family import DynamicPath, Family, TinyModel, gray_and_4ch
 from timm_anysize.core.intermediates import Intermediates
+from timm_anysize.core.runtime_options import RuntimeOptionsMixin
 
 __all__ = ["FAMILIES", "DynamicVisionTransformerSAM"]
 
 
-class DynamicVisionTransformerSAM(Intermediates, vision_transformer_sam.VisionTransformerSAM):
+class DynamicVisionTransformerSAM(RuntimeOptionsMixin, Intermediates, vision_transformer_sam.VisionTransformerSAM):
     """timm's VisionTransformerSAM with its NHWC position embedding resampled to the input's grid (cached)."""
 
     intermediates_formats = ("NCHW",)
@@ -34,13 +34,7 @@ class DynamicVisionTransformerSAM(Intermediates, vision_transformer_sam.VisionTr
         """Patch embedding (padded to whole patches where ``pad``) plus the position embedding of its grid."""
         x = self.patch_embed(x)
         if self.pos_embed is not None:
-            if torch.jit.is_scripting():
-                pos_embed = resample_image_pos(
-                    self.pos_embed, [x.shape[1], x.shape[2]], self._anysize_interpolation, self._anysize_antialias, True
-                )
-            else:
-                pos_embed = dynamic_image_pos_embed(self, x.shape[1:3], channels_last=True)
-            x = x + pos_embed
+            x = x + self.image_pos_at(self.pos_embed, [x.shape[1], x.shape[2]], True)
         x = self.pos_drop(x)
         x = self.patch_drop(x)
         return self.norm_pre(x)

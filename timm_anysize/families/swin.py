@@ -27,6 +27,13 @@ from timm_anysize.core.cache import traced
 from timm_anysize.core.family import REL_TABLE, DynamicPath, Family, TinyModel, gray_and_4ch
 from timm_anysize.core.flexi_embed import FlexiPatchEmbedMixin
 from timm_anysize.core.padding import pad_to_multiple
+from timm_anysize.core.runtime_options import (
+    RuntimeOptions,
+    RuntimeOptionsMixin,
+    runtime_options,
+    set_runtime_options,
+    swap_classes,
+)
 
 torch.fx.wrap("pad_to_multiple")  # a leaf of plain FX traces here too (fx.wrap patches this module's globals)
 
@@ -228,11 +235,12 @@ class DynamicSwinV2CrBlock(_WindowAttention, swin_transformer_v2_cr.SwinTransfor
         return self._window_attn(x)
 
 
-class DynamicCrPatchEmbed(swin_transformer_v2_cr.PatchEmbed):
-    """SwinV2-CR's patch embedding, which cannot pad, padding its input (``_anysize_pad``) as timm's PatchEmbed."""
+class DynamicCrPatchEmbed(RuntimeOptionsMixin, swin_transformer_v2_cr.PatchEmbed):
+    """SwinV2-CR's patch embedding, which cannot pad, padding its input (its run-time options' ``pad``) as timm's
+    PatchEmbed."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._anysize_pad:
+        if self.anysize_options().pad:
             x = pad_to_multiple(x, [self.patch_size[0], self.patch_size[1]], not torch.jit.is_scripting() and traced())
         x = self.proj(x)
         return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
@@ -260,12 +268,9 @@ SWIN_MODELS = (
 
 def enable_swin_dynamic(model: nn.Module, pad: bool) -> None:
     """Make a Swin-family model run at any input size, in place: patch padding (``pad``) and correct masks."""
-    for module in model.modules():
-        dynamic_cls = SWIN_BLOCKS.get(type(module))
-        if dynamic_cls is not None:
-            module.__class__ = dynamic_cls
-            module.dynamic_mask = True
-            module.attn_mask = None  # the fixed-size mask is never used again
+    for module in swap_classes(model, SWIN_BLOCKS):
+        module.dynamic_mask = True
+        module.attn_mask = None  # the fixed-size mask is never used again
     model.dynamic_img_size = True  # (on a feature wrapper of a Swin model, its flattened modules)
     pe = model.patch_embed
     pe.strict_img_size = False
@@ -273,7 +278,8 @@ def enable_swin_dynamic(model: nn.Module, pad: bool) -> None:
         pe.dynamic_img_pad = pad
     elif isinstance(pe, swin_transformer_v2_cr.PatchEmbed):  # SwinV2-CR's own patch embedding cannot pad
         pe.__class__ = DynamicCrPatchEmbed
-        pe._anysize_pad = pad
+        options = runtime_options(model)
+        set_runtime_options(pe, options if options is not None else RuntimeOptions(pad=pad))
 
 
 def pads_at_own_size(model: nn.Module) -> bool:

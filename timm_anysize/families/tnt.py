@@ -18,10 +18,11 @@ import torch
 import torch.nn as nn
 from timm.models import checkpoint, tnt
 
-from timm_anysize.core.cache import dynamic_pos_embed, patch_grid, resample_pos_tokens, traced
+from timm_anysize.core.cache import patch_grid, traced
 from timm_anysize.core.family import DynamicPath, Family, TinyModel, gray_and_4ch, no_patch_change
 from timm_anysize.core.intermediates import PrefixTokenIntermediates, token_features
 from timm_anysize.core.padding import check_multiple, pad_to_multiple
+from timm_anysize.core.runtime_options import RuntimeOptionsMixin
 from timm_anysize.core.spec import Size2
 
 torch.fx.wrap("pad_to_multiple")  # a leaf of plain FX traces here too (fx.wrap patches this module's globals)
@@ -29,15 +30,14 @@ torch.fx.wrap("pad_to_multiple")  # a leaf of plain FX traces here too (fx.wrap 
 __all__ = ["FAMILIES", "DynamicTNT"]
 
 
-class DynamicTNT(PrefixTokenIntermediates, tnt.TNT):
+class DynamicTNT(RuntimeOptionsMixin, PrefixTokenIntermediates, tnt.TNT):
     """timm's TNT at any input size: whole patches of the input, ``patch_pos`` resampled to its grid (cached)."""
 
     def _anysize_embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
         """Pixel and patch embeddings of the input (timm's steps, at the input's grid), and that grid."""
         pe = self.pixel_embed
         ps = [pe.patch_size[0], pe.patch_size[1]]
-        pad = self._anysize_dynamic_pad
-        if pad:  # scripting, compiling, exporting: always pad (no branch on the size)
+        if self.anysize_options().pad:  # scripting, compiling, exporting: always pad (no branch on the size)
             x = pad_to_multiple(x, ps, torch.jit.is_scripting() or self._anysize_traced())
         elif not torch.jit.is_scripting():
             self._anysize_check_divisible(x, ps)
@@ -55,19 +55,8 @@ class DynamicTNT(PrefixTokenIntermediates, tnt.TNT):
 
         patch_embed = self.norm2_proj(self.proj(self.norm1_proj(pixel_embed.reshape(B, N, -1))))
         patch_embed = torch.cat((self.cls_token.expand(B, -1, -1), patch_embed), dim=1)
-        if torch.jit.is_scripting():
-            native = pe.grid_size
-            pos = resample_pos_tokens(
-                self.patch_pos,
-                grid,
-                [native[0], native[1]],
-                1,
-                self._anysize_interpolation,
-                self._anysize_antialias,
-                self._anysize_compat,
-            )
-        else:
-            pos = dynamic_pos_embed(self, grid, prefix=1, name="patch_pos", native=pe.grid_size)
+        native = pe.grid_size
+        pos = self.pos_tokens_at(self.patch_pos, grid, [native[0], native[1]], 1, "patch_pos")
         return pixel_embed, self.pos_drop(patch_embed + pos), grid
 
     @torch.jit.unused
@@ -109,11 +98,6 @@ class DynamicTNT(PrefixTokenIntermediates, tnt.TNT):
         return token_features(self.norm(x) if norm else x, ctx[1], self.num_prefix_tokens, output_fmt)
 
 
-def _setup(model: tnt.TNT, cache_size: int) -> None:
-    """Padding is the model's own here (TNT has no timm PatchEmbed for enable_dynamic to set)."""
-    model._anysize_dynamic_pad = model._anysize_dynamic.pad
-
-
 def _whole_patches(model: tnt.TNT, img_size: Size2) -> tuple[tuple[str, Size2, Size2], ...]:
     """The image must be whole patches: timm's unfold would drop the rest (and the patch size cannot change)."""
     ps = model.pixel_embed.patch_size
@@ -133,7 +117,7 @@ FAMILIES = (
             "(pixels x inner dim -> outer dim), a learned matrix with no principled resize"
         ),
         dynamic_args=(),  # timm's TNT has no dynamic-size path; enable_dynamic adds it
-        runtime=DynamicPath(classes={tnt.TNT: DynamicTNT}, setup=_setup, patch_layout="none"),
+        runtime=DynamicPath(classes={tnt.TNT: DynamicTNT}, patch_layout="none"),
         size_multiples=_whole_patches,
         example="tnt_s_patch16_224",
         tiny=TinyModel(

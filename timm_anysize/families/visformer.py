@@ -12,14 +12,14 @@ import torch
 import torch.nn as nn
 from timm.models import checkpoint_seq, visformer
 
-from timm_anysize.core.cache import dynamic_image_pos_embed, resample_image_pos
 from timm_anysize.core.family import DynamicPath, Family, TinyModel, gray_and_4ch, no_patch_change
 from timm_anysize.core.intermediates import Intermediates
+from timm_anysize.core.runtime_options import RuntimeOptionsMixin, runtime_options
 
 __all__ = ["FAMILIES", "DynamicVisformer"]
 
 
-class DynamicVisformer(Intermediates, visformer.Visformer):
+class DynamicVisformer(RuntimeOptionsMixin, Intermediates, visformer.Visformer):
     """timm's Visformer with each stage's position embedding resampled to the grid of the input."""
 
     intermediates_formats = ("NCHW",)
@@ -29,18 +29,9 @@ class DynamicVisformer(Intermediates, visformer.Visformer):
         """``x`` plus the stage's position embedding at ``x``'s grid (timm's own at its native grid)."""
         if pos_embed is None:
             return x
-        if torch.jit.is_scripting():
-            if x.shape[-2] != pos_embed.shape[-2] or x.shape[-1] != pos_embed.shape[-1]:
-                pos_embed = resample_image_pos(
-                    pos_embed, [x.shape[-2], x.shape[-1]], self._anysize_interpolation, self._anysize_antialias, False
-                )
-        else:
-            pos_embed = self._eager_pos(x, name)
+        if not torch.jit.is_scripting() or x.shape[-2] != pos_embed.shape[-2] or x.shape[-1] != pos_embed.shape[-1]:
+            pos_embed = self.image_pos_at(pos_embed, [x.shape[-2], x.shape[-1]], False, name)
         return self.pos_drop(x + pos_embed)
-
-    @torch.jit.unused
-    def _eager_pos(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        return dynamic_image_pos_embed(self, x.shape[-2:], channels_last=False, name=name)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """timm's ``forward_features`` (same operations, unrolled as timm's for TorchScript) with the position
@@ -98,7 +89,7 @@ def enable_visformer_dynamic(model: nn.Module, cache_size: int) -> None:
     for pe in (model.patch_embed1, model.patch_embed2, model.patch_embed3):
         if pe is not None:
             pe.strict_img_size = False
-            pe.dynamic_img_pad = model._anysize_dynamic.pad
+            pe.dynamic_img_pad = runtime_options(model).pad
 
 
 def _whole_stage_patches(model: nn.Module) -> Tuple[int, int]:

@@ -14,18 +14,18 @@ import torch.nn as nn
 from timm.layers import HybridEmbed
 from timm.models import vision_transformer
 
-from timm_anysize.core.cache import dynamic_pos_embed, resample_pos_tokens
 from timm_anysize.core.family import DynamicPath, Family, TinyModel, gray_and_4ch, no_patch_change
+from timm_anysize.core.runtime_options import RuntimeOptionsMixin
 from timm_anysize.families._shared import add_pos_embed
 
 __all__ = ["FAMILIES", "DynamicVisionTransformer"]
 
 
-# TorchScript compiles the branches under ``torch.jit.is_scripting()``: the same resampling (function and options)
-# as the eager path, without its cache. Eager code (the cache, ``super()``) sits behind ``not is_scripting()``.
+# Eager code (``super()``) sits behind ``not is_scripting()``; the position embedding of the grid comes from the one
+# scripting-or-cached branch of RuntimeOptionsMixin.
 
 
-class DynamicVisionTransformer(vision_transformer.VisionTransformer):
+class DynamicVisionTransformer(RuntimeOptionsMixin, vision_transformer.VisionTransformer):
     """timm's VisionTransformer with a cached dynamic position embedding (set by :func:`enable_dynamic`)."""
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -37,19 +37,9 @@ class DynamicVisionTransformer(vision_transformer.VisionTransformer):
             prefix.append(self.cls_token.expand(B, -1, -1))
         if self.reg_token is not None:
             prefix.append(self.reg_token.expand(B, -1, -1))
-        if torch.jit.is_scripting():
-            grid = self.patch_embed.grid_size
-            pos_embed = resample_pos_tokens(
-                self.pos_embed,
-                [H, W],
-                [grid[0], grid[1]],
-                0 if self.no_embed_class else self.num_prefix_tokens,
-                self._anysize_interpolation,
-                self._anysize_antialias,
-                self._anysize_compat,
-            )
-        else:
-            pos_embed = dynamic_pos_embed(self, (H, W))
+        grid = self.patch_embed.grid_size
+        prefix_len = 0 if self.no_embed_class else self.num_prefix_tokens
+        pos_embed = self.pos_tokens_at(self.pos_embed, [H, W], [grid[0], grid[1]], prefix_len)
         x = add_pos_embed(x.view(B, -1, C), pos_embed, prefix, self.no_embed_class)
         return self.pos_drop(x)
 

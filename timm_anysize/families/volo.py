@@ -9,27 +9,21 @@ import torch
 import torch.nn as nn
 from timm.models import volo
 
-from timm_anysize.core.cache import dynamic_image_pos_embed, resample_image_pos
 from timm_anysize.core.family import NO_CONV_PATCH, DynamicPath, Family, TinyModel, gray_and_4ch, no_patch_change
 from timm_anysize.core.intermediates import Intermediates
+from timm_anysize.core.runtime_options import RuntimeOptionsMixin
 
 __all__ = ["FAMILIES", "DynamicVolo"]
 
 
-class DynamicVolo(Intermediates, volo.VOLO):
+class DynamicVolo(RuntimeOptionsMixin, Intermediates, volo.VOLO):
     """timm's VOLO with its ``[1, H, W, C]`` position embedding resampled to the grid after the outlookers."""
 
     intermediates_formats = ("NCHW",)
     intermediates_format_error = "Output format must be NCHW."
 
     def _anysize_pos(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_scripting():
-            pos_embed = resample_image_pos(
-                self.pos_embed, [x.shape[1], x.shape[2]], self._anysize_interpolation, self._anysize_antialias, True
-            )
-        else:
-            pos_embed = dynamic_image_pos_embed(self, x.shape[1:3], channels_last=True)
-        return self.pos_drop(x + pos_embed)
+        return self.pos_drop(x + self.image_pos_at(self.pos_embed, [x.shape[1], x.shape[2]], True))
 
     def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
         for idx, block in enumerate(self.network):

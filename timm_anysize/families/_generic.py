@@ -1,6 +1,7 @@
 """The family of any timm architecture without a module here (most CNNs): adapted generically.
 
-Not a row of :data:`timm_anysize.families.FAMILIES`: :func:`generic_family` makes one for the model at hand.
+Not a row of :data:`timm_anysize.families.FAMILIES` (so a ``_`` module, as shared code): :func:`generic_family` makes
+one for the model at hand; :mod:`timm_anysize.families` exports it.
 """
 
 from __future__ import annotations
