@@ -25,6 +25,7 @@ from timm_anysize.core.errors import (
     InputSizeError,
     RegistrationError,
     SpecError,
+    UnsupportedModelError,
     WeightsError,
 )
 from timm_anysize.core.input_size import InputLimits, input_limits
@@ -75,6 +76,7 @@ __all__ = [
     "VariantSpec",
     "AnysizeError",
     "SpecError",
+    "UnsupportedModelError",
     "WeightsError",
     "AdaptationError",
     "RegistrationError",

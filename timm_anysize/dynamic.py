@@ -17,6 +17,7 @@ from timm.layers.helpers import is_exporting
 
 from timm_anysize.core.cache import DEFAULT_CACHE_SIZE, symbolic, traced
 from timm_anysize.core.compat import compat_preset
+from timm_anysize.core.errors import AnysizeError, UnsupportedModelError
 from timm_anysize.core.family import DynamicPath, Family
 from timm_anysize.core.input_size import guard_input_size
 from timm_anysize.core.padding import check_multiple, pad_to_multiple
@@ -158,11 +159,11 @@ def enable_dynamic(
                 | {f.classes[0].__name__ for f in FAMILIES if f.runtime is not None and f.runtime.enable is not None}
             )
         )
-        raise TypeError(f"enable_dynamic: {cls.__name__} is not supported (supported: {names})")
+        raise UnsupportedModelError(f"enable_dynamic: {cls.__name__} is not supported (supported: {names})")
     dynamic_cls, runtime = found
     rope = getattr(model, "rope", None)
     if rope is not None and getattr(rope, "feat_shape", None) is not None:
-        raise TypeError(
+        raise UnsupportedModelError(
             f"enable_dynamic: this {cls.__name__} was built with RoPE for a fixed {tuple(rope.feat_shape)} grid; "
             f"create it with timm.create_model(..., dynamic_img_size=True), then call enable_dynamic"
         )
@@ -246,5 +247,5 @@ def dynamic_cache_info(model: nn.Module) -> dict[str, int]:
     """
     cache = cache_for(model, "pos_embed", make=False)
     if cache is None:
-        raise ValueError(f"{type(model).__name__} is not dynamic; call enable_dynamic(model) first")
+        raise AnysizeError(f"{type(model).__name__} is not dynamic; call enable_dynamic(model) first")
     return cache.info()

@@ -36,7 +36,7 @@ from typing import Any, Iterator, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from timm_anysize.core.errors import SpecError
+from timm_anysize.core.errors import AnysizeError, SpecError, UnsupportedModelError
 from timm_anysize.core.family import Family
 from timm_anysize.core.flexi_embed import (
     ACTIVE,
@@ -69,7 +69,7 @@ _HOOK_STACK = threading.local()  # contexts saved by the training pre-hook, rest
 def _size2(p: PatchSizeArg, what: str = "patch size") -> Size2:
     pair = as_pair(p)
     if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in pair):
-        raise ValueError(f"{what} must be a positive int or (height, width) of positive ints, got {p!r}")
+        raise AnysizeError(f"{what} must be a positive int or (height, width) of positive ints, got {p!r}")
     return (int(pair[0]), int(pair[1]))
 
 
@@ -144,7 +144,7 @@ def _patch_embed(model: nn.Module) -> nn.Module:
         or pe.proj.weight.ndim != 4
     ):
         reason = fam.unsupported.get("patch_smaller", "") if fam is not None else "not a supported timm family"
-        raise TypeError(
+        raise UnsupportedModelError(
             f"timm_anysize.flexi: the {name} family has no single patch-embedding kernel to resize"
             + (f" ({reason})" if reason else "")
             + "; run-time patch sizes need a family with a patch-embedding conv (docs/families.md: patch_size columns)"
@@ -199,7 +199,7 @@ def get_patch_size(model: nn.Module) -> Size2:
     fam = _family(model)
     size = fam.patch_size(model) if fam is not None else None
     if size is None:
-        raise TypeError(f"{type(model).__name__} has no patch size")
+        raise UnsupportedModelError(f"{type(model).__name__} has no patch size")
     return size
 
 
@@ -282,12 +282,12 @@ def enable_flexi(
         True
     """
     if not patch_sizes:
-        raise ValueError("enable_flexi: patch_sizes is empty; give at least one patch size")
+        raise AnysizeError("enable_flexi: patch_sizes is empty; give at least one patch size")
     sizes = tuple(_size2(p) for p in patch_sizes)
     if weights is not None:
         weights = tuple(float(w) for w in weights)
         if len(weights) != len(sizes) or any(w < 0 for w in weights) or sum(weights) <= 0:
-            raise ValueError(
+            raise AnysizeError(
                 f"enable_flexi: weights {list(weights)} must be one non-negative number per patch size "
                 f"({len(sizes)}), not all zero"
             )
@@ -317,7 +317,7 @@ def flexi_cache_info(model: nn.Module) -> dict[str, int]:
     """
     pe = _embed_module(model)
     if not isinstance(pe, FlexiEmbed):
-        raise ValueError(f"{type(model).__name__} is not flexi; call set_patch_size or patch_size first")
+        raise AnysizeError(f"{type(model).__name__} is not flexi; call set_patch_size or patch_size first")
     return pe.kernel_cache().info()
 
 

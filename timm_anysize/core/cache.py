@@ -12,6 +12,7 @@ import torch
 from timm.layers import register_notrace_function
 from timm.layers.helpers import is_exporting
 
+from timm_anysize.core.errors import AnysizeError
 from timm_anysize.core.resample import resample_grid
 
 __all__ = [
@@ -46,7 +47,7 @@ class PosEmbedCache:
 
     def __init__(self, maxsize: int = DEFAULT_CACHE_SIZE):
         if maxsize < 1:
-            raise ValueError(f"cache size must be >= 1, got {maxsize}")
+            raise AnysizeError(f"cache size must be >= 1, got {maxsize}")
         self.maxsize = maxsize
         self._lock = threading.Lock()
         self._entries: OrderedDict[tuple, torch.Tensor] = OrderedDict()

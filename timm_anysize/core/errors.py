@@ -8,6 +8,7 @@ __all__ = [
     "WeightsError",
     "AdaptationError",
     "RegistrationError",
+    "UnsupportedModelError",
     "InputSizeError",
     "InputNotDivisibleError",
     "one_line",
@@ -36,6 +37,11 @@ class WeightsError(AnysizeError):
 
 class AdaptationError(AnysizeError):
     """Source weights cannot be mapped onto the target model with every tensor accounted for."""
+
+
+class UnsupportedModelError(AnysizeError, TypeError):
+    """A model that a run-time feature (any input size, a run-time patch size) does not support: a ``TypeError``
+    too, as for any argument of the wrong kind."""
 
 
 class InputSizeError(AnysizeError):

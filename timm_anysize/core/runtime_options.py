@@ -25,6 +25,7 @@ from timm_anysize.core.cache import (
     symbolic,
     traced,
 )
+from timm_anysize.core.errors import AnysizeError
 from timm_anysize.core.resample import resample_pos_tokens
 
 # The one resampling of token position embeddings lives in core.resample (shared with loads), that of image-laid-out
@@ -123,7 +124,7 @@ def _resample_tokens(pos_embed: torch.Tensor, grid, native, prefix: int, opts: R
 def _options(model: nn.Module) -> RuntimeOptions:
     options = runtime_options(model)
     if options is None:
-        raise ValueError(f"{type(model).__name__} has no run-time options; call timm_anysize.enable_dynamic first")
+        raise AnysizeError(f"{type(model).__name__} has no run-time options; call timm_anysize.enable_dynamic first")
     return options
 
 
