@@ -22,13 +22,9 @@ from safetensors.torch import load_file
 import timm_anysize
 from conftest import save_checkpoint, unique_name
 from timm_anysize.apps.digits import load_digits_split, register_demo_variants
-from timm_anysize.calibration import (
-    CalibrationError,
-    build_teacher,
-    calibrate,
-    default_channel_map,
-    geometry_bound_parameters,
-)
+from timm_anysize.calibration import build_teacher, calibrate, geometry_bound_parameters
+from timm_anysize.calibration_images import default_channel_map
+from timm_anysize.core.errors import CalibrationError
 
 
 @pytest.fixture

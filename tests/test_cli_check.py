@@ -10,11 +10,13 @@ import pytest
 from conftest import unique_name
 from timm_anysize.apps.cli import main
 
+HF_VIT = "vit"  # not family rows: transformers' model_type
+
 
 def test_a_missing_weight_file_a_malformed_hub_id_and_a_contradicting_config_json(make_checkpoint, tmp_path, capsys):
     weights, _ = make_checkpoint("test_vit")  # test_vit: 160 px, patch 16, 3 channels
     (weights.parent / "config.json").write_text(
-        json.dumps({"model_type": "vit", "image_size": 224, "patch_size": 16, "num_channels": 1})
+        json.dumps({"model_type": HF_VIT, "image_size": 224, "patch_size": 16, "num_channels": 1})
     )
     missing, hub, stated, fine = (unique_name(p) for p in ("missing", "hub", "stated", "fine"))
     yaml = tmp_path / "v.yaml"

@@ -187,7 +187,7 @@ def test_dino_compat_is_refused_with_the_reason(tmp_path):
         ),
         ("deit_tiny_distilled_patch16_224", TINY_VIT),
     ],
-    ids=["swin", "deit_distilled"],
+    ids=["windowed", "distillation-token"],
 )
 def test_a_family_without_a_naflex_form_names_those_with_one(base, args):
     name = timm_anysize.register_variant(unique_name("nf"), base=base, model_args=args, img_size=64)

@@ -68,7 +68,8 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (folder / "hf").mkdir()
     files["config"] = folder / "hf" / "model.safetensors"
     save_file(sd, str(files["config"]))
-    config = {"model_type": "vit", "image_size": 160, "patch_size": 16, "num_channels": 3}
+    hf_vit = "vit"  # not family rows: transformers' model_type
+    config = {"model_type": hf_vit, "image_size": 160, "patch_size": 16, "num_channels": 3}
     (folder / "hf" / "config.json").write_text(json.dumps(config))
     return files
 

@@ -16,11 +16,12 @@ Example:
 
 from __future__ import annotations
 
-from timm_anysize.calibration import CalibrationError, CalibrationReport, calibrate
+from timm_anysize.calibration import CalibrationReport, calibrate
 from timm_anysize.core.atomic import FolderExistsError
 from timm_anysize.core.errors import (
     AdaptationError,
     AnysizeError,
+    CalibrationError,
     InputNotDivisibleError,
     InputSizeError,
     RegistrationError,

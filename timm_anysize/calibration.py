@@ -33,7 +33,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import timm
 import torch
@@ -43,7 +43,8 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from tqdm.auto import tqdm
 
-from timm_anysize.core.errors import AnysizeError
+from timm_anysize.calibration_images import ChannelMap, ImagesArg, Render, as_images, default_channel_map, render_of
+from timm_anysize.core.errors import CalibrationError
 from timm_anysize.core.meta import initialize_fresh, parameters_uninitialised
 from timm_anysize.core.safetensors_io import write_safetensors
 from timm_anysize.flexi import patch_size as flexi_patch_size
@@ -54,20 +55,12 @@ from timm_anysize.source_weights import load_source_state_dict
 __all__ = [
     "calibrate",
     "CalibrationReport",
-    "CalibrationError",
     "build_teacher",
     "geometry_bound_parameters",
     "save_calibrated",
 ]
 
-ImagesArg = Union[torch.Tensor, str, os.PathLike, Iterable[Any]]
-ChannelMap = Callable[[torch.Tensor, int], torch.Tensor]
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-
-
-class CalibrationError(AnysizeError):
-    """The model is not a variant, or the images are empty or unreadable."""
 
 
 @dataclass
@@ -150,23 +143,27 @@ def build_teacher(model: nn.Module) -> nn.Module:
         >>> tuple(teacher.patch_embed.patch_size), teacher.training
         ((16, 16), False)
     """
+    return _build_teacher(model)[0]
+
+
+def _build_teacher(model: nn.Module) -> tuple[nn.Module, bool]:
+    """The teacher, and whether the checkpoint lacks the source's head (then features are distilled)."""
     plan = _plan_of(model)
     source_sd, _ = load_source_state_dict(source_read(plan), _weights_cfg(model))
     with parameters_uninitialised():
         teacher = plan.family.create(partial(timm.create_model, plan.spec.base, pretrained=False), plan.source_kwargs)
     own = set(teacher.state_dict())
     missing = sorted(own - set(source_sd))
-    headless = set(missing) <= {k for k in own if any(k.startswith(c.rsplit(".", 1)[0]) for c in plan.classifier_keys)}
-    if missing and not headless:
+    head = {k for k in own if any(k.startswith(c.rsplit(".", 1)[0]) for c in plan.classifier_keys)}
+    if missing and not set(missing) <= head:
         raise CalibrationError(
             f"{plan.spec.name}: the source weights do not cover the source model ({', '.join(missing[:4])}...); "
             f"pass teacher=MODEL to calibrate"
         )
     teacher.load_state_dict({k: v for k, v in source_sd.items() if k in own}, strict=False, assign=True)
     initialize_fresh(teacher, missing)
-    teacher._anysize_headless = bool(missing)  # the source's head is not in the checkpoint: distil features
     like = next(model.parameters())
-    return teacher.to(device=like.device, dtype=like.dtype).eval().requires_grad_(False)
+    return teacher.to(device=like.device, dtype=like.dtype).eval().requires_grad_(False), bool(missing)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -174,131 +171,16 @@ def build_teacher(model: nn.Module) -> nn.Module:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Render:
-    """How one model sees an image: its size, channels, normalisation and resize interpolation."""
-
-    img_size: tuple[int, int]
-    in_chans: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    interpolation: str
-
-    def __call__(self, x: torch.Tensor, channel_map: ChannelMap) -> torch.Tensor:
-        mode = self.interpolation if self.interpolation in ("nearest", "bilinear", "bicubic") else "bilinear"
-        if tuple(x.shape[-2:]) != self.img_size:
-            align = None if mode == "nearest" else False
-            x = F.interpolate(x, size=self.img_size, mode=mode, align_corners=align, antialias=mode != "nearest")
-        x = channel_map(x, self.in_chans)
-        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-        return ((x - mean) / std).contiguous()
-
-
-def default_channel_map(x: torch.Tensor, in_chans: int) -> torch.Tensor:
-    """An image's channels as a model with ``in_chans`` expects them, by the rule the adapted stem assumes (and
-    :func:`~timm_anysize.pretrained_cfg.stats_for_channels` for the mean and std): gray
-    repeated to RGB, RGB averaged to gray, extra channels repeating the first ones (timm's ``adapt_input_conv``
-    repeats the RGB kernel cyclically), fewer channels the first ones.
-
-    Example:
-        >>> default_channel_map(torch.ones(1, 1, 2, 2), 3).shape, default_channel_map(torch.rand(1, 3, 2, 2), 1).shape
-        (torch.Size([1, 3, 2, 2]), torch.Size([1, 1, 2, 2]))
-    """
-    c = x.shape[1]
-    if c == in_chans:
-        return x
-    if in_chans == 1:
-        return x.mean(dim=1, keepdim=True)
-    if c == 1:
-        return x.expand(-1, in_chans, -1, -1)
-    if in_chans > c:
-        return x[:, [i % c for i in range(in_chans)]]
-    return x[:, :in_chans]
-
-
-def _render_of(model: nn.Module, img_size: Optional[tuple[int, int]] = None) -> _Render:
-    cfg = timm.data.resolve_data_config(model=model)
-    c, h, w = cfg["input_size"]
-    return _Render(
-        img_size or (h, w),
-        c,
-        stats_for_channels(cfg["mean"], c),
-        stats_for_channels(cfg["std"], c),
-        cfg["interpolation"],
-    )
-
-
-def _teacher_render(model: nn.Module, teacher: nn.Module, plan: Any, user_teacher: bool) -> _Render:
+def _teacher_render(model: nn.Module, teacher: nn.Module, plan: Any, user_teacher: bool) -> Render:
     if user_teacher:
-        return _render_of(teacher)
+        return render_of(teacher)
     # The source's data config: the normalisation its weights expect (the variant's `data:` stats, else the base's,
     # at the source's channel count, as the variant's own cfg derives them), its size, the variant's interpolation.
-    student = _render_of(model)
+    student = render_of(model)
     c, data, base = plan.source.in_chans, plan.spec.data, plan.base_cfg
     mean = stats_for_channels(data.mean or base.get("mean", IMAGENET_DEFAULT_MEAN), c)
     std = stats_for_channels(data.std or base.get("std", IMAGENET_DEFAULT_STD), c)
-    return _Render(tuple(plan.source.img_size), c, mean, std, student.interpolation)
-
-
-def _folder_images(folder: Path, size: tuple[int, int]) -> torch.Tensor:
-    """Every image file under ``folder`` (any nesting), read with timm's dataset and resized to ``size``, in [0, 1]."""
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not files:
-        raise CalibrationError(f"{folder}: no image files ({', '.join(IMAGE_SUFFIXES)}) in it or below it")
-    transform = timm.data.create_transform(
-        input_size=(3, *size), interpolation="bicubic", crop_pct=1.0, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)
-    )
-    dataset = timm.data.ImageDataset(str(folder), transform=transform)
-    out = []
-    for i in range(len(dataset)):
-        try:
-            out.append(dataset[i][0])
-        except Exception as e:  # PIL's UnidentifiedImageError, OSError for truncated files
-            path = dataset.filename(i, absolute=True)
-            raise CalibrationError(f"{path}: cannot be read as an image ({e}); remove or replace it") from e
-    if not out:
-        raise CalibrationError(f"{folder}: no image files in it or below it")
-    return torch.stack(out)
-
-
-def _as_images(images: ImagesArg, size: tuple[int, int]) -> torch.Tensor:
-    """The images as one float tensor ``[N, C, H, W]`` in [0, 1] (batches of other sizes resized to ``size``)."""
-    if isinstance(images, (str, os.PathLike)):
-        folder = Path(images)
-        if not folder.is_dir():
-            raise CalibrationError(
-                f"{folder}: not a folder of images; pass a folder, a tensor or an iterable of batches"
-            )
-        return _folder_images(folder, size)
-    if isinstance(images, torch.Tensor):
-        batches: list[torch.Tensor] = [images]
-    else:
-        batches = []
-        for batch in images:
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            if not isinstance(x, torch.Tensor):
-                raise CalibrationError(
-                    f"an image batch is a {type(x).__name__}; batches are float tensors [B, C, H, W]"
-                )
-            batches.append(x)
-    for x in batches:
-        if x.dim() != 4 or not x.is_floating_point():
-            raise CalibrationError(
-                f"images of shape {list(x.shape)} and dtype {x.dtype}: pass float tensors [N, C, H, W] in [0, 1]"
-            )
-    batches = [
-        x if tuple(x.shape[-2:]) == tuple(batches[0].shape[-2:]) else F.interpolate(x, size=size, mode="bilinear")
-        for x in batches
-        if len(x)
-    ]
-    if not batches:
-        raise CalibrationError("no images: pass at least one unlabelled image")
-    if len({x.shape[1] for x in batches}) > 1:
-        raise CalibrationError(f"batches with {sorted({x.shape[1] for x in batches})} channels: use one count")
-    if len({tuple(x.shape[-2:]) for x in batches}) > 1:
-        batches = [F.interpolate(x, size=size, mode="bilinear") for x in batches]
-    return torch.cat(batches).float()
+    return Render(tuple(plan.source.img_size), c, mean, std, student.interpolation)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -346,9 +228,9 @@ def _pooled(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out[-1].flatten(2).mean(-1) if isinstance(out, (list, tuple)) else out
 
 
-def _targets(model: nn.Module, teacher: nn.Module) -> str:
+def _targets(model: nn.Module, teacher: nn.Module, headless: bool) -> str:
     student_classes = getattr(model, "num_classes", 0)
-    if getattr(teacher, "_anysize_headless", False) or not student_classes:
+    if headless or not student_classes:
         return "features"
     return "logits" if student_classes == getattr(teacher, "num_classes", -1) else "features"
 
@@ -446,7 +328,7 @@ def calibrate(
         temperature: Softmax temperature of the logit distillation.
         held_out: Images set aside to measure the agreement before and after (default: 10%, 32 to 512).
         channel_map: ``f(images, in_chans)`` giving the images at a model's channel count (default:
-            :func:`default_channel_map`).
+            :func:`~timm_anysize.calibration_images.default_channel_map`).
         seed: Seed of the batch, geometry and held-out draws.
         progress: Show a progress bar.
 
@@ -467,10 +349,10 @@ def calibrate(
         raise CalibrationError(f"trainable={trainable!r}: use 'all' or 'geometry'")
     rank, world = _world()
     user_teacher = teacher is not None
-    teacher = teacher if teacher is not None else build_teacher(model)
+    teacher, headless = (teacher, False) if teacher is not None else _build_teacher(model)
     teacher.eval().requires_grad_(False)
     channel_map = channel_map or default_channel_map
-    own = _render_of(model)
+    own = render_of(model)
     sizes = [own.img_size] if not img_sizes else [_pair(s, "img_sizes") for s in img_sizes]
     patches: list[Optional[tuple[int, int]]] = (
         [None] if not patch_sizes else [_pair(p, "patch_sizes") for p in patch_sizes]
@@ -482,19 +364,19 @@ def calibrate(
         max([teacher_render.img_size[0], *(s[0] for s in sizes)]),
         max([teacher_render.img_size[1], *(s[1] for s in sizes)]),
     )
-    data = _as_images(images, raw_size)
+    data = as_images(images, raw_size)
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(data), generator=gen)
     n_held = held_out if held_out is not None else min(512, max(32, len(data) // 10))
     n_held = min(n_held, max(len(data) - 1, 1))
     held, pool = data[order[:n_held]], data[order[n_held:]] if len(data) > n_held else data[order[:n_held]]
-    target = _targets(model, teacher)
+    target = _targets(model, teacher, headless)
     like = next(model.parameters())
     device, dtype = like.device, like.dtype
 
     def forward_pair(x: torch.Tensor, geometry: tuple[tuple[int, int], Optional[tuple[int, int]]]):
         size, patch = geometry
-        s_in = _Render(size, own.in_chans, own.mean, own.std, own.interpolation)(x, channel_map)
+        s_in = Render(size, own.in_chans, own.mean, own.std, own.interpolation)(x, channel_map)
         t_in = teacher_render(x, channel_map)
         with torch.no_grad():
             t_out = _outputs(teacher, t_in.to(device=device, dtype=dtype), target)

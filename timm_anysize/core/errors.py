@@ -9,6 +9,7 @@ __all__ = [
     "AdaptationError",
     "RegistrationError",
     "UnsupportedModelError",
+    "CalibrationError",
     "InputSizeError",
     "InputNotDivisibleError",
     "one_line",
@@ -42,6 +43,10 @@ class AdaptationError(AnysizeError):
 class UnsupportedModelError(AnysizeError, TypeError):
     """A model that a run-time feature (any input size, a run-time patch size) does not support: a ``TypeError``
     too, as for any argument of the wrong kind."""
+
+
+class CalibrationError(AnysizeError):
+    """Calibration cannot run: the model is not a variant, or the images are empty or unreadable."""
 
 
 class InputSizeError(AnysizeError):

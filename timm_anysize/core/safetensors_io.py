@@ -21,7 +21,7 @@ from typing import Iterable, Iterator, Optional, Sequence, Union
 import torch
 from safetensors import safe_open
 
-from timm_anysize.core.errors import WeightsError
+from timm_anysize.core.errors import AdaptationError, WeightsError
 
 __all__ = [
     "LazySafetensors",
@@ -188,7 +188,7 @@ def write_safetensors(
         The written path.
 
     Raises:
-        ValueError: A tensor comes out of order or with another dtype or shape than declared, or some are missing.
+        AdaptationError: A tensor comes out of order or with another dtype or shape than declared, or some are missing.
 
     Example:
         >>> import tempfile, torch
@@ -225,10 +225,10 @@ def write_safetensors(
             for name, dtype, shape, nbytes in expected:
                 got = next(it, None)
                 if got is None:
-                    raise ValueError(f"{final}: tensor {name!r} was declared but never came")
+                    raise AdaptationError(f"{final}: tensor {name!r} was declared but never came")
                 key, tensor = got
                 if key != name or tensor.dtype != dtype or tuple(tensor.shape) != shape:
-                    raise ValueError(
+                    raise AdaptationError(
                         f"{final}: expected {name!r} {dtype} {list(shape)}, got {key!r} {tensor.dtype} "
                         f"{list(tensor.shape)}"
                     )
@@ -237,7 +237,7 @@ def write_safetensors(
                     f.write(memoryview(data.numpy()))
                 del got, tensor
             if next(it, None) is not None:
-                raise ValueError(f"{final}: more tensors than declared")
+                raise AdaptationError(f"{final}: more tensors than declared")
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)

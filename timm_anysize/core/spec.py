@@ -85,7 +85,7 @@ def layout_names() -> tuple[str, ...]:
     Example:
         >>> import timm_anysize
         >>> layout_names()[:3]
-        ('auto', 'timm', 'torchvision')
+        ('auto', 'timm', 'dino')
     """
     return tuple(_LAYOUT_NAMES)
 
