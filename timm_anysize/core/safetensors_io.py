@@ -76,7 +76,8 @@ def owned_aligned(tensor: torch.Tensor) -> torch.Tensor:
 class LazySafetensors(Mapping):
     """A safetensors file as a read-only mapping whose tensors are read from disk when asked for, one at a time.
 
-    Every dtype the format defines is read (through ``safetensors.safe_open``). Nothing is cached: each lookup
+    Every dtype the format defines is read (``safetensors.safe_open`` checks the header once). Nothing is cached: each
+    lookup
     returns that tensor in memory of its own (64-byte aligned, like any tensor torch allocates, see
     :func:`owned_aligned`), and the file's pages it was copied from are page cache, not the process's: converting
     or loading a file larger than memory holds one tensor at a time.
@@ -106,6 +107,7 @@ class LazySafetensors(Mapping):
             raise WeightsError(f"{self.path}: not a readable safetensors file ({e}); re-save it") from e
         self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
         self._entries: dict[str, dict] = header
+        self._data_start = 8 + n
 
     def shape(self, key: str) -> tuple[int, ...]:
         """The shape of a tensor, from the header (nothing read)."""
@@ -124,16 +126,21 @@ class LazySafetensors(Mapping):
     def __getitem__(self, key: str) -> torch.Tensor:
         if key not in self._entries:
             raise KeyError(key)
-        self.dtype(key)  # an unknown dtype is refused by name, before safetensors' own message
-        try:
-            with safe_open(str(self.path), framework="pt", device="cpu") as f:
-                tensor = f.get_tensor(key)
-        except Exception as e:  # safetensors raises its own SafetensorError (truncated or corrupt file)
-            raise WeightsError(
-                f"{self.path}: tensor {key!r} cannot be read ({e}); re-download or re-save the file"
-            ) from e
-        # safe_open's tensor views the file's mapping at its (8-byte aligned) offset: a copy of our own instead
-        return tensor.clone() if tensor.numel() else tensor
+        dtype = self.dtype(key)  # an unknown dtype is refused by name
+        entry = self._entries[key]
+        begin, end = entry["data_offsets"]
+        # Read into a tensor of our own (torch allocates it 64-byte aligned) with plain reads: the file's pages stay
+        # page cache, never mapped into this process (safe_open's tensors view a mapping, resident while they live).
+        out = torch.empty(entry["shape"], dtype=dtype)
+        data = out.reshape(-1).view(torch.uint8)
+        if data.numel() != end - begin:
+            raise WeightsError(f"{self.path}: tensor {key!r} holds {end - begin} bytes, not its shape's; re-save it")
+        if data.numel():
+            with self.path.open("rb") as f:
+                f.seek(self._data_start + begin)
+                if f.readinto(memoryview(data.numpy())) != data.numel():
+                    raise WeightsError(f"{self.path}: truncated at tensor {key!r}; re-download or re-save the file")
+        return out
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)
