@@ -8,6 +8,7 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import itertools  # noqa: E402
+import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import textwrap  # noqa: E402
@@ -15,10 +16,12 @@ import zlib  # noqa: E402
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import pytest
 import safetensors.torch
 import timm
 import torch
+from PIL import Image
 
 _counter = itertools.count()
 
@@ -38,6 +41,27 @@ def run_python(code: str, env: dict | None = None) -> str:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
+
+
+def run_torchrun(*args: str, timeout: float = 240) -> None:
+    """``torchrun --standalone --nproc_per_node 2 ARGS`` (one thread per rank), in a process group of its own so a
+    hang cannot leave workers behind; fails with the tail of its stderr."""
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    assert torchrun is not None, "torchrun is not installed beside this interpreter"
+    proc = subprocess.Popen(
+        [torchrun, "--standalone", "--nproc_per_node", "2", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    try:
+        _, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        raise
+    assert proc.returncode == 0, stderr[-3000:]
 
 
 def unique_name(prefix: str = "t") -> str:
@@ -77,6 +101,17 @@ def _torch_global_state_is_restored(request: pytest.FixtureRequest):
     after = _torch_global_state()
     changed = {k: (before[k], after[k]) for k in before if before[k] != after[k]}
     assert not changed, f"{request.node.nodeid} changed global torch state and did not restore it: {changed}"
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A few RGB PNGs of odd sizes in two class folders (timm's ImageDataset layout)."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for i, (h, w) in enumerate([(40, 52), (64, 48), (33, 70), (80, 80)]):
+        (root / f"c{i % 2}").mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / f"c{i % 2}" / f"{i}.png")
+    return str(root)
 
 
 @pytest.fixture(scope="module")

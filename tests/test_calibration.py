@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +18,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import timm_anysize
-from conftest import save_checkpoint, unique_name
+from conftest import run_torchrun, save_checkpoint, unique_name
 from timm_anysize.apps.digits import load_digits_split, register_demo_variants
 from timm_anysize.calibration import build_teacher, calibrate, geometry_bound_parameters
 from timm_anysize.calibration_images import default_channel_map
@@ -256,17 +254,7 @@ def test_two_ddp_ranks_give_the_weights_of_one_process_with_the_same_global_batc
         text=True,
     )
     assert one.returncode == 0, one.stderr[-3000:]
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", str(tmp_path / "calibrate.py"), str(tmp_path / "two.pt")]
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env
-    )
-    try:
-        _, stderr = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-        raise
-    assert proc.returncode == 0, stderr[-3000:]
+    run_torchrun(str(tmp_path / "calibrate.py"), str(tmp_path / "two.pt"))
     a, b = (torch.load(tmp_path / f, weights_only=True) for f in ("one.pt", "two.pt"))
     start = timm.create_model("vit_digits_patch4_24", pretrained=True).state_dict()
     assert any(not torch.equal(a[k], start[k]) for k in a)  # calibration changed the weights

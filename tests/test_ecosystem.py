@@ -17,7 +17,7 @@ import yaml
 from PIL import Image
 
 import timm_anysize
-from conftest import unique_name
+from conftest import run_torchrun, unique_name
 from timm_anysize.apps.digits import DEMO_CONFIG
 from timm_anysize.registry import _shipped_config_files
 from timm_anysize.schema import SCHEMA_FILE, yaml_json_schema, yaml_reference_markdown
@@ -171,39 +171,12 @@ os._exit(0)  # gloo can abort at interpreter shutdown (see tests/test_flexi.py);
 
 
 def test_torchrun_ddp_through_the_launcher(tmp_path):
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     (tmp_path / "ddp.py").write_text(DDP_SCRIPT)
     out = tmp_path / "result.json"
-    cmd = [
-        torchrun,
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "timm_anysize",
-        "run",
-        "-c",
-        str(DEMO_CONFIG),  # the demo's variants: registered only where asked for
-        str(tmp_path / "ddp.py"),
-        "vit_digits_patch4_32",
-        str(out),
-    ]
-    # Its own process group, so a hang cannot leave worker processes behind.
-    proc = subprocess.Popen(
-        cmd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    # the demo's variants: registered only where asked for
+    run_torchrun(
+        "-m", "timm_anysize", "run", "-c", str(DEMO_CONFIG), str(tmp_path / "ddp.py"), "vit_digits_patch4_32", str(out)
     )
-    try:
-        _, stderr = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-        raise
-    proc.stderr = stderr
-    assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["world"] == 2 and result["same"] is True
     losses = result["losses"]

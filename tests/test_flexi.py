@@ -5,10 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import shutil
-import subprocess
-import sys
 import threading
 import uuid
 from pathlib import Path
@@ -19,6 +15,7 @@ import torch
 from timm.layers import resample_abs_pos_embed, resample_patch_embed
 
 import timm_anysize
+from conftest import run_torchrun
 from timm_anysize.apps.demo import register_demo_variants
 from timm_anysize.core.spec import parse_variant
 
@@ -363,37 +360,9 @@ os._exit(0)
 
 def test_torchrun_ddp_flexi_through_the_launcher(flexi_yaml):
     path, name = flexi_yaml
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     (path.parent / "ddp.py").write_text(DDP_SCRIPT)
     out = path.parent / "result.json"
-    cmd = [
-        torchrun,
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "timm_anysize",
-        "run",
-        "--config",
-        str(path),
-        str(path.parent / "ddp.py"),
-        name,
-        str(out),
-    ]
-    proc = subprocess.Popen(
-        cmd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    try:
-        _, stderr = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-        raise
-    assert proc.returncode == 0, stderr[-3000:]
+    run_torchrun("-m", "timm_anysize", "run", "--config", str(path), str(path.parent / "ddp.py"), name, str(out))
     result = json.loads(out.read_text())
     assert result["world"] == 2 and result["same"] is True  # DDP in sync: same size on every rank each step
     sizes = result["sizes"]

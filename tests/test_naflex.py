@@ -5,11 +5,9 @@ resampling rule."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import timm
 import torch
-from PIL import Image
 from timm.data import ImageDataset, create_naflex_loader
 from timm.models import naflexvit
 
@@ -120,16 +118,6 @@ def test_padding_never_changes_a_valid_token(case, tmp_path):
         tight, padded = (naflex.forward_features(**naflex_batch([img], patch, n))["patches"] for n in (15, 40))
     assert tight.shape[1] + 25 == padded.shape[1]
     torch.testing.assert_close(padded[:, : tight.shape[1]], tight, rtol=0, atol=1e-5)
-
-
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for i, (h, w) in enumerate([(40, 52), (64, 48), (33, 70), (80, 80)]):
-        (root / f"c{i % 2}").mkdir(exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / f"c{i % 2}" / f"{i}.png")
-    return str(root)
 
 
 @pytest.mark.parametrize("case", ["vit_reg_avg", "eva02"])

@@ -13,11 +13,9 @@ from __future__ import annotations
 import logging
 import math
 
-import numpy as np
 import pytest
 import timm
 import torch
-from PIL import Image
 from timm.data import ImageDataset, create_loader
 
 import timm_anysize
@@ -64,17 +62,6 @@ def train_sizes(fam: Family) -> list[int]:
     hi = max(tiny.step * round(2 * tiny.img_size / tiny.step), lo + 2 * tiny.step)
     mid = lo + tiny.step * math.ceil((hi - lo) / (2 * tiny.step))
     return [lo, mid, hi]
-
-
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory) -> str:
-    """A few RGB PNGs of odd sizes in two class folders (timm's ImageDataset layout)."""
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for i, (h, w) in enumerate([(40, 52), (64, 48), (33, 70), (80, 80)]):
-        (root / f"c{i % 2}").mkdir(exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / f"c{i % 2}" / f"{i}.png")
-    return str(root)
 
 
 def seeded_variant(fam: Family, tmp_path) -> tuple[str, str]:
