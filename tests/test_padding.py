@@ -7,35 +7,48 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from test_families import SETUP
 
 import timm_anysize
 from timm_anysize.core.cache import PosEmbedCache, cached_or_inline
+from timm_anysize.core.family import Family
 from timm_anysize.core.padding import check_multiple, pad_to_multiple
-
-SWIN = dict(embed_dim=32, depths=(2, 2), num_heads=(1, 2), window_size=4)
-
-# family: (timm model, its kwargs, an input off the multiple, the multiple, the nearest sizes the message names)
-CASES = {
-    "vit": ("test_vit", dict(img_size=64), (70, 64), (16, 16), "64x64 or 80x64"),
-    "swin": (
-        "swin_tiny_patch4_window7_224",
-        dict(SWIN, img_size=64, dynamic_img_size=True),
-        (61, 70),
-        (4, 4),
-        "60x68 or 64x72",
-    ),
-    "tnt": ("tnt_s_patch16_224", dict(SETUP["tnt"].model_args, img_size=64), (70, 64), (16, 16), "64x64 or 80x64"),
-    "hiera": ("hiera_tiny_224", dict(img_size=64), (70, 96), (32, 32), "64x96 or 96x96"),
-    "gcvit": ("gcvit_xxtiny", dict(img_size=64, embed_dim=16, mlp_ratio=1.0), (64, 70), (32, 32), "64x64 or 64x96"),
-}
+from timm_anysize.families import FAMILIES
 
 
-@pytest.mark.parametrize("family", list(CASES))
+def _off_multiple(family: Family) -> tuple[int, int]:
+    """An input one pixel taller and one narrower than the tiny model's own size: both sides off its
+    ``tiny.multiple``."""
+    return (family.tiny.img_size + 1, family.tiny.img_size - 1)
+
+
+def _nearest(size: tuple[int, int], multiple: int) -> str:
+    """The two sizes the message names: each side down, then up, to the multiple."""
+    down = [s // multiple * multiple for s in size]
+    up = [-(-s // multiple) * multiple for s in size]
+    return f"{down[0]}x{down[1]} or {up[0]}x{up[1]}"
+
+
+# Every row that enable_dynamic makes run at any size and whose tiny model needs a multiple with ``pad: false``, the
+# patch embedding checking it (an ``unpadded_multiple`` is checked by a variant's input guard instead:
+# tests/test_runtime_sizes.py).
+PADDED = [
+    f
+    for f in FAMILIES
+    if f.dynamic == "cached" and f.tiny is not None and f.tiny.multiple > 1 and f.unpadded_multiple is None
+]
+
+
+@pytest.mark.parametrize("family", PADDED, ids=lambda f: f.name)
 def test_a_non_multiple_input_is_refused_with_padding_off_and_runs_with_it_on(family):
-    arch, kwargs, size, multiple, nearest = CASES[family]
+    tiny = family.tiny
+    kwargs = dict(tiny.model_args, **({"img_size": tiny.img_size} if tiny.img_size_arg else {}))
+    size, multiple = _off_multiple(family), (tiny.multiple, tiny.multiple)
+    nearest = _nearest(size, tiny.multiple)
+    arch = family.example
     x = torch.randn(1, 3, *size)
-    strict = timm_anysize.enable_dynamic(timm.create_model(arch, **kwargs).eval(), pad=False)
+    # the family's constructor arguments for any size (EVA builds its RoPE for it)
+    strict = timm.create_model(arch, **kwargs, **family.dynamic_kwargs(True, pad=False)).eval()
+    strict = timm_anysize.enable_dynamic(strict, pad=False)
     with torch.no_grad(), pytest.raises(timm_anysize.InputNotDivisibleError) as err:
         strict(x)
     assert isinstance(err.value, ValueError)
@@ -43,7 +56,8 @@ def test_a_non_multiple_input_is_refused_with_padding_off_and_runs_with_it_on(fa
     message = str(err.value)
     assert f"input {size[0]}x{size[1]} is not a multiple of" in message and f"{multiple[0]}x{multiple[1]}" in message
     assert f"nearest sizes that work: {nearest};" in message and "enable_dynamic(pad=True)" in message
-    padded = timm_anysize.enable_dynamic(timm.create_model(arch, **kwargs).eval(), pad=True)
+    padded = timm.create_model(arch, **kwargs, **family.dynamic_kwargs(True, pad=True)).eval()
+    padded = timm_anysize.enable_dynamic(padded, pad=True)
     with torch.no_grad():
         assert torch.isfinite(padded(x)).all()
 
