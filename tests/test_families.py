@@ -450,7 +450,6 @@ NOT_YET = {
     "tests/test_dynamic_families.py": "the ids of PiT's and VOLO's hand-built references",
     "tests/test_flexi.py": "the flexi models and their set_input_size references, keyed by family",
     "tests/test_runtime_sizes.py": "issue 21's holes (sizes refused, smallest input), keyed by family",
-    "tests/test_validation_cost.py": "the families whose attention holds several maps, with a patch each",
     "tests/test_train_many_sizes.py": "the rows no built model equals at the sizes trained (NOT_BUILT), by family",
 }
 
