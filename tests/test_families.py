@@ -449,7 +449,6 @@ def test_a_size_the_branches_cannot_take_is_rejected_with_the_nearest_that_work(
 NOT_YET = {
     "tests/test_dynamic_families.py": "the ids of PiT's and VOLO's hand-built references",
     "tests/test_flexi.py": "the flexi models and their set_input_size references, keyed by family",
-    "tests/test_runtime_sizes.py": "issue 21's holes (sizes refused, smallest input), keyed by family",
     "tests/test_train_many_sizes.py": "the rows no built model equals at the sizes trained (NOT_BUILT), by family",
 }
 
