@@ -11,7 +11,9 @@ import timm
 import torch
 
 import timm_anysize
+from timm_anysize.core.family import tensor_layouts
 from timm_anysize.core.runtime_options import cache_for
+from timm_anysize.families import FAMILIES
 
 SMALL = dict(embed_dim=64, depth=2, num_heads=2, img_size=64)
 
@@ -126,24 +128,31 @@ def _perturbed(arch, **kwargs):
     return model
 
 
-@pytest.mark.parametrize(
-    "arch, args, size, other, key, channels_last",
-    [
-        ("pit_ti_224", dict(depth=(1, 1, 1)), 64, (96, 80), "pos_embed", False),
-        ("volo_d1_224", {}, 64, (96, 48), "pos_embed", True),
-    ],
-    ids=["pit", "volo"],
-)
-def test_conv_stem_families_at_any_size_equal_the_model_built_for_it(arch, args, size, other, key, channels_last):
-    """PiT / VOLO: position embeddings laid out as images, resampled to the grid the stem gives the input."""
+# The rows that enable_dynamic makes run at any size whose only geometry-dependent tensors are position embeddings
+# laid out as images (on the grid a conv stem gives).
+IMAGE_POS = [
+    f
+    for f in FAMILIES
+    if f.dynamic == "cached" and f.tensors and all(kind in ("pos_nchw", "pos_nhwc") for _, kind in f.tensors)
+]
+
+
+@pytest.mark.parametrize("family", IMAGE_POS, ids=lambda f: f.name)
+def test_conv_stem_families_at_any_size_equal_the_model_built_for_it(family):
+    """PiT / VOLO / Visformer: position embeddings laid out as images, resampled to the grid the stem gives the
+    input: equal to timm's model built for that size, with the embeddings resampled by hand."""
+    arch, args, size, step = family.example, family.tiny.model_args, family.tiny.img_size, family.tiny.step
     base = _perturbed(arch, img_size=size, **args)
     model = timm_anysize.enable_dynamic(copy.deepcopy(base))
-    built = timm.create_model(arch, img_size=other, **args).eval()
-    sd = dict(base.state_dict())
-    grid = built.state_dict()[key].shape[1:3] if channels_last else built.state_dict()[key].shape[2:4]
-    sd[key] = _resampled_image(sd[key], grid, channels_last)
-    built.load_state_dict(sd)
-    assert_matches_base_and_built(model, base, built, (size, size), other)
+    for other in [(size + 2 * step, size + step), (size + 2 * step, size - step)]:
+        built = timm.create_model(arch, img_size=other, **args).eval()
+        sd, target = dict(base.state_dict()), built.state_dict()
+        for key, kind in tensor_layouts(family, sd).items():
+            channels_last = kind == "pos_nhwc"
+            grid = target[key].shape[1:3] if channels_last else target[key].shape[2:4]
+            sd[key] = _resampled_image(sd[key], grid, channels_last)
+        built.load_state_dict(sd)
+        assert_matches_base_and_built(model, base, built, (size, size), other)
 
 
 def test_crossvit_branches_follow_the_input_size():
