@@ -12,6 +12,7 @@ from timm.models import tnt
 
 import timm_anysize
 from conftest import unique_name
+from timm_anysize.core.runtime_options import cache_for
 
 ARGS = SETUP["tnt"].model_args
 
@@ -66,7 +67,9 @@ def test_padding_gradients_and_the_cache(make_checkpoint):
     with torch.no_grad():
         assert torch.equal(model(x), model(F.pad(x, (0, 6, 0, 10))))  # zero-padded bottom/right to whole patches
         model(torch.randn(1, 3, 96, 96))
-    info = model._anysize_caches["patch_pos"].info()
+    cache = cache_for(model, "patch_pos", make=False)
+    assert cache is not None
+    info = cache.info()
     assert info["misses"] == 2 and info["hits"] == 1  # 80x96 computed once, reused; 96x96 computed
     model(torch.randn(1, 3, 96, 80)).sum().backward()
     assert model.patch_pos.grad is not None and model.patch_pos.grad.abs().sum() > 0
