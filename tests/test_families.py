@@ -447,7 +447,6 @@ def test_a_size_the_branches_cannot_take_is_rejected_with_the_nearest_that_work(
 # Modules still to move from names to row fields (issue 29, item 5), with what still names families: tables of
 # per-family hand-built references and expected messages. An entry fails once its module names none: remove it then.
 NOT_YET = {
-    "tests/test_flexi.py": "the flexi models and their set_input_size references, keyed by family",
     "tests/test_train_many_sizes.py": "the rows no built model equals at the sizes trained (NOT_BUILT), by family",
 }
 
