@@ -107,7 +107,7 @@ PATCH_ROWS = [f for f in FAMILIES if f.changes_patch and f.tiny is not None]
 
 
 def _large_grid_patch(family: Family) -> int:
-    """The largest patch that gives at least a 48x48 grid at the example's own size (2,304-4,096 tokens)."""
+    """The largest patch that gives at least a 48x48 grid (2,304 tokens) at the example's own size."""
     size = timm.models.get_pretrained_cfg(family.example).input_size[-1]
     return max(p for p in range(1, size + 1) if size % p == 0 and (size // p) ** 2 >= 48 * 48)
 
