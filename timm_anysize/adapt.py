@@ -18,7 +18,7 @@ from timm.models import adapt_input_conv
 from timm_anysize.core.compat import compat_rel_table, compat_resize_rel_table
 from timm_anysize.core.errors import AdaptationError
 from timm_anysize.core.geometry import TensorResample
-from timm_anysize.core.report import AdaptationReport, KeyAdaptation, summarize_keys
+from timm_anysize.core.report import Action, AdaptationReport, KeyAdaptation, summarize_keys
 from timm_anysize.core.resample import (
     resample_blocks,
     resample_grid,
@@ -26,7 +26,7 @@ from timm_anysize.core.resample import (
     resize_bias_grid,
     resize_rel_axis,
 )
-from timm_anysize.core.spec import ChannelOptions, PatchEmbedOptions, PosEmbedOptions, Size2
+from timm_anysize.core.spec import ChannelOptions, PatchEmbedOptions, PosEmbedOptions, Size2, as_pair
 from timm_anysize.core.variant_plan import VariantPlan
 from timm_anysize.origins import Conversion, layout_hint
 from timm_anysize.source_weights import SourceStateDict
@@ -124,14 +124,18 @@ def resample_tensor(
     """Resample one geometry-dependent tensor between its source and target layout; returns it and a description."""
     a, b = _fmt(layout.source), _fmt(layout.target)
     if layout.kind == "pos_tokens":
-        value = resample_pos_embed(src, layout.source, layout.target, layout.prefix, options)
+        value = resample_pos_embed(src, as_pair(layout.source), as_pair(layout.target), layout.prefix, options)
         how = f"{options.interpolation}, antialias={options.use_antialias}, {layout.prefix} prefix tokens kept"
         if options.compat != "timm":
             how = f"compat {options.compat}, {layout.prefix} prefix tokens kept"
         return value, f"grid {a} -> {b} ({how})"
     if layout.kind in ("pos_nchw", "pos_nhwc"):
         value = resample_grid(
-            src, layout.target, options.interpolation, options.use_antialias, channels_last=layout.kind == "pos_nhwc"
+            src,
+            list(layout.target),
+            options.interpolation,
+            options.use_antialias,
+            channels_last=layout.kind == "pos_nhwc",
         )
         return value, f"grid {a} -> {b} ({options.interpolation}, antialias={options.use_antialias})"
     if layout.kind == "rel_table":
@@ -140,7 +144,10 @@ def resample_tensor(
             return value, f"relative-position window {a} -> {b} (compat {options.compat}: bilinear)"
         # Both windows are read off the models, so nothing is inferred from the table's size.
         value = resize_rel_pos_bias_table(
-            src, new_window_size=layout.target, new_bias_shape=target_shape, old_window_size=layout.source
+            src,
+            new_window_size=as_pair(layout.target),
+            new_bias_shape=target_shape,
+            old_window_size=as_pair(layout.source),
         )
         return value, f"relative-position window {a} -> {b}"
     if layout.kind == "pos_blocks":
@@ -189,7 +196,7 @@ def _adapt_kernel(src: torch.Tensor, tgt: torch.Tensor, plan: VariantPlan) -> tu
         how = "adapt_input_conv" if ch.method == "timm" else f"map {list(ch.map or ())}"
         per = f" per offset of the {fam.space_to_depth}x{fam.space_to_depth} space-to-depth" if blocks > 1 else ""
         steps.append(f"channels {s.in_chans} -> {t.in_chans} ({how}{per})")
-    new_kernel = tuple(t.patch_size) if src.ndim == 2 else tuple(tgt.shape[-2:])
+    new_kernel = tuple(t.patch_size or (1, 1)) if src.ndim == 2 else tuple(tgt.shape[-2:])
     if tuple(value.shape[-2:]) != new_kernel and s.patch_size is not None:
         pm = spec.adapt.patch_embed
         old = _fmt(tuple(value.shape[-2:]))
@@ -268,7 +275,7 @@ def iter_adapted(
     missing, mismatched = [], []
     new_head = s.num_classes != t.num_classes
 
-    def record(key: str, action: str, detail: str, src: Optional[torch.Tensor], value: torch.Tensor) -> None:
+    def record(key: str, action: Action, detail: str, src: Optional[torch.Tensor], value: torch.Tensor) -> None:
         if conversion is not None and key in conversion.origin and src is not None:
             detail = "; ".join(filter(None, (f"from {conversion.origin[key]}", detail)))
         out.append((key, value))

@@ -23,15 +23,16 @@ import torch.nn as nn
 from timm.models import resolve_pretrained_cfg
 
 from timm_anysize.adapt import adapt_state_dict
+from timm_anysize.core.attributes import set_pretrained_cfg
 from timm_anysize.core.errors import SpecError
 from timm_anysize.core.family import Family
 from timm_anysize.core.memory import check_build_memory
 from timm_anysize.core.meta import initialize_fresh, parameters_uninitialised
-from timm_anysize.core.report import AdaptationReport
+from timm_anysize.core.report import AdaptationReport, keep_report
 from timm_anysize.core.safetensors_io import owned_aligned
 from timm_anysize.core.spec import VariantSpec
 from timm_anysize.core.variant_plan import VariantPlan
-from timm_anysize.dynamic import enable_dynamic, guard_run_time_size
+from timm_anysize.dynamic import enable_dynamic, guard_run_time_size, mark_native_dynamic
 from timm_anysize.features import (
     PRUNED,
     FeatureRequest,
@@ -43,6 +44,7 @@ from timm_anysize.features import (
     wrap_up,
 )
 from timm_anysize.flexi import apply_flexi
+from timm_anysize.model_plan import keep_plan
 from timm_anysize.naflex import to_naflex
 from timm_anysize.plan import make_plan, source_read
 from timm_anysize.pretrained_cfg import variant_pretrained_cfg
@@ -117,10 +119,9 @@ def build_variant(
             _make_dynamic(plan, inner if inner is not None else model)
         return wrap_up(model, cfg, report, dynamic)
     if report is not None:
-        model._anysize_report = report
-    model._anysize_plan = plan  # what export needs: base arch, model args, geometries
-    model.pretrained_cfg = cfg
-    model.default_cfg = cfg
+        keep_report(model, report)
+    keep_plan(model, plan)  # what export needs: base arch, model args, geometries
+    set_pretrained_cfg(model, cfg)
     if plan.dynamic and features is None:  # the FX wrapper makes it dynamic after flexi, before tracing it
         _make_dynamic(plan, model)
     elif features is None:  # its own size only (a native family's model runs at any size, as timm's)
@@ -207,7 +208,7 @@ def _create(
 def _make_dynamic(plan: VariantPlan, model: nn.Module) -> None:
     spec = plan.spec
     if plan.family.dynamic == "native":  # timm's constructor arguments did it (plan.dynamic_kwargs)
-        model._anysize_native_dynamic = True
+        mark_native_dynamic(model)
     else:
         pe = spec.adapt.pos_embed
         # compat: run-time sizes resample as the origin library does (timm_anysize.core.compat)

@@ -223,7 +223,7 @@ def _describe(img_size: tuple[int, int], patch: Optional[tuple[int, int]]) -> st
 def _pooled(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Pooled features (pre-logits) where the model has timm's two-step forward, else its output."""
     if hasattr(model, "forward_features") and hasattr(model, "forward_head"):
-        return model.forward_head(model.forward_features(x), pre_logits=True)
+        return model.forward_head(model.forward_features(x), pre_logits=True)  # type: ignore[operator]  # torch types them Tensor | Module
     out = model(x)
     return out[-1].flatten(2).mean(-1) if isinstance(out, (list, tuple)) else out
 

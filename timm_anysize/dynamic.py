@@ -14,7 +14,9 @@ import torch
 import torch.nn as nn
 from timm.layers import Format, PatchEmbed, nchw_to
 from timm.layers.helpers import is_exporting
+from torch.utils.hooks import RemovableHandle
 
+from timm_anysize.core.attributes import size_attr
 from timm_anysize.core.cache import DEFAULT_CACHE_SIZE, symbolic, traced
 from timm_anysize.core.compat import compat_preset
 from timm_anysize.core.errors import AnysizeError, UnsupportedModelError
@@ -81,7 +83,13 @@ def _dynamic_class(cls: type) -> Optional[tuple[type, DynamicPath]]:
 
 def _check_divisible(module: nn.Module, args: tuple) -> None:
     if not (torch.compiler.is_compiling() or is_exporting()):
-        check_multiple(args[0].shape[-2:], module.patch_size)
+        check_multiple(args[0].shape[-2:], size_attr(module, "patch_size"))
+
+
+def mark_native_dynamic(model: nn.Module) -> None:
+    """Mark ``model`` as running at any size through timm's own path (a native family, built with timm's dynamic
+    constructor arguments): :func:`is_dynamic` is true for it."""
+    setattr(model, "_anysize_native_dynamic", True)
 
 
 def is_dynamic(model: nn.Module) -> bool:
@@ -143,13 +151,14 @@ def enable_dynamic(
     cls = type(model)
     for handle in getattr(model, "_anysize_pad_hooks", ()):
         handle.remove()
-    model._anysize_pad_hooks = []
+    pad_hooks: list[RemovableHandle] = []
+    setattr(model, "_anysize_pad_hooks", pad_hooks)
     for runtime in _runtimes():  # a family with its own enabler (Swin: its blocks, also in a feature wrapper)
         if runtime.enable is not None and runtime.claims is not None and runtime.claims(model):
             set_runtime_options(model, options)
             runtime.enable(model, pad)
             if not pad:
-                model._anysize_pad_hooks.append(model.patch_embed.register_forward_pre_hook(_check_divisible))
+                pad_hooks.append(model.get_submodule("patch_embed").register_forward_pre_hook(_check_divisible))
             return model
     found = _dynamic_class(cls)
     if found is None:
@@ -168,23 +177,23 @@ def enable_dynamic(
             f"create it with timm.create_model(..., dynamic_img_size=True), then call enable_dynamic"
         )
     model.__class__ = dynamic_cls
-    model.dynamic_img_size = True
+    setattr(model, "dynamic_img_size", True)  # timm's flags are plain attributes (bools, a Format) of its modules
     set_runtime_options(model, options)  # what the family's run-time code reads (core.runtime_options)
     cache_for(model, "pos_embed")  # made now: dynamic_cache_info reports it before the first forward
     if runtime.setup is not None:
-        runtime.setup(model, cache_size)
+        runtime.setup(model, options)
     if runtime.patch_layout == "none":  # a stem that takes any size (Hiera pads to whole mask units itself)
         return model
-    pe = model.patch_embed
-    pe.strict_img_size = False
+    pe = model.get_submodule("patch_embed")
+    setattr(pe, "strict_img_size", False)
     if runtime.patch_layout == "nhwc":
-        pe.flatten = False
-        pe.output_fmt = Format.NHWC
-    pe.dynamic_img_pad = pad
+        setattr(pe, "flatten", False)
+        setattr(pe, "output_fmt", Format.NHWC)
+    setattr(pe, "dynamic_img_pad", pad)
     if type(pe) is PatchEmbed:
         pe.__class__ = DynamicPatchEmbed
     if not pad:
-        model._anysize_pad_hooks.append(pe.register_forward_pre_hook(_check_divisible))
+        pad_hooks.append(pe.register_forward_pre_hook(_check_divisible))
     return model
 
 

@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch.nn as nn
-from timm.models import FeatureGraphNet
+from timm.models import FeatureGraphNet, FeatureInfo
 
+from timm_anysize.core.attributes import module_attr, set_pretrained_cfg
 from timm_anysize.core.errors import WeightsError
 from timm_anysize.core.meta import build_meta
-from timm_anysize.core.report import AdaptationReport
+from timm_anysize.core.report import AdaptationReport, adaptation_report, keep_report
 from timm_anysize.core.variant_plan import VariantPlan
 
 __all__ = [
@@ -52,7 +53,7 @@ class FeatureRequest:
     def pop(cls, kwargs: dict[str, Any]) -> Optional[FeatureRequest]:
         """The request in create_model's ``kwargs`` (taken out of them), or None without ``features_only``."""
         features_only = kwargs.pop("features_only", False)
-        request = {k: kwargs.pop(k) for k in ("out_indices", "feature_cls") if k in kwargs}
+        request: dict[str, Any] = {k: kwargs.pop(k) for k in ("out_indices", "feature_cls") if k in kwargs}
         return cls(request) if features_only else None
 
     @property
@@ -148,11 +149,12 @@ def wrap_up(wrapper: nn.Module, cfg: dict[str, Any], report: Optional[Adaptation
     """
     inner = inner_model(wrapper)
     if inner is not None:
-        inner.pretrained_cfg = inner.default_cfg = cfg
-        inner._anysize_report = report
+        set_pretrained_cfg(inner, cfg)
+        if report is not None:
+            keep_report(inner, report)
     if report is not None:
-        wrapper._anysize_report = report
-    wrapper.pretrained_cfg = wrapper.default_cfg = features_cfg(cfg, dynamic)
+        keep_report(wrapper, report)
+    set_pretrained_cfg(wrapper, features_cfg(cfg, dynamic))
     return wrapper
 
 
@@ -162,7 +164,7 @@ def fx_out_indices(plan: VariantPlan, request: FeatureRequest) -> tuple[int, ...
     kwargs = {k: v for k, v in request.timm_kwargs.items() if k != "feature_cls"}
     model_kwargs = {**plan.target_kwargs, **plan.dynamic_kwargs, "features_only": True, **kwargs}
     wrapper = build_meta(plan.spec, model_kwargs, "features_only", plan.family)
-    return tuple(wrapper.feature_info.out_indices)
+    return tuple(module_attr(wrapper, "feature_info", FeatureInfo).out_indices)
 
 
 def fx_feature_model(
@@ -171,11 +173,11 @@ def fx_feature_model(
     """``feature_cls='fx'``: timm's FX feature wrapper traced from the loaded model itself (made dynamic first, so
     the graph records the dynamic path)."""
     wrapper = FeatureGraphNet(model, out_indices=out_indices, output_fmt=getattr(model, "output_fmt", "NCHW"))
-    report = getattr(model, "_anysize_report", None)
+    report = adaptation_report(model)
     if report is not None:
         kept = {k.split(".", 1)[1] for k in wrapper.state_dict()}
         for key in model.state_dict().keys() - kept:
             report.dropped[key] = PRUNED
-        wrapper._anysize_report = report
-    wrapper.pretrained_cfg = wrapper.default_cfg = features_cfg(cfg, plan.dynamic)
+        keep_report(wrapper, report)
+    set_pretrained_cfg(wrapper, features_cfg(cfg, plan.dynamic))
     return wrapper

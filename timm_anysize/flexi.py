@@ -36,6 +36,7 @@ from typing import Any, Iterator, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
+from timm_anysize.core.attributes import module_attr
 from timm_anysize.core.errors import AnysizeError, SpecError, UnsupportedModelError
 from timm_anysize.core.family import Family
 from timm_anysize.core.flexi_embed import (
@@ -50,6 +51,7 @@ from timm_anysize.core.runtime_options import RuntimeOptions, runtime_options, s
 from timm_anysize.core.spec import as_pair
 from timm_anysize.dynamic import enable_dynamic, is_dynamic
 from timm_anysize.families import FAMILIES, family_of
+from timm_anysize.model_plan import plan_of
 
 __all__ = [
     "patch_size",
@@ -113,7 +115,7 @@ def _family(model: nn.Module) -> Optional[Family]:
     """The family row of a model, also after timm-anysize's dynamic classes replaced its class."""
     fam = family_of(model)
     if fam is None:
-        plan = getattr(model, "_anysize_plan", None)
+        plan = plan_of(model)
         fam = plan.family if plan is not None else None
     if fam is None:
         fam = next(
@@ -135,14 +137,10 @@ def _patch_embed(model: nn.Module) -> nn.Module:
         return pe
     fam = _family(model)
     name = fam.name if fam is not None else type(model).__name__
-    if fam is not None and fam.flexi_embed is not None:  # the family's own flexi embedding (not a patch conv)
+    if pe is not None and fam is not None and fam.flexi_embed is not None:  # the family's own (not a patch conv)
         return fam.flexi_embed(pe)
-    if (
-        fam is None
-        or not fam.changes_patch
-        or not isinstance(getattr(getattr(pe, "proj", None), "weight", None), torch.Tensor)
-        or pe.proj.weight.ndim != 4
-    ):
+    weight = getattr(getattr(pe, "proj", None), "weight", None)
+    if pe is None or fam is None or not fam.changes_patch or not isinstance(weight, torch.Tensor) or weight.ndim != 4:
         reason = fam.unsupported.get("patch_smaller", "") if fam is not None else "not a supported timm family"
         raise UnsupportedModelError(
             f"timm_anysize.flexi: the {name} family has no single patch-embedding kernel to resize"
@@ -181,7 +179,7 @@ def set_patch_size(model: nn.Module, p: Optional[PatchSizeArg]) -> nn.Module:
         torch.Size([1, 65, 64])
     """
     pe = _patch_embed(model)
-    pe._anysize_sticky = None if p is None else _size2(p)
+    setattr(pe, "_anysize_sticky", None if p is None else _size2(p))
     return model
 
 
@@ -238,11 +236,13 @@ def _pre_forward(pe: nn.Module, model: nn.Module, args: tuple) -> None:
         stack = _HOOK_STACK.stack = []
     current = ACTIVE.get()
     stack.append(current)
-    schedule: FlexiSchedule = model._anysize_flexi
+    schedule = module_attr(model, "_anysize_flexi", FlexiSchedule)
     if model.training and id(pe) not in current:  # an explicit patch_size(...) block wins
-        p = schedule.draw(model._anysize_flexi_step)
-        model._anysize_flexi_step += 1
-        model._anysize_flexi_seen[p] = model._anysize_flexi_seen.get(p, 0) + 1
+        step = module_attr(model, "_anysize_flexi_step", int)
+        p = schedule.draw(step)
+        setattr(model, "_anysize_flexi_step", step + 1)
+        seen = module_attr(model, "_anysize_flexi_seen", dict)
+        seen[p] = seen.get(p, 0) + 1
         ACTIVE.set({**current, id(pe): p})
 
 
@@ -294,13 +294,14 @@ def enable_flexi(
     pe = _patch_embed(model)
     for handle in getattr(model, "_anysize_flexi_hooks", ()):
         handle.remove()
-    model._anysize_flexi = FlexiSchedule(sizes, weights, seed)
-    model._anysize_flexi_step = 0
-    model._anysize_flexi_seen = {}
-    model._anysize_flexi_hooks = [
+    setattr(model, "_anysize_flexi", FlexiSchedule(sizes, weights, seed))
+    setattr(model, "_anysize_flexi_step", 0)
+    setattr(model, "_anysize_flexi_seen", {})
+    hooks = [
         model.register_forward_pre_hook(functools.partial(_pre_forward, pe)),
         model.register_forward_hook(_post_forward, always_call=True),
     ]
+    setattr(model, "_anysize_flexi_hooks", hooks)
     return model
 
 

@@ -20,9 +20,12 @@ import timm
 import torch.nn as nn
 
 from timm_anysize.core.atomic import atomic_folder, check_folder_free
+from timm_anysize.core.attributes import module_attr
 from timm_anysize.core.errors import AnysizeError
+from timm_anysize.core.report import adaptation_report
 from timm_anysize.core.variant_plan import VariantPlan
 from timm_anysize.core.version import __version__
+from timm_anysize.model_plan import plan_of, variant_plan
 from timm_anysize.registry import get_variant
 
 __all__ = ["export", "push_to_hub", "build_model_card", "Metric", "ExportError"]
@@ -52,16 +55,17 @@ def _resolve_model(model_or_name: Union[str, nn.Module], file: Optional[str]) ->
         get_variant(model_or_name)  # a RegistrationError with a did-you-mean for names that are not variants
         overlay = dict(file=str(file)) if file else None
         model = timm.create_model(model_or_name, pretrained=True, pretrained_cfg_overlay=overlay)
-        _check_plain_timm_can_build(model._anysize_plan)
+        _check_plain_timm_can_build(variant_plan(model))
         return model
     if file:
         raise ExportError("file= only applies when exporting by name; load the model with those weights yourself")
-    if getattr(model_or_name, "_anysize_plan", None) is None:
+    plan = plan_of(model_or_name)
+    if plan is None:
         raise ExportError(
             f"{type(model_or_name).__name__} was not built by timm-anysize; create it with "
             f"timm.create_model(<variant name>) or export by name"
         )
-    _check_plain_timm_can_build(model_or_name._anysize_plan)
+    _check_plain_timm_can_build(plan)
     return model_or_name
 
 
@@ -88,7 +92,7 @@ def _metrics(metrics: Optional[Sequence[Union[Metric, dict]]]) -> list[Metric]:
 
 def _base_hub_id(model: nn.Module) -> Optional[str]:
     """The Hub id of the weights the variant was adapted from, when the source is a Hub repo."""
-    plan = model._anysize_plan
+    plan = variant_plan(model)
     src = plan.spec.pretrained
     if src.hf_hub_id:
         return src.hf_hub_id
@@ -122,9 +126,9 @@ def _model_card(model: nn.Module, repo_id: Optional[str], metrics: Any, planned_
     """:func:`build_model_card`; ``planned_source`` names the weights of a model built without them (a dry run)."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-    plan, cfg = model._anysize_plan, model.pretrained_cfg
+    plan, cfg = variant_plan(model), _pretrained_cfg(model)
     spec = plan.spec
-    report = getattr(model, "_anysize_report", None)
+    report = adaptation_report(model)
     base_id = _base_hub_id(model)
     metrics = _metrics(metrics)
     eval_results = [
@@ -204,8 +208,13 @@ def _plain_timm_dynamic(plan: VariantPlan) -> bool:
     return plan.dynamic and plan.family.timm_dynamic
 
 
+def _pretrained_cfg(model: nn.Module) -> dict[str, Any]:
+    """The pretrained cfg timm (and the builder) set on the model, as the dict it is."""
+    return module_attr(model, "pretrained_cfg", dict)
+
+
 def _model_args(model: nn.Module) -> dict[str, Any]:
-    plan = model._anysize_plan
+    plan = variant_plan(model)
     args = {k: v for k, v in plan.target_kwargs.items() if k not in ("device", "dtype")}
     args.update(plan.dynamic_kwargs)
     for key in ("img_size", "patch_size"):
@@ -232,14 +241,14 @@ def _clean_config(path: Path) -> None:
 def _write_export(model: nn.Module, folder: Path, repo_id: Optional[str], metrics: Any) -> None:
     from timm.models import save_for_hf
 
-    spec = model._anysize_plan.spec
+    spec = variant_plan(model).spec
     model_config: dict[str, Any] = {"pretrained_cfg": {"architecture": spec.arch}}
-    label_names = model.pretrained_cfg.get("label_names")
+    label_names = _pretrained_cfg(model).get("label_names")
     if label_names:
         model_config["label_names"] = list(label_names)
     save_for_hf(model, str(folder), model_config=model_config, model_args=_model_args(model), safe_serialization=True)
     _clean_config(folder / "config.json")
-    report = getattr(model, "_anysize_report", None)
+    report = adaptation_report(model)
     if report is not None:  # the full per-tensor account, for tools; the card has the summary
         (folder / "anysize_report.json").write_text(json.dumps(report.shareable().to_dict(), indent=2))
     build_model_card(model, repo_id, metrics).save(str(folder / "README.md"))
@@ -326,10 +335,12 @@ def push_to_hub(
     if dry_run and isinstance(model_or_name, str):
         planned = _plan_only(model_or_name, file)
         if planned is not None:
-            model, weights = planned
-            card = str(_model_card(model, repo_id, _metrics(metrics), f"{weights} (not downloaded: dry run)"))
+            model, planned_weights = planned
+            card = str(_model_card(model, repo_id, _metrics(metrics), f"{planned_weights} (not downloaded: dry run)"))
             files = ["README.md", "anysize_report.json", "config.json", "model.safetensors"]
-            return dict(repo_id=repo_id, files=files, card=card, commit_url=None, weights=weights, weights_loaded=False)
+            return dict(
+                repo_id=repo_id, files=files, card=card, commit_url=None, weights=planned_weights, weights_loaded=False
+            )
     with tempfile.TemporaryDirectory() as tmp:
         folder = export(model_or_name, Path(tmp) / "export", file=file, metrics=metrics, repo_id=repo_id)
         files = sorted(p.name for p in folder.iterdir())
@@ -356,8 +367,8 @@ def _plan_only(name: str, file: Optional[Union[str, os.PathLike]]) -> Optional[t
     get_variant(name)  # a RegistrationError with a did-you-mean for names that are not variants
     overlay = dict(file=str(file)) if file else None
     model = timm.create_model(name, pretrained_cfg_overlay=overlay, device="meta")
-    _check_plain_timm_can_build(model._anysize_plan)
-    cfg = model.pretrained_cfg
+    _check_plain_timm_can_build(variant_plan(model))
+    cfg = _pretrained_cfg(model)
     if cfg.get("file") or cfg.get("state_dict") is not None:
         return None
     if cfg.get("hf_hub_id"):

@@ -14,15 +14,18 @@ corner alignment (the ``timm``, ``torchvision``, ``transformers``, ``mmpretrain`
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import timm
 import torch
 import torch.nn as nn
 from timm.models import naflexvit
 
+from timm_anysize.core.attributes import module_attr
 from timm_anysize.core.compat import compat_interpolation
 from timm_anysize.core.errors import SpecError
+from timm_anysize.core.report import adaptation_report, keep_report
+from timm_anysize.model_plan import variant_plan
 
 __all__ = ["NAFLEX_FAMILIES", "naflex_pos_embed_kwargs", "naflex_state_dict", "to_naflex"]
 
@@ -58,7 +61,9 @@ def naflex_pos_embed_kwargs(compat: str, interpolation: str, antialias: bool) ->
     return dict(pos_embed_interp_mode=mode, pos_embed_antialias=aa, pos_embed_align_corners=corners)
 
 
-def naflex_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module, prefix: int) -> dict[str, torch.Tensor]:
+def naflex_state_dict(
+    state_dict: dict[str, torch.Tensor], model: naflexvit.NaFlexVit, prefix: int
+) -> dict[str, torch.Tensor]:
     """A ViT / EVA state dict in NaFlexVit's layout, for ``model`` (the NaFlexVit); ``state_dict`` is not modified.
 
     Args:
@@ -77,7 +82,7 @@ def naflex_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module, pre
     sd = {k: v.detach().clone() for k, v in state_dict.items()}
     pos = sd.pop("pos_embed", None)
     if pos is not None:
-        grid = model.embeds.pos_embed.shape[1:3]
+        grid = module_attr(model.get_submodule("embeds"), "pos_embed", torch.Tensor).shape[1:3]
         tokens = [k for k in ("cls_token", "reg_token") if k in sd]
         at = 0
         for key in tokens:  # ViT order: the class token, then the registers, each with its own position entries
@@ -108,7 +113,7 @@ def to_naflex(model: nn.Module) -> nn.Module:
         >>> type(timm.create_model(name, use_naflex=True)).__name__
         'NaFlexVit'
     """
-    plan = model._anysize_plan
+    plan = variant_plan(model)
     family = plan.family
     if family.name == "naflexvit" or isinstance(model, naflexvit.NaFlexVit):
         return model
@@ -127,15 +132,16 @@ def to_naflex(model: nn.Module) -> nn.Module:
     kwargs.update(naflex_pos_embed_kwargs(pe.compat, pe.interpolation, pe.use_antialias))
     param = next(model.parameters())
     with torch.device(param.device):
-        naflex = timm.create_model(
+        built = timm.create_model(
             plan.spec.base, pretrained=False, use_naflex=True, dynamic_img_pad=plan.spec.pad, **kwargs
         )
+    naflex = cast(naflexvit.NaFlexVit, built)  # what use_naflex=True builds (timm types create_model as nn.Module)
     naflex.to(dtype=param.dtype)
     prefix = family.pos_embed_prefix_tokens(model)
     naflex.load_state_dict(naflex_state_dict(model.state_dict(), naflex, prefix), strict=True)
     naflex.train(model.training)
     naflex.pretrained_cfg = naflex.default_cfg = model.pretrained_cfg
-    report = getattr(model, "_anysize_report", None)
+    report = adaptation_report(model)
     if report is not None:
-        naflex._anysize_report = report
+        keep_report(naflex, report)
     return naflex

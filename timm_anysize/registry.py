@@ -83,9 +83,9 @@ def check_name(spec: VariantSpec, batch: dict[str, VariantSpec], overwrite: bool
     """
     where = spec.where
     if spec.name in batch and not batch[spec.name].same_as(spec):
-        other = batch[spec.name]
+        clash = batch[spec.name]
         raise RegistrationError(
-            f"{where}: the name is given twice with different specs (also in {other.origin or '<dict>'}); "
+            f"{where}: the name is given twice with different specs (also in {clash.origin or '<dict>'}); "
             f"rename one of them"
         )
     other = _specs.get(spec.name) or batch.get(spec.name)
@@ -340,9 +340,9 @@ def register_shipped_configs(env: Optional[str] = None) -> list[str]:
     for path in _shipped_config_files():
         names += register_yaml(path, validate=False)
     env = os.environ.get(CONFIGS_ENV, "") if env is None else env
-    for path in filter(None, env.split(os.pathsep)):
+    for entry in filter(None, env.split(os.pathsep)):
         try:
-            names += register_yaml(path, validate=False)
+            names += register_yaml(entry, validate=False)
         except AnysizeError as e:  # the user's file: the rest of the package (and the CLI's --help) still works
             _log.warning("$%s: %s (its variants are not registered)", CONFIGS_ENV, one_line(e))
     return names

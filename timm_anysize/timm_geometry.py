@@ -228,7 +228,7 @@ def feature_size(model: nn.Module, geometry: Geometry) -> Size2:
     was_training = probe.training
     try:
         with torch.no_grad():
-            out = probe.eval().forward_features(x)
+            out = probe.eval().forward_features(x)  # type: ignore[operator]  # torch: Module attrs typed Tensor|Module
     finally:
         probe.train(was_training)
     h, w = get_spatial_dim(getattr(model, "output_fmt", "NCHW"))

@@ -23,7 +23,7 @@ from timm_anysize.core.geometry import Geometry, classify_changes
 from timm_anysize.core.meta import EmptyOutputError, build_meta, no_empty_outputs
 from timm_anysize.core.padding import nearest_multiples
 from timm_anysize.core.report import summarize_keys
-from timm_anysize.core.spec import Size2, VariantSpec
+from timm_anysize.core.spec import Size2, VariantSpec, as_pair
 from timm_anysize.core.variant_plan import VariantPlan
 from timm_anysize.dynamic import enable_dynamic
 
@@ -62,7 +62,7 @@ def _requested_changes(spec: VariantSpec, source: Geometry, target_kwargs: dict[
     """The geometry changes a spec asks for, from its own fields (before the target model is built)."""
 
     def size2(v: Any) -> Optional[Size2]:
-        return None if v is None else ((v, v) if isinstance(v, int) else (v[0], v[1]))
+        return None if v is None else as_pair(v)
 
     requested = dataclasses.replace(
         source,
@@ -134,7 +134,7 @@ def check_size_multiples(
     """
     if family.size_multiples is None or img_size is None:
         return
-    size: Size2 = (img_size, img_size) if isinstance(img_size, int) else (img_size[0], img_size[1])
+    size: Size2 = as_pair(img_size)
     size_multiples = family.size_multiples
 
     def fits(axis: int, candidate: int) -> bool:

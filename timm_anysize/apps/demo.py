@@ -33,6 +33,8 @@ from timm_anysize.apps.digits import (
     render,
     train,
 )
+from timm_anysize.core.attributes import module_attr, size_attr
+from timm_anysize.core.errors import WeightsError
 from timm_anysize.hub import ExportError, Metric
 from timm_anysize.weight_files import read_state_dict
 
@@ -94,13 +96,16 @@ class DemoRow:
 def _truncate_pos_embed(model: nn.Module, base: nn.Module) -> None:
     """The classic bug: keep the first N position embeddings of the source grid instead of resampling."""
     with torch.no_grad():
-        model.pos_embed.copy_(base.pos_embed[:, : model.pos_embed.shape[1]])
+        pos_embed = module_attr(model, "pos_embed", torch.Tensor)
+        pos_embed.copy_(module_attr(base, "pos_embed", torch.Tensor)[:, : pos_embed.shape[1]])
 
 
 def _bit_identical_to_plain_timm(base: nn.Module, x: torch.Tensor) -> bool:
     """The base variant against plain timm loading the same file into the same architecture."""
     spec = timm_anysize.get_variant(BASE_VARIANT)
     plain = timm.create_model(spec.arch, img_size=32, patch_size=4, in_chans=1, num_classes=10, **spec.model_args)
+    if spec.pretrained.file is None:  # the shipped base variant names its weights file
+        raise WeightsError(f"{BASE_VARIANT}: no pretrained.file to compare plain timm with")
     plain.load_state_dict(read_state_dict(spec.pretrained.file))
     with torch.no_grad():
         return torch.equal(plain.eval()(x), base.eval()(x))
@@ -151,7 +156,7 @@ def run_demo(
         model = timm.create_model(r.variant, pretrained=True).eval()
         if r.tweak == "truncate_pos_embed":
             _truncate_pos_embed(model, base)
-        c, h, w = model.pretrained_cfg["input_size"]
+        c, h, w = module_attr(model, "pretrained_cfg", dict)["input_size"]
         x_test = render(split.test_x, (h, w), model)
         zero_shot = evaluate(model, x_test, split.test_y)
         ips = images_per_second(model, x_test)
@@ -187,16 +192,16 @@ def run_demo(
         non_copied = {e.key: f"{e.action}: {e.detail}" for e in report.non_copied()} if report else {}
         if r.tweak == "truncate_pos_embed":
             non_copied["pos_embed"] = "truncated: first tokens of the 8x8 grid (naive)"
-        grid = model.patch_embed.grid_size
+        grid = size_attr(model.get_submodule("patch_embed"), "grid_size")
         rows.append(
             DemoRow(
                 r.variant,
                 r.label,
                 r.naive,
                 (h, w),
-                tuple(model.patch_embed.patch_size),
+                size_attr(model.get_submodule("patch_embed"), "patch_size"),
                 c,
-                grid[0] * grid[1] + model.num_prefix_tokens,
+                grid[0] * grid[1] + module_attr(model, "num_prefix_tokens", int),
                 zero_shot,
                 finetuned,
                 scratch,

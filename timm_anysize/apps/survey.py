@@ -13,7 +13,7 @@ import json
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import timm
 import torch
@@ -71,7 +71,7 @@ def example_model(module: str) -> str:
     return min(names, key=rank)
 
 
-def _short(e: BaseException, limit: int = 160) -> str:
+def _short(e: Union[BaseException, str], limit: int = 160) -> str:
     text = str(e).split("\n")[0]
     text = re.sub(r"^<dict>: \S+: ", "", text)
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -108,12 +108,13 @@ def _change_kwargs(change: str, size: tuple[int, int], patch: Optional[tuple[int
             if change == "patch_smaller"
             else {"patch_size": 2 * patch[0], "img_size": [big, big]}
         )
-    return {
+    by_change: dict[str, dict[str, Any]] = {
         "img_larger": {"img_size": [h + step, w + step]},
         "img_non_square": {"img_size": [h + step, w]},
         "in_chans_1": {"in_chans": 1},
         "in_chans_4": {"in_chans": 4},
-    }[change]
+    }
+    return by_change[change]
 
 
 def _runs_at_any_size(example: str, plan) -> str:

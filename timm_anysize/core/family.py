@@ -13,6 +13,8 @@ from typing import Any, Callable, Optional
 
 import torch.nn as nn
 
+from timm_anysize.core.attributes import size_attr
+from timm_anysize.core.runtime_options import RuntimeOptions
 from timm_anysize.core.spec import Size2
 
 __all__ = [
@@ -58,7 +60,8 @@ class DynamicPath:
 
     Attributes:
         classes: timm model class -> the family's dynamic subclass (the same class where only inner modules change).
-        setup: Swaps the family's inner modules for dynamic ones (bias tables, resolutions); ``(model, cache_size)``.
+        setup: Swaps the family's inner modules for dynamic ones (bias tables, resolutions); ``(model, options)``: the
+            run-time options :func:`timm_anysize.enable_dynamic` has just set on the model.
         patch_layout: What the patch embedding gives the dynamic path: ``"nhwc"`` (an NHWC grid: the grid is read off
             its shape), ``"tokens"`` (timm's token layout, kept), or ``"none"`` (a stem that takes any size as its
             convolutions do: nothing to set up).
@@ -68,7 +71,7 @@ class DynamicPath:
     """
 
     classes: dict[type, type] = field(default_factory=dict)
-    setup: Optional[Callable[[nn.Module, int], None]] = None
+    setup: Optional[Callable[[nn.Module, RuntimeOptions], None]] = None
     patch_layout: str = "nhwc"
     enable: Optional[Callable[[nn.Module, bool], None]] = None
     claims: Optional[Callable[[nn.Module], bool]] = None
@@ -371,7 +374,7 @@ class Family:
         if grid is None and hasattr(model, "tokens_spatial_shape"):  # Hiera: tokens on the stem's output grid
             grid = model.tokens_spatial_shape
         if grid is None:  # CrossViT's own PatchEmbed keeps only its sizes
-            grid = [i // p for i, p in zip(pe.img_size, pe.patch_size)]
+            grid = [i // p for i, p in zip(size_attr(pe, "img_size"), size_attr(pe, "patch_size"))]
         return tuple(int(g) for g in grid)  # type: ignore[return-value]
 
     def dynamic_kwargs(self, dynamic: bool, pad: bool) -> dict[str, bool]:

@@ -135,6 +135,8 @@ def make_flexi(module: nn.Module, cls: type) -> nn.Module:
         (8, 8)
     """
     module.__class__ = cls
+    if not isinstance(module, FlexiEmbed):
+        raise TypeError(f"make_flexi: {cls.__name__} is not a subclass of FlexiEmbed")
     module._anysize_kernel_cache = PosEmbedCache(DEFAULT_CACHE_SIZE)
     module._anysize_sticky = None
     set_kernel_resampling(module, "bicubic", True)  # timm's set_input_size(patch_size=...)
@@ -153,4 +155,4 @@ def set_kernel_resampling(module: nn.Module, interpolation: str, antialias: bool
         >>> pe.kernel_resampling()
         ('bilinear', False)
     """
-    module._anysize_resample = (interpolation, antialias)
+    setattr(module, "_anysize_resample", (interpolation, antialias))

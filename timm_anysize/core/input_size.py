@@ -73,6 +73,14 @@ class _Guard:
         return InputLimits(self.own, self.minimum, self.multiple, self.fixed, self.pad)
 
 
+_GUARD = "_anysize_input_guard"  # where a guarded model and its first module keep the _Guard
+
+
+def _guard_of(module: nn.Module) -> Optional[_Guard]:
+    guard = getattr(module, _GUARD, None)
+    return guard if isinstance(guard, _Guard) else None
+
+
 def _runs(model: nn.Module, state: dict, size: Size2, like: torch.Tensor) -> bool:
     """Whether the model's forward runs at ``size`` on the meta device, batch 2 (as a batch norm in training
     needs; an input its own checks refuse as not a
@@ -139,8 +147,8 @@ def probe_minimum(model: nn.Module, own: Size2, multiple: Size2 = (1, 1), like: 
             out[axis] = lo * m
     finally:
         _probing.active = previous
-        for m, training in modes:
-            m.training = training
+        for module, training in modes:
+            module.training = training
     return out[0], out[1]
 
 
@@ -154,7 +162,7 @@ def input_limits(model: nn.Module) -> Optional[InputLimits]:
         >>> input_limits(m).minimum
         (32, 32)
     """
-    guard = getattr(model, "_anysize_input_guard", None)
+    guard = _guard_of(model)
     return None if guard is None else guard.limits()
 
 
@@ -171,7 +179,9 @@ def _check_or_pad(module: nn.Module, args: Tuple[torch.Tensor]) -> Tuple[torch.T
     x = args[0] if args else None
     if not isinstance(x, torch.Tensor) or x.ndim < 3 or symbolic(x) or traced() or getattr(_probing, "active", False):
         return args
-    guard: _Guard = module._anysize_input_guard
+    guard = _guard_of(module)
+    if guard is None:  # the hook is registered with its guard (guard_input_size)
+        return args
     h, w = int(x.shape[-2]), int(x.shape[-1])
     if guard.fixed:
         check_fixed_size((h, w), guard.own)
@@ -194,7 +204,8 @@ def _first_module(model: nn.Module, first_conv: str) -> nn.Module:
     alone (a hook on it compiles under TorchScript: its forward has one argument); the model where none is named."""
     if not first_conv:
         return model
-    module, found = model, None
+    module: Optional[nn.Module] = model
+    found: Optional[nn.Module] = None
     for name in first_conv.split("."):
         module = getattr(module, name, None)
         if not isinstance(module, nn.Module):
@@ -249,13 +260,13 @@ def guard_input_size(
         timm_anysize.core.errors.InputSizeError: input 15x15 is smaller than the smallest input this model runs at, \
 32x32 (its stem and strides); nearest sizes that work: 32x32; resize or pad the image to at least 32x32
     """
-    old = getattr(model, "_anysize_input_guard", None)
-    if old is not None:
+    old = _guard_of(model)
+    if old is not None and old.handle is not None:
         old.handle.remove()
     size = (int(own[0]), int(own[1]))
     guard = _Guard(model, size, (1, 1) if fixed else (int(multiple[0]), int(multiple[1])), fixed, pad, what)
     first = _first_module(model, first_conv)
     guard.handle = first.register_forward_pre_hook(_input_size_hook)
-    model._anysize_input_guard = guard
-    first._anysize_input_guard = guard
+    setattr(model, _GUARD, guard)
+    setattr(first, _GUARD, guard)
     return model

@@ -27,9 +27,10 @@ either); FX traces ``forward``. The hooks are plain Python.
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.nn as nn
 
 from timm_anysize.core.timm_private import feature_take_indices
 
@@ -85,6 +86,10 @@ class Intermediates:
 
     intermediates_formats: Tuple[str, ...] = ("NCHW", "NLC")
     intermediates_format_error: str = "Output format must be one of NCHW or NLC."
+
+    if TYPE_CHECKING:  # what the timm model this mixes into has (declared for the type checker only)
+        blocks: Any  # a ModuleList or Sequential: sliceable, sized
+        norm: Any  # the final norm module
 
     def forward_intermediates(
         self,
@@ -149,7 +154,7 @@ class Intermediates:
         """The input embedded for the first block, and this call's context for the other hooks."""
         raise NotImplementedError
 
-    def _intermediates_blocks(self) -> Sequence[Any]:
+    def _intermediates_blocks(self) -> Union[nn.ModuleList, nn.Sequential, Sequence[Any]]:
         """The blocks (or stages) a feature index counts, in order (sliceable)."""
         return self.blocks
 
@@ -190,7 +195,7 @@ class PrefixTokenIntermediates(Intermediates):
         [(torch.Size([1, 3, 2, 5]), torch.Size([1, 1, 3]))]
     """
 
-    def forward_intermediates(
+    def forward_intermediates(  # type: ignore[override]  # timm's BEiT/TNT put return_prefix_tokens before norm
         self,
         x: torch.Tensor,
         indices: Optional[Union[int, List[int]]] = None,
@@ -238,6 +243,9 @@ class TimmIntermediates:
         >>> Padded().forward_intermediates(torch.zeros(1, 3, 4, 5))[0].shape
         torch.Size([1, 3, 4, 6])
     """
+
+    if TYPE_CHECKING:  # the input as the model prepares it for its forward: the family class defines it
+        _anysize_input: Callable[[torch.Tensor], torch.Tensor]
 
     def forward_intermediates(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         """timm's ``forward_intermediates`` (its arguments, its outputs) on the prepared input, at any size."""

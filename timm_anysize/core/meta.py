@@ -133,8 +133,8 @@ _register_original = nn.Module.register_parameter
 _building = threading.local()
 
 
-def _register_tracked(module: nn.Module, name: str, param: Optional[nn.Parameter]) -> None:
-    _register_original(module, name, param)
+def _register_tracked(self: nn.Module, name: str, param: Optional[nn.Parameter]) -> None:
+    _register_original(self, name, param)
     modes = getattr(_building, "modes", None)
     if param is not None and modes:
         modes[-1].add(param)
@@ -204,8 +204,9 @@ def initialize_fresh(model: nn.Module, keys: Iterable[str]) -> None:
             if any(getattr(module, n).is_meta for n in names):
                 continue  # a model placed on meta (device="meta") holds shapes only
             own = {n for n, _ in module.named_parameters(recurse=False)}
-            if own <= set(names) and hasattr(module, "reset_parameters"):
-                module.reset_parameters()
+            reset = getattr(module, "reset_parameters", None)
+            if own <= set(names) and callable(reset):
+                reset()
                 continue
             for name in names:
                 t = getattr(module, name)

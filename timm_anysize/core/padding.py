@@ -141,19 +141,24 @@ padding is off; nearest sizes that work: 68x68 or 72x72; resize or crop to a mul
     first_h, first_w = -(-max(low_h, 1) // mh) * mh, -(-max(low_w, 1) // mw) * mw
     near = _pairs(nearest_multiples(h, mh, first_h), nearest_multiples(w, mw, first_w))
     names = " or ".join(f"{a}x{b}" for a, b in near)
-    fields = dict(size=(h, w), minimum=(low_h, low_w), multiple=(mh, mw), nearest=tuple(near))
     if h < low_h or w < low_w:
         of = f" (a multiple of {mh}x{mw})" if (mh, mw) != (1, 1) else ""
         raise InputSizeError(
             f"input {h}x{w} is smaller than the smallest input this model runs at, {first_h}x{first_w}{of} (its "
             f"stem and strides); nearest sizes that work: {names}; resize or pad the image to at least "
             f"{first_h}x{first_w}",
-            **fields,
+            size=(h, w),
+            minimum=(low_h, low_w),
+            multiple=(mh, mw),
+            nearest=tuple(near),
         )
     raise InputNotDivisibleError(
         f"input {h}x{w} is not a multiple of {what} {mh}x{mw} and padding is off; nearest sizes that work: {names}; "
         f"resize or crop to a multiple of {mh}x{mw}, or {hint}",
-        **fields,
+        size=(h, w),
+        minimum=(low_h, low_w),
+        multiple=(mh, mw),
+        nearest=tuple(near),
     )
 
 

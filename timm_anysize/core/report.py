@@ -9,7 +9,14 @@ from typing import Literal, Optional
 
 import torch.nn as nn
 
-__all__ = ["KeyAdaptation", "AdaptationReport", "adaptation_report", "shareable_source", "summarize_keys"]
+__all__ = [
+    "KeyAdaptation",
+    "AdaptationReport",
+    "adaptation_report",
+    "keep_report",
+    "shareable_source",
+    "summarize_keys",
+]
 
 Action = Literal["copied", "resampled", "adapted", "initialized"]
 
@@ -109,7 +116,13 @@ def adaptation_report(model: nn.Module) -> Optional[AdaptationReport]:
         >>> timm_anysize.adaptation_report(m) is None
         True
     """
-    return getattr(model, "_anysize_report", None)
+    report = getattr(model, "_anysize_report", None)
+    return report if isinstance(report, AdaptationReport) else None
+
+
+def keep_report(model: nn.Module, report: AdaptationReport) -> None:
+    """Keep on ``model`` the report of how its weights were obtained (:func:`adaptation_report` reads it)."""
+    setattr(model, "_anysize_report", report)
 
 
 # "file PATH", optionally followed by what adapt adds for another library's layout: " (L layout, mapped to ...)".

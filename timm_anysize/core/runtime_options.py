@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 from timm.layers.helpers import is_exporting
 
+from timm_anysize.core.attributes import module_attr, size_attr
 from timm_anysize.core.cache import (
     DEFAULT_CACHE_SIZE,
     PosEmbedCache,
@@ -79,7 +80,7 @@ def set_runtime_options(module: nn.Module, options: RuntimeOptions) -> None:
     setattr(module, _CACHES, {})
 
 
-def runtime_options(module: nn.Module) -> Optional[RuntimeOptions]:
+def runtime_options(module: object) -> Optional[RuntimeOptions]:
     """The run-time options of ``module`` (:func:`set_runtime_options`), None where it has none.
 
     Example:
@@ -153,17 +154,19 @@ def dynamic_pos_embed(
         (True, torch.Size([1, 13, 64]))
     """
     pos_embed = getattr(model, name)
-    native = tuple(native or model.patch_embed.grid_size)
+    native = (native[0], native[1]) if native else size_attr(model.get_submodule("patch_embed"), "grid_size")
     opts = _options(model)
-    if prefix is None:
-        prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
+    if prefix is not None:
+        n_prefix = prefix
+    else:
+        n_prefix = 0 if getattr(model, "no_embed_class", False) else module_attr(model, "num_prefix_tokens", int)
     if symbolic(grid) or symbolic(grid[0]):  # FX: one leaf node, resampled on every call of the graph
-        return _resample_tokens(pos_embed, grid, native, prefix, opts)
+        return _resample_tokens(pos_embed, grid, native, n_prefix, opts)
     if not is_exporting() and not torch.compiler.is_compiling() and tuple(grid) == native:
         return pos_embed
 
     def compute() -> torch.Tensor:
-        return _resample_tokens(pos_embed, grid, native, prefix, opts)
+        return _resample_tokens(pos_embed, grid, native, n_prefix, opts)
 
     if traced():  # inline, before int() of a symbolic size would specialize the compiled or exported graph
         return compute()

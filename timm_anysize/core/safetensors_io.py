@@ -138,7 +138,8 @@ class LazySafetensors(Mapping):
         if data.numel():
             with self.path.open("rb") as f:
                 f.seek(self._data_start + begin)
-                if f.readinto(memoryview(data.numpy())) != data.numel():
+                view = memoryview(data.numpy())  # type: ignore[arg-type]  # numpy types its buffer for Python >= 3.12 only
+                if f.readinto(view) != data.numel():
                     raise WeightsError(f"{self.path}: truncated at tensor {key!r}; re-download or re-save the file")
         return out
 
@@ -241,7 +242,7 @@ def write_safetensors(
                     )
                 if nbytes:
                     data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-                    f.write(memoryview(data.numpy()))
+                    f.write(memoryview(data.numpy()))  # type: ignore[arg-type]  # numpy: buffer typed for 3.12+ only
                 del got, tensor
             if next(it, None) is not None:
                 raise AdaptationError(f"{final}: more tensors than declared")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Optional, Tuple, Union
 
 from pydantic import (
     AfterValidator,
@@ -100,8 +100,12 @@ def _check_layout(value: str) -> str:
 LayoutName = Annotated[
     StrictStr, AfterValidator(_check_layout), Field(json_schema_extra=lambda s: s.update(enum=list(_LAYOUT_NAMES)))
 ]
-# Position-embedding compat presets (timm_anysize.core.compat).
-CompatName = Literal[tuple(COMPAT_PRESETS)]  # type: ignore[valid-type]
+# Position-embedding compat presets (timm_anysize.core.compat): a Literal built from the presets at run time, which
+# the type checker cannot read (it sees a str).
+if TYPE_CHECKING:
+    CompatName = str
+else:
+    CompatName = Literal[tuple(COMPAT_PRESETS)]
 
 
 def _to_size2(value: Any, upper: int) -> Optional[Size2]:
@@ -114,8 +118,12 @@ def _to_size2(value: Any, upper: int) -> Optional[Size2]:
     return pair  # type: ignore[return-value]
 
 
-# An image or patch size: an int or [H, W], validated and normalised to an (H, W) tuple.
-SizeField = Annotated[_SizeIn, AfterValidator(lambda v: _to_size2(v, MAX_IMG_SIDE))]
+# An image or patch size: an int or [H, W], validated and normalised to an (H, W) tuple (what the type checker sees:
+# a validated field holds the pair).
+if TYPE_CHECKING:
+    SizeField = Size2
+else:
+    SizeField = Annotated[_SizeIn, AfterValidator(lambda v: _to_size2(v, MAX_IMG_SIDE))]
 
 
 def _check_plain_data(value: Any) -> None:
@@ -435,10 +443,10 @@ class VariantSpec(_Spec):
             if self.dynamic is False:
                 raise ValueError("flexi needs the model to run at any grid; remove `dynamic: false`")
             if not self.pad and self.img_size:
-                for p in self.flexi.patch_sizes:
-                    if self.img_size[0] % p[0] or self.img_size[1] % p[1]:
+                for flexi_p in self.flexi.patch_sizes:
+                    if self.img_size[0] % flexi_p[0] or self.img_size[1] % flexi_p[1]:
                         raise ValueError(
-                            f"flexi.patch_sizes: {list(p)} does not divide img_size {list(self.img_size)} and pad is "
+                            f"flexi.patch_sizes: {list(flexi_p)} does not divide img_size {list(self.img_size)} and pad is "
                             f"false; drop it, pick a divisor, or set pad: true"
                         )
         ch = self.adapt.channels

@@ -28,6 +28,7 @@ from timm_anysize.core.family import REL_TABLE, DynamicPath, Family, TinyModel, 
 from timm_anysize.core.intermediates import PrefixTokenIntermediates, token_features
 from timm_anysize.core.resample import resize_rel_pos_table
 from timm_anysize.core.runtime_options import (
+    RuntimeOptions,
     RuntimeOptionsMixin,
     cache_for,
     runtime_options,
@@ -313,7 +314,7 @@ _MODULES = {
 }
 
 
-def enable_beit_dynamic(model: beit.Beit, cache_size: int) -> None:
+def enable_beit_dynamic(model: beit.Beit, options: RuntimeOptions) -> None:
     """Swap in the dynamic classes, in place (the patch embedding is set up by the caller); the attentions and the
     shared bias take the model's run-time options (how a table is resized per grid: ``compat``; its cache)."""
     model.__class__ = DynamicBeit

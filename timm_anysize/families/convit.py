@@ -19,7 +19,7 @@ from timm.models import convit
 from timm_anysize.core.cache import PosEmbedCache, traced
 from timm_anysize.core.family import DynamicPath, Family, TinyModel, gray_and_4ch
 from timm_anysize.core.intermediates import Intermediates, token_features
-from timm_anysize.core.runtime_options import RuntimeOptionsMixin, swap_classes
+from timm_anysize.core.runtime_options import RuntimeOptions, RuntimeOptionsMixin, swap_classes
 
 __all__ = ["FAMILIES", "DynamicConVit", "gpsa_rel_indices"]
 
@@ -148,11 +148,11 @@ class DynamicConVit(RuntimeOptionsMixin, Intermediates, convit.ConVit):
 _MODULES = {convit.GPSA: DynamicGPSA, convit.MHSA: DynamicMHSA, convit.Block: DynamicBlock}
 
 
-def enable_convit_dynamic(model: convit.ConVit, cache_size: int) -> None:
+def enable_convit_dynamic(model: convit.ConVit, options: RuntimeOptions) -> None:
     """Swap in the blocks and attentions that take the patch grid."""
     for module in swap_classes(model, _MODULES):
         if isinstance(module, DynamicGPSA):
-            module._anysize_rel_cache = PosEmbedCache(cache_size)
+            module._anysize_rel_cache = PosEmbedCache(options.cache_size)
             module._anysize_stamp = torch.zeros(0)
 
 

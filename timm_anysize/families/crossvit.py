@@ -83,14 +83,14 @@ class DynamicCrossVit(RuntimeOptionsMixin, crossvit.CrossVit):
             return out
         tokens = out if intermediates_only else out[1]
         take_indices, _ = feature_take_indices(self.num_branches * self.num_feature_blocks, indices)
-        reshaped = []
+        reshaped: list[torch.Tensor] = []
         for b, patch_embed in enumerate(self.patch_embed):  # intermediates are branch-major, as timm orders them
             ps, scaled = patch_embed.patch_size, self.img_size_scaled[b]
             h, w = crossvit_branch_size(x, [self.img_size[0], self.img_size[1]], [scaled[0], scaled[1]], [ps[0], ps[1]])
             count = sum(1 for t in take_indices if t // self.num_feature_blocks == b)
             for y in tokens[len(reshaped) : len(reshaped) + count]:
                 reshaped.append(tokens_to_nchw(y, [h // ps[0], w // ps[1]]))
-        return reshaped if intermediates_only else (out[0], reshaped)
+        return reshaped if intermediates_only else (out[0], reshaped)  # type: ignore[return-value]  # timm: out typed a union
 
 
 def _crossvit_branch_sizes(model: nn.Module, img_size: Size2) -> tuple[tuple[str, Size2, Size2], ...]:

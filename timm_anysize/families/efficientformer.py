@@ -18,7 +18,7 @@ from timm.models import efficientformer as ef
 
 from timm_anysize.core.family import NO_CONV_PATCH, DynamicPath, Family, TinyModel, gray_and_4ch, no_patch_change
 from timm_anysize.core.intermediates import Intermediates
-from timm_anysize.core.runtime_options import runtime_options, set_runtime_options, swap_classes
+from timm_anysize.core.runtime_options import RuntimeOptions, runtime_options, set_runtime_options, swap_classes
 from timm_anysize.families._shared import AttentionBiases
 
 __all__ = ["FAMILIES", "DynamicAttention", "DynamicEfficientFormer", "enable_efficientformer_dynamic"]
@@ -114,7 +114,7 @@ _MODULES = {
 }
 
 
-def enable_efficientformer_dynamic(model: nn.Module, cache_size: int) -> None:
+def enable_efficientformer_dynamic(model: nn.Module, options: RuntimeOptions) -> None:
     """Swap in the stage that passes its grid down and the blocks and attentions that take it."""
     options = runtime_options(model)
     for module in swap_classes(model, _MODULES):

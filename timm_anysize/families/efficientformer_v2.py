@@ -85,7 +85,7 @@ class DynamicAttention2dDownsample(AttentionBiases, efv2.Attention2dDownsample):
 _MODULES = {efv2.Attention2d: DynamicAttention2d, efv2.Attention2dDownsample: DynamicAttention2dDownsample}
 
 
-def enable_efficientformer_v2_dynamic(model: nn.Module, cache_size: int) -> None:
+def enable_efficientformer_v2_dynamic(model: nn.Module, options: RuntimeOptions) -> None:
     """Swap in the attentions that read their resolution off their input, each with the model's run-time options
     (interpolation) and its own bias cache."""
     swap_classes(model, _MODULES, runtime_options(model))

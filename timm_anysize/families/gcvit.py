@@ -37,7 +37,7 @@ from timm_anysize.core.family import (
 )
 from timm_anysize.core.intermediates import TimmIntermediates
 from timm_anysize.core.padding import check_multiple, pad_to_multiple
-from timm_anysize.core.runtime_options import RuntimeOptionsMixin, runtime_options, swap_classes
+from timm_anysize.core.runtime_options import RuntimeOptions, RuntimeOptionsMixin, runtime_options, swap_classes
 from timm_anysize.core.spec import Size2
 from timm_anysize.families._shared import DynamicRelPosBias
 
@@ -133,7 +133,7 @@ class DynamicGlobalContextVit(RuntimeOptionsMixin, TimmIntermediates, gcvit.Glob
         return self.stages(self.stem(self._anysize_input(x)))
 
 
-def enable_gcvit_dynamic(model: nn.Module, cache_size: int) -> None:
+def enable_gcvit_dynamic(model: nn.Module, options: RuntimeOptions) -> None:
     """Swap in the blocks and attentions that take their input's window, and cache tables per window (what
     :func:`timm_anysize.enable_dynamic` runs for a GCViT).
 

@@ -19,7 +19,7 @@ from timm_anysize.core.cache import symbolic, traced
 from timm_anysize.core.family import OVERLAPPING_STEM, DynamicPath, Family, TinyModel, gray_and_4ch, no_patch_change
 from timm_anysize.core.intermediates import Intermediates
 from timm_anysize.core.padding import check_multiple, pad_to_multiple
-from timm_anysize.core.runtime_options import RuntimeOptionsMixin
+from timm_anysize.core.runtime_options import RuntimeOptions, RuntimeOptionsMixin
 
 __all__ = ["FAMILIES", "DynamicHiera", "enable_hiera_dynamic", "unroll_tokens", "reroll_tokens"]
 
@@ -88,7 +88,7 @@ class _Reroll(hiera.Reroll):
         )
 
 
-def enable_hiera_dynamic(model: hiera.Hiera, cache_size: int) -> None:
+def enable_hiera_dynamic(model: hiera.Hiera, options: RuntimeOptions) -> None:
     """Swap in the unroll / reroll that TorchScript compiles, in place (same steps, same outputs)."""
     model.unroll.__class__ = _Unroll
     model.reroll.__class__ = _Reroll
@@ -167,7 +167,7 @@ class DynamicHiera(RuntimeOptionsMixin, Intermediates, hiera.Hiera):
             x = blk(x)
         return x
 
-    def forward_intermediates(
+    def forward_intermediates(  # type: ignore[override]  # timm's Hiera takes mask before indices
         self,
         x: torch.Tensor,
         mask: Optional[torch.Tensor] = None,

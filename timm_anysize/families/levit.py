@@ -17,7 +17,7 @@ from timm.models import levit
 
 from timm_anysize.core.family import NO_CONV_PATCH, DynamicPath, Family, TinyModel, gray_and_4ch, no_patch_change
 from timm_anysize.core.intermediates import Intermediates
-from timm_anysize.core.runtime_options import runtime_options, set_runtime_options, swap_classes
+from timm_anysize.core.runtime_options import RuntimeOptions, runtime_options, set_runtime_options, swap_classes
 from timm_anysize.families._shared import AttentionBiases
 
 __all__ = ["FAMILIES", "DynamicLevit", "DynamicLevitDistilled", "enable_levit_dynamic"]
@@ -192,7 +192,7 @@ _MODULES = {
 }
 
 
-def enable_levit_dynamic(model: nn.Module, cache_size: int) -> None:
+def enable_levit_dynamic(model: nn.Module, options: RuntimeOptions) -> None:
     """Swap in the module classes that take a resolution, and give each stage its own (for calls without one)."""
     options = runtime_options(model)
     for module in swap_classes(model, _MODULES):

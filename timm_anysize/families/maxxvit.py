@@ -42,7 +42,13 @@ from timm_anysize.core.family import (
 )
 from timm_anysize.core.intermediates import TimmIntermediates
 from timm_anysize.core.padding import check_multiple, pad_to_multiple
-from timm_anysize.core.runtime_options import RuntimeOptionsMixin, runtime_options, set_runtime_options, swap_classes
+from timm_anysize.core.runtime_options import (
+    RuntimeOptions,
+    RuntimeOptionsMixin,
+    runtime_options,
+    set_runtime_options,
+    swap_classes,
+)
 from timm_anysize.core.spec import Size2
 from timm_anysize.families._shared import DynamicRelPosBias, DynamicRelPosBiasTf, DynamicRelPosMlp
 
@@ -238,7 +244,7 @@ class DynamicMaxxVit(RuntimeOptionsMixin, TimmIntermediates, maxxvit.MaxxVit):
         return self.norm(x)
 
 
-def enable_maxxvit_dynamic(model: nn.Module, cache_size: int) -> None:
+def enable_maxxvit_dynamic(model: nn.Module, options: RuntimeOptions) -> None:
     """Swap in the attention and partition classes that take their input's window, and cache tables per window
     (what :func:`timm_anysize.enable_dynamic` runs for a MaxxViT).
 

@@ -20,7 +20,7 @@ from timm.models.mvitv2 import cal_rel_pos_type, reshape_post_pool, reshape_pre_
 
 from timm_anysize.core.cache import cached_or_inline, traced
 from timm_anysize.core.family import OVERLAPPING_STEM, DynamicPath, Family, TinyModel, gray_and_4ch, no_patch_change
-from timm_anysize.core.runtime_options import RuntimeOptions, cache_for, runtime_options, swap_classes
+from timm_anysize.core.runtime_options import RuntimeOptions, cache_for, swap_classes
 from timm_anysize.core.spec import Size2, as_pair
 
 __all__ = [
@@ -208,9 +208,8 @@ _MODULES = {
 }
 
 
-def enable_mvit_dynamic(model: nn.Module, cache_size: int) -> None:
+def enable_mvit_dynamic(model: nn.Module, options: RuntimeOptions) -> None:
     """Swap in the attention classes whose tables follow the feature size."""
-    options = runtime_options(model) or RuntimeOptions(cache_size=cache_size)  # a cache per axis table (cache_for)
     for module in swap_classes(model, _MODULES, options, where=lambda m: getattr(m, "rel_pos_type", "") == "spatial"):
         module._anysize_pool_q = _pool_geometry(module.pool_q)
         module._anysize_pool_k = _pool_geometry(module.pool_k)

@@ -29,7 +29,6 @@ from timm_anysize.core.runtime_options import (
     RuntimeOptions,
     RuntimeOptionsMixin,
     cache_for,
-    runtime_options,
     set_runtime_options,
 )
 
@@ -150,10 +149,9 @@ def _make_dynamic(model: nn.Module, options: RuntimeOptions) -> None:
     set_runtime_options(pe, options)
 
 
-def enable_nest_dynamic(model: nn.Module, cache_size: int) -> None:
+def enable_nest_dynamic(model: nn.Module, options: RuntimeOptions) -> None:
     """Swap in the levels that read their grid off their input, and a patch embedding that takes any size."""
-    options = runtime_options(model)
-    _make_dynamic(model, options if options is not None else RuntimeOptions(cache_size=cache_size))
+    _make_dynamic(model, options)
 
 
 def _enable_features(model: nn.Module, pad: bool) -> None:

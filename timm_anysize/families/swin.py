@@ -275,7 +275,7 @@ def enable_swin_dynamic(model: nn.Module, pad: bool) -> None:
     pe = model.patch_embed
     pe.strict_img_size = False
     if isinstance(pe, PatchEmbed):
-        pe.dynamic_img_pad = pad
+        pe.dynamic_img_pad = pad  # type: ignore[misc]  # timm marks it Final (for TorchScript); set before scripting
     elif isinstance(pe, swin_transformer_v2_cr.PatchEmbed):  # SwinV2-CR's own patch embedding cannot pad
         pe.__class__ = DynamicCrPatchEmbed
         options = runtime_options(model)

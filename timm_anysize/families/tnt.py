@@ -101,7 +101,7 @@ class DynamicTNT(RuntimeOptionsMixin, PrefixTokenIntermediates, tnt.TNT):
 def _whole_patches(model: tnt.TNT, img_size: Size2) -> tuple[tuple[str, Size2, Size2], ...]:
     """The image must be whole patches: timm's unfold would drop the rest (and the patch size cannot change)."""
     ps = model.pixel_embed.patch_size
-    return (("the pixel embedding", tuple(img_size), (int(ps[0]), int(ps[1]))),)
+    return (("the pixel embedding", (img_size[0], img_size[1]), (int(ps[0]), int(ps[1]))),)
 
 
 FAMILIES = (

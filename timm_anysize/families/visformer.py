@@ -14,7 +14,7 @@ from timm.models import checkpoint_seq, visformer
 
 from timm_anysize.core.family import DynamicPath, Family, TinyModel, gray_and_4ch, no_patch_change
 from timm_anysize.core.intermediates import Intermediates
-from timm_anysize.core.runtime_options import RuntimeOptionsMixin, runtime_options
+from timm_anysize.core.runtime_options import RuntimeOptions, RuntimeOptionsMixin, runtime_options
 
 __all__ = ["FAMILIES", "DynamicVisformer"]
 
@@ -83,7 +83,7 @@ class DynamicVisformer(RuntimeOptionsMixin, Intermediates, visformer.Visformer):
         return self.norm(x) if last else x
 
 
-def enable_visformer_dynamic(model: nn.Module, cache_size: int) -> None:
+def enable_visformer_dynamic(model: nn.Module, options: RuntimeOptions) -> None:
     """Let the stage patch embeddings take any grid (timm's assert the size they were built for), padding a grid
     that is not whole patches bottom/right (timm's ``dynamic_img_pad``) unless ``enable_dynamic(pad=False)``."""
     for pe in (model.patch_embed1, model.patch_embed2, model.patch_embed3):

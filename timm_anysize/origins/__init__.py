@@ -22,7 +22,7 @@ import torch
 
 from timm_anysize.core.errors import WeightsError
 from timm_anysize.core.report import summarize_keys
-from timm_anysize.core.spec import SELECT, register_layout_names
+from timm_anysize.core.spec import SELECT, as_pair, register_layout_names
 from timm_anysize.origins.mapping import Conversion, Layout
 
 __all__ = [
@@ -286,14 +286,6 @@ def read_layout(
     return CheckpointLayout(conv.state_dict, wrappers, conv)
 
 
-def _pair(v: Any) -> Optional[tuple[int, int]]:
-    if isinstance(v, int) and not isinstance(v, bool):
-        return (v, v)
-    if isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(x, int) for x in v):
-        return (v[0], v[1])
-    return None  # absent or not a size: nothing to fill in or check
-
-
 def config_geometry(config: Optional[Mapping[str, Any]]) -> dict[str, Any]:
     """The source geometry a transformers ``config.json`` states, as ``pretrained`` fields (those it states).
 
@@ -304,8 +296,11 @@ def config_geometry(config: Optional[Mapping[str, Any]]) -> dict[str, Any]:
     config = config or {}
     out: dict[str, Any] = {}
     for field, key in (("image_size", "img_size"), ("patch_size", "patch_size")):
-        size = _pair(config.get(field))
-        if size is not None:
+        value = config.get(field)
+        if isinstance(value, bool) or not isinstance(value, (int, list, tuple)):
+            continue  # absent or not a size: nothing to fill in or check
+        size = as_pair(value)
+        if len(size) == 2 and all(isinstance(x, int) for x in size):
             out[key] = size
     chans = config.get("num_channels")
     if isinstance(chans, int) and not isinstance(chans, bool) and chans > 0:
@@ -453,7 +448,7 @@ def check_conversion(conv: Conversion, check: ConversionCheck, where: str) -> No
         )
 
 
-def layout_hint(state_dict: dict[str, torch.Tensor]) -> str:
+def layout_hint(state_dict: Mapping[str, torch.Tensor]) -> str:
     """One line for a "keys do not fit" error: the layouts tried and the closest, with what it lacks.
 
     Example:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -112,7 +112,7 @@ class Conversion:
         return list(self.origin.items())
 
 
-def apply_rules(state_dict: dict[str, torch.Tensor], rules: Sequence[Rule], label: str) -> Conversion:
+def apply_rules(state_dict: Mapping[str, torch.Tensor], rules: Sequence[Rule], label: str) -> Conversion:
     """Map ``state_dict`` through ``rules`` (first matching rule wins).
 
     Args:
@@ -202,7 +202,7 @@ class Layout:
         """Every signature pattern matches some key."""
         return all(any(re.fullmatch(p, k) for k in keys) for p in self.signature)
 
-    def convert(self, state_dict: dict[str, torch.Tensor], config: Optional[dict] = None) -> Conversion:
+    def convert(self, state_dict: Mapping[str, torch.Tensor], config: Optional[dict] = None) -> Conversion:
         """Map ``state_dict`` onto timm's names (see :func:`apply_rules`), then run ``finish``."""
         conv = apply_rules(state_dict, self.rules, self.origin)
         conv.layout = self.name
