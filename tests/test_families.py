@@ -452,7 +452,6 @@ NOT_YET = {
     "tests/test_padding.py": "the padding cases and the messages they expect, keyed by family",
     "tests/test_runtime_sizes.py": "issue 21's holes (sizes refused, smallest input), keyed by family",
     "tests/test_validation_cost.py": "the families whose attention holds several maps, with a patch each",
-    "tests/test_train_many_sizes.py": "the rows no built model equals at the sizes trained (NOT_BUILT), by family",
 }
 
 # The comment that marks a line whose string literals only look like family names (timm module names, another
