@@ -91,6 +91,11 @@ def build_variant(
         check_build_memory(plan, kwargs.get("dtype"))
     # 2. The weights, read from their source and mapped to timm's names from their origin, checked against the plan.
     source = load_source_state_dict(source_read(plan), resolved, cache_dir) if pretrained else None
+    if source is not None and spec.model_args.get("use_naflex") and not _naflex_layout(source[0]):
+        # model_args use_naflex with a classic ViT/EVA checkpoint (any origin): the classic model is built from it
+        # and converted, as the use_naflex=True keyword does (each origin's resampling rule kept; timm_anysize.naflex)
+        spec = spec.model_copy(update={"model_args": {k: v for k, v in spec.model_args.items() if k != "use_naflex"}})
+        plan, use_naflex = make_plan(spec, kwargs, weights=resolved, cache_dir=cache_dir), True
     # 3. The model at the variant's geometry, built once. To be loaded, its parameters are allocated but never
     #    written (no init, never resident): 4. the weights adapted to it take their place one tensor at a time, in
     #    the model's dtype and on its device; only the tensors the load does not cover (a new head, a declared init)
@@ -135,6 +140,11 @@ def build_variant(
     if use_naflex:
         model = to_naflex(model)
     return model
+
+
+def _naflex_layout(state_dict: dict[str, Any]) -> bool:
+    """Whether a checkpoint is in NaFlexVit's own layout (its patch projection under ``embeds``)."""
+    return any(k.endswith("embeds.proj.weight") for k in state_dict)
 
 
 def _load_adapted(
