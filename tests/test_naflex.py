@@ -210,3 +210,18 @@ def test_model_args_use_naflex_in_yaml_converts_classic_weights(case, tmp_path):
     img = torch.randn(1, chans, patch * 3, patch * 5)
     with torch.no_grad():
         torch.testing.assert_close(from_yaml(img), keyword(img), rtol=0, atol=0)
+
+
+def test_naflex_only_arguments_reach_the_naflex_model(tmp_path):
+    """``enable_patch_interpolator=True`` (what timm's train.py ``--naflex-patch-sizes`` needs, through
+    ``--model-kwargs``) goes to the NaFlexVit, not to the classic ViT it is converted from (which refuses it); at the
+    variant's own patch the model is the plain conversion's."""
+    plain, _ = variant("vit_patch8_gray", tmp_path)
+    naflex = timm.create_model(
+        plain.pretrained_cfg["architecture"], pretrained=True, use_naflex=True, enable_patch_interpolator=True
+    ).eval()
+    assert naflex.embeds.enable_patch_interpolator
+    reference = timm.create_model(plain.pretrained_cfg["architecture"], pretrained=True, use_naflex=True).eval()
+    img = torch.randn(1, 1, 8 * 3, 8 * 5)
+    with torch.no_grad():
+        torch.testing.assert_close(naflex(img), reference(img), rtol=0, atol=0)
