@@ -3,7 +3,7 @@
 For the tiny model of every family with a dynamic forward (the rows of :data:`timm_anysize.families.FAMILIES`), a
 variant is trained the way timm's train.py does with ``--train-img-sizes A B C --train-size-schedule progressive``:
 ``timm.data.create_loader(..., input_size_choices=[A, B, C], batch_choice_schedule="progressive")``, one size per
-epoch, a few SGD steps each, from the family's smallest run-time size to about twice its own. Each step's forward
+epoch, one SGD step each, from the family's smallest run-time size to about twice its own. Each step's forward
 equals a ``dynamic: false`` variant built for that batch's size with the step's weights (within 1e-5); gradients
 reach the model's one stored position embedding or table at every size; the per-size caches stay bounded.
 """
@@ -29,7 +29,7 @@ from timm_anysize.core.family import Family, tensor_layouts
 from timm_anysize.families import FAMILIES
 
 DYNAMIC = [f for f in FAMILIES if f.supports_dynamic and f.tiny is not None]
-STEPS = 2  # batches per size
+STEPS = 1  # batches per size (the weights a size is compared at were trained at the sizes before)
 
 BATCH = 2
 
