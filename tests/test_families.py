@@ -444,12 +444,6 @@ def test_a_size_the_branches_cannot_take_is_rejected_with_the_nearest_that_work(
             assert model(torch.randn(1, 3, near, setup.img_size)).shape == (1, model.num_classes)
 
 
-# Modules still to move from names to row fields (issue 29, item 5), with what still names families: tables of
-# per-family hand-built references and expected messages. An entry fails once its module names none: remove it then.
-NOT_YET = {
-    "tests/test_train_many_sizes.py": "the rows no built model equals at the sizes trained (NOT_BUILT), by family",
-}
-
 # The comment that marks a line whose string literals only look like family names (timm module names, another
 # library's model kinds): ``# not family rows: <what they are>``.
 NOT_ROWS = "# not family rows:"
@@ -509,5 +503,4 @@ def test_no_test_module_selects_families_by_name():
         for hits in [family_name_literals(path, names)]
         if hits
     }
-    assert {m: hits for m, hits in found.items() if m not in NOT_YET} == {}
-    assert set(NOT_YET) <= set(found), set(NOT_YET) - set(found)  # converted: take it off the list
+    assert found == {}

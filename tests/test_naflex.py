@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+import yaml
 from timm.data import ImageDataset, create_naflex_loader
 from timm.models import naflexvit
 
@@ -181,3 +182,46 @@ def test_a_family_without_a_naflex_form_names_those_with_one(base, args):
     name = timm_anysize.register_variant(unique_name("nf"), base=base, model_args=args, img_size=64)
     with pytest.raises(timm_anysize.SpecError, match=r"use_naflex=True: .*NaFlexVit form.* vit, eva, naflexvit"):
         timm.create_model(name, use_naflex=True)
+
+
+@pytest.mark.parametrize("case", ["vit_patch8_gray", "eva02"])
+def test_model_args_use_naflex_in_yaml_converts_classic_weights(case, tmp_path):
+    """``model_args: {use_naflex: true}`` in a variant's YAML, over a classic ViT/EVA checkpoint, builds the NaFlexVit
+    with the adapted weights: the same model as ``use_naflex=True`` at create_model (timm's own keyword, on timm's
+    classic weights, converts the same way)."""
+    base, args, size, img_size, patch, chans = CASES[case]
+    checkpoint = _checkpoint(base, args, size, tmp_path / "w.pt")
+    name = unique_name("nfy")
+    spec = dict(base=base, model_args=dict(args, use_naflex=True), img_size=img_size, patch_size=patch, in_chans=chans)
+    (tmp_path / "v.yaml").write_text(
+        yaml.safe_dump({"variants": {name: dict(spec, pretrained={"file": checkpoint, "img_size": size})}})
+    )
+    assert timm_anysize.register_yaml(tmp_path / "v.yaml") == [name]
+    from_yaml = timm.create_model(name, pretrained=True).eval()
+    _, keyword = variant(case, tmp_path)
+    assert isinstance(from_yaml, naflexvit.NaFlexVit)
+    assert from_yaml.pretrained_cfg["input_size"] == keyword.pretrained_cfg["input_size"]
+    assert (
+        timm_anysize.adaptation_report(from_yaml).entries.keys()
+        == timm_anysize.adaptation_report(keyword).entries.keys()
+    )
+    state, expected = from_yaml.state_dict(), keyword.state_dict()
+    assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in state)
+    img = torch.randn(1, chans, patch * 3, patch * 5)
+    with torch.no_grad():
+        torch.testing.assert_close(from_yaml(img), keyword(img), rtol=0, atol=0)
+
+
+def test_naflex_only_arguments_reach_the_naflex_model(tmp_path):
+    """``enable_patch_interpolator=True`` (what timm's train.py ``--naflex-patch-sizes`` needs, through
+    ``--model-kwargs``) goes to the NaFlexVit, not to the classic ViT it is converted from (which refuses it); at the
+    variant's own patch the model is the plain conversion's."""
+    plain, _ = variant("vit_patch8_gray", tmp_path)
+    naflex = timm.create_model(
+        plain.pretrained_cfg["architecture"], pretrained=True, use_naflex=True, enable_patch_interpolator=True
+    ).eval()
+    assert naflex.embeds.enable_patch_interpolator
+    reference = timm.create_model(plain.pretrained_cfg["architecture"], pretrained=True, use_naflex=True).eval()
+    img = torch.randn(1, 1, 8 * 3, 8 * 5)
+    with torch.no_grad():
+        torch.testing.assert_close(naflex(img), reference(img), rtol=0, atol=0)

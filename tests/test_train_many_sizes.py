@@ -3,7 +3,7 @@
 For the tiny model of every family with a dynamic forward (the rows of :data:`timm_anysize.families.FAMILIES`), a
 variant is trained the way timm's train.py does with ``--train-img-sizes A B C --train-size-schedule progressive``:
 ``timm.data.create_loader(..., input_size_choices=[A, B, C], batch_choice_schedule="progressive")``, one size per
-epoch, a few SGD steps each, from the family's smallest run-time size to about twice its own. Each step's forward
+epoch, one SGD step each, from the family's smallest run-time size to about twice its own. Each step's forward
 equals a ``dynamic: false`` variant built for that batch's size with the step's weights (within 1e-5); gradients
 reach the model's one stored position embedding or table at every size; the per-size caches stay bounded.
 """
@@ -12,56 +12,44 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import subprocess
+import sys
 
+import anysize_tiny_models  # noqa: F401  (registers the rows' train_base entrypoints with timm)
 import pytest
 import timm
 import torch
 from timm.data import ImageDataset, create_loader
 
 import timm_anysize
-from conftest import unique_name
+from conftest import run_torchrun, unique_name
 from timm_anysize.core.cache import PosEmbedCache
 from timm_anysize.core.family import Family, tensor_layouts
 from timm_anysize.families import FAMILIES
 
 DYNAMIC = [f for f in FAMILIES if f.supports_dynamic and f.tiny is not None]
-STEPS = 2  # batches per size
+STEPS = 1  # batches per size (the weights a size is compared at were trained at the sizes before)
 
-_SWIN = (
-    "no size compared (left open, issue 31): at 8 and 72 px a stage's grid is not whole windows, where the dynamic "
-    "forward pads the windows with exact masks and timm's model built for that size shrinks them; at 128 px the "
-    "outputs differ too, presumably because the tiny variant's own 64 px shrank its last stage's window to its 2x2 "
-    "grid, which the dynamic forward keeps and a model built at 128 px does not (equal where the windows are the "
-    "same: tests/test_swin_windows.py)"
-)
-# Rows with no timm model built for some of the sizes that this test can equal: (why, the sizes compared). Found
-# by this test; the training, gradient and cache checks run for them all the same.
-NOT_BUILT = {
-    "efficientformer": (
-        "timm's EfficientFormer builds its last stage's attention for a 7 x 7 grid whatever img_size (the row's "
-        "static_unsupported): only the dynamic forward runs other sizes",
-        (),
-    ),
-    "swin": (_SWIN, ()),
-    "swinv2": (_SWIN, ()),
-    "swinv2_cr": (_SWIN, ()),
-    "nest": (
-        "no size compared (left open, issue 31): differs from a model built at 16 and 80 px, not analysed",
-        (),
-    ),
-}
 BATCH = 2
 
 
 def train_sizes(fam: Family) -> list[int]:
-    """Three square sizes, multiples of the family's test step (sizes a model can also be built for): the smallest
-    at or above its smallest run-time input (``TinyModel.min_input``, what ``input_limits`` finds), the largest about
-    twice its own size (at least two steps above the smallest)."""
+    """The row's ``train_sizes``, or three square sizes, multiples of the family's test step (sizes a model can also
+    be built for): the smallest at or above its smallest run-time input (``TinyModel.min_input``, what
+    ``input_limits`` finds), the largest about twice its own size (at least two steps above the smallest)."""
     tiny = fam.tiny
+    if tiny.train_sizes:
+        return list(tiny.train_sizes)
     lo = tiny.step * math.ceil(max(tiny.min_input, 1) / tiny.step)
     hi = max(tiny.step * round(2 * tiny.img_size / tiny.step), lo + 2 * tiny.step)
     mid = lo + tiny.step * math.ceil((hi - lo) / (2 * tiny.step))
     return [lo, mid, hi]
+
+
+def base_of(fam: Family) -> str:
+    """The timm model trained: the row's smaller ``train_base`` where it has one, else its ``example``."""
+    return fam.tiny.train_base or fam.example
 
 
 def seeded_variant(fam: Family, tmp_path) -> tuple[str, str]:
@@ -70,14 +58,14 @@ def seeded_variant(fam: Family, tmp_path) -> tuple[str, str]:
     tiny = fam.tiny
     size = {"img_size": tiny.img_size} if tiny.img_size_arg else {}
     torch.manual_seed(0)
-    base = timm.create_model(fam.example, **size, **tiny.model_args)
+    base = timm.create_model(base_of(fam), **size, **tiny.model_args)
     with torch.no_grad():
         for p in base.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     path = str(tmp_path / "seed.pt")
     torch.save(base.state_dict(), path)
     name = timm_anysize.register_variant(
-        unique_name("ms"), base=fam.example, model_args=tiny.model_args, pretrained={"file": path, **size}, **size
+        unique_name("ms"), base=base_of(fam), model_args=tiny.model_args, pretrained={"file": path, **size}, **size
     )
     return name, path
 
@@ -87,16 +75,28 @@ def built_for(fam: Family, size: int, path: str) -> str:
     tiny = fam.tiny
     if not tiny.img_size_arg:  # a CNN that runs at any size as its convolutions do: built once for all
         return timm_anysize.register_variant(
-            unique_name("ms"), base=fam.example, model_args=tiny.model_args, pretrained={"file": path}
+            unique_name("ms"), base=base_of(fam), model_args=tiny.model_args, pretrained={"file": path}
         )
     return timm_anysize.register_variant(
         unique_name("ms"),
-        base=fam.example,
+        base=base_of(fam),
         model_args=tiny.model_args,
         img_size=size,
         dynamic=False,
         pretrained={"file": path, "img_size": tiny.img_size},
     )
+
+
+def keep_windows(reference: torch.nn.Module, model: torch.nn.Module) -> None:
+    """Sets the windows of ``reference`` (built for another size) to those ``model`` keeps from its own size, through
+    timm's ``set_input_size``: a window timm shrank to a stage's grid at the variant's size stays shrunk at every
+    size the variant runs (Swin's last stage: 2 at 64 px, 4 in a model built at 128 px)."""
+    kept = dict(model.named_modules())
+    for name, module in reference.named_modules():
+        window = getattr(kept.get(name), "window_size", None)
+        if window is not None and hasattr(module, "set_input_size") and tuple(module.window_size) != tuple(window):
+            grid = getattr(module, "input_resolution", None) or module.feat_size
+            module.set_input_size(feat_size=tuple(grid), window_size=tuple(window))
 
 
 def caches(model: torch.nn.Module) -> list[PosEmbedCache]:
@@ -119,7 +119,8 @@ def test_scheduled_sizes_train_as_models_built_for_each_size(fam, image_folder, 
     assert timm_anysize.is_dynamic(model)
     params = {n: p for n, p in model.named_parameters()}
     stored = sorted(tensor_layouts(fam, params))  # the geometry-dependent tensors: one each, whatever the size
-    compared = NOT_BUILT.get(fam.name, ("", sizes))[1]
+    compared = sizes if fam.tiny.train_built is None else list(fam.tiny.train_built)
+    assert set(compared) <= set(sizes) and (compared == sizes or fam.tiny.train_note), fam.tiny
     references = {s: built_for(fam, s, path) for s in compared}
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     loader = create_loader(
@@ -144,12 +145,16 @@ def test_scheduled_sizes_train_as_models_built_for_each_size(fam, image_folder, 
             first_at_size = x.shape[-1] not in seen and x.shape[-1] in references
             seen.append(x.shape[-1])
             weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            out = model(x)
+            with torch.random.fork_rng(devices=[]):  # the same stochastic depth draws as the reference's
+                torch.manual_seed(len(seen))
+                out = model(x)
             if first_at_size:  # the weights trained at the sizes before; one build per size keeps the test fast
                 reference = timm.create_model(
                     references[x.shape[-1]], pretrained=True, pretrained_cfg_overlay={"state_dict": weights}
                 ).train()
-                with torch.no_grad():
+                keep_windows(reference, model)
+                with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(len(seen))
                     expected = reference(x)
                 torch.testing.assert_close(
                     out, expected, rtol=0, atol=1e-5, msg=lambda m, s=tuple(x.shape): f"{s}: {m}"
@@ -179,3 +184,60 @@ def test_scheduled_sizes_train_as_models_built_for_each_size(fam, image_folder, 
         assert first["size"] <= first["maxsize"] and second["misses"] == first["misses"], (first, second)
     misses = [r.getMessage() for r in caplog.records if r.name == "timm_anysize.core.cache"]
     assert len(misses) == sum(c["misses"] for c in after) - trained_misses and all("hit rate" in m for m in misses)
+
+
+DDP_SCRIPT = """
+import os, sys, timm, torch, torch.distributed as dist
+import timm_anysize
+checkpoint, out = sys.argv[1:3]
+distributed = "RANK" in os.environ
+if distributed:
+    dist.init_process_group("gloo")
+rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+source = {"file": checkpoint, "img_size": 32}
+name = timm_anysize.register_variant("ms_ddp_vit", base="test_vit", img_size=32, pretrained=source)
+model = timm.create_model(name, pretrained=True).train()
+assert timm_anysize.is_dynamic(model)
+ddp = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
+optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+for step, size in enumerate([16, 32, 48, 16, 48]):  # a schedule of sizes, back and forth
+    gen = torch.Generator().manual_seed(step)
+    x, y = torch.randn(4, 3, size, size, generator=gen), torch.randint(0, 1000, (4,), generator=gen)
+    part = slice(rank * 4 // world, (rank + 1) * 4 // world)  # each rank its share of the global batch
+    optimizer.zero_grad()
+    torch.nn.functional.cross_entropy(ddp(x[part]), y[part]).backward()
+    optimizer.step()
+torch.save(model.state_dict(), f"{out}.{rank}")
+if distributed:
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)  # gloo can abort at interpreter shutdown (see tests/test_flexi.py); the work is done and written
+"""
+
+
+def test_ddp_ranks_train_at_scheduled_sizes_as_one_process_with_the_global_batch(tmp_path):
+    """Under torchrun (gloo, 2 ranks) a dynamic variant trained over a schedule of sizes, each rank on half of every
+    global batch: both ranks hold the same weights, those of one process on the whole batch (up to the order of the
+    float sums), and training moved them."""
+    torch.manual_seed(0)
+    base = timm.create_model("test_vit", img_size=32)
+    with torch.no_grad():
+        for p in base.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    checkpoint = str(tmp_path / "seed.pt")
+    torch.save(base.state_dict(), checkpoint)
+    (tmp_path / "train.py").write_text(DDP_SCRIPT)
+    args = [str(tmp_path / "train.py"), checkpoint]
+    one = subprocess.run(
+        [sys.executable, *args, str(tmp_path / "one")],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    run_torchrun(*args, str(tmp_path / "two"))
+    single, rank0, rank1 = (torch.load(tmp_path / f, weights_only=True) for f in ("one.0", "two.0", "two.1"))
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)  # DDP's averaged gradients: the same steps
+    assert any(not torch.equal(single[k], base.state_dict()[k]) for k in single)
+    for k in single:
+        torch.testing.assert_close(rank0[k], single[k], rtol=0, atol=1e-6, msg=k)

@@ -45,7 +45,7 @@ from timm_anysize.features import (
 )
 from timm_anysize.flexi import apply_flexi
 from timm_anysize.model_plan import keep_plan
-from timm_anysize.naflex import to_naflex
+from timm_anysize.naflex import NAFLEX_ONLY_KWARGS, to_naflex
 from timm_anysize.plan import make_plan, source_read
 from timm_anysize.pretrained_cfg import variant_pretrained_cfg
 from timm_anysize.source_weights import load_source_state_dict, refuse_non_finite
@@ -82,6 +82,7 @@ def build_variant(
     """
     features = FeatureRequest.pop(kwargs)
     use_naflex = kwargs.pop("use_naflex", False)  # built as the variant, then converted (timm_anysize.naflex)
+    naflex_kwargs = {k: kwargs.pop(k) for k in NAFLEX_ONLY_KWARGS if use_naflex and k in kwargs}
     if use_naflex and features is not None:
         raise SpecError(f"{spec.where}: use_naflex=True with features_only=True is not supported; pass one of them")
     cfg_obj = resolve_pretrained_cfg(spec.name, pretrained_cfg, pretrained_cfg_overlay)
@@ -93,6 +94,12 @@ def build_variant(
         check_build_memory(plan, kwargs.get("dtype"))
     # 2. The weights, read from their source and mapped to timm's names from their origin, checked against the plan.
     source = load_source_state_dict(source_read(plan), resolved, cache_dir) if pretrained else None
+    if source is not None and spec.model_args.get("use_naflex") and not _naflex_layout(source[0]):
+        # model_args use_naflex with a classic ViT/EVA checkpoint (any origin): the classic model is built from it
+        # and converted, as the use_naflex=True keyword does (each origin's resampling rule kept; timm_anysize.naflex)
+        spec = spec.model_copy(update={"model_args": {k: v for k, v in spec.model_args.items() if k != "use_naflex"}})
+        naflex_kwargs = {k: kwargs.pop(k) for k in NAFLEX_ONLY_KWARGS if k in kwargs}
+        plan, use_naflex = make_plan(spec, kwargs, weights=resolved, cache_dir=cache_dir), True
     # 3. The model at the variant's geometry, built once. To be loaded, its parameters are allocated but never
     #    written (no init, never resident): 4. the weights adapted to it take their place one tensor at a time, in
     #    the model's dtype and on its device; only the tensors the load does not cover (a new head, a declared init)
@@ -134,8 +141,13 @@ def build_variant(
             _make_dynamic(plan, model)
         return fx_feature_model(plan, model, out_indices, cfg)
     if use_naflex:
-        model = to_naflex(model)
+        model = to_naflex(model, **naflex_kwargs)
     return model
+
+
+def _naflex_layout(state_dict: dict[str, Any]) -> bool:
+    """Whether a checkpoint is in NaFlexVit's own layout (its patch projection under ``embeds``)."""
+    return any(k.endswith("embeds.proj.weight") for k in state_dict)
 
 
 def _load_adapted(

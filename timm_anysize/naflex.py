@@ -27,10 +27,13 @@ from timm_anysize.core.errors import SpecError
 from timm_anysize.core.report import adaptation_report, keep_report
 from timm_anysize.model_plan import variant_plan
 
-__all__ = ["NAFLEX_FAMILIES", "naflex_pos_embed_kwargs", "naflex_state_dict", "to_naflex"]
+__all__ = ["NAFLEX_FAMILIES", "NAFLEX_ONLY_KWARGS", "naflex_pos_embed_kwargs", "naflex_state_dict", "to_naflex"]
 
 # Families timm builds as NaFlexVit with use_naflex=True (naflexvit: it is one already).
 NAFLEX_FAMILIES = ("vit", "eva", "naflexvit")
+# NaFlexVit arguments a classic ViT/EVA does not take, passed to the NaFlexVit a variant becomes (timm's train.py
+# --naflex-patch-sizes needs --model-kwargs use_naflex=True enable_patch_interpolator=True, as for timm's own ViTs).
+NAFLEX_ONLY_KWARGS = ("enable_patch_interpolator",)
 
 
 def naflex_pos_embed_kwargs(compat: str, interpolation: str, antialias: bool) -> dict[str, Any]:
@@ -94,11 +97,12 @@ def naflex_state_dict(
     return naflexvit.checkpoint_filter_fn(sd, model)
 
 
-def to_naflex(model: nn.Module) -> nn.Module:
+def to_naflex(model: nn.Module, **naflex_kwargs: Any) -> nn.Module:
     """The NaFlexVit form of a built variant (``use_naflex=True``): the same configuration and weights.
 
     Args:
         model: A variant built by timm-anysize (its plan names the base, family and geometry).
+        **naflex_kwargs: NaFlexVit arguments of its own (:data:`NAFLEX_ONLY_KWARGS`).
 
     Returns:
         A NaFlexVit carrying the variant's ``pretrained_cfg``; the model itself where it is one already.
@@ -129,7 +133,7 @@ def to_naflex(model: nn.Module) -> nn.Module:
         )
     pe = plan.spec.adapt.pos_embed
     kwargs = {k: v for k, v in plan.target_kwargs.items() if k not in ("dynamic_img_size", "dynamic_img_pad")}
-    kwargs.update(naflex_pos_embed_kwargs(pe.compat, pe.interpolation, pe.use_antialias))
+    kwargs.update(naflex_pos_embed_kwargs(pe.compat, pe.interpolation, pe.use_antialias), **naflex_kwargs)
     param = next(model.parameters())
     with torch.device(param.device):
         built = timm.create_model(

@@ -131,6 +131,12 @@ class TinyModel:
             (``model_args`` defaults to the tiny model's; a deeper one where timm's feature tests want three
             levels), usually :func:`gray_and_4ch`. Each is registered as
             ``cf_<family>_[patch<p>_]<size>_<gray|<n>ch>``.
+        train_base: A smaller timm entrypoint of the family that tests/test_train_many_sizes.py trains instead of
+            ``example``, where ``example``'s own fixes full widths and depths (registered by
+            tests/anysize_tiny_models.py); "": ``example`` with ``model_args``.
+        train_sizes: The square sizes that test trains at; (): from the smallest run-time size to twice ``img_size``.
+        train_built: The trained sizes it compares with a timm model built for each; None: all of them.
+        train_note: Why the other trained sizes are not compared (with ``train_built``).
 
     Example:
         >>> tiny = TinyModel(dict(depth=2), conformance=gray_and_4ch((96, 160), 144, patch_size=12))
@@ -158,6 +164,10 @@ class TinyModel:
     min_input: int = 1
     multiple: int = 1
     conformance: tuple[dict[str, Any], ...] = ()
+    train_base: str = ""
+    train_sizes: tuple[int, ...] = ()
+    train_built: Optional[tuple[int, ...]] = None
+    train_note: str = ""
 
 
 def gray_and_4ch(gray: int | Size2, four: int, patch_size: Optional[int] = None, **spec: Any) -> tuple[dict, dict]:

@@ -153,6 +153,9 @@ FAMILIES = (
             conformance=gray_and_4ch((96, 160), 136),
             script_fx="",
             script_fx_note="its own module checks TorchScript, FX and export: tests/test_efficientformer_nest.py",
+            train_built=(),
+            train_note="timm's EfficientFormer builds its last stage's attention for a 7 x 7 grid whatever img_size "
+            "(static_unsupported): only the dynamic forward runs other sizes",
         ),
     ),
 )

@@ -1,0 +1,50 @@
+"""Test infrastructure: small timm entrypoints of the families whose ``example``'s entrypoint fixes full widths and
+depths (timm's ``volo_d1_224``, ``nest_tiny`` and ``mvitv2_tiny`` take no size arguments: a ``depths=...`` collides
+with their own), registered through timm's public registry with the examples' own classes and pretrained cfgs. A
+row names one in ``TinyModel.train_base``; tests/test_train_many_sizes.py trains it instead of the full-size
+example. Not product code."""
+
+from __future__ import annotations
+
+from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, register_model
+from timm.models.mvitv2 import MultiScaleVit, MultiScaleVitCfg
+from timm.models.nest import Nest
+from timm.models.volo import VOLO
+
+
+def _cfg_of(name: str) -> dict:
+    """``name``'s pretrained cfg (input, first conv, classifier, ...) with no weights to download."""
+    cfg = get_pretrained_cfg(name).to_dict()
+    for key in ("url", "hf_hub_id", "file", "state_dict", "tag", "architecture", "source"):
+        cfg.pop(key, None)
+    return cfg
+
+
+default_cfgs = generate_default_cfgs(
+    {
+        "anysize_tiny_volo.untrained": _cfg_of("volo_d1_224"),
+        "anysize_tiny_nest.untrained": _cfg_of("nest_tiny"),
+        "anysize_tiny_mvitv2.untrained": _cfg_of("mvitv2_tiny"),
+    }
+)
+
+
+@register_model
+def anysize_tiny_volo(pretrained: bool = False, **kwargs) -> VOLO:
+    """VOLO-D1's layout (an outlooker stage, then transformer stages, class-attention post layers) at width 32-64."""
+    args = dict(layers=(1, 1, 1, 1), embed_dims=(32, 64, 64, 64), num_heads=(1, 2, 2, 2), stem_hidden_dim=16)
+    return build_model_with_cfg(VOLO, "anysize_tiny_volo", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def anysize_tiny_nest(pretrained: bool = False, **kwargs) -> Nest:
+    """NesT-T's layout (4x4 blocks of 4x4 patches, three levels) at width 16-64, one block a level."""
+    args = dict(embed_dims=(16, 32, 64), num_heads=(1, 2, 2), depths=(1, 1, 1))
+    return build_model_with_cfg(Nest, "anysize_tiny_nest", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def anysize_tiny_mvitv2(pretrained: bool = False, **kwargs) -> MultiScaleVit:
+    """MViTv2-T's layout (four pooled stages with per-axis relative-position tables) at width 16-128, one block each."""
+    cfg = MultiScaleVitCfg(depths=(1, 1, 1, 1), embed_dim=16)
+    return build_model_with_cfg(MultiScaleVit, "anysize_tiny_mvitv2", pretrained, model_cfg=cfg, **kwargs)
