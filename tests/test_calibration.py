@@ -4,7 +4,6 @@ and never leaves a half-applied step."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -20,7 +19,7 @@ from safetensors.torch import load_file
 import timm_anysize
 from conftest import run_torchrun, save_checkpoint, unique_name
 from timm_anysize.apps.digits import load_digits_split, register_demo_variants
-from timm_anysize.calibration import build_teacher, calibrate, geometry_bound_parameters
+from timm_anysize.calibration import build_teacher, calibrate, geometry_bound_parameters, save_calibrated
 from timm_anysize.calibration_images import default_channel_map
 from timm_anysize.core.errors import CalibrationError
 
@@ -195,6 +194,41 @@ def test_the_default_channel_map_is_the_adapted_stems_rule():
     assert torch.equal(default_channel_map(x[:, :1], 3), x[:, :1].expand(-1, 3, -1, -1))
 
 
+def _assert_same_model(loaded: torch.nn.Module, model: torch.nn.Module, x: torch.Tensor) -> None:
+    """Every tensor bit-identical, every one copied, the same outputs."""
+    own = model.state_dict()
+    assert loaded.state_dict().keys() == own.keys()
+    assert all(torch.equal(v, own[k]) for k, v in loaded.state_dict().items())
+    assert timm_anysize.adaptation_report(loaded).non_copied() == []
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), model.eval()(x))
+
+
+def test_a_calibrated_file_loads_back_as_the_variants_weights_every_tensor_copied(trained_vit, tmp_path):
+    """The saved file states its geometry in its metadata: named by pretrained_cfg_overlay, or by a YAML variant's
+    pretrained.file (without a geometry, or with the original weights' geometry), it is a same-geometry source."""
+    path, _ = trained_vit
+    name = _variant(path, img_size=48, patch_size=8)
+    model = timm.create_model(name, pretrained=True)
+    report = calibrate(model, _images(48), steps=3, batch_size=8, lr=1e-3, progress=False)
+    out = save_calibrated(model, report, tmp_path / "calibrated.safetensors")
+    assert not torch.equal(model.state_dict()["pos_embed"], timm.create_model(name, pretrained=True).pos_embed)
+    x = _images(4, 48, seed=1)
+    _assert_same_model(timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(out))), model, x)
+    yaml = tmp_path / "calibrated.yaml"
+    again, stated = unique_name("cal"), unique_name("cal")
+    yaml.write_text(
+        "variants:\n"
+        f"  {again}:\n    base: test_vit\n    img_size: 48\n    patch_size: 8\n    num_classes: 10\n"
+        "    pretrained: {file: calibrated.safetensors}\n"
+        f"  {stated}:\n    base: test_vit\n    img_size: 48\n    patch_size: 8\n    num_classes: 10\n"
+        "    pretrained: {file: calibrated.safetensors, img_size: 64, patch_size: 16}\n"
+    )
+    timm_anysize.register_yaml(yaml)
+    for variant in (again, stated):
+        _assert_same_model(timm.create_model(variant, pretrained=True), model, x)
+
+
 def test_the_command_line_writes_weights_that_load_back_as_the_variant(trained_vit, tmp_path, capsys):
     from timm_anysize.apps.cli import main
 
@@ -210,13 +244,10 @@ def test_the_command_line_writes_weights_that_load_back_as_the_variant(trained_v
     printed = capsys.readouterr().out
     side = tmp_path / "calibrated.calibration.json"
     assert out.is_file() and side.is_file() and str(tmp_path) not in side.read_text()
-    line = next(x for x in printed.splitlines() if x.strip().startswith("pretrained:"))
-    pretrained = json.loads(line.split("pretrained:", 1)[1])
-    pretrained["file"] = str(out)
-    again = timm_anysize.register_variant(
-        unique_name("cal"), base="test_vit", img_size=48, patch_size=8, num_classes=10, pretrained=pretrained
-    )
-    loaded = timm.create_model(again, pretrained=True).eval()
+    overlay = f"timm.create_model({name!r}, pretrained=True, pretrained_cfg_overlay=dict(file={str(out)!r}))"
+    assert overlay in printed.splitlines()[-2]
+    assert printed.splitlines()[-1].strip().startswith('or, in the variant\'s YAML: pretrained: {"file": "calibrated')
+    loaded = eval(overlay.split("  ")[-1]).eval()
     assert timm_anysize.adaptation_report(loaded).non_copied() == []
     calibrated = load_file(out)
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in calibrated.items())

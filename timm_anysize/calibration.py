@@ -51,6 +51,7 @@ from timm_anysize.flexi import patch_size as flexi_patch_size
 from timm_anysize.plan import source_read
 from timm_anysize.pretrained_cfg import stats_for_channels
 from timm_anysize.source_weights import load_source_state_dict
+from timm_anysize.timm_geometry import GEOMETRY_METADATA
 
 __all__ = [
     "calibrate",
@@ -487,9 +488,9 @@ def save_calibrated(model: nn.Module, report: CalibrationReport, out: Union[str,
     """Write a calibrated variant's weights to ``out`` (safetensors, atomically) and the report beside them
     (``<out>.calibration.json``, no local paths in either).
 
-    The file holds the weights at the variant's geometry: a variant whose ``pretrained`` names it with that geometry
-    (``file``, ``img_size``, ``patch_size``, ``in_chans``, ``num_classes`` of the variant) loads it with every tensor
-    copied. Its metadata names the variant and the geometry.
+    The file holds the weights at the variant's geometry, and its metadata says so (the variant, the geometry, the
+    calibration): ``timm.create_model(variant, pretrained=True, pretrained_cfg_overlay=dict(file=out))``, or a
+    variant whose ``pretrained.file`` names it, loads it with every tensor copied.
 
     Returns:
         The weight file.
@@ -503,8 +504,10 @@ def save_calibrated(model: nn.Module, report: CalibrationReport, out: Union[str,
         ...                                      pretrained={"file": d + "/w.safetensors"})
         >>> model = timm.create_model(name, pretrained=True)
         >>> report = calibrate(model, torch.rand(40, 3, 48, 48), steps=1, batch_size=4, progress=False)
-        >>> save_calibrated(model, report, d + "/calibrated.safetensors").name
-        'calibrated.safetensors'
+        >>> path = save_calibrated(model, report, d + "/calibrated.safetensors")
+        >>> again = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+        >>> all(torch.equal(v, model.state_dict()[k]) for k, v in again.state_dict().items())
+        True
     """
     plan = _plan_of(model)
     path = Path(out)
@@ -516,7 +519,7 @@ def save_calibrated(model: nn.Module, report: CalibrationReport, out: Union[str,
     metadata = {
         "format": "pt",
         "timm_anysize.variant": plan.spec.name,
-        "timm_anysize.geometry": json.dumps(geometry),
+        GEOMETRY_METADATA: json.dumps(geometry),
         "timm_anysize.calibration": json.dumps({k: getattr(report, k) for k in ("teacher", "steps", "images")}),
     }
     write_safetensors(path, [(k, v.dtype, tuple(v.shape)) for k, v in sd.items()], iter(sd.items()), metadata)
