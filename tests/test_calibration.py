@@ -294,3 +294,32 @@ def test_two_ddp_ranks_give_the_weights_of_one_process_with_the_same_global_batc
     # differ by ~1e-5 after 3 steps (a sign flip would be 1e-3); every other tensor agrees to 1e-6.
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=5e-5 if k.endswith("attn.qkv.bias") else 1e-6, msg=k)
+
+
+def test_an_export_of_calibrated_weights_carries_the_calibration_into_the_card(trained_vit, tmp_path):
+    """export (and push, which renders the card through export) of a variant whose weights are a calibrated file:
+    the card says what the calibration did, per geometry, and names no local path."""
+    from huggingface_hub import ModelCard
+
+    path, _ = trained_vit
+    name = _variant(path, img_size=48, patch_size=8)
+    model = timm.create_model(name, pretrained=True)
+    report = calibrate(model, _images(48), steps=2, batch_size=8, patch_sizes=[8, 12], progress=False)
+    weights = save_calibrated(model, report, tmp_path / "weights" / "calibrated.safetensors")
+    folder = timm_anysize.export(name, tmp_path / "export", file=weights)
+    card = (folder / "README.md").read_text()
+    assert str(tmp_path) not in card and str(tmp_path) not in (folder / "anysize_report.json").read_text()
+    assert "## Calibration without labels" in card
+    assert (
+        f"the variant learnt from its teacher, test_vit at {report.teacher.split(' at ', 1)[1]}, on "
+        f"{report.images} unlabelled images (2 steps of 8 images, lr 0.0002, all parameters). Agreement with the "
+        f"teacher (top-1 agreement (%)) on {report.held_out} held-aside images:"
+    ) in card
+    for g in ("48x48 px, patch 8x8", "48x48 px, patch 12x12"):
+        assert f"| {g} | {report.agreement_before[g]} | {report.agreement_after[g]} |" in card
+    ModelCard.load(folder / "README.md")  # still a valid card
+    plain = timm_anysize.export(name, tmp_path / "plain")
+    assert "Calibration" not in (plain / "README.md").read_text()
+    (weights.parent / "calibrated.calibration.json").unlink()  # the file's metadata alone carries it
+    again = timm_anysize.export(name, tmp_path / "again", file=weights)
+    assert (again / "README.md").read_text() == card
