@@ -70,13 +70,15 @@ class RowDef:
     calibration: Optional[Calibration] = None
 
 
-# Calibration budgets, in images seen, sized by the gap to close and the tokens per image (the demo's time): a row
-# that loses nothing zero-shot gets a short run (it must not lose accuracy either).
+# Calibration budgets, in images seen, sized by the gap to close and the tokens per image (the demo's time); rows
+# that lose nothing zero-shot are not calibrated.
 DEMO_ROWS = (
     RowDef(BASE_VARIANT, "base, same geometry"),
-    RowDef("vit_digits_patch8_64", "patch 4->8, PI-resize", calibration=Calibration(20, 32)),
+    # not calibrated: PI-resize keeps the base's accuracy (nothing to recover); measured: 20 steps of 32 lost 0.6
+    # points, 150 of 64 at lr 3e-4 kept 97.2 % at a cost the demo's 4 minutes cannot take
+    RowDef("vit_digits_patch8_64", "patch 4->8, PI-resize"),
     RowDef("vit_digits_patch8_64_interp", "patch 4->8, plain kernel interpolation", naive=True),
-    RowDef("vit_digits_patch2_16", "patch 4->2 (16 px), PI-resize", calibration=Calibration(200)),
+    RowDef("vit_digits_patch2_16", "patch 4->2 (16 px), PI-resize", calibration=Calibration(150, lr=3e-4)),
     RowDef("vit_digits_patch4_24", "grid 8->6, bicubic pos-embed", calibration=Calibration(100)),
     RowDef("vit_digits_patch4_24", "grid 8->6, truncated pos-embed", naive=True, tweak="truncate_pos_embed"),
     RowDef("vit_digits_patch4_48", "grid 8->12, bicubic pos-embed", calibration=Calibration(60)),
