@@ -4,7 +4,6 @@ and never leaves a half-applied step."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -20,7 +19,7 @@ from safetensors.torch import load_file
 import timm_anysize
 from conftest import run_torchrun, save_checkpoint, unique_name
 from timm_anysize.apps.digits import load_digits_split, register_demo_variants
-from timm_anysize.calibration import build_teacher, calibrate, geometry_bound_parameters
+from timm_anysize.calibration import build_teacher, calibrate, geometry_bound_parameters, save_calibrated
 from timm_anysize.calibration_images import default_channel_map
 from timm_anysize.core.errors import CalibrationError
 
@@ -195,6 +194,41 @@ def test_the_default_channel_map_is_the_adapted_stems_rule():
     assert torch.equal(default_channel_map(x[:, :1], 3), x[:, :1].expand(-1, 3, -1, -1))
 
 
+def _assert_same_model(loaded: torch.nn.Module, model: torch.nn.Module, x: torch.Tensor) -> None:
+    """Every tensor bit-identical, every one copied, the same outputs."""
+    own = model.state_dict()
+    assert loaded.state_dict().keys() == own.keys()
+    assert all(torch.equal(v, own[k]) for k, v in loaded.state_dict().items())
+    assert timm_anysize.adaptation_report(loaded).non_copied() == []
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), model.eval()(x))
+
+
+def test_a_calibrated_file_loads_back_as_the_variants_weights_every_tensor_copied(trained_vit, tmp_path):
+    """The saved file states its geometry in its metadata: named by pretrained_cfg_overlay, or by a YAML variant's
+    pretrained.file (without a geometry, or with the original weights' geometry), it is a same-geometry source."""
+    path, _ = trained_vit
+    name = _variant(path, img_size=48, patch_size=8)
+    model = timm.create_model(name, pretrained=True)
+    report = calibrate(model, _images(48), steps=3, batch_size=8, lr=1e-3, progress=False)
+    out = save_calibrated(model, report, tmp_path / "calibrated.safetensors")
+    assert not torch.equal(model.state_dict()["pos_embed"], timm.create_model(name, pretrained=True).pos_embed)
+    x = _images(4, 48, seed=1)
+    _assert_same_model(timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(out))), model, x)
+    yaml = tmp_path / "calibrated.yaml"
+    again, stated = unique_name("cal"), unique_name("cal")
+    yaml.write_text(
+        "variants:\n"
+        f"  {again}:\n    base: test_vit\n    img_size: 48\n    patch_size: 8\n    num_classes: 10\n"
+        "    pretrained: {file: calibrated.safetensors}\n"
+        f"  {stated}:\n    base: test_vit\n    img_size: 48\n    patch_size: 8\n    num_classes: 10\n"
+        "    pretrained: {file: calibrated.safetensors, img_size: 64, patch_size: 16}\n"
+    )
+    timm_anysize.register_yaml(yaml)
+    for variant in (again, stated):
+        _assert_same_model(timm.create_model(variant, pretrained=True), model, x)
+
+
 def test_the_command_line_writes_weights_that_load_back_as_the_variant(trained_vit, tmp_path, capsys):
     from timm_anysize.apps.cli import main
 
@@ -210,13 +244,10 @@ def test_the_command_line_writes_weights_that_load_back_as_the_variant(trained_v
     printed = capsys.readouterr().out
     side = tmp_path / "calibrated.calibration.json"
     assert out.is_file() and side.is_file() and str(tmp_path) not in side.read_text()
-    line = next(x for x in printed.splitlines() if x.strip().startswith("pretrained:"))
-    pretrained = json.loads(line.split("pretrained:", 1)[1])
-    pretrained["file"] = str(out)
-    again = timm_anysize.register_variant(
-        unique_name("cal"), base="test_vit", img_size=48, patch_size=8, num_classes=10, pretrained=pretrained
-    )
-    loaded = timm.create_model(again, pretrained=True).eval()
+    overlay = f"timm.create_model({name!r}, pretrained=True, pretrained_cfg_overlay=dict(file={str(out)!r}))"
+    assert overlay in printed.splitlines()[-2]
+    assert printed.splitlines()[-1].strip().startswith('or, in the variant\'s YAML: pretrained: {"file": "calibrated')
+    loaded = eval(overlay.split("  ")[-1]).eval()
     assert timm_anysize.adaptation_report(loaded).non_copied() == []
     calibrated = load_file(out)
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in calibrated.items())
@@ -263,3 +294,32 @@ def test_two_ddp_ranks_give_the_weights_of_one_process_with_the_same_global_batc
     # differ by ~1e-5 after 3 steps (a sign flip would be 1e-3); every other tensor agrees to 1e-6.
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=5e-5 if k.endswith("attn.qkv.bias") else 1e-6, msg=k)
+
+
+def test_an_export_of_calibrated_weights_carries_the_calibration_into_the_card(trained_vit, tmp_path):
+    """export (and push, which renders the card through export) of a variant whose weights are a calibrated file:
+    the card says what the calibration did, per geometry, and names no local path."""
+    from huggingface_hub import ModelCard
+
+    path, _ = trained_vit
+    name = _variant(path, img_size=48, patch_size=8)
+    model = timm.create_model(name, pretrained=True)
+    report = calibrate(model, _images(48), steps=2, batch_size=8, patch_sizes=[8, 12], progress=False)
+    weights = save_calibrated(model, report, tmp_path / "weights" / "calibrated.safetensors")
+    folder = timm_anysize.export(name, tmp_path / "export", file=weights)
+    card = (folder / "README.md").read_text()
+    assert str(tmp_path) not in card and str(tmp_path) not in (folder / "anysize_report.json").read_text()
+    assert "## Calibration without labels" in card
+    assert (
+        f"the variant learnt from its teacher, test_vit at {report.teacher.split(' at ', 1)[1]}, on "
+        f"{report.images} unlabelled images (2 steps of 8 images, lr 0.0002, all parameters). Agreement with the "
+        f"teacher (top-1 agreement (%)) on {report.held_out} held-aside images:"
+    ) in card
+    for g in ("48x48 px, patch 8x8", "48x48 px, patch 12x12"):
+        assert f"| {g} | {report.agreement_before[g]} | {report.agreement_after[g]} |" in card
+    ModelCard.load(folder / "README.md")  # still a valid card
+    plain = timm_anysize.export(name, tmp_path / "plain")
+    assert "Calibration" not in (plain / "README.md").read_text()
+    (weights.parent / "calibrated.calibration.json").unlink()  # the file's metadata alone carries it
+    again = timm_anysize.export(name, tmp_path / "again", file=weights)
+    assert (again / "README.md").read_text() == card

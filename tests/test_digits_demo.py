@@ -72,6 +72,7 @@ def test_demo_quick(tmp_path, capsys):
     assert main(["--quiet", "demo", "--quick", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "zero-shot" in out and "fine-tuned" in out and "scratch" in out and "img/s" in out
+    assert "calibrated (no labels)" in out and "calibrated 2/4/8" in out
     results = json.loads((tmp_path / "results.json").read_text())
     assert (tmp_path / "accuracy_vs_geometry.png").stat().st_size > 10_000
     assert results["base_bit_identical_to_plain_timm"] is True
@@ -88,8 +89,13 @@ def test_demo_quick(tmp_path, capsys):
             "scratch",
             "images_per_s",
             "non_copied",
+            "calibrated",
+            "calibration",
         }
         assert r["images_per_s"] > 0
+        if r["calibrated"] is not None:  # calibration without labels never loses more than half a point
+            assert r["calibrated"] >= r["zero_shot"] - 0.5, r
+            assert r["calibration"]["steps"] > 0 and r["calibration"]["cpu_seconds"] > 0
     base, pi = rows["base, same geometry"], rows["patch 4->8, PI-resize"]
     naive = rows["patch 4->8, plain kernel interpolation"]
     assert pi["zero_shot"] > naive["zero_shot"] + 20  # PI-resize beats plain kernel interpolation
@@ -99,6 +105,10 @@ def test_demo_quick(tmp_path, capsys):
         if not r["naive"]:
             assert r["finetuned"] > r["scratch"]  # adapted + fine-tune beats scratch with the same budget
     assert "kernel 4x4 -> 8x8 (PI-resize" in pi["non_copied"]["patch_embed.proj.weight"]
+    assert rows["grid 8->12, bicubic pos-embed"]["calibrated"] is not None
+    assert base["calibrated"] is None  # the base is its own teacher
+    flexi = {r["model"] for r in results["flexi"]["rows"]}
+    assert flexi == {"zero-shot", "single patch 4", "flexi 2/4/8", "calibrated 2/4/8"}
 
 
 def test_train_digits_base_needs_an_output_path(capsys):

@@ -16,7 +16,7 @@ Example:
 
 from __future__ import annotations
 
-from timm_anysize.calibration import CalibrationReport, calibrate
+from timm_anysize.calibration import CalibrationReport, calibrate, save_calibrated
 from timm_anysize.core.atomic import FolderExistsError
 from timm_anysize.core.errors import (
     AdaptationError,
@@ -67,6 +67,7 @@ __all__ = [
     "flexi_cache_info",
     "calibrate",
     "CalibrationReport",
+    "save_calibrated",
     "CalibrationError",
     "export",
     "push_to_hub",

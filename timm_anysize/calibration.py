@@ -46,11 +46,12 @@ from tqdm.auto import tqdm
 from timm_anysize.calibration_images import ChannelMap, ImagesArg, Render, as_images, default_channel_map, render_of
 from timm_anysize.core.errors import CalibrationError
 from timm_anysize.core.meta import initialize_fresh, parameters_uninitialised
-from timm_anysize.core.safetensors_io import write_safetensors
+from timm_anysize.core.safetensors_io import read_metadata, write_safetensors
 from timm_anysize.flexi import patch_size as flexi_patch_size
 from timm_anysize.plan import source_read
 from timm_anysize.pretrained_cfg import stats_for_channels
 from timm_anysize.source_weights import load_source_state_dict
+from timm_anysize.timm_geometry import GEOMETRY_METADATA
 
 __all__ = [
     "calibrate",
@@ -58,7 +59,27 @@ __all__ = [
     "build_teacher",
     "geometry_bound_parameters",
     "save_calibrated",
+    "calibration_of",
+    "CALIBRATION_METADATA",
 ]
+
+# The safetensors metadata key of a calibrated file: what the calibration did (teacher, steps, images, agreement).
+CALIBRATION_METADATA = "timm_anysize.calibration"
+# What of a report a calibrated file and a model card carry: no local path, no loss curve.
+_CARD_FIELDS = (
+    "teacher",
+    "target",
+    "metric",
+    "trainable",
+    "steps",
+    "batch_size",
+    "lr",
+    "images",
+    "held_out",
+    "geometries",
+    "agreement_before",
+    "agreement_after",
+)
 
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)
 
@@ -487,9 +508,9 @@ def save_calibrated(model: nn.Module, report: CalibrationReport, out: Union[str,
     """Write a calibrated variant's weights to ``out`` (safetensors, atomically) and the report beside them
     (``<out>.calibration.json``, no local paths in either).
 
-    The file holds the weights at the variant's geometry: a variant whose ``pretrained`` names it with that geometry
-    (``file``, ``img_size``, ``patch_size``, ``in_chans``, ``num_classes`` of the variant) loads it with every tensor
-    copied. Its metadata names the variant and the geometry.
+    The file holds the weights at the variant's geometry, and its metadata says so (the variant, the geometry, the
+    calibration): ``timm.create_model(variant, pretrained=True, pretrained_cfg_overlay=dict(file=out))``, or a
+    variant whose ``pretrained.file`` names it, loads it with every tensor copied.
 
     Returns:
         The weight file.
@@ -503,8 +524,10 @@ def save_calibrated(model: nn.Module, report: CalibrationReport, out: Union[str,
         ...                                      pretrained={"file": d + "/w.safetensors"})
         >>> model = timm.create_model(name, pretrained=True)
         >>> report = calibrate(model, torch.rand(40, 3, 48, 48), steps=1, batch_size=4, progress=False)
-        >>> save_calibrated(model, report, d + "/calibrated.safetensors").name
-        'calibrated.safetensors'
+        >>> path = save_calibrated(model, report, d + "/calibrated.safetensors")
+        >>> again = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+        >>> all(torch.equal(v, model.state_dict()[k]) for k, v in again.state_dict().items())
+        True
     """
     plan = _plan_of(model)
     path = Path(out)
@@ -516,8 +539,8 @@ def save_calibrated(model: nn.Module, report: CalibrationReport, out: Union[str,
     metadata = {
         "format": "pt",
         "timm_anysize.variant": plan.spec.name,
-        "timm_anysize.geometry": json.dumps(geometry),
-        "timm_anysize.calibration": json.dumps({k: getattr(report, k) for k in ("teacher", "steps", "images")}),
+        GEOMETRY_METADATA: json.dumps(geometry),
+        CALIBRATION_METADATA: json.dumps({k: getattr(report, k) for k in _CARD_FIELDS}),
     }
     write_safetensors(path, [(k, v.dtype, tuple(v.shape)) for k, v in sd.items()], iter(sd.items()), metadata)
     side = path.with_name(path.name.removesuffix(".safetensors") + ".calibration.json")
@@ -525,3 +548,38 @@ def save_calibrated(model: nn.Module, report: CalibrationReport, out: Union[str,
     tmp.write_text(json.dumps({**report.to_dict(), "geometry": geometry}, indent=2))
     os.replace(tmp, side)
     return path
+
+
+def calibration_of(path: Optional[Union[str, os.PathLike]]) -> Optional[dict[str, Any]]:
+    """What the calibration of a weight file written by :func:`save_calibrated` did (teacher, steps, batch size, lr,
+    images, trainable, and the agreement before and after per geometry), from its metadata, completed from the
+    ``.calibration.json`` report beside it; None for any other file (or None).
+
+    Example:
+        >>> import tempfile, timm, torch, timm_anysize
+        >>> from safetensors.torch import save_file
+        >>> d = tempfile.mkdtemp()
+        >>> save_file(timm.create_model("test_vit").state_dict(), d + "/w.safetensors")
+        >>> name = timm_anysize.register_variant("calib_doc_of", base="test_vit", img_size=48,
+        ...                                      pretrained={"file": d + "/w.safetensors"})
+        >>> model = timm.create_model(name, pretrained=True)
+        >>> report = calibrate(model, torch.rand(40, 3, 48, 48), steps=2, batch_size=4, progress=False)
+        >>> done = calibration_of(save_calibrated(model, report, d + "/calibrated.safetensors"))
+        >>> done["steps"], done["images"], done["geometries"], calibration_of(d + "/w.safetensors")
+        (2, 8, ['48x48 px'], None)
+    """
+    if path is None or not str(path).endswith(".safetensors"):
+        return None
+    raw = read_metadata(path).get(CALIBRATION_METADATA)
+    if raw is None:
+        return None
+    try:
+        found = json.loads(raw)
+    except ValueError:
+        found = {}
+    side = Path(path).with_name(Path(path).name.removesuffix(".safetensors") + ".calibration.json")
+    if not set(_CARD_FIELDS) <= set(found) and side.is_file():
+        with contextlib.suppress(OSError, ValueError):
+            report = json.loads(side.read_text())
+            found = {**{k: report[k] for k in _CARD_FIELDS if k in report}, **found}
+    return {k: found[k] for k in _CARD_FIELDS if k in found} if isinstance(found, dict) else None

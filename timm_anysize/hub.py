@@ -19,6 +19,7 @@ from typing import Any, Optional, Sequence, Union
 import timm
 import torch.nn as nn
 
+from timm_anysize.calibration import calibration_of
 from timm_anysize.core.atomic import atomic_folder, check_folder_free
 from timm_anysize.core.attributes import module_attr
 from timm_anysize.core.errors import AnysizeError
@@ -195,6 +196,7 @@ def _model_card(model: nn.Module, repo_id: Optional[str], metrics: Any, planned_
         num_copied=num_copied,
         num_total=num_total,
         metrics=metrics,
+        calibration=calibration_of(cfg.get("file")),
         version=__version__,
     )
 

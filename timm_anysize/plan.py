@@ -29,11 +29,13 @@ from timm_anysize.families import family_of, generic_family
 from timm_anysize.origins import ConversionCheck, model_numerics
 from timm_anysize.source_weights import SourceRead, source_config
 from timm_anysize.timm_geometry import (
+    file_geometry,
     geometry_of,
     resolve_base_cfg,
     target_feature_size,
     tensor_resamples,
     with_config_geometry,
+    with_file_geometry,
 )
 from timm_anysize.validation import (
     check_patches_and_channels,
@@ -65,6 +67,10 @@ def make_plan(
     """Resolve a spec: base cfg, family, source and target geometry, and the ``config.json`` that speaks for the
     weights. Reads no weights, allocates no tensors.
 
+    Weights that state their geometry in their safetensors metadata (a calibrated variant's, written by
+    :func:`timm_anysize.calibration.save_calibrated`) are at that geometry, whatever the spec's ``pretrained``
+    says (:func:`~timm_anysize.timm_geometry.with_file_geometry`): at the variant's own, every tensor is copied.
+
     Args:
         spec: The variant spec.
         overrides: ``timm.create_model`` kwargs that override the spec for this model (``img_size``,
@@ -87,15 +93,17 @@ def make_plan(
         >>> plan.source.grid_size, plan.target.grid_size
         ((10, 10), (16, 16))
     """
-    config = source_config(spec, weights, cache_dir)
+    geometry = file_geometry(spec, weights)
+    # a file of a variant's own weights is in timm's layout: no config.json speaks for it
+    config = None if geometry is not None else source_config(spec, weights, cache_dir)
     if not overrides:
         # The plan of a spec without overrides never changes; each create_model of a variant reuses it.
-        key = _plan_key(spec, config)
+        key = _plan_key(spec, config, geometry)
         plan = _default_plans.get(key)
         if plan is None:
-            plan = _default_plans[key] = _make_plan(spec, {}, config)
+            plan = _default_plans[key] = _make_plan(spec, {}, config, geometry)
         return plan
-    return _make_plan(spec, dict(overrides), config)
+    return _make_plan(spec, dict(overrides), config, geometry)
 
 
 def source_read(plan: VariantPlan) -> SourceRead:
@@ -147,7 +155,9 @@ def made_plan(spec: VariantSpec) -> Optional[VariantPlan]:
         >>> made_plan(spec) is plan
         True
     """
-    return _default_plans.get(_plan_key(spec, source_config(spec)))
+    geometry = file_geometry(spec)
+    config = None if geometry is not None else source_config(spec)
+    return _default_plans.get(_plan_key(spec, config, geometry))
 
 
 def forget_plans(spec: VariantSpec) -> None:
@@ -162,14 +172,16 @@ def forget_plans(spec: VariantSpec) -> None:
         >>> made_plan(spec) is None
         True
     """
-    prefix = _plan_key(spec, None).rsplit("|", 1)[0] + "|"
+    prefix = f"{spec.origin}|{spec.model_dump_json()}|"
     for key in [k for k in _default_plans if k.startswith(prefix)]:
         del _default_plans[key]
 
 
-def _plan_key(spec: VariantSpec, config: Optional[dict[str, Any]]) -> str:
-    # The origin is excluded from dumps but named in errors; a config.json is part of what the plan was made from.
-    return f"{spec.origin}|{spec.model_dump_json()}|{json.dumps(config, sort_keys=True, default=str)}"
+def _plan_key(spec: VariantSpec, config: Optional[dict[str, Any]], geometry: Optional[dict[str, Any]]) -> str:
+    # The origin is excluded from dumps but named in errors; a config.json and a weight file's geometry are part of
+    # what the plan was made from.
+    made_from = json.dumps([config, geometry], sort_keys=True, default=str)
+    return f"{spec.origin}|{spec.model_dump_json()}|{made_from}"
 
 
 def _call_error(spec: VariantSpec, overrides: dict[str, Any], err: SpecError) -> Exception:
@@ -183,10 +195,16 @@ def _call_error(spec: VariantSpec, overrides: dict[str, Any], err: SpecError) ->
     return err
 
 
-def _make_plan(spec: VariantSpec, overrides: dict[str, Any], config: Optional[dict[str, Any]]) -> VariantPlan:
-    """The plan of ``spec`` with ``overrides``, its unset source geometry taken from ``config``: both models built
-    on the meta device, every check of :mod:`timm_anysize.validation` made in order."""
-    spec = with_config_geometry(spec, config)
+def _make_plan(
+    spec: VariantSpec,
+    overrides: dict[str, Any],
+    config: Optional[dict[str, Any]],
+    geometry: Optional[dict[str, Any]] = None,
+) -> VariantPlan:
+    """The plan of ``spec`` with ``overrides``, its source geometry that of a weight file stating one
+    (``geometry``), else its unset fields taken from ``config``: both models built on the meta device, every check
+    of :mod:`timm_anysize.validation` made in order."""
+    spec = with_config_geometry(with_file_geometry(spec, geometry), config)
     base_cfg = resolve_base_cfg(spec)
     src = spec.pretrained
     source_kwargs = {

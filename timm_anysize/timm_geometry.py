@@ -12,8 +12,10 @@ from __future__ import annotations
 import copy
 import difflib
 import fnmatch
+import json
 import math
-from typing import Any, Mapping, Optional
+import os
+from typing import Any, Mapping, Optional, Union
 
 import timm
 import torch
@@ -21,9 +23,10 @@ import torch.nn as nn
 from timm.layers import get_spatial_dim
 from timm.models import get_pretrained_cfg, model_entrypoint
 
-from timm_anysize.core.errors import SpecError
+from timm_anysize.core.errors import SpecError, WeightsError
 from timm_anysize.core.family import Family, tensor_layouts
 from timm_anysize.core.geometry import Geometry, TensorResample
+from timm_anysize.core.safetensors_io import read_metadata
 from timm_anysize.core.spec import Size2, VariantSpec
 from timm_anysize.families import FAMILIES
 from timm_anysize.origins import config_geometry
@@ -34,6 +37,9 @@ __all__ = [
     "patch_from_model",
     "spec_target",
     "with_config_geometry",
+    "GEOMETRY_METADATA",
+    "file_geometry",
+    "with_file_geometry",
     "tensor_resamples",
     "feature_size",
     "target_feature_size",
@@ -252,6 +258,83 @@ def with_config_geometry(spec: VariantSpec, config: Optional[dict[str, Any]]) ->
     if not fill:
         return spec
     return spec.model_copy(update={"pretrained": src.model_copy(update=fill)})
+
+
+# The safetensors metadata key in which a file of a variant's weights (timm_anysize.calibration.save_calibrated)
+# states the geometry they are at: img_size, patch_size (where the model has one), in_chans, num_classes.
+GEOMETRY_METADATA = "timm_anysize.geometry"
+
+
+def file_geometry(spec: VariantSpec, weights: Optional[Mapping[str, Any]] = None) -> Optional[dict[str, Any]]:
+    """The geometry a weight file states in its safetensors metadata (:data:`GEOMETRY_METADATA`, written with a
+    calibrated variant's weights), read from its header alone.
+
+    Args:
+        spec: The variant.
+        weights: The weight-location fields of the resolved pretrained cfg when the weights will be read (a
+            ``pretrained_cfg_overlay`` file among them); None: the spec's own ``pretrained.file``.
+
+    Returns:
+        ``img_size``, ``patch_size`` (None where the file's model has none), ``in_chans`` and ``num_classes``, or
+        None: not a local safetensors file, or no geometry in its metadata.
+
+    Raises:
+        WeightsError: The metadata's geometry is not one (names the file and the fix).
+
+    Example:
+        >>> import json, tempfile, torch
+        >>> from safetensors.torch import save_file
+        >>> from timm_anysize.core.spec import parse_variant
+        >>> p = tempfile.mkdtemp() + "/w.safetensors"
+        >>> geometry = {"img_size": [48, 48], "patch_size": [8, 8], "in_chans": 1, "num_classes": 10}
+        >>> save_file({"a": torch.zeros(1)}, p, metadata={GEOMETRY_METADATA: json.dumps(geometry)})
+        >>> file_geometry(parse_variant("v", {"base": "test_vit", "pretrained": {"file": p}}))
+        {'img_size': (48, 48), 'patch_size': (8, 8), 'in_chans': 1, 'num_classes': 10}
+    """
+    path: Optional[Union[str, os.PathLike]]
+    if weights is None:
+        path = spec.pretrained.file
+    else:
+        path = None if weights.get("state_dict") else weights.get("file")
+    if path is None or not str(path).endswith(".safetensors"):
+        return None
+    raw = read_metadata(path).get(GEOMETRY_METADATA)
+    if raw is None:
+        return None
+    try:
+        data = json.loads(raw)
+        patch = data.get("patch_size")
+        return {
+            "img_size": (int(data["img_size"][0]), int(data["img_size"][1])),
+            "patch_size": None if patch is None else (int(patch[0]), int(patch[1])),
+            "in_chans": int(data["in_chans"]),
+            "num_classes": int(data["num_classes"]),
+        }
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+        raise WeightsError(
+            f"{path}: its metadata's {GEOMETRY_METADATA} is not a geometry ({raw!r}: {e!r}); re-save the weights "
+            f"with timm_anysize's save_calibrated or remove the key"
+        ) from e
+
+
+def with_file_geometry(spec: VariantSpec, geometry: Optional[Mapping[str, Any]]) -> VariantSpec:
+    """``spec`` reading weights that are at ``geometry`` (:func:`file_geometry`): its ``pretrained`` geometry
+    replaced by the file's (the spec's describes the weights it was made from), in timm's layout, built with the
+    variant's own ``model_args`` (the file was saved from the variant's model): a file at the variant's own
+    geometry loads with every tensor copied.
+
+    Example:
+        >>> from timm_anysize.core.spec import parse_variant
+        >>> spec = parse_variant("v", {"base": "test_vit", "img_size": 48, "pretrained": {"img_size": 32}})
+        >>> g = {"img_size": (48, 48), "patch_size": (16, 16), "in_chans": 3, "num_classes": 1000}
+        >>> src = with_file_geometry(spec, g).pretrained
+        >>> src.img_size, src.patch_size, src.layout
+        ((48, 48), (16, 16), 'timm')
+    """
+    if geometry is None:
+        return spec
+    update = {**geometry, "model_args": {}, "layout": "timm"}
+    return spec.model_copy(update={"pretrained": spec.pretrained.model_copy(update=update)})
 
 
 def target_feature_size(

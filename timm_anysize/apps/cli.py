@@ -369,12 +369,10 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     )
     save_calibrated(model, report, out)
     print(report.summary())
-    t = make_plan(spec).target
-    pretrained = {"file": out.name, "img_size": list(t.img_size), "in_chans": t.in_chans, "num_classes": t.num_classes}
-    if t.patch_size is not None:
-        pretrained["patch_size"] = list(t.patch_size)
-    print(f"wrote {out} and its report; to load it, give the variant (beside the file):")
-    print(f"  pretrained: {json.dumps(pretrained)}")
+    # the file states its geometry in its metadata: named as the variant's weights, every tensor is copied
+    print(f"wrote {out} and its report; to load it as the variant's weights:")
+    print(f"  timm.create_model({spec.name!r}, pretrained=True, pretrained_cfg_overlay=dict(file={str(out)!r}))")
+    print(f"  or, in the variant's YAML: pretrained: {json.dumps({'file': out.name})}  (the file beside the YAML)")
     return 0
 
 

@@ -25,6 +25,7 @@ from timm_anysize.core.errors import AdaptationError, WeightsError
 
 __all__ = [
     "LazySafetensors",
+    "read_metadata",
     "write_safetensors",
     "read_safetensors",
     "owned_aligned",
@@ -71,6 +72,29 @@ def owned_aligned(tensor: torch.Tensor) -> torch.Tensor:
     if tensor.device.type != "cpu" or tensor.data_ptr() % ALIGNMENT == 0:
         return tensor
     return tensor.clone(memory_format=torch.preserve_format)
+
+
+def read_metadata(path: Union[str, os.PathLike]) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file (its header only: no tensor is read), ``{}`` where there is none
+    or the file is not a readable safetensors file (the weights' read reports that, naming the file).
+
+    Example:
+        >>> import tempfile, torch
+        >>> from safetensors.torch import save_file
+        >>> p = tempfile.mkdtemp() + "/w.safetensors"
+        >>> save_file({"a": torch.zeros(2)}, p, metadata={"format": "pt"})
+        >>> read_metadata(p), read_metadata(p + ".missing")
+        ({'format': 'pt'}, {})
+    """
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > os.fstat(f.fileno()).st_size - 8:
+                return {}
+            metadata = json.loads(f.read(n)).get("__metadata__") or {}
+    except (OSError, ValueError, struct.error, AttributeError):
+        return {}
+    return {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {}
 
 
 class LazySafetensors(Mapping):
