@@ -51,6 +51,8 @@ def test_a_registered_variant_and_a_config_file_are_checked_by_name(make_checkpo
     )
     assert main(["check", "-c", str(yaml)]) == 1  # -c: checked like a file argument (and not registered)
     assert capsys.readouterr().err == f"{yaml}: {gone}: pretrained.file {weights}.old: no such file or folder\n"
+    assert main(["check", "-c", str(yaml), gone]) == 1  # a name of a -c file: checked with its file, reported once
+    assert capsys.readouterr().err == f"{yaml}: {gone}: pretrained.file {weights}.old: no such file or folder\n"
     assert main(["show", "-c", str(yaml), name]) == 0  # registered by -c (validated: the geometry is fine)
     capsys.readouterr()
     assert main(["check", name]) == 0

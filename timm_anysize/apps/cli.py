@@ -305,14 +305,29 @@ def _check_specs(specs: Sequence[VariantSpec]) -> list[str]:
     return problems
 
 
+def _names_in(paths: Sequence[str]) -> set[str]:
+    """The variant names the YAML files ``paths`` define (a file that does not load defines none here: checking it
+    reports why)."""
+    names: set[str] = set()
+    for path in paths:
+        try:
+            names.update(spec.name for spec in load_yaml_specs(path))
+        except AnysizeError:
+            pass
+    return names
+
+
 def _cmd_check(args: argparse.Namespace) -> int:
     env = [p for p in os.environ.get(CONFIGS_ENV, "").split(os.pathsep) if p]
     targets = list(dict.fromkeys([*args.targets, *args.config, *env]))  # in order, once each
     if not targets:
         _usage_error(args, f"name YAML files or variants to check (or list files in ${CONFIGS_ENV})")
     failed = 0
+    in_config = _names_in(args.config)
     for target in targets:
         is_file = target.endswith((".yaml", ".yml")) or os.sep in target or Path(target).is_file()
+        if not is_file and target in in_config:
+            continue  # a variant of a -c file: checked with its file below, not looked up among the registered
         try:
             specs = load_yaml_specs(target) if is_file else [_variant(target)]
         except AnysizeError as e:
