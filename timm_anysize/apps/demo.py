@@ -83,16 +83,16 @@ DEMO_ROWS = (
     RowDef("vit_digits_patch2_16", "patch 4->2 (16 px), PI-resize", calibration=Calibration(150, lr=3e-4)),
     RowDef("vit_digits_patch4_24", "grid 8->6, bicubic pos-embed", calibration=Calibration(100)),
     RowDef("vit_digits_patch4_24", "grid 8->6, truncated pos-embed", naive=True, tweak="truncate_pos_embed"),
-    RowDef("vit_digits_patch4_48", "grid 8->12, bicubic pos-embed", calibration=Calibration(60)),
+    RowDef("vit_digits_patch4_48", "grid 8->12, bicubic pos-embed", calibration=Calibration(40)),
     RowDef("vit_digits_patch4_48_nearest", "grid 8->12, nearest pos-embed", naive=True),
-    RowDef("vit_digits_patch4_64", "grid 8->16, bicubic pos-embed", calibration=Calibration(50)),
+    RowDef("vit_digits_patch4_64", "grid 8->16, bicubic pos-embed", calibration=Calibration(25)),
     RowDef("vit_digits_patch4_32x48", "grid 8x8->8x12, non-square", calibration=Calibration(60)),
     # not calibrated: the channel adaptation is exact (the student agrees with its teacher on every image before any
     # step), so there is nothing to recover, and Adam's steps near agreement only add noise (a quick run lost 0.6)
     RowDef("vit_digits_patch4_32_rgb", "channels 1->3"),
 )
 # One calibration for the run-time patch sizes 2, 4 and 8 at 32 px (the flexi section).
-FLEXI_CALIBRATION = Calibration(150)
+FLEXI_CALIBRATION = Calibration(100)
 QUICK_ROWS = tuple(DEMO_ROWS[i] for i in (0, 1, 2, 6, 10))
 
 
