@@ -83,7 +83,7 @@ DEMO_ROWS = (
     RowDef("vit_digits_patch2_16", "patch 4->2 (16 px), PI-resize", calibration=Calibration(150, lr=3e-4)),
     RowDef("vit_digits_patch4_24", "grid 8->6, bicubic pos-embed", calibration=Calibration(100)),
     RowDef("vit_digits_patch4_24", "grid 8->6, truncated pos-embed", naive=True, tweak="truncate_pos_embed"),
-    RowDef("vit_digits_patch4_48", "grid 8->12, bicubic pos-embed", calibration=Calibration(40)),
+    RowDef("vit_digits_patch4_48", "grid 8->12, bicubic pos-embed", calibration=Calibration(60)),
     RowDef("vit_digits_patch4_48_nearest", "grid 8->12, nearest pos-embed", naive=True),
     RowDef("vit_digits_patch4_64", "grid 8->16, bicubic pos-embed", calibration=Calibration(25)),
     RowDef("vit_digits_patch4_32x48", "grid 8x8->8x12, non-square", calibration=Calibration(60)),
