@@ -426,7 +426,7 @@ def test_flexi_demo_quick(tmp_path):
     results = run_flexi_demo(tmp_path, quick=True, print_fn=None)
     rows = results["rows"]
     assert {(r["model"], r["patch"]) for r in rows} == {
-        (m, p) for m in ("zero-shot", "single patch 4", "flexi 2/4/8") for p in FLEXI_PATCHES
+        (m, p) for m in ("zero-shot", "single patch 4", "flexi 2/4/8", "calibrated 2/4/8") for p in FLEXI_PATCHES
     }
     acc = {(r["model"], r["patch"]): r["accuracy"] for r in rows}
     assert acc[("zero-shot", 4)] >= 90  # the base at its own patch
