@@ -543,11 +543,16 @@ def save_calibrated(model: nn.Module, report: CalibrationReport, out: Union[str,
         CALIBRATION_METADATA: json.dumps({k: getattr(report, k) for k in _CARD_FIELDS}),
     }
     write_safetensors(path, [(k, v.dtype, tuple(v.shape)) for k, v in sd.items()], iter(sd.items()), metadata)
-    side = path.with_name(path.name.removesuffix(".safetensors") + ".calibration.json")
+    side = _report_path(path)
     tmp = side.with_name(f".{side.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps({**report.to_dict(), "geometry": geometry}, indent=2))
     os.replace(tmp, side)
     return path
+
+
+def _report_path(weights: Path) -> Path:
+    """The report :func:`save_calibrated` writes beside ``weights``: ``<stem>.calibration.json``."""
+    return weights.with_name(weights.name.removesuffix(".safetensors") + ".calibration.json")
 
 
 def calibration_of(path: Optional[Union[str, os.PathLike]]) -> Optional[dict[str, Any]]:
@@ -577,7 +582,7 @@ def calibration_of(path: Optional[Union[str, os.PathLike]]) -> Optional[dict[str
         found = json.loads(raw)
     except ValueError:
         found = {}
-    side = Path(path).with_name(Path(path).name.removesuffix(".safetensors") + ".calibration.json")
+    side = _report_path(Path(path))
     if not set(_CARD_FIELDS) <= set(found) and side.is_file():
         with contextlib.suppress(OSError, ValueError):
             report = json.loads(side.read_text())
