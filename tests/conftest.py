@@ -9,6 +9,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import itertools  # noqa: E402
 import shutil  # noqa: E402
+import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import textwrap  # noqa: E402
@@ -89,6 +90,8 @@ def _torch_global_state() -> dict[str, Any]:
         "mkldnn": torch.backends.mkldnn.enabled,
         "timm_fused_attn": timm.layers.use_fused_attn(),
         "timm_fused_attn_experimental": timm.layers.use_fused_attn(experimental=True),
+        # not torch's, but process-wide all the same: a test that leaves Ctrl-C ignored breaks a later one that sends it
+        "sigint_handler": signal.getsignal(signal.SIGINT),
     }
 
 
