@@ -406,10 +406,6 @@ FAMILIES = (
             conformance=gray_and_4ch((64, 96), 136),
             multiple=4,
             train_sizes=_TRAIN_SIZES,
-            train_built=(64, 128),
-            train_note="at 16 px (timm shrinks the windows to the grids 4, 2, 1, 1; the variant masks its 4 x 4 ones) "
-            "it equals a model built there in eval mode (5e-7) but is 2.7e-3 apart in train mode with the same random "
-            "draws (drop rates 0): cause not found (issue 31)",
         ),
     ),
 )
