@@ -17,12 +17,15 @@ import zlib  # noqa: E402
 from pathlib import Path
 from typing import Any, Callable
 
+import anysize_tiny_models  # noqa: F401,E402  (registers the rows' TinyModel.base entrypoints with timm)
 import numpy as np
 import pytest
 import safetensors.torch
 import timm
 import torch
 from PIL import Image
+
+from timm_anysize.core.family import Family
 
 _counter = itertools.count()
 
@@ -63,6 +66,11 @@ def run_torchrun(*args: str, timeout: float = 240) -> None:
         os.killpg(proc.pid, 9)
         raise
     assert proc.returncode == 0, stderr[-3000:]
+
+
+def tiny_arch(fam: Family) -> str:
+    """The timm model a row's tiny setup builds: its smaller ``TinyModel.base`` where it has one, else its example."""
+    return fam.tiny.base or fam.example
 
 
 def unique_name(prefix: str = "t") -> str:

@@ -18,7 +18,7 @@ from timm.layers import get_notrace_functions, get_notrace_modules
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 import timm_anysize
-from conftest import unique_name
+from conftest import tiny_arch, unique_name
 from timm_anysize.apps.docs import families_markdown
 from timm_anysize.core.family import Family
 from timm_anysize.families import FAMILIES
@@ -55,7 +55,7 @@ def checkpoint(name: str, tmp: str) -> str:
     embeddings or tables: resampling must show)."""
     s = family(name).tiny
     torch.manual_seed(0)
-    model = timm.create_model(family(name).example, img_size=s.img_size, **s.model_args).eval()
+    model = timm.create_model(tiny_arch(family(name)), img_size=s.img_size, **s.model_args).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
@@ -69,7 +69,7 @@ def variant(name: str, ckpt_dir: str, img_size=None, **kwargs) -> str:
     s = family(name).tiny
     return timm_anysize.register_variant(
         unique_name(),
-        base=family(name).example,
+        base=tiny_arch(family(name)),
         model_args=s.model_args,
         img_size=list(img_size or sizes(name)[0]),
         pretrained={"file": checkpoint(name, ckpt_dir), "img_size": s.img_size},
@@ -83,7 +83,9 @@ def models(name: str, ckpt_dir: str) -> list[torch.nn.Module]:
     fam = family(name)
     s = fam.tiny
     var = timm.create_model(variant(name, ckpt_dir), pretrained=True).eval()
-    plain = timm.create_model(fam.example, img_size=s.img_size, **s.model_args, **fam.dynamic_kwargs(True, True)).eval()
+    plain = timm.create_model(
+        tiny_arch(fam), img_size=s.img_size, **s.model_args, **fam.dynamic_kwargs(True, True)
+    ).eval()
     plain.load_state_dict(torch.load(checkpoint(name, ckpt_dir), weights_only=True))
     return [var, plain if fam.dynamic == "native" else timm_anysize.enable_dynamic(plain)]
 
@@ -168,7 +170,7 @@ def dynamic_and_built(name: str, ckpt_dir: str, other: tuple[int, int]) -> tuple
     torch.save(dynamic.state_dict(), weights)
     built_name = timm_anysize.register_variant(
         unique_name(),
-        base=family(name).example,
+        base=tiny_arch(family(name)),
         model_args=family(name).tiny.model_args,
         img_size=list(other),
         dynamic=False,

@@ -386,8 +386,8 @@ def test_nest_onnx_stops_on_timms_own_attention_as_its_export_note_says(tmp_path
     assert "5-D scaled_dot_product_attention" in next(f for f in FAMILIES if f.name == "nest").onnx_note
     pytest.importorskip("onnxscript")
     for model, dims in (
-        (timm_anysize.enable_dynamic(_perturbed("nest_tiny", img_size=64)), (0, 2, 3)),
-        (timm.create_model("nest_tiny", img_size=64).eval(), (0,)),
-    ):  # plain timm: its own size
+        (timm_anysize.enable_dynamic(_perturbed("anysize_tiny_nest", img_size=64)), (0, 2, 3)),
+        (timm.create_model("anysize_tiny_nest", img_size=64).eval(), (0,)),
+    ):  # plain timm: its own size; NesT-T's layout, one block a level (tests/anysize_tiny_models.py)
         with pytest.raises(Exception, match="only 4D query, key, and value are supported"):
             _onnx(model, (64, 64), tmp_path, dims)

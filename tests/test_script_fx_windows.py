@@ -28,6 +28,7 @@ from script_fx import (
 )
 
 import timm_anysize  # noqa: F401  (registers the variants)
+from conftest import tiny_arch
 
 FAMS = group("windows")
 ids = [f.name for f in FAMS]
@@ -48,12 +49,12 @@ def test_timm_feature_info_names_modules_that_do_not_exist(fam):
     """The rows whose ``fx_features_note`` says so (timm's Twins and MViTv2 name their feature modules 'block.k'):
     plain timm's own fx feature extractor fails on them too, so they have no fx feature model to compare."""
     args = dict(img_size=fam.tiny.img_size) if fam.tiny.img_size_arg else {}
-    model = timm.create_model(fam.example, pretrained=False, **args, **fam.tiny.model_args)
+    model = timm.create_model(tiny_arch(fam), pretrained=False, **args, **fam.tiny.model_args)
     first = model.feature_info[0]["module"]
     assert first not in dict(model.named_modules())
     with pytest.raises(ValueError, match=f"'{re.escape(first)}' is not present"):
         timm.create_model(
-            fam.example, pretrained=False, features_only=True, feature_cls="fx", **args, **fam.tiny.model_args
+            tiny_arch(fam), pretrained=False, features_only=True, feature_cls="fx", **args, **fam.tiny.model_args
         )
 
 

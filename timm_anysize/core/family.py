@@ -131,9 +131,9 @@ class TinyModel:
             (``model_args`` defaults to the tiny model's; a deeper one where timm's feature tests want three
             levels), usually :func:`gray_and_4ch`. Each is registered as
             ``cf_<family>_[patch<p>_]<size>_<gray|<n>ch>``.
-        train_base: A smaller timm entrypoint of the family that tests/test_train_many_sizes.py trains instead of
-            ``example``, where ``example``'s own fixes full widths and depths (registered by
-            tests/anysize_tiny_models.py); "": ``example`` with ``model_args``.
+        base: A smaller timm entrypoint of the example's class that the tests build instead of ``example``
+            (the many-sizes training, TorchScript / FX / compile / export), where ``example``'s own fixes full widths
+            and depths (registered by tests/anysize_tiny_models.py); "": ``example`` with ``model_args``.
         train_sizes: The square sizes that test trains at; (): from the smallest run-time size to twice ``img_size``.
         train_built: The trained sizes it compares with a timm model built for each; None: all of them.
         train_note: Why the other trained sizes are not compared (with ``train_built``).
@@ -164,7 +164,7 @@ class TinyModel:
     min_input: int = 1
     multiple: int = 1
     conformance: tuple[dict[str, Any], ...] = ()
-    train_base: str = ""
+    base: str = ""
     train_sizes: tuple[int, ...] = ()
     train_built: Optional[tuple[int, ...]] = None
     train_note: str = ""

@@ -299,7 +299,7 @@ FAMILIES = (
             built_note="timm builds MViTv2 square only, so no timm model takes the variant's non-square weights as "
             "its source (tests/test_families.py checks a non-square variant's per-axis tables)",
             conformance=gray_and_4ch((64, 96), 160),
-            train_base="anysize_tiny_mvitv2",
+            base="anysize_tiny_mvitv2",
         ),
     ),
 )

@@ -189,7 +189,7 @@ FAMILIES = (
             multiple=16,
             script_fx="",
             script_fx_note="its own module checks TorchScript, FX and export: tests/test_efficientformer_nest.py",
-            train_base="anysize_tiny_nest",
+            base="anysize_tiny_nest",
         ),  # NesT-T (fixed widths): 4x4 blocks of 4x4 patches
     ),
 )

@@ -71,7 +71,7 @@ FAMILIES = (
         runtime=DynamicPath(classes={volo.VOLO: DynamicVolo}, patch_layout="none"),
         example="volo_d1_224",
         tiny=TinyModel(
-            script_fx="tokens", conformance=gray_and_4ch((64, 96), 136), min_input=15, train_base="anysize_tiny_volo"
+            script_fx="tokens", conformance=gray_and_4ch((64, 96), 136), min_input=15, base="anysize_tiny_volo"
         ),  # full width: no size args
     ),
 )
