@@ -49,10 +49,10 @@ def test_forward_intermediates_at_another_size_equal_a_model_built_for_it(fam, c
     assert_equals_built_at_another_size(fam.name, ckpt_dir)
 
 
-# torch.compile(dynamic=True), torch.export with dynamic H/W and ONNX: three sizes each. Visformer's two cells are the
-# slowest of the suite after the conformance chunks (about 90 s and 100 s under -n 2 on 2 cores, CI of 2026-12-02):
-# its stages each resample their own [1, C, H, W] position embedding on the symbolic size, so the capture goes
-# through one resample per stage where the ViT family has one in all.
+# torch.compile(dynamic=True), torch.export with dynamic H/W and ONNX: three sizes each. Visformer's export cell is the
+# slowest of the suite after the conformance chunks (about 90 s under -n 2 on 2 cores): its stages each resample their
+# own [1, C, H, W] position embedding on the symbolic size, one resample per stage where the ViT family has one in all
+# (its compile cell, as long again, is skipped with the row's compile_skip).
 
 
 @pytest.mark.parametrize("fam", cells(FAMS, lambda f: f.tiny.compile_skip))

@@ -120,6 +120,10 @@ FAMILIES = (
             dict(embed_dim=48, depth=(1, 1, 1), num_heads=2, init_channels=16),
             step=32,
             script_fx="tokens",
+            # measured 2026-12-07: two graphs (one recompile), 76 s of CI's 2 cores, the suite's slowest compile
+            compile_skip="torch.compile(dynamic=True) equals eager at the three sizes (checked once: two graphs, "
+            "76 s on 2 cores) but costs more than CI's budget: each stage pads its patch grid and resamples its own "
+            "position embedding on the symbolic size; torch.export with a dynamic height and width and ONNX are tested",
             conformance=gray_and_4ch((96, 160), 144),
             multiple=32,
         ),
