@@ -12,6 +12,7 @@ import torch
 
 import timm_anysize
 from conftest import unique_name
+from timm_anysize.apps.demo import FLEXI_PATCHES
 from timm_anysize.apps.digits import (
     BASE_VARIANT,
     evaluate,
@@ -107,8 +108,15 @@ def test_demo_quick(tmp_path, capsys):
     assert "kernel 4x4 -> 8x8 (PI-resize" in pi["non_copied"]["patch_embed.proj.weight"]
     assert rows["grid 8->12, bicubic pos-embed"]["calibrated"] is not None
     assert base["calibrated"] is None  # the base is its own teacher
-    flexi = {r["model"] for r in results["flexi"]["rows"]}
-    assert flexi == {"zero-shot", "single patch 4", "flexi 2/4/8", "calibrated 2/4/8"}
+    # The run-time patch size section (run_flexi_demo) ran in the same demo: each model at each patch size.
+    flexi = results["flexi"]["rows"]
+    assert {(r["model"], r["patch"]) for r in flexi} == {
+        (m, p) for m in ("zero-shot", "single patch 4", "flexi 2/4/8", "calibrated 2/4/8") for p in FLEXI_PATCHES
+    }
+    acc = {(r["model"], r["patch"]): r["accuracy"] for r in flexi}
+    assert acc[("zero-shot", 4)] >= 90  # the base at its own patch
+    assert all(0 <= r["accuracy"] <= 100 and r["images_per_s"] > 0 for r in flexi)
+    assert (tmp_path / "flexi.json").is_file() and (tmp_path / "flexi_accuracy_vs_throughput.png").stat().st_size > 0
 
 
 def test_train_digits_base_needs_an_output_path(capsys):

@@ -420,20 +420,6 @@ def test_torchrun_ddp_flexi_through_the_launcher(flexi_yaml):
     assert sizes[0] == sizes[1] and len(set(sizes[0])) > 1  # several patch sizes, the same per step on both ranks
 
 
-def test_flexi_demo_quick(tmp_path):
-    from timm_anysize.apps.demo import FLEXI_PATCHES, run_flexi_demo
-
-    results = run_flexi_demo(tmp_path, quick=True, print_fn=None)
-    rows = results["rows"]
-    assert {(r["model"], r["patch"]) for r in rows} == {
-        (m, p) for m in ("zero-shot", "single patch 4", "flexi 2/4/8", "calibrated 2/4/8") for p in FLEXI_PATCHES
-    }
-    acc = {(r["model"], r["patch"]): r["accuracy"] for r in rows}
-    assert acc[("zero-shot", 4)] >= 90  # the base at its own patch
-    assert all(0 <= r["accuracy"] <= 100 and r["images_per_s"] > 0 for r in rows)
-    assert (tmp_path / "flexi.json").is_file() and (tmp_path / "flexi_accuracy_vs_throughput.png").stat().st_size > 0
-
-
 @pytest.mark.parametrize("family", [f for f in _flexi_rows() if f.flexi_embed], ids=lambda f: f.name)
 def test_a_familys_own_flexi_embedding_trains_its_one_kernel(family):
     """A family's own flexi embedding (NaFlexViT's linear projection): random patch sizes in training, gradients on
