@@ -7,6 +7,10 @@ conformance variants registered through ``$TIMM_ANYSIZE_CONFIGS``: :func:`confor
 family rows (each family's tiny model at its ``Family.tiny.conformance`` changes) and writes them to a YAML file in
 the run's folder; extra variants can be added with your own ``$TIMM_ANYSIZE_CONFIGS``. The conftest gives each
 variant exactly the tests timm runs for the variant's base architecture. Every cell must pass.
+In the suite, the other registered variants (the shipped configs: full-size ViT-S, DeiT, EVA, ResNet, ... at their
+own sizes) get timm's pretrained-cfg tests only: their architectures' forward, backward, feature, FX, TorchScript
+and pruning tests run on the families' tiny variants, and on them cost a fifth of the suite's time;
+``$TIMM_ANYSIZE_CONFORMANCE_FULL=1`` runs every test on them too (as ``python tests/test_timm_conformance.py`` does).
 ``$TIMM_ANYSIZE_CONFORMANCE_QUICK=1``: the 1-channel variant of each family only;
 ``$TIMM_ANYSIZE_CONFORMANCE_FAMILIES=swin,vit``: only those families' variants.
 
@@ -32,6 +36,7 @@ import pytest
 import timm
 import yaml
 
+import timm_anysize
 from timm_anysize.families import FAMILIES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,10 +125,11 @@ def run_conformance(
     only: tuple[str, ...] = (),
     extra_args: tuple[str, ...] = (),
     chunk: tuple[int, int] = (0, 1),
+    cfgs_only: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Run timm's test_models.py on the variants (``models='variants'``) or on their plain-timm bases
     (``'bases'``) in a subprocess; returns the conftest's report (one entry per cell). ``chunk=(i, n)``: every n-th
-    variant only, from the i-th (in name order)."""
+    variant only, from the i-th (in name order); ``cfgs_only``: variants that get timm's pretrained-cfg tests only."""
     workdir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(timm_test_models(), workdir / "test_models.py")
     shutil.copyfile(HERE / "timm_conftest.py", workdir / "conftest.py")  # a plugin for timm's file only
@@ -139,6 +145,7 @@ def run_conformance(
         TIMM_ANYSIZE_CONFORMANCE_ONLY=",".join(only),
         TIMM_ANYSIZE_CONFORMANCE_REPORT=str(report),
         TIMM_ANYSIZE_CONFORMANCE_CHUNK="{}/{}".format(*chunk),
+        TIMM_ANYSIZE_CONFORMANCE_CFGS_ONLY=",".join(cfgs_only),
         HF_HUB_OFFLINE="1",
         PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     )
@@ -197,8 +204,9 @@ def conformance_markdown(
         "(e.g. an input size over a test's limit). The *plain timm* column runs the variants' base architectures "
         f"({', '.join(f'`{b}`' for b in base_names)}) through the same file, unshrunk.",
         "",
-        "`tests/test_timm_conformance.py` runs the variants' part (every variant) in the suite and asserts every "
-        "cell passes.",
+        "`tests/test_timm_conformance.py` runs the variants' part in the suite and asserts every cell passes: every "
+        "test on the conformance variants, timm's pretrained-cfg tests on the full-size shipped ones "
+        "(`$TIMM_ANYSIZE_CONFORMANCE_FULL=1`: every test on those too).",
         "Regenerate this page with `python tests/test_timm_conformance.py` (it also runs the plain-timm bases, "
         "which takes longer).",
         "",
@@ -230,6 +238,7 @@ def conformance_markdown(
 
 
 QUICK_ENV = "TIMM_ANYSIZE_CONFORMANCE_QUICK"
+FULL_ENV = "TIMM_ANYSIZE_CONFORMANCE_FULL"
 FAMILIES_ENV = "TIMM_ANYSIZE_CONFORMANCE_FAMILIES"
 
 
@@ -262,6 +271,16 @@ def selected_variants() -> tuple[str, ...]:
     return tuple(n for n in (only or conformance_specs()) if n in theirs)
 
 
+def cfgs_only_variants() -> tuple[str, ...]:
+    """The registered variants that are not conformance variants (the shipped configs, and any of
+    ``$TIMM_ANYSIZE_CONFIGS``): in the suite they get timm's pretrained-cfg tests only, unless
+    ``$TIMM_ANYSIZE_CONFORMANCE_FULL`` is set."""
+    if os.environ.get(FULL_ENV):
+        return ()
+    tiny = set(conformance_specs())
+    return tuple(n for n in timm_anysize.list_variants() if n not in tiny)
+
+
 # The variants' run takes about 8 minutes of one core: it runs as CHUNKS tests, each a subprocess on every
 # CHUNKS-th variant, so the suite's parallel workers share it (about 2 minutes each, the longest tests of the suite).
 CHUNKS = 4
@@ -286,7 +305,9 @@ def test_timm_test_models_passes_on_every_variant(tmp_path, chunk):
         only = tuple(sorted(only)[chunk::CHUNKS])
         if not only:
             pytest.skip(f"no selected variant falls in chunk {chunk} of {CHUNKS}")
-    report = run_conformance(tmp_path, only=only, chunk=(0, 1) if only else (chunk, CHUNKS))
+    report = run_conformance(
+        tmp_path, only=only, chunk=(0, 1) if only else (chunk, CHUNKS), cfgs_only=cfgs_only_variants()
+    )
     cells = report["cells"]
     without = sorted(set(report["variants"]) - {c["arch"] for c in cells})
     assert report["variants"] and not without, f"variants without a conformance cell: {without or 'none run'}"

@@ -19,6 +19,9 @@ Environment:
     TIMM_ANYSIZE_CONFORMANCE_CHUNK: ``i/n``: only every n-th of those variants (in name order), from the i-th (0-based):
         the suite runs the variants in n chunks, spread over its parallel workers.
     TIMM_ANYSIZE_CONFORMANCE_REPORT: a JSON file to write every cell's outcome to.
+    TIMM_ANYSIZE_CONFORMANCE_CFGS_ONLY: comma-separated variant names that get only timm's pretrained-cfg tests
+        (``test_model_default_cfgs*``): the suite's choice for the full-size shipped variants, whose architectures'
+        other tests run on the families' tiny conformance variants.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ _NEEDS_WEIGHTS = {
 
 _MODE = os.environ.get("TIMM_ANYSIZE_CONFORMANCE_MODELS", "variants")
 _ONLY = [n for n in os.environ.get("TIMM_ANYSIZE_CONFORMANCE_ONLY", "").split(",") if n]
+_CFGS_ONLY = set(filter(None, os.environ.get("TIMM_ANYSIZE_CONFORMANCE_CFGS_ONLY", "").split(",")))
+_CFG_TESTS = {"test_model_default_cfgs", "test_model_default_cfgs_non_std"}
 _CHUNK, _CHUNKS = (int(x) for x in (os.environ.get("TIMM_ANYSIZE_CONFORMANCE_CHUNK") or "0/1").split("/"))
 _registry_tests: set[str] = set()
 _cells: list[dict[str, Any]] = []
@@ -114,6 +119,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         params = getattr(getattr(item, "callspec", None), "params", {})
         # An empty selection parametrizes with pytest's NOTSET placeholder (a skip): not a model, not a cell.
         ok = name in _registry_tests and name not in _NEEDS_WEIGHTS and isinstance(params.get("model_name"), str)
+        ok = ok and (name in _CFG_TESTS or _arch(str(params["model_name"])) not in _CFGS_ONLY)
         (keep if ok else drop).append(item)
         if ok:
             _models[item.nodeid] = params["model_name"]
