@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import timm_anysize
-from conftest import unique_name
+from conftest import tiny_arch, unique_name
 from timm_anysize.families import FAMILIES
 
 sides = st.integers(min_value=8, max_value=80)
@@ -60,7 +60,7 @@ def _checkpoint(family, folder: Path) -> tuple[Path, dict]:
     tiny = family.tiny
     size = {"img_size": tiny.img_size} if tiny.img_size_arg else {}
     torch.manual_seed(0)
-    model = timm.create_model(family.example, **size, **tiny.model_args)
+    model = timm.create_model(tiny_arch(family), **size, **tiny.model_args)
     path = folder / f"{family.name}.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     pretrained = {"file": str(path), **size}
@@ -80,7 +80,7 @@ def test_random_geometries_are_refused_up_front_or_run(family, pytestconfig: pyt
     @_settings(pytestconfig)
     @given(geometry=geometries, runs=run_sizes)
     def check(geometry: dict, runs: list[tuple[int, int]]) -> None:
-        spec = dict(base=family.example, model_args=family.tiny.model_args, pretrained=pretrained, **geometry)
+        spec = dict(base=tiny_arch(family), model_args=family.tiny.model_args, pretrained=pretrained, **geometry)
         try:
             name = timm_anysize.register_variant(unique_name(), **spec)
         except timm_anysize.SpecError:
