@@ -162,8 +162,7 @@ def test_ctrl_c_stops_between_steps_and_keeps_every_completed_step(trained_vit):
                 os.kill(os.getpid(), signal.SIGINT)
 
     handle = model.register_forward_pre_hook(interrupt_on_the_third_training_forward)
-    # Python's own Ctrl-C handler, whatever an earlier test in this worker left installed (seed 5 once ran this after
-    # something that left SIGINT ignored or handled: the kill then did nothing)
+    # Python's own Ctrl-C handler: xdist starts its workers with SIGINT ignored (the kill would then do nothing)
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         report = calibrate(model, _images(48), steps=10, batch_size=4, progress=False)

@@ -14,8 +14,9 @@ from script_fx import fx_model
 from test_families import SETUP
 
 import timm_anysize
-from conftest import unique_name
+from conftest import tiny_arch, unique_name
 from timm_anysize.core.resample import resize_bias_grid
+from timm_anysize.families import FAMILIES
 
 
 def _perturbed(arch, **kwargs):
@@ -320,8 +321,6 @@ def test_tiny_vit_window_change_is_refused_by_name(make_checkpoint):
 def test_features_only_at_another_size_equal_the_full_models_intermediates(family, size, other, make_checkpoint):
     """timm's feature wrappers (NesT, EfficientFormerV2: their modules flattened into a FeatureListNet;
     EfficientFormer: forward_intermediates) run every level at another size as the full model does."""
-    from timm_anysize.families import FAMILIES
-
     fam = next(f for f in FAMILIES if f.name == family)
     args = SETUP[family].model_args
     path, _ = make_checkpoint(fam.example, img_size=size, **args)
@@ -381,13 +380,13 @@ def _onnx(model, size, tmp_path, dims=(0, 2, 3)) -> str:
 def test_nest_onnx_stops_on_timms_own_attention_as_its_export_note_says(tmp_path):
     """torch.export takes the dynamic NesT (test above); ONNX does not, for plain timm's NesT either: its attention
     is a 5-D scaled_dot_product_attention (blocks x tokens), which onnxscript converts in 4-D only."""
-    from timm_anysize.families import FAMILIES
-
-    assert "5-D scaled_dot_product_attention" in next(f for f in FAMILIES if f.name == "nest").onnx_note
+    fam = next(f for f in FAMILIES if f.name == "nest")
+    assert "5-D scaled_dot_product_attention" in fam.onnx_note
     pytest.importorskip("onnxscript")
+    arch = tiny_arch(fam)  # NesT-T's layout, one block a level (tests/anysize_tiny_models.py)
     for model, dims in (
-        (timm_anysize.enable_dynamic(_perturbed("anysize_tiny_nest", img_size=64)), (0, 2, 3)),
-        (timm.create_model("anysize_tiny_nest", img_size=64).eval(), (0,)),
-    ):  # plain timm: its own size; NesT-T's layout, one block a level (tests/anysize_tiny_models.py)
+        (timm_anysize.enable_dynamic(_perturbed(arch, img_size=64)), (0, 2, 3)),
+        (timm.create_model(arch, img_size=64).eval(), (0,)),
+    ):  # plain timm: its own size
         with pytest.raises(Exception, match="only 4D query, key, and value are supported"):
             _onnx(model, (64, 64), tmp_path, dims)

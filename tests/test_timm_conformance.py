@@ -36,8 +36,8 @@ import pytest
 import timm
 import yaml
 
-import timm_anysize
 from timm_anysize.families import FAMILIES
+from timm_anysize.registry import register_shipped_configs
 
 ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent / "conformance"
@@ -272,13 +272,13 @@ def selected_variants() -> tuple[str, ...]:
 
 
 def cfgs_only_variants() -> tuple[str, ...]:
-    """The registered variants that are not conformance variants (the shipped configs, and any of
-    ``$TIMM_ANYSIZE_CONFIGS``): in the suite they get timm's pretrained-cfg tests only, unless
-    ``$TIMM_ANYSIZE_CONFORMANCE_FULL`` is set."""
+    """The variants the run registers besides the conformance variants (the shipped configs, and any of
+    ``$TIMM_ANYSIZE_CONFIGS``; not those a test registered in this process): in the suite they get timm's
+    pretrained-cfg tests only, unless ``$TIMM_ANYSIZE_CONFORMANCE_FULL`` is set."""
     if os.environ.get(FULL_ENV):
         return ()
     tiny = set(conformance_specs())
-    return tuple(n for n in timm_anysize.list_variants() if n not in tiny)
+    return tuple(n for n in register_shipped_configs() if n not in tiny)
 
 
 # The variants' run takes about 10 minutes of one core (seed 7 on 2026-12-07: chunks of 98-206 s): it runs as CHUNKS

@@ -153,10 +153,11 @@ def test_scheduled_sizes_train_as_models_built_for_each_size(fam, image_folder, 
                 torch.manual_seed(len(seen))
                 out = model(x)
             if first_at_size:  # the weights trained at the sizes before; one build per size keeps the test fast
-                reference = timm.create_model(
-                    references[x.shape[-1]], pretrained=True, pretrained_cfg_overlay={"state_dict": weights}
+                reference = without_dropout(
+                    timm.create_model(
+                        references[x.shape[-1]], pretrained=True, pretrained_cfg_overlay={"state_dict": weights}
+                    ).train()
                 )
-                reference = without_dropout(reference.train())
                 keep_windows(reference, model)
                 with torch.no_grad(), torch.random.fork_rng(devices=[]):
                     torch.manual_seed(len(seen))
