@@ -133,6 +133,8 @@ def probe_minimum(model: nn.Module, own: Size2, multiple: Size2 = (1, 1), like: 
     try:
         if not _runs(model, state, own, like):
             return out[0], out[1]
+        if _runs(model, state, (out[0], out[1]), like):  # the smallest sizes both run: no search (most models)
+            return out[0], out[1]
         for axis in (0, 1):
             m = out[axis]
             lo, hi = 1, max(1, own[axis] // m)  # in multiples of m: hi runs

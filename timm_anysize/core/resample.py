@@ -105,6 +105,8 @@ def resize_bias_grid(
         torch.Size([4, 48])
     """
     heads = biases.shape[0]
+    if biases.device.type == "meta":  # shapes only (plan checks, the input-size probe): torch's meta bicubic without
+        return biases.new_empty([heads, new_grid[0] * new_grid[1]])  # antialias is a Python decomposition, 0.1 s a call
     grid = biases.reshape(1, heads, old_grid[0], old_grid[1]).float()
     out = F.interpolate(grid, size=[new_grid[0], new_grid[1]], mode=interpolation, align_corners=False)
     return out.reshape(heads, -1).to(biases.dtype)
