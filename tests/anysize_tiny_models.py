@@ -1,12 +1,15 @@
 """Test infrastructure: small timm entrypoints of the families whose ``example``'s entrypoint fixes full widths and
-depths (timm's ``volo_d1_224``, ``nest_tiny`` and ``mvitv2_tiny`` take no size arguments: a ``depths=...`` collides
-with their own), registered through timm's public registry with the examples' own classes and pretrained cfgs. A
-row names one in ``TinyModel.base``; the tests that build a row's tiny model (``conftest.tiny_arch``) build it instead
-of the full-size example. Not product code."""
+depths (timm's ``volo_d1_224``, ``nest_tiny``, ``mvitv2_tiny`` and ``gmlp_ti16_224`` take no size arguments: a
+``depths=...`` collides with their own), registered through timm's public registry with the examples' own classes and
+pretrained cfgs. A row names one in ``TinyModel.base``; the tests that build a row's tiny model
+(``conftest.tiny_arch``) build it instead of the full-size example, and so do its conformance variants (timm's own
+tests, run in a subprocess that imports this file first). Not product code."""
 
 from __future__ import annotations
 
 from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, register_model
+from timm.models.mlp_mixer import GatedMlp, MlpMixer, SpatialGatingBlock
+from timm.models.mlp_mixer import checkpoint_filter_fn as mixer_filter
 from timm.models.mvitv2 import MultiScaleVit, MultiScaleVitCfg
 from timm.models.mvitv2 import checkpoint_filter_fn as mvitv2_filter
 from timm.models.nest import Nest
@@ -30,6 +33,7 @@ default_cfgs = generate_default_cfgs(
         "anysize_tiny_volo.untrained": _cfg_of("volo_d1_224"),
         "anysize_tiny_nest.untrained": _cfg_of("nest_tiny"),
         "anysize_tiny_mvitv2.untrained": _cfg_of("mvitv2_tiny"),
+        "anysize_tiny_gmlp.untrained": _cfg_of("gmlp_ti16_224"),
     }
 )
 
@@ -69,4 +73,20 @@ def anysize_tiny_mvitv2(pretrained: bool = False, **kwargs) -> MultiScaleVit:
         pretrained_filter_fn=mvitv2_filter,
         feature_cfg=feature_cfg,
         **kwargs,
+    )
+
+
+@register_model
+def anysize_tiny_gmlp(pretrained: bool = False, **kwargs) -> MlpMixer:
+    """gMLP-Ti's layout (16 px patches, spatial gating blocks) at width 32, four blocks (it has 30; timm's feature
+    wrapper takes block 3 by default)."""
+    args = dict(patch_size=16, num_blocks=4, embed_dim=32, mlp_ratio=6, block_layer=SpatialGatingBlock)
+    feature_cfg = dict(out_indices=kwargs.pop("out_indices", 3), feature_cls="getter")
+    return build_model_with_cfg(
+        MlpMixer,
+        "anysize_tiny_gmlp",
+        pretrained,
+        pretrained_filter_fn=mixer_filter,
+        feature_cfg=feature_cfg,
+        **dict(args, mlp_layer=GatedMlp, **kwargs),
     )

@@ -101,14 +101,15 @@ def conformance_name(family: str, change: dict[str, Any]) -> str:
 
 def conformance_specs() -> dict[str, dict[str, Any]]:
     """The conformance variants, name -> spec, from the family rows: each family's tiny model (``Family.tiny``:
-    ``model_args`` shrink the example so each of timm's tests is cheap; pretrained=False, no weights are read) at
+    ``model_args`` shrink the example so each of timm's tests is cheap, or ``base`` names a smaller entrypoint of its
+    class from tests/anysize_tiny_models.py, which the run registers; pretrained=False, no weights are read) at
     each of its ``tiny.conformance`` changes (a non-square 1-channel size, and a 4-channel one whose size timm's
     tests clamp to 128 and 96 px: sizes that are not a multiple of the patch or stride, padded / uneven stages)."""
     out: dict[str, dict[str, Any]] = {}
     for fam in FAMILIES:
         for change in fam.tiny.conformance:
             spec = {
-                "base": fam.example,
+                "base": fam.tiny.base or fam.example,  # a smaller entrypoint of the example's class where it has one
                 **({"model_args": fam.tiny.model_args} if fam.tiny.model_args else {}),
                 **change,
             }
@@ -133,6 +134,7 @@ def run_conformance(
     workdir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(timm_test_models(), workdir / "test_models.py")
     shutil.copyfile(HERE / "timm_conftest.py", workdir / "conftest.py")  # a plugin for timm's file only
+    shutil.copyfile(HERE.parent / "anysize_tiny_models.py", workdir / "anysize_tiny_models.py")  # TinyModel.base
     (workdir / "pytest.ini").write_text(_PYTEST_INI)
     report = workdir / "report.json"
     variants_yaml = workdir / "variants.yaml"  # generated from the family rows, kept with the run for reading
@@ -198,8 +200,10 @@ def conformance_markdown(
         "registered variants: the shipped configs and the conformance variants of the family rows (every family's tiny "
         "model, `Family.tiny`, at a non-square "
         "1-channel size and at a 4-channel size that timm's tests clamp to sizes that are not a multiple of the "
-        "patch, on bases shrunk through `model_args`). Each variant gets exactly the tests timm runs for its base "
-        "architecture (timm's own filter lists, applied to the base's name); tests over hand-picked named models and "
+        "patch, on bases shrunk through `model_args` or, where timm's entrypoint fixes the sizes, a smaller "
+        "entrypoint of the same class from `tests/anysize_tiny_models.py`). Each variant gets exactly the tests timm "
+        "runs for its base architecture (timm's own filter lists, applied to the base's name); tests over hand-picked "
+        "named models and "
         "the two that download pretrained weights are left out. Cells: passed / run; skips are timm's own "
         "(e.g. an input size over a test's limit). The *plain timm* column runs the variants' base architectures "
         f"({', '.join(f'`{b}`' for b in base_names)}) through the same file, unshrunk.",

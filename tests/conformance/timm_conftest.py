@@ -1,14 +1,16 @@
 """pytest plugin that runs timm's own ``tests/test_models.py`` on timm-anysize variants.
 
 tests/test_timm_conformance.py copies this file beside timm's ``test_models.py`` (taken from the sdist of the
-installed timm) and runs pytest there in a subprocess. It imports ``timm_anysize`` before timm's file is collected,
-so the variants (the shipped configs and ``$TIMM_ANYSIZE_CONFIGS``) are in timm's registry when timm's module-level
+installed timm) and runs pytest there in a subprocess, with tests/anysize_tiny_models.py beside it. It imports that
+(the rows' smaller entrypoints, ``TinyModel.base``) and ``timm_anysize`` before timm's file is collected, so the
+variants (the shipped configs and ``$TIMM_ANYSIZE_CONFIGS``) are in timm's registry when timm's module-level
 ``list_models(...)`` calls build the parametrizations.
 
 Each variant gets exactly the tests timm runs for its base: timm selects models by name and module
 (``EXCLUDE_*_FILTERS``, ``NON_STD_FILTERS``, ``FEAT_INTER_FILTERS``), and a variant's name and module say nothing
 about its architecture. So, for every test parametrized over timm's registry, the ``model_name`` list timm built is
-read back and a variant is put in it exactly where its base architecture is; the variant's own name is never
+read back and a variant is put in it exactly where its base architecture is (for a smaller entrypoint, the row's
+``example``); the variant's own name is never
 matched against timm's filters. Tests over a hand-picked list of named models (regressions that hard-code those
 models' sizes) are deselected, as are the tests that download pretrained weights (the suite is offline).
 
@@ -30,11 +32,12 @@ import json
 import os
 from typing import Any, Optional
 
+import anysize_tiny_models  # noqa: F401  (copied beside this file: the rows' TinyModel.base entrypoints)
 import pytest
 import timm
 
 import timm_anysize
-from timm_anysize.families import family_of, generic_family
+from timm_anysize.families import FAMILIES, family_of, generic_family
 from timm_anysize.plan import make_plan
 
 # A parametrization over timm's registry lists hundreds of names; the hand-picked ones list a few dozen at most.
@@ -64,6 +67,15 @@ def _arch(name: str) -> str:
     return name.split(".", 1)[0]
 
 
+# A row's smaller entrypoint (tests/anysize_tiny_models.py) stands for its example: timm's filters select the tests of
+# the example's name, and the plain-timm reference run builds the example.
+_AS_EXAMPLE = {f.tiny.base: f.example for f in FAMILIES if f.tiny.base}
+
+
+def _timm_name(base: str) -> str:
+    return _AS_EXAMPLE.get(base, base)
+
+
 _BASES = {v: timm_anysize.get_variant(v).arch for v in _variants()}
 # Planned before timm's module collects: a cell reads the registered cfg (min_input_size, pool_size) by name,
 # before or after the cell that creates the model first, and must see the same cfg either way.
@@ -89,11 +101,11 @@ def _selected(names: list[str]) -> list[str]:
     tagged = any("." in n for n in names)
     out: list[str] = []
     if _MODE == "bases":
-        for base in dict.fromkeys(_BASES.values()):
+        for base in dict.fromkeys(_timm_name(b) for b in _BASES.values()):
             out += [n for n in names if _arch(n) == base][:1]  # the default tag only
         return out
     for variant, base in _BASES.items():
-        if base in archs:
+        if _timm_name(base) in archs:
             out += timm.list_models(variant, include_tags=True)[:1] if tagged else [variant]
     return out
 
