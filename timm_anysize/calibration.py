@@ -47,7 +47,9 @@ from timm_anysize.calibration_images import ChannelMap, ImagesArg, Render, as_im
 from timm_anysize.core.errors import CalibrationError
 from timm_anysize.core.meta import initialize_fresh, parameters_uninitialised
 from timm_anysize.core.safetensors_io import read_metadata, write_safetensors
+from timm_anysize.core.variant_plan import VariantPlan
 from timm_anysize.flexi import patch_size as flexi_patch_size
+from timm_anysize.model_plan import plan_of
 from timm_anysize.plan import source_read
 from timm_anysize.pretrained_cfg import stats_for_channels
 from timm_anysize.source_weights import load_source_state_dict
@@ -131,8 +133,8 @@ class CalibrationReport:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _plan_of(model: nn.Module) -> Any:
-    plan = getattr(model, "_anysize_plan", None)
+def _plan_of(model: nn.Module) -> VariantPlan:
+    plan = plan_of(model)
     if plan is None:
         raise CalibrationError(
             f"{type(model).__name__}: not a timm-anysize variant built with pretrained=True; calibrate a model "
@@ -192,7 +194,7 @@ def _build_teacher(model: nn.Module) -> tuple[nn.Module, bool]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _teacher_render(model: nn.Module, teacher: nn.Module, plan: Any, user_teacher: bool) -> Render:
+def _teacher_render(model: nn.Module, teacher: nn.Module, plan: VariantPlan, user_teacher: bool) -> Render:
     if user_teacher:
         return render_of(teacher)
     # The source's data config: the normalisation its weights expect (the variant's `data:` stats, else the base's,
@@ -201,7 +203,7 @@ def _teacher_render(model: nn.Module, teacher: nn.Module, plan: Any, user_teache
     c, data, base = plan.source.in_chans, plan.spec.data, plan.base_cfg
     mean = stats_for_channels(data.mean or base.get("mean", IMAGENET_DEFAULT_MEAN), c)
     std = stats_for_channels(data.std or base.get("std", IMAGENET_DEFAULT_STD), c)
-    return Render(tuple(plan.source.img_size), c, mean, std, student.interpolation)
+    return Render(plan.source.img_size, c, mean, std, student.interpolation)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -225,6 +227,20 @@ def geometry_bound_parameters(model: nn.Module) -> list[str]:
     norms = {f"{n}.{p}" for n, m in model.named_modules() if isinstance(m, _NORMS) for p, _ in m.named_parameters()}
     names = [n for n, _ in model.named_parameters()]
     return [n for n in names if n in keys or n in norms]
+
+
+def _six_digits(value: float) -> float:
+    """Six significant digits (a loss near agreement is 1e-5 or less: six decimals would round its changes away)."""
+    return float(f"{value:.6g}")
+
+
+def _keep_batch_norm_statistics(model: nn.Module) -> None:
+    """Batch norms in eval mode while the rest trains: they normalise with the source's running statistics and keep
+    them. A calibration batch is small (and split over the ranks under DDP): its statistics are noisy, differ per
+    rank, and would overwrite what the source measured on its training set."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):  # BatchNorm1d/2d/3d, SyncBatchNorm, timm's *Act
+            module.eval()
 
 
 @contextlib.contextmanager
@@ -330,7 +346,8 @@ def calibrate(
     ``patch_sizes``, FlexiViT-style, so one set of weights learns them all), renders the batch for the student at
     that geometry and for the teacher at the source's, and takes one AdamW step (cosine schedule, 5% warm-up) on the
     KL divergence of the logits (same head) or the cosine distance of the pooled features (a new head, or none).
-    Under ``torch.distributed`` (DDP, any backend) the global batch is split over the ranks and the gradients
+    Batch norms keep the source's running statistics (they stay in eval mode: a calibration batch is too small to
+    re-estimate them). Under ``torch.distributed`` (DDP, any backend) the global batch is split over the ranks and the gradients
     averaged: the same weights as one process with the same ``batch_size``. Ctrl-C stops between steps (the weights
     change only when a step completes) and returns the report so far (``completed=False``).
 
@@ -414,7 +431,7 @@ def calibrate(
             pairs = [forward_pair(held[i : i + 128], g) for i in range(0, len(held), 128)]
             scores[label] = round(float(torch.cat([_agreement(s, t, target) for s, t in pairs]).mean()), 4)
             per_image = [_loss_per_image(s, t, target, temperature) for s, t in pairs]
-            losses[label] = round(float(torch.cat(per_image).mean()), 6)
+            losses[label] = _six_digits(float(torch.cat(per_image).mean()))
         model.train(was)
         return scores, losses
 
@@ -434,6 +451,7 @@ def calibrate(
     completed = True
     was_training = model.training
     model.train()
+    _keep_batch_norm_statistics(model)
     bar = _progress(steps, plan.spec.name, progress and rank == 0)
     try:
         for _ in range(steps):
@@ -458,7 +476,7 @@ def calibrate(
                 torch.nn.utils.clip_grad_norm_(learn, 1.0)
                 opt.step()
                 sched.step()
-            losses.append(round(float(value), 6))
+            losses.append(_six_digits(float(value)))
             bar.update(1)
             bar.set_postfix_str(f"loss {losses[-1]:.4f}")
     except KeyboardInterrupt:

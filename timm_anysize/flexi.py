@@ -48,7 +48,7 @@ from timm_anysize.core.flexi_embed import (
     set_kernel_resampling,
 )
 from timm_anysize.core.runtime_options import RuntimeOptions, runtime_options, set_runtime_options
-from timm_anysize.core.spec import as_pair
+from timm_anysize.core.spec import VariantSpec, as_pair
 from timm_anysize.dynamic import enable_dynamic, is_dynamic
 from timm_anysize.families import FAMILIES, family_of
 from timm_anysize.model_plan import plan_of
@@ -322,7 +322,7 @@ def flexi_cache_info(model: nn.Module) -> dict[str, int]:
     return pe.kernel_cache().info()
 
 
-def apply_flexi(model: nn.Module, spec: Any) -> nn.Module:
+def apply_flexi(model: nn.Module, spec: VariantSpec) -> nn.Module:
     """Set up a variant built from ``spec`` (a :class:`timm_anysize.VariantSpec`) for its ``flexi`` key, if any.
 
     Called once by :func:`timm_anysize.builder.build_variant`. The kernel is resized with the variant's
