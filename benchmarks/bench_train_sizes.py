@@ -4,8 +4,10 @@ and a variant's NaFlexVit (``use_naflex=True``) against timm's own NaFlexVit of 
 Scheduled resolutions: for each family row whose timm model has ``set_input_size`` (a model built for a size, with
 no dynamic code), ``ours`` is the family's tiny model made dynamic and run at each size, ``fixed`` a copy after
 ``set_input_size(img_size=s)``; one SGD step (forward, backward, update) is timed per path, interleaved, the minimum
-over rounds; ``ratio`` is fixed/ours images/s (1.0: no cost of running at any size). Peak memory per size is CUDA's
-(``n/a`` on CPU). NaFlex: tokens/s of a forward over a padded NaFlex batch, ours against timm's, ``ratio`` the same.
+over rounds; ``ratio`` is fixed/ours images/s (1.0: no cost of running at any size). Memory per size, on any
+device: ``saved``, the activations each path keeps for its backward (the size-dependent part of a training step's
+peak: the bytes of the distinct tensors autograd saves, counted with ``saved_tensors_hooks``), ours and fixed; on
+CUDA also ``peak``, the allocator's peak of our step. NaFlex: tokens/s of a forward over a padded NaFlex batch, ours against timm's, ``ratio`` the same.
 
     python benchmarks/bench_train_sizes.py [--reps N] [--only scheduled|naflex] [--out results.json]
 """
@@ -44,6 +46,21 @@ def _step(model: torch.nn.Module, x: torch.Tensor, opt: torch.optim.Optimizer) -
     return run
 
 
+def _saved_mib(model: torch.nn.Module, x: torch.Tensor) -> float:
+    """MiB of the distinct tensors autograd saves for the backward of one forward (each storage counted once)."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x).square().mean()
+    del out
+    return sum(storages.values()) / 2**20
+
+
 def bench_scheduled(reps: int, device: torch.device) -> list[dict]:
     rows = []
     for fam in FAMILIES:
@@ -75,6 +92,7 @@ def bench_scheduled(reps: int, device: torch.device) -> list[dict]:
             for r in range(reps):
                 for k in list(paths)[r % 2 :] + list(paths)[: r % 2]:
                     best[k].append(_best_ms(paths[k], 1))
+            saved = {k: _saved_mib(m, x) for k, m in (("ours", ours), ("fixed", fixed))}
             peak = "n/a"
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
@@ -88,12 +106,14 @@ def bench_scheduled(reps: int, device: torch.device) -> list[dict]:
                     ours_img_s=8000 / ours_ms,
                     fixed_img_s=8000 / fixed_ms,
                     ratio=fixed_ms / ours_ms,
+                    saved_mib_ours=round(saved["ours"], 2),
+                    saved_mib_fixed=round(saved["fixed"], 2),
                     peak=peak,
                 )
             )
             print(
                 f"{fam.name:16s} {size:4d}px  ours {8000 / ours_ms:8.1f} img/s  fixed {8000 / fixed_ms:8.1f} img/s"
-                f"  ratio {fixed_ms / ours_ms:.3f}  peak {peak}",
+                f"  ratio {fixed_ms / ours_ms:.3f}  saved {saved['ours']:.1f} / {saved['fixed']:.1f} MiB  peak {peak}",
                 flush=True,
             )
     return rows
