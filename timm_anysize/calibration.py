@@ -347,8 +347,8 @@ def calibrate(
     that geometry and for the teacher at the source's, and takes one AdamW step (cosine schedule, 5% warm-up) on the
     KL divergence of the logits (same head) or the cosine distance of the pooled features (a new head, or none).
     Batch norms keep the source's running statistics (they stay in eval mode: a calibration batch is too small to
-    re-estimate them). Under ``torch.distributed`` (DDP, any backend) the global batch is split over the ranks and the gradients
-    averaged: the same weights as one process with the same ``batch_size``. Ctrl-C stops between steps (the weights
+    re-estimate them). Under ``torch.distributed`` (DDP, any backend) the global batch is split over the ranks and
+    the gradients averaged: the same weights as one process with the same ``batch_size``. Ctrl-C stops between steps (the weights
     change only when a step completes) and returns the report so far (``completed=False``).
 
     Args:

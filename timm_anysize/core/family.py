@@ -132,8 +132,9 @@ class TinyModel:
             levels), usually :func:`gray_and_4ch`. Each is registered as
             ``cf_<family>_[patch<p>_]<size>_<gray|<n>ch>``.
         base: A smaller timm entrypoint of the example's class that the tests build instead of ``example``
-            (the many-sizes training, TorchScript / FX / compile / export), where ``example``'s own fixes full widths
-            and depths (registered by tests/anysize_tiny_models.py); "": ``example`` with ``model_args``.
+            (timm's own tests on the conformance variants, the many-sizes training, calibration, TorchScript / FX /
+            compile / export), where ``example``'s own fixes full widths and depths (registered by
+            tests/anysize_tiny_models.py); "": ``example`` with ``model_args``.
         train_sizes: The square sizes that test trains at; (): from the smallest run-time size to twice ``img_size``.
         train_built: The trained sizes it compares with a timm model built for each; None: all of them.
         train_note: Why the other trained sizes are not compared (with ``train_built``).
