@@ -80,7 +80,9 @@ def anysize_tiny_mvitv2(pretrained: bool = False, **kwargs) -> MultiScaleVit:
 def anysize_tiny_gmlp(pretrained: bool = False, **kwargs) -> MlpMixer:
     """gMLP-Ti's layout (16 px patches, spatial gating blocks) at width 32, four blocks (it has 30; timm's feature
     wrapper takes block 3 by default)."""
-    args = dict(patch_size=16, num_blocks=4, embed_dim=32, mlp_ratio=6, block_layer=SpatialGatingBlock)
+    args = dict(
+        patch_size=16, num_blocks=4, embed_dim=32, mlp_ratio=6, block_layer=SpatialGatingBlock, mlp_layer=GatedMlp
+    )
     feature_cfg = dict(out_indices=kwargs.pop("out_indices", 3), feature_cls="getter")
     return build_model_with_cfg(
         MlpMixer,
@@ -88,5 +90,5 @@ def anysize_tiny_gmlp(pretrained: bool = False, **kwargs) -> MlpMixer:
         pretrained,
         pretrained_filter_fn=mixer_filter,
         feature_cfg=feature_cfg,
-        **dict(args, mlp_layer=GatedMlp, **kwargs),
+        **dict(args, **kwargs),
     )
