@@ -7,7 +7,8 @@ no dynamic code), ``ours`` is the family's tiny model made dynamic and run at ea
 over rounds; ``ratio`` is fixed/ours images/s (1.0: no cost of running at any size). Memory per size, on any
 device: ``saved``, the activations each path keeps for its backward (the size-dependent part of a training step's
 peak: the bytes of the distinct tensors autograd saves, counted with ``saved_tensors_hooks``), ours and fixed; on
-CUDA also ``peak``, the allocator's peak of our step. NaFlex: tokens/s of a forward over a padded NaFlex batch, ours against timm's, ``ratio`` the same.
+CUDA also ``peak``, the allocator's peak of our step. NaFlex: tokens/s of a forward over a padded NaFlex batch,
+ours against timm's, ``ratio`` the same.
 
     python benchmarks/bench_train_sizes.py [--reps N] [--only scheduled|naflex] [--out results.json]
 """
