@@ -12,7 +12,7 @@ import torch
 
 import timm_anysize
 from conftest import unique_name
-from timm_anysize.apps.demo import FLEXI_PATCHES
+from timm_anysize.apps.demo import FLEXI_PATCHES, gap_closed
 from timm_anysize.apps.digits import (
     BASE_VARIANT,
     evaluate,
@@ -92,11 +92,14 @@ def test_demo_quick(tmp_path, capsys):
             "non_copied",
             "calibrated",
             "calibration",
+            "gap_closed",
         }
         assert r["images_per_s"] > 0
         if r["calibrated"] is not None:  # calibration without labels never loses more than half a point
             assert r["calibrated"] >= r["zero_shot"] - 0.5, r
             assert r["calibration"]["steps"] > 0 and r["calibration"]["cpu_seconds"] > 0
+            n = results["settings"]["held_out_images"]
+            assert r["gap_closed"] == gap_closed(r["zero_shot"], r["calibrated"], r["finetuned"], n)
     base, pi = rows["base, same geometry"], rows["patch 4->8, PI-resize"]
     naive = rows["patch 4->8, plain kernel interpolation"]
     assert pi["zero_shot"] > naive["zero_shot"] + 20  # PI-resize beats plain kernel interpolation
