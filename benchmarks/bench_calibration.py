@@ -1,10 +1,15 @@
 """Calibration without labels (timm_anysize.calibrate) per family: images/s of a calibration step (the teacher's
 forward at the source geometry, the student's forward and backward at the variant's) against a plain timm training
-step of the same model at the variant's size (cross-entropy on labels, AdamW), timed in the same run; and the peak
-memory each adds (teacher + student, against the student's training alone). Ratios < 1: calibration is slower, as
-it runs a teacher too.
+step of the same model at the variant's size (cross-entropy on labels, AdamW; a headless model's features: their
+mean square), timed in the same run; and the peak memory of each (teacher + student, against the student's training
+alone). Ratios < 1: calibration is slower, as it runs a teacher too. A calibration is timed as users call it: one
+``calibrate`` call of ``--steps`` steps, its teacher's making and the held-aside agreement (one image) included.
 
-    python benchmarks/bench_calibration.py [--tiny] [--out results.json]
+Each measurement runs in its own fresh process, so its peak does not depend on what ran before it: on the CPU the
+memory the steps (warm-up included) added to the resident high-water mark after the model and images were made
+(for calibration, the teacher that ``calibrate`` builds counts); on CUDA the allocator's peak over the same steps.
+
+    python benchmarks/bench_calibration.py [--tiny] [--family vit swin ...] [--device cuda] [--out results.json]
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from typing import Any, Callable
@@ -39,92 +46,135 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _peak_added(fn: Callable[[], Any]) -> tuple[Any, int]:
-    """Run ``fn``; what it added to the peak resident memory (Linux: VmHWM reset first), and its result."""
-    before = _rss()
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-    out = fn()
+def _peak_rss() -> int:
     with open("/proc/self/status") as f:
-        peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-    return out, max(0, peak - before)
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
-def bench_case(arch: str, args: dict[str, Any], source: int, variant: dict[str, Any], batch: int, steps: int) -> dict:
+def _peak_mib(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
+    """Run ``fn``; its result and the MiB it added to the peak (resident memory, or CUDA's allocator peak)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        out = fn()
+        torch.cuda.synchronize(device)
+        return out, (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    before = _rss()  # a fresh process: its high-water mark so far is the model's and the images' making
+    out = fn()
+    return out, max(0, _peak_rss() - before) / 2**20
+
+
+def child(case: tuple, kind: str, batch: int, steps: int, device: torch.device) -> dict[str, Any]:
+    """One measurement in this (fresh) process: a calibration or a plain training run of ``case``."""
+    _, arch, args, source, variant = case
     folder = tempfile.mkdtemp()
     torch.manual_seed(0)
     save_file(timm.create_model(arch, img_size=source, **args).state_dict(), f"{folder}/w.safetensors")
     name = timm_anysize.register_variant(
-        f"bench_calibration_{arch}_{len(timm_anysize.list_variants())}",
+        "bench_calibration_variant",
         base=arch,
         model_args=args,
         pretrained={"file": f"{folder}/w.safetensors", "img_size": source},
         **variant,
     )
-    model = timm.create_model(name, pretrained=True)
-    c, h, w = model.pretrained_cfg["input_size"]
-    images = torch.rand(batch * 4, c, h, w)
-    timm_anysize.calibrate(model, images, steps=1, batch_size=batch, held_out=1, progress=False)  # warm-up, teacher
+    if kind == "calibrate":
+        model = timm.create_model(name, pretrained=True).to(device)
+        c, h, w = model.pretrained_cfg["input_size"]
+        images = torch.rand(batch * 4, c, h, w)
 
-    def calibrate() -> float:
+        def run(n: int) -> None:
+            timm_anysize.calibrate(model, images, steps=n, batch_size=batch, held_out=1, progress=False)
+
+    else:
+        c, h, w = timm.get_pretrained_cfg(name).input_size  # the variant's size; plain timm built for it
+        plain = timm.create_model(
+            arch, img_size=(h, w), **args, **{k: v for k, v in variant.items() if k != "img_size"}
+        ).to(device)
+        opt = torch.optim.AdamW(plain.parameters(), lr=1e-4)
+        x = torch.rand(batch, c, h, w, device=device)
+        y = torch.randint(0, max(plain.num_classes, 1), (batch,), device=device)
+
+        def loss_of(out: torch.Tensor) -> torch.Tensor:  # a headless model (EVA-02's MIM weights): its features
+            return torch.nn.functional.cross_entropy(out, y) if plain.num_classes else out.square().mean()
+
+        def run(n: int) -> None:
+            for _ in range(n):
+                loss = loss_of(plain(x))
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+
+    def timed() -> float:
+        run(1)  # warm-up (for calibration: the teacher's making too)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        timm_anysize.calibrate(model, images, steps=steps, batch_size=batch, held_out=1, progress=False)
+        run(steps)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         return time.perf_counter() - t0
 
-    plain = timm.create_model(arch, img_size=(h, w), **args, **{k: v for k, v in variant.items() if k != "img_size"})
-    opt = torch.optim.AdamW(plain.parameters(), lr=1e-4)
-    x, y = torch.rand(batch, c, h, w), torch.randint(0, plain.num_classes, (batch,))
+    seconds, peak = _peak_mib(timed, device)
+    return {"size": [h, w], "images_per_s": batch * steps / seconds, "peak_mb": peak}
 
-    def train() -> float:
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            loss = torch.nn.functional.cross_entropy(plain(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        return time.perf_counter() - t0
 
-    train()  # warm-up
-    seconds_train, peak_train = _peak_added(train)
-    seconds_calib, peak_calib = _peak_added(calibrate)
+def bench_case(index: int, tiny: bool, batch: int, steps: int, device: str) -> dict[str, Any]:
+    """Both measurements of case ``index``, each in a fresh process."""
+    out = {}
+    for kind in ("train", "calibrate"):
+        cmd = [sys.executable, __file__, "--child", str(index), kind, "--batch", str(batch), "--steps", str(steps)]
+        cmd += ["--device", device] + (["--tiny"] if tiny else [])
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"{kind} of case {index} failed:\n{done.stderr[-3000:]}")
+        out[kind] = json.loads(done.stdout.splitlines()[-1])
+    calib, train = out["calibrate"], out["train"]
     return {
-        "size": [h, w],
-        "calibration_images_per_s": batch * steps / seconds_calib,
-        "training_images_per_s": batch * steps / seconds_train,
-        "ratio": seconds_train / seconds_calib,
-        "calibration_peak_mb": peak_calib / 2**20,
-        "training_peak_mb": peak_train / 2**20,
+        "size": calib["size"],
+        "calibration_images_per_s": calib["images_per_s"],
+        "training_images_per_s": train["images_per_s"],
+        "ratio": calib["images_per_s"] / train["images_per_s"],
+        "calibration_peak_mb": calib["peak_mb"],
+        "training_peak_mb": train["peak_mb"],
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="one tiny case, one step (a smoke run)")
+    parser.add_argument("--family", nargs="+", help="only these cases (default: all)")
     parser.add_argument("--batch", type=int, default=16, help="images per step")
     parser.add_argument("--steps", type=int, default=5, help="steps timed per measurement")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (peak: the CUDA allocator's there)")
     parser.add_argument("--out", help="write the results as JSON")
+    parser.add_argument("--child", nargs=2, metavar=("CASE", "KIND"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     cases = TINY_CASES if args.tiny else CASES
     batch, steps = (2, 1) if args.tiny else (args.batch, args.steps)
+    if args.child:
+        index, kind = args.child
+        print(json.dumps(child(cases[int(index)], kind, batch, steps, torch.device(args.device))))
+        return
     head = (
         f"{'family':<8} {'arch':<30} {'size':>9} {'calib img/s':>12} {'train img/s':>12} {'ratio':>6} {'peak MB':>14}"
     )
     print(head)
     print("-" * len(head))
     results = {}
-    for family, arch, model_args, source, variant in cases:
-        row = results[family] = bench_case(arch, model_args, source, variant, batch, steps)
+    for index, (family, arch, *_) in enumerate(cases):
+        if args.family and family not in args.family:
+            continue
+        row = results[family] = bench_case(index, args.tiny, batch, steps, args.device)
         print(
             f"{family:<8} {arch:<30} {'x'.join(map(str, row['size'])):>9} {row['calibration_images_per_s']:>12.1f} "
             f"{row['training_images_per_s']:>12.1f} {row['ratio']:>6.2f} "
-            f"{row['calibration_peak_mb']:>6.0f} / {row['training_peak_mb']:<6.0f}"
+            f"{row['calibration_peak_mb']:>6.0f} / {row['training_peak_mb']:<6.0f}",
+            flush=True,
         )
     print(
-        f"batch {batch}, {steps} steps; ratio: calibration images/s over a plain training step's; peak MB added: "
-        "calibration (teacher + student) / plain training"
+        f"batch {batch}, {steps} steps on {args.device}, each measurement in a fresh process; ratio: calibration "
+        "images/s over a plain training step's; peak MB: calibration (teacher + student) / plain training"
     )
     if args.out:
         with open(args.out, "w") as f:
