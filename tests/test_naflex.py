@@ -5,6 +5,8 @@ resampling rule."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import timm
 import torch
@@ -14,6 +16,7 @@ from timm.models import naflexvit
 
 import timm_anysize
 from conftest import unique_name
+from timm_anysize.naflex import ScaleFactorNaFlexEmbeds
 
 TINY_VIT = dict(embed_dim=64, depth=2, num_heads=2)
 # (base, model_args, checkpoint size, variant size, patch, channels): a ViT at another patch size and one channel,
@@ -151,20 +154,34 @@ def test_naflex_loader_batches_equal_the_dynamic_forward_per_image(case, is_trai
     assert checked >= 2 and (padded > 0 or is_training)  # validation pads every batch to max_seq_len
 
 
-@pytest.mark.parametrize("compat", ["torchvision", "transformers", "mmpretrain", "big_vision"])
+@pytest.mark.parametrize("compat", ["torchvision", "transformers", "mmpretrain", "big_vision", "dino"])
 def test_each_origins_resampling_rule_holds_in_the_naflex_path(compat, tmp_path):
-    """The origin's compat preset (its library's interpolation, antialiasing, corner alignment) is NaFlexVit's."""
+    """The origin's compat preset (its library's interpolation, antialiasing, corner alignment; DINO's scale factor)
+    is the NaFlex path's, in a padded NaFlex batch and for plain images, the native grid (no resampling) included."""
     dynamic, naflex = variant("vit_patch8_gray", tmp_path, adapt={"pos_embed": {"compat": compat}})
     gen = torch.Generator().manual_seed(0)
-    images = [torch.randn(1, *hw, generator=gen) for hw in [(40, 96), (24, 24), (64, 56)]]
+    images = [torch.randn(1, *hw, generator=gen) for hw in [(40, 96), (24, 24), (64, 56), (48, 80)]]
     with torch.no_grad():
         alone = torch.cat([dynamic(img[None]) for img in images])
         torch.testing.assert_close(naflex(naflex_batch(images, 8, 100)), alone, rtol=0, atol=1e-5)
+        for img, expected in zip(images, alone):
+            torch.testing.assert_close(naflex(img[None])[0], expected, rtol=0, atol=1e-5)
 
 
-def test_dino_compat_is_refused_with_the_reason(tmp_path):
-    with pytest.raises(timm_anysize.SpecError, match=r"'dino' position-embedding compat .*scale_factor"):
-        variant("vit_patch8_gray", tmp_path, adapt={"pos_embed": {"compat": "dino"}})
+def test_dinos_scale_factor_is_not_a_resize_to_the_size(tmp_path):
+    """DINO's rule samples the grid at other points than NaFlexVit's own resize to the same size: the DINO variant's
+    NaFlex path must differ from a NaFlexVit left with timm's size-based resampling (else the test above could not
+    fail), and train (a gradient reaches the single stored grid)."""
+    _, naflex = variant("vit_patch8_gray", tmp_path, adapt={"pos_embed": {"compat": "dino"}})
+    assert isinstance(naflex.embeds, ScaleFactorNaFlexEmbeds)
+    by_size = copy.deepcopy(naflex)
+    by_size.embeds.__class__ = naflexvit.NaFlexEmbeds  # NaFlexVit's own resampling, DINO's mode and corners
+    img = torch.randn(1, 1, 40, 96)
+    with torch.no_grad():
+        assert (naflex(img) - by_size(img)).abs().max() > 1e-4
+    naflex.train()
+    naflex(naflex_batch([img[0], img[0, :, :24, :32]], 8, 64)).sum().backward()
+    assert naflex.embeds.pos_embed.grad is not None and naflex.embeds.pos_embed.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
+from test_naflex import naflex_batch
 from test_origins_torchvision import randomize, rel
 
 import timm_anysize
@@ -114,3 +115,16 @@ def test_compat_dino_reproduces_dino_interpolate_pos_encoding(dino_ckpt, size):
         assert rel(dyn(y), want) <= 1e-5
         built = timm.create_model(variant(path, size, dynamic=False), pretrained=True).eval()  # load time
         assert rel(built(y), want) <= 1e-5
+
+
+def test_a_dino_checkpoint_as_naflexvit_gives_dinos_forward_on_each_image(dino_ckpt):
+    """``use_naflex=True`` on a DINO checkpoint (issue 31): each image of a padded NaFlex batch gets DINO's own
+    forward on that image alone, its scale-factor resampling of the position grid included."""
+    path, teacher, _ = dino_ckpt
+    naflex = timm.create_model(variant(path, 32), pretrained=True, use_naflex=True).eval()
+    gen = torch.Generator().manual_seed(0)
+    images = [torch.randn(3, *hw, generator=gen) for hw in [(48, 48), (24, 48), (56, 40), (32, 32)]]
+    with torch.no_grad():
+        out = naflex(naflex_batch(images, 8, 60))
+        for got, img in zip(out, images):
+            assert rel(got[None], dino_forward(teacher, img[None])) <= 1e-5

@@ -9,12 +9,14 @@ position to prefix tokens), the position embedding becomes a ``[1, H, W, C]`` gr
 timm's ``naflexvit.checkpoint_filter_fn`` maps the remaining keys (the patch kernel to its linear layout). NaFlexVit
 then resamples the grid per image as the variant's run-time forward does: the same interpolation, antialiasing and
 corner alignment (the ``timm``, ``torchvision``, ``transformers``, ``mmpretrain`` and ``big_vision`` presets of
-:mod:`timm_anysize.core.compat`); DINO's scale-factor offset has no NaFlexVit equivalent and is refused.
+:mod:`timm_anysize.core.compat`). DINO's rule (a scale factor of ``(n + 0.1) / M``, not a size) has no NaFlexVit
+option: its embeddings become :class:`ScaleFactorNaFlexEmbeds`, which resample the grid per image with the variant's
+own run-time function (:func:`timm_anysize.core.resample.resample_pos_tokens`).
 """
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any, Dict, List, Tuple, cast
 
 import timm
 import torch
@@ -25,9 +27,17 @@ from timm_anysize.core.attributes import module_attr
 from timm_anysize.core.compat import compat_interpolation
 from timm_anysize.core.errors import SpecError
 from timm_anysize.core.report import adaptation_report, keep_report
+from timm_anysize.core.resample import resample_pos_tokens
 from timm_anysize.model_plan import variant_plan
 
-__all__ = ["NAFLEX_FAMILIES", "NAFLEX_ONLY_KWARGS", "naflex_pos_embed_kwargs", "naflex_state_dict", "to_naflex"]
+__all__ = [
+    "NAFLEX_FAMILIES",
+    "NAFLEX_ONLY_KWARGS",
+    "ScaleFactorNaFlexEmbeds",
+    "naflex_pos_embed_kwargs",
+    "naflex_state_dict",
+    "to_naflex",
+]
 
 # Families timm builds as NaFlexVit with use_naflex=True (naflexvit: it is one already).
 NAFLEX_FAMILIES = ("vit", "eva", "naflexvit")
@@ -44,8 +54,9 @@ def naflex_pos_embed_kwargs(compat: str, interpolation: str, antialias: bool) ->
         interpolation: Its ``adapt.pos_embed.interpolation`` (read for the ``timm`` preset only).
         antialias: Its antialiasing (``timm`` preset only).
 
-    Raises:
-        SpecError: The preset scales the grid by a factor (DINO), which NaFlexVit's size-based resampling cannot.
+    Returns:
+        ``pos_embed_interp_mode``, ``pos_embed_antialias`` and ``pos_embed_align_corners``. A preset that scales the
+        grid by a factor (DINO) needs :class:`ScaleFactorNaFlexEmbeds` as well: NaFlexVit resamples to a size.
 
     Example:
         >>> naflex_pos_embed_kwargs("big_vision", "bicubic", True)
@@ -54,14 +65,48 @@ def naflex_pos_embed_kwargs(compat: str, interpolation: str, antialias: bool) ->
     if compat == "timm":
         mode, aa, corners = interpolation, antialias, False
     else:
-        mode, aa, corners, offset = compat_interpolation(compat)
-        if offset:
-            raise SpecError(
-                f"use_naflex=True: the {compat!r} position-embedding compat resamples with scale_factor=(n + {offset})"
-                f" / M, which NaFlexVit's size-based resampling cannot reproduce; use the dynamic forward (no "
-                f"use_naflex) or adapt.pos_embed.compat: timm"
-            )
+        mode, aa, corners, _ = compat_interpolation(compat)
     return dict(pos_embed_interp_mode=mode, pos_embed_antialias=aa, pos_embed_align_corners=corners)
+
+
+class ScaleFactorNaFlexEmbeds(naflexvit.NaFlexEmbeds):
+    """NaFlexVit's embeddings for a preset that resamples the position grid with a scale factor rather than to a
+    size (DINO: ``scale_factor=(n + 0.1) / M``, which samples the grid at other points than a resize to ``n``). Each
+    image's grid is resampled with :func:`~timm_anysize.core.resample.resample_pos_tokens`, the function the
+    variant's dynamic forward calls, so a NaFlex batch gets the dynamic forward's numbers. :func:`to_naflex` gives a
+    DINO variant's NaFlexVit this class; its NaFlex batches and plain images both take this path.
+
+    Attributes:
+        compat: The ``adapt.pos_embed.compat`` preset whose rule this module applies.
+    """
+
+    compat: str = "dino"
+
+    def _grid_pos_tokens(self, grid: Tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+        """``[1, h*w, C]``: the stored ``[1, H, W, C]`` grid resampled to ``grid`` by the preset's rule."""
+        grid_embed = module_attr(self, "pos_embed", torch.Tensor)  # a learned grid: NaFlexVit types it Optional
+        _, h, w, dim = grid_embed.shape
+        tokens = grid_embed.reshape(1, h * w, dim)
+        mode, antialias, _, _ = compat_interpolation(self.compat)
+        return resample_pos_tokens(tokens, [grid[0], grid[1]], [h, w], 0, mode, antialias, self.compat).to(dtype)
+
+    def _apply_learned_pos_embed(self, x: torch.Tensor, grid_size: List[int]) -> None:
+        x.add_(self._grid_pos_tokens((int(grid_size[0]), int(grid_size[1])), x.dtype))
+
+    @torch.compiler.disable
+    def _apply_learned_naflex_pos_embed(self, x: torch.Tensor, patch_coord: torch.Tensor) -> None:
+        # As timm's: one resampling per distinct grid in the batch, added to the images of that grid (row-major
+        # tokens; the padding past a grid's tokens is left as it is).
+        by_grid: Dict[Tuple[int, int], List[int]] = {}
+        for i, grid in enumerate(naflexvit.calculate_naflex_grid_sizes(patch_coord)):
+            by_grid.setdefault((int(grid[0]), int(grid[1])), []).append(i)
+        for grid, rows in by_grid.items():
+            pos = self._grid_pos_tokens(grid, x.dtype)
+            n = min(x.shape[1], pos.shape[1])
+            x[:, :n].index_add_(0, torch.as_tensor(rows, device=x.device), pos[:, :n].expand(len(rows), -1, -1))
+
+    def _apply_learned_naflex_pos_embed_grid_sample(self, x: torch.Tensor, patch_coord: torch.Tensor) -> None:
+        self._apply_learned_naflex_pos_embed(x, patch_coord)  # grid_sample cannot express a scale factor's points
 
 
 def naflex_state_dict(
@@ -108,8 +153,8 @@ def to_naflex(model: nn.Module, **naflex_kwargs: Any) -> nn.Module:
         A NaFlexVit carrying the variant's ``pretrained_cfg``; the model itself where it is one already.
 
     Raises:
-        SpecError: The family has no NaFlexVit form (the message names those that have), or its run-time
-            resampling cannot be expressed (:func:`naflex_pos_embed_kwargs`).
+        SpecError: The family has no NaFlexVit form (the message names those that have), or the model has a
+            distillation token or an attention-pool head.
 
     Example:
         >>> import timm_anysize
@@ -143,6 +188,8 @@ def to_naflex(model: nn.Module, **naflex_kwargs: Any) -> nn.Module:
     naflex.to(dtype=param.dtype)
     prefix = family.pos_embed_prefix_tokens(model)
     naflex.load_state_dict(naflex_state_dict(model.state_dict(), naflex, prefix), strict=True)
+    if pe.compat == ScaleFactorNaFlexEmbeds.compat:  # DINO: a scale factor, which NaFlexVit's options cannot say
+        naflex.embeds.__class__ = ScaleFactorNaFlexEmbeds
     naflex.train(model.training)
     naflex.pretrained_cfg = naflex.default_cfg = model.pretrained_cfg
     report = adaptation_report(model)
