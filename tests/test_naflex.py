@@ -242,3 +242,33 @@ def test_naflex_only_arguments_reach_the_naflex_model(tmp_path):
     img = torch.randn(1, 1, 8 * 3, 8 * 5)
     with torch.no_grad():
         torch.testing.assert_close(naflex(img), reference(img), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", ["vit_patch8_gray", "eva02"])
+def test_features_only_is_timms_wrapper_of_the_naflexvit_with_the_dynamic_features(case, tmp_path):
+    """``features_only=True`` with ``use_naflex=True``: timm's feature wrapper of its NaFlexVit (the getter, pruned
+    past the last index, as for timm's own), holding the converted weights: its maps equal the dynamic variant's
+    ``features_only`` maps at any size, and what the wrapper pruned is reported so."""
+    base, args, size, img_size, patch, chans = CASES[case]
+    name = timm_anysize.register_variant(
+        unique_name("nff"),
+        base=base,
+        model_args=args,
+        img_size=img_size,
+        patch_size=patch,
+        in_chans=chans,
+        pretrained={"file": _checkpoint(base, args, size, tmp_path / "w.pt"), "img_size": size},
+    )
+    dynamic = timm.create_model(name, pretrained=True, features_only=True, out_indices=(0,)).eval()
+    naflex = timm.create_model(name, pretrained=True, use_naflex=True, features_only=True, out_indices=(0,)).eval()
+    assert isinstance(naflex.model, naflexvit.NaFlexVit) and len(naflex.model.blocks) == 1
+    assert naflex.pretrained_cfg == dynamic.pretrained_cfg
+    report = timm_anysize.adaptation_report(naflex)
+    assert report.dropped["blocks.1.mlp.fc2.weight"] == "pruned by features_only"
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for hw in [(patch * 4, patch * 4), (patch * 3, patch * 6), (patch * 7, patch * 2)]:
+            x = torch.randn(1, chans, *hw, generator=gen)
+            (got,), (want,) = naflex(x), dynamic(x)
+            assert got.shape == want.shape == (1, args["embed_dim"], hw[0] // patch, hw[1] // patch)
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5)

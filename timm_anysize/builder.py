@@ -24,7 +24,6 @@ from timm.models import resolve_pretrained_cfg
 
 from timm_anysize.adapt import adapt_state_dict
 from timm_anysize.core.attributes import set_pretrained_cfg
-from timm_anysize.core.errors import SpecError
 from timm_anysize.core.family import Family
 from timm_anysize.core.memory import check_build_memory
 from timm_anysize.core.meta import initialize_fresh, parameters_uninitialised
@@ -83,8 +82,8 @@ def build_variant(
     features = FeatureRequest.pop(kwargs)
     use_naflex = kwargs.pop("use_naflex", False)  # built as the variant, then converted (timm_anysize.naflex)
     naflex_kwargs = {k: kwargs.pop(k) for k in NAFLEX_ONLY_KWARGS if use_naflex and k in kwargs}
-    if use_naflex and features is not None:
-        raise SpecError(f"{spec.where}: use_naflex=True with features_only=True is not supported; pass one of them")
+    naflex_features = features if use_naflex else None  # timm's feature wrapper of the NaFlexVit, made last
+    features = None if use_naflex else features
     cfg_obj = resolve_pretrained_cfg(spec.name, pretrained_cfg, pretrained_cfg_overlay)
     # Read the fields directly: PretrainedCfg.to_dict() would deep-copy an in-memory state_dict.
     resolved = {f.name: getattr(cfg_obj, f.name) for f in dataclasses.fields(cfg_obj)}
@@ -100,6 +99,7 @@ def build_variant(
         spec = spec.model_copy(update={"model_args": {k: v for k, v in spec.model_args.items() if k != "use_naflex"}})
         naflex_kwargs = {k: kwargs.pop(k) for k in NAFLEX_ONLY_KWARGS if k in kwargs}
         plan, use_naflex = make_plan(spec, kwargs, weights=resolved, cache_dir=cache_dir), True
+        naflex_features, features = features, None
     # 3. The model at the variant's geometry, built once. To be loaded, its parameters are allocated but never
     #    written (no init, never resident): 4. the weights adapted to it take their place one tensor at a time, in
     #    the model's dtype and on its device; only the tensors the load does not cover (a new head, a declared init)
@@ -141,7 +141,7 @@ def build_variant(
             _make_dynamic(plan, model)
         return fx_feature_model(plan, model, out_indices, cfg)
     if use_naflex:
-        model = to_naflex(model, **naflex_kwargs)
+        model = to_naflex(model, naflex_features, **naflex_kwargs)
     return model
 
 

@@ -16,7 +16,7 @@ own run-time function (:func:`timm_anysize.core.resample.resample_pos_tokens`).
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Tuple, cast
+from typing import Any, Dict, List, Optional, Tuple
 
 import timm
 import torch
@@ -28,6 +28,7 @@ from timm_anysize.core.compat import compat_interpolation
 from timm_anysize.core.errors import SpecError
 from timm_anysize.core.report import adaptation_report, keep_report
 from timm_anysize.core.resample import resample_pos_tokens
+from timm_anysize.features import PRUNED, FeatureRequest, inner_model, wrap_up
 from timm_anysize.model_plan import variant_plan
 
 __all__ = [
@@ -142,15 +143,18 @@ def naflex_state_dict(
     return naflexvit.checkpoint_filter_fn(sd, model)
 
 
-def to_naflex(model: nn.Module, **naflex_kwargs: Any) -> nn.Module:
+def to_naflex(model: nn.Module, features: Optional[FeatureRequest] = None, **naflex_kwargs: Any) -> nn.Module:
     """The NaFlexVit form of a built variant (``use_naflex=True``): the same configuration and weights.
 
     Args:
         model: A variant built by timm-anysize (its plan names the base, family and geometry).
+        features: ``features_only=True`` with it: timm's feature wrapper of the NaFlexVit (its ``getter``, pruned
+            past the last index, as timm builds one for its own NaFlexVit), holding the converted weights.
         **naflex_kwargs: NaFlexVit arguments of its own (:data:`NAFLEX_ONLY_KWARGS`).
 
     Returns:
-        A NaFlexVit carrying the variant's ``pretrained_cfg``; the model itself where it is one already.
+        A NaFlexVit (or its feature wrapper) carrying the variant's ``pretrained_cfg``; the model itself where it is
+        one already.
 
     Raises:
         SpecError: The family has no NaFlexVit form (the message names those that have), or the model has a
@@ -161,6 +165,8 @@ def to_naflex(model: nn.Module, **naflex_kwargs: Any) -> nn.Module:
         >>> name = timm_anysize.register_variant("naflex_doc_vit", base="test_vit", img_size=48)
         >>> type(timm.create_model(name, use_naflex=True)).__name__
         'NaFlexVit'
+        >>> [f.shape for f in timm.create_model(name, use_naflex=True, features_only=True)(torch.rand(1, 3, 48, 48))]
+        [torch.Size([1, 64, 3, 3]), torch.Size([1, 64, 3, 3]), torch.Size([1, 64, 3, 3])]
     """
     plan = variant_plan(model)
     family = plan.family
@@ -179,20 +185,36 @@ def to_naflex(model: nn.Module, **naflex_kwargs: Any) -> nn.Module:
     pe = plan.spec.adapt.pos_embed
     kwargs = {k: v for k, v in plan.target_kwargs.items() if k not in ("dynamic_img_size", "dynamic_img_pad")}
     kwargs.update(naflex_pos_embed_kwargs(pe.compat, pe.interpolation, pe.use_antialias), **naflex_kwargs)
+    if features is not None:  # timm builds and wraps it, as for its own NaFlexVit
+        kwargs.update(features_only=True, **features.timm_kwargs)
     param = next(model.parameters())
     with torch.device(param.device):
         built = timm.create_model(
             plan.spec.base, pretrained=False, use_naflex=True, dynamic_img_pad=plan.spec.pad, **kwargs
         )
-    naflex = cast(naflexvit.NaFlexVit, built)  # what use_naflex=True builds (timm types create_model as nn.Module)
-    naflex.to(dtype=param.dtype)
+    inner = inner_model(built) if features is not None else built
+    if not isinstance(inner, naflexvit.NaFlexVit):
+        raise SpecError(
+            f"{plan.spec.name}: use_naflex=True, features_only=True: timm's feature_cls "
+            f"{features.timm_kwargs.get('feature_cls') if features else None!r} does not hold the NaFlexVit whole; "
+            f"leave feature_cls out (timm's 'getter')"
+        )
+    naflex = inner
+    built.to(dtype=param.dtype)
     prefix = family.pos_embed_prefix_tokens(model)
-    naflex.load_state_dict(naflex_state_dict(model.state_dict(), naflex, prefix), strict=True)
+    converted = naflex_state_dict(model.state_dict(), naflex, prefix)
+    own = naflex.state_dict()
+    pruned = sorted(converted.keys() - own.keys())  # the wrapper pruned later blocks, the final norm, the head
+    naflex.load_state_dict({k: v for k, v in converted.items() if k in own}, strict=True)
     if pe.compat == ScaleFactorNaFlexEmbeds.compat:  # DINO: a scale factor, which NaFlexVit's options cannot say
         naflex.embeds.__class__ = ScaleFactorNaFlexEmbeds
-    naflex.train(model.training)
-    naflex.pretrained_cfg = naflex.default_cfg = model.pretrained_cfg
+    built.train(model.training)
     report = adaptation_report(model)
+    if features is not None:
+        if report is not None:
+            report.dropped.update({key: PRUNED for key in pruned})
+        return wrap_up(built, dict(module_attr(model, "pretrained_cfg", dict)), report, dynamic=True)
+    naflex.pretrained_cfg = naflex.default_cfg = model.pretrained_cfg
     if report is not None:
         keep_report(naflex, report)
     return naflex
