@@ -272,3 +272,14 @@ def test_features_only_is_timms_wrapper_of_the_naflexvit_with_the_dynamic_featur
             (got,), (want,) = naflex(x), dynamic(x)
             assert got.shape == want.shape == (1, args["embed_dim"], hw[0] // patch, hw[1] // patch)
             torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_a_naflexvit_variant_with_use_naflex_keeps_its_features_only_request():
+    """A NaFlexViT variant is one already: ``use_naflex=True`` changes nothing, ``features_only`` still wraps it."""
+    name = timm_anysize.register_variant(
+        unique_name("nfv"), base="naflexvit_base_patch16_gap", model_args=TINY_VIT, img_size=64
+    )
+    wrapper = timm.create_model(name, use_naflex=True, features_only=True, out_indices=(0,))
+    assert isinstance(wrapper.model, naflexvit.NaFlexVit)
+    (out,) = wrapper(torch.randn(1, 3, 64, 48))
+    assert out.shape == (1, 64, 4, 3)

@@ -82,8 +82,6 @@ def build_variant(
     features = FeatureRequest.pop(kwargs)
     use_naflex = kwargs.pop("use_naflex", False)  # built as the variant, then converted (timm_anysize.naflex)
     naflex_kwargs = {k: kwargs.pop(k) for k in NAFLEX_ONLY_KWARGS if use_naflex and k in kwargs}
-    naflex_features = features if use_naflex else None  # timm's feature wrapper of the NaFlexVit, made last
-    features = None if use_naflex else features
     cfg_obj = resolve_pretrained_cfg(spec.name, pretrained_cfg, pretrained_cfg_overlay)
     # Read the fields directly: PretrainedCfg.to_dict() would deep-copy an in-memory state_dict.
     resolved = {f.name: getattr(cfg_obj, f.name) for f in dataclasses.fields(cfg_obj)}
@@ -99,7 +97,9 @@ def build_variant(
         spec = spec.model_copy(update={"model_args": {k: v for k, v in spec.model_args.items() if k != "use_naflex"}})
         naflex_kwargs = {k: kwargs.pop(k) for k in NAFLEX_ONLY_KWARGS if k in kwargs}
         plan, use_naflex = make_plan(spec, kwargs, weights=resolved, cache_dir=cache_dir), True
-        naflex_features, features = features, None
+    use_naflex = use_naflex and plan.family.name != "naflexvit"  # a NaFlexViT variant is one already
+    # features_only with use_naflex: timm's feature wrapper of the NaFlexVit, made with it (last)
+    naflex_features, features = (features, None) if use_naflex else (None, features)
     # 3. The model at the variant's geometry, built once. To be loaded, its parameters are allocated but never
     #    written (no init, never resident): 4. the weights adapted to it take their place one tensor at a time, in
     #    the model's dtype and on its device; only the tensors the load does not cover (a new head, a declared init)

@@ -204,15 +204,16 @@ def to_naflex(model: nn.Module, features: Optional[FeatureRequest] = None, **naf
     prefix = family.pos_embed_prefix_tokens(model)
     converted = naflex_state_dict(model.state_dict(), naflex, prefix)
     own = naflex.state_dict()
-    pruned = sorted(converted.keys() - own.keys())  # the wrapper pruned later blocks, the final norm, the head
-    naflex.load_state_dict({k: v for k, v in converted.items() if k in own}, strict=True)
+    # what timm's feature wrapper pruned (later blocks, the final norm, the head); without one, every key loads
+    pruned = converted.keys() - own.keys() if features is not None else set()
+    naflex.load_state_dict({k: v for k, v in converted.items() if k not in pruned}, strict=True)
     if pe.compat == ScaleFactorNaFlexEmbeds.compat:  # DINO: a scale factor, which NaFlexVit's options cannot say
         naflex.embeds.__class__ = ScaleFactorNaFlexEmbeds
     built.train(model.training)
     report = adaptation_report(model)
     if features is not None:
         if report is not None:
-            report.dropped.update({key: PRUNED for key in pruned})
+            report.dropped.update({key: PRUNED for key in sorted(pruned)})
         return wrap_up(built, dict(module_attr(model, "pretrained_cfg", dict)), report, dynamic=True)
     naflex.pretrained_cfg = naflex.default_cfg = model.pretrained_cfg
     if report is not None:
