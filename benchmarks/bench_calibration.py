@@ -5,9 +5,10 @@ mean square), timed in the same run; and the peak memory of each (teacher + stud
 alone). Ratios < 1: calibration is slower, as it runs a teacher too. A calibration is timed as users call it: one
 ``calibrate`` call of ``--steps`` steps, its teacher's making and the held-aside agreement (one image) included.
 
-Each measurement runs in its own fresh process, so its peak does not depend on what ran before it: on the CPU the
-memory the steps (warm-up included) added to the resident high-water mark after the model and images were made
-(for calibration, the teacher that ``calibrate`` builds counts); on CUDA the allocator's peak over the same steps.
+Each measurement runs in its own fresh process: the timing (a warm-up step, then ``--steps`` timed), and the peak
+memory of one step after a warm-up step (benchmarks/peak_memory.py: on the CPU what the step adds to the resident
+high-water mark, glibc set to return freed memory; on CUDA the allocator's peak). For calibration the step is a
+``calibrate`` call of one step: the teacher it makes, the teacher's forward and the student's training step.
 
     python benchmarks/bench_calibration.py [--tiny] [--family vit swin ...] [--device cuda] [--out results.json]
 """
@@ -16,15 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Callable
+from typing import Any
 
 import timm
 import torch
+from peak_memory import CHILD_ENV, peak_mib
 from safetensors.torch import save_file
 
 import timm_anysize
@@ -41,32 +42,9 @@ CASES: tuple[tuple[str, str, dict[str, Any], int, dict[str, Any]], ...] = (
 TINY_CASES = (("vit", "vit_tiny_patch16_224", dict(depth=1, embed_dim=64, num_heads=2), 64, dict(img_size=96)),)
 
 
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _peak_rss() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-
-
-def _peak_mib(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
-    """Run ``fn``; its result and the MiB it added to the peak (resident memory, or CUDA's allocator peak)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        out = fn()
-        torch.cuda.synchronize(device)
-        return out, (torch.cuda.max_memory_allocated(device) - before) / 2**20
-    before = _rss()  # a fresh process: its high-water mark so far is the model's and the images' making
-    out = fn()
-    return out, max(0, _peak_rss() - before) / 2**20
-
-
-def child(case: tuple, kind: str, batch: int, steps: int, device: torch.device) -> dict[str, Any]:
-    """One measurement in this (fresh) process: a calibration or a plain training run of ``case``."""
+def child(case: tuple, kind: str, measure: str, batch: int, steps: int, device: torch.device) -> dict[str, Any]:
+    """One measurement in this (fresh) process: a calibration or a plain training run of ``case``; ``measure``
+    ``time`` (a warm-up step, then ``steps`` timed) or ``peak`` (one step, after a warm-up step)."""
     _, arch, args, source, variant = case
     folder = tempfile.mkdtemp()
     torch.manual_seed(0)
@@ -105,30 +83,29 @@ def child(case: tuple, kind: str, batch: int, steps: int, device: torch.device) 
                 loss.backward()
                 opt.step()
 
-    def timed() -> float:
-        run(1)  # warm-up (for calibration: the teacher's making too)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        run(steps)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - t0
-
-    seconds, peak = _peak_mib(timed, device)
-    return {"size": [h, w], "images_per_s": batch * steps / seconds, "peak_mb": peak}
+    if measure == "peak":  # for calibration: the teacher it makes, its forward, the student's step
+        return {"size": [h, w], "peak_mb": peak_mib(lambda: run(1), device)[1]}
+    run(1)  # warm-up (for calibration: the teacher's making too)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    run(steps)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return {"size": [h, w], "images_per_s": batch * steps / (time.perf_counter() - t0)}
 
 
 def bench_case(index: int, tiny: bool, batch: int, steps: int, device: str) -> dict[str, Any]:
     """Both measurements of case ``index``, each in a fresh process."""
     out = {}
     for kind in ("train", "calibrate"):
-        cmd = [sys.executable, __file__, "--child", str(index), kind, "--batch", str(batch), "--steps", str(steps)]
-        cmd += ["--device", device] + (["--tiny"] if tiny else [])
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode:
-            raise RuntimeError(f"{kind} of case {index} failed:\n{done.stderr[-3000:]}")
-        out[kind] = json.loads(done.stdout.splitlines()[-1])
+        for measure in ("time", "peak"):  # peak: glibc set to hand freed memory back (peak_memory.CHILD_ENV)
+            cmd = [sys.executable, __file__, "--child", str(index), kind, measure, "--batch", str(batch)]
+            cmd += ["--steps", str(steps), "--device", device] + (["--tiny"] if tiny else [])
+            done = subprocess.run(cmd, capture_output=True, text=True, env=CHILD_ENV if measure == "peak" else None)
+            if done.returncode:
+                raise RuntimeError(f"{kind} ({measure}) of case {index} failed:\n{done.stderr[-3000:]}")
+            out.setdefault(kind, {}).update(json.loads(done.stdout.splitlines()[-1]))
     calib, train = out["calibrate"], out["train"]
     return {
         "size": calib["size"],
@@ -148,13 +125,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="steps timed per measurement")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (peak: the CUDA allocator's there)")
     parser.add_argument("--out", help="write the results as JSON")
-    parser.add_argument("--child", nargs=2, metavar=("CASE", "KIND"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=3, metavar=("CASE", "KIND", "MEASURE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     cases = TINY_CASES if args.tiny else CASES
     batch, steps = (2, 1) if args.tiny else (args.batch, args.steps)
     if args.child:
-        index, kind = args.child
-        print(json.dumps(child(cases[int(index)], kind, batch, steps, torch.device(args.device))))
+        index, kind, measure = args.child
+        print(json.dumps(child(cases[int(index)], kind, measure, batch, steps, torch.device(args.device))))
         return
     head = (
         f"{'family':<8} {'arch':<30} {'size':>9} {'calib img/s':>12} {'train img/s':>12} {'ratio':>6} {'peak MB':>14}"

@@ -10,7 +10,11 @@ peak: the bytes of the distinct tensors autograd saves, counted with ``saved_ten
 CUDA also ``peak``, the allocator's peak of our step. NaFlex: tokens/s of a forward over a padded NaFlex batch,
 ours against timm's, ``ratio`` the same.
 
-    python benchmarks/bench_train_sizes.py [--reps N] [--only scheduled|naflex] [--out results.json]
+``--peak``: the peak memory of a training step at each size, each path and size in its own fresh process: what one
+SGD step, after a warm-up step, adds to the process's resident high-water mark (glibc set to return freed memory;
+on CUDA the allocator's peak over the step; benchmarks/peak_memory.py).
+
+    python benchmarks/bench_train_sizes.py [--reps N] [--only scheduled|naflex] [--peak] [--out results.json]
 """
 
 from __future__ import annotations
@@ -18,14 +22,18 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import subprocess
+import sys
 import time
-from typing import Callable
+from typing import Callable, Iterator, Optional
 
 import timm
 import torch
+from peak_memory import CHILD_ENV, peak_mib
 from timm.models import naflexvit
 
 import timm_anysize
+from timm_anysize.core.family import Family
 from timm_anysize.families import FAMILIES
 
 
@@ -62,28 +70,49 @@ def _saved_mib(model: torch.nn.Module, x: torch.Tensor) -> float:
     return sum(storages.values()) / 2**20
 
 
-def bench_scheduled(reps: int, device: torch.device) -> list[dict]:
-    rows = []
+def _rows() -> Iterator[tuple[Family, torch.nn.Module]]:
+    """Each measured family and its tiny timm model at the tiny size: those with a cached dynamic path whose timm
+    model has ``set_input_size``."""
     for fam in FAMILIES:
         if fam.dynamic != "cached" or fam.tiny is None or not fam.tiny.img_size_arg:
             continue
-        tiny = fam.tiny
         torch.manual_seed(0)
-        base = timm.create_model(fam.example, img_size=tiny.img_size, **tiny.model_args)
-        if not hasattr(base, "set_input_size"):
-            continue
-        ours = timm.create_model(
-            fam.example, img_size=tiny.img_size, **tiny.model_args, **fam.dynamic_kwargs(True, True)
-        )
-        ours.load_state_dict(base.state_dict())
-        ours = timm_anysize.enable_dynamic(ours).to(device).train()
+        base = timm.create_model(fam.example, img_size=fam.tiny.img_size, **fam.tiny.model_args)
+        if hasattr(base, "set_input_size"):
+            yield fam, base
+
+
+def _ours(fam: Family, base: torch.nn.Module) -> torch.nn.Module:
+    """The family's tiny model with the base's weights, made dynamic (one model for every size)."""
+    assert fam.tiny is not None
+    ours = timm.create_model(
+        fam.example, img_size=fam.tiny.img_size, **fam.tiny.model_args, **fam.dynamic_kwargs(True, True)
+    )
+    ours.load_state_dict(base.state_dict())
+    return timm_anysize.enable_dynamic(ours)
+
+
+def _fixed(base: torch.nn.Module, size: int) -> Optional[torch.nn.Module]:
+    """A copy of the base moved to ``size`` by timm's ``set_input_size``; None where timm cannot."""
+    fixed = copy.deepcopy(base)
+    try:
+        fixed.set_input_size(img_size=size)
+    except Exception:  # noqa: BLE001 - a model timm cannot move to this size: no reference
+        return None
+    return fixed
+
+
+def bench_scheduled(reps: int, device: torch.device) -> list[dict]:
+    rows = []
+    for fam, base in _rows():
+        assert fam.tiny is not None
+        tiny = fam.tiny
+        ours = _ours(fam, base).to(device).train()
         for size in (tiny.img_size, 2 * tiny.img_size):
-            fixed = copy.deepcopy(base)
-            try:
-                fixed.set_input_size(img_size=size)
-            except Exception:  # noqa: BLE001 - a model timm cannot move to this size: no reference
+            moved = _fixed(base, size)
+            if moved is None:
                 continue
-            fixed = fixed.to(device).train()
+            fixed = moved.to(device).train()
             x = torch.randn(8, 3, size, size, device=device)
             paths = {
                 "ours": _step(ours, x, torch.optim.SGD(ours.parameters(), lr=0.0)),
@@ -170,18 +199,64 @@ def bench_naflex(reps: int, device: torch.device) -> dict:
     return row
 
 
+def _peak_child(family: str, size: int, path: str, device: torch.device) -> Optional[float]:
+    """In a fresh process: the MiB an SGD step of ``path`` (ours / fixed) at ``size`` adds to the peak, after a
+    warm-up step (benchmarks/peak_memory.py)."""
+    fam, base = next((f, b) for f, b in _rows() if f.name == family)
+    model = _ours(fam, base) if path == "ours" else _fixed(base, size)
+    if model is None:
+        return None
+    model = model.to(device).train()
+    del base
+    x = torch.randn(8, 3, size, size, device=device)
+    return peak_mib(_step(model, x, torch.optim.SGD(model.parameters(), lr=0.0)), device)[1]
+
+
+def bench_peak(device: torch.device) -> list[dict]:
+    """Peak memory of a training step per family, size and path, each in a fresh process."""
+    rows = []
+    for fam, _ in _rows():
+        assert fam.tiny is not None
+        for size in (fam.tiny.img_size, 2 * fam.tiny.img_size):
+            mib = {}
+            for path in ("ours", "fixed"):
+                cmd = [sys.executable, __file__, "--peak-child", fam.name, str(size), path, "--device", str(device)]
+                done = subprocess.run(cmd, capture_output=True, text=True, env=CHILD_ENV)
+                if done.returncode:
+                    raise RuntimeError(f"{fam.name} {size}px {path}:\n{done.stderr[-3000:]}")
+                mib[path] = json.loads(done.stdout.splitlines()[-1])
+            if mib["fixed"] is None:
+                continue
+            rows.append(dict(family=fam.name, size=size, peak_mib_ours=mib["ours"], peak_mib_fixed=mib["fixed"]))
+            print(
+                f"{fam.name:16s} {size:4d}px  peak ours {mib['ours']:7.1f} MiB  fixed {mib['fixed']:7.1f} MiB",
+                flush=True,
+            )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=5, help="timed rounds per path (the minimum is kept)")
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--only", choices=("scheduled", "naflex"), help="run one of the two benchmarks")
+    parser.add_argument("--peak", action="store_true", help="peak memory per size instead, fresh process each")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda where there is one)")
+    parser.add_argument("--peak-child", nargs=3, metavar=("FAMILY", "SIZE", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    results = dict(
-        device=str(device),
-        scheduled=bench_scheduled(args.reps, device) if args.only != "naflex" else [],
-        naflex=bench_naflex(args.reps, device) if args.only != "scheduled" else {},
-    )
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.peak_child:
+        family, size, path = args.peak_child
+        print(json.dumps(_peak_child(family, int(size), path, device)))
+        return
+    if args.peak:
+        results: dict = dict(device=str(device), peak=bench_peak(device))
+    else:
+        results = dict(
+            device=str(device),
+            scheduled=bench_scheduled(args.reps, device) if args.only != "naflex" else [],
+            naflex=bench_naflex(args.reps, device) if args.only != "scheduled" else {},
+        )
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
