@@ -157,8 +157,9 @@ def to_naflex(model: nn.Module, features: Optional[FeatureRequest] = None, **naf
         one already.
 
     Raises:
-        SpecError: The family has no NaFlexVit form (the message names those that have), or the model has a
-            distillation token or an attention-pool head.
+        SpecError: The family has no NaFlexVit form (the message names those that have), the model has a
+            distillation token or an attention-pool head, or ``features`` asks for a feature class that does not
+            hold the NaFlexVit whole.
 
     Example:
         >>> import timm_anysize
