@@ -274,8 +274,9 @@ def test_features_only_is_timms_wrapper_of_the_naflexvit_with_the_dynamic_featur
             torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
-def test_a_naflexvit_variant_with_use_naflex_keeps_its_features_only_request():
-    """A NaFlexViT variant is one already: ``use_naflex=True`` changes nothing, ``features_only`` still wraps it."""
+def test_a_naflexvit_variant_with_use_naflex_keeps_its_other_arguments():
+    """A NaFlexViT variant is one already: ``use_naflex=True`` changes nothing, ``features_only`` still wraps it, and
+    NaFlexVit's own arguments (train.py's ``--model-kwargs use_naflex=True enable_patch_interpolator=True``) reach it."""
     name = timm_anysize.register_variant(
         unique_name("nfv"), base="naflexvit_base_patch16_gap", model_args=TINY_VIT, img_size=64
     )
@@ -283,3 +284,6 @@ def test_a_naflexvit_variant_with_use_naflex_keeps_its_features_only_request():
     assert isinstance(wrapper.model, naflexvit.NaFlexVit)
     (out,) = wrapper(torch.randn(1, 3, 64, 48))
     assert out.shape == (1, 64, 4, 3)
+    for flag in (False, True):
+        model = timm.create_model(name, use_naflex=True, enable_patch_interpolator=flag)
+        assert isinstance(model, naflexvit.NaFlexVit) and model.embeds.enable_patch_interpolator is flag

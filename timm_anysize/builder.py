@@ -97,7 +97,11 @@ def build_variant(
         spec = spec.model_copy(update={"model_args": {k: v for k, v in spec.model_args.items() if k != "use_naflex"}})
         naflex_kwargs = {k: kwargs.pop(k) for k in NAFLEX_ONLY_KWARGS if k in kwargs}
         plan, use_naflex = make_plan(spec, kwargs, weights=resolved, cache_dir=cache_dir), True
-    use_naflex = use_naflex and plan.family.name != "naflexvit"  # a NaFlexViT variant is one already
+    if use_naflex and plan.family.name == "naflexvit":  # a NaFlexViT variant is one already: its arguments are its own
+        use_naflex = False
+        if naflex_kwargs:
+            kwargs.update(naflex_kwargs)
+            plan = make_plan(spec, kwargs, weights=resolved if pretrained else None, cache_dir=cache_dir)
     # features_only with use_naflex: timm's feature wrapper of the NaFlexVit, made with it (last)
     naflex_features, features = (features, None) if use_naflex else (None, features)
     # 3. The model at the variant's geometry, built once. To be loaded, its parameters are allocated but never
