@@ -45,10 +45,10 @@ def _checkpoint(base: str, args: dict, size: int, path) -> str:
     return str(path)
 
 
-def variant(case: str, tmp_path, **spec) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The case's dynamic variant and the same variant with ``use_naflex=True`` (eval)."""
+def register_case(case: str, tmp_path, **spec) -> str:
+    """The case's variant over a seeded checkpoint of its base (in ``tmp_path``), registered; its name."""
     base, args, size, img_size, patch, chans = CASES[case]
-    name = timm_anysize.register_variant(
+    return timm_anysize.register_variant(
         unique_name("nf"),
         base=base,
         model_args=args,
@@ -58,6 +58,11 @@ def variant(case: str, tmp_path, **spec) -> tuple[torch.nn.Module, torch.nn.Modu
         pretrained={"file": _checkpoint(base, args, size, tmp_path / "w.pt"), "img_size": size},
         **spec,
     )
+
+
+def variant(case: str, tmp_path, **spec) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The case's dynamic variant and the same variant with ``use_naflex=True`` (eval)."""
+    name = register_case(case, tmp_path, **spec)
     dynamic = timm.create_model(name, pretrained=True).eval()
     naflex = timm.create_model(name, pretrained=True, use_naflex=True).eval()
     return dynamic, naflex
@@ -249,16 +254,8 @@ def test_features_only_is_timms_wrapper_of_the_naflexvit_with_the_dynamic_featur
     """``features_only=True`` with ``use_naflex=True``: timm's feature wrapper of its NaFlexVit (the getter, pruned
     past the last index, as for timm's own), holding the converted weights: its maps equal the dynamic variant's
     ``features_only`` maps at any size, and what the wrapper pruned is reported so."""
-    base, args, size, img_size, patch, chans = CASES[case]
-    name = timm_anysize.register_variant(
-        unique_name("nff"),
-        base=base,
-        model_args=args,
-        img_size=img_size,
-        patch_size=patch,
-        in_chans=chans,
-        pretrained={"file": _checkpoint(base, args, size, tmp_path / "w.pt"), "img_size": size},
-    )
+    _, args, _, _, patch, chans = CASES[case]
+    name = register_case(case, tmp_path)
     dynamic = timm.create_model(name, pretrained=True, features_only=True, out_indices=(0,)).eval()
     naflex = timm.create_model(name, pretrained=True, use_naflex=True, features_only=True, out_indices=(0,)).eval()
     assert isinstance(naflex.model, naflexvit.NaFlexVit) and len(naflex.model.blocks) == 1
@@ -275,8 +272,9 @@ def test_features_only_is_timms_wrapper_of_the_naflexvit_with_the_dynamic_featur
 
 
 def test_a_naflexvit_variant_with_use_naflex_keeps_its_other_arguments():
-    """A NaFlexViT variant is one already: ``use_naflex=True`` changes nothing, ``features_only`` still wraps it, and
-    NaFlexVit's own arguments (train.py's ``--model-kwargs use_naflex=True enable_patch_interpolator=True``) reach it."""
+    """A NaFlexViT variant is one already: ``use_naflex=True`` changes nothing, ``features_only`` still wraps it,
+    and NaFlexVit's own arguments (train.py's ``--model-kwargs use_naflex=True enable_patch_interpolator=True``)
+    reach it."""
     name = timm_anysize.register_variant(
         unique_name("nfv"), base="naflexvit_base_patch16_gap", model_args=TINY_VIT, img_size=64
     )

@@ -348,8 +348,8 @@ def calibrate(
     KL divergence of the logits (same head) or the cosine distance of the pooled features (a new head, or none).
     Batch norms keep the source's running statistics (they stay in eval mode: a calibration batch is too small to
     re-estimate them). Under ``torch.distributed`` (DDP, any backend) the global batch is split over the ranks and
-    the gradients averaged: the same weights as one process with the same ``batch_size``. Ctrl-C stops between steps (the weights
-    change only when a step completes) and returns the report so far (``completed=False``).
+    the gradients averaged: the same weights as one process with the same ``batch_size``. Ctrl-C stops between
+    steps (the weights change only when a step completes) and returns the report so far (``completed=False``).
 
     Args:
         model: A variant built with ``pretrained=True`` (updated in place; its train/eval mode is restored).
