@@ -193,14 +193,13 @@ def to_naflex(model: nn.Module, features: Optional[FeatureRequest] = None, **naf
         built = timm.create_model(
             plan.spec.base, pretrained=False, use_naflex=True, dynamic_img_pad=plan.spec.pad, **kwargs
         )
-    inner = inner_model(built) if features is not None else built
-    if not isinstance(inner, naflexvit.NaFlexVit):
+    naflex = inner_model(built) if features is not None else built
+    if not isinstance(naflex, naflexvit.NaFlexVit):  # only a feature wrapper can hold something else
         raise SpecError(
             f"{plan.spec.name}: use_naflex=True, features_only=True: timm's feature_cls "
             f"{features.timm_kwargs.get('feature_cls') if features else None!r} does not hold the NaFlexVit whole; "
             f"leave feature_cls out (timm's 'getter')"
         )
-    naflex = inner
     built.to(dtype=param.dtype)
     prefix = family.pos_embed_prefix_tokens(model)
     converted = naflex_state_dict(model.state_dict(), naflex, prefix)
