@@ -70,11 +70,11 @@ def _saved_mib(model: torch.nn.Module, x: torch.Tensor) -> float:
     return sum(storages.values()) / 2**20
 
 
-def _rows() -> Iterator[tuple[Family, torch.nn.Module]]:
-    """Each measured family and its tiny timm model at the tiny size: those with a cached dynamic path whose timm
-    model has ``set_input_size``."""
+def _rows(only: Optional[str] = None) -> Iterator[tuple[Family, torch.nn.Module]]:
+    """Each measured family (or the one named ``only``) and its tiny timm model at the tiny size: those with a
+    cached dynamic path whose timm model has ``set_input_size``."""
     for fam in FAMILIES:
-        if fam.dynamic != "cached" or fam.tiny is None or not fam.tiny.img_size_arg:
+        if fam.dynamic != "cached" or fam.tiny is None or not fam.tiny.img_size_arg or only not in (None, fam.name):
             continue
         torch.manual_seed(0)
         base = timm.create_model(fam.example, img_size=fam.tiny.img_size, **fam.tiny.model_args)
@@ -202,7 +202,7 @@ def bench_naflex(reps: int, device: torch.device) -> dict:
 def _peak_child(family: str, size: int, path: str, device: torch.device) -> Optional[float]:
     """In a fresh process: the MiB an SGD step of ``path`` (ours / fixed) at ``size`` adds to the peak, after a
     warm-up step (benchmarks/peak_memory.py)."""
-    fam, base = next((f, b) for f, b in _rows() if f.name == family)
+    fam, base = next(_rows(family))  # only that family's model is built
     model = _ours(fam, base) if path == "ours" else _fixed(base, size)
     if model is None:
         return None
