@@ -14,7 +14,9 @@ ours against timm's, ``ratio`` the same.
 SGD step, after a warm-up step, adds to the process's resident high-water mark (glibc set to return freed memory;
 on CUDA the allocator's peak over the step; benchmarks/peak_memory.py).
 
-    python benchmarks/bench_train_sizes.py [--reps N] [--only scheduled|naflex] [--peak] [--out results.json]
+    python benchmarks/bench_train_sizes.py [--tiny] [--reps N] [--only scheduled|naflex] [--peak] [--out results.json]
+
+``--tiny`` is a smoke run: the first family row only, one round, a smaller NaFlex model.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import copy
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Callable, Iterator, Optional
 
@@ -70,9 +73,9 @@ def _saved_mib(model: torch.nn.Module, x: torch.Tensor) -> float:
     return sum(storages.values()) / 2**20
 
 
-def _rows(only: Optional[str] = None) -> Iterator[tuple[Family, torch.nn.Module]]:
-    """Each measured family (or the one named ``only``) and its tiny timm model at the tiny size: those with a
-    cached dynamic path whose timm model has ``set_input_size``."""
+def _rows(only: Optional[str] = None, first: bool = False) -> Iterator[tuple[Family, torch.nn.Module]]:
+    """Each measured family (or the one named ``only``; the first one only with ``first``) and its tiny timm model
+    at the tiny size: those with a cached dynamic path whose timm model has ``set_input_size``."""
     for fam in FAMILIES:
         if fam.dynamic != "cached" or fam.tiny is None or not fam.tiny.img_size_arg or only not in (None, fam.name):
             continue
@@ -80,6 +83,8 @@ def _rows(only: Optional[str] = None) -> Iterator[tuple[Family, torch.nn.Module]
         base = timm.create_model(fam.example, img_size=fam.tiny.img_size, **fam.tiny.model_args)
         if hasattr(base, "set_input_size"):
             yield fam, base
+            if first:
+                return
 
 
 def _ours(fam: Family, base: torch.nn.Module) -> torch.nn.Module:
@@ -102,9 +107,9 @@ def _fixed(base: torch.nn.Module, size: int) -> Optional[torch.nn.Module]:
     return fixed
 
 
-def bench_scheduled(reps: int, device: torch.device) -> list[dict]:
+def bench_scheduled(reps: int, device: torch.device, tiny: bool = False) -> list[dict]:
     rows = []
-    for fam, base in _rows():
+    for fam, base in _rows(first=tiny):
         assert fam.tiny is not None
         tiny = fam.tiny
         ours = _ours(fam, base).to(device).train()
@@ -149,19 +154,21 @@ def bench_scheduled(reps: int, device: torch.device) -> list[dict]:
     return rows
 
 
-def bench_naflex(reps: int, device: torch.device) -> dict:
-    args = dict(embed_dim=192, depth=4, num_heads=3, img_size=64)
+def bench_naflex(reps: int, device: torch.device, tiny: bool = False) -> dict:
+    args = dict(embed_dim=64, depth=1, num_heads=2) if tiny else dict(embed_dim=192, depth=4, num_heads=3)
+    args["img_size"] = 64
     torch.manual_seed(0)
-    path = "/tmp/bench_naflex_vit.pt"
-    torch.save(timm.create_model("vit_tiny_patch16_224", **args).state_dict(), path)
-    name = timm_anysize.register_variant(
-        "bench_naflex_vit",
-        base="vit_tiny_patch16_224",
-        model_args={k: v for k, v in args.items() if k != "img_size"},
-        img_size=96,
-        pretrained={"file": path, "img_size": 64},
-    )
-    ours = timm.create_model(name, pretrained=True, use_naflex=True).to(device).eval()
+    with tempfile.TemporaryDirectory() as folder:
+        path = f"{folder}/bench_naflex_vit.pt"
+        torch.save(timm.create_model("vit_tiny_patch16_224", **args).state_dict(), path)
+        name = timm_anysize.register_variant(
+            "bench_naflex_vit",
+            base="vit_tiny_patch16_224",
+            model_args={k: v for k, v in args.items() if k != "img_size"},
+            img_size=96,
+            pretrained={"file": path, "img_size": 64},
+        )
+        ours = timm.create_model(name, pretrained=True, use_naflex=True).to(device).eval()
     # the same dimensions, position grid (96 px / 16) and interpolation as the variant's NaFlexVit
     keys = ("pos_embed_interp_mode", "pos_embed_antialias", "pos_embed_align_corners", "pos_embed_ar_preserving")
     pos = {k: getattr(ours.embeds, k) for k in keys if hasattr(ours.embeds, k)}
@@ -212,10 +219,10 @@ def _peak_child(family: str, size: int, path: str, device: torch.device) -> Opti
     return peak_mib(_step(model, x, torch.optim.SGD(model.parameters(), lr=0.0)), device)[1]
 
 
-def bench_peak(device: torch.device) -> list[dict]:
+def bench_peak(device: torch.device, tiny: bool = False) -> list[dict]:
     """Peak memory of a training step per family, size and path, each in a fresh process."""
     rows = []
-    for fam, _ in _rows():
+    for fam, _ in _rows(first=tiny):
         assert fam.tiny is not None
         for size in (fam.tiny.img_size, 2 * fam.tiny.img_size):
             mib = {}
@@ -237,6 +244,7 @@ def bench_peak(device: torch.device) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="a smoke run: one family, one round, a small NaFlex model")
     parser.add_argument("--reps", type=int, default=5, help="timed rounds per path (the minimum is kept)")
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--only", choices=("scheduled", "naflex"), help="run one of the two benchmarks")
@@ -249,13 +257,14 @@ def main() -> None:
         family, size, path = args.peak_child
         print(json.dumps(_peak_child(family, int(size), path, device)))
         return
+    reps = 1 if args.tiny else args.reps
     if args.peak:
-        results: dict = dict(device=str(device), peak=bench_peak(device))
+        results: dict = dict(device=str(device), peak=bench_peak(device, args.tiny))
     else:
         results = dict(
             device=str(device),
-            scheduled=bench_scheduled(args.reps, device) if args.only != "naflex" else [],
-            naflex=bench_naflex(args.reps, device) if args.only != "scheduled" else {},
+            scheduled=bench_scheduled(reps, device, args.tiny) if args.only != "naflex" else [],
+            naflex=bench_naflex(reps, device, args.tiny) if args.only != "scheduled" else {},
         )
     if args.out:
         with open(args.out, "w") as f:

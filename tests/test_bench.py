@@ -54,3 +54,25 @@ def test_calibration_bench_tiny_runs_and_reports_ratios(tmp_path):
     assert "calib img/s" in proc.stdout
     (row,) = json.loads(out.read_text()).values()
     assert row["ratio"] > 0 and row["calibration_images_per_s"] > 0 and row["calibration_peak_mb"] >= 0
+
+
+def test_train_sizes_bench_tiny_runs_and_reports_ratios(tmp_path):
+    out = tmp_path / "train_sizes.json"
+    script = str(ROOT / "benchmarks" / "bench_train_sizes.py")
+    proc = subprocess.run(
+        [sys.executable, script, "--tiny", "--out", str(out)], capture_output=True, text=True, check=True
+    )
+    assert "ratio" in proc.stdout and "tok/s" in proc.stdout
+    data = json.loads(out.read_text())
+    (fam,) = {row["family"] for row in data["scheduled"]}
+    sizes = [row["size"] for row in data["scheduled"]]
+    assert len(sizes) == 2 and sizes[1] == 2 * sizes[0]  # the family's tiny size and twice it
+    assert all(row["ratio"] > 0 and row["saved_mib_ours"] > 0 for row in data["scheduled"])
+    assert data["naflex"]["ratio"] > 0
+    out_peak = tmp_path / "train_sizes_peak.json"
+    subprocess.run(
+        [sys.executable, script, "--tiny", "--peak", "--out", str(out_peak)], check=True, capture_output=True
+    )
+    peak = json.loads(out_peak.read_text())["peak"]
+    assert {row["family"] for row in peak} == {fam} and len(peak) == 2
+    assert all(row["peak_mib_ours"] >= 0 and row["peak_mib_fixed"] >= 0 for row in peak)
