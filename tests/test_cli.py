@@ -120,6 +120,13 @@ def test_global_flags_before_or_after_the_command():
     assert not hasattr(args, "quiet") and not hasattr(args, "debug")  # main() reads them with getattr(..., False)
     args = parse(["-q", "show", "x", "-c", "a.yaml", "--config", "b.yaml"])
     assert args.quiet and args.config == ["a.yaml", "b.yaml"]
+    assert parse(["-v", "list"]).verbose and parse(["list", "--verbose"]).verbose
+
+
+def test_quiet_and_verbose_together_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["-q", "list", "--verbose"])
+    assert exit.value.code == 2 and "-q/--quiet and -v/--verbose together: pick one" in capsys.readouterr().err
 
 
 def test_version(capsys):

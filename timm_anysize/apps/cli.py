@@ -477,6 +477,13 @@ def _global_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars or INFO logs"
     )
+    group.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="timm-anysize's DEBUG logs too (each new input size a model's caches meet, with their hit rate)",
+    )
     group.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
 
 
@@ -635,8 +642,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """
     args = build_parser().parse_args(argv)
     args.quiet, args.debug = getattr(args, "quiet", False), getattr(args, "debug", False)
+    args.verbose = getattr(args, "verbose", False)
+    if args.quiet and args.verbose:
+        _usage_error(args, "-q/--quiet and -v/--verbose together: pick one")
     if args.command != "run":  # a script run by `run` sets up its own logging (timm's setup_default_logging)
         logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    ours_logger = logging.getLogger(timm_anysize.__name__)
+    ours_level = ours_logger.level  # restored on return: main() may run in-process (tests, notebooks)
+    if args.quiet or args.verbose:  # our loggers only; under `run` the script's handlers print what passes
+        ours_logger.setLevel(logging.WARNING if args.quiet else logging.DEBUG)
     if args.quiet:
         from huggingface_hub.utils import disable_progress_bars
 
@@ -664,6 +678,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         message = one_line(e) if ours else f"{type(e).__name__}: {one_line(e)} (--debug shows the traceback)"
         print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)
         return 1
+    finally:
+        ours_logger.setLevel(ours_level)
 
 
 if __name__ == "__main__":
