@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import logging
 import pickle
 import threading
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 import timm_anysize
 from conftest import unique_name
 from timm_anysize import dynamic_cache_info, enable_dynamic
+from timm_anysize.core.cache import size_lru_cache
 from timm_anysize.core.runtime_options import cache_for
 
 SMALL = dict(embed_dim=64, depth=2, num_heads=2)
@@ -150,6 +152,31 @@ def test_cache_hits_bounds_and_keys():
     assert (info["hits"], info["misses"], info["size"], info["maxsize"]) == (2, 4, 2, 2)
     dyn(torch.randn(1, 3, 160, 160))  # the native grid never touches the cache
     assert dynamic_cache_info(dyn)["misses"] == 4
+
+
+def test_size_lru_cache_logs_each_miss_and_steps_aside_while_tracing(caplog):
+    calls = []
+
+    @size_lru_cache(maxsize=2)
+    def mask(h: int, w: int) -> torch.Tensor:
+        calls.append((h, w))
+        return torch.zeros(h, w)
+
+    with caplog.at_level(logging.DEBUG, logger="timm_anysize.core.cache"):
+        for hw in [(2, 3), (2, 3), (4, 4), (2, 3), (5, 1), (4, 4)]:  # (5, 1) evicts (4, 4)
+            mask(*hw)
+    assert calls == [(2, 3), (4, 4), (5, 1), (4, 4)]
+    lines = [r.getMessage() for r in caplog.records if r.name == "timm_anysize.core.cache.sizes"]
+    assert lines == [
+        "size cache miss for mask(2, 3): hit rate 0/1 (0%), 1 of 2 entries",
+        "size cache miss for mask(4, 4): hit rate 1/3 (33%), 2 of 2 entries",
+        "size cache miss for mask(5, 1): hit rate 2/5 (40%), 2 of 2 entries",
+        "size cache miss for mask(4, 4): hit rate 2/6 (33%), 2 of 2 entries",
+    ]
+    before = mask.cache_info()
+    # traced: the function runs (no state in a graph), the cache is untouched; check_trace would run it eagerly too
+    torch.jit.trace(lambda x: x + mask(2, 3), torch.ones(2, 3), check_trace=False)
+    assert calls[4:] == [(2, 3)] and mask.cache_info() == before
 
 
 def _stale_check(dyn: torch.nn.Module, mutate) -> None:

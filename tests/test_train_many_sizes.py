@@ -183,6 +183,7 @@ def test_scheduled_sizes_train_as_models_built_for_each_size(fam, image_folder, 
         for s in sizes:
             model(torch.randn(1, 3, s, s))
         before = [c.info() for c in caches(model)]
+        first_pass = len(caplog.records)
         for s in sizes:
             model(torch.randn(1, 3, s, s))
     after = [c.info() for c in caches(model)]
@@ -190,6 +191,9 @@ def test_scheduled_sizes_train_as_models_built_for_each_size(fam, image_folder, 
         assert first["size"] <= first["maxsize"] and second["misses"] == first["misses"], (first, second)
     misses = [r.getMessage() for r in caplog.records if r.name == "timm_anysize.core.cache"]
     assert len(misses) == sum(c["misses"] for c in after) - trained_misses and all("hit rate" in m for m in misses)
+    # the caches of what depends on sizes only (window masks, relative coordinates; shared by every model) hit too
+    sizes_misses = [r.getMessage() for r in caplog.records[first_pass:] if r.name == "timm_anysize.core.cache.sizes"]
+    assert sizes_misses == []
 
 
 DDP_SCRIPT = """

@@ -9,7 +9,6 @@
   TorchScript (MaxxViT, GCViT).
 """
 
-from functools import lru_cache
 from typing import List, Tuple
 
 import torch
@@ -26,7 +25,7 @@ from timm.layers.pos_embed_rel import (  # timm exports these from no shorter pa
     reindex_2d_einsum_lookup,
 )
 
-from timm_anysize.core.cache import cached_or_inline, traced
+from timm_anysize.core.cache import cached_or_inline, size_lru_cache, traced
 from timm_anysize.core.resample import resize_bias_grid, resize_rel_pos_table
 from timm_anysize.core.runtime_options import RuntimeOptionsMixin, cache_for
 
@@ -163,7 +162,7 @@ def _tf_bias(rel_pos: nn.Module, window: Tuple[int, int]) -> torch.Tensor:
     return reindex_2d_einsum_lookup(table, window[0], window[1], h, w)
 
 
-@lru_cache(maxsize=64)
+@size_lru_cache(maxsize=64)
 def _log_coords(
     window: Tuple[int, int], pretrained: Tuple[int, int], mode: str, device: torch.device, dtype: torch.dtype
 ) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,6 @@ compiling or exporting they take no shape branch: the map is always padded (by z
 every block gets a mask tensor (all zeros where nothing is masked: adding it changes no score).
 """
 
-from functools import lru_cache
 from typing import List, Optional, Tuple
 
 import torch
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 from timm.layers import PatchEmbed, register_notrace_function
 from timm.models import FeatureListNet, swin_transformer, swin_transformer_v2, swin_transformer_v2_cr
 
-from timm_anysize.core.cache import traced
+from timm_anysize.core.cache import size_lru_cache, traced
 from timm_anysize.core.family import REL_TABLE, DynamicPath, Family, TinyModel, gray_and_4ch
 from timm_anysize.core.flexi_embed import FlexiPatchEmbedMixin
 from timm_anysize.core.padding import pad_to_multiple
@@ -110,7 +109,7 @@ def shifted_window_mask(
     return _mask(size[0], size[1], padded[0], padded[1], [window[0], window[1]], [shift[0], shift[1]], device, dtype)
 
 
-@lru_cache(maxsize=64)
+@size_lru_cache(maxsize=64)
 def _cached_mask(
     size: Tuple[int, int],
     padded: Tuple[int, int],
