@@ -269,20 +269,33 @@ def test_device_and_dtype_follow_the_model(make_checkpoint):
 
 @pytest.mark.parametrize("old,new", [((7, 7), (8, 6)), ((4, 6), (4, 6)), ((8, 8), (5, 11))])
 @pytest.mark.parametrize("flat", [True, False])
-def test_scriptable_rel_pos_table_resize_is_timms_bit_for_bit(old, new, flat):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scriptable_rel_pos_table_resize_is_timms_bit_for_bit(old, new, flat, dtype):
     """The port the dynamic BEiT/MaxViT/GCViT paths script equals timm's resize_rel_pos_bias_table exactly, for the
-    flat (Swin/BEiT) and the [heads, 2h-1, 2w-1] (TF MaxViT) layouts, and scripts."""
+    flat (Swin/BEiT) and the [heads, 2h-1, 2w-1] (TF MaxViT) layouts, and scripts: eagerly every head at once from
+    the sizes' cached plan (hit on the second call), scripted head by head as timm; the gradient is timm's."""
     from timm.layers import resize_rel_pos_bias_table
 
+    from timm_anysize.core import resample
     from timm_anysize.core.resample import resize_rel_pos_table
 
     shape = ((2 * old[0] - 1) * (2 * old[1] - 1), 3) if flat else (3, 2 * old[0] - 1, 2 * old[1] - 1)
-    table = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    table = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype).requires_grad_()
     new_shape = ((2 * new[0] - 1) * (2 * new[1] - 1), 3) if flat else (3, 2 * new[0] - 1, 2 * new[1] - 1)
     expected = resize_rel_pos_bias_table(table, new_window_size=new, new_bias_shape=new_shape)
-    for fn in (resize_rel_pos_table, torch.jit.script(resize_rel_pos_table)):
+    hits = []
+    for fn in (resize_rel_pos_table, resize_rel_pos_table, torch.jit.script(resize_rel_pos_table)):
+        hits.append(resample._rel_table_plan.cache_info().hits)
         got = fn(table, list(old), list(new), flat)
-        assert got.shape == expected.shape and torch.equal(got, expected)
+        assert got.shape == expected.shape and got.dtype == dtype and torch.equal(got, expected)
+    assert old == new or hits[2] == hits[1] + 1  # the second eager call found its plan
+    weights = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    with torch.enable_grad():  # the module's fixture turns gradients off
+        ours = resize_rel_pos_table(table, list(old), list(new), flat)
+        theirs = resize_rel_pos_bias_table(table, new_window_size=new, new_bias_shape=new_shape)
+        (grad,) = torch.autograd.grad((ours * weights).sum(), table)
+        (timm_grad,) = torch.autograd.grad((theirs * weights).sum(), table)
+    torch.testing.assert_close(grad, timm_grad, rtol=0, atol=0 if old == new else 1e-5)
 
 
 def test_load_and_run_time_resample_position_embeddings_through_one_function(make_checkpoint, monkeypatch):

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 import timm_anysize
 from conftest import unique_name
 from timm_anysize import dynamic_cache_info, enable_dynamic
-from timm_anysize.core.cache import size_lru_cache
 from timm_anysize.core.runtime_options import cache_for
+from timm_anysize.core.size_cache import size_lru_cache
 
 SMALL = dict(embed_dim=64, depth=2, num_heads=2)
 FAMILIES = [
@@ -162,11 +162,11 @@ def test_size_lru_cache_logs_each_miss_and_steps_aside_while_tracing(caplog):
         calls.append((h, w))
         return torch.zeros(h, w)
 
-    with caplog.at_level(logging.DEBUG, logger="timm_anysize.core.cache"):
+    with caplog.at_level(logging.DEBUG, logger="timm_anysize.core.size_cache"):
         for hw in [(2, 3), (2, 3), (4, 4), (2, 3), (5, 1), (4, 4)]:  # (5, 1) evicts (4, 4)
             mask(*hw)
     assert calls == [(2, 3), (4, 4), (5, 1), (4, 4)]
-    lines = [r.getMessage() for r in caplog.records if r.name == "timm_anysize.core.cache.sizes"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "timm_anysize.core.size_cache"]
     assert lines == [
         "size cache miss for mask(2, 3): hit rate 0/1 (0%), 1 of 2 entries",
         "size cache miss for mask(4, 4): hit rate 1/3 (33%), 2 of 2 entries",

@@ -192,7 +192,7 @@ def test_scheduled_sizes_train_as_models_built_for_each_size(fam, image_folder, 
     # hits (what each size needs is kept, once).
     model.eval()
     trained_misses = sum(c.info()["misses"] for c in caches(model))
-    with caplog.at_level(logging.DEBUG, logger="timm_anysize.core.cache"), torch.no_grad():
+    with caplog.at_level(logging.DEBUG, logger="timm_anysize"), torch.no_grad():
         for s in sizes:
             model(torch.randn(1, 3, s, s))
         before = [c.info() for c in caches(model)]
@@ -205,7 +205,7 @@ def test_scheduled_sizes_train_as_models_built_for_each_size(fam, image_folder, 
     misses = [r.getMessage() for r in caplog.records if r.name == "timm_anysize.core.cache"]
     assert len(misses) == sum(c["misses"] for c in after) - trained_misses and all("hit rate" in m for m in misses)
     # the caches of what depends on sizes only (window masks, relative coordinates; shared by every model) hit too
-    sizes_misses = [r.getMessage() for r in caplog.records[first_pass:] if r.name == "timm_anysize.core.cache.sizes"]
+    sizes_misses = [r.getMessage() for r in caplog.records[first_pass:] if r.name == "timm_anysize.core.size_cache"]
     assert sizes_misses == []
 
 

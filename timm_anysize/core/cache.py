@@ -1,27 +1,24 @@
 """Caching what is derived from weights (resampled position embeddings, resized bias tables) for the dynamic paths,
-and when not to: while tracing, compiling or exporting, or when a gradient must flow to the weights; and what depends
-on sizes only (window masks, relative coordinates), per size (:func:`size_lru_cache`). Every miss is a DEBUG line
-with the hit rate so far.
+and when not to: while tracing, compiling or exporting, or when a gradient must flow to the weights. Every miss is a
+DEBUG line with the hit rate so far. (What depends on sizes only is cached by :mod:`timm_anysize.core.size_cache`.)
 """
 
-import functools
 import logging
 import threading
 import weakref
 from collections import OrderedDict
-from typing import Any, Callable, List, Optional, TypeVar
+from typing import Any, Callable, List, Optional
 
 import torch
 from timm.layers import register_notrace_function
-from timm.layers.helpers import is_exporting
 
 from timm_anysize.core.errors import AnysizeError
 from timm_anysize.core.resample import resample_grid
+from timm_anysize.core.size_cache import traced
 
 __all__ = [
     "PosEmbedCache",
     "DEFAULT_CACHE_SIZE",
-    "size_lru_cache",
     "traced",
     "must_run_inline",
     "cached_or_inline",
@@ -33,9 +30,6 @@ __all__ = [
 DEFAULT_CACHE_SIZE = 16
 
 _logger = logging.getLogger(__name__)
-_sizes_logger = _logger.getChild("sizes")  # the size-only caches: shared by every model, their own counters
-
-T = TypeVar("T")
 
 
 class PosEmbedCache:
@@ -126,56 +120,6 @@ class PosEmbedCache:
         self.__init__(state["maxsize"])  # type: ignore[misc]
 
 
-def size_lru_cache(maxsize: int = 64) -> Callable[[Callable[..., T]], Callable[..., T]]:
-    """``functools.lru_cache`` for a value that depends on sizes only (a window mask, relative coordinates), shared by
-    every model: bounded, each miss logged at DEBUG (logger ``timm_anysize.core.cache.sizes``) with the hit rate so
-    far, as :class:`PosEmbedCache` logs its own. While scripting, tracing, compiling or exporting the function runs
-    uncached (no state in a graph).
-
-    Args:
-        maxsize: The entries kept (least recently used dropped first).
-
-    Example:
-        >>> @size_lru_cache(maxsize=2)
-        ... def area(h: int, w: int) -> int:
-        ...     return h * w
-        >>> area(2, 3), area(2, 3), area.cache_info().hits
-        (6, 6, 1)
-    """
-
-    def wrap(fn: Callable[..., T]) -> Callable[..., T]:
-        cached = functools.lru_cache(maxsize=maxsize)(fn)
-
-        @functools.wraps(fn)
-        def call(*args: Any) -> T:
-            if traced():
-                return fn(*args)
-            if not _sizes_logger.isEnabledFor(logging.DEBUG):
-                return cached(*args)
-            misses = cached.cache_info().misses
-            value = cached(*args)
-            info = cached.cache_info()
-            if info.misses > misses:  # a new size: rare, and worth a line
-                lookups = info.hits + info.misses
-                _sizes_logger.debug(
-                    "size cache miss for %s%s: hit rate %d/%d (%.0f%%), %d of %d entries",
-                    fn.__name__,
-                    args,
-                    info.hits,
-                    lookups,
-                    100.0 * info.hits / lookups,
-                    info.currsize,
-                    maxsize,
-                )
-            return value
-
-        call.cache_info = cached.cache_info  # type: ignore[attr-defined]
-        call.cache_clear = cached.cache_clear  # type: ignore[attr-defined]
-        return call
-
-    return wrap
-
-
 # Leaf functions of the dynamic paths: TorchScript compiles them, FX records them as one node (timm's notrace registry,
 # and torch.fx.wrap so that they are leaves whichever module's forward calls them, as timm's resample_abs_pos_embed).
 @torch.fx.wrap
@@ -210,11 +154,6 @@ def patch_grid(x: torch.Tensor, patch_size: List[int], pad: bool) -> List[int]:
 def symbolic(value: Any) -> bool:
     """An FX symbolic trace is recording: sizes are Proxies, so only leaf functions may look at them."""
     return isinstance(value, torch.fx.Proxy)
-
-
-def traced() -> bool:
-    """Scripting, tracing, compiling or exporting: run timm's plain path, no caches and no shape shortcuts."""
-    return torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling() or is_exporting()
 
 
 def must_run_inline(pos_embed: torch.Tensor) -> bool:

@@ -5,13 +5,14 @@ paths (:mod:`timm_anysize.core.cache`, :mod:`timm_anysize.families.levit`, :mod:
 adapted to a size and a dynamic model run at that size compute the same tensors, bit for bit.
 """
 
-from typing import List
+from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
 from timm.layers import register_notrace_function, resample_abs_pos_embed, resample_abs_pos_embed_nhwc
 
 from timm_anysize.core.compat import compat_resample_pos_embed
+from timm_anysize.core.size_cache import size_lru_cache
 
 __all__ = [
     "resample_pos_tokens",
@@ -148,8 +149,10 @@ def _offsets(src: int, dst: int) -> List[float]:
     return out + dis
 
 
-def _interp2d(points: List[torch.Tensor], values: torch.Tensor, targets: List[torch.Tensor]) -> torch.Tensor:
-    """timm's ``RegularGridInterpolator`` for two axes (the same operations in the same order)."""
+def _interp_weights(
+    points: List[torch.Tensor], targets: List[torch.Tensor]
+) -> Tuple[List[List[torch.Tensor]], List[List[torch.Tensor]], List[torch.Tensor]]:
+    """The corners, distances and spans of timm's ``RegularGridInterpolator`` for two axes (the same operations)."""
     idxs: List[List[torch.Tensor]] = []
     dists: List[List[torch.Tensor]] = []
     overalls: List[torch.Tensor] = []
@@ -167,12 +170,58 @@ def _interp2d(points: List[torch.Tensor], values: torch.Tensor, targets: List[to
         idxs.append([idx_left, idx_right])
         dists.append([dist_left, dist_right])
         overalls.append(dist_left + dist_right)
+    return idxs, dists, overalls
+
+
+def _interp2d(points: List[torch.Tensor], values: torch.Tensor, targets: List[torch.Tensor]) -> torch.Tensor:
+    """timm's ``RegularGridInterpolator`` for two axes (the same operations in the same order)."""
+    idxs, dists, overalls = _interp_weights(points, targets)
     numerator = torch.zeros_like(targets[0])
     for a in range(2):
         for b in range(2):
             weight = torch.prod(torch.stack([dists[0][1 - a], dists[1][1 - b]]), dim=0)
             numerator = numerator + values[idxs[0][a], idxs[1][b]] * weight
     return numerator / torch.prod(torch.stack(overalls), dim=0)
+
+
+def _rel_table_points(src: List[int], dst: List[int]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """The source offsets of a ``src`` table and the target offsets of a ``dst`` one (timm's, per axis)."""
+    yx = [torch.tensor(_offsets(src[0], dst[0])), torch.tensor(_offsets(src[1], dst[1]))]
+    ty, tx = dst[0] // 2.0, dst[1] // 2.0
+    dyx = torch.meshgrid([torch.arange(-ty, ty + 0.1, 1.0), torch.arange(-tx, tx + 0.1, 1.0)], indexing="ij")
+    return yx, [dyx[0], dyx[1]]
+
+
+@size_lru_cache(maxsize=64)
+def _rel_table_plan(
+    src: Tuple[int, int], dst: Tuple[int, int], device: torch.device
+) -> Tuple[List[torch.Tensor], List[torch.Tensor], torch.Tensor]:
+    """What :func:`_interp2d` computes from the sizes alone, on ``device``: each corner's flat source index and weight
+    (``[N]`` and ``[N, 1]``, ``N`` the target cells), and the denominator ``[N, 1]``."""
+    points, targets = _rel_table_points([src[0], src[1]], [dst[0], dst[1]])
+    idxs, dists, overalls = _interp_weights(points, targets)
+    index: List[torch.Tensor] = []
+    weight: List[torch.Tensor] = []
+    for a in range(2):
+        for b in range(2):
+            weight.append(torch.prod(torch.stack([dists[0][1 - a], dists[1][1 - b]]), dim=0).reshape(-1, 1))
+            index.append((idxs[0][a] * src[1] + idxs[1][b]).reshape(-1))
+    denominator = torch.prod(torch.stack(overalls), dim=0).reshape(-1, 1)
+    return [i.to(device) for i in index], [w.to(device) for w in weight], denominator.to(device)
+
+
+@torch.jit.unused
+def _resize_all_heads(table: torch.Tensor, src: List[int], dst: List[int], flat: bool) -> torch.Tensor:
+    """:func:`_interp2d` for every head at once, on the table's device, from the sizes' cached plan: the same
+    products, sums and division per value, in the same order, so the same values (timm resizes head by head on the
+    CPU, and works out the plan on every call)."""
+    index, weight, denominator = _rel_table_plan((src[0], src[1]), (dst[0], dst[1]), table.device)
+    values = table.float() if flat else table.float().flatten(1).t()  # [cells, heads]
+    numerator = torch.zeros_like(weight[0])
+    for corner in range(4):
+        numerator = numerator + values[index[corner]] * weight[corner]
+    out = numerator / denominator
+    return (out if flat else out.t().reshape(-1, dst[0], dst[1])).to(table.dtype)
 
 
 def resize_rel_pos_table(
@@ -183,7 +232,8 @@ def resize_rel_pos_table(
     Resizes a relative-position bias table between two attention windows: ``flat`` ``[(2h-1)*(2w-1), heads]``
     (Swin/BEiT/MaxViT layout) or, with ``flat=False``, ``[heads, 2h-1, 2w-1]`` (the TF MaxViT layout). Used at
     run time by the dynamic BEiT, MaxViT and GCViT paths, which TorchScript compiles, so it is a port of timm's
-    function rather than a call to it.
+    function rather than a call to it. Outside TorchScript every head is resized at once on the table's device, from
+    indices and weights cached per pair of sizes (a training step at another size resizes each table inline).
 
     Example:
         >>> resize_rel_pos_table(torch.randn(13 * 13, 4), [7, 7], [8, 6]).shape
@@ -193,13 +243,13 @@ def resize_rel_pos_table(
     dst = [2 * new_window[0] - 1, 2 * new_window[1] - 1]
     if src[0] == dst[0] and src[1] == dst[1]:
         return table
-    yx = [torch.tensor(_offsets(src[0], dst[0])), torch.tensor(_offsets(src[1], dst[1]))]
-    ty, tx = dst[0] // 2.0, dst[1] // 2.0
-    dyx = torch.meshgrid([torch.arange(-ty, ty + 0.1, 1.0), torch.arange(-tx, tx + 0.1, 1.0)], indexing="ij")
+    if not torch.jit.is_scripting():
+        return _resize_all_heads(table, src, dst, flat)
+    yx, dyx = _rel_table_points(src, dst)
     heads: List[torch.Tensor] = []
     for i in range(table.shape[1] if flat else table.shape[0]):
         z = table[:, i].view(src[0], src[1]).float().cpu() if flat else table[i].float().cpu()
-        r = _interp2d(yx, z, [dyx[0], dyx[1]]).contiguous().to(table.device)
+        r = _interp2d(yx, z, dyx).contiguous().to(table.device)
         heads.append(r.view(-1, 1) if flat else r)
     out = torch.cat(heads, dim=-1) if flat else torch.stack(heads, dim=0)
     return out.to(table.dtype)

@@ -14,7 +14,7 @@ from typing import List, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import register_notrace_function, resize_rel_pos_bias_table
+from timm.layers import register_notrace_function
 from timm.layers.pos_embed_rel import (  # timm exports these from no shorter path
     RelPosBias,
     RelPosBiasTf,
@@ -25,9 +25,10 @@ from timm.layers.pos_embed_rel import (  # timm exports these from no shorter pa
     reindex_2d_einsum_lookup,
 )
 
-from timm_anysize.core.cache import cached_or_inline, size_lru_cache, traced
+from timm_anysize.core.cache import cached_or_inline
 from timm_anysize.core.resample import resize_bias_grid, resize_rel_pos_table
 from timm_anysize.core.runtime_options import RuntimeOptionsMixin, cache_for
+from timm_anysize.core.size_cache import size_lru_cache, traced
 
 __all__ = [
     "add_pos_embed",
@@ -137,16 +138,15 @@ class AttentionBiases(RuntimeOptionsMixin):
 
 
 def _table_bias(rel_pos: nn.Module, window: Tuple[int, int]) -> torch.Tensor:
-    """A flat table's bias ``[1, heads, N, N]`` at ``window``: the table resized as a load resizes it, indexed as
-    timm's ``RelPosBias.get_bias`` indexes it."""
+    """A flat table's bias ``[1, heads, N, N]`` at ``window``: the table resized as a load resizes it (timm's
+    ``resize_rel_pos_bias_table``, bit for bit), indexed as timm's ``RelPosBias.get_bias`` indexes it."""
     table = rel_pos.relative_position_bias_table
     prefix = rel_pos.prefix_tokens
     heads = table.shape[-1]
-    rows = (2 * window[0] - 1) * (2 * window[1] - 1) + 3 * prefix
-    table = resize_rel_pos_bias_table(
-        table, new_window_size=window, new_bias_shape=(rows, heads), old_window_size=tuple(rel_pos.window_size)
-    )
-    index = gen_relative_position_index(window, class_token=prefix > 0, device=table.device).view(-1)
+    extra = 3 * prefix  # the class-token rows, kept as they are
+    resized = resize_rel_pos_table(table[: table.shape[0] - extra], list(rel_pos.window_size), list(window), True)
+    table = torch.cat((resized, table[table.shape[0] - extra :]), dim=0) if extra else resized
+    index = _cached_window_index(window, prefix > 0, table.device)
     area = window[0] * window[1] + prefix
     return table[index].view(area, area, heads).permute(2, 0, 1).unsqueeze(0).contiguous()
 
@@ -154,12 +154,24 @@ def _table_bias(rel_pos: nn.Module, window: Tuple[int, int]) -> torch.Tensor:
 def _tf_bias(rel_pos: nn.Module, window: Tuple[int, int]) -> torch.Tensor:
     """A TF-layout table's bias at ``window`` (``RelPosBiasTf.get_bias`` on the resized table)."""
     table = rel_pos.relative_position_bias_table
-    shape = (table.shape[0], 2 * window[0] - 1, 2 * window[1] - 1)
-    table = resize_rel_pos_bias_table(table, new_window_size=window, new_bias_shape=shape)
+    old = [(table.shape[1] + 1) // 2, (table.shape[2] + 1) // 2]
+    table = resize_rel_pos_table(table, old, list(window), False)
     dtype = rel_pos.height_lookup.dtype
-    h = generate_lookup_tensor(window[0], device=table.device, dtype=dtype)
-    w = generate_lookup_tensor(window[1], device=table.device, dtype=dtype)
+    h = _cached_lookup(window[0], table.device, dtype)
+    w = _cached_lookup(window[1], table.device, dtype)
     return reindex_2d_einsum_lookup(table, window[0], window[1], h, w)
+
+
+@size_lru_cache(maxsize=64)
+def _cached_window_index(window: Tuple[int, int], class_token: bool, device: torch.device) -> torch.Tensor:
+    """timm's ``gen_relative_position_index`` of a window, flattened (it depends on the window only)."""
+    return gen_relative_position_index(window, class_token=class_token, device=device).view(-1)
+
+
+@size_lru_cache(maxsize=64)
+def _cached_lookup(length: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """timm's ``generate_lookup_tensor`` (it depends on the length only)."""
+    return generate_lookup_tensor(length, device=device, dtype=dtype)
 
 
 @size_lru_cache(maxsize=64)

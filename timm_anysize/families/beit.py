@@ -10,7 +10,8 @@ at once do not interfere, gradient checkpointing recomputes at the right grid, a
 Under TorchScript, FX, ``torch.compile`` and ``torch.export`` the bias of a grid comes from
 :func:`beit_rel_pos_bias`, a leaf function (timm's notrace registry and ``torch.fx.wrap``) with a scriptable port of
 timm's ``resize_rel_pos_bias_table`` / ``gen_relative_position_index`` that gives the same values bit for bit
-(pinned by a test); eager forwards keep timm's own functions and the cache.
+(pinned by a test). Eager forwards resize with the same port, every head at once from indices and weights cached per
+pair of sizes, take timm's index cached per grid, and cache the bias per grid in inference.
 """
 
 from typing import List, Optional, Tuple
@@ -18,7 +19,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import register_notrace_function, resize_rel_pos_bias_table
+from timm.layers import register_notrace_function
 from timm.layers.helpers import is_exporting
 from timm.models import beit, checkpoint
 
@@ -35,6 +36,7 @@ from timm_anysize.core.runtime_options import (
     set_runtime_options,
     swap_classes,
 )
+from timm_anysize.core.size_cache import size_lru_cache
 from timm_anysize.core.spec import Size2
 
 __all__ = ["FAMILIES", "DynamicBeit", "enable_beit_dynamic", "beit_rel_pos_bias"]
@@ -96,23 +98,21 @@ def beit_rel_pos_bias(table: torch.Tensor, window: List[int], grid: List[int], c
     return resized[index.view(-1)].view(area + 1, area + 1, -1).permute(2, 0, 1).contiguous()
 
 
+@size_lru_cache(maxsize=64)
+def _cached_rel_pos_index(grid: Tuple[int, int], device: torch.device) -> torch.Tensor:
+    """timm's ``beit.gen_relative_position_index`` for ``grid`` (it depends on the grid only)."""
+    return beit.gen_relative_position_index(grid, device=device)
+
+
 def _bias_for_grid(module: nn.Module, grid: Size2) -> torch.Tensor:
-    """``[heads, N+1, N+1]``: the module's table resized to ``grid`` with timm's functions, cached per grid."""
+    """``[heads, N+1, N+1]``: the module's table resized to ``grid`` (timm's values, bit for bit), cached per grid in
+    inference; the resize's plan and the index are cached per size, so a training step only resizes and gathers."""
     table = module.relative_position_bias_table
-    num_heads = table.shape[-1]
 
     def compute() -> torch.Tensor:
-        if compat_rel_table(_compat(module)) == "bilinear":
-            resized = compat_resize_rel_table(table, list(module.window_size), list(grid))
-        else:
-            resized = resize_rel_pos_bias_table(
-                table,
-                new_window_size=grid,
-                new_bias_shape=((2 * grid[0] - 1) * (2 * grid[1] - 1) + 3, num_heads),
-                old_window_size=tuple(module.window_size),
-            )
+        resized = _resize_table(table, list(module.window_size), list(grid), _compat(module))
         area = grid[0] * grid[1]
-        index = beit.gen_relative_position_index(grid, device=table.device)
+        index = _cached_rel_pos_index((int(grid[0]), int(grid[1])), table.device)
         return resized[index.view(-1)].view(area + 1, area + 1, -1).permute(2, 0, 1).contiguous()
 
     return cached_or_inline(cache_for(module, "relative_position_bias_table"), (grid,), table, compute)

@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from timm.layers import PatchEmbed, register_notrace_function
 from timm.models import FeatureListNet, swin_transformer, swin_transformer_v2, swin_transformer_v2_cr
 
-from timm_anysize.core.cache import size_lru_cache, traced
 from timm_anysize.core.family import REL_TABLE, DynamicPath, Family, TinyModel, gray_and_4ch
 from timm_anysize.core.flexi_embed import FlexiPatchEmbedMixin
 from timm_anysize.core.padding import pad_to_multiple
@@ -33,6 +32,7 @@ from timm_anysize.core.runtime_options import (
     set_runtime_options,
     swap_classes,
 )
+from timm_anysize.core.size_cache import size_lru_cache, traced
 
 torch.fx.wrap("pad_to_multiple")  # a leaf of plain FX traces here too (fx.wrap patches this module's globals)
 
