@@ -296,7 +296,7 @@ def test_ddp_ranks_train_every_family_at_scheduled_sizes_as_one_process_with_the
         assert any(not torch.equal(single[k], seeds[fam.name][k]) for k in single), fam.name
         if batch_norm:  # the statistics of each rank's half batch: another function of the weights
             continue
-        # Float sums in another order differ by 1e-6 at most after five steps (Hiera: 9e-5, its gradients 2e-6 apart
+        # Float sums in another order differ by about 1e-6 after five steps (Hiera: 9e-5, its gradients 2e-6 apart
         # grow over the steps); gradients summed rather than averaged move them further (BEiT's class token by 7e-4)
         for k in single:
             torch.testing.assert_close(
