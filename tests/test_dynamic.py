@@ -154,7 +154,7 @@ def test_cache_hits_bounds_and_keys():
     assert dynamic_cache_info(dyn)["misses"] == 4
 
 
-def test_size_lru_cache_logs_each_miss_and_steps_aside_while_tracing(caplog):
+def test_size_lru_cache_logs_each_miss_makes_normal_tensors_and_steps_aside_while_tracing(caplog):
     calls = []
 
     @size_lru_cache(maxsize=2)
@@ -174,6 +174,13 @@ def test_size_lru_cache_logs_each_miss_and_steps_aside_while_tracing(caplog):
         "size cache miss for mask(4, 4): hit rate 2/6 (33%), 2 of 2 entries",
     ]
     before = mask.cache_info()
+    # a value first made in inference mode is a normal tensor: autograd can use it later (an index saved for backward)
+    with torch.inference_mode():
+        arange = size_lru_cache(maxsize=2)(torch.arange)
+        assert not arange(3).is_inference()
+    weight = torch.ones(4, requires_grad=True)
+    weight[arange(3)].sum().backward()
+    assert weight.grad.tolist() == [1.0, 1.0, 1.0, 0.0]
     # traced: the function runs (no state in a graph), the cache is untouched; check_trace would run it eagerly too
     torch.jit.trace(lambda x: x + mask(2, 3), torch.ones(2, 3), check_trace=False)
     assert calls[4:] == [(2, 3)] and mask.cache_info() == before

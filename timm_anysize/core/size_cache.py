@@ -24,8 +24,9 @@ def traced() -> bool:
 def size_lru_cache(maxsize: int = 64) -> Callable[[Callable[..., T]], Callable[..., T]]:
     """``functools.lru_cache`` for a value that depends on sizes only (a window mask, relative coordinates), shared by
     every model: bounded, each miss logged at DEBUG with the hit rate so far, as
-    :class:`timm_anysize.core.cache.PosEmbedCache` logs its own. While scripting, tracing, compiling or exporting
-    the function runs uncached (no state in a graph).
+    :class:`timm_anysize.core.cache.PosEmbedCache` logs its own. A value is made outside inference mode, so a call in
+    ``torch.inference_mode()`` caches tensors a later training step can use. While scripting, tracing, compiling or
+    exporting the function runs uncached (no state in a graph).
 
     Args:
         maxsize: The entries kept (least recently used dropped first).
@@ -39,7 +40,11 @@ def size_lru_cache(maxsize: int = 64) -> Callable[[Callable[..., T]], Callable[.
     """
 
     def wrap(fn: Callable[..., T]) -> Callable[..., T]:
-        cached = functools.lru_cache(maxsize=maxsize)(fn)
+        def normal_tensors(*args: Any) -> T:
+            with torch.inference_mode(False):  # a value made in inference mode could never reach autograd later
+                return fn(*args)
+
+        cached = functools.lru_cache(maxsize=maxsize)(normal_tensors)
 
         @functools.wraps(fn)
         def call(*args: Any) -> T:
