@@ -16,7 +16,7 @@ on CUDA the allocator's peak over the step; benchmarks/peak_memory.py).
 
     python benchmarks/bench_train_sizes.py [--tiny] [--reps N] [--only scheduled|naflex] [--peak] [--out results.json]
 
-``--tiny`` is a smoke run: the first family row only, one round, a smaller NaFlex model.
+``--tiny`` is a smoke run: the first family row only, one round, a smaller NaFlex model (``--peak``: its own size only).
 """
 
 from __future__ import annotations
@@ -224,7 +224,7 @@ def bench_peak(device: torch.device, tiny: bool = False) -> list[dict]:
     rows = []
     for fam, _ in _rows(first=tiny):
         assert fam.tiny is not None
-        for size in (fam.tiny.img_size, 2 * fam.tiny.img_size):
+        for size in (fam.tiny.img_size,) if tiny else (fam.tiny.img_size, 2 * fam.tiny.img_size):
             mib = {}
             for path in ("ours", "fixed"):
                 cmd = [sys.executable, __file__, "--peak-child", fam.name, str(size), path, "--device", str(device)]
